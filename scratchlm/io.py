@@ -1,0 +1,89 @@
+"""Safe file writing and versioned JSON: every file the project writes goes through here.
+
+Two promises hold for every file scratchlm writes:
+
+* writes are atomic: a temporary file in the same folder is written, flushed, fsynced and then
+  renamed over the target, so a crash never leaves a half-written file behind;
+* every JSON file carries a ``format`` name and a ``version``, and :func:`read_json` checks both
+  and says what was expected, what was found and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class FormatError(ValueError):
+    """A file is not what it claims to be (wrong format, version, or corrupt content)."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success rename it over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: dict, *, indent: int | None = 1) -> None:
+    """Atomically write ``obj`` (which must carry ``format`` and ``version``) as UTF-8 JSON."""
+    if "format" not in obj or "version" not in obj:
+        raise ValueError("every JSON file scratchlm writes needs 'format' and 'version' keys")
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=indent)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike, fmt: str, versions: tuple[int, ...] = (1,)) -> dict:
+    """Read a JSON file written by :func:`write_json` and check its format name and version."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(
+            f"{path}: expected a {fmt!r} JSON file but it does not parse ({e}); "
+            "the file is corrupt or truncated: recreate it"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise FormatError(f"{path}: expected format {fmt!r}, found {found!r}; is this the right file?")
+    if obj.get("version") not in versions:
+        raise FormatError(
+            f"{path}: {fmt!r} version {obj.get('version')!r} is not supported "
+            f"(this scratchlm reads versions {list(versions)}); recreate the file with this version"
+        )
+    return obj
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

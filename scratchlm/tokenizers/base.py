@@ -1,0 +1,200 @@
+"""The one interface every tokenizer shares, and the single-file JSON format they are saved in.
+
+A tokenizer turns text into a list of integer ids and back. Every tokenizer here has:
+
+* ``encode(text, allowed_special=..., disallowed_special=...)`` with tiktoken's semantics for
+  special tokens: text that spells a special token (say ``<|endoftext|>``) is an error unless
+  that token is allowed, in which case it becomes the special id; ``encode_ordinary`` treats
+  everything as plain text;
+* ``encode_batch``, ``decode``, ``decode_bytes``, ``vocab_size`` and ``special_tokens``;
+* ``save(path)`` / :func:`load_tokenizer` to one versioned JSON file, and a ``fingerprint``
+  (sha256 of that definition) that token shards and checkpoints record, so data made with one
+  tokenizer is never read with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import regex
+
+from scratchlm.io import FormatError, read_json, write_json
+
+TOKENIZER_FORMAT = "scratchlm.tokenizer"
+TOKENIZER_VERSION = 1
+ENDOFTEXT = "<|endoftext|>"
+
+SpecialSet = Literal["all"] | Collection[str]
+
+
+class Tokenizer(ABC):
+    """Base class: subclasses implement ordinary (special-free) encoding and decoding of bytes."""
+
+    kind: str = "abstract"
+
+    def __init__(self, special_tokens: dict[str, int] | None = None):
+        self.special_tokens: dict[str, int] = dict(special_tokens or {})
+        self._special_by_id = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+
+    # --- what subclasses provide -------------------------------------------------------
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (ids are ``0 .. vocab_size-1``)."""
+
+    @abstractmethod
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode ``text`` treating any special-token spelling as plain text."""
+
+    @abstractmethod
+    def _decode_ordinary(self, ids: Sequence[int]) -> bytes:
+        """Bytes of a run of non-special ids."""
+
+    @abstractmethod
+    def _definition(self) -> dict:
+        """Everything needed to rebuild this tokenizer (without format/version keys)."""
+
+    @classmethod
+    @abstractmethod
+    def _from_definition(cls, d: dict) -> Tokenizer:
+        ...
+
+    # --- special tokens, the tiktoken way ----------------------------------------------
+    @property
+    def eot_token(self) -> int | None:
+        """Id of ``<|endoftext|>`` (document separator), or None if this tokenizer has none."""
+        return self.special_tokens.get(ENDOFTEXT)
+
+    def encode(
+        self,
+        text: str,
+        *,
+        allowed_special: SpecialSet = frozenset(),
+        disallowed_special: SpecialSet = "all",
+    ) -> list[int]:
+        """Encode ``text``; special-token spellings follow tiktoken's rules (see module doc)."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise ValueError(f"allowed_special names tokens this tokenizer does not have: {sorted(unknown)}")
+        disallowed = (
+            set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
+        )
+        if disallowed:
+            match = _special_regex(tuple(sorted(disallowed))).search(text)
+            if match:
+                raise ValueError(
+                    f"text contains the special token {match.group()!r} at character {match.start()}, "
+                    f"which is not allowed. Pass allowed_special={{{match.group()!r}}} (or 'all') to "
+                    "encode it as its special id, or disallowed_special=() to encode it as plain text."
+                )
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        start = 0
+        for match in _special_regex(tuple(sorted(allowed))).finditer(text):
+            ids.extend(self.encode_ordinary(text[start : match.start()]))
+            ids.append(self.special_tokens[match.group()])
+            start = match.end()
+        ids.extend(self.encode_ordinary(text[start:]))
+        return ids
+
+    def encode_batch(self, texts: Iterable[str], **kwargs) -> list[list[int]]:
+        return [self.encode(t, **kwargs) for t in texts]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        out: list[bytes] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i in self._special_by_id:
+                if run:
+                    out.append(self._decode_ordinary(run))
+                    run = []
+                out.append(self._special_by_id[i])
+            else:
+                if not 0 <= i < self.vocab_size:
+                    raise ValueError(f"token id {i} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1})")
+                run.append(i)
+        if run:
+            out.append(self._decode_ordinary(run))
+        return b"".join(out)
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """Decode ids to text. Ids that end mid-character decode to U+FFFD unless ``errors="strict"``."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    # --- files ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": TOKENIZER_FORMAT,
+            "version": TOKENIZER_VERSION,
+            "type": self.kind,
+            "special_tokens": self.special_tokens,
+            **self._definition(),
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical definition: equal fingerprints mean identical ids."""
+        if not hasattr(self, "_fingerprint"):
+            canonical = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+            self._fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+        return self._fingerprint
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        write_json(path, self.to_dict(), indent=None)
+        return path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, special_tokens={sorted(self.special_tokens)})"
+
+    def _check_special_ids(self, first_free_id: int) -> None:
+        """Special ids must sit after the ordinary vocabulary, one id each."""
+        ids = sorted(self.special_tokens.values())
+        if ids != list(range(first_free_id, first_free_id + len(ids))):
+            raise FormatError(
+                f"special token ids {ids} must be consecutive from {first_free_id} (right after the ordinary vocabulary)"
+            )
+
+
+def _special_regex(tokens: tuple[str, ...]) -> regex.Pattern:
+    # Longest first, so that one special token that prefixes another never wins wrongly.
+    return _compiled_special_regex(tuple(sorted(tokens, key=len, reverse=True)))
+
+
+_special_cache: dict[tuple[str, ...], regex.Pattern] = {}
+
+
+def _compiled_special_regex(tokens: tuple[str, ...]) -> regex.Pattern:
+    if tokens not in _special_cache:
+        _special_cache[tokens] = regex.compile("|".join(regex.escape(t) for t in tokens))
+    return _special_cache[tokens]
+
+
+def default_special_tokens(first_id: int, names: Iterable[str]) -> dict[str, int]:
+    return {name: first_id + i for i, name in enumerate(dict.fromkeys(names))}
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load any tokenizer saved by :meth:`Tokenizer.save` (the ``type`` field picks the class)."""
+    from scratchlm.tokenizers.bpe import BPETokenizer
+    from scratchlm.tokenizers.byte import ByteTokenizer
+    from scratchlm.tokenizers.char import CharTokenizer
+
+    d = read_json(path, TOKENIZER_FORMAT, (TOKENIZER_VERSION,))
+    classes = {c.kind: c for c in (CharTokenizer, ByteTokenizer, BPETokenizer)}
+    if d.get("type") not in classes:
+        raise FormatError(f"{path}: tokenizer type {d.get('type')!r} is not one of {sorted(classes)}")
+    try:
+        return classes[d["type"]]._from_definition(d)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, FormatError):
+            raise FormatError(f"{path}: {e}") from None
+        raise FormatError(f"{path}: corrupt {d['type']} tokenizer definition ({type(e).__name__}: {e}); retrain or re-save it") from None
