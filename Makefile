@@ -1,0 +1,54 @@
+# scratchlm: two commands for a new user.
+#   make quickstart   set up .venv and run the main job (data -> tokenizers -> bigram baselines)
+#   make test         set up .venv and run the test suite
+# Both work on a fresh machine with only Python >= 3.11, and are safe to run again.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SHARED := $(abspath ../shared/data)
+RUN    := runs/quickstart
+# Offline mirror of the canonical data files, when the project sits beside ../shared.
+export SCRATCHLM_LOCAL_DATA ?= $(if $(wildcard $(SHARED)/tinyshakespeare.txt),$(SHARED),)
+
+.PHONY: setup quickstart test test-all bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(VENV)/bin/scratchlm data prepare shakespeare --out $(RUN)/shakespeare
+	$(VENV)/bin/scratchlm data prepare names --out $(RUN)/names
+	$(VENV)/bin/scratchlm tokenizer train --dataset $(RUN)/shakespeare --kind char --out $(RUN)/char.json
+	$(VENV)/bin/scratchlm tokenizer train --dataset $(RUN)/shakespeare --kind bpe --vocab-size 2048 \
+		--special '<|endoftext|>' --out $(RUN)/bpe2048.json
+	$(VENV)/bin/scratchlm data tokenize --dataset $(RUN)/shakespeare --tokenizer $(RUN)/bpe2048.json
+	$(VENV)/bin/scratchlm tokenizer compare --dataset $(RUN)/shakespeare --vocab-sizes 512,1024,2048,4096 \
+		--plot $(RUN)/tokenizer_compare.png
+	$(VENV)/bin/scratchlm tokenizer train --dataset $(RUN)/names --kind char --special '<|endoftext|>' \
+		--out $(RUN)/names_char.json
+	$(VENV)/bin/scratchlm bigram --dataset $(RUN)/names --tokenizer $(RUN)/names_char.json --fit-split all --samples 8
+	$(VENV)/bin/scratchlm bigram --dataset $(RUN)/shakespeare --tokenizer $(RUN)/char.json --samples 3 --max-tokens 80
+	@echo "quickstart done: outputs in $(RUN)/ (tokenizer plot: $(RUN)/tokenizer_compare.png)"
+
+test: setup
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q -n 2
+
+bench: setup
+	$(PY) benchmarks/bpe_train.py
+	$(PY) benchmarks/encode.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,278 @@
+"""The ``scratchlm`` command line: a thin layer that parses arguments, calls the API, prints.
+
+Every command that reports numbers takes ``--json`` and then prints exactly one JSON object on
+stdout (progress bars go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from scratchlm import __version__
+
+
+def _emit(args, payload: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(_finite(payload), indent=1, default=str))
+    else:
+        print(text)
+
+
+def _finite(obj):
+    """JSON has no inf/nan: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def resolve_tokenizer_path(spec: str) -> Path:
+    """A tokenizer JSON path, or ``gpt2`` for GPT-2's tokenizer (built once from OpenAI's files)."""
+    if spec == "gpt2":
+        from scratchlm.data.sources import cache_dir
+        from scratchlm.tokenizers import gpt2_tokenizer
+
+        path = cache_dir() / "gpt2-tokenizer.json"
+        if not path.exists():
+            gpt2_tokenizer().save(path)
+        return path
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer file {spec!r} does not exist (train one with `scratchlm tokenizer train`, or use 'gpt2')")
+    return path
+
+
+def _load_tokenizer(spec: str):
+    from scratchlm.tokenizers import load_tokenizer
+
+    return load_tokenizer(resolve_tokenizer_path(spec))
+
+
+def _texts(args, split: str) -> list[str]:
+    """Documents of a prepared dataset's split, or of a plain text file."""
+    from scratchlm.data import Dataset
+
+    if getattr(args, "input", None):
+        return [Path(args.input).read_text(encoding="utf-8")]
+    return Dataset.load(args.dataset).documents(split)
+
+
+# --- data -----------------------------------------------------------------------------------
+def cmd_data_prepare(args) -> None:
+    from scratchlm.data import prepare_dataset
+
+    fractions = tuple(float(f) for f in args.split.split(","))
+    name = args.source if not Path(args.source).exists() else Path(args.source).stem
+    out = Path(args.out) if args.out else Path("data") / name
+    start = time.perf_counter()
+    ds, written = prepare_dataset(
+        args.source, out, fractions=fractions, seed=args.seed, documents=args.documents, text_field=args.text_field,
+        errors=args.errors, nfc=not args.no_nfc, clean_whitespace=args.clean_whitespace, max_bytes=args.max_bytes,
+        force=args.force, download=not args.no_download,
+    )
+    m = ds.manifest
+    payload = {"path": str(ds.path), "written": written, "seconds": time.perf_counter() - start, **m}
+    lines = [f"{'prepared' if written else 'up to date (same input and options, checksums match)'}: {ds.path}",
+             f"source: {m['source']['kind']} {m['source']['name']}  sha256 {m['source']['sha256'][:16]}...",
+             f"normalization: {json.dumps({k: v for k, v in m['normalization'].items() if v})}",
+             f"duplicates: {m['duplicates']['duplicate_copies']} duplicate copies; leakage check: "
+             f"{m['leakage']['shared_documents']} shared documents"]
+    for split, e in m["splits"].items():
+        lines.append(f"  {split:<5} {e['documents']:>7,} docs {e['characters']:>11,} chars  sha256 {e['sha256'][:16]}...")
+    _emit(args, payload, "\n".join(lines))
+
+
+def cmd_data_tokenize(args) -> None:
+    from scratchlm.data import tokenize_dataset
+
+    summary = tokenize_dataset(args.dataset, resolve_tokenizer_path(args.tokenizer), args.out, args.workers,
+                               progress=not args.json)
+    lines = [f"shards in {summary['path']} (dtype {summary['dtype']}, tokenizer {summary['tokenizer_fingerprint'][:16]})"]
+    for split, e in summary["splits"].items():
+        lines.append(f"  {split:<5} {e['tokens']:>10,} tokens  {e['bytes_per_token']:.3f} bytes/token  "
+                     f"{e['bytes'] / max(e['seconds'], 1e-9) / 1e6:.2f} MB/s")
+    _emit(args, summary, "\n".join(lines))
+
+
+def cmd_data_sources(args) -> None:
+    from scratchlm.data import SOURCES
+
+    payload = {name: {"file": s.filename, "url": s.url, "sha256": s.sha256, "description": s.description}
+               for name, s in SOURCES.items()}
+    text = "\n".join(f"{n:<13} {s.description}\n{'':<13} {s.url}\n{'':<13} sha256 {s.sha256}" for n, s in SOURCES.items())
+    _emit(args, payload, text + "\nlocal: stdlib (this Python's standard library), or any file, folder or .jsonl path")
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+def cmd_tokenizer_train(args) -> None:
+    from scratchlm.tokenizers import train_tokenizer
+
+    texts = _texts(args, "train")
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(args.kind, texts, vocab_size=args.vocab_size, pattern=args.pattern,
+                                special_tokens=args.special, unknown=args.unknown, progress=not args.json)
+    seconds = time.perf_counter() - start
+    tokenizer.save(args.out)
+    payload = {"path": args.out, "kind": args.kind, "vocab_size": tokenizer.vocab_size,
+               "special_tokens": tokenizer.special_tokens, "fingerprint": tokenizer.fingerprint,
+               "train_seconds": seconds, "train_characters": sum(len(t) for t in texts)}
+    _emit(args, payload, f"{args.kind} tokenizer, vocabulary {tokenizer.vocab_size}, trained in {seconds:.2f}s -> {args.out}")
+
+
+def cmd_tokenizer_encode(args) -> None:
+    tokenizer = _load_tokenizer(args.tokenizer)
+    text = args.text if args.text is not None else (Path(args.file).read_text(encoding="utf-8") if args.file else sys.stdin.read())
+    ids = tokenizer.encode(text, allowed_special="all" if args.allow_special else frozenset())
+    if args.json:
+        _emit(args, {"ids": ids, "tokens": len(ids), "bytes": len(text.encode("utf-8"))}, "")
+    else:
+        print(" ".join(map(str, ids)))
+
+
+def cmd_tokenizer_decode(args) -> None:
+    tokenizer = _load_tokenizer(args.tokenizer)
+    raw = args.ids if args.ids else sys.stdin.read().split()
+    try:
+        ids = [int(i) for i in raw]
+    except ValueError:
+        raise SystemExit("error: ids must be integers separated by spaces") from None
+    text = tokenizer.decode(ids)
+    if args.json:
+        _emit(args, {"text": text}, "")
+    else:
+        sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+def cmd_tokenizer_compare(args) -> None:
+    from scratchlm.tokenizers.compare import compare_tokenizers, format_table, plot_comparison
+
+    sizes = [int(v) for v in args.vocab_sizes.split(",")]
+    rows = compare_tokenizers(_texts(args, "train"), _texts(args, "val") if not args.input else _texts(args, "train"),
+                              bpe_vocab_sizes=sizes, pattern=args.pattern, d_model=args.d_model, progress=not args.json)
+    plot = plot_comparison(rows, args.plot, title=f"Tokenizers on {args.dataset or args.input} (held-out split)")
+    _emit(args, {"rows": rows, "plot": str(plot)}, format_table(rows) + f"\nplot: {plot}")
+
+
+# --- bigram ---------------------------------------------------------------------------------------
+def cmd_bigram(args) -> None:
+    from scratchlm.models.bigram_run import run_bigram
+
+    report = run_bigram(args.dataset, _load_tokenizer(args.tokenizer), models=args.model.split(","),
+                        smoothing=args.smoothing, fit_split=args.fit_split, steps=args.steps, lr=args.lr,
+                        n_samples=args.samples, max_tokens=args.max_tokens, seed=args.seed, progress=not args.json)
+    lines = []
+    for name, r in report["models"].items():
+        nll = "  ".join(f"{s} {v:.4f}" for s, v in r["nll"].items())
+        lines.append(f"{name} bigram (fit on {report['fit_split']}): NLL nats/token  {nll}")
+        lines.append(f"  perplexity: " + "  ".join(f"{s} {v:.2f}" for s, v in r["perplexity"].items()))
+        lines.append("  samples: " + " | ".join(repr(s) for s in r["samples"]))
+    _emit(args, report, "\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scratchlm", description="Build a GPT from scratch: data, tokenizers, models.")
+    p.add_argument("--version", action="version", version=f"scratchlm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def json_flag(q):
+        q.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    data = sub.add_parser("data", help="prepare corpora and token shards").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data.add_parser("prepare", help="normalize, split 90/5/5, check leakage, write a manifest")
+    q.add_argument("source", help="shakespeare | names | stdlib | a text file, folder, or .jsonl")
+    q.add_argument("--out", help="output folder (default: data/<name>)")
+    q.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions (default 0.9,0.05,0.05)")
+    q.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle")
+    q.add_argument("--documents", choices=["whole", "lines"], help="a text file is one document, or one per line")
+    q.add_argument("--text-field", default="text", help="field holding the text in a .jsonl file")
+    q.add_argument("--errors", choices=["strict", "replace"], default="strict", help="invalid UTF-8: fail or replace")
+    q.add_argument("--no-nfc", action="store_true", help="skip Unicode NFC normalization")
+    q.add_argument("--clean-whitespace", action="store_true", help="strip trailing spaces, collapse blank-line runs")
+    q.add_argument("--max-bytes", type=int, help="read at most about this many bytes (stdlib, folders)")
+    q.add_argument("--force", action="store_true", help="prepare again even if the manifest says it is up to date")
+    q.add_argument("--no-download", action="store_true", help="never download; use the cache or SCRATCHLM_LOCAL_DATA")
+    json_flag(q)
+    q.set_defaults(func=cmd_data_prepare)
+    q = data.add_parser("tokenize", help="encode every split into .bin token shards, on all cores")
+    q.add_argument("--dataset", required=True, help="a prepared dataset folder")
+    q.add_argument("--tokenizer", required=True, help="tokenizer JSON file, or 'gpt2'")
+    q.add_argument("--out", help="output folder (default: <dataset>/<tokenizer name>)")
+    q.add_argument("--workers", type=int, help="worker processes (default: every core)")
+    json_flag(q)
+    q.set_defaults(func=cmd_data_tokenize)
+    q = data.add_parser("sources", help="list the named sources, their addresses and checksums")
+    json_flag(q)
+    q.set_defaults(func=cmd_data_sources)
+
+    tok = sub.add_parser("tokenizer", help="train, use and compare tokenizers").add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    q = tok.add_parser("train", help="train a char, byte or BPE tokenizer on a dataset's train split")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="prepared dataset folder (its train split is used)")
+    src.add_argument("--input", help="a plain UTF-8 text file")
+    q.add_argument("--kind", choices=["char", "byte", "bpe"], default="bpe")
+    q.add_argument("--vocab-size", type=int, help="BPE: total vocabulary size, special tokens included")
+    q.add_argument("--pattern", default="gpt2", help="BPE pre-tokenization: gpt2 | cl100k | o200k | a regex")
+    q.add_argument("--special", action="append", default=[], help="a special token (repeatable), e.g. '<|endoftext|>'")
+    q.add_argument("--unknown", choices=["error", "replace"], default="error", help="char: unseen characters fail, or map to <|unk|>")
+    q.add_argument("--out", required=True, help="where to write the tokenizer JSON")
+    json_flag(q)
+    q.set_defaults(func=cmd_tokenizer_train)
+    q = tok.add_parser("encode", help="text -> ids")
+    q.add_argument("--tokenizer", required=True, help="tokenizer JSON file, or 'gpt2'")
+    q.add_argument("--text", help="text to encode (default: --file or stdin)")
+    q.add_argument("--file", help="file to encode")
+    q.add_argument("--allow-special", action="store_true", help="encode special-token spellings as special ids")
+    json_flag(q)
+    q.set_defaults(func=cmd_tokenizer_encode)
+    q = tok.add_parser("decode", help="ids -> text")
+    q.add_argument("--tokenizer", required=True, help="tokenizer JSON file, or 'gpt2'")
+    q.add_argument("ids", nargs="*", help="ids (default: read from stdin)")
+    json_flag(q)
+    q.set_defaults(func=cmd_tokenizer_decode)
+    q = tok.add_parser("compare", help="char vs byte vs BPE: bytes/token, tokens, embedding cost, plot")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="prepared dataset (train on train, measure on val)")
+    src.add_argument("--input", help="a plain text file (train and measure on it)")
+    q.add_argument("--vocab-sizes", default="512,1024,2048,4096", help="BPE vocabulary sizes, comma-separated")
+    q.add_argument("--pattern", default="gpt2", help="BPE pre-tokenization pattern")
+    q.add_argument("--d-model", type=int, default=384, help="model width for the embedding-cost column")
+    q.add_argument("--plot", default="tokenizer_compare.png", help="where to save the PNG")
+    json_flag(q)
+    q.set_defaults(func=cmd_tokenizer_compare)
+
+    q = sub.add_parser("bigram", help="count and neural bigram baselines (checkpoint A)")
+    q.add_argument("--dataset", required=True, help="a prepared dataset folder")
+    q.add_argument("--tokenizer", required=True, help="tokenizer JSON file, or 'gpt2'")
+    q.add_argument("--model", default="count,neural", help="count, neural, or both (comma-separated)")
+    q.add_argument("--smoothing", type=float, default=1.0, help="add-k smoothing of the count model (0 = maximum likelihood)")
+    q.add_argument("--fit-split", choices=["train", "all"], default="train", help="fit on train, or on all splits")
+    q.add_argument("--steps", type=int, default=300, help="neural bigram optimizer steps")
+    q.add_argument("--lr", type=float, default=0.3, help="neural bigram learning rate (Adam)")
+    q.add_argument("--samples", type=int, default=10, help="number of samples to draw")
+    q.add_argument("--max-tokens", type=int, default=60, help="longest sample, in tokens")
+    q.add_argument("--seed", type=int, default=0)
+    json_flag(q)
+    q.set_defaults(func=cmd_bigram)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        print(f"scratchlm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

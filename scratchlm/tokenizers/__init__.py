@@ -1,0 +1,42 @@
+"""Tokenizers written from scratch: character, byte, and byte-level BPE, behind one interface."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from scratchlm.tokenizers.base import ENDOFTEXT, Tokenizer, load_tokenizer
+from scratchlm.tokenizers.bpe import BPETokenizer
+from scratchlm.tokenizers.bpe_train import train_bpe
+from scratchlm.tokenizers.byte import ByteTokenizer
+from scratchlm.tokenizers.char import CharTokenizer
+
+KINDS = ("char", "byte", "bpe")
+
+
+def train_tokenizer(
+    kind: str, texts: Iterable[str], *, vocab_size: int | None = None, pattern: str = "gpt2",
+    special_tokens: Iterable[str] = (), unknown: str = "error", progress: bool = False,
+) -> Tokenizer:
+    """Train (or, for ``byte``, just build) a tokenizer of the given kind on ``texts``."""
+    if kind == "char":
+        return CharTokenizer.train(texts, special_tokens, unknown)
+    if kind == "byte":
+        return ByteTokenizer.train(texts, special_tokens)
+    if kind == "bpe":
+        if vocab_size is None:
+            raise ValueError("a BPE tokenizer needs a vocabulary size (--vocab-size)")
+        return train_bpe(texts, vocab_size, pattern, special_tokens, progress=progress)
+    raise ValueError(f"tokenizer kind must be one of {KINDS}, got {kind!r}")
+
+
+def gpt2_tokenizer(download: bool = True) -> BPETokenizer:
+    """GPT-2's tokenizer from OpenAI's original files (fetched and checksum-verified)."""
+    from scratchlm.data.sources import fetch
+
+    return BPETokenizer.from_gpt2_files(fetch("gpt2-encoder", download), fetch("gpt2-vocab", download))
+
+
+__all__ = [
+    "ENDOFTEXT", "KINDS", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "Tokenizer", "gpt2_tokenizer",
+    "load_tokenizer", "train_bpe", "train_tokenizer",
+]
