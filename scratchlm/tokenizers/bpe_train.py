@@ -27,6 +27,8 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
+import regex
+
 from scratchlm.tokenizers.base import ENDOFTEXT, default_special_tokens
 from scratchlm.tokenizers.bpe import BASE_VOCAB, BYTE_TO_ID, BPETokenizer
 from scratchlm.tokenizers.patterns import compile_pattern, resolve_pattern
@@ -102,6 +104,10 @@ def train_bpe(
             f"{len(special_tokens)} special token(s); ask for at least {256 + len(special_tokens)}"
         )
     pattern = resolve_pattern(pattern)
+    if special_tokens:
+        # Text that spells a special token is cut there, so its spelling is never learned as merges.
+        splitter = regex.compile("|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
+        texts = [piece for text in texts for piece in splitter.split(text)]
     counts = count_chunks(texts, pattern, num_workers)
 
     # Words: distinct chunks of two or more bytes, as lists of base ids, with their counts.

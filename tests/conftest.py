@@ -1,0 +1,48 @@
+"""Shared fixtures: the files in ../shared/data (read in place, never copied into the project)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_sources(tmp_path_factory):
+    """Named sources resolve to ../shared/data through the offline-mirror mechanism users have."""
+    os.environ["SCRATCHLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    if SHARED_DATA.is_dir():
+        os.environ["SCRATCHLM_LOCAL_DATA"] = str(SHARED_DATA)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    from scratchlm.data.sources import fetch
+
+    return fetch("shakespeare").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def names() -> list[str]:
+    from scratchlm.data.sources import fetch
+
+    return fetch("names").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    from scratchlm.tokenizers import gpt2_tokenizer
+
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_bpe(shakespeare_text):
+    from scratchlm.tokenizers import train_bpe
+
+    return train_bpe(shakespeare_text[:500_000], 1024, "gpt2", ["<|endoftext|>"])
