@@ -108,3 +108,13 @@ def test_batch_loader_shifts_targets_by_one(tmp_path):
     assert (x == x2).all()  # seeded
     with pytest.raises(ValueError, match="fewer than block_size"):
         BatchLoader(path, block_size=5000, batch_size=1)
+
+
+def test_char_tokenizer_worker_processes_equal_serial(tmp_path, shakespeare_ds):
+    tok = CharTokenizer.train(shakespeare_ds.text("train"))
+    path = tok.save(tmp_path / "char.json")
+    text = shakespeare_ds.text("train")
+    parallel = encode_documents([text, text[:1000]], tok, path, num_workers=2, piece_chars=100_000)
+    serial = encode_documents([text, text[:1000]], tok, None, num_workers=1)
+    assert np.array_equal(parallel, serial)
+    assert np.array_equal(serial[: len(text)], tok.encode(text))

@@ -148,8 +148,9 @@ def encode_documents(
 ) -> np.ndarray:
     """Encode documents (joined by ``<|endoftext|>`` where the tokenizer has it) into one id array.
 
-    With ``num_workers > 1`` and a saved tokenizer (``tokenizer_path``) the pieces are encoded
-    in worker processes; the result is identical to encoding in this process.
+    With ``num_workers > 1`` pieces are encoded in parallel: in threads when the tokenizer's
+    encoder releases the GIL (BPE on tiktoken), else in worker processes that load
+    ``tokenizer_path``. The result is identical to encoding in this process.
     """
     # Work items are (document index, piece); small documents are batched so that each task
     # sent to a worker process is worth its overhead.
@@ -173,7 +174,18 @@ def encode_documents(
             per_doc[i].append(ids)
         bar.update(sum(len(p) for _, p in batch))
 
-    if workers > 1 and tokenizer_path is not None:
+    def encode_batch(batch: list[tuple[int, str]]) -> list[np.ndarray]:
+        return [np.asarray(tokenizer.encode_ordinary(p), dtype=np.int64) for _, p in batch]
+
+    if workers > 1 and tokenizer.releases_gil:
+        # tiktoken encodes without holding the GIL: threads use every core with no start-up cost.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            for batch, arrays in zip(batches, pool.map(encode_batch, batches)):
+                collect(batch, arrays)
+    elif workers > 1 and tokenizer_path is not None:
+        # Pure-Python encoders hold the GIL: use processes, each loading the tokenizer file once.
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
@@ -181,7 +193,7 @@ def encode_documents(
                 collect(batch, arrays)
     else:
         for batch in batches:
-            collect(batch, [np.asarray(tokenizer.encode_ordinary(p), dtype=np.int64) for _, p in batch])
+            collect(batch, encode_batch(batch))
     bar.close()
     eot = tokenizer.eot_token
     parts: list[np.ndarray] = []

@@ -36,6 +36,7 @@ class Tokenizer(ABC):
     """Base class: subclasses implement ordinary (special-free) encoding and decoding of bytes."""
 
     kind: str = "abstract"
+    releases_gil: bool = False  # True when encoding runs outside the GIL, so threads scale
 
     def __init__(self, special_tokens: dict[str, int] | None = None):
         self.special_tokens: dict[str, int] = dict(special_tokens or {})

@@ -161,6 +161,10 @@ class BPETokenizer(Tokenizer):
         self._backend = value
 
     @property
+    def releases_gil(self) -> bool:
+        return self._backend == "tiktoken"
+
+    @property
     def vocab_size(self) -> int:
         return len(self.vocab) + len(self.special_tokens)
 

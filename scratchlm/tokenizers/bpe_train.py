@@ -67,20 +67,6 @@ def count_chunks(texts: Iterable[str], pattern: str, num_workers: int | None = N
     return counts
 
 
-def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
-    """Replace every non-overlapping (a, b) in ``word``, left to right, with ``new_id``."""
-    out = []
-    i, n = 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == a and word[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
-
-
 def train_bpe(
     texts: Iterable[str] | str,
     vocab_size: int,
@@ -134,9 +120,10 @@ def train_bpe(
     while len(merges) < n_merges and heap:
         neg_count, pair = heapq.heappop(heap)
         count = pair_counts.get(pair, 0)
+        if count <= 0:
+            continue
         if count != -neg_count:  # out of date: push back with the true count
-            if count > 0:
-                heapq.heappush(heap, (-count, pair))
+            heapq.heappush(heap, (-count, pair))
             continue
         a, b = pair
         new_id = len(vocab)
@@ -145,44 +132,60 @@ def train_bpe(
         merges.append(pair)
         new_pairs = set()
         for w in where.pop(pair):
-            word = words[w]
-            merged = _merge_word(word, a, b, new_id)
-            if len(merged) == len(word):
-                continue  # the index is lazy too: this word lost the pair to an earlier merge
-            freq = freqs[w]
-            for p in zip(word, word[1:]):
-                pair_counts[p] -= freq
-            for p in zip(merged, merged[1:]):
-                pair_counts[p] += freq
-                if new_id in p:
-                    where[p].add(w)
-                    new_pairs.add(p)
-            words[w] = merged
+            word, freq = words[w], freqs[w]
+            # Rewrite the word left to right. At each (a, b) only the pairs next to it change:
+            # (left, a) becomes (left, new) and (b, right) becomes (new, right). Working on the
+            # output as it grows makes back-to-back occurrences come out right: in "a b a b"
+            # the step (b, a) -> (new, a) is followed by (new, a) -> (new, new).
+            out: list[int] = []
+            i, n = 0, len(word)
+            while i < n:
+                if word[i] == a and i + 1 < n and word[i + 1] == b:
+                    if out:
+                        left = out[-1]
+                        pair_counts[left, a] -= freq
+                        p = (left, new_id)
+                        pair_counts[p] += freq
+                        new_pairs.add(p)
+                        where[p].add(w)
+                    if i + 2 < n:
+                        right = word[i + 2]
+                        pair_counts[b, right] -= freq
+                        p = (new_id, right)
+                        pair_counts[p] += freq
+                        new_pairs.add(p)
+                        where[p].add(w)
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            words[w] = out  # (a word the lazy index still lists without the pair comes out unchanged)
         del pair_counts[pair]
         for p in new_pairs:
-            heapq.heappush(heap, (-pair_counts[p], p))
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
         bar.update(1)
     bar.close()
-    vocab = _dedupe(vocab, merges)
+    _check_unique(vocab)
     return BPETokenizer(vocab, merges, pattern, default_special_tokens(len(vocab), special_tokens))
 
 
-def _dedupe(vocab: list[bytes], merges: list[tuple[int, int]]) -> list[bytes]:
-    """Two different merges can, rarely, spell the same bytes (``ab+c`` and ``a+bc``).
+def _check_unique(vocab: list[bytes]) -> None:
+    """A rank table needs one id per byte string.
 
-    A rank table needs one id per byte string; such a case would make the reference encoder
-    ambiguous, so it is reported rather than silently patched.
+    In principle two different merges could spell the same bytes (``ab + c`` and ``a + bc``);
+    Hugging Face then reuses the old id. Rank-based encoders (tiktoken, ours) cannot represent
+    that, so it is refused with a clear message instead of giving silently different ids.
     """
-    if len(set(vocab)) != len(vocab):
-        seen: dict[bytes, int] = {}
-        for i, t in enumerate(vocab):
-            if t in seen:
-                raise RuntimeError(
-                    f"BPE training produced the token {t!r} twice (ids {seen[t]} and {i}); "
-                    "please report this corpus"
-                )
-            seen[t] = i
-    return vocab
+    seen: dict[bytes, int] = {}
+    for i, token in enumerate(vocab):
+        if token in seen:
+            raise RuntimeError(
+                f"BPE training made the token {token!r} twice (ids {seen[token]} and {i}) through different "
+                "merges; a rank-based tokenizer cannot hold that. Try another vocabulary size or corpus."
+            )
+        seen[token] = i
 
 
 class _NoBar:
