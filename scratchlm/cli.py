@@ -167,7 +167,8 @@ def cmd_bigram(args) -> None:
 
     report = run_bigram(args.dataset, _load_tokenizer(args.tokenizer), models=args.model.split(","),
                         smoothing=args.smoothing, fit_split=args.fit_split, steps=args.steps, lr=args.lr,
-                        n_samples=args.samples, max_tokens=args.max_tokens, seed=args.seed, progress=not args.json)
+                        n_samples=args.samples, max_tokens=args.max_tokens, seed=args.seed, progress=not args.json,
+                        device=args.device)
     lines = []
     for name, r in report["models"].items():
         nll = "  ".join(f"{s} {v:.4f}" for s, v in r["nll"].items())
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=10, help="number of samples to draw")
     q.add_argument("--max-tokens", type=int, default=60, help="longest sample, in tokens")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
     json_flag(q)
     q.set_defaults(func=cmd_bigram)
     return p

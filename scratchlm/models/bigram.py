@@ -85,17 +85,21 @@ class NeuralBigram(nn.Module):
         self, x: np.ndarray, y: np.ndarray, *, steps: int = 300, lr: float = 0.3, batch_size: int = 1 << 16,
         seed: int = 0, progress: bool = False,
     ) -> list[float]:
-        """Adam on cross-entropy; minibatches of ``batch_size`` pairs (all pairs if fewer)."""
+        """Adam on cross-entropy; minibatches of ``batch_size`` pairs (all pairs if fewer).
+
+        Runs on whatever device the module is on (``model.to(device)`` first).
+        """
         from tqdm.auto import tqdm
 
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        generator = torch.Generator().manual_seed(seed)
+        device = self.logits.device
+        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        generator = torch.Generator(device=device).manual_seed(seed)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=lr * 0.01)
         history = []
         for _ in tqdm(range(steps), desc="neural bigram", disable=not progress):
             if len(xt) > batch_size:
-                idx = torch.randint(len(xt), (batch_size,), generator=generator)
+                idx = torch.randint(len(xt), (batch_size,), generator=generator, device=device)
                 bx, by = xt[idx], yt[idx]
             else:
                 bx, by = xt, yt
@@ -109,7 +113,7 @@ class NeuralBigram(nn.Module):
 
     def log_probs(self) -> torch.Tensor:
         with torch.no_grad():
-            return F.log_softmax(self.logits.double(), dim=-1)
+            return F.log_softmax(self.logits.detach().cpu().double(), dim=-1)
 
     def nll(self, x: np.ndarray, y: np.ndarray) -> float:
         return _nll(self.log_probs(), x, y)

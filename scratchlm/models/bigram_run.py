@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from scratchlm.data import Dataset
+from scratchlm.device import pick_device
 from scratchlm.models.bigram import CountBigram, NeuralBigram, bigram_pairs, sample_bigram
 from scratchlm.tokenizers.base import Tokenizer
 
@@ -16,7 +17,7 @@ from scratchlm.tokenizers.base import Tokenizer
 def run_bigram(
     dataset: str | Path, tokenizer: Tokenizer, *, models=("count", "neural"), smoothing: float = 1.0,
     fit_split: str = "train", steps: int = 300, lr: float = 0.3, n_samples: int = 10, max_tokens: int = 60,
-    seed: int = 0, progress: bool = False,
+    seed: int = 0, progress: bool = False, device: str | None = None,
 ) -> dict:
     """Fit the requested bigram models; report NLL and perplexity per split, and samples.
 
@@ -47,9 +48,9 @@ def run_bigram(
             model = CountBigram(V, smoothing).fit(fit_x, fit_y)
             extra = {"smoothing": smoothing}
         else:
-            model = NeuralBigram(V)
+            model = NeuralBigram(V).to(pick_device(device))
             history = model.fit(fit_x, fit_y, steps=steps, lr=lr, seed=seed, progress=progress)
-            extra = {"steps": steps, "lr": lr, "final_train_loss": history[-1]}
+            extra = {"steps": steps, "lr": lr, "final_train_loss": history[-1], "device": str(model.logits.device)}
         seconds = time.perf_counter() - start
         nll = {s: model.nll(*pairs[s]) for s in ("train", "val", "test", "all")}
         samples = sample_bigram(model.log_probs(), n_samples, start=start_token, stop=boundary, max_tokens=max_tokens, seed=seed)
