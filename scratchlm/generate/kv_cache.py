@@ -1,0 +1,53 @@
+"""The KV cache: keys and values of past positions, kept so each new token costs one position.
+
+Without a cache, generating token ``t`` reruns attention over all ``t`` previous positions,
+recomputing keys and values that have not changed: O(t^2) work per sequence. With it, each step
+computes q, k, v for the *new* token only, appends k and v here, and attends over the stored ones.
+
+Memory per token: ``2 (k and v) x n_layer x n_kv_head x head_dim x bytes per value``, which is
+why grouped-query attention (fewer KV heads) matters for serving.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated per-layer keys and values: (n_layer, batch, n_kv_head, max_len, head_dim)."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # positions filled, the same in every layer
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int | None = None) -> KVCache:
+        c = model.config
+        p = next(model.parameters())
+        return cls(c.n_layer, batch, c.kv_heads, max_len or c.block_size, c.head_dim, p.device, p.dtype)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v (B, Hkv, T, D) for ``layer``; return all positions so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called by the model once every layer has stored its ``n`` new positions."""
+        self.length += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (beam search: the surviving beams' histories)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+    @property
+    def bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

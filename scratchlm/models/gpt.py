@@ -1,0 +1,249 @@
+"""One config-driven decoder-only Transformer (checkpoints C and D).
+
+``GPTConfig`` switches cover GPT-2 and Llama-style models and the variants between them:
+positions (learned, sinusoidal, RoPE, ALiBi, none), LayerNorm or RMSNorm, pre- or post-norm,
+GELU / GELU-tanh / SwiGLU / ReLU² MLPs, biases, tied embeddings, dropout, grouped KV heads, and
+fused (SDPA) or spelled-out attention. One model, not copies.
+
+The forward pass, top to bottom:
+
+    ids (B, T) ─► token embedding (B, T, C) [+ position embedding]
+               ─► n_layer × Block: x = x + attn(norm(x)); x = x + mlp(norm(x))     (pre-norm)
+               ─► final norm ─► lm_head (B, T, V) logits ─► cross-entropy with targets
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.models.layers import MLP, Attention, alibi_slopes, make_norm, rope_tables, sinusoidal_table
+
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: = n_head (MHA); 1: MQA; in between: GQA
+    d_model: int = 128
+    d_ff: int | None = None  # MLP width; None: 4·d_model, or ~8/3·d_model for SwiGLU
+    block_size: int = 64  # context length
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    prenorm: bool = True
+    mlp: str = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attention: str = "sdpa"  # sdpa | manual
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.kv_heads}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError("RoPE needs an even head width (d_model / n_head)")
+        if self.attention not in ("sdpa", "manual"):
+            raise ValueError(f"attention must be 'sdpa' or 'manual', got {self.attention!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_width(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":  # same parameter count as a 4x GELU MLP, rounded up to 64
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class Block(nn.Module):
+    """Attention then MLP, each wrapped in a residual connection and a norm."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.prenorm = config.prenorm
+        self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, **attn_kwargs):
+        if self.prenorm:  # GPT-2, Llama: the residual stream itself is never normalized
+            x = x + self.resid_dropout(self.attn(self.norm1(x), **attn_kwargs))
+            return x + self.mlp(self.norm2(x))
+        # post-norm (the original Transformer): normalize after adding
+        x = self.norm1(x + self.resid_dropout(self.attn(x, **attn_kwargs)))
+        return self.norm2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos_emb = nn.Embedding(c.block_size, c.d_model) if c.position == "learned" else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, c.bias) if c.prenorm else nn.Identity()
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one matrix reads tokens in and writes them out
+        if c.position == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_table(c.block_size, c.d_model), persistent=False)
+        if c.position == "rope":
+            cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if c.position == "alibi":
+            self.register_buffer("alibi", alibi_slopes(c.n_head), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                # Each block adds to the residual stream twice: keep its variance from growing with depth.
+                nn.init.normal_(p, 0.0, c.init_std / math.sqrt(2 * c.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, self.config.init_std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False):
+        """Logits (B, T, V) for ids (B, T), and the mean cross-entropy if ``targets`` are given.
+
+        With a :class:`~scratchlm.generate.kv_cache.KVCache` the ids are the *new* positions, after
+        ``cache.length`` cached ones. ``last_only`` computes logits for the final position only.
+        Targets equal to -1 are ignored by the loss.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} positions exceeds the context length {self.config.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        elif self.config.position == "sinusoidal":
+            x = x + self.sinusoid[start : start + T]
+        x = self.drop(x)
+        attn_kwargs = {"cache": cache}
+        if self.config.position == "rope":
+            attn_kwargs["rope"] = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        if self.config.position == "alibi":
+            attn_kwargs["alibi"] = self.alibi
+        for i, block in enumerate(self.blocks):
+            x = block(x, layer=i, **attn_kwargs)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- accounting ---------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by part (a tied lm_head is counted once, under embeddings)."""
+        parts = {"embeddings": 0, "positions": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+        seen = set()
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if name.startswith("tok_emb"):
+                parts["embeddings"] += p.numel()
+            elif name.startswith("pos_emb"):
+                parts["positions"] += p.numel()
+            elif ".attn." in name:
+                parts["attention"] += p.numel()
+            elif ".mlp." in name:
+                parts["mlp"] += p.numel()
+            elif "norm" in name:
+                parts["norms"] += p.numel()
+            elif name.startswith("lm_head"):
+                parts["lm_head"] += p.numel()
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def flops_per_token(self, context: int | None = None) -> dict[str, float]:
+        """Approximate FLOPs per token at ``context`` (default: full context).
+
+        Matrix multiplies cost 2 FLOPs per weight per token forward (4 more backward), so a
+        training step costs ``6 N`` per token plus attention's ``12 · n_layer · d_model · context``
+        (the PaLM appendix estimate); inference costs ``2 N + 4 · n_layer · d_model · context``.
+        Position embeddings are excluded from N (they are added, not multiplied).
+        """
+        c = self.config
+        T = context or c.block_size
+        counts = self.parameter_counts()
+        n = counts["total"] - counts["positions"]
+        return {"train": 6 * n + 12 * c.n_layer * c.d_model * T, "forward": 2 * n + 4 * c.n_layer * c.d_model * T}
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        c = self.config
+        return 2 * c.n_layer * c.kv_heads * c.head_dim * bytes_per_value
+
+
+PRESETS: dict[str, dict] = {
+    # GPT-2 family (Radford et al. 2019): learned positions, LayerNorm, GELU-tanh, biases, tied.
+    **{
+        name: dict(vocab_size=50257, block_size=1024, n_layer=L, n_head=H, d_model=C, position="learned",
+                   norm="layernorm", mlp="gelu_tanh", bias=True, tie_embeddings=True, norm_eps=1e-5)
+        for name, (L, H, C) in {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+                                "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}.items()
+    },
+    # Llama-style: RMSNorm, SwiGLU, RoPE, GQA, no biases.
+    "llama-tiny": dict(vocab_size=32000, block_size=2048, n_layer=8, n_head=8, n_kv_head=2, d_model=512, d_ff=1408,
+                       position="rope", norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", bias=False, tie_embeddings=False),
+    "llama3-1b": dict(vocab_size=128256, block_size=8192, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,
+                      d_ff=8192, position="rope", rope_theta=500000.0, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
+                      bias=False, tie_embeddings=True),
+    # Tiny CPU models for character-level Shakespeare.
+    "nanogpt-cpu": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128, position="learned",
+                        norm="layernorm", mlp="gelu", bias=False, tie_embeddings=True),
+    "shakespeare-char": dict(vocab_size=65, block_size=128, n_layer=4, n_head=4, d_model=128, position="rope",
+                             norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
