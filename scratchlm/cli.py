@@ -178,6 +178,119 @@ def cmd_bigram(args) -> None:
     _emit(args, report, "\n".join(lines))
 
 
+# --- model, train, eval, sample ------------------------------------------------------------------
+def cmd_model_info(args) -> None:
+    from scratchlm.config import load_config
+    from scratchlm.models.gpt import GPT, GPTConfig, preset
+
+    if args.preset:
+        config = preset(args.preset)
+    else:
+        section = load_config(args.config, args.set).get("model", {})
+        name = section.pop("preset", None)
+        config = GPTConfig.from_dict({**(preset(name).to_dict() if name else {}), **section})
+    import torch
+
+    with torch.device("meta"):  # shapes only: a 1.5B model costs no memory to describe
+        model = GPT(config)
+    counts = model.parameter_counts()
+    flops = model.flops_per_token()
+    payload = {"config": config.to_dict(), "parameters": counts, "flops_per_token": flops,
+               "kv_cache_bytes_per_token": {"bf16": model.kv_cache_bytes_per_token(2), "fp32": model.kv_cache_bytes_per_token(4)}}
+    lines = [f"{k:<11} {v:>15,}" for k, v in counts.items()]
+    lines += [f"FLOPs/token: training {flops['train']:,.0f}, forward {flops['forward']:,.0f} (context {config.block_size})",
+              f"KV cache per token: {model.kv_cache_bytes_per_token(2):,} bytes (bf16), "
+              f"{config.n_layer} layers x {config.kv_heads} KV heads x {config.head_dim} dims x 2 (k, v)"]
+    _emit(args, payload, "\n".join(lines))
+
+
+def cmd_model_import(args) -> None:
+    from scratchlm.models.hf import import_hf
+    from scratchlm.train.checkpoint import save_model_only
+
+    model = import_hf(args.hf)
+    save_model_only(args.out, model, source=str(args.hf))
+    counts = model.parameter_counts()
+    _emit(args, {"out": args.out, "config": model.config.to_dict(), "parameters": counts},
+          f"imported {args.hf} ({counts['total']:,} parameters) -> checkpoint {args.out}")
+
+
+def cmd_model_export(args) -> None:
+    from scratchlm.models.hf import export_hf
+    from scratchlm.train.checkpoint import load_model_from_checkpoint
+
+    model, _ = load_model_from_checkpoint(args.checkpoint)
+    out = export_hf(model, args.out, args.arch)
+    _emit(args, {"out": str(out)}, f"exported {args.checkpoint} -> {out} (config.json + model.safetensors)")
+
+
+def cmd_train(args) -> None:
+    from scratchlm.config import load_config
+    from scratchlm.train import train
+
+    summary = train(load_config(args.config, args.set), resume=args.resume, progress=not args.json)
+    _emit(args, summary, f"done: {summary['steps']} steps ({summary['stop_reason']}), best val loss "
+                         f"{summary['best_val_loss']:.4f}, {summary['seconds']:.0f}s\ncheckpoints: {summary['out_dir']}/best, "
+                         f"{summary['out_dir']}/last\nloss plot: {summary['loss_plot']}")
+
+
+def cmd_eval(args) -> None:
+    from scratchlm.eval import evaluate_checkpoint, format_report
+
+    report = evaluate_checkpoint(args.checkpoint, args.data, splits=args.splits.split(","), device=args.device,
+                                 batch_size=args.batch_size, progress=not args.json)
+    _emit(args, report, format_report(report))
+
+
+def cmd_sample(args) -> None:
+    from scratchlm.device import pick_device
+    from scratchlm.generate import SamplingConfig, beam_search, generate_text
+    from scratchlm.tokenizers import load_tokenizer
+    from scratchlm.train.checkpoint import load_model_from_checkpoint
+
+    model, state = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
+    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else _checkpoint_tokenizer(args.checkpoint, state)
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    results = []
+    start = time.perf_counter()
+    if args.beam:
+        ids = tokenizer.encode(prompt, allowed_special="all") if prompt else [tokenizer.eot_token or 0]
+        for out, score in beam_search(model, ids, args.max_new_tokens, args.beam, length_penalty=args.length_penalty,
+                                      eos_id=tokenizer.eot_token, use_cache=not args.no_cache):
+            results.append({"text": tokenizer.decode(out), "score": score})
+    else:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+        streaming = not args.json and args.num_samples == 1
+        for i in range(args.num_samples):
+            if streaming:
+                sys.stdout.write(prompt)
+            text = generate_text(model, tokenizer, prompt, args.max_new_tokens, sampling, stop=args.stop,
+                                 on_text=(lambda t: (sys.stdout.write(t), sys.stdout.flush())) if streaming else None,
+                                 use_cache=not args.no_cache, seed=None if args.seed is None else args.seed + i)
+            results.append({"text": text})
+        if streaming:
+            print()
+            return
+    seconds = time.perf_counter() - start
+    _emit(args, {"prompt": prompt, "samples": results, "seconds": seconds},
+          "\n---\n".join(prompt + r["text"] + (f"  [score {r['score']:.3f}]" if "score" in r else "") for r in results))
+
+
+def _checkpoint_tokenizer(checkpoint: str, state: dict):
+    """The tokenizer a checkpoint was trained with: the shards folder's copy, checked by fingerprint."""
+    from scratchlm.tokenizers import load_tokenizer
+
+    if not state.get("train"):
+        raise ValueError(f"{checkpoint} was imported, not trained here: pass --tokenizer (a JSON file, or gpt2)")
+    path = Path(state["train"]["data"]) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"the tokenizer of {checkpoint} was {path}, which no longer exists; pass --tokenizer")
+    tokenizer = load_tokenizer(path)
+    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+        raise ValueError(f"{path} is not the tokenizer {checkpoint} was trained with (fingerprints differ); pass --tokenizer")
+    return tokenizer
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scratchlm", description="Build a GPT from scratch: data, tokenizers, models.")
     p.add_argument("--version", action="version", version=f"scratchlm {__version__}")
@@ -263,6 +376,63 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
     json_flag(q)
     q.set_defaults(func=cmd_bigram)
+
+    model = sub.add_parser("model", help="describe models").add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    q = model.add_parser("info", help="parameter counts by part, FLOPs per token, KV-cache bytes per token")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-tiny, ...)")
+    src.add_argument("--config", help="a TOML config with a [model] table")
+    q.add_argument("--set", action="append", default=[], help="override, e.g. model.n_kv_head=1")
+    json_flag(q)
+    q.set_defaults(func=cmd_model_info)
+    q = model.add_parser("import", help="a Hugging Face GPT-2 or Llama folder -> a scratchlm checkpoint")
+    q.add_argument("--hf", required=True, help="folder with config.json + model.safetensors")
+    q.add_argument("--out", required=True, help="checkpoint folder to write")
+    json_flag(q)
+    q.set_defaults(func=cmd_model_import)
+    q = model.add_parser("export", help="a scratchlm checkpoint -> a Hugging Face folder (GPT2LMHeadModel / LlamaForCausalLM)")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--arch", choices=["gpt2", "llama"], help="default: llama for RoPE models, else gpt2")
+    json_flag(q)
+    q.set_defaults(func=cmd_model_export)
+
+    q = sub.add_parser("train", help="train a GPT from a TOML config (checkpoint D)")
+    q.add_argument("--config", help="configs/<name>.toml")
+    q.add_argument("--set", action="append", default=[], help="override a value: section.key=value (repeatable)")
+    q.add_argument("--resume", action="store_true", help="continue from <out_dir>/last exactly where it stopped")
+    json_flag(q)
+    q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("eval", help="cross-entropy, perplexity, bits per byte, loss by position, probes")
+    q.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. runs/x/best)")
+    q.add_argument("--data", help="shards folder (default: the one the checkpoint was trained on)")
+    q.add_argument("--splits", default="val,test", help="comma-separated splits; 'val+test' evaluates them as one text")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--device", help="cuda | mps | cpu")
+    json_flag(q)
+    q.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("sample", help="generate text from a checkpoint")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--tokenizer", help="tokenizer JSON (default: the one the checkpoint was trained with)")
+    q.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    q.add_argument("--escapes", action="store_true", help="interpret backslash escapes in --prompt (\\n)")
+    q.add_argument("--max-new-tokens", type=int, default=300)
+    q.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    q.add_argument("--top-k", type=int)
+    q.add_argument("--top-p", type=float)
+    q.add_argument("--min-p", type=float)
+    q.add_argument("--repetition-penalty", type=float, default=1.0)
+    q.add_argument("--beam", type=int, help="beam search with this many beams (instead of sampling)")
+    q.add_argument("--length-penalty", type=float, default=1.0)
+    q.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    q.add_argument("--num-samples", type=int, default=1)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (slow; for comparison)")
+    q.add_argument("--device", help="cuda | mps | cpu")
+    json_flag(q)
+    q.set_defaults(func=cmd_sample)
     return p
 
 

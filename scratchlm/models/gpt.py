@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from scratchlm.models.layers import MLP, Attention, alibi_slopes, make_norm, rope_tables, sinusoidal_table
@@ -109,6 +110,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    activation_checkpointing = False  # recompute each block's activations in backward to save memory
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -166,7 +169,10 @@ class GPT(nn.Module):
         if self.config.position == "alibi":
             attn_kwargs["alibi"] = self.alibi
         for i, block in enumerate(self.blocks):
-            x = block(x, layer=i, **attn_kwargs)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, layer=i, **attn_kwargs)
+            else:
+                x = block(x, layer=i, **attn_kwargs)
         if cache is not None:
             cache.advance(T)
         x = self.norm_f(x)
@@ -238,7 +244,7 @@ PRESETS: dict[str, dict] = {
     # Tiny CPU models for character-level Shakespeare.
     "nanogpt-cpu": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128, position="learned",
                         norm="layernorm", mlp="gelu", bias=False, tie_embeddings=True),
-    "shakespeare-char": dict(vocab_size=65, block_size=128, n_layer=4, n_head=4, d_model=128, position="rope",
+    "shakespeare-char": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128, position="rope",
                              norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=True),
 }
 

@@ -1,0 +1,127 @@
+"""How good is a language model on held-out text?
+
+* **Cross-entropy** (nats per token): the mean of ``-log p(true next token)``. The number training
+  minimizes.
+* **Perplexity** = ``exp(cross-entropy)``: the model is as uncertain as a uniform choice among
+  that many tokens. Only comparable between models with the same tokenizer.
+* **Bits per byte** = total nats / ln 2 / bytes of text: the same quantity per byte of text, so a
+  character model and a BPE model can be compared.
+* **Loss by position** in the context window: early positions see little context and cost more;
+  the curve shows how much the model uses its context.
+* **Probes**: top-1 accuracy on kinds of next tokens: finishing a word it has begun
+  (common-word completion), punctuation, and line breaks.
+
+Text is cut into consecutive windows of ``block_size`` targets, so every token (after the first)
+is predicted exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scratchlm.data.shards import open_shard
+
+
+def _token_classes(tokenizer) -> dict[str, np.ndarray]:
+    """For each probe, a boolean mask over the vocabulary of target tokens that belong to it."""
+    V = tokenizer.vocab_size
+    texts = []
+    for i in range(V):
+        try:
+            texts.append(tokenizer.decode([i]))
+        except (ValueError, KeyError):
+            texts.append("")
+    starts_letter = np.array([bool(t) and t[0].isalpha() for t in texts])
+    ends_letter = np.array([bool(t) and t[-1].isalpha() for t in texts])
+    punctuation = np.array([bool(t.strip()) and all(unicodedata.category(c).startswith("P") for c in t.strip()) for t in texts])
+    newline = np.array(["\n" in t for t in texts])
+    return {"starts_letter": starts_letter, "ends_letter": ends_letter, "punctuation": punctuation, "newline": newline}
+
+
+@torch.no_grad()
+def evaluate_ids(model, ids: np.ndarray, tokenizer, *, batch_size: int = 32, progress: bool = False) -> dict:
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    T = model.config.block_size
+    n_windows = (len(ids) - 1) // T
+    if n_windows == 0:
+        raise ValueError(f"{len(ids)} tokens are fewer than one context window of {T} + 1")
+    classes = _token_classes(tokenizer)
+    loss_sum = np.zeros(T)
+    correct = {k: 0 for k in ("all", "word_completion", "punctuation", "line_break")}
+    counted = {k: 0 for k in correct}
+    was_training = model.training
+    model.eval()
+    for first in tqdm(range(0, n_windows, batch_size), desc="evaluating", disable=not progress):
+        rows = range(first, min(first + batch_size, n_windows))
+        windows = torch.from_numpy(np.stack([ids[r * T : r * T + T + 1] for r in rows]).astype(np.int64)).to(device)
+        x, y = windows[:, :-1], windows[:, 1:]
+        logits, _ = model(x)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        nll = -log_probs.gather(-1, y[..., None])[..., 0]  # (B, T)
+        loss_sum += nll.sum(0).double().cpu().numpy()
+        hit = (logits.argmax(-1) == y).cpu().numpy()
+        xs, ys = x.cpu().numpy(), y.cpu().numpy()
+        masks = {
+            "all": np.ones_like(hit),
+            "word_completion": classes["ends_letter"][xs] & classes["starts_letter"][ys],
+            "punctuation": classes["punctuation"][ys],
+            "line_break": classes["newline"][ys],
+        }
+        for k, mask in masks.items():
+            correct[k] += int((hit & mask).sum())
+            counted[k] += int(mask.sum())
+    model.train(was_training)
+    n_tokens = n_windows * T
+    mean = float(loss_sum.sum() / n_tokens)
+    n_bytes = len(tokenizer.decode_bytes(ids[1 : n_tokens + 1]))
+    return {
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "loss": mean,
+        "perplexity": math.exp(mean),
+        "bits_per_byte": float(loss_sum.sum()) / math.log(2) / n_bytes,
+        "loss_by_position": (loss_sum / n_windows).tolist(),
+        "probes": {k: {"accuracy": correct[k] / counted[k] if counted[k] else None, "count": counted[k]} for k in correct},
+    }
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *, splits=("val", "test"),
+                        device: str | None = None, batch_size: int = 32, progress: bool = False) -> dict:
+    """Evaluate a checkpoint on splits of a shards folder; ``"val+test"`` joins two splits into one text."""
+    from scratchlm.device import pick_device
+    from scratchlm.tokenizers import load_tokenizer
+    from scratchlm.train.checkpoint import load_model_from_checkpoint
+
+    model, state = load_model_from_checkpoint(checkpoint, pick_device(device))
+    if data is None and not state.get("train"):
+        raise ValueError(f"{checkpoint} was imported, not trained here: pass the shards folder to evaluate on (--data)")
+    data = Path(data or state["train"]["data"])
+    tokenizer = load_tokenizer(data / "tokenizer.json")
+    if state["tokenizer_fingerprint"] and tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+        raise ValueError(f"{data} was tokenized with {tokenizer.fingerprint[:16]}, but {checkpoint} was trained "
+                         f"with {state['tokenizer_fingerprint'][:16]}: evaluate on data made with the model's tokenizer")
+    report = {"checkpoint": str(checkpoint), "data": str(data), "step": state["step"], "splits": {}}
+    for split in splits:
+        ids = np.concatenate([np.asarray(open_shard(data / f"{part}.bin", tokenizer)) for part in split.split("+")])
+        report["splits"][split] = evaluate_ids(model, ids, tokenizer, batch_size=batch_size, progress=progress)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['checkpoint']} (step {report['step']}) on {report['data']}"]
+    for split, r in report["splits"].items():
+        by_pos = r["loss_by_position"]
+        probes = "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in r["probes"].items() if v["accuracy"] is not None)
+        lines += [f"  {split}: loss {r['loss']:.4f} nats/token  perplexity {r['perplexity']:.2f}  "
+                  f"bits/byte {r['bits_per_byte']:.4f}  ({r['tokens']:,} tokens)",
+                  f"    loss at position 0 / {len(by_pos) // 2} / {len(by_pos) - 1}: "
+                  f"{by_pos[0]:.3f} / {by_pos[len(by_pos) // 2]:.3f} / {by_pos[-1]:.3f}",
+                  f"    top-1 accuracy: {probes}"]
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""Autoregressive generation: prefill, decode, the KV cache, stop strings, streaming, beam search.
+
+Generation has two phases. **Prefill** runs the prompt through the model once, filling the KV
+cache. **Decode** then feeds one token at a time: each step computes keys and values for the new
+token only and attends over the cache (O(t) per step instead of rerunning O(t) positions).
+
+Context window policy (both paths, so they agree token for token): the model sees at most
+``block_size`` positions. When the window is full, the oldest half is dropped and the rest is
+re-encoded (a new prefill), so decoding can run for any number of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from scratchlm.generate.kv_cache import KVCache
+from scratchlm.generate.sampling import SamplingConfig, choose
+
+
+class _Window:
+    """The visible context of a batch of sequences, with or without a KV cache."""
+
+    def __init__(self, model, tokens: torch.Tensor, use_cache: bool):
+        self.model, self.tokens, self.use_cache = model, tokens, use_cache
+        self.block = model.config.block_size
+        self.start = max(0, tokens.shape[1] - self.block)  # first visible position
+        self.cache: KVCache | None = None
+
+    def logits(self) -> torch.Tensor:
+        """Next-token logits (B, V) given everything in ``tokens``."""
+        if self.tokens.shape[1] - self.start > self.block:  # window full: keep the newest half
+            self.start = self.tokens.shape[1] - self.block // 2
+            self.cache = None
+        visible = self.tokens[:, self.start :]
+        if not self.use_cache:
+            return self.model(visible, last_only=True)[0][:, -1]
+        if self.cache is None:  # prefill
+            self.cache = KVCache.for_model(self.model, visible.shape[0])
+            return self.model(visible, cache=self.cache, last_only=True)[0][:, -1]
+        new = visible[:, self.cache.length :]  # decode: only the positions not yet cached
+        return self.model(new, cache=self.cache, last_only=True)[0][:, -1]
+
+    def append(self, next_ids: torch.Tensor) -> None:
+        self.tokens = torch.cat([self.tokens, next_ids], dim=1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.tokens = self.tokens.index_select(0, index)
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+def _as_batch(prompt, device) -> torch.Tensor:
+    tokens = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token (e.g. <|endoftext|> or a newline)")
+    return tokens
+
+
+@torch.no_grad()
+def stream(
+    model, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None,
+    *, use_cache: bool = True, seed: int | None = None, stop_ids: Sequence[int] = (),
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time. Stops early when every row hit a stop id."""
+    sampling = sampling or SamplingConfig()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    window = _Window(model, _as_batch(prompt, device), use_cache)
+    prompt_len = window.tokens.shape[1]
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    done = torch.zeros(window.tokens.shape[0], dtype=torch.bool, device=device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    try:
+        for _ in range(max_new_tokens):
+            previous = window.tokens[:, prompt_len:] if sampling.repetition_penalty != 1.0 else None
+            next_ids = choose(window.logits(), sampling, previous, generator)
+            window.append(next_ids)
+            yield next_ids[:, 0]
+            if stops.numel():
+                done |= torch.isin(next_ids[:, 0], stops)
+                if done.all():
+                    break
+    finally:
+        model.train(was_training)
+
+
+def generate(model, prompt, max_new_tokens: int, sampling: SamplingConfig | None = None, **kwargs) -> list[list[int]]:
+    """The generated ids for each prompt row (the prompt itself not included)."""
+    steps = list(stream(model, prompt, max_new_tokens, sampling, **kwargs))
+    if not steps:
+        return [[] for _ in range(_as_batch(prompt, "cpu").shape[0])]
+    return torch.stack(steps, dim=1).tolist()
+
+
+def generate_text(
+    model, tokenizer, prompt: str, max_new_tokens: int = 200, sampling: SamplingConfig | None = None, *,
+    stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None, use_cache: bool = True,
+    seed: int | None = None,
+) -> str:
+    """Generate from a text prompt; stop at any of the ``stop`` strings (which are cut off).
+
+    ``on_text`` receives the text as it grows (streaming to a terminal); bytes that do not yet
+    form a complete UTF-8 character are held back until they do.
+    """
+    ids = tokenizer.encode(prompt, allowed_special="all") if prompt else [tokenizer.eot_token or 0]
+    stop_ids = [tokenizer.eot_token] if tokenizer.eot_token is not None else []
+    out: list[int] = []
+    shown = ""
+    for next_ids in stream(model, ids, max_new_tokens, sampling, use_cache=use_cache, seed=seed, stop_ids=stop_ids):
+        token = int(next_ids[0])
+        if token in stop_ids:
+            break
+        out.append(token)
+        text = tokenizer.decode_bytes(out).decode("utf-8", errors="ignore")
+        hit = [text.index(s) for s in stop if s in text]
+        if hit:
+            text = text[: min(hit)]
+        if on_text and len(text) > len(shown):
+            on_text(text[len(shown) :])
+        shown = text
+        if hit:
+            return text
+    return tokenizer.decode(out)
+
+
+@torch.no_grad()
+def beam_search(
+    model, prompt: Sequence[int], max_new_tokens: int, beam_width: int = 4, *, length_penalty: float = 1.0,
+    eos_id: int | None = None, use_cache: bool = True,
+) -> list[tuple[list[int], float]]:
+    """Keep the ``beam_width`` most likely continuations; return them best first as (ids, score).
+
+    A hypothesis' score is its total log-probability divided by ``length ** length_penalty``
+    (> 1 favours longer outputs, < 1 shorter). Hypotheses that emit ``eos_id`` are finished.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    window = _Window(model, _as_batch(prompt, device), use_cache)
+    prompt_len = window.tokens.shape[1]
+    scores = torch.zeros(1, device=device)  # running log-probability of each live beam
+    finished: list[tuple[list[int], float]] = []
+    try:
+        for step in range(max_new_tokens):
+            log_probs = F.log_softmax(window.logits().float(), dim=-1)  # (beams, V)
+            V = log_probs.shape[-1]
+            candidates = (scores[:, None] + log_probs).view(-1)
+            top_scores, top_index = candidates.topk(min(2 * beam_width, candidates.numel()))
+            beams, tokens, new_scores = [], [], []
+            for score, index in zip(top_scores.tolist(), top_index.tolist()):
+                beam, token = divmod(index, V)
+                if eos_id is not None and token == eos_id:
+                    ids = window.tokens[beam, prompt_len:].tolist()
+                    finished.append((ids, score / max(len(ids) + 1, 1) ** length_penalty))
+                    continue
+                beams.append(beam)
+                tokens.append(token)
+                new_scores.append(score)
+                if len(beams) == beam_width:
+                    break
+            if not beams:
+                break
+            window.reorder(torch.tensor(beams, device=device))
+            window.append(torch.tensor(tokens, device=device)[:, None])
+            scores = torch.tensor(new_scores, device=device)
+            if len(finished) >= beam_width and max(f[1] for f in finished) >= scores.max().item() / (step + 1) ** length_penalty:
+                break  # no live beam can beat the best finished one (log-probs only fall)
+    finally:
+        model.train(was_training)
+    length = window.tokens.shape[1] - prompt_len
+    live = [(window.tokens[i, prompt_len:].tolist(), s / max(length, 1) ** length_penalty) for i, s in enumerate(scores.tolist())]
+    return sorted(finished + live, key=lambda pair: pair[1], reverse=True)[:beam_width]

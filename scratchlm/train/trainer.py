@@ -1,0 +1,419 @@
+"""The training loop (checkpoint D): batches in, AdamW or Muon steps, evaluation, checkpoints.
+
+One step:
+
+1. set the learning rate from the schedule (warmup, then cosine to a floor);
+2. for each of ``grad_accum`` micro-batches: forward, cross-entropy, backward (gradients add up);
+3. clip the gradient norm (logged), step the optimizer(s), zero the gradients.
+
+Every ``eval_interval`` steps: loss on fixed validation batches, a short sample, the best and the
+last checkpoint, early stopping. A non-finite loss or gradient stops the run before the optimizer
+step, so no good checkpoint is ever overwritten with a broken model.
+
+Data parallel: launched with ``torchrun --nproc_per_node N -m scratchlm train ...``, each process
+trains on its slice of the global batch and DDP averages the gradients (gloo on CPU, NCCL on GPU);
+only rank 0 writes logs and checkpoints.
+
+Resuming (``resume=True``) restores weights, optimizer state, step, RNG states and the loader's
+position, so the resumed run produces the same per-step losses as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scratchlm.data.loader import BatchLoader
+from scratchlm.data.shards import open_shard
+from scratchlm.device import pick_device
+from scratchlm.models.gpt import GPT, GPTConfig, preset
+from scratchlm.tokenizers import load_tokenizer
+from scratchlm.train.checkpoint import (load_optimizers, load_weights, read_state, rng_from_json, rng_to_json,
+                                        save_checkpoint)
+from scratchlm.train.optim import build_optimizers
+from scratchlm.train.schedule import lr_at
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a shards folder made by `scratchlm data tokenize`
+    out_dir: str = "runs/train"
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_steps: int = 2000
+    max_minutes: float | None = None  # stop early (and save) after this much wall time
+    optimizer: str = "adamw"  # adamw | muon
+    lr: float = 1e-3  # AdamW learning rate (peak)
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_windows: int = 256  # fixed validation windows (independent of batch size, so runs compare)
+    target_loss: float | None = None  # stop once validation loss is at or below this
+    patience: int | None = None  # early stopping: evaluations without improvement
+    sample_tokens: int = 100
+    log_interval: int = 10
+    seed: int = 1337
+    device: str | None = None
+    compile: bool = False
+    activation_checkpointing: bool = False
+    tensorboard: bool = False
+    peak_tflops: float | None = None  # for the MFU estimate; detected for common GPUs
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown [train] keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    best_val: float = float("inf")
+    evals_without_improvement: int = 0
+    history: list = field(default_factory=list)
+
+
+def build_model_config(model_section: dict, vocab_size: int) -> GPTConfig:
+    section = dict(model_section)
+    name = section.pop("preset", None)
+    base = preset(name).to_dict() if name else {}
+    merged = {**base, **section}
+    if "vocab_size" in section and section["vocab_size"] != vocab_size:
+        raise ValueError(
+            f"model.vocab_size = {section['vocab_size']} but the tokenizer of the data has {vocab_size} ids; "
+            "remove model.vocab_size (it defaults to the tokenizer's) or tokenize the data with a matching tokenizer"
+        )
+    merged["vocab_size"] = vocab_size
+    return GPTConfig.from_dict(merged)
+
+
+def init_distributed(device_preference: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under ``torchrun`` (WORLD_SIZE > 1) this joins the process group:
+    NCCL with one GPU per process when CUDA is there, gloo on CPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, pick_device(device_preference)
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def _peak_tflops(device: torch.device, configured: float | None) -> float | None:
+    if configured:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("4090", 165.0)):
+            if key in name:
+                return tflops
+    return None
+
+
+class Trainer:
+    def __init__(self, model_section: dict, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+                 log=None):
+        self.cfg, self.progress_bar = cfg, progress
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        data = Path(cfg.data)
+        if not (data / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{data}: not a shards folder (no tokenizer.json); run `scratchlm data tokenize` first")
+        self.tokenizer = load_tokenizer(data / "tokenizer.json")
+        self.rank, self.world_size, self.device = init_distributed(cfg.device)
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.out_dir)
+        self.model_config = build_model_config(model_section, self.tokenizer.vocab_size)
+        # Shards are checked against the tokenizer (fingerprint) before any training happens.
+        self.train_loader = BatchLoader(data / "train.bin", self.model_config.block_size, cfg.batch_size,
+                                        tokenizer=self.tokenizer, seed=cfg.seed, device=self.device,
+                                        rank=self.rank, world_size=self.world_size)
+        self.val_ids = open_shard(data / "val.bin", self.tokenizer)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(self.model_config).to(self.device)
+        self.model.activation_checkpointing = cfg.activation_checkpointing
+        self.optimizers = build_optimizers(self.model, cfg, self.device)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["base_lr"] = group["lr"]
+        self.state = _Progress()
+        if resume:
+            self._resume()
+        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_model = DistributedDataParallel(self.step_model, device_ids=ids)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.flops_per_token = self.model.flops_per_token()["train"]
+        self.peak = _peak_tflops(self.device, cfg.peak_tflops)
+        self.val_windows = self._fixed_val_windows()
+
+    # --- state --------------------------------------------------------------------------------
+    def _state_dict(self) -> dict:
+        return {
+            "model": self.model_config.to_dict(),
+            "train": asdict(self.cfg),
+            "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            "vocab_size": self.tokenizer.vocab_size,
+            "step": self.state.step,
+            "best_val": self.state.best_val if math.isfinite(self.state.best_val) else None,
+            "evals_without_improvement": self.state.evals_without_improvement,
+            "rng": {"torch": rng_to_json(torch.get_rng_state()),
+                    "loader": rng_to_json(self.train_loader.generator.get_state()),
+                    "cuda": [rng_to_json(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []},
+        }
+
+    def _resume(self) -> None:
+        last = self.out / "last"
+        state = read_state(last)
+        if state["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
+            raise ValueError(f"{last} was trained with another tokenizer ({state['tokenizer_fingerprint'][:16]}); "
+                             f"the data's is {self.tokenizer.fingerprint[:16]}")
+        if state["model"] != self.model_config.to_dict():
+            raise ValueError(f"{last}: the model config differs from this run's; resume with the same config")
+        load_weights(last, self.model)
+        load_optimizers(last, self.optimizers, state)
+        self.state.step = state["step"]
+        self.state.best_val = state["best_val"] if state["best_val"] is not None else float("inf")
+        self.state.evals_without_improvement = state["evals_without_improvement"]
+        torch.set_rng_state(rng_from_json(state["rng"]["torch"]))
+        self.train_loader.generator.set_state(rng_from_json(state["rng"]["loader"]))
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([rng_from_json(s) for s in state["rng"]["cuda"]])
+        # Drop log lines written after that checkpoint: the resumed run writes them again.
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists() and self.is_main:
+            kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.state.step]
+            metrics.write_text("".join(ln + "\n" for ln in kept))
+        self.log(f"resumed from {last} at step {self.state.step}")
+
+    def _fixed_val_windows(self) -> torch.Tensor:
+        """The same validation windows at every evaluation, so successive losses compare."""
+        T = self.model_config.block_size
+        n = self.cfg.eval_windows
+        last = len(self.val_ids) - T - 1
+        if last < 0:
+            raise ValueError(f"validation split has {len(self.val_ids)} tokens, fewer than one context of {T + 1}")
+        starts = np.linspace(0, last, num=min(n, last + 1)).astype(np.int64)
+        return torch.from_numpy(np.stack([self.val_ids[s : s + T + 1] for s in starts]).astype(np.int64))
+
+    # --- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        for chunk in self.val_windows.split(self.cfg.batch_size):
+            chunk = chunk.to(self.device)
+            with self.autocast:
+                _, loss = self.model(chunk[:, :-1], chunk[:, 1:])
+            losses.append(loss.item() * len(chunk))
+        self.model.train()
+        return sum(losses) / len(self.val_windows)
+
+    def sample(self) -> str:
+        from scratchlm.generate import SamplingConfig, generate_text
+
+        return generate_text(self.model, self.tokenizer, "\n" if self.tokenizer.kind == "char" else "",
+                             self.cfg.sample_tokens, SamplingConfig(temperature=0.8, top_k=50), seed=0)
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def _set_lr(self, step: int) -> float:
+        cfg = self.cfg
+        lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps)
+        factor = lr / cfg.lr
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * factor
+        return lr
+
+    def _save(self, name: str) -> Path:
+        return save_checkpoint(self.out / name, self.model, self.optimizers, self._state_dict())
+
+    def _diagnose(self, step: int, lr: float, loss: float, grad_norm: float) -> NonFiniteLoss:
+        last = self.out / "last"
+        return NonFiniteLoss(
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step} "
+            f"(loss {loss}, lr {lr:.3g}, grad norm {grad_norm}); the run stopped before the optimizer step and no "
+            f"checkpoint was written. Last good checkpoint: {last if last.exists() else 'none yet'}. "
+            "Try a lower train.lr, a longer warmup, or train.grad_clip."
+        )
+
+    def train(self) -> dict:
+        cfg, model = self.cfg, self.model
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(self.out / "metrics.jsonl", "a", encoding="utf-8") if self.is_main else None
+        writer = None
+        if cfg.tensorboard and self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="training", unit="step",
+                   disable=not (self.progress_bar and self.is_main))
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size * self.world_size
+        started = time.perf_counter()
+        stop_reason = "max_steps"
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def record(entry: dict) -> None:
+            self.state.history.append(entry)
+            if not self.is_main:
+                return
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+            if writer:
+                for k, v in entry.items():
+                    if isinstance(v, (int, float)) and k != "step" and v is not None:
+                        writer.add_scalar(k, v, entry["step"])
+
+        model.train()
+        try:
+            while self.state.step < cfg.max_steps:
+                step = self.state.step
+                t0 = time.perf_counter()
+                lr = self._set_lr(step)
+                loss_sum = torch.zeros((), device=self.device)
+                for micro in range(cfg.grad_accum):
+                    x, y = self.train_loader.get_batch()
+                    # DDP averages gradients across processes on the last micro-batch only.
+                    sync = self.world_size == 1 or micro == cfg.grad_accum - 1
+                    with self.autocast, (contextlib.nullcontext() if sync else self.step_model.no_sync()):
+                        _, loss = self.step_model(x, y)
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach() / cfg.grad_accum
+                if self.world_size > 1:
+                    torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+                loss_sum = loss_sum.item()
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+                else:
+                    grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                    raise self._diagnose(step + 1, lr, loss_sum, grad_norm)
+                for opt in self.optimizers:
+                    opt.step()
+                for opt in self.optimizers:
+                    opt.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                self.state.step = step + 1
+                tokens_per_second = tokens_per_step / dt
+                achieved = self.flops_per_token * tokens_per_second / 1e12
+                record({"step": self.state.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_second": tokens_per_second, "tflops": achieved,
+                        "mfu": achieved / self.peak if self.peak else None, "seconds": time.perf_counter() - started})
+                bar.update(1)
+                if self.state.step % cfg.log_interval == 0:
+                    bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+                out_of_time = cfg.max_minutes is not None and (time.perf_counter() - started) / 60 >= cfg.max_minutes
+                final = self.state.step == cfg.max_steps or out_of_time
+                if self.state.step % cfg.eval_interval == 0 or final:
+                    val = self.evaluate()
+                    improved = val < self.state.best_val
+                    if improved:
+                        self.state.best_val, self.state.evals_without_improvement = val, 0
+                    else:
+                        self.state.evals_without_improvement += 1
+                    record({"step": self.state.step, "val_loss": val, "best_val_loss": self.state.best_val,
+                            "seconds": time.perf_counter() - started})
+                    if improved and self.is_main:
+                        self._save("best")
+                    if self.is_main:
+                        self._save("last")
+                    message = f"step {self.state.step}: train {loss_sum:.4f}  val {val:.4f}{'  (best)' if improved else ''}"
+                    if cfg.sample_tokens and self.is_main:
+                        message += "\n" + self.sample().strip()[:400]
+                    if self.is_main:
+                        bar.write(message) if self.progress_bar else self.log(message)
+                    if cfg.patience is not None and self.state.evals_without_improvement >= cfg.patience:
+                        stop_reason = "early_stopping"
+                        break
+                    if cfg.target_loss is not None and val <= cfg.target_loss:
+                        stop_reason = "target_loss"
+                        break
+                if out_of_time:
+                    stop_reason = "max_minutes"
+                    break
+        finally:
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+            if writer:
+                writer.close()
+        plot = plot_losses(self.out / "metrics.jsonl", self.out / "loss.png") if self.is_main else None
+        return {"out_dir": str(self.out), "steps": self.state.step, "stop_reason": stop_reason,
+                "best_val_loss": self.state.best_val, "seconds": time.perf_counter() - started,
+                "loss_plot": str(plot), "parameters": self.model.parameter_counts()["total"],
+                "device": str(self.device), "world_size": self.world_size}
+
+
+def plot_losses(metrics: Path, path: Path) -> Path:
+    from scratchlm.plots import pyplot, save_figure
+
+    records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, lw=0.6, alpha=0.5, label="train (per step)")
+        k = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"train (mean of {k})")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def train(config: dict, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train from a config dict with ``model`` and ``train`` sections (see :mod:`scratchlm.config`)."""
+    cfg = TrainConfig.from_dict(config.get("train", {}))
+    if not cfg.data:
+        raise ValueError("train.data is required: a shards folder from `scratchlm data tokenize`")
+    threads = os.environ.get("SCRATCHLM_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return Trainer(config.get("model", {}), cfg, resume=resume, progress=progress).train()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
