@@ -1,5 +1,5 @@
 # scratchlm: two commands for a new user.
-#   make quickstart   set up .venv and run the main job (data -> tokenizers -> bigram baselines)
+#   make quickstart   set up .venv and run the main job (data -> tokenizers -> baselines -> a GPT)
 #   make test         set up .venv and run the test suite
 # Both work on a fresh machine with only Python >= 3.11, and are safe to run again.
 
@@ -9,6 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SHARED := $(abspath ../shared/data)
 RUN    := runs/quickstart
+SLM    := $(VENV)/bin/scratchlm
 # Offline mirror of the canonical data files, when the project sits beside ../shared.
 export SCRATCHLM_LOCAL_DATA ?= $(if $(wildcard $(SHARED)/tinyshakespeare.txt),$(SHARED),)
 
@@ -26,19 +27,26 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 
 quickstart: setup
-	$(VENV)/bin/scratchlm data prepare shakespeare --out $(RUN)/shakespeare
-	$(VENV)/bin/scratchlm data prepare names --out $(RUN)/names
-	$(VENV)/bin/scratchlm tokenizer train --dataset $(RUN)/shakespeare --kind char --out $(RUN)/char.json
-	$(VENV)/bin/scratchlm tokenizer train --dataset $(RUN)/shakespeare --kind bpe --vocab-size 2048 \
+	$(SLM) data prepare shakespeare --out $(RUN)/shakespeare
+	$(SLM) data prepare names --out $(RUN)/names
+	$(SLM) tokenizer train --dataset $(RUN)/shakespeare --kind char --out $(RUN)/char.json
+	$(SLM) tokenizer train --dataset $(RUN)/shakespeare --kind bpe --vocab-size 2048 \
 		--special '<|endoftext|>' --out $(RUN)/bpe2048.json
-	$(VENV)/bin/scratchlm data tokenize --dataset $(RUN)/shakespeare --tokenizer $(RUN)/bpe2048.json
-	$(VENV)/bin/scratchlm tokenizer compare --dataset $(RUN)/shakespeare --vocab-sizes 512,1024,2048,4096 \
+	$(SLM) data tokenize --dataset $(RUN)/shakespeare --tokenizer $(RUN)/char.json
+	$(SLM) data tokenize --dataset $(RUN)/shakespeare --tokenizer $(RUN)/bpe2048.json
+	$(SLM) tokenizer compare --dataset $(RUN)/shakespeare --vocab-sizes 512,1024,2048,4096 \
 		--plot $(RUN)/tokenizer_compare.png
-	$(VENV)/bin/scratchlm tokenizer train --dataset $(RUN)/names --kind char --special '<|endoftext|>' \
-		--out $(RUN)/names_char.json
-	$(VENV)/bin/scratchlm bigram --dataset $(RUN)/names --tokenizer $(RUN)/names_char.json --fit-split all --samples 8
-	$(VENV)/bin/scratchlm bigram --dataset $(RUN)/shakespeare --tokenizer $(RUN)/char.json --samples 3 --max-tokens 80
-	@echo "quickstart done: outputs in $(RUN)/ (tokenizer plot: $(RUN)/tokenizer_compare.png)"
+	$(SLM) tokenizer train --dataset $(RUN)/names --kind char --special '<|endoftext|>' --out $(RUN)/names_char.json
+	$(SLM) bigram --dataset $(RUN)/names --tokenizer $(RUN)/names_char.json --fit-split all --samples 8
+	$(SLM) bigram --dataset $(RUN)/shakespeare --tokenizer $(RUN)/char.json --samples 2 --max-tokens 80
+	$(SLM) model info --config configs/shakespeare-char.toml
+	$(SLM) train --config configs/shakespeare-char.toml --set train.data=$(RUN)/shakespeare/char \
+		--set train.out_dir=$(RUN)/gpt
+	@echo "== evaluation on the last 10% of the text (val + test), as nanoGPT measures it =="
+	$(SLM) eval --checkpoint $(RUN)/gpt/best --splits val+test
+	@echo "== a 300-character sample =="
+	$(SLM) sample --checkpoint $(RUN)/gpt/best --prompt "ROMEO:" --max-new-tokens 300 --seed 1337
+	@echo "quickstart done. Loss plot: $(RUN)/gpt/loss.png  tokenizer plot: $(RUN)/tokenizer_compare.png"
 
 test: setup
 	$(PY) -m pytest -q -n 2 -m "not slow"
@@ -49,6 +57,8 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/bpe_train.py
 	$(PY) benchmarks/encode.py
+	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/decode.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -202,7 +202,12 @@ class Trainer:
         if state["model"] != self.model_config.to_dict():
             raise ValueError(f"{last}: the model config differs from this run's; resume with the same config")
         load_weights(last, self.model)
+        # Optimizer *state* comes from the checkpoint; its hyperparameters from this run's config.
+        hyper = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
         load_optimizers(last, self.optimizers, state)
+        for opt, groups in zip(self.optimizers, hyper):
+            for group, settings in zip(opt.param_groups, groups):
+                group.update(settings)
         self.state.step = state["step"]
         self.state.best_val = state["best_val"] if state["best_val"] is not None else float("inf")
         self.state.evals_without_improvement = state["evals_without_improvement"]

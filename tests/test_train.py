@@ -1,0 +1,166 @@
+"""Training: it learns, checkpoints are complete and safe, resume is exact, guards refuse bad runs,
+and a DDP step equals a single-process step on the concatenated batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scratchlm.data import prepare_dataset, tokenize_dataset
+from scratchlm.tokenizers import CharTokenizer
+from scratchlm.train import NonFiniteLoss, train
+from scratchlm.train.checkpoint import load_model_from_checkpoint, read_state
+from scratchlm.train.optim import newton_schulz
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32, "position": "rope", "norm": "rmsnorm",
+              "mlp": "relu2", "bias": False, "dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def char_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    ds, _ = prepare_dataset("shakespeare", root / "shakespeare")
+    tok = CharTokenizer.train(ds.text("train"))
+    path = tok.save(root / "char.json")
+    return tokenize_dataset(ds, path, root / "char")["path"]
+
+
+def config(shards, out, **train_overrides):
+    return {"model": dict(TINY_MODEL), "train": {"data": str(shards), "out_dir": str(out), "batch_size": 8,
+                                                 "max_steps": 30, "eval_interval": 10, "eval_windows": 32,
+                                                 "warmup_steps": 5, "sample_tokens": 20, "lr": 3e-3,
+                                                 "log_interval": 5, **train_overrides}}
+
+
+def losses(out) -> dict[int, float]:
+    records = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_training_learns_and_writes_everything(char_shards, tmp_path):
+    summary = train(config(char_shards, tmp_path / "run", max_steps=60, optimizer="muon"), progress=False)
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 60 and curve[60] < curve[1] - 0.8  # from ~ln(65) = 4.17 to well below
+    for name in ("best", "last"):
+        files = sorted(p.name for p in (tmp_path / "run" / name).iterdir())
+        assert files == ["model.safetensors", "optimizer.safetensors", "state.json"]
+    state = read_state(tmp_path / "run" / "last")
+    assert state["format"] == "scratchlm.checkpoint" and state["step"] == 60
+    assert state["model"]["vocab_size"] == 65 and len(state["tokenizer_fingerprint"]) == 64
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_second", "tflops", "mfu"} <= set(record)
+    model, _ = load_model_from_checkpoint(tmp_path / "run" / "best")
+    assert summary["best_val_loss"] < 3.5 and model.config.position == "rope"
+
+
+def test_resume_after_sigkill_gives_identical_losses(char_shards, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    train(config(char_shards, reference, max_steps=40), progress=False)
+    killed = tmp_path / "killed"
+    cfg_path = tmp_path / "cfg.toml"
+    c = config(char_shards, killed, max_steps=40)
+    cfg_path.write_text("[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in c["model"].items())
+                        + "[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in c["train"].items()))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "scratchlm", "train", "--config", str(cfg_path), "--json"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until it is past the step-20 checkpoint, then kill -9
+        if (killed / "metrics.jsonl").exists() and max(losses(killed), default=0) >= 25:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_state(killed / "last")["step"] in (20, 30)
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(killed) == losses(reference)  # every step, bit for bit
+    ref_w = load_file(str(reference / "last" / "model.safetensors"))
+    new_w = load_file(str(killed / "last" / "model.safetensors"))
+    assert all(torch.equal(ref_w[k], new_w[k]) for k in ref_w)
+
+
+def test_non_finite_loss_stops_without_touching_the_good_checkpoint(char_shards, tmp_path):
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=20), progress=False)
+    good = (out / "last" / "model.safetensors").read_bytes()
+    with pytest.raises(NonFiniteLoss, match=r"non-finite .* at step 2\d.*Last good checkpoint: .*last"):
+        train(config(char_shards, out, max_steps=40, lr=1e30, min_lr=1e30, optimizer="adamw", grad_clip=0.0),
+              resume=True, progress=False)
+    assert (out / "last" / "model.safetensors").read_bytes() == good
+
+
+def test_vocabulary_mismatch_is_refused_before_training(char_shards, tmp_path):
+    c = config(char_shards, tmp_path / "run")
+    c["model"]["vocab_size"] = 100
+    with pytest.raises(ValueError, match="vocab_size = 100 but the tokenizer of the data has 65"):
+        train(c, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_newton_schulz_orthogonalizes():
+    g = torch.randn(3, 64, 32)
+    o = newton_schulz(g)
+    singular = torch.linalg.svdvals(o)
+    assert singular.min() > 0.5 and singular.max() < 1.3  # all near 1: the quintic's fixed band
+    torch.testing.assert_close(o[1], newton_schulz(g[1]), atol=1e-5, rtol=0)  # batched == one by one
+
+
+DDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from scratchlm.train import train
+train(json.loads({cfg!r}), progress=False)
+"""
+
+
+def test_ddp_step_equals_single_process_on_concatenated_batch(char_shards, tmp_path):
+    base = config(char_shards, tmp_path / "single", max_steps=1, batch_size=8, sample_tokens=0, optimizer="adamw")
+    base["model"]["dropout"] = 0.0
+    train(base, progress=False)
+    ddp = json.loads(json.dumps(base))
+    ddp["train"].update(out_dir=str(tmp_path / "ddp"), batch_size=4)  # 2 processes x 4 = the same 8 windows
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), cfg=json.dumps(ddp)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = load_file(str(tmp_path / "single" / "last" / "model.safetensors"))
+    parallel = load_file(str(tmp_path / "ddp" / "last" / "model.safetensors"))
+    for k in single:
+        torch.testing.assert_close(parallel[k], single[k], atol=1e-6, rtol=1e-5)
+    assert losses(tmp_path / "ddp")[1] == pytest.approx(losses(tmp_path / "single")[1], abs=1e-6)
+
+
+def test_eval_and_sample_commands(char_shards, tmp_path, capsys):
+    from scratchlm.cli import main
+    from scratchlm.eval import evaluate_checkpoint
+
+    train(config(char_shards, tmp_path / "run", max_steps=150, optimizer="muon", eval_interval=50), progress=False)
+    report = evaluate_checkpoint(tmp_path / "run" / "best", splits=["val", "val+test"])
+    val, both = report["splits"]["val"], report["splits"]["val+test"]
+    assert both["tokens"] > val["tokens"] and len(val["loss_by_position"]) == 32
+    assert val["perplexity"] == pytest.approx(2.718281828 ** val["loss"], rel=1e-9)
+    # one byte per character token here: bits per byte = nats per token / ln 2
+    assert val["bits_per_byte"] == pytest.approx(val["loss"] / 0.6931471805599453, rel=1e-6)
+    assert val["loss_by_position"][0] > val["loss_by_position"][-1]  # context helps
+    assert 0 <= val["probes"]["word_completion"]["accuracy"] <= 1
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(tmp_path / "run" / "best"), "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                 "--seed", "1", "--num-samples", "2", "--json"]) == 0
+    samples = json.loads(capsys.readouterr().out)["samples"]
+    assert len(samples) == 2 and all(len(s["text"]) == 30 for s in samples)
+    assert main(["sample", "--checkpoint", str(tmp_path / "run" / "best"), "--beam", "3", "--max-new-tokens", "10",
+                 "--prompt", "the", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["samples"]) == 3
