@@ -180,15 +180,9 @@ def cmd_bigram(args) -> None:
 
 # --- model, train, eval, sample ------------------------------------------------------------------
 def cmd_model_info(args) -> None:
-    from scratchlm.config import load_config
-    from scratchlm.models.gpt import GPT, GPTConfig, preset
+    from scratchlm.models.gpt import GPT
 
-    if args.preset:
-        config = preset(args.preset)
-    else:
-        section = load_config(args.config, args.set).get("model", {})
-        name = section.pop("preset", None)
-        config = GPTConfig.from_dict({**(preset(name).to_dict() if name else {}), **section})
+    config = _model_config(args)
     import torch
 
     with torch.device("meta"):  # shapes only: a 1.5B model costs no memory to describe
@@ -202,6 +196,25 @@ def cmd_model_info(args) -> None:
               f"KV cache per token: {model.kv_cache_bytes_per_token(2):,} bytes (bf16), "
               f"{config.n_layer} layers x {config.kv_heads} KV heads x {config.head_dim} dims x 2 (k, v)"]
     _emit(args, payload, "\n".join(lines))
+
+
+def _model_config(args):
+    from scratchlm.config import load_config
+    from scratchlm.models.gpt import GPTConfig, preset
+
+    if args.preset:
+        return preset(args.preset)
+    section = load_config(args.config, args.set).get("model", {})
+    name = section.pop("preset", None)
+    return GPTConfig.from_dict({**(preset(name).to_dict() if name else {}), **section})
+
+
+def cmd_model_shapes(args) -> None:
+    from scratchlm.models.inspect import format_shapes, trace_shapes
+
+    config = _model_config(args)
+    rows = trace_shapes(config, args.batch, args.seq)
+    _emit(args, {"config": config.to_dict(), "batch": args.batch, "rows": rows}, format_shapes(rows, config))
 
 
 def cmd_model_import(args) -> None:
@@ -385,6 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", action="append", default=[], help="override, e.g. model.n_kv_head=1")
     json_flag(q)
     q.set_defaults(func=cmd_model_info)
+    q = model.add_parser("shapes", help="trace one forward pass: every module's input and output shape")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset")
+    src.add_argument("--config")
+    q.add_argument("--set", action="append", default=[])
+    q.add_argument("--batch", type=int, default=2)
+    q.add_argument("--seq", type=int, default=8)
+    json_flag(q)
+    q.set_defaults(func=cmd_model_shapes)
     q = model.add_parser("import", help="a Hugging Face GPT-2 or Llama folder -> a scratchlm checkpoint")
     q.add_argument("--hf", required=True, help="folder with config.json + model.safetensors")
     q.add_argument("--out", required=True, help="checkpoint folder to write")

@@ -91,3 +91,31 @@ def test_bad_configs_and_inputs_are_refused():
         GPTConfig(position="xpos")
     with pytest.raises(ValueError, match="exceeds the context length"):
         GPT(tiny())(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(4)
+    model = GPT(tiny(position="rope", n_kv_head=2))
+    x = torch.randint(0, 97, (2, 24))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        model(x, x)[1].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_weight_decay_only_on_matrices():
+    from scratchlm.train.optim import build_optimizers
+    from scratchlm.train.trainer import TrainConfig
+
+    model = GPT(tiny(bias=True))
+    (adamw,) = build_optimizers(model, TrainConfig(optimizer="adamw", weight_decay=0.1), torch.device("cpu"))
+    decayed = {id(p) for g in adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() == 2), name
+    adamw_part, muon = build_optimizers(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert id(model.tok_emb.weight) not in muon_params and id(model.blocks[0].attn.qkv.weight) in muon_params

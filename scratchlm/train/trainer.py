@@ -141,6 +141,7 @@ def _peak_tflops(device: torch.device, configured: float | None) -> float | None
 class Trainer:
     def __init__(self, model_section: dict, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                  log=None):
+        cfg.data = str(Path(cfg.data).resolve())  # checkpoints then find their data from any directory
         self.cfg, self.progress_bar = cfg, progress
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         data = Path(cfg.data)

@@ -1,0 +1,69 @@
+"""Trace one forward pass and report the shape of every tensor a module hands on (checkpoint C).
+
+Forward hooks on every submodule record what goes in and what comes out, in execution order,
+so the table is generated from the code that runs, not written by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scratchlm.models.gpt import GPT, GPTConfig
+
+
+def trace_shapes(config: GPTConfig, batch: int = 2, seq: int | None = None, layers: int = 1) -> list[dict]:
+    """Rows of (module, its class, input shape, output shape, parameter shapes) for one forward pass.
+
+    Only the first ``layers`` blocks are listed (the others repeat them).
+    """
+    seq = seq or min(config.block_size, 8)
+    model = GPT(config).eval()
+    rows: list[dict] = []
+    shown = {f"blocks.{i}" for i in range(layers)}
+
+    def listed(name: str) -> bool:
+        return not name.startswith("blocks.") or ".".join(name.split(".")[:2]) in shown
+
+    def hook(name):
+        def record(module: nn.Module, inputs, output):
+            if not listed(name):
+                return
+            first = next((t for t in inputs if torch.is_tensor(t)), None)
+            out = output[0] if isinstance(output, tuple) else output
+            rows.append({
+                "module": name, "type": type(module).__name__,
+                "input": list(first.shape) if first is not None else None,
+                "output": list(out.shape) if torch.is_tensor(out) else None,
+                "parameters": {k: list(p.shape) for k, p in module.named_parameters(recurse=False)},
+            })
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and not isinstance(m, nn.ModuleList)]
+    with torch.no_grad():
+        idx = torch.randint(0, config.vocab_size, (batch, seq))
+        model(idx)
+    for h in handles:
+        h.remove()
+    # Inside attention the fused projection is split and reshaped per head (Attention.forward);
+    # those views are not modules, so they are listed from the same formulas, after qkv.
+    H, Hkv, D = config.n_head, config.kv_heads, config.head_dim
+    inside = [("q", [batch, H, seq, D]), ("k, v", [batch, Hkv, seq, D]), ("scores q·kᵀ/√D", [batch, H, seq, seq]),
+              ("softmax(scores)·v", [batch, H, seq, D]), ("heads joined", [batch, seq, H * D])]
+    for i in range(layers):
+        at = next(j for j, r in enumerate(rows) if r["module"] == f"blocks.{i}.attn.qkv") + 1
+        rows[at:at] = [{"module": f"blocks.{i}.attn: {name}", "type": "(view)", "input": None, "output": shape,
+                        "parameters": {}} for name, shape in inside]
+    return rows
+
+
+def format_shapes(rows: list[dict], config: GPTConfig) -> str:
+    c = config
+    lines = [f"B=batch, T=positions, C=d_model={c.d_model}, H={c.n_head} heads, Hkv={c.kv_heads}, "
+             f"D=head width={c.head_dim}, F=MLP width={c.ff_width}, V=vocabulary={c.vocab_size}",
+             f"{'module':<34} {'type':<12} {'input':<16} {'output':<16} parameters"]
+    for r in rows:
+        params = ", ".join(f"{k} {tuple(v)}" for k, v in r["parameters"].items())
+        lines.append(f"{r['module']:<34} {r['type']:<12} {str(tuple(r['input'] or ())):<16} "
+                     f"{str(tuple(r['output'] or ())):<16} {params}")
+    return "\n".join(lines)
