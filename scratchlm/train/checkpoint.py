@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from scratchlm.io import FormatError, read_json, write_json
 
@@ -35,17 +35,49 @@ def rng_from_json(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
-def _optimizer_tensors(optimizers) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    tensors, meta = {}, []
-    for i, opt in enumerate(optimizers):
+def model_state(model: torch.nn.Module, sharded: bool = False) -> dict[str, torch.Tensor]:
+    """Full weights on the CPU; a tied output matrix is stored once (as ``tok_emb.weight``).
+
+    With FSDP (``sharded``) this gathers the shards: every rank must call it.
+    """
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def optimizer_states(model: torch.nn.Module, optimizers, sharded: bool = False) -> list[dict]:
+    """Each optimizer's state keyed by parameter *name*, the form FSDP uses too."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return [get_optimizer_state_dict(model, opt, options=options) for opt in optimizers]
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for opt in optimizers:
+        order = [names[id(p)] for g in opt.param_groups for p in g["params"]]  # state_dict numbers them so
         sd = opt.state_dict()
+        groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+        out.append({"state": {order[i]: st for i, st in sd["state"].items()}, "param_groups": groups})
+    return out
+
+
+def _split_optimizer_states(states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors, meta = {}, []
+    for i, sd in enumerate(states):
         scalars: dict[str, dict] = {}
-        for pid, state in sd["state"].items():
+        for name, state in sd["state"].items():
             for key, value in state.items():
                 if torch.is_tensor(value):
-                    tensors[f"{i}.{pid}.{key}"] = value.detach().contiguous().cpu()
+                    tensors[f"{i}/{name}/{key}"] = value.detach().cpu().contiguous()
                 else:
-                    scalars.setdefault(str(pid), {})[key] = value
+                    scalars.setdefault(name, {})[key] = value
         meta.append({"param_groups": sd["param_groups"], "scalars": scalars})
     return tensors, meta
 
@@ -58,7 +90,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizers, state: dict) -> Path:
+def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict) -> Path:
     """Write a checkpoint folder atomically (see module doc). ``state`` must be JSON-serializable."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -66,8 +98,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizers, state:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        tensors, meta = _optimizer_tensors(optimizers)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tensors, meta = _split_optimizer_states(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "state.json", {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                         **state, "optimizers": meta})
@@ -89,7 +121,7 @@ def save_model_only(path: str | Path, model: torch.nn.Module, **info) -> Path:
     """A checkpoint with weights and config but no optimizer (imported or exported models)."""
     state = {"model": model.config.to_dict(), "step": 0, "tokenizer_fingerprint": None, "train": None,
              "vocab_size": model.config.vocab_size, **info}
-    return save_checkpoint(path, model, [], state)
+    return save_checkpoint(path, model_state(model), [], state)
 
 
 def read_state(path: str | Path) -> dict:
@@ -100,24 +132,46 @@ def read_state(path: str | Path) -> dict:
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    missing, unexpected = load_model(model, str(Path(path) / "model.safetensors"), strict=False)
+    """Load weights into an unsharded model (before any FSDP sharding)."""
+    weights = load_file(str(Path(path) / "model.safetensors"))
+    if model.config.tie_embeddings and "tok_emb.weight" in weights:
+        weights["lm_head.weight"] = weights["tok_emb.weight"]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise FormatError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def load_optimizers(path: str | Path, optimizers, state: dict) -> None:
+def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state: dict, sharded: bool = False) -> None:
     tensors = load_file(str(Path(path) / "optimizer.safetensors"))
     if len(state["optimizers"]) != len(optimizers):
         raise FormatError(f"{path}: checkpoint has {len(state['optimizers'])} optimizers, this run builds {len(optimizers)}")
-    for i, (opt, meta) in enumerate(zip(optimizers, state["optimizers"])):
-        per_param: dict[int, dict] = {}
+    full = []
+    for i, meta in enumerate(state["optimizers"]):
+        per_param: dict[str, dict] = {}
         for key, value in tensors.items():
-            index, pid, name = key.split(".", 2)
+            index, name, field = key.split("/")
             if int(index) == i:
-                per_param.setdefault(int(pid), {})[name] = value
-        for pid, scalars in meta["scalars"].items():
-            per_param.setdefault(int(pid), {}).update(scalars)
-        opt.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+                per_param.setdefault(name, {})[field] = value
+        for name, scalars in meta["scalars"].items():
+            per_param.setdefault(name, {}).update(scalars)
+        full.append({"state": per_param, "param_groups": meta["param_groups"]})
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        for opt, sd in zip(optimizers, full):
+            set_optimizer_state_dict(model, opt, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True))
+        return
+    params = dict(model.named_parameters())
+    for opt, sd in zip(optimizers, full):
+        order = [n for g in sd["param_groups"] for n in g["params"]]
+        index = {n: i for i, n in enumerate(order)}
+        missing = set(order) - set(params)
+        if missing:
+            raise FormatError(f"{path}: optimizer state names parameters this model lacks: {sorted(missing)[:5]}")
+        opt.load_state_dict({
+            "state": {index[n]: st for n, st in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]],
+        })
 
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):

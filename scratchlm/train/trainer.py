@@ -37,8 +37,8 @@ from scratchlm.data.shards import open_shard
 from scratchlm.device import pick_device
 from scratchlm.models.gpt import GPT, GPTConfig, preset
 from scratchlm.tokenizers import load_tokenizer
-from scratchlm.train.checkpoint import (load_optimizers, load_weights, read_state, rng_from_json, rng_to_json,
-                                        save_checkpoint)
+from scratchlm.train.checkpoint import (load_optimizers, load_weights, model_state, optimizer_states, read_state,
+                                        rng_from_json, rng_to_json, save_checkpoint)
 from scratchlm.train.optim import build_optimizers
 from scratchlm.train.schedule import lr_at
 
@@ -69,6 +69,7 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     device: str | None = None
+    strategy: str = "ddp"  # with several processes: ddp (replicate) | fsdp (shard parameters, gradients, optimizer state)
     compile: bool = False
     activation_checkpointing: bool = False
     tensorboard: bool = False
@@ -160,15 +161,29 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_config).to(self.device)
         self.model.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {cfg.strategy!r}")
+        self.sharded = self.world_size > 1 and cfg.strategy == "fsdp"
+        if self.sharded and cfg.optimizer != "adamw":
+            raise ValueError("train.strategy = 'fsdp' supports optimizer = 'adamw' (Muon needs whole matrices)")
+        resume_state = self._check_resumable() if resume else None
+        if resume:
+            load_weights(self.out / "last", self.model)  # into the whole model, before it is sharded
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
         self.optimizers = build_optimizers(self.model, cfg, self.device)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["base_lr"] = group["lr"]
         self.state = _Progress()
         if resume:
-            self._resume()
+            self._resume(resume_state)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -194,7 +209,7 @@ class Trainer:
                     "cuda": [rng_to_json(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []},
         }
 
-    def _resume(self) -> None:
+    def _check_resumable(self) -> dict:
         last = self.out / "last"
         state = read_state(last)
         if state["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
@@ -202,10 +217,13 @@ class Trainer:
                              f"the data's is {self.tokenizer.fingerprint[:16]}")
         if state["model"] != self.model_config.to_dict():
             raise ValueError(f"{last}: the model config differs from this run's; resume with the same config")
-        load_weights(last, self.model)
+        return state
+
+    def _resume(self, state: dict) -> None:
+        last = self.out / "last"
         # Optimizer *state* comes from the checkpoint; its hyperparameters from this run's config.
         hyper = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
-        load_optimizers(last, self.optimizers, state)
+        load_optimizers(last, self.model, self.optimizers, state, self.sharded)
         for opt, groups in zip(self.optimizers, hyper):
             for group, settings in zip(opt.param_groups, groups):
                 group.update(settings)
@@ -262,8 +280,12 @@ class Trainer:
                 group["lr"] = group["base_lr"] * factor
         return lr
 
-    def _save(self, name: str) -> Path:
-        return save_checkpoint(self.out / name, self.model, self.optimizers, self._state_dict())
+    def _save(self, name: str) -> None:
+        """Every rank takes part (FSDP gathers shards); rank 0 writes."""
+        weights = model_state(self.model, self.sharded)
+        optimizer = optimizer_states(self.model, self.optimizers, self.sharded)
+        if self.is_main:
+            save_checkpoint(self.out / name, weights, optimizer, self._state_dict())
 
     def _diagnose(self, step: int, lr: float, loss: float, grad_norm: float) -> NonFiniteLoss:
         last = self.out / "last"
@@ -314,9 +336,12 @@ class Trainer:
                 loss_sum = torch.zeros((), device=self.device)
                 for micro in range(cfg.grad_accum):
                     x, y = self.train_loader.get_batch()
-                    # DDP averages gradients across processes on the last micro-batch only.
+                    # DDP/FSDP average gradients across processes on the last micro-batch only.
                     sync = self.world_size == 1 or micro == cfg.grad_accum - 1
-                    with self.autocast, (contextlib.nullcontext() if sync else self.step_model.no_sync()):
+                    if self.sharded:
+                        self.model.set_requires_gradient_sync(sync)
+                    no_sync = self.step_model.no_sync() if not (sync or self.sharded) else contextlib.nullcontext()
+                    with self.autocast, no_sync:
                         _, loss = self.step_model(x, y)
                         (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach() / cfg.grad_accum
@@ -324,9 +349,10 @@ class Trainer:
                     torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
                 loss_sum = loss_sum.item()
                 if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 else:
-                    grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     raise self._diagnose(step + 1, lr, loss_sum, grad_norm)
                 for opt in self.optimizers:
@@ -356,10 +382,9 @@ class Trainer:
                         self.state.evals_without_improvement += 1
                     record({"step": self.state.step, "val_loss": val, "best_val_loss": self.state.best_val,
                             "seconds": time.perf_counter() - started})
-                    if improved and self.is_main:
+                    if improved:
                         self._save("best")
-                    if self.is_main:
-                        self._save("last")
+                    self._save("last")
                     message = f"step {self.state.step}: train {loss_sum:.4f}  val {val:.4f}{'  (best)' if improved else ''}"
                     if cfg.sample_tokens and self.is_main:
                         message += "\n" + self.sample().strip()[:400]
