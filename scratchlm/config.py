@@ -12,6 +12,17 @@ import tomllib
 from pathlib import Path
 
 
+def dataclass_from_dict(cls, values: dict, section: str):
+    """Build a config dataclass, naming any key it does not have (a typo fails loudly)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown [{section}] keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)
+
+
 def parse_value(text: str):
     try:
         return tomllib.loads(f"v = {text}")["v"]

@@ -15,7 +15,7 @@ The forward pass, top to bottom:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +81,9 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        from scratchlm.config import dataclass_from_dict
+
+        return dataclass_from_dict(cls, d, "model")
 
 
 class Block(nn.Module):

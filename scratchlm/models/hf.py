@@ -82,6 +82,11 @@ def import_hf(folder: str | Path) -> GPT:
     return model.eval()
 
 
+# Per-block GPT-2 tensors: (our name, GPT-2's name, stored transposed as Conv1D?).
+_GPT2_BLOCK = [("norm1", "ln_1", False), ("norm2", "ln_2", False), ("attn.qkv", "attn.c_attn", True),
+               ("attn.proj", "attn.c_proj", True), ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)]
+
+
 def _gpt2_from_hf(t: dict, c: GPTConfig) -> dict:
     t = {k.removeprefix("transformer."): v for k, v in t.items()}
     out = {"tok_emb.weight": t["wte.weight"], "pos_emb.weight": t["wpe.weight"],
@@ -90,9 +95,7 @@ def _gpt2_from_hf(t: dict, c: GPTConfig) -> dict:
         out["lm_head.weight"] = t["lm_head.weight"]
     for i in range(c.n_layer):
         h, b = f"h.{i}.", f"blocks.{i}."
-        for ours, theirs, transpose in [("norm1", "ln_1", False), ("norm2", "ln_2", False), ("attn.qkv", "attn.c_attn", True),
-                                        ("attn.proj", "attn.c_proj", True), ("mlp.up", "mlp.c_fc", True),
-                                        ("mlp.down", "mlp.c_proj", True)]:
+        for ours, theirs, transpose in _GPT2_BLOCK:
             weight = t[h + theirs + ".weight"]
             out[b + ours + ".weight"] = weight.T.contiguous() if transpose else weight
             out[b + ours + ".bias"] = t[h + theirs + ".bias"]
@@ -131,9 +134,7 @@ def export_hf(model: GPT, folder: str | Path, architecture: str | None = None) -
             tensors["lm_head.weight"] = sd["lm_head.weight"]
         for i in range(c.n_layer):
             h, b = f"transformer.h.{i}.", f"blocks.{i}."
-            for ours, theirs, transpose in [("norm1", "ln_1", False), ("norm2", "ln_2", False), ("attn.qkv", "attn.c_attn", True),
-                                            ("attn.proj", "attn.c_proj", True), ("mlp.up", "mlp.c_fc", True),
-                                            ("mlp.down", "mlp.c_proj", True)]:
+            for ours, theirs, transpose in _GPT2_BLOCK:
                 weight = sd[b + ours + ".weight"]
                 tensors[h + theirs + ".weight"] = weight.T.contiguous() if transpose else weight
                 tensors[h + theirs + ".bias"] = sd[b + ours + ".bias"]

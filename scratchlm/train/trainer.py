@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +77,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown [train] keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        from scratchlm.config import dataclass_from_dict
+
+        return dataclass_from_dict(cls, d, "train")
 
 
 class NonFiniteLoss(RuntimeError):
