@@ -170,3 +170,12 @@ def test_eval_and_sample_commands(char_shards, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "run" / "best"), "--beam", "3", "--max-new-tokens", "10",
                  "--prompt", "the", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["samples"]) == 3
+
+
+def test_early_stopping_and_target_loss(char_shards, tmp_path):
+    frozen = train(config(char_shards, tmp_path / "frozen", max_steps=100, eval_interval=5, lr=0.0, min_lr=0.0,
+                          optimizer="adamw", patience=2, sample_tokens=0), progress=False)
+    assert frozen["stop_reason"] == "early_stopping" and frozen["steps"] == 15  # best at 5, then 2 without gain
+    reached = train(config(char_shards, tmp_path / "target", max_steps=200, eval_interval=10, target_loss=3.9,
+                           sample_tokens=0), progress=False)
+    assert reached["stop_reason"] == "target_loss" and reached["best_val_loss"] <= 3.9 and reached["steps"] < 200

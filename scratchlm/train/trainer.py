@@ -272,7 +272,7 @@ class Trainer:
     def _set_lr(self, step: int) -> float:
         cfg = self.cfg
         lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps)
-        factor = lr / cfg.lr
+        factor = lr / cfg.lr if cfg.lr else 0.0  # every optimizer group follows the same schedule shape
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * factor
