@@ -173,7 +173,7 @@ def cmd_bigram(args) -> None:
     for name, r in report["models"].items():
         nll = "  ".join(f"{s} {v:.4f}" for s, v in r["nll"].items())
         lines.append(f"{name} bigram (fit on {report['fit_split']}): NLL nats/token  {nll}")
-        lines.append(f"  perplexity: " + "  ".join(f"{s} {v:.2f}" for s, v in r["perplexity"].items()))
+        lines.append("  perplexity: " + "  ".join(f"{s} {v:.2f}" for s, v in r["perplexity"].items()))
         lines.append("  samples: " + " | ".join(repr(s) for s in r["samples"]))
     _emit(args, report, "\n".join(lines))
 
@@ -258,7 +258,6 @@ def cmd_eval(args) -> None:
 def cmd_sample(args) -> None:
     from scratchlm.device import pick_device
     from scratchlm.generate import SamplingConfig, beam_search, generate_text
-    from scratchlm.tokenizers import load_tokenizer
     from scratchlm.train.checkpoint import load_model_from_checkpoint
 
     model, state = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchlm.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer, train_bpe
+from scratchlm.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
 
 EOT = "<|endoftext|>"
 unicode_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=("Cs",)), max_size=200)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scratchlm.data.normalize import NormalizationReport, normalize_text
-from scratchlm.data.sources import Document, read_source
+from scratchlm.data.sources import read_source
 from scratchlm.io import FormatError, atomic_write, read_json, sha256_file, write_json
 
 DATASET_FORMAT = "scratchlm.dataset"

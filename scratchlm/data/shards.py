@@ -170,7 +170,7 @@ def encode_documents(
     per_doc: list[list[np.ndarray]] = [[] for _ in docs]
 
     def collect(batch: list[tuple[int, str]], arrays: list[np.ndarray]) -> None:
-        for (i, piece), ids in zip(batch, arrays):
+        for (i, _), ids in zip(batch, arrays):
             per_doc[i].append(ids)
         bar.update(sum(len(p) for _, p in batch))
 
