@@ -155,7 +155,7 @@ def cmd_tokenizer_compare(args) -> None:
     from scratchlm.tokenizers.compare import compare_tokenizers, format_table, plot_comparison
 
     sizes = [int(v) for v in args.vocab_sizes.split(",")]
-    rows = compare_tokenizers(_texts(args, "train"), _texts(args, "val") if not args.input else _texts(args, "train"),
+    rows = compare_tokenizers(_texts(args, "train"), _texts(args, "val"),
                               bpe_vocab_sizes=sizes, pattern=args.pattern, d_model=args.d_model, progress=not args.json)
     plot = plot_comparison(rows, args.plot, title=f"Tokenizers on {args.dataset or args.input} (held-out split)")
     _emit(args, {"rows": rows, "plot": str(plot)}, format_table(rows) + f"\nplot: {plot}")
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", required=True, help="a prepared dataset folder")
     q.add_argument("--tokenizer", required=True, help="tokenizer JSON file, or 'gpt2'")
     q.add_argument("--out", help="output folder (default: <dataset>/<tokenizer name>)")
-    q.add_argument("--workers", type=int, help="worker processes (default: every core)")
+    q.add_argument("--workers", type=int, help="parallel workers: threads for tiktoken-backed BPE, else processes (default: every core)")
     json_flag(q)
     q.set_defaults(func=cmd_data_tokenize)
     q = data.add_parser("sources", help="list the named sources, their addresses and checksums")

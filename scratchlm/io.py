@@ -83,7 +83,3 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while block := f.read(chunk_size):
             h.update(block)
     return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

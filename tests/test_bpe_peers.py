@@ -97,7 +97,6 @@ def test_special_token_spelling_is_never_merged():
     text = ("the end<|endoftext|>" * 300) + "x"
     tok = train_bpe(text, 300, "gpt2", ["<|endoftext|>"])
     assert not any(b"<|" in t or b"|>" in t for t in tok.vocab[256:]), "merges learned from a special token's spelling"
-    assert tok.vocab_size == 300 or tok.vocab_size < 300  # may run out of pairs on a tiny corpus
     assert tok.encode("a<|endoftext|>", allowed_special="all")[-1] == tok.eot_token
 
 

@@ -14,6 +14,7 @@ A tokenizer turns text into a list of integer ids and back. Every tokenizer here
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -165,18 +166,10 @@ class Tokenizer(ABC):
             )
 
 
+@functools.lru_cache(maxsize=64)
 def _special_regex(tokens: tuple[str, ...]) -> regex.Pattern:
     # Longest first, so that one special token that prefixes another never wins wrongly.
-    return _compiled_special_regex(tuple(sorted(tokens, key=len, reverse=True)))
-
-
-_special_cache: dict[tuple[str, ...], regex.Pattern] = {}
-
-
-def _compiled_special_regex(tokens: tuple[str, ...]) -> regex.Pattern:
-    if tokens not in _special_cache:
-        _special_cache[tokens] = regex.compile("|".join(regex.escape(t) for t in tokens))
-    return _special_cache[tokens]
+    return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)))
 
 
 def default_special_tokens(first_id: int, names: Iterable[str]) -> dict[str, int]:

@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +91,6 @@ class _Progress:
     step: int = 0
     best_val: float = float("inf")
     evals_without_improvement: int = 0
-    history: list = field(default_factory=list)
 
 
 def build_model_config(model_section: dict, vocab_size: int) -> GPTConfig:
@@ -315,7 +314,6 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
 
         def record(entry: dict) -> None:
-            self.state.history.append(entry)
             if not self.is_main:
                 return
             metrics_file.write(json.dumps(entry) + "\n")
