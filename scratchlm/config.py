@@ -1,7 +1,7 @@
 """Run configuration: TOML files in ``configs/``, overridden from the command line.
 
 A config has a ``[model]`` table (a ``preset`` name and/or any :class:`GPTConfig` field) and a
-``[train]`` table (:class:`~scratchlm.train.trainer.TrainConfig` fields). ``--set a.b=c``
+``[train]`` table (:class:`~scratchlm.train.config.TrainConfig` fields). ``--set a.b=c``
 overrides one value; the value is read as TOML (``1e-3``, ``true``, ``"rope"``) and falls back
 to a plain string.
 """
