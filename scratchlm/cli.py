@@ -118,7 +118,8 @@ def cmd_tokenizer_train(args) -> None:
     texts = _texts(args, "train")
     start = time.perf_counter()
     tokenizer = train_tokenizer(args.kind, texts, vocab_size=args.vocab_size, pattern=args.pattern,
-                                special_tokens=args.special, unknown=args.unknown, progress=not args.json)
+                                special_tokens=[] if args.no_special else args.special, unknown=args.unknown,
+                                progress=not args.json)
     seconds = time.perf_counter() - start
     tokenizer.save(args.out)
     payload = {"path": args.out, "kind": args.kind, "vocab_size": tokenizer.vocab_size,
@@ -346,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kind", choices=["char", "byte", "bpe"], default="bpe")
     q.add_argument("--vocab-size", type=int, help="BPE: total vocabulary size, special tokens included")
     q.add_argument("--pattern", default="gpt2", help="BPE pre-tokenization: gpt2 | cl100k | o200k | a regex")
-    q.add_argument("--special", action="append", default=[], help="a special token (repeatable), e.g. '<|endoftext|>'")
+    q.add_argument("--special", action="append", help="a special token (repeatable); replaces the default "
+                   "'<|endoftext|>', which separates documents in token shards")
+    q.add_argument("--no-special", action="store_true", help="no special tokens at all (single-document data only)")
     q.add_argument("--unknown", choices=["error", "replace"], default="error", help="char: unseen characters fail, or map to <|unk|>")
     q.add_argument("--out", required=True, help="where to write the tokenizer JSON")
     json_flag(q)

@@ -23,6 +23,20 @@ class FormatError(ValueError):
     """A file is not what it claims to be (wrong format, version, or corrupt content)."""
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _target_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success rename it over ``path``.
@@ -34,6 +48,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         encoding = None if "b" in mode else "utf-8"
+        # mkstemp creates the file 0600; give it the mode a plain open() would (0666 minus umask),
+        # or, when replacing a file, that file's mode.
+        os.fchmod(fd, _target_mode(path))
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()

@@ -142,7 +142,10 @@ class Dataset:
                 f"{self.path / entry['file']}: sha256 does not match the manifest; the file was modified or "
                 "corrupted: prepare the dataset again"
             )
-        return [json.loads(line)["text"] for line in data.decode("utf-8").splitlines()]
+        # json.dumps escapes "\n" and "\r" inside strings, so records are separated by "\n" alone;
+        # str.splitlines() would also split inside documents at U+2028, U+2029, U+0085, \x1c-\x1e...
+        lines = data.decode("utf-8").split("\n")
+        return [json.loads(line)["text"] for line in lines if line]
 
     def text(self, split: str) -> str:
         return "".join(self.documents(split))

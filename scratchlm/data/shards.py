@@ -33,7 +33,7 @@ import regex
 
 from scratchlm.data.prepare import SPLITS, Dataset
 from scratchlm.io import atomic_write, write_json
-from scratchlm.tokenizers.base import Tokenizer, load_tokenizer
+from scratchlm.tokenizers.base import ENDOFTEXT, Tokenizer, load_tokenizer
 from scratchlm.tokenizers.patterns import PATTERNS
 
 MAGIC = b"SLMTOKS\0"
@@ -223,6 +223,14 @@ def tokenize_dataset(
     tokenizer_path = Path(tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     out = Path(out_dir) if out_dir else ds.path / tokenizer_path.stem
+    if tokenizer.eot_token is None:
+        multi = {s: e["documents"] for s, e in ds.manifest["splits"].items() if e["documents"] > 1}
+        if multi:
+            raise ValueError(
+                f"{tokenizer_path} has no {ENDOFTEXT} token, but {ds.path} has several documents per split "
+                f"({multi}): without a separator the shards would glue documents together. Train the tokenizer "
+                f"with its default special token (`scratchlm tokenizer train` adds {ENDOFTEXT} unless --no-special)"
+            )
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "format": SHARDS_FORMAT, "version": 1, "dataset": str(ds.path), "dataset_source_sha256": ds.manifest["source"]["sha256"],

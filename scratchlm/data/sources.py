@@ -226,8 +226,12 @@ def _split_documents(text: str, name: str, mode: str) -> list[Document]:
     if mode == "whole":
         return [Document(name, text)]
     if mode == "lines":
-        # Only the line terminator goes; normalization later counts lines that end up empty.
-        return [Document(f"{name}:{i + 1}", line) for i, line in enumerate(text.splitlines())]
+        # Only the line terminator goes (\n, \r\n or \r); normalization later counts lines that end up
+        # empty. Not str.splitlines(): U+2028, U+0085 and friends are text inside a line here.
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return [Document(f"{name}:{i + 1}", line) for i, line in enumerate(lines)]
     raise ValueError(f"documents must be 'whole' or 'lines', got {mode!r}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from scratchlm.tokenizers.base import ENDOFTEXT, Tokenizer, load_tokenizer
+from scratchlm.tokenizers.base import DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, Tokenizer, load_tokenizer
 from scratchlm.tokenizers.bpe import BPETokenizer
 from scratchlm.tokenizers.bpe_train import train_bpe
 from scratchlm.tokenizers.byte import ByteTokenizer
@@ -15,9 +15,14 @@ KINDS = ("char", "byte", "bpe")
 
 def train_tokenizer(
     kind: str, texts: Iterable[str], *, vocab_size: int | None = None, pattern: str = "gpt2",
-    special_tokens: Iterable[str] = (), unknown: str = "error", progress: bool = False,
+    special_tokens: Iterable[str] | None = None, unknown: str = "error", progress: bool = False,
 ) -> Tokenizer:
-    """Train (or, for ``byte``, just build) a tokenizer of the given kind on ``texts``."""
+    """Train (or, for ``byte``, just build) a tokenizer of the given kind on ``texts``.
+
+    ``special_tokens=None`` means :data:`DEFAULT_SPECIAL_TOKENS` (``<|endoftext|>``) for every kind;
+    pass ``[]`` for none.
+    """
+    special_tokens = DEFAULT_SPECIAL_TOKENS if special_tokens is None else tuple(special_tokens)
     if kind == "char":
         return CharTokenizer.train(texts, special_tokens, unknown)
     if kind == "byte":
@@ -37,6 +42,6 @@ def gpt2_tokenizer(download: bool = True) -> BPETokenizer:
 
 
 __all__ = [
-    "ENDOFTEXT", "KINDS", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "Tokenizer", "gpt2_tokenizer",
+    "DEFAULT_SPECIAL_TOKENS", "ENDOFTEXT", "KINDS", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "Tokenizer", "gpt2_tokenizer",
     "load_tokenizer", "train_bpe", "train_tokenizer",
 ]

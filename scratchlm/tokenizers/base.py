@@ -29,6 +29,9 @@ from scratchlm.io import FormatError, read_json, write_json
 TOKENIZER_FORMAT = "scratchlm.tokenizer"
 TOKENIZER_VERSION = 1
 ENDOFTEXT = "<|endoftext|>"
+# Every trainer adds these unless told otherwise (``special_tokens=[]``): shards separate documents
+# with <|endoftext|>, so a tokenizer without it cannot tokenize multi-document data.
+DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT,)
 
 SpecialSet = Literal["all"] | Collection[str]
 
@@ -109,7 +112,10 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Iterable[str], **kwargs) -> list[list[int]]:
         return [self.encode(t, **kwargs) for t in texts]
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+    def decode_bytes(self, ids: Iterable[int], *, skip_special: bool = False) -> bytes:
+        """The UTF-8 bytes of ``ids``. A special token decodes to its spelling (``<|endoftext|>``)
+        unless ``skip_special``: then it contributes no bytes, as when counting bytes of *text*
+        (bits per byte: a document separator is not 13 bytes of text)."""
         out: list[bytes] = []
         run: list[int] = []
         for i in ids:
@@ -118,7 +124,8 @@ class Tokenizer(ABC):
                 if run:
                     out.append(self._decode_ordinary(run))
                     run = []
-                out.append(self._special_by_id[i])
+                if not skip_special:
+                    out.append(self._special_by_id[i])
             else:
                 if not 0 <= i < self.vocab_size:
                     raise ValueError(f"token id {i} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1})")

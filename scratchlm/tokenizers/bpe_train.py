@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import regex
 
-from scratchlm.tokenizers.base import ENDOFTEXT, default_special_tokens
+from scratchlm.tokenizers.base import DEFAULT_SPECIAL_TOKENS, default_special_tokens
 from scratchlm.tokenizers.bpe import BASE_VOCAB, BYTE_TO_ID, BPETokenizer
 from scratchlm.tokenizers.patterns import compile_pattern, resolve_pattern
 
@@ -71,7 +71,7 @@ def train_bpe(
     texts: Iterable[str] | str,
     vocab_size: int,
     pattern: str = "gpt2",
-    special_tokens: Iterable[str] = (ENDOFTEXT,),
+    special_tokens: Iterable[str] | None = None,
     num_workers: int | None = None,
     progress: bool = False,
 ) -> BPETokenizer:
@@ -82,7 +82,7 @@ def train_bpe(
     """
     if isinstance(texts, str):
         texts = [texts]
-    special_tokens = list(dict.fromkeys(special_tokens))
+    special_tokens = list(dict.fromkeys(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens))
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
         raise ValueError(
