@@ -1,30 +1,47 @@
-"""Checkpoints: weights and optimizer state in safetensors, everything else in JSON.
+"""Checkpoints: weights and optimizer state in safetensors, everything else in JSON, crash-safe.
 
 A checkpoint is a folder:
 
 * ``model.safetensors``: the weights (a tied output matrix stored once);
 * ``optimizer.safetensors``: every optimizer's state tensors (Adam moments, Muon momentum);
 * ``state.json``: format and version, model config, training config, tokenizer fingerprint, step,
-  RNG states, the data loader's position, best validation loss, optimizer hyperparameters.
+  every rank's RNG states, the data loader's position, best validation loss, optimizer
+  hyperparameters, and the size and sha256 of the two tensor files (checked on load, so a
+  truncated or bit-flipped file is refused by name instead of loading garbage).
 
-It is written into a temporary folder which then replaces the old checkpoint, so a crash (even
-SIGKILL) leaves either the old checkpoint or the new one, never a mix. No pickle anywhere.
+A training run's ``out_dir`` holds them so that a kill at *any* moment leaves a complete
+checkpoint to resume from (atomic by construction, see :class:`CheckpointStore`)::
+
+    out_dir/.lock                      held (flock) while a run writes here; dies with the process
+    out_dir/checkpoints/step-00000500/ immutable: written as .step-00000500.tmp-PID, renamed when complete
+    out_dir/last -> checkpoints/step-00000500     symbolic links, each replaced atomically
+    out_dir/best -> checkpoints/step-00000250
+
+No pickle anywhere.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scratchlm.io import FormatError, read_json, write_json
+from scratchlm.io import FormatError, read_json, sha256_file, write_json
 
 CHECKPOINT_FORMAT = "scratchlm.checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: tensor-file checksums, per-rank RNG states
+READABLE_VERSIONS = (1, 2)
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+# Keys every checkpoint's state.json has (a resumable one has more: see RESUME_KEYS).
+REQUIRED_KEYS = ("model", "step", "tokenizer_fingerprint", "train", "vocab_size")
+RESUME_KEYS = ("rng", "best_val", "evals_without_improvement", "optimizers")
 
 
 def rng_to_json(state: torch.Tensor) -> str:
@@ -90,31 +107,253 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict) -> None:
+    """Fill a new folder with the three files, each fsynced, then the folder itself."""
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tensors, meta = _split_optimizer_states(optimizer_state)
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    files = {}
+    for name in TENSOR_FILES:
+        with open(folder / name, "rb") as handle:
+            os.fsync(handle.fileno())
+        # Hashing reads the file back once: ~1-2 s for GPT-2 small's 0.5 GB of weights, a small price
+        # next to loading garbage from a bit-flipped or truncated file without knowing it.
+        files[name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+    write_json(folder / "state.json", {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                                       **state, "optimizers": meta, "files": files})
+    _fsync_dir(folder)
+
+
 def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict) -> Path:
-    """Write a checkpoint folder atomically (see module doc). ``state`` must be JSON-serializable."""
+    """Write a stand-alone checkpoint folder (an imported model, say) that must not exist yet.
+
+    It is written under a temporary name and renamed when complete, so ``path`` either does not
+    exist or is whole. Training runs use :class:`CheckpointStore`, which also replaces checkpoints.
+    """
     path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path} already exists; remove it or choose another output folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tensors, meta = _split_optimizer_states(optimizer_state)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "state.json", {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                                        **state, "optimizers": meta})
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        _write_folder(tmp, weights, optimizer_state, state)
+        os.rename(tmp, path)
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+class RunLock:
+    """``out_dir/.lock``, held with ``flock`` while a run writes into ``out_dir``.
+
+    The kernel drops a flock when its process dies (even by SIGKILL), so a crashed run never
+    blocks the next one; the PID written into the file is only there for the error message.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / ".lock"
+        self._file = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                f.close()
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise RuntimeError(
+                f"{self.path.parent} is in use by another training run (process {holder} holds {self.path}); "
+                "wait for it to finish, stop it, or choose another train.out_dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class CheckpointStore:
+    """The checkpoints of one training run, atomic by construction.
+
+    ``save`` writes an immutable folder ``checkpoints/step-N`` under a temporary name, renames it
+    once complete, then points ``last`` (and ``best``) at it by replacing a symbolic link with
+    ``os.replace`` -- a single atomic step. Only then are folders no pointer names deleted (moved
+    to a hidden trash name first, so a half-deleted folder never carries a valid name). A kill at
+    any moment therefore leaves each pointer on a complete folder, old or new; :meth:`recover`
+    (run at start-up, under the run lock) removes the leftovers of an interrupted save.
+    """
+
+    POINTERS = ("last", "best")
+
+    def __init__(self, out_dir: str | Path):
+        self.out = Path(out_dir)
+        self.folder = self.out / "checkpoints"
+
+    def pointer(self, name: str) -> Path:
+        return self.out / name
+
+    def save(self, names: list[str], weights: dict[str, torch.Tensor], optimizer_state: list[dict],
+             state: dict) -> Path:
+        """Write one checkpoint and point each of ``names`` (``last``, ``best``) at it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self._free_name(f"step-{int(state['step']):08d}")
+        tmp = self.folder / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _write_folder(tmp, weights, optimizer_state, state)
+            os.rename(tmp, target)
+            _fsync_dir(self.folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for name in names:
+            self._point(name, target)
+        _fsync_dir(self.out)
+        self.collect_garbage()
+        return target
+
+    def _free_name(self, base: str) -> Path:
+        """``step-N``, or ``step-N-2``... when a folder of that step is still referenced (a fresh run
+        in an old ``out_dir`` reaches a step number the old run had saved)."""
+        candidate, k = self.folder / base, 1
+        while candidate.exists():
+            if candidate.name not in self._referenced():
+                self._delete(candidate)
+                break
+            k += 1
+            candidate = self.folder / f"{base}-{k}"
+        return candidate
+
+    def _point(self, name: str, target: Path) -> None:
+        link = self.pointer(name)
+        if link.is_dir() and not link.is_symlink():
+            self._adopt_legacy(name)
+        tmp = self.out / f".{name}.tmp-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(os.path.relpath(target, self.out), tmp)
+        os.replace(tmp, link)
+
+    def _referenced(self) -> set[str]:
+        """Names of the folders under ``checkpoints/`` that a pointer names."""
+        return {Path(os.readlink(self.pointer(n))).name for n in self.POINTERS if self.pointer(n).is_symlink()}
+
+    def _delete(self, folder: Path) -> None:
+        trash = self.folder / f".trash-{folder.name}-{os.getpid()}"
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def collect_garbage(self) -> None:
+        """Delete step folders that no pointer names."""
+        if not self.folder.is_dir():
+            return
+        keep = self._referenced()
+        for folder in self.folder.iterdir():
+            if folder.name.startswith(("step-", "legacy-")) and folder.name not in keep:
+                self._delete(folder)
+
+    def _adopt_legacy(self, name: str) -> Path | None:
+        """A checkpoint from scratchlm < 0.2 is a plain folder named ``last``/``best``: move it into
+        ``checkpoints/`` (one atomic rename) and link it, so it is kept and replaced safely."""
+        link = self.pointer(name)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"legacy-{name}"
+        k = 1
+        while target.exists():
+            k += 1
+            target = self.folder / f"legacy-{name}-{k}"
+        os.rename(link, target)
+        self._point(name, target)
+        return target
+
+    def complete_folders(self) -> list[Path]:
+        """Step folders whose state.json reads and whose tensor files have the recorded sizes, oldest first."""
+        found = []
+        if self.folder.is_dir():
+            for folder in self.folder.iterdir():
+                if folder.name.startswith(("step-", "legacy-")) and is_complete(folder):
+                    found.append(folder)
+        return sorted(found, key=lambda f: (read_state(f)["step"], f.stat().st_mtime))
+
+    def recover(self, log=None) -> list[str]:
+        """Bring ``out_dir`` back to a clean state after a crash; returns what was done.
+
+        Removes temporary folders, links and trash of an interrupted save; adopts a legacy folder;
+        repairs a missing or dangling ``last`` by pointing it at the newest complete checkpoint;
+        restores a legacy ``.last.old-PID`` folder (left when the old format was killed between its
+        two renames); deletes step folders that nothing points to.
+        """
+        done: list[str] = []
+        if not self.out.is_dir():
+            return done
+        for leftover in list(self.out.glob(".*.tmp-*")) + list(self.out.glob(".*.old-*")):
+            legacy_old = leftover.name.startswith(".last.old-") and leftover.is_dir()
+            if legacy_old and not self.pointer("last").exists() and is_complete(leftover):
+                os.rename(leftover, self.pointer("last"))  # the old format's lost copy: put it back
+                done.append(f"restored {self.pointer('last')} from {leftover.name}")
+                continue
+            if leftover.is_symlink() or leftover.is_file():
+                leftover.unlink()
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+            done.append(f"removed {leftover.name}")
+        if self.folder.is_dir():
+            for leftover in self.folder.glob(".*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+                done.append(f"removed checkpoints/{leftover.name}")
+        for name in self.POINTERS:
+            link = self.pointer(name)
+            if link.is_dir() and not link.is_symlink():
+                self._adopt_legacy(name)
+                done.append(f"moved the folder {name} into checkpoints/")
+            elif link.is_symlink() and not is_complete(link):
+                link.unlink()
+                done.append(f"removed {name}, which pointed at an incomplete checkpoint")
+        if not self.pointer("last").exists():
+            complete = self.complete_folders()
+            if complete:
+                self._point("last", complete[-1])
+                done.append(f"pointed last at {complete[-1].name}, the newest complete checkpoint")
+        _fsync_dir(self.out)
+        self.collect_garbage()
+        for message in done:
+            (log or (lambda m: None))(f"checkpoint recovery in {self.out}: {message}")
+        return done
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds a checkpoint that reads: valid state.json, tensor files of the recorded size."""
+    try:
+        state = read_state(folder)
+    except (OSError, FormatError):
+        return False
+    for name, info in state.get("files", {}).items():
+        path = Path(folder) / name
+        if not path.is_file() or path.stat().st_size != info["bytes"]:
+            return False
+    return True
 
 
 def save_model_only(path: str | Path, model: torch.nn.Module, **info) -> Path:
@@ -124,16 +363,51 @@ def save_model_only(path: str | Path, model: torch.nn.Module, **info) -> Path:
     return save_checkpoint(path, model_state(model), [], state)
 
 
-def read_state(path: str | Path) -> dict:
+def read_state(path: str | Path, *, resumable: bool = False) -> dict:
+    """The checkpoint's ``state.json``, checked: format, version, and the keys a reader needs."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{path} points at {os.readlink(path)}, which does not exist; run `scratchlm train "
+                                "--resume` once (it repairs the pointers) or pass a folder under checkpoints/")
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json); train one with `scratchlm train`")
-    return read_json(path / "state.json", CHECKPOINT_FORMAT, (CHECKPOINT_VERSION,))
+    state = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS)
+    missing = [k for k in REQUIRED_KEYS + (RESUME_KEYS if resumable else ()) if k not in state]
+    if missing:
+        raise FormatError(f"{path / 'state.json'}: missing {missing}; the file is damaged or was not written by "
+                          "`scratchlm train`: use another checkpoint (e.g. best instead of last)")
+    return state
+
+
+def _verified(path: Path, name: str) -> Path:
+    """``path/name`` after checking its size and sha256 against state.json (checkpoints from version 2)."""
+    file = path / name
+    if not file.exists():
+        raise FormatError(f"{file}: missing; the checkpoint is incomplete: use another checkpoint")
+    info = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS).get("files", {}).get(name)
+    if info is not None:
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise FormatError(f"{file}: {size} bytes, but the checkpoint recorded {info['bytes']}; the file is "
+                              "truncated or was replaced: use another checkpoint (e.g. best instead of last)")
+        if sha256_file(file) != info["sha256"]:
+            raise FormatError(f"{file}: sha256 differs from the one recorded at save time; the file is corrupt "
+                              "(disk or copy error): use another checkpoint (e.g. best instead of last)")
+    return file
+
+
+def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    file = _verified(path, name)
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise FormatError(f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt: "
+                          "use another checkpoint") from None
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load weights into an unsharded model (before any FSDP sharding)."""
-    weights = load_file(str(Path(path) / "model.safetensors"))
+    weights = _load_tensors(Path(path), "model.safetensors")
     if model.config.tie_embeddings and "tok_emb.weight" in weights:
         weights["lm_head.weight"] = weights["tok_emb.weight"]
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -142,7 +416,7 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
 
 
 def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state: dict, sharded: bool = False) -> None:
-    tensors = load_file(str(Path(path) / "optimizer.safetensors"))
+    tensors = _load_tensors(Path(path), "optimizer.safetensors")
     if len(state["optimizers"]) != len(optimizers):
         raise FormatError(f"{path}: checkpoint has {len(state['optimizers'])} optimizers, this run builds {len(optimizers)}")
     full = []
@@ -179,6 +453,10 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     from scratchlm.models.gpt import GPT, GPTConfig
 
     state = read_state(path)
-    model = GPT(GPTConfig.from_dict(state["model"]))
+    try:
+        config = GPTConfig.from_dict(state["model"])
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{Path(path) / 'state.json'}: the model config does not validate ({e})") from None
+    model = GPT(config)
     load_weights(path, model)
     return model.to(device).eval(), state

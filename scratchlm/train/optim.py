@@ -93,7 +93,9 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
             continue
         seen.add(id(p))
         (hidden if _is_hidden_matrix(name, p) else rest).append((name, p))
-    muon = Muon([p for _, p in hidden], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.0)
+    # Decoupled weight decay on the hidden matrices too (p <- p * (1 - lr * wd), as in Moonlight's
+    # Muon): without it train.weight_decay would reach only the embeddings.
+    muon = Muon([p for _, p in hidden], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
     groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)

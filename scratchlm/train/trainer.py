@@ -7,15 +7,22 @@ One step:
 3. clip the gradient norm (logged), step the optimizer(s), zero the gradients.
 
 Every ``eval_interval`` steps: loss on fixed validation batches, a short sample, the best and the
-last checkpoint, early stopping. A non-finite loss or gradient stops the run before the optimizer
-step, so no good checkpoint is ever overwritten with a broken model.
+last checkpoint, early stopping.
+
+The host never waits for the device inside a step: losses and gradient norms stay on the device
+and are read in one transfer every ``log_interval`` steps (and before any evaluation or save). A
+non-finite loss or gradient is found there, and the run stops *before* any checkpoint is written,
+naming the first bad step, so no good checkpoint is ever overwritten with a broken model.
 
 Data parallel: launched with ``torchrun --nproc_per_node N -m scratchlm train ...``, each process
 trains on its slice of the global batch and DDP averages the gradients (gloo on CPU, NCCL on GPU);
-only rank 0 writes logs and checkpoints.
+only rank 0 writes logs and checkpoints. Every decision to stop (time limit, SIGTERM, early
+stopping, target loss, non-finite loss) is taken from values all ranks share, so every rank stops
+at the same step and none is left waiting in a collective.
 
-Resuming (``resume=True``) restores weights, optimizer state, step, RNG states and the loader's
-position, so the resumed run produces the same per-step losses as one never interrupted.
+Resuming (``resume=True``) restores weights, optimizer state, step, every rank's RNG states and the
+loader's position, so the resumed run produces the same per-step losses as one never interrupted.
+SIGTERM (a scheduler's "please stop") finishes the current step, saves ``last`` and returns.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,8 +47,9 @@ from scratchlm.device import pick_device
 from scratchlm.models.gpt import GPT, GPTConfig, preset
 from scratchlm.tokenizers import load_tokenizer
 from scratchlm.train.config import TrainConfig
-from scratchlm.train.checkpoint import (load_optimizers, load_weights, model_state, optimizer_states, read_state,
-                                        rng_from_json, rng_to_json, save_checkpoint)
+from scratchlm.io import FormatError, atomic_write
+from scratchlm.train.checkpoint import (CheckpointStore, RunLock, load_optimizers, load_weights, model_state,
+                                        optimizer_states, read_state, rng_from_json, rng_to_json)
 from scratchlm.train.optim import build_optimizers
 from scratchlm.train.schedule import lr_at
 
@@ -98,6 +108,10 @@ def _peak_tflops(device: torch.device, configured: float | None) -> float | None
     return None
 
 
+# Why a run stopped early; the code travels between ranks in the per-step control message.
+STOP_REASONS = ("", "max_minutes", "signal", "early_stopping", "target_loss")
+
+
 class Trainer:
     def __init__(self, model_section: dict, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                  log=None):
@@ -110,15 +124,45 @@ class Trainer:
         self.tokenizer = load_tokenizer(data / "tokenizer.json")
         self.rank, self.world_size, self.device = init_distributed(cfg.device)
         self.is_main = self.rank == 0
+        # Small control messages (stop flags, RNG states) go over gloo on the CPU, so they never
+        # make the host wait for the GPU; on a CPU run the default group is gloo already.
+        self.control_group = None
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            self.control_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else dist.group.WORLD
         self.out = Path(cfg.out_dir)
+        self.store = CheckpointStore(self.out)
+        self.lock = None
         self.model_config = build_model_config(model_section, self.tokenizer.vocab_size)
         # Shards are checked against the tokenizer (fingerprint) before any training happens.
         self.train_loader = BatchLoader(data / "train.bin", self.model_config.block_size, cfg.batch_size,
                                         tokenizer=self.tokenizer, seed=cfg.seed, device=self.device,
                                         rank=self.rank, world_size=self.world_size)
         self.val_ids = open_shard(data / "val.bin", self.tokenizer)
-        torch.manual_seed(cfg.seed)
+        if self.is_main:
+            # One run per out_dir at a time; then clean up whatever an interrupted save left behind.
+            self.lock = RunLock(self.out).acquire()
+        try:
+            if self.is_main:
+                self.store.recover(self.log)
+            self._barrier()
+            self._build(resume)
+        except BaseException:
+            if self.lock:
+                self.lock.release()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        """The model, optimizers and (when resuming) their state; the run lock is held."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = GPT(self.model_config).to(self.device)
+        # From here on each rank draws its own dropout masks (identical masks on every rank would
+        # make data parallelism see the same noise pattern N times).
+        torch.manual_seed(cfg.seed + self.rank)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(cfg.seed + self.rank)
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if cfg.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {cfg.strategy!r}")
@@ -152,9 +196,42 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token()["train"]
         self.peak = _peak_tflops(self.device, cfg.peak_tflops)
         self.val_windows = self._fixed_val_windows()
+        self._signalled = threading.Event()
+
+    # --- several processes ----------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier(group=self.control_group)
+
+    def _shared(self, values: list[float], op: str = "max") -> list[float]:
+        """Values every rank agrees on: the max over ranks, or rank 0's (``op="rank0"``)."""
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        if op == "rank0":
+            dist.broadcast(t, src=0, group=self.control_group)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return t.tolist()
+
+    def _gather(self, obj):
+        """Every rank's ``obj``, in rank order (on every rank)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj, group=self.control_group)
+        return out
 
     # --- state --------------------------------------------------------------------------------
-    def _state_dict(self) -> dict:
+    def _rng_state(self) -> dict:
+        """This rank's random streams: CPU (dropout on CPU), its own GPU's, and the loader's."""
+        return {"torch": rng_to_json(torch.get_rng_state()),
+                "loader": rng_to_json(self.train_loader.generator.get_state()),
+                "cuda": rng_to_json(torch.cuda.get_rng_state(self.device)) if self.device.type == "cuda" else None}
+
+    def _state_dict(self, rng_by_rank: list[dict]) -> dict:
         return {
             "model": self.model_config.to_dict(),
             "train": asdict(self.cfg),
@@ -163,14 +240,16 @@ class Trainer:
             "step": self.state.step,
             "best_val": self.state.best_val if math.isfinite(self.state.best_val) else None,
             "evals_without_improvement": self.state.evals_without_improvement,
-            "rng": {"torch": rng_to_json(torch.get_rng_state()),
-                    "loader": rng_to_json(self.train_loader.generator.get_state()),
-                    "cuda": [rng_to_json(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []},
+            "world_size": self.world_size,
+            "rng": {"ranks": rng_by_rank},
         }
 
     def _check_resumable(self) -> dict:
         last = self.out / "last"
-        state = read_state(last)
+        if not last.exists():
+            raise FileNotFoundError(f"{last}: no checkpoint to resume from (none was saved yet, or out_dir is wrong); "
+                                    "start without --resume")
+        state = read_state(last, resumable=True)
         if state["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
             raise ValueError(f"{last} was trained with another tokenizer ({state['tokenizer_fingerprint'][:16]}); "
                              f"the data's is {self.tokenizer.fingerprint[:16]}")
@@ -189,16 +268,47 @@ class Trainer:
         self.state.step = state["step"]
         self.state.best_val = state["best_val"] if state["best_val"] is not None else float("inf")
         self.state.evals_without_improvement = state["evals_without_improvement"]
-        torch.set_rng_state(rng_from_json(state["rng"]["torch"]))
-        self.train_loader.generator.set_state(rng_from_json(state["rng"]["loader"]))
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng_from_json(s) for s in state["rng"]["cuda"]])
-        # Drop log lines written after that checkpoint: the resumed run writes them again.
+        rng = state["rng"]
+        ranks = rng["ranks"] if "ranks" in rng else [{**rng, "cuda": None}]  # version 1: rank 0's states only
+        if len(ranks) != self.world_size:
+            self.log(f"warning: {last} was saved by {len(ranks)} process(es), this run has {self.world_size}: the data "
+                     "order continues exactly, but dropout streams cannot, so losses will differ from an "
+                     "uninterrupted run")
+        mine = ranks[self.rank % len(ranks)]
+        torch.set_rng_state(rng_from_json(mine["torch"]))
+        self.train_loader.generator.set_state(rng_from_json(mine["loader"]))
+        if mine.get("cuda") and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng_from_json(mine["cuda"]), self.device)
+        if self.is_main:
+            self._truncate_metrics(self.state.step)
+        self.log(f"resumed from {last} ({os.path.realpath(last)}) at step {self.state.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep the log lines up to ``step``: the resumed run writes the later ones again.
+
+        A kill (or a full disk) can tear the *last* line; it is dropped. A damaged line anywhere
+        else is not a crash artefact but corruption, and is reported with its line number.
+        """
         metrics = self.out / "metrics.jsonl"
-        if metrics.exists() and self.is_main:
-            kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.state.step]
-            metrics.write_text("".join(ln + "\n" for ln in kept))
-        self.log(f"resumed from {last} at step {self.state.step}")
+        if not metrics.exists():
+            return
+        lines = metrics.read_text(encoding="utf-8", errors="replace").split("\n")
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number >= len(lines) - 1:  # the final line (possibly without its newline): torn by a kill
+                    self.log(f"{metrics}: dropped a torn last line (line {number}) left by an interrupted run")
+                    continue
+                raise FormatError(f"{metrics}, line {number}: not a JSON record ({line[:60]!r}); the log is damaged: "
+                                  "delete that line (or the file) and resume again") from None
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        with atomic_write(metrics, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
 
     def _fixed_val_windows(self) -> torch.Tensor:
         """The same validation windows at every evaluation, so successive losses compare."""
@@ -213,17 +323,19 @@ class Trainer:
     # --- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean loss on the fixed validation windows, identical on every rank (rank 0's value)."""
         self.model.eval()
-        losses = []
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
         for chunk in self.val_windows.split(self.cfg.batch_size):
             chunk = chunk.to(self.device)
             with self.autocast:
                 _, loss = self.model(chunk[:, :-1], chunk[:, 1:])
-            losses.append(loss.item() * len(chunk))
+            total += loss.double() * len(chunk)
         self.model.train()
-        return sum(losses) / len(self.val_windows)
+        return self._shared([total.item() / len(self.val_windows)], op="rank0")[0]
 
     def sample(self) -> str:
+        """A short sample. Every rank must call it under FSDP: each forward gathers the shards."""
         from scratchlm.generate import SamplingConfig, generate_text
 
         return generate_text(self.model, self.tokenizer, "\n" if self.tokenizer.kind == "char" else "",
@@ -239,26 +351,43 @@ class Trainer:
                 group["lr"] = group["base_lr"] * factor
         return lr
 
-    def _save(self, name: str) -> None:
-        """Every rank takes part (FSDP gathers shards); rank 0 writes."""
+    def _save(self, names: list[str]) -> None:
+        """Every rank takes part (FSDP gathers shards; RNG states come from every rank); rank 0 writes."""
         weights = model_state(self.model, self.sharded)
         optimizer = optimizer_states(self.model, self.optimizers, self.sharded)
+        rng_by_rank = self._gather(self._rng_state())
         if self.is_main:
-            save_checkpoint(self.out / name, weights, optimizer, self._state_dict())
+            self.store.save(names, weights, optimizer, self._state_dict(rng_by_rank))
+        self._barrier()
 
     def _diagnose(self, step: int, lr: float, loss: float, grad_norm: float) -> NonFiniteLoss:
         last = self.out / "last"
         return NonFiniteLoss(
             f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step} "
-            f"(loss {loss}, lr {lr:.3g}, grad norm {grad_norm}); the run stopped before the optimizer step and no "
-            f"checkpoint was written. Last good checkpoint: {last if last.exists() else 'none yet'}. "
+            f"(loss {loss}, lr {lr:.3g}, grad norm {grad_norm}); the run stopped before writing any checkpoint. "
+            f"Last good checkpoint: {last if last.exists() else 'none yet'}. "
             "Try a lower train.lr, a longer warmup, or train.grad_clip."
         )
 
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled.set()
+
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            if self.lock:
+                self.lock.release()
+
+    def _train(self) -> dict:
         cfg, model = self.cfg, self.model
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(self.out / "metrics.jsonl", "a", encoding="utf-8") if self.is_main else None
+        metrics_file = None
+        if self.is_main:
+            if self.state.step == 0:  # a fresh run starts a fresh log
+                with atomic_write(self.out / "metrics.jsonl", "w"):
+                    pass
+            metrics_file = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
         writer = None
         if cfg.tensorboard and self.is_main:
             try:
@@ -274,6 +403,8 @@ class Trainer:
         started = time.perf_counter()
         stop_reason = "max_steps"
         params = [p for p in model.parameters() if p.requires_grad]
+        pending: list[dict] = []  # steps whose loss and grad norm are still on the device
+        interval_start = time.perf_counter()
 
         def record(entry: dict) -> None:
             if not self.is_main:
@@ -285,11 +416,34 @@ class Trainer:
                     if isinstance(v, (int, float)) and k != "step" and v is not None:
                         writer.add_scalar(k, v, entry["step"])
 
+        def flush() -> float | None:
+            """Read the pending steps' numbers from the device in one transfer, check them, log them."""
+            nonlocal interval_start
+            if not pending:
+                return None
+            values = torch.stack([torch.stack([p["loss"], p["grad_norm"]]) for p in pending]).double().tolist()
+            now = time.perf_counter()
+            tokens_per_second = tokens_per_step * len(pending) / max(now - interval_start, 1e-9)
+            achieved = self.flops_per_token * tokens_per_second / 1e12
+            for entry, (loss, grad_norm) in zip(pending, values):
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    pending.clear()
+                    raise self._diagnose(entry["step"], entry["lr"], loss, grad_norm)
+                record({"step": entry["step"], "loss": loss, "lr": entry["lr"], "grad_norm": grad_norm,
+                        "tokens_per_second": tokens_per_second, "tflops": achieved,
+                        "mfu": achieved / self.peak if self.peak else None, "seconds": entry["seconds"]})
+            bar.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{pending[-1]['lr']:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            pending.clear()
+            interval_start = now
+            return values[-1][0]
+
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
         model.train()
         try:
             while self.state.step < cfg.max_steps:
                 step = self.state.step
-                t0 = time.perf_counter()
                 lr = self._set_lr(step)
                 loss_sum = torch.zeros((), device=self.device)
                 for micro in range(cfg.grad_accum):
@@ -305,33 +459,37 @@ class Trainer:
                     loss_sum += loss.detach() / cfg.grad_accum
                 if self.world_size > 1:
                     torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-                loss_sum = loss_sum.item()
                 if cfg.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 else:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                    raise self._diagnose(step + 1, lr, loss_sum, grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded scalar
+                    grad_norm = grad_norm.full_tensor()
                 for opt in self.optimizers:
                     opt.step()
                 for opt in self.optimizers:
                     opt.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
                 self.state.step = step + 1
-                tokens_per_second = tokens_per_step / dt
-                achieved = self.flops_per_token * tokens_per_second / 1e12
-                record({"step": self.state.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_second": tokens_per_second, "tflops": achieved,
-                        "mfu": achieved / self.peak if self.peak else None, "seconds": time.perf_counter() - started})
+                pending.append({"step": self.state.step, "loss": loss_sum, "grad_norm": grad_norm.detach().float(),
+                                "lr": lr, "seconds": time.perf_counter() - started})
                 bar.update(1)
-                if self.state.step % cfg.log_interval == 0:
-                    bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
-                out_of_time = cfg.max_minutes is not None and (time.perf_counter() - started) / 60 >= cfg.max_minutes
-                final = self.state.step == cfg.max_steps or out_of_time
-                if self.state.step % cfg.eval_interval == 0 or final:
+                # One small message per step carries every rank's stop request: rank 0's clock
+                # decides the time limit, and a SIGTERM on any rank stops them all at this step.
+                out_of_time = (self.is_main and cfg.max_minutes is not None
+                               and (time.perf_counter() - started) / 60 >= cfg.max_minutes)
+                request = 2.0 if self._signalled.is_set() else 1.0 if out_of_time else 0.0
+                stop = STOP_REASONS[int(self._shared([request])[0])]
+                final = self.state.step == cfg.max_steps or stop != ""
+                evaluate_now = self.state.step % cfg.eval_interval == 0 or (final and stop != "signal")
+                if self.state.step % cfg.log_interval == 0 or evaluate_now or final:
+                    loss_now = flush()  # raises NonFiniteLoss before anything is saved
+                if stop == "signal":
+                    self._save(["last"])
+                    self.log(f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: "
+                             "resume with --resume")
+                    stop_reason = "signal"
+                    break
+                if evaluate_now:
                     val = self.evaluate()
                     improved = val < self.state.best_val
                     if improved:
@@ -340,24 +498,26 @@ class Trainer:
                         self.state.evals_without_improvement += 1
                     record({"step": self.state.step, "val_loss": val, "best_val_loss": self.state.best_val,
                             "seconds": time.perf_counter() - started})
-                    if improved:
-                        self._save("best")
-                    self._save("last")
-                    message = f"step {self.state.step}: train {loss_sum:.4f}  val {val:.4f}{'  (best)' if improved else ''}"
-                    if cfg.sample_tokens and self.is_main:
-                        message += "\n" + self.sample().strip()[:400]
+                    self._save(["best", "last"] if improved else ["last"])
+                    message = f"step {self.state.step}: train {loss_now:.4f}  val {val:.4f}{'  (best)' if improved else ''}"
+                    if cfg.sample_tokens:
+                        text = self.sample() if (self.sharded or self.is_main) else ""
+                        message += "\n" + text.strip()[:400]
                     if self.is_main:
                         bar.write(message) if self.progress_bar else self.log(message)
+                    # val is rank 0's value on every rank, so every rank takes the same decision.
                     if cfg.patience is not None and self.state.evals_without_improvement >= cfg.patience:
                         stop_reason = "early_stopping"
                         break
                     if cfg.target_loss is not None and val <= cfg.target_loss:
                         stop_reason = "target_loss"
                         break
-                if out_of_time:
-                    stop_reason = "max_minutes"
+                if stop:
+                    stop_reason = stop
                     break
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             bar.close()
             if metrics_file:
                 metrics_file.close()
@@ -373,7 +533,13 @@ class Trainer:
 def plot_losses(metrics: Path, path: Path) -> Path:
     from scratchlm.plots import pyplot, save_figure
 
-    records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
+    records = []
+    for line in metrics.read_text(encoding="utf-8", errors="replace").split("\n"):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill is left out of the picture
+                continue
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     plt = pyplot()
