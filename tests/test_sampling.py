@@ -84,3 +84,103 @@ def test_stop_strings_and_streaming(peaked_model):
     stop = full[10:12]
     cut = generate_text(peaked_model, tok, "ab", 40, SamplingConfig(temperature=0), stop=[stop])
     assert cut == full[: full.index(stop)]
+
+
+def test_beam_search_past_the_context_window_with_and_without_cache(peaked_model):
+    """40 new tokens on a 32-position model: the window slides, and both paths still agree."""
+    cached = beam_search(peaked_model, list(range(1, 21)), 40, beam_width=3)
+    uncached = beam_search(peaked_model, list(range(1, 21)), 40, beam_width=3, use_cache=False)
+    assert [ids for ids, _ in cached] == [ids for ids, _ in uncached]
+
+
+def test_cache_is_sized_for_the_generation_not_the_context(peaked_model, monkeypatch):
+    from scratchlm.generate import KVCache
+
+    sizes = []
+    real = KVCache.for_model.__func__
+
+    def spy(cls, model, batch, max_len=None):
+        sizes.append(max_len)
+        return real(cls, model, batch, max_len)
+
+    monkeypatch.setattr(KVCache, "for_model", classmethod(spy))
+    generate(peaked_model, [1, 2, 3, 4, 5], 10, SamplingConfig(temperature=0))
+    beam_search(peaked_model, [1, 2, 3], 6, beam_width=4)
+    generate(peaked_model, list(range(1, 31)), 10, SamplingConfig(temperature=0))  # window slides at 32
+    assert sizes[:2] == [15, 9]
+    assert all(s <= 32 for s in sizes[2:]) and sizes[2] == 32
+
+
+def test_kv_cache_reorder_copies_rows_and_only_the_filled_part():
+    from scratchlm.generate import KVCache
+
+    cache = KVCache(n_layer=2, batch=3, n_kv_head=1, max_len=8, head_dim=2)
+    k = torch.arange(2 * 3 * 1 * 5 * 2, dtype=torch.float32).view(2, 3, 1, 5, 2)
+    for layer in range(2):
+        cache.update(layer, k[layer], -k[layer])
+    cache.advance(5)
+    cache.k[:, :, :, 5:] = 99.0  # beyond `length`: never read, so never worth copying
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.k[:, :, :, :5], k[:, [2, 2, 0]]) and torch.equal(cache.v[:, :, :, :5], -k[:, [2, 2, 0]])
+    assert (cache.k[:, :, :, 5:] == 99.0).all()  # untouched
+    cache.reorder(torch.tensor([1]))  # fewer rows
+    assert cache.k.shape[1] == 1 and torch.equal(cache.k[:, 0, :, :5], k[:, 2])
+
+
+# --- streaming text: never show a stop string, decode incrementally -------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from scratchlm.generate import TextStream  # noqa: E402
+
+
+def reference_text(tokenizer, ids, stop):
+    text = tokenizer.decode(ids)
+    hits = [text.find(s) for s in stop if s and s in text]
+    return text[: min(hits)] if hits else text
+
+
+PIECES = ["Hello", " world", "\n\n", "User", ":", " é", "漢字", "🙂", "a", "b", "\n", "Us", "er:", "😀x"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=25),
+       stop=st.lists(st.sampled_from(["\n\nUser:", "User", "🙂", "é", "ab", "漢字😀", "zzz"]), max_size=3))
+def test_streamed_text_equals_the_cut_text_and_never_shows_a_stop_string(gpt2, pieces, stop):
+    ids = gpt2.encode("".join(pieces))
+    expected = reference_text(gpt2, ids, stop)
+    stream_ = TextStream(gpt2, stop)
+    chunks = [stream_.push(i) for i in ids] + [stream_.finish()]
+    assert "".join(chunks) == stream_.text == expected
+    shown = ""
+    for chunk in chunks:
+        shown += chunk
+        assert not any(s in shown for s in stop if s)  # no stop string is ever shown, even in part
+        assert expected.startswith(shown)
+
+
+def test_multibyte_character_split_across_tokens_is_held_until_complete(gpt2):
+    ids = gpt2.encode("🙂")
+    assert len(ids) > 1  # byte-level BPE splits this emoji
+    stream_ = TextStream(gpt2)
+    assert [stream_.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
+    assert stream_.push(ids[-1]) == "🙂"
+
+
+def test_streaming_decodes_each_token_once(peaked_model):
+    """Work per token is constant: each token's bytes are decoded once, never the whole text again."""
+    tok = CharTokenizer([chr(ord("a") + i) for i in range(40)])
+    calls = []
+    real = tok.decode_bytes
+
+    def counted(ids, **kwargs):
+        ids = list(ids)
+        calls.append(len(ids))
+        return real(ids, **kwargs)
+
+    tok.decode_bytes = counted
+    pieces = []
+    text = generate_text(peaked_model, tok, "ab", 60, SamplingConfig(temperature=0), on_text=pieces.append,
+                         stop=["zzzz"])
+    assert "".join(pieces) == text
+    assert calls == [1] * 60

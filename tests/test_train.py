@@ -118,28 +118,39 @@ def test_newton_schulz_orthogonalizes():
     torch.testing.assert_close(o[1], newton_schulz(g[1]), atol=1e-5, rtol=0)  # batched == one by one
 
 
-DDP_SCRIPT = """
-import json, os, sys
+DIST_SCRIPT = """
+import json, os, sys, time
 sys.path.insert(0, {repo!r})
+RANK = int(os.environ["RANK"])
+{hook}
 from scratchlm.train import train
-train(json.loads({cfg!r}), progress=False)
+summary = train(json.loads({cfg!r}), progress=False)
+print("SUMMARY " + json.dumps({{"rank": RANK, **summary}}), flush=True)
 """
+
+
+def torchrun(tmp_path, cfg: dict, port: int, hook: str = "", timeout: int = 240) -> list[dict]:
+    """Run ``train(cfg)`` on 2 gloo processes; a hang fails the test (timeout) instead of blocking CI."""
+    script = tmp_path / f"dist-{port}.py"
+    script.write_text(DIST_SCRIPT.format(repo=str(REPO), cfg=json.dumps(cfg), hook=hook))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(port), str(script)], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("SUMMARY ")]
+    return sorted(summaries, key=lambda s: s["rank"])
 
 
 @pytest.mark.parametrize("strategy,steps,port", [("ddp", 1, 29517), ("fsdp", 3, 29518)])
 def test_data_parallel_equals_single_process_on_concatenated_batch(char_shards, tmp_path, strategy, steps, port):
-    """2 processes x 4 windows = the same 8 windows as 1 process x 8 (the loader slices one global batch)."""
-    base = config(char_shards, tmp_path / "single", max_steps=steps, batch_size=8, sample_tokens=0, optimizer="adamw",
+    """2 processes x 4 windows = the same 8 windows as 1 process x 8 (the loader slices one global batch).
+    Sampling is on (the default path): under FSDP every rank must take part in its forward passes."""
+    base = config(char_shards, tmp_path / "single", max_steps=steps, batch_size=8, sample_tokens=5, optimizer="adamw",
                   eval_interval=steps)
     base["model"]["dropout"] = 0.0
     train(base, progress=False)
     parallel_cfg = json.loads(json.dumps(base))
     parallel_cfg["train"].update(out_dir=str(tmp_path / strategy), batch_size=4, strategy=strategy)
-    script = tmp_path / "run.py"
-    script.write_text(DDP_SCRIPT.format(repo=str(REPO), cfg=json.dumps(parallel_cfg)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(port), str(script)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(tmp_path, parallel_cfg, port)
     single = load_file(str(tmp_path / "single" / "last" / "model.safetensors"))
     parallel = load_file(str(tmp_path / strategy / "last" / "model.safetensors"))
     assert single.keys() == parallel.keys()
@@ -148,6 +159,92 @@ def test_data_parallel_equals_single_process_on_concatenated_batch(char_shards, 
     for step in range(1, steps + 1):
         assert losses(tmp_path / strategy)[step] == pytest.approx(losses(tmp_path / "single")[step], abs=1e-5)
     assert read_state(tmp_path / strategy / "last")["optimizers"][0]["param_groups"][0]["params"][0] == "tok_emb.weight"
+
+
+# Rank 1's clock runs 10,000x fast: alone, it would think max_minutes had passed after one step.
+FAST_CLOCK_ON_RANK_1 = """
+if RANK == 1:
+    real_clock, start = time.perf_counter, time.perf_counter()
+    time.perf_counter = lambda: start + (real_clock() - start) * 10_000
+"""
+
+
+@pytest.mark.parametrize("strategy,port", [("ddp", 29521), ("fsdp", 29522)])
+def test_ranks_stop_together_when_their_clocks_disagree(char_shards, tmp_path, strategy, port):
+    cfg = config(char_shards, tmp_path / "run", max_steps=6, eval_interval=3, sample_tokens=0, max_minutes=5.0,
+                 strategy=strategy, optimizer="adamw")
+    summaries = torchrun(tmp_path, cfg, port, FAST_CLOCK_ON_RANK_1)
+    # Rank 0's clock decides for everyone: both ranks ran all 6 steps.
+    assert [s["steps"] for s in summaries] == [6, 6]
+    assert [s["stop_reason"] for s in summaries] == ["max_steps", "max_steps"]
+
+
+SIGTERM_RANK_1_AT_STEP_3 = """
+import signal
+import scratchlm.data.loader as loader
+real, n = loader.BatchLoader.get_batch, [0]
+def get_batch(self):
+    n[0] += 1
+    if RANK == 1 and n[0] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)  # only one rank is told to stop
+    return real(self)
+loader.BatchLoader.get_batch = get_batch
+"""
+
+
+def test_sigterm_on_one_rank_stops_all_and_resume_restores_every_ranks_rng(char_shards, tmp_path):
+    """Dropout on, 2 ranks, each with its own dropout stream: stop at step 3 by SIGTERM to rank 1 only,
+    resume, and the per-step losses equal an uninterrupted 2-rank run's exactly."""
+    cfg = config(char_shards, tmp_path / "run", max_steps=6, eval_interval=100, sample_tokens=0)
+    summaries = torchrun(tmp_path, cfg, 29523, SIGTERM_RANK_1_AT_STEP_3)
+    assert [(s["steps"], s["stop_reason"]) for s in summaries] == [(3, "signal"), (3, "signal")]
+    ranks = read_state(tmp_path / "run" / "last")["rng"]["ranks"]
+    assert len(ranks) == 2 and ranks[0]["torch"] != ranks[1]["torch"]  # each rank's own stream was saved
+    script = tmp_path / "resume.py"
+    script.write_text(DIST_SCRIPT.format(repo=str(REPO), cfg=json.dumps(cfg), hook="").replace(
+        "progress=False)", "progress=False, resume=True)"))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29524", str(script)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight = config(char_shards, tmp_path / "straight", max_steps=6, eval_interval=100, sample_tokens=0)
+    torchrun(tmp_path, straight, 29525)
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+
+
+def test_training_step_does_not_wait_for_the_device(char_shards, tmp_path, monkeypatch):
+    """Losses and gradient norms are read from the device once per log interval, not every step."""
+    from scratchlm.train import trainer
+
+    reads = []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            if sys._getframe(1).f_code.co_filename == trainer.__file__:
+                reads.append(sys._getframe(1).f_code.co_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    train(config(char_shards, tmp_path / "run", max_steps=40, log_interval=10, eval_interval=20, sample_tokens=0),
+          progress=False)
+    # 4 log flushes + 2 evaluations; the old loop read 2 values per step (80).
+    assert len(reads) <= 6, reads
+
+
+def test_muon_applies_decoupled_weight_decay_to_hidden_matrices():
+    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.train.config import TrainConfig
+    from scratchlm.train.optim import build_optimizers
+
+    model = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, block_size=4))
+    adamw, muon = build_optimizers(model, TrainConfig(optimizer="muon", weight_decay=0.1, muon_lr=0.05),
+                                   torch.device("cpu"))
+    hidden = muon.param_groups[0]["params"][0]
+    before = hidden.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only the decay moves the weights
+    muon.step()
+    torch.testing.assert_close(hidden.detach(), before * (1 - 0.05 * 0.1), rtol=0, atol=1e-7)
 
 
 def test_eval_and_sample_commands(char_shards, tmp_path, capsys):

@@ -21,12 +21,18 @@ from scratchlm.generate.sampling import SamplingConfig, choose
 
 
 class _Window:
-    """The visible context of a batch of sequences, with or without a KV cache."""
+    """The visible context of a batch of sequences, with or without a KV cache.
 
-    def __init__(self, model, tokens: torch.Tensor, use_cache: bool):
+    The cache is sized for what this generation can still need (the visible prompt plus the new
+    tokens, at most ``block_size``), not always ``block_size``: memory, and every reorder of
+    beam search, then scale with the text actually generated.
+    """
+
+    def __init__(self, model, tokens: torch.Tensor, use_cache: bool, max_new_tokens: int):
         self.model, self.tokens, self.use_cache = model, tokens, use_cache
         self.block = model.config.block_size
         self.start = max(0, tokens.shape[1] - self.block)  # first visible position
+        self.final_length = tokens.shape[1] + max_new_tokens  # tokens held once generation ends
         self.cache: KVCache | None = None
 
     def logits(self) -> torch.Tensor:
@@ -38,7 +44,8 @@ class _Window:
         if not self.use_cache:
             return self.model(visible, last_only=True)[0][:, -1]
         if self.cache is None:  # prefill
-            self.cache = KVCache.for_model(self.model, visible.shape[0])
+            needed = min(self.block, self.final_length - self.start)
+            self.cache = KVCache.for_model(self.model, visible.shape[0], max_len=needed)
             return self.model(visible, cache=self.cache, last_only=True)[0][:, -1]
         new = visible[:, self.cache.length :]  # decode: only the positions not yet cached
         return self.model(new, cache=self.cache, last_only=True)[0][:, -1]
@@ -71,7 +78,7 @@ def stream(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    window = _Window(model, _as_batch(prompt, device), use_cache)
+    window = _Window(model, _as_batch(prompt, device), use_cache, max_new_tokens)
     prompt_len = window.tokens.shape[1]
     generator = None
     if seed is not None:
@@ -107,28 +114,91 @@ def generate_text(
 ) -> str:
     """Generate from a text prompt; stop at any of the ``stop`` strings (which are cut off).
 
-    ``on_text`` receives the text as it grows (streaming to a terminal); bytes that do not yet
-    form a complete UTF-8 character are held back until they do.
+    ``on_text`` receives the text as it grows (streaming to a terminal): everything it is given,
+    joined, is exactly the returned text (see :class:`TextStream`).
     """
     ids = tokenizer.encode(prompt, allowed_special="all") if prompt else [tokenizer.eot_token or 0]
     stop_ids = [tokenizer.eot_token] if tokenizer.eot_token is not None else []
-    out: list[int] = []
-    shown = ""
+    text = TextStream(tokenizer, stop)
     for next_ids in stream(model, ids, max_new_tokens, sampling, use_cache=use_cache, seed=seed, stop_ids=stop_ids):
         token = int(next_ids[0])
         if token in stop_ids:
             break
-        out.append(token)
-        text = tokenizer.decode_bytes(out).decode("utf-8", errors="ignore")
-        hit = [text.index(s) for s in stop if s in text]
-        if hit:
-            text = text[: min(hit)]
-        if on_text and len(text) > len(shown):
-            on_text(text[len(shown) :])
-        shown = text
-        if hit:
-            return text
-    return tokenizer.decode(out)
+        chunk = text.push(token)
+        if on_text and chunk:
+            on_text(chunk)
+        if text.stopped:
+            break
+    chunk = text.finish()
+    if on_text and chunk:
+        on_text(chunk)
+    return text.text
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is safe to show, cut before the first stop string.
+
+    Two things make streamed text unsafe to print at once:
+
+    * a token can end in the middle of a UTF-8 character (byte-level BPE splits emoji and CJK
+      characters across tokens): an incremental UTF-8 decoder keeps those bytes until the
+      character is complete;
+    * the end of the text so far may be the beginning of a stop string (``"\n\nUs"`` of
+      ``"\n\nUser:"``): that suffix is held back until the next tokens show whether the stop string
+      follows (then it is cut, never shown) or not (then it is released).
+
+    Each token costs work proportional to its own bytes and the stop strings' length, never to
+    the text so far. ``"".join`` of everything :meth:`push` and :meth:`finish` returned equals
+    :attr:`text`, which equals decoding all ids at once and cutting at the first stop string.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        import codecs
+
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self._longest = max((len(s) for s in self.stop), default=0)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""  # decoded, not yet shown: might still become a stop string
+        self._shown: list[str] = []
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self._shown)
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text that became safe to show (often "")."""
+        if self.stopped:
+            return ""
+        self._held += self._decoder.decode(self.tokenizer.decode_bytes([token]))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """No more tokens: flush an incomplete character (as U+FFFD) and what was held back."""
+        if not self.stopped:
+            self._held += self._decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        hits = [i for i in (self._held.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self._held, self.stopped = self._held[: min(hits)], "", True
+        else:
+            keep = 0 if final else self._unsafe_suffix()
+            out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+        self._shown.append(out)
+        return out
+
+    def _unsafe_suffix(self) -> int:
+        """Length of the longest end of the held text that begins some stop string."""
+        for k in range(min(len(self._held), self._longest - 1), 0, -1):
+            tail = self._held[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
 
 
 @torch.no_grad()
@@ -144,7 +214,7 @@ def beam_search(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    window = _Window(model, _as_batch(prompt, device), use_cache)
+    window = _Window(model, _as_batch(prompt, device), use_cache, max_new_tokens)
     prompt_len = window.tokens.shape[1]
     scores = torch.zeros(1, device=device)  # running log-probability of each live beam
     finished: list[tuple[list[int], float]] = []

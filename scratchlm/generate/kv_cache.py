@@ -44,9 +44,22 @@ class KVCache:
         self.length += n
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows ``index`` (beam search: the surviving beams' histories)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        """Keep batch rows ``index`` (beam search: the surviving beams' histories).
+
+        Only the ``length`` filled positions are copied (a 4096-long cache holding 300 positions
+        moves 300, not 4096), and the identity permutation costs nothing.
+        """
+        n, batch = self.length, self.k.shape[1]
+        if len(index) == batch and torch.equal(index, torch.arange(batch, device=index.device)):
+            return
+        if len(index) != batch:  # the number of rows changes (beam search's first step: 1 -> beams)
+            shape = (self.k.shape[0], len(index), *self.k.shape[2:])
+            k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        else:
+            k, v = self.k, self.v
+        k[:, :, :, :n] = self.k[:, index, :, :n]  # the right side is a gathered copy: safe in place
+        v[:, :, :, :n] = self.v[:, index, :, :n]
+        self.k, self.v = k, v
 
     @property
     def bytes(self) -> int:

@@ -1,0 +1,301 @@
+"""Training under faults: kills at every point of a checkpoint save, SIGTERM, a second trainer on
+the same folder, corrupt checkpoint files, a full disk, a torn log line (issue 6).
+
+Every test drives the real failure: a child process killed with SIGKILL between two filesystem
+operations, a real signal, a real second process, real damaged bytes on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scratchlm.data import prepare_dataset, tokenize_dataset
+from scratchlm.io import FormatError
+from scratchlm.tokenizers import CharTokenizer
+from scratchlm.train import train
+from scratchlm.train.checkpoint import CheckpointStore, is_complete, load_model_from_checkpoint, read_state
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32, "position": "rope", "norm": "rmsnorm",
+              "mlp": "relu2", "bias": False, "dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def char_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    ds, _ = prepare_dataset("shakespeare", root / "shakespeare")
+    path = CharTokenizer.train(ds.text("train")).save(root / "char.json")
+    return tokenize_dataset(ds, path, root / "char")["path"]
+
+
+def config(shards, out, **train_overrides):
+    return {"model": dict(TINY_MODEL), "train": {"data": str(shards), "out_dir": str(out), "batch_size": 4,
+                                                 "max_steps": 6, "eval_interval": 2, "eval_windows": 8,
+                                                 "warmup_steps": 2, "sample_tokens": 0, "lr": 3e-3,
+                                                 "log_interval": 5, **train_overrides}}
+
+
+def losses(out) -> dict[int, float]:
+    records = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(char_shards, tmp_path_factory):
+    """An uninterrupted run: what every interrupted-and-resumed run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train(config(char_shards, out), progress=False)
+    return out
+
+
+# --- a child that dies at the N-th filesystem operation of its k-th checkpoint save ----------------
+KILLER = r"""
+import json, os, signal, sys
+sys.path.insert(0, {repo!r})
+import scratchlm.train.checkpoint as ck
+from scratchlm.train import train
+
+kill_at, target_save = {kill_at}, {target_save}
+count = {{"saves": 0, "ops": 0, "active": False}}
+
+def counted(module, name):
+    real = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        if count["active"]:
+            count["ops"] += 1
+            if count["ops"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(module, name, wrapper)
+
+# Every call that changes the file system, or makes a change durable, during a save.
+for name in ("mkdir", "open", "fchmod", "fsync", "rename", "replace", "symlink", "unlink", "rmdir"):
+    counted(os, name)
+counted(ck, "save_file")  # safetensors writes each tensor file in one call
+
+real_save = ck.CheckpointStore.save
+def save(self, *args, **kwargs):
+    count["saves"] += 1
+    count["active"] = count["saves"] == target_save
+    try:
+        return real_save(self, *args, **kwargs)
+    finally:
+        count["active"] = False
+ck.CheckpointStore.save = save
+
+train(json.loads({cfg!r}), progress=False)
+print(json.dumps({{"ops_in_target_save": count["ops"]}}))
+"""
+
+
+def run_killer(tmp_path, cfg, kill_at: int, target_save: int) -> subprocess.CompletedProcess:
+    script = tmp_path / f"killer-{kill_at}.py"
+    script.write_text(KILLER.format(repo=str(REPO), kill_at=kill_at, target_save=target_save, cfg=json.dumps(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_kill_at_every_point_of_a_checkpoint_save_then_resume_is_exact(char_shards, reference, tmp_path):
+    """SIGKILL before each filesystem operation of the 2nd save (step 4): resume always finds a complete
+    checkpoint, and the finished run equals the uninterrupted one bit for bit."""
+    dry = run_killer(tmp_path, config(char_shards, tmp_path / "dry"), kill_at=0, target_save=2)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    n_ops = json.loads(dry.stdout.strip().splitlines()[-1])["ops_in_target_save"]
+    assert n_ops >= 20  # write 3 files, fsync them, rename, switch two links, delete the old folder...
+    expected, final = losses(reference), weights(reference / "last")
+    for kill_at in range(1, n_ops + 1):
+        out = tmp_path / f"run-{kill_at}"
+        killed = run_killer(tmp_path, config(char_shards, out), kill_at=kill_at, target_save=2)
+        assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-2000:])
+        # What a user finds after the crash: `last` reads, whole, at step 2 or 4.
+        step = read_state(out / "last")["step"]
+        assert step in (2, 4), kill_at
+        train(config(char_shards, out), resume=True, progress=False)
+        assert losses(out) == expected, f"resume after a kill at operation {kill_at} of {n_ops} diverged"
+        resumed = weights(out / "last")
+        assert all(torch.equal(resumed[k], final[k]) for k in final), kill_at
+        # Recovery left only complete folders that a pointer names, and no temporary files.
+        leftovers = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert len(leftovers) <= 2 and all(p.startswith("step-") for p in leftovers), (kill_at, leftovers)
+        assert not list(out.glob(".*.tmp-*")), kill_at
+
+
+def test_interrupted_save_of_the_old_layout_is_recovered(char_shards, reference, tmp_path):
+    """scratchlm 0.1 renamed `last` away before renaming the new copy in; a kill between the two left
+    only `.last.old-PID`. Start-up recovery puts it back, and resume continues exactly."""
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=6), progress=False)
+    # Rebuild the old layout at step 6 from the new one: a plain folder, then the crash state.
+    step_folder = (out / os.readlink(out / "last")).resolve()
+    for link in ("last", "best"):
+        (out / link).unlink()
+    os.rename(step_folder, out / ".last.old-12345")
+    (out / ".last.tmp-12345").mkdir()  # the half-written new copy
+    train(config(char_shards, out, max_steps=8), resume=True, progress=False)
+    assert read_state(out / "last")["step"] == 8
+    assert not (out / ".last.old-12345").exists() and not (out / ".last.tmp-12345").exists()
+
+
+def test_sigterm_saves_last_and_resume_is_exact(char_shards, reference, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(char_shards, out, max_steps=6, eval_interval=100)  # no save except the one SIGTERM asks for
+    script = tmp_path / "term.py"
+    script.write_text(
+        "import json, os, signal, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import scratchlm.data.loader as loader\n"
+        "real, n = loader.BatchLoader.get_batch, [0]\n"
+        "def get_batch(self):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler asks the run to stop, during step 3\n"
+        "    return real(self)\n"
+        "loader.BatchLoader.get_batch = get_batch\n"
+        "from scratchlm.train import train\n"
+        f"print(json.dumps(train(json.loads({json.dumps(cfg)!r}), progress=False)))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["stop_reason"] == "signal" and summary["steps"] == 3
+    assert read_state(out / "last")["step"] == 3
+    train(config(char_shards, out, max_steps=6, eval_interval=100), resume=True, progress=False)
+    uninterrupted = tmp_path / "straight"
+    train(config(char_shards, uninterrupted, max_steps=6, eval_interval=100), progress=False)
+    assert losses(out) == losses(uninterrupted)
+
+
+def test_a_second_trainer_on_the_same_out_dir_is_refused_until_the_first_dies(char_shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(char_shards, out, max_steps=100_000, eval_interval=100_000)
+    script = tmp_path / "long.py"
+    script.write_text(f"import json, sys\nsys.path.insert(0, {str(REPO)!r})\nfrom scratchlm.train import train\n"
+                      f"train(json.loads({json.dumps(cfg)!r}), progress=False)\n")
+    first = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.2)
+        with pytest.raises(RuntimeError, match=rf"in use by another training run \(process {first.pid} holds"):
+            train(config(char_shards, out), progress=False)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The dead process's lock went with it: a new run may use the folder.
+    summary = train(config(char_shards, out, max_steps=2), progress=False)
+    assert summary["steps"] == 2
+
+
+# --- damaged checkpoint files are refused by name --------------------------------------------------
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "flip":
+        data[len(data) - 7] ^= 0x10  # one bit in the last tensor's bytes
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("file,how,message", [
+    ("model.safetensors", "truncate", r"model\.safetensors: \d+ bytes, but the checkpoint recorded \d+"),
+    ("model.safetensors", "flip", r"model\.safetensors: sha256 differs"),
+    ("state.json", "truncate", r"state\.json: expected a 'scratchlm\.checkpoint' JSON file but it does not parse"),
+])
+def test_damaged_checkpoint_files_are_refused_by_name(char_shards, reference, tmp_path, file, how, message):
+
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree((reference / "last").resolve(), copy)
+    damage(copy / file, how)
+    with pytest.raises(FormatError, match=message):
+        load_model_from_checkpoint(copy)
+    result = subprocess.run([sys.executable, "-m", "scratchlm", "eval", "--checkpoint", str(copy)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(copy / file) in result.stderr
+
+
+def test_wrong_version_and_missing_keys_in_state_json(reference, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree((reference / "last").resolve(), copy)
+    state = json.loads((copy / "state.json").read_text())
+    (copy / "state.json").write_text(json.dumps({**state, "version": 99}))
+    with pytest.raises(FormatError, match=r"state\.json: 'scratchlm\.checkpoint' version 99 is not supported"):
+        read_state(copy)
+    del state["model"]
+    (copy / "state.json").write_text(json.dumps(state))
+    with pytest.raises(FormatError, match=r"state\.json: missing \['model'\]"):
+        load_model_from_checkpoint(copy)
+
+
+def test_bit_flip_in_optimizer_state_is_refused_on_resume(char_shards, tmp_path):
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=2), progress=False)
+    damage((out / "last").resolve() / "optimizer.safetensors", "flip")
+    with pytest.raises(FormatError, match=r"optimizer\.safetensors: sha256 differs"):
+        train(config(char_shards, out, max_steps=4), resume=True, progress=False)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(char_shards, tmp_path, monkeypatch):
+    import scratchlm.train.checkpoint as ck
+
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=2), progress=False)
+    before = read_state(out / "last")["step"]
+    real = ck.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # the device filled up halfway through the file
+            f.truncate(os.path.getsize(filename) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(ck, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(config(char_shards, out, max_steps=4), resume=True, progress=False)
+    monkeypatch.setattr(ck, "save_file", real)
+    assert read_state(out / "last")["step"] == before and is_complete((out / "last").resolve())
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no half folder left
+    train(config(char_shards, out, max_steps=4), resume=True, progress=False)
+    assert read_state(out / "last")["step"] == 4
+
+
+def test_torn_last_line_of_the_metrics_log_is_tolerated_on_resume(char_shards, tmp_path):
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=4), progress=False)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "loss": 2.1, "lr"')  # killed mid-write
+    train(config(char_shards, out, max_steps=6), resume=True, progress=False)
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
+    # A damaged line that is not the last one is corruption, reported with its line number.
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
+    with pytest.raises(FormatError, match=r"metrics\.jsonl, line 3: not a JSON record"):
+        train(config(char_shards, out, max_steps=8), resume=True, progress=False)
+
+
+def test_store_points_last_and_best_at_immutable_step_folders(char_shards, tmp_path):
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=6), progress=False)
+    assert (out / "last").is_symlink() and os.readlink(out / "last").startswith("checkpoints/step-")
+    store = CheckpointStore(out)
+    assert all(is_complete(f) for f in store.complete_folders())
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {Path(os.readlink(out / n)).name for n in ("last", "best")}
