@@ -37,8 +37,8 @@ quickstart: setup
 	$(SLM) tokenizer compare --dataset $(RUN)/shakespeare --vocab-sizes 512,1024,2048,4096 \
 		--plot $(RUN)/tokenizer_compare.png
 	$(SLM) tokenizer train --dataset $(RUN)/names --kind char --special '<|endoftext|>' --out $(RUN)/names_char.json
-	$(SLM) bigram --dataset $(RUN)/names --tokenizer $(RUN)/names_char.json --fit-split all --samples 8
-	$(SLM) bigram --dataset $(RUN)/shakespeare --tokenizer $(RUN)/char.json --samples 2 --max-tokens 80
+	$(SLM) bigram --dataset $(RUN)/names --tokenizer $(RUN)/names_char.json --fit-split all --num-samples 8
+	$(SLM) bigram --dataset $(RUN)/shakespeare --tokenizer $(RUN)/char.json --num-samples 2 --max-new-tokens 80
 	$(SLM) model info --config configs/shakespeare-char.toml
 	$(SLM) train --config configs/shakespeare-char.toml --set train.data=$(RUN)/shakespeare/char \
 		--set train.out_dir=$(RUN)/gpt

@@ -69,7 +69,10 @@ def _texts(args, split: str) -> list[str]:
 def cmd_data_prepare(args) -> None:
     from scratchlm.data import prepare_dataset
 
-    fractions = tuple(float(f) for f in args.split.split(","))
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        raise ValueError(f"--fractions {args.fractions!r}: expected three numbers train,val,test, e.g. 0.9,0.05,0.05") from None
     name = args.source if not Path(args.source).exists() else Path(args.source).stem
     out = Path(args.out) if args.out else Path("data") / name
     start = time.perf_counter()
@@ -168,7 +171,7 @@ def cmd_bigram(args) -> None:
 
     report = run_bigram(args.dataset, _load_tokenizer(args.tokenizer), models=args.model.split(","),
                         smoothing=args.smoothing, fit_split=args.fit_split, steps=args.steps, lr=args.lr,
-                        n_samples=args.samples, max_tokens=args.max_tokens, seed=args.seed, progress=not args.json,
+                        n_samples=args.num_samples, max_tokens=args.max_new_tokens, seed=args.seed, progress=not args.json,
                         device=args.device)
     lines = []
     for name, r in report["models"].items():
@@ -200,12 +203,13 @@ def cmd_model_info(args) -> None:
 
 
 def _model_config(args):
+    """A model config from --preset or --config, with every --set model.key=value applied."""
     from scratchlm.config import load_config
     from scratchlm.models.gpt import GPTConfig, preset
 
-    if args.preset:
-        return preset(args.preset)
     section = load_config(args.config, args.set).get("model", {})
+    if args.preset:
+        section["preset"] = args.preset
     name = section.pop("preset", None)
     return GPTConfig.from_dict({**(preset(name).to_dict() if name else {}), **section})
 
@@ -263,7 +267,7 @@ def cmd_sample(args) -> None:
 
     model, state = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
     tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else _checkpoint_tokenizer(args.checkpoint, state)
-    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    prompt = interpret_escapes(args.prompt) if args.escapes else args.prompt
     results = []
     start = time.perf_counter()
     if args.beam:
@@ -287,6 +291,15 @@ def cmd_sample(args) -> None:
     seconds = time.perf_counter() - start
     _emit(args, {"prompt": prompt, "samples": results, "seconds": seconds},
           "\n---\n".join(prompt + r["text"] + (f"  [score {r['score']:.3f}]" if "score" in r else "") for r in results))
+
+
+def interpret_escapes(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\u00e9``... in ``text`` become the characters; other characters stay as
+    they are. (``unicode_escape`` alone reads bytes as Latin-1, which garbles UTF-8 text: the
+    non-Latin-1 characters are first written as escapes themselves.)"""
+    import codecs
+
+    return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
 
 
 def _checkpoint_tokenizer(checkpoint: str, state: dict):
@@ -316,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = data.add_parser("prepare", help="normalize, split 90/5/5, check leakage, write a manifest")
     q.add_argument("source", help="shakespeare | names | stdlib | a text file, folder, or .jsonl")
     q.add_argument("--out", help="output folder (default: data/<name>)")
-    q.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions (default 0.9,0.05,0.05)")
+    q.add_argument("--fractions", default="0.9,0.05,0.05", help="train,val,test fractions (default 0.9,0.05,0.05)")
     q.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle")
     q.add_argument("--documents", choices=["whole", "lines"], help="a text file is one document, or one per line")
     q.add_argument("--text-field", default="text", help="field holding the text in a .jsonl file")
@@ -385,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fit-split", choices=["train", "all"], default="train", help="fit on train, or on all splits")
     q.add_argument("--steps", type=int, default=300, help="neural bigram optimizer steps")
     q.add_argument("--lr", type=float, default=0.3, help="neural bigram learning rate (Adam)")
-    q.add_argument("--samples", type=int, default=10, help="number of samples to draw")
-    q.add_argument("--max-tokens", type=int, default=60, help="longest sample, in tokens")
+    q.add_argument("--num-samples", type=int, default=10, help="number of samples to draw")
+    q.add_argument("--max-new-tokens", type=int, default=60, help="longest sample, in tokens")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", help="cuda | mps | cpu (default: the best available)")
     json_flag(q)
@@ -397,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         src = q.add_mutually_exclusive_group(required=True)
         src.add_argument("--preset", help="a preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-tiny, ...)")
         src.add_argument("--config", help="a TOML config with a [model] table")
-        q.add_argument("--set", action="append", default=[], help="override, e.g. model.n_kv_head=1 (with --config)")
+        q.add_argument("--set", action="append", default=[], help="override, e.g. model.n_kv_head=1 (repeatable)")
         json_flag(q)
 
     q = model.add_parser("info", help="parameter counts by part, FLOPs per token, KV-cache bytes per token")
@@ -463,8 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-        print(f"scratchlm: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:
+        # The project's own errors say what was expected and what to do: print them, no traceback.
+        # Anything else (a KeyError, a TypeError...) is a bug and keeps its traceback.
+        message = str(e)
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
+            message = f"{e.filename}: {message}"
+        print(f"scratchlm: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,33 +1,132 @@
-"""Run configuration: TOML files in ``configs/``, overridden from the command line.
+"""Run configuration: TOML files in ``configs/``, overridden from the command line, validated.
 
 A config has a ``[model]`` table (a ``preset`` name and/or any :class:`GPTConfig` field) and a
 ``[train]`` table (:class:`~scratchlm.train.config.TrainConfig` fields). ``--set a.b=c``
 overrides one value; the value is read as TOML (``1e-3``, ``true``, ``"rope"``) and falls back
-to a plain string.
+to a plain string (so ``--set train.out_dir=2024-06-01`` is a folder name, not a date).
+
+Every value is checked when the config dataclass is built: its type (from the field's
+annotation) and its range or choices (from the class's table of :class:`Rule`), and a bad one is
+refused with a message naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import tomllib
+import types
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a numeric or string field allows, beyond its type."""
+
+    min: float | None = None  # inclusive
+    max: float | None = None  # inclusive
+    above: float | None = None  # exclusive lower bound
+    below: float | None = None  # exclusive upper bound
+    choices: tuple | None = None
+    why: str = ""  # a few words on what the field means, for the message
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = []
+        if self.min is not None:
+            parts.append(f">= {self.min:g}")
+        if self.above is not None:
+            parts.append(f"> {self.above:g}")
+        if self.max is not None:
+            parts.append(f"<= {self.max:g}")
+        if self.below is not None:
+            parts.append(f"< {self.below:g}")
+        return " and ".join(parts)
+
+    def allows(self, value) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _types_of(annotation) -> tuple[tuple[type, ...], bool]:
+    """(allowed types, whether None is allowed) of an annotation like ``int``, ``float | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = typing.get_args(annotation)
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (annotation,), False
+
+
+def _coerce(value, allowed: tuple[type, ...]):
+    """The value as the field's type, or raise TypeError. An int is a fine float; a bool is not an int."""
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+        raise TypeError
+    if isinstance(value, int) and int not in allowed and float in allowed:
+        return float(value)
+    if isinstance(value, (int, float)) and str in allowed and not (int in allowed or float in allowed):
+        return str(value)  # out_dir = 2024 names a folder "2024"
+    if isinstance(value, tuple(t for t in allowed if t is not bool)):
+        return value
+    raise TypeError
+
+
+def validate(obj, section: str, rules: dict[str, Rule]) -> None:
+    """Check (and normalise: int -> float) every field of a config dataclass instance, in place."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{section}.{f.name}"
+        allowed, optional = _types_of(hints[f.name])
+        rule = rules.get(f.name)
+        if value is None:
+            if optional:
+                continue
+            raise ConfigError(f"{key} = null: expected {_TYPE_NAMES.get(allowed[0], allowed[0].__name__)}")
+        try:
+            value = _coerce(value, allowed)
+        except TypeError:
+            expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed) + (" (or absent)" if optional else "")
+            found = type(value).__name__
+            hint = " (TOML read it as a date: quote it)" if isinstance(value, (datetime.date, datetime.time)) else ""
+            raise ConfigError(f"{key} = {value!r}: expected {expected}, found {found}{hint}") from None
+        if rule is not None and not rule.allows(value):
+            why = f" ({rule.why})" if rule.why else ""
+            raise ConfigError(f"{key} = {value!r}: must be {rule.describe()}{why}")
+        object.__setattr__(obj, f.name, value)
 
 
 def dataclass_from_dict(cls, values: dict, section: str):
     """Build a config dataclass, naming any key it does not have (a typo fails loudly)."""
-    from dataclasses import fields
-
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}] must be a table of key = value pairs, found {type(values).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"unknown [{section}] keys {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"unknown [{section}] keys {sorted(unknown)}; known: {sorted(known)}")
     return cls(**values)
 
 
 def parse_value(text: str):
+    """A ``--set`` value read as TOML; anything TOML reads as a date or time stays the text typed."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    return text if isinstance(value, (datetime.date, datetime.time)) else value
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
@@ -39,6 +138,8 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         node = config
         for s in sections:
             node = node.setdefault(s, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {s} is a value, not a section")
         node[key] = parse_value(value.strip())
     return config
 
@@ -56,5 +157,5 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
     config = apply_overrides(config, list(overrides))
     unknown = set(config) - {"model", "train"}
     if unknown:
-        raise ValueError(f"config sections must be [model] and [train]; found {sorted(unknown)}")
+        raise ConfigError(f"config sections must be [model] and [train]; found {sorted(unknown)}")
     return config

@@ -34,7 +34,7 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     shards = run_json(capsys, "data", "tokenize", "--dataset", str(ds), "--tokenizer", str(tok), "--workers", "2")
     assert shards["splits"]["train"]["tokens"] > 0
     report = run_json(capsys, "bigram", "--dataset", str(ds), "--tokenizer", str(tok), "--model", "count",
-                      "--smoothing", "0", "--fit-split", "all", "--samples", "3")
+                      "--smoothing", "0", "--fit-split", "all", "--num-samples", "3")
     assert report["models"]["count"]["nll"]["all"] == pytest.approx(2.4540, abs=1e-3)
     assert len(report["models"]["count"]["samples"]) == 3
     encoded = run_json(capsys, "tokenizer", "encode", "--tokenizer", "gpt2", "--text", "Hello, I am")

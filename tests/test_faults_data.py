@@ -148,3 +148,153 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     path.chmod(0o640)
     write_json(path, {"format": "x", "version": 1, "more": True})
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+# --- kills while writing data: no half file is ever taken as valid; a rerun completes -------------
+KILL_AT_NTH_REPLACE = r"""
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+real, count = os.replace, [0]
+def replace(*args, **kwargs):
+    count[0] += 1
+    if count[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)  # every file scratchlm writes lands through os.replace
+    return real(*args, **kwargs)
+os.replace = replace
+from scratchlm.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def run_cli_killed_at(tmp_path, argv: list[str], n: int) -> subprocess.CompletedProcess:
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AT_NTH_REPLACE.format(repo=str(REPO), n=n, argv=argv))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+
+
+def test_kill_during_data_prepare_then_rerun(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i}: " + "words " * (i % 7)}) + "\n" for i in range(60)))
+    out = tmp_path / "ds"
+    argv = ["data", "prepare", str(src), "--out", str(out), "--json"]
+    # Files written: train/val/test.jsonl, then manifest.json. Kill before each of the four lands.
+    for n in range(1, 5):
+        killed = run_cli_killed_at(tmp_path, argv, n)
+        assert killed.returncode == -signal.SIGKILL
+        with pytest.raises((FileNotFoundError, FormatError), match="no manifest.json|sha256 does not match"):
+            Dataset.load(out).documents("train")
+        assert subprocess.run([sys.executable, "-m", "scratchlm", *argv], capture_output=True, timeout=120,
+                              cwd=REPO).returncode == 0
+        assert len(Dataset.load(out).documents("train")) > 40
+        assert not list(out.glob(".*.tmp"))  # the killed writer's temporary file was cleaned up
+        for p in out.iterdir():
+            p.unlink()
+
+
+def test_kill_during_tokenize_then_rerun(tmp_path):
+    from scratchlm.cli import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i} says something"}) + "\n" for i in range(60)))
+    prepare_dataset(str(src), tmp_path / "ds")
+    train_tokenizer("byte", [""]).save(tmp_path / "byte.json")
+    shards = tmp_path / "shards"
+    argv = ["data", "tokenize", "--dataset", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "byte.json"),
+            "--out", str(shards), "--json", "--workers", "1"]
+    # train.bin, val.bin, test.bin, tokenizer.json, shards.json: kill before each lands.
+    for n in range(1, 6):
+        assert run_cli_killed_at(tmp_path, argv, n).returncode == -signal.SIGKILL
+        from scratchlm.data import verify_shards
+
+        with pytest.raises(ShardError, match="no shards.json, so tokenizing did not finish"):
+            verify_shards(shards)
+        assert main(argv) == 0
+        verify_shards(shards, load_tokenizer(shards / "tokenizer.json"))
+        for p in shards.iterdir():
+            p.unlink()
+
+
+# --- damaged data files are refused by name ---------------------------------------------------------
+@pytest.fixture
+def shards_folder(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i} says something"}) + "\n" for i in range(60)))
+    prepare_dataset(str(src), tmp_path / "ds")
+    train_tokenizer("byte", [""]).save(tmp_path / "byte.json")
+    tokenize_dataset(tmp_path / "ds", tmp_path / "byte.json", tmp_path / "shards")
+    return tmp_path / "shards"
+
+
+@pytest.mark.parametrize("how,message", [
+    ("truncate", r"train\.bin: header says \d+ ids .* the shard is truncated"),
+    ("header", r"train\.bin: not a scratchlm token shard"),
+    ("version", r"train\.bin: shard format version 7"),
+    ("body", r"train\.bin: sha256 differs from the one recorded in shards\.json"),
+])
+def test_damaged_shards_are_refused_by_name(shards_folder, how, message):
+    from scratchlm.data import verify_shards
+
+    path = shards_folder / "train.bin"
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[:-3]
+    elif how == "header":
+        data[0] ^= 0x01
+    elif how == "version":
+        data[8:12] = (7).to_bytes(4, "little")
+    else:
+        data[100] ^= 0x04  # one bit of one token id
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=message):
+        verify_shards(shards_folder, load_tokenizer(shards_folder / "tokenizer.json"))
+
+
+def test_damaged_tokenizer_and_manifest_files_are_refused_by_name(shards_folder, tmp_path):
+    tokenizer = shards_folder / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:50])
+    with pytest.raises(FormatError, match=r"tokenizer\.json: expected a 'scratchlm\.tokenizer' JSON file but it does not parse"):
+        load_tokenizer(tokenizer)
+    manifest = tmp_path / "ds" / "manifest.json"
+    content = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**content, "version": 9}))
+    with pytest.raises(FormatError, match=r"manifest\.json: 'scratchlm\.dataset' version 9 is not supported"):
+        Dataset.load(tmp_path / "ds")
+    manifest.write_text(json.dumps(content))
+    split = tmp_path / "ds" / "train.jsonl"
+    split.write_bytes(split.read_bytes()[:-5])
+    with pytest.raises(FormatError, match=r"train\.jsonl: sha256 does not match the manifest"):
+        Dataset.load(tmp_path / "ds").documents("train")
+
+
+def test_disk_full_while_writing_shards_keeps_the_old_ones(shards_folder, tmp_path, monkeypatch):
+    import scratchlm.io as io
+
+    before = {p.name: p.read_bytes() for p in shards_folder.iterdir()}
+    real_fdopen = io.os.fdopen
+
+    class FullDisk:
+        """A file whose device fills up after 100 bytes."""
+
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            if self.written + len(data) > 100:
+                raise OSError(28, "No space left on device")
+            self.written += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(io.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+    with pytest.raises(OSError, match="No space left on device"):
+        tokenize_dataset(tmp_path / "ds", tmp_path / "byte.json", shards_folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in shards_folder.iterdir()} == before  # old files intact, no temp left

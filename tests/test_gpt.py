@@ -87,7 +87,7 @@ def test_bad_configs_and_inputs_are_refused():
         GPTConfig(d_model=30, n_head=4)
     with pytest.raises(ValueError, match="n_kv_head"):
         GPTConfig(n_head=4, n_kv_head=3)
-    with pytest.raises(ValueError, match="position must be"):
+    with pytest.raises(ValueError, match=r"model.position = .* must be one of"):
         GPTConfig(position="xpos")
     with pytest.raises(ValueError, match="exceeds the context length"):
         GPT(tiny())(torch.zeros(1, 25, dtype=torch.long))

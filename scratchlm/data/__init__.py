@@ -10,10 +10,12 @@
 
 from scratchlm.data.loader import BatchLoader
 from scratchlm.data.prepare import Dataset, LeakageError, check_leakage, prepare_dataset
-from scratchlm.data.shards import ShardError, open_shard, read_shard_header, tokenize_dataset, write_shard
+from scratchlm.data.shards import (ShardError, open_shard, read_shard_header, tokenize_dataset, verify_shards,
+                                   write_shard)
 from scratchlm.data.sources import SOURCES, SourceUnavailable, fetch, read_source
 
 __all__ = [
     "BatchLoader", "Dataset", "LeakageError", "SOURCES", "ShardError", "SourceUnavailable", "check_leakage",
-    "fetch", "open_shard", "prepare_dataset", "read_shard_header", "read_source", "tokenize_dataset", "write_shard",
+    "fetch", "open_shard", "prepare_dataset", "read_shard_header", "read_source", "tokenize_dataset", "verify_shards",
+    "write_shard",
 ]

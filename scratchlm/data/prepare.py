@@ -134,7 +134,7 @@ class Dataset:
 
     def documents(self, split: str) -> list[str]:
         if split not in self.manifest["splits"]:
-            raise KeyError(f"{self.path}: no split {split!r}; it has {sorted(self.manifest['splits'])}")
+            raise ValueError(f"{self.path}: no split {split!r}; it has {sorted(self.manifest['splits'])}")
         entry = self.manifest["splits"][split]
         data = (self.path / entry["file"]).read_bytes()
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:

@@ -32,7 +32,7 @@ import numpy as np
 import regex
 
 from scratchlm.data.prepare import SPLITS, Dataset
-from scratchlm.io import atomic_write, write_json
+from scratchlm.io import atomic_write, read_json, sha256_file, write_json
 from scratchlm.tokenizers.base import ENDOFTEXT, Tokenizer, load_tokenizer
 from scratchlm.tokenizers.patterns import PATTERNS
 
@@ -247,9 +247,36 @@ def tokenize_dataset(
         summary["splits"][split] = {
             "file": f"{split}.bin", "tokens": int(ids.size), "bytes": n_bytes,
             "bytes_per_token": n_bytes / max(ids.size, 1), "seconds": seconds,
+            "sha256": sha256_file(out / f"{split}.bin"),
         }
     with open(tokenizer_path, "rb") as src, atomic_write(out / "tokenizer.json") as dst:
         shutil.copyfileobj(src, dst)
-    write_json(out / "shards.json", summary)
+    write_json(out / "shards.json", summary)  # last: it only ever describes complete shards
     summary["path"] = str(out)
+    return summary
+
+
+def verify_shards(folder: str | Path, tokenizer: Tokenizer | None = None) -> dict:
+    """Check a shards folder before training on it: complete, and every shard as it was written.
+
+    ``shards.json`` is written last by :func:`tokenize_dataset`, so its absence means tokenizing
+    never finished. Each shard's header is checked (magic, version, size, tokenizer) and its
+    sha256 compared with the one recorded, which catches a flipped bit anywhere in the ids (the
+    cost: one read of each file, about a second per GB).
+    """
+    folder = Path(folder)
+    if not (folder / "shards.json").exists():
+        raise ShardError(f"{folder}: no shards.json, so tokenizing did not finish (or this is not a shards folder); "
+                         "run `scratchlm data tokenize` again")
+    summary = read_json(folder / "shards.json", SHARDS_FORMAT)
+    for split, entry in summary["splits"].items():
+        path = folder / entry["file"]
+        if not path.exists():
+            raise ShardError(f"{path}: missing (listed in {folder / 'shards.json'}); run `scratchlm data tokenize` again")
+        header = read_shard_header(path)
+        if tokenizer is not None and header["fingerprint"] != tokenizer.fingerprint:
+            open_shard(path, tokenizer)  # raises, naming both tokenizers
+        if "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 differs from the one recorded in shards.json; the file changed or is "
+                             "corrupt: run `scratchlm data tokenize` again")
     return summary

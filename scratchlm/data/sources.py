@@ -83,7 +83,7 @@ def _local_mirrors() -> list[Path]:
 def fetch(name: str, download: bool = True, timeout: float = 30.0) -> Path:
     """Path to the verified local copy of the named source file (see module doc for the order)."""
     if name not in SOURCES:
-        raise KeyError(f"unknown source {name!r}; known: {sorted(SOURCES)}")
+        raise ValueError(f"unknown source {name!r}; known: {sorted(SOURCES)}")
     spec = SOURCES[name]
     target = cache_dir() / spec.filename
     if target.exists() and sha256_file(target) == spec.sha256:

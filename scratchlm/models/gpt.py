@@ -22,9 +22,20 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from scratchlm.config import ConfigError, Rule, validate
 from scratchlm.models.layers import MLP, Attention, alibi_slopes, make_norm, rope_tables, sinusoidal_table
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "gelu_tanh", "swiglu", "relu2")
+
+_MODEL_RULES = {
+    "vocab_size": Rule(min=1), "n_layer": Rule(min=1), "n_head": Rule(min=1), "n_kv_head": Rule(min=1),
+    "d_model": Rule(min=1), "d_ff": Rule(min=1), "block_size": Rule(min=1, why="context length"),
+    "position": Rule(choices=POSITIONS), "rope_theta": Rule(above=0), "norm": Rule(choices=NORMS),
+    "norm_eps": Rule(above=0), "mlp": Rule(choices=MLPS), "dropout": Rule(min=0, below=1),
+    "attention": Rule(choices=("sdpa", "manual")), "init_std": Rule(above=0),
+}
 
 
 @dataclass
@@ -49,16 +60,13 @@ class GPTConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        validate(self, "model", _MODEL_RULES)  # each value's type and range, naming the key
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+            raise ConfigError(f"model.d_model = {self.d_model} must be divisible by model.n_head = {self.n_head}")
         if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.kv_heads}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+            raise ConfigError(f"model.n_head = {self.n_head} must be divisible by model.n_kv_head = {self.kv_heads}")
         if self.position == "rope" and self.head_dim % 2:
-            raise ValueError("RoPE needs an even head width (d_model / n_head)")
-        if self.attention not in ("sdpa", "manual"):
-            raise ValueError(f"attention must be 'sdpa' or 'manual', got {self.attention!r}")
+            raise ConfigError(f"model.position = 'rope' needs an even head width; d_model / n_head = {self.head_dim}")
 
     @property
     def kv_heads(self) -> int:
@@ -249,5 +257,5 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str, **overrides) -> GPTConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
     return GPTConfig(**{**PRESETS[name], **overrides})

@@ -8,6 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scratchlm.config import Rule, validate
+
+_UNIT = Rule(min=0, below=1)
+_TRAIN_RULES = {
+    "batch_size": Rule(min=1, why="windows per micro-batch, per process"),
+    "grad_accum": Rule(min=1, why="micro-batches per step"),
+    "max_steps": Rule(min=1),
+    "max_minutes": Rule(above=0),
+    "optimizer": Rule(choices=("adamw", "muon")),
+    "lr": Rule(min=0), "min_lr": Rule(min=0), "warmup_steps": Rule(min=0), "weight_decay": Rule(min=0),
+    "beta1": _UNIT, "beta2": _UNIT, "muon_lr": Rule(min=0), "muon_momentum": _UNIT,
+    "grad_clip": Rule(min=0, why="0 turns clipping off"),
+    "eval_interval": Rule(min=1, why="evaluate and save every N steps"),
+    "eval_windows": Rule(min=1), "target_loss": Rule(min=0), "patience": Rule(min=1, why="evaluations"),
+    "sample_tokens": Rule(min=0, why="0 turns samples off"), "log_interval": Rule(min=1), "seed": Rule(min=0),
+    "strategy": Rule(choices=("ddp", "fsdp")), "peak_tflops": Rule(above=0),
+}
+
 
 @dataclass
 class TrainConfig:
@@ -40,6 +58,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     tensorboard: bool = False
     peak_tflops: float | None = None  # for the MFU estimate; detected for common GPUs
+
+    def __post_init__(self):
+        validate(self, "train", _TRAIN_RULES)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from scratchlm.data.loader import BatchLoader
-from scratchlm.data.shards import open_shard
+from scratchlm.data.shards import open_shard, verify_shards
 from scratchlm.device import pick_device
 from scratchlm.models.gpt import GPT, GPTConfig, preset
 from scratchlm.tokenizers import load_tokenizer
@@ -122,6 +122,7 @@ class Trainer:
         if not (data / "tokenizer.json").exists():
             raise FileNotFoundError(f"{data}: not a shards folder (no tokenizer.json); run `scratchlm data tokenize` first")
         self.tokenizer = load_tokenizer(data / "tokenizer.json")
+        verify_shards(data, self.tokenizer)  # complete, made by this tokenizer, no flipped bit
         self.rank, self.world_size, self.device = init_distributed(cfg.device)
         self.is_main = self.rank == 0
         # Small control messages (stop flags, RNG states) go over gloo on the CPU, so they never

@@ -1,0 +1,129 @@
+"""Config and command-line input: every value is checked (type and range) with a message that names
+the key, the value and what is allowed; flags mean the same thing in every command (issue 6, defect 12)."""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import fields
+
+import pytest
+
+from scratchlm.cli import interpret_escapes, main
+from scratchlm.config import ConfigError, apply_overrides, load_config
+from scratchlm.models.gpt import GPTConfig
+from scratchlm.train.config import TrainConfig
+
+# A value of the wrong type for each annotation.
+WRONG_TYPE = {int: "many", float: "fast", str: 12.5j, bool: "yes"}
+
+
+def _base_type(cls, name):
+    annotation = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return args[0]
+
+
+def _out_of_range(cls, name):
+    """A value of the right type that the field's rule refuses (None if the field has no rule)."""
+    import scratchlm.models.gpt as gpt
+    import scratchlm.train.config as train_config
+
+    rules = train_config._TRAIN_RULES if cls is TrainConfig else gpt._MODEL_RULES
+    rule = rules.get(name)
+    if rule is None:
+        return None
+    if rule.choices is not None:
+        return "no-such-choice"
+    if rule.min is not None:
+        return type(getattr(cls(), name) or rule.min)(rule.min - 1)
+    if rule.above is not None:
+        return type(rule.above)(rule.above) if _base_type(cls, name) is float else int(rule.above)
+    return None
+
+
+@pytest.mark.parametrize("cls,section", [(TrainConfig, "train"), (GPTConfig, "model")])
+def test_every_field_refuses_a_wrong_type_naming_the_key(cls, section):
+    for f in fields(cls):
+        value = WRONG_TYPE[_base_type(cls, f.name)]
+        with pytest.raises(ConfigError, match=rf"^{section}\.{f.name} = .*expected"):
+            cls(**{f.name: value})
+
+
+@pytest.mark.parametrize("cls,section", [(TrainConfig, "train"), (GPTConfig, "model")])
+def test_every_ranged_field_refuses_an_out_of_range_value(cls, section):
+    checked = 0
+    for f in fields(cls):
+        value = _out_of_range(cls, f.name)
+        if value is None:
+            continue
+        with pytest.raises(ConfigError, match=rf"^{section}\.{f.name} = .*must be"):
+            cls(**{f.name: value})
+        checked += 1
+    assert checked >= (20 if cls is TrainConfig else 14)
+
+
+def test_numbers_are_coerced_only_where_safe():
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+    assert TrainConfig(out_dir=2024).out_dir == "2024"
+    with pytest.raises(ConfigError, match=r"train.batch_size = True: expected an integer, found bool"):
+        TrainConfig(batch_size=True)
+    with pytest.raises(ConfigError, match=r"train.eval_interval = 0: must be >= 1"):
+        TrainConfig(eval_interval=0)
+    with pytest.raises(ConfigError, match=r"model.dropout = 1.0: must be >= 0 and < 1"):
+        GPTConfig(dropout=1.0)
+
+
+def test_set_keeps_a_date_like_value_as_text_and_a_toml_date_is_refused(tmp_path):
+    config = apply_overrides({}, ["train.out_dir=2024-06-01", "train.lr=3e-4", "model.position=rope"])
+    assert config == {"train": {"out_dir": "2024-06-01", "lr": 3e-4}, "model": {"position": "rope"}}
+    assert TrainConfig.from_dict(config["train"]).out_dir == "2024-06-01"
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\nout_dir = 2024-06-01\n")
+    with pytest.raises(ConfigError, match=r"train.out_dir = .*expected a string, found date \(TOML read it as a date"):
+        TrainConfig.from_dict(load_config(toml)["train"])
+
+
+def test_cli_train_with_a_bad_value_exits_2_naming_the_key(tmp_path, capsys):
+    assert main(["train", "--set", f"train.data={tmp_path}", "--set", "train.eval_interval=0"]) == 2
+    assert "train.eval_interval = 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_model_info_applies_set_to_a_preset(capsys):
+    assert main(["model", "info", "--preset", "gpt2", "--set", "model.n_layer=2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["n_layer"] == 2 and info["config"]["d_model"] == 768
+    assert main(["model", "info", "--preset", "gpt2", "--set", "model.n_layer=0"]) == 2
+    assert "model.n_layer = 0: must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("typed,meant", [
+    ("café\\n", "café\n"), ("日本語\\tok", "日本語\tok"), ("emoji 🙂\\\\n", "emoji 🙂\\n"), ("\\u00e9t\\u00e9", "été"),
+])
+def test_escapes_keep_non_ascii_text(typed, meant):
+    assert interpret_escapes(typed) == meant
+
+
+def test_unknown_names_exit_2_with_the_choices(capsys):
+    assert main(["model", "info", "--preset", "gpt5"]) == 2
+    assert "unknown preset 'gpt5'; presets:" in capsys.readouterr().err
+
+
+def test_flags_are_named_alike_across_commands():
+    from scratchlm.cli import build_parser
+
+    parser = build_parser()
+    options = {}
+
+    def walk(p, path):
+        for action in p._actions:
+            if hasattr(action, "choices") and isinstance(action.choices, dict):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            for opt in action.option_strings:
+                options.setdefault(opt, []).append(" ".join(path))
+
+    walk(parser, [])
+    for old in ("--samples", "--max-tokens", "--split"):
+        assert old not in options, f"{old} is still used by {options[old]}"
+    assert {"bigram", "sample"} <= set(options["--num-samples"]) and {"bigram", "sample"} <= set(options["--max-new-tokens"])
