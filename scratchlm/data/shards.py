@@ -269,7 +269,7 @@ def verify_shards(folder: str | Path, tokenizer: Tokenizer | None = None) -> dic
         raise ShardError(f"{folder}: no shards.json, so tokenizing did not finish (or this is not a shards folder); "
                          "run `scratchlm data tokenize` again")
     summary = read_json(folder / "shards.json", SHARDS_FORMAT)
-    for split, entry in summary["splits"].items():
+    for entry in summary["splits"].values():
         path = folder / entry["file"]
         if not path.exists():
             raise ShardError(f"{path}: missing (listed in {folder / 'shards.json'}); run `scratchlm data tokenize` again")

@@ -568,8 +568,12 @@ def train(config: dict, *, resume: bool = False, progress: bool = True) -> dict:
     threads = os.environ.get("SCRATCHLM_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
+    distributed = torch.distributed.is_available()
     try:
-        return Trainer(config.get("model", {}), cfg, resume=resume, progress=progress).train()
+        summary = Trainer(config.get("model", {}), cfg, resume=resume, progress=progress).train()
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # leave together: a rank tearing down gloo while a peer still works can abort
+        return summary
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
