@@ -140,14 +140,24 @@ def test_interrupted_save_of_the_old_layout_is_recovered(char_shards, reference,
     only `.last.old-PID`. Start-up recovery puts it back, and resume continues exactly."""
     out = tmp_path / "run"
     train(config(char_shards, out, max_steps=6), progress=False)
-    # Rebuild the old layout at step 6 from the new one: a plain folder, then the crash state.
+    # Rebuild the old layout at step 6 from the new one: a plain folder with a version-1 state.json
+    # (rank 0's RNG states only, no file checksums), then the crash state.
     step_folder = (out / os.readlink(out / "last")).resolve()
+    state = json.loads((step_folder / "state.json").read_text())
+    rank0 = state["rng"]["ranks"][0]
+    state.update(version=1, rng={"torch": rank0["torch"], "loader": rank0["loader"], "cuda": []})
+    del state["files"], state["world_size"]
+    (step_folder / "state.json").write_text(json.dumps(state))
     for link in ("last", "best"):
         (out / link).unlink()
     os.rename(step_folder, out / ".last.old-12345")
     (out / ".last.tmp-12345").mkdir()  # the half-written new copy
     train(config(char_shards, out, max_steps=8), resume=True, progress=False)
     assert read_state(out / "last")["step"] == 8
+    same_history = tmp_path / "new-layout"  # the same 6 + 2 steps, never in the old layout
+    train(config(char_shards, same_history, max_steps=6), progress=False)
+    train(config(char_shards, same_history, max_steps=8), resume=True, progress=False)
+    assert losses(out) == losses(same_history)  # the version-1 RNG states were restored exactly
     assert not (out / ".last.old-12345").exists() and not (out / ".last.tmp-12345").exists()
 
 
