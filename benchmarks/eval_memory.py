@@ -27,7 +27,8 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
 sys.path.insert(0, {repo!r})
-from scratchlm.eval.perplexity import evaluate_ids, token_nll
+from scratchlm.eval.perplexity import evaluate_ids
+from scratchlm.models.loss import token_nll
 from scratchlm.models.gpt import GPT, preset
 from scratchlm.tokenizers import ByteTokenizer
 

@@ -45,6 +45,7 @@ from scratchlm.data.loader import BatchLoader
 from scratchlm.data.shards import open_shard, verify_shards
 from scratchlm.device import pick_device
 from scratchlm.models.gpt import GPT, GPTConfig, preset
+from scratchlm.models.loss import token_nll
 from scratchlm.tokenizers import load_tokenizer
 from scratchlm.train.config import TrainConfig
 from scratchlm.io import FormatError, atomic_write
@@ -330,8 +331,9 @@ class Trainer:
         for chunk in self.val_windows.split(self.cfg.batch_size):
             chunk = chunk.to(self.device)
             with self.autocast:
-                _, loss = self.model(chunk[:, :-1], chunk[:, 1:])
-            total += loss.double() * len(chunk)
+                logits, _ = self.model(chunk[:, :-1])
+            total += token_nll(logits, chunk[:, 1:]).double().mean(1).sum()  # no (B, T, V) float32 copy
+            del logits
         self.model.train()
         return self._shared([total.item() / len(self.val_windows)], op="rank0")[0]
 
