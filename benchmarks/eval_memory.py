@@ -5,7 +5,7 @@
 Evaluation needs ``-log p(next token)`` at every position. The straightforward way,
 ``log_softmax(logits.float()).gather(...)``, builds a second (B, T, V) float32 tensor beside the
 logits: at V = 50,257 and T = 1,024 that is 206 MB per sequence (6.6 GB at batch 32).
-``scratchlm.eval.perplexity.token_nll`` computes ``logsumexp(z) - z[y]`` a thousand positions at a
+``scratchlm.models.loss.token_nll`` computes ``logsumexp(z) - z[y]`` a thousand positions at a
 time instead. Each variant runs in its own process and reports its peak resident memory
 (``ru_maxrss``) above a baseline that has loaded the model and the data, so the figure is what the
 evaluation itself added. The model is GPT-2 small's shape (width 768, 12 heads, context 1,024,
