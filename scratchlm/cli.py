@@ -299,7 +299,10 @@ def interpret_escapes(text: str) -> str:
     non-Latin-1 characters are first written as escapes themselves.)"""
     import codecs
 
-    return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
+    try:
+        return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--escapes: {text!r} has an incomplete escape ({e.reason}); write a backslash as \\\\") from None
 
 
 def _checkpoint_tokenizer(checkpoint: str, state: dict):
@@ -360,9 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kind", choices=["char", "byte", "bpe"], default="bpe")
     q.add_argument("--vocab-size", type=int, help="BPE: total vocabulary size, special tokens included")
     q.add_argument("--pattern", default="gpt2", help="BPE pre-tokenization: gpt2 | cl100k | o200k | a regex")
-    q.add_argument("--special", action="append", help="a special token (repeatable); replaces the default "
-                   "'<|endoftext|>', which separates documents in token shards")
-    q.add_argument("--no-special", action="store_true", help="no special tokens at all (single-document data only)")
+    specials = q.add_mutually_exclusive_group()
+    specials.add_argument("--special", action="append", help="a special token (repeatable); replaces the default "
+                          "'<|endoftext|>', which separates documents in token shards")
+    specials.add_argument("--no-special", action="store_true", help="no special tokens at all (single-document data only)")
     q.add_argument("--unknown", choices=["error", "replace"], default="error", help="char: unseen characters fail, or map to <|unk|>")
     q.add_argument("--out", required=True, help="where to write the tokenizer JSON")
     json_flag(q)

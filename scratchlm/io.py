@@ -25,7 +25,14 @@ class FormatError(ValueError):
 
 
 def current_umask() -> int:
-    """The process umask (reading it means setting it; set it straight back)."""
+    """The process umask. Linux shows it in /proc; elsewhere reading it means setting it (and setting
+    it straight back), which another thread creating a file at that instant could notice."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

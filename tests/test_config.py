@@ -127,3 +127,8 @@ def test_flags_are_named_alike_across_commands():
     for old in ("--samples", "--max-tokens", "--split"):
         assert old not in options, f"{old} is still used by {options[old]}"
     assert {"bigram", "sample"} <= set(options["--num-samples"]) and {"bigram", "sample"} <= set(options["--max-new-tokens"])
+
+
+def test_an_incomplete_escape_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"--escapes: .* has an incomplete escape"):
+        interpret_escapes("price \\x")
