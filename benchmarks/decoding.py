@@ -46,7 +46,7 @@ def main() -> None:
 
     from scratchlm.generate import SamplingConfig, beam_search, generate
     from scratchlm.tokenizers import load_tokenizer
-    from scratchlm.train.checkpoint import load_model_from_checkpoint
+    from scratchlm.models.checkpoint import load_model_from_checkpoint
 
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", required=True)

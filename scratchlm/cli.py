@@ -185,6 +185,7 @@ def cmd_bigram(args) -> None:
 # --- model, train, eval, sample ------------------------------------------------------------------
 def cmd_model_info(args) -> None:
     from scratchlm.models.gpt import GPT
+    from scratchlm.models.inspect import inference_costs
 
     config = _model_config(args)
     import torch
@@ -193,12 +194,18 @@ def cmd_model_info(args) -> None:
         model = GPT(config)
     counts = model.parameter_counts()
     flops = model.flops_per_token()
+    costs = inference_costs(model, args.batch, args.context, bytes_per_value=2)
     payload = {"config": config.to_dict(), "parameters": counts, "flops_per_token": flops,
-               "kv_cache_bytes_per_token": {"bf16": model.kv_cache_bytes_per_token(2), "fp32": model.kv_cache_bytes_per_token(4)}}
+               "kv_cache_bytes_per_token": {"bf16": model.kv_cache_bytes_per_token(2), "fp32": model.kv_cache_bytes_per_token(4)},
+               "inference_bf16": costs}
     lines = [f"{k:<11} {v:>15,}" for k, v in counts.items()]
     lines += [f"FLOPs/token: training {flops['train']:,.0f}, forward {flops['forward']:,.0f} (context {config.block_size})",
               f"KV cache per token: {model.kv_cache_bytes_per_token(2):,} bytes (bf16), "
-              f"{config.n_layer} layers x {config.kv_heads} KV heads x {config.head_dim} dims x 2 (k, v)"]
+              f"{config.n_layer} layers x {config.kv_heads} KV heads x {config.head_dim} dims x 2 (k, v)",
+              f"KV cache of {costs['batch']} sequence(s) x {costs['context']:,} positions: "
+              f"{costs['kv_cache_bytes'] / 2**20:,.1f} MiB (bf16)",
+              f"arithmetic intensity (FLOPs per byte moved, bf16): prefill {costs['prefill']['intensity']:,.0f}, "
+              f"one decode step {costs['decode_step']['intensity']:,.1f}"]
     _emit(args, payload, "\n".join(lines))
 
 
@@ -235,7 +242,7 @@ def cmd_model_import(args) -> None:
 
 def cmd_model_export(args) -> None:
     from scratchlm.models.hf import export_hf
-    from scratchlm.train.checkpoint import load_model_from_checkpoint
+    from scratchlm.models.checkpoint import load_model_from_checkpoint
 
     model, _ = load_model_from_checkpoint(args.checkpoint)
     out = export_hf(model, args.out, args.arch)
@@ -263,7 +270,7 @@ def cmd_eval(args) -> None:
 def cmd_sample(args) -> None:
     from scratchlm.device import pick_device
     from scratchlm.generate import SamplingConfig, beam_search, generate_text
-    from scratchlm.train.checkpoint import load_model_from_checkpoint
+    from scratchlm.models.checkpoint import load_model_from_checkpoint
 
     model, state = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
     tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else _checkpoint_tokenizer(args.checkpoint, state)
@@ -417,8 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--set", action="append", default=[], help="override, e.g. model.n_kv_head=1 (repeatable)")
         json_flag(q)
 
-    q = model.add_parser("info", help="parameter counts by part, FLOPs per token, KV-cache bytes per token")
+    q = model.add_parser("info", help="parameter counts, FLOPs per token, KV-cache memory, prefill/decode intensity")
     model_source(q)
+    q.add_argument("--batch", type=int, default=1, help="sequences, for the KV-cache memory and intensity (default 1)")
+    q.add_argument("--context", type=int, help="positions per sequence (default: the model's context)")
     q.set_defaults(func=cmd_model_info)
     q = model.add_parser("shapes", help="trace one forward pass: every module's input and output shape")
     model_source(q)

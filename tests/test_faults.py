@@ -309,3 +309,13 @@ def test_store_points_last_and_best_at_immutable_step_folders(char_shards, tmp_p
     store = CheckpointStore(out)
     assert all(is_complete(f) for f in store.complete_folders())
     assert {p.name for p in (out / "checkpoints").iterdir()} == {Path(os.readlink(out / n)).name for n in ("last", "best")}
+
+
+def test_sampling_from_a_checkpoint_does_not_import_the_trainer(reference):
+    """Inference reads checkpoints through scratchlm.models.checkpoint; scratchlm.train stays unloaded."""
+    code = ("import sys\nfrom scratchlm.cli import main\n"
+            f"assert main(['sample', '--checkpoint', {str(reference / 'last')!r}, '--max-new-tokens', '5', '--json']) == 0\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('scratchlm.train'))\n"
+            "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -101,7 +101,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     """Evaluate a checkpoint on splits of a shards folder; ``"val+test"`` joins two splits into one text."""
     from scratchlm.device import pick_device
     from scratchlm.tokenizers import load_tokenizer
-    from scratchlm.train.checkpoint import load_model_from_checkpoint
+    from scratchlm.models.checkpoint import load_model_from_checkpoint
 
     model, state = load_model_from_checkpoint(checkpoint, pick_device(device))
     if data is None and not state.get("train"):

@@ -67,3 +67,37 @@ def format_shapes(rows: list[dict], config: GPTConfig) -> str:
         lines.append(f"{r['module']:<34} {r['type']:<12} {str(tuple(r['input'] or ())):<16} "
                      f"{str(tuple(r['output'] or ())):<16} {params}")
     return "\n".join(lines)
+
+
+def inference_costs(model: GPT, batch: int = 1, context: int | None = None, bytes_per_value: int = 2) -> dict:
+    """Why prefill is compute-bound and decode memory-bound, in numbers (checkpoint E).
+
+    For ``batch`` sequences at ``context`` positions, weights and cache stored with
+    ``bytes_per_value`` bytes (2 for bf16):
+
+    * **KV cache**: ``batch x context x`` the bytes per token of :meth:`GPT.kv_cache_bytes_per_token`.
+    * **prefill** (all ``context`` prompt positions at once): FLOPs = ``batch x context x`` the
+      forward FLOPs per token at the causal average context ``context / 2``; bytes moved = the
+      weights once plus the KV cache written.
+    * **one decode step** (one new token per sequence): FLOPs = ``batch x`` the forward FLOPs per
+      token at ``context``; bytes = the weights once plus the whole KV cache read.
+
+    Arithmetic intensity = FLOPs / bytes. A device does ``peak FLOP/s / bandwidth`` FLOPs per byte
+    at its balance point (a few hundred on a GPU, tens on a CPU): far above it a phase is
+    compute-bound (prefill, thousands), far below it memory-bound (decode: about ``batch``).
+    Activations are left out of the bytes; they make decode even more memory-bound.
+    """
+    T = context or model.config.block_size
+    if batch < 1 or T < 1:
+        raise ValueError(f"batch and context must be >= 1, got batch {batch}, context {T}")
+    counts = model.parameter_counts()
+    weight_bytes = (counts["total"] - counts["positions"]) * bytes_per_value
+    kv = batch * T * model.kv_cache_bytes_per_token(bytes_per_value)
+    prefill_flops = batch * T * model.flops_per_token(max(T // 2, 1))["forward"]
+    decode_flops = batch * model.flops_per_token(T)["forward"]
+    return {
+        "batch": batch, "context": T, "bytes_per_value": bytes_per_value, "kv_cache_bytes": kv,
+        "weight_bytes": weight_bytes,
+        "prefill": {"flops": prefill_flops, "bytes": weight_bytes + kv, "intensity": prefill_flops / (weight_bytes + kv)},
+        "decode_step": {"flops": decode_flops, "bytes": weight_bytes + kv, "intensity": decode_flops / (weight_bytes + kv)},
+    }

@@ -30,19 +30,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from scratchlm.io import FormatError, read_json, sha256_file, write_json
-
-CHECKPOINT_FORMAT = "scratchlm.checkpoint"
-CHECKPOINT_VERSION = 2  # 2: tensor-file checksums, per-rank RNG states
-READABLE_VERSIONS = (1, 2)
-TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
-# Keys every checkpoint's state.json has (a resumable one has more: see RESUME_KEYS).
-REQUIRED_KEYS = ("model", "step", "tokenizer_fingerprint", "train", "vocab_size")
-RESUME_KEYS = ("rng", "best_val", "evals_without_improvement", "optimizers")
-
+from scratchlm.io import FormatError, sha256_file, write_json
+from scratchlm.models.checkpoint import (  # noqa: F401  (re-exported: the trainer and old imports)
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, READABLE_VERSIONS, REQUIRED_KEYS, RESUME_KEYS, TENSOR_FILES, is_complete,
+    load_model_from_checkpoint, load_tensors, load_weights, read_state)
 
 def rng_to_json(state: torch.Tensor) -> str:
     return base64.b64encode(state.numpy().tobytes()).decode("ascii")
@@ -343,19 +336,6 @@ class CheckpointStore:
         return done
 
 
-def is_complete(folder: Path) -> bool:
-    """True when ``folder`` holds a checkpoint that reads: valid state.json, tensor files of the recorded size."""
-    try:
-        state = read_state(folder)
-    except (OSError, FormatError):
-        return False
-    for name, info in state.get("files", {}).items():
-        path = Path(folder) / name
-        if not path.is_file() or path.stat().st_size != info["bytes"]:
-            return False
-    return True
-
-
 def save_model_only(path: str | Path, model: torch.nn.Module, **info) -> Path:
     """A checkpoint with weights and config but no optimizer (imported or exported models)."""
     state = {"model": model.config.to_dict(), "step": 0, "tokenizer_fingerprint": None, "train": None,
@@ -363,60 +343,8 @@ def save_model_only(path: str | Path, model: torch.nn.Module, **info) -> Path:
     return save_checkpoint(path, model_state(model), [], state)
 
 
-def read_state(path: str | Path, *, resumable: bool = False) -> dict:
-    """The checkpoint's ``state.json``, checked: format, version, and the keys a reader needs."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise FileNotFoundError(f"{path} points at {os.readlink(path)}, which does not exist; run `scratchlm train "
-                                "--resume` once (it repairs the pointers) or pass a folder under checkpoints/")
-    if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json); train one with `scratchlm train`")
-    state = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS)
-    missing = [k for k in REQUIRED_KEYS + (RESUME_KEYS if resumable else ()) if k not in state]
-    if missing:
-        raise FormatError(f"{path / 'state.json'}: missing {missing}; the file is damaged or was not written by "
-                          "`scratchlm train`: use another checkpoint (e.g. best instead of last)")
-    return state
-
-
-def _verified(path: Path, name: str) -> Path:
-    """``path/name`` after checking its size and sha256 against state.json (checkpoints from version 2)."""
-    file = path / name
-    if not file.exists():
-        raise FormatError(f"{file}: missing; the checkpoint is incomplete: use another checkpoint")
-    info = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS).get("files", {}).get(name)
-    if info is not None:
-        size = file.stat().st_size
-        if size != info["bytes"]:
-            raise FormatError(f"{file}: {size} bytes, but the checkpoint recorded {info['bytes']}; the file is "
-                              "truncated or was replaced: use another checkpoint (e.g. best instead of last)")
-        if sha256_file(file) != info["sha256"]:
-            raise FormatError(f"{file}: sha256 differs from the one recorded at save time; the file is corrupt "
-                              "(disk or copy error): use another checkpoint (e.g. best instead of last)")
-    return file
-
-
-def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
-    file = _verified(path, name)
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError) as e:
-        raise FormatError(f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt: "
-                          "use another checkpoint") from None
-
-
-def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load weights into an unsharded model (before any FSDP sharding)."""
-    weights = _load_tensors(Path(path), "model.safetensors")
-    if model.config.tie_embeddings and "tok_emb.weight" in weights:
-        weights["lm_head.weight"] = weights["tok_emb.weight"]
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise FormatError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-
-
 def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state: dict, sharded: bool = False) -> None:
-    tensors = _load_tensors(Path(path), "optimizer.safetensors")
+    tensors = load_tensors(Path(path), "optimizer.safetensors")
     if len(state["optimizers"]) != len(optimizers):
         raise FormatError(f"{path}: checkpoint has {len(state['optimizers'])} optimizers, this run builds {len(optimizers)}")
     full = []
@@ -448,15 +376,3 @@ def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state:
         })
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, state) from a checkpoint folder, model in eval mode on ``device``."""
-    from scratchlm.models.gpt import GPT, GPTConfig
-
-    state = read_state(path)
-    try:
-        config = GPTConfig.from_dict(state["model"])
-    except (TypeError, ValueError) as e:
-        raise FormatError(f"{Path(path) / 'state.json'}: the model config does not validate ({e})") from None
-    model = GPT(config)
-    load_weights(path, model)
-    return model.to(device).eval(), state

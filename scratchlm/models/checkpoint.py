@@ -1,0 +1,108 @@
+"""Reading a checkpoint folder: what sampling, evaluation and serving need, and nothing of training.
+
+A checkpoint folder holds ``model.safetensors`` (the weights), ``optimizer.safetensors`` and
+``state.json`` (format, version, model config, training state, and the size and sha256 of both
+tensor files). Everything here checks what it reads and names the file when something is wrong:
+a missing key, a wrong version, a truncated or bit-flipped tensor file. Loading a model for
+inference imports this module, never :mod:`scratchlm.train` (which writes checkpoints; see
+``scratchlm/train/checkpoint.py`` for how a save stays atomic).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from scratchlm.io import FormatError, read_json, sha256_file
+
+CHECKPOINT_FORMAT = "scratchlm.checkpoint"
+CHECKPOINT_VERSION = 2  # 2: tensor-file checksums, per-rank RNG states
+READABLE_VERSIONS = (1, 2)
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+# Keys every checkpoint's state.json has (a resumable one has more: see RESUME_KEYS).
+REQUIRED_KEYS = ("model", "step", "tokenizer_fingerprint", "train", "vocab_size")
+RESUME_KEYS = ("rng", "best_val", "evals_without_improvement", "optimizers")
+
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds a checkpoint that reads: valid state.json, tensor files of the recorded size."""
+    try:
+        state = read_state(folder)
+    except (OSError, FormatError):
+        return False
+    for name, info in state.get("files", {}).items():
+        path = Path(folder) / name
+        if not path.is_file() or path.stat().st_size != info["bytes"]:
+            return False
+    return True
+
+
+def read_state(path: str | Path, *, resumable: bool = False) -> dict:
+    """The checkpoint's ``state.json``, checked: format, version, and the keys a reader needs."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{path} points at {os.readlink(path)}, which does not exist; run `scratchlm train "
+                                "--resume` once (it repairs the pointers) or pass a folder under checkpoints/")
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json); train one with `scratchlm train`")
+    state = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS)
+    missing = [k for k in REQUIRED_KEYS + (RESUME_KEYS if resumable else ()) if k not in state]
+    if missing:
+        raise FormatError(f"{path / 'state.json'}: missing {missing}; the file is damaged or was not written by "
+                          "`scratchlm train`: use another checkpoint (e.g. best instead of last)")
+    return state
+
+
+def _verified(path: Path, name: str) -> Path:
+    """``path/name`` after checking its size and sha256 against state.json (checkpoints from version 2)."""
+    file = path / name
+    if not file.exists():
+        raise FormatError(f"{file}: missing; the checkpoint is incomplete: use another checkpoint")
+    info = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS).get("files", {}).get(name)
+    if info is not None:
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise FormatError(f"{file}: {size} bytes, but the checkpoint recorded {info['bytes']}; the file is "
+                              "truncated or was replaced: use another checkpoint (e.g. best instead of last)")
+        if sha256_file(file) != info["sha256"]:
+            raise FormatError(f"{file}: sha256 differs from the one recorded at save time; the file is corrupt "
+                              "(disk or copy error): use another checkpoint (e.g. best instead of last)")
+    return file
+
+
+def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    file = _verified(path, name)
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise FormatError(f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt: "
+                          "use another checkpoint") from None
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load weights into an unsharded model (before any FSDP sharding)."""
+    weights = load_tensors(Path(path), "model.safetensors")
+    if model.config.tie_embeddings and "tok_emb.weight" in weights:
+        weights["lm_head.weight"] = weights["tok_emb.weight"]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise FormatError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, state) from a checkpoint folder, model in eval mode on ``device``."""
+    from scratchlm.models.gpt import GPT, GPTConfig
+
+    state = read_state(path)
+    try:
+        config = GPTConfig.from_dict(state["model"])
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{Path(path) / 'state.json'}: the model config does not validate ({e})") from None
+    model = GPT(config)
+    load_weights(path, model)
+    return model.to(device).eval(), state
