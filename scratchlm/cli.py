@@ -269,7 +269,7 @@ def cmd_eval(args) -> None:
 
 def cmd_sample(args) -> None:
     from scratchlm.device import pick_device
-    from scratchlm.generate import SamplingConfig, beam_search, generate_text
+    from scratchlm.generate import GenerationStats, SamplingConfig, beam_search, generate_text
     from scratchlm.models.checkpoint import load_model_from_checkpoint
 
     model, state = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
@@ -288,12 +288,17 @@ def cmd_sample(args) -> None:
         for i in range(args.num_samples):
             if streaming:
                 sys.stdout.write(prompt)
+            stats = GenerationStats() if args.stats else None
             text = generate_text(model, tokenizer, prompt, args.max_new_tokens, sampling, stop=args.stop,
                                  on_text=(lambda t: (sys.stdout.write(t), sys.stdout.flush())) if streaming else None,
-                                 use_cache=not args.no_cache, seed=None if args.seed is None else args.seed + i)
-            results.append({"text": text})
+                                 use_cache=not args.no_cache, seed=None if args.seed is None else args.seed + i,
+                                 stats=stats)
+            results.append({"text": text, **({"stats": stats.summary()} if stats else {})})
+            if streaming:
+                print()
+                if stats:
+                    print(stats.format(), file=sys.stderr)
         if streaming:
-            print()
             return
     seconds = time.perf_counter() - start
     _emit(args, {"prompt": prompt, "samples": results, "seconds": seconds},
@@ -479,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-samples", type=int, default=1)
     q.add_argument("--seed", type=int)
     q.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (slow; for comparison)")
+    q.add_argument("--stats", action="store_true", help="report TTFT, inter-token latency, TPOT, prefill and decode tokens/s")
     q.add_argument("--device", help="cuda | mps | cpu")
     json_flag(q)
     q.set_defaults(func=cmd_sample)

@@ -184,3 +184,19 @@ def test_streaming_decodes_each_token_once(peaked_model):
                          stop=["zzzz"])
     assert "".join(pieces) == text
     assert calls == [1] * 60
+
+
+def test_generation_stats_measure_prefill_and_decode(peaked_model):
+    from scratchlm.generate import GenerationStats
+
+    tok = CharTokenizer([chr(ord("a") + i) for i in range(40)])
+    stats = GenerationStats()
+    text = generate_text(peaked_model, tok, "abcdef", 30, SamplingConfig(temperature=0), stats=stats)
+    s = stats.summary()
+    assert s["prompt_tokens"] == 6 and s["output_tokens"] == len(text) == 30
+    assert 0 < s["ttft_s"] <= s["e2e_s"]
+    assert s["tpot_s"] * 29 == pytest.approx(s["e2e_s"] - s["ttft_s"], rel=1e-9)
+    assert s["prefill_tokens_per_second"] == pytest.approx(6 / s["ttft_s"])
+    assert s["decode_tokens_per_second"] == pytest.approx(1 / s["tpot_s"])
+    assert s["itl_median_s"] <= s["itl_max_s"]
+    assert "TTFT" in stats.format()

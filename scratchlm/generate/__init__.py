@@ -2,6 +2,7 @@
 
 from scratchlm.generate.generate import TextStream, beam_search, generate, generate_text, stream
 from scratchlm.generate.kv_cache import KVCache
+from scratchlm.generate.stats import GenerationStats
 from scratchlm.generate.sampling import SamplingConfig, choose, process_logits
 
-__all__ = ["KVCache", "SamplingConfig", "TextStream", "beam_search", "choose", "generate", "generate_text", "process_logits", "stream"]
+__all__ = ["GenerationStats", "KVCache", "SamplingConfig", "TextStream", "beam_search", "choose", "generate", "generate_text", "process_logits", "stream"]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig, choose
+from scratchlm.generate.stats import GenerationStats
 
 
 class _Window:
@@ -110,18 +111,23 @@ def generate(model, prompt, max_new_tokens: int, sampling: SamplingConfig | None
 def generate_text(
     model, tokenizer, prompt: str, max_new_tokens: int = 200, sampling: SamplingConfig | None = None, *,
     stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None, use_cache: bool = True,
-    seed: int | None = None,
+    seed: int | None = None, stats: GenerationStats | None = None,
 ) -> str:
     """Generate from a text prompt; stop at any of the ``stop`` strings (which are cut off).
 
     ``on_text`` receives the text as it grows (streaming to a terminal): everything it is given,
-    joined, is exactly the returned text (see :class:`TextStream`).
+    joined, is exactly the returned text (see :class:`TextStream`). ``stats`` records the time of
+    each token (TTFT, ITL, TPOT: see :mod:`scratchlm.generate.stats`).
     """
     ids = tokenizer.encode(prompt, allowed_special="all") if prompt else [tokenizer.eot_token or 0]
     stop_ids = [tokenizer.eot_token] if tokenizer.eot_token is not None else []
     text = TextStream(tokenizer, stop)
+    if stats is not None:
+        stats.start(len(ids))
     for next_ids in stream(model, ids, max_new_tokens, sampling, use_cache=use_cache, seed=seed, stop_ids=stop_ids):
-        token = int(next_ids[0])
+        token = int(next_ids[0])  # waits for the device: the token exists now
+        if stats is not None:
+            stats.token()
         if token in stop_ids:
             break
         chunk = text.push(token)
