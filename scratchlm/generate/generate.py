@@ -123,7 +123,7 @@ def generate_text(
     stop_ids = [tokenizer.eot_token] if tokenizer.eot_token is not None else []
     text = TextStream(tokenizer, stop)
     if stats is not None:
-        stats.start(len(ids))
+        stats.start(min(len(ids), model.config.block_size))  # what prefill processes: the visible window
     for next_ids in stream(model, ids, max_new_tokens, sampling, use_cache=use_cache, seed=seed, stop_ids=stop_ids):
         token = int(next_ids[0])  # waits for the device: the token exists now
         if stats is not None:
