@@ -34,7 +34,7 @@ _MODEL_RULES = {
     "d_model": Rule(min=1), "d_ff": Rule(min=1), "block_size": Rule(min=1, why="context length"),
     "position": Rule(choices=POSITIONS), "rope_theta": Rule(above=0), "norm": Rule(choices=NORMS),
     "norm_eps": Rule(above=0), "mlp": Rule(choices=MLPS), "dropout": Rule(min=0, below=1),
-    "attention": Rule(choices=("sdpa", "manual")), "init_std": Rule(above=0),
+    "attention": Rule(choices=("sdpa", "manual", "tiled")), "init_std": Rule(above=0),
 }
 
 
@@ -56,7 +56,7 @@ class GPTConfig:
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
-    attention: str = "sdpa"  # sdpa | manual
+    attention: str = "sdpa"  # sdpa | manual | tiled (FlashAttention's online softmax, in PyTorch)
     init_std: float = 0.02
 
     def __post_init__(self):

@@ -125,6 +125,12 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.impl == "manual":
             y = self._manual(q, k, v, start, alibi, dropout)
+        elif self.impl == "tiled":  # FlashAttention's algorithm, spelled out (models/flash_attention.py)
+            if dropout:
+                raise ValueError("attention = 'tiled' has no dropout; set model.dropout = 0 or use 'sdpa'")
+            from scratchlm.models.flash_attention import tiled_attention
+
+            y = tiled_attention(q, k, v, start=start, alibi=alibi)
         else:
             y = self._sdpa(q, k, v, start, alibi, dropout)
         y = y.transpose(1, 2).reshape(B, T, H * D)
