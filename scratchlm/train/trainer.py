@@ -28,6 +28,7 @@ SIGTERM (a scheduler's "please stop") finishes the current step, saves ``last`` 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -572,9 +573,15 @@ def train(config: dict, *, resume: bool = False, progress: bool = True) -> dict:
         torch.set_num_threads(int(threads))
     distributed = torch.distributed.is_available()
     try:
-        summary = Trainer(config.get("model", {}), cfg, resume=resume, progress=progress).train()
+        trainer = Trainer(config.get("model", {}), cfg, resume=resume, progress=progress)
+        summary = trainer.train()
         if distributed and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # leave together: a rank tearing down gloo while a peer still works can abort
+            # Free what holds the process group (DDP's reducer sits in reference cycles that only the
+            # garbage collector breaks; left to interpreter shutdown, gloo can abort the process),
+            # then leave together: a rank tearing gloo down while a peer still works can abort too.
+            del trainer
+            gc.collect()
+            torch.distributed.barrier()
         return summary
     finally:
         if distributed and torch.distributed.is_initialized():
