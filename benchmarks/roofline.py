@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import save
+from common import best_of, save
 
 
 def median_time(fn, repeats: int = 5) -> float:
@@ -32,16 +32,6 @@ def median_time(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def best_time(fn, repeats: int = 10) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -60,10 +50,10 @@ def main() -> None:
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     # A roof is a best case: the fastest of 10 runs.
-    peak_flops = 2 * n**3 / best_time(lambda: a @ b)
+    peak_flops = 2 * n**3 / best_of(lambda: a @ b, repeats=10)
     big = torch.rand(256 * 2**20 // 4)  # 256 MiB of real pages (never-written pages all map one zero page)
     dst = torch.empty_like(big)
-    bandwidth = 2 * big.numel() * 4 / best_time(lambda: dst.copy_(big))  # bytes read + written
+    bandwidth = 2 * big.numel() * 4 / best_of(lambda: dst.copy_(big), repeats=10)  # bytes read + written
     print(f"machine: peak matmul {peak_flops / 1e9:,.1f} GFLOP/s (fp32), memory bandwidth {bandwidth / 1e9:,.1f} GB/s, "
           f"balance point {peak_flops / bandwidth:,.1f} FLOPs/byte")
 
@@ -74,7 +64,7 @@ def main() -> None:
     with torch.no_grad():
         for prompt in (16, 64, 256, 1024):
             ids = torch.randint(0, 8192, (1, prompt))
-            seconds = median_time(lambda: model(ids, cache=KVCache.for_model(model, 1, prompt), last_only=True), 3)
+            seconds = median_time(lambda ids=ids, n=prompt: model(ids, cache=KVCache.for_model(model, 1, n), last_only=True), 3)
             costs = inference_costs(model, 1, prompt, bytes_per_value=4)["prefill"]
             rows.append({"phase": "prefill", "batch": 1, "tokens": prompt, "seconds": seconds, **costs})
         context = 512
@@ -83,7 +73,7 @@ def main() -> None:
             model(torch.randint(0, 8192, (batch, context)), cache=cache, last_only=True)
             step = torch.randint(0, 8192, (batch, 1))
 
-            def decode_step():
+            def decode_step(cache=cache, step=step):
                 cache.length = context  # the same step again: overwrite the last position
                 model(step, cache=cache, last_only=True)
 

@@ -46,3 +46,16 @@ def shakespeare_bpe(shakespeare_text):
     from scratchlm.tokenizers import train_bpe
 
     return train_bpe(shakespeare_text[:500_000], 1024, "gpt2", ["<|endoftext|>"])
+
+
+@pytest.fixture(scope="session")
+def char_shards(tmp_path_factory):
+    """Character-level tinyshakespeare shards (65 characters, no special token): the tiny training runs'
+    data. Tests only read them; each run writes into its own out_dir."""
+    from scratchlm.data import prepare_dataset, tokenize_dataset
+    from scratchlm.tokenizers import CharTokenizer
+
+    root = tmp_path_factory.mktemp("char")
+    ds, _ = prepare_dataset("shakespeare", root / "shakespeare")
+    path = CharTokenizer.train(ds.text("train")).save(root / "char.json")
+    return tokenize_dataset(ds, path, root / "char")["path"]

@@ -20,23 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scratchlm.data import prepare_dataset, tokenize_dataset
 from scratchlm.io import FormatError
-from scratchlm.tokenizers import CharTokenizer
 from scratchlm.train import train
 from scratchlm.train.checkpoint import CheckpointStore, is_complete, load_model_from_checkpoint, read_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32, "position": "rope", "norm": "rmsnorm",
               "mlp": "relu2", "bias": False, "dropout": 0.1}
-
-
-@pytest.fixture(scope="module")
-def char_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    ds, _ = prepare_dataset("shakespeare", root / "shakespeare")
-    path = CharTokenizer.train(ds.text("train")).save(root / "char.json")
-    return tokenize_dataset(ds, path, root / "char")["path"]
 
 
 def config(shards, out, **train_overrides):

@@ -15,8 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scratchlm.data import prepare_dataset, tokenize_dataset
-from scratchlm.tokenizers import CharTokenizer
 from scratchlm.train import NonFiniteLoss, train
 from scratchlm.train.checkpoint import load_model_from_checkpoint, read_state
 from scratchlm.train.optim import newton_schulz
@@ -24,15 +22,6 @@ from scratchlm.train.optim import newton_schulz
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32, "position": "rope", "norm": "rmsnorm",
               "mlp": "relu2", "bias": False, "dropout": 0.1}
-
-
-@pytest.fixture(scope="module")
-def char_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    ds, _ = prepare_dataset("shakespeare", root / "shakespeare")
-    tok = CharTokenizer.train(ds.text("train"))
-    path = tok.save(root / "char.json")
-    return tokenize_dataset(ds, path, root / "char")["path"]
 
 
 def config(shards, out, **train_overrides):

@@ -100,6 +100,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict) -> None:
+    """Write the checkpoint into a hidden temporary sibling, then rename it to ``target`` (which must
+    not exist): a folder under its real name is always complete."""
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_folder(tmp, weights, optimizer_state, state)
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict) -> None:
     """Fill a new folder with the three files, each fsynced, then the folder itself."""
     folder.mkdir(parents=True)
@@ -128,14 +142,7 @@ def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimize
     if path.exists() or path.is_symlink():
         raise FileExistsError(f"{path} already exists; remove it or choose another output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write_folder(tmp, weights, optimizer_state, state)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _publish_folder(path, weights, optimizer_state, state)
     return path
 
 
@@ -212,15 +219,7 @@ class CheckpointStore:
         """Write one checkpoint and point each of ``names`` (``last``, ``best``) at it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self._free_name(f"step-{int(state['step']):08d}")
-        tmp = self.folder / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            _write_folder(tmp, weights, optimizer_state, state)
-            os.rename(tmp, target)
-            _fsync_dir(self.folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        _publish_folder(target, weights, optimizer_state, state)
         for name in names:
             self._point(name, target)
         _fsync_dir(self.out)
