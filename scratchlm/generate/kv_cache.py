@@ -16,6 +16,8 @@ import torch
 class KVCache:
     """Preallocated per-layer keys and values: (n_layer, batch, n_kv_head, max_len, head_dim)."""
 
+    paged = False  # contiguous rows; the engine's cache (scratchlm.serve.paged_attention) is paged
+
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (n_layer, batch, n_kv_head, max_len, head_dim)

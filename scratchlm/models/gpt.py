@@ -152,26 +152,33 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, self.config.init_std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False,
+                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None):
         """Logits (B, T, V) for ids (B, T), and the mean cross-entropy if ``targets`` are given.
 
         With a :class:`~scratchlm.generate.kv_cache.KVCache` the ids are the *new* positions, after
         ``cache.length`` cached ones. ``last_only`` computes logits for the final position only.
         Targets equal to -1 are ignored by the loss.
+
+        The inference engine packs several sequences into one row: it passes each token's own
+        ``positions`` (T,), a paged ``cache`` that knows which tokens belong together, and
+        ``logits_at``, the indices of the tokens whose next-token logits it needs.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} positions exceeds the context length {self.config.block_size}")
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} positions exceeds the context length {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(positions)
         elif self.config.position == "sinusoidal":
-            x = x + self.sinusoid[start : start + T]
+            x = x + self.sinusoid[positions]
         x = self.drop(x)
         attn_kwargs = {"cache": cache}
         if self.config.position == "rope":
-            attn_kwargs["rope"] = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            attn_kwargs["rope"] = (self.rope_cos[positions], self.rope_sin[positions])  # (T, D) each
         if self.config.position == "alibi":
             attn_kwargs["alibi"] = self.alibi
         for i, block in enumerate(self.blocks):
@@ -179,11 +186,13 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, layer=i, **attn_kwargs)
             else:
                 x = block(x, layer=i, **attn_kwargs)
-        if cache is not None:
+        if cache is not None and not cache.paged:
             cache.advance(T)
         x = self.norm_f(x)
         if last_only:
             x = x[:, -1:, :]
+        elif logits_at is not None:
+            x = x[:, logits_at, :]
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:

@@ -118,6 +118,9 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and cache.paged:  # the engine's paged cache stores k, v in its blocks and attends
+            y = cache.attend(layer, q, k, v, alibi=alibi)  # (1, H, N, D) for N packed tokens
+            return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
         start = 0
         if cache is not None:
             start = cache.length
@@ -136,22 +139,12 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.proj(y)
 
-    def _bias(self, T: int, S: int, start: int, alibi, device, dtype) -> torch.Tensor:
-        """Additive (H or 1, T, S) bias: -inf above the causal diagonal, ALiBi's distance penalty."""
-        query_pos = torch.arange(start, start + T, device=device)[:, None]
-        key_pos = torch.arange(S, device=device)[None, :]
-        bias = torch.zeros(T, S, device=device, dtype=dtype).masked_fill(key_pos > query_pos, float("-inf"))
-        if alibi is not None:
-            distance = (query_pos - key_pos).clamp_min(0).to(dtype)
-            bias = bias - alibi.to(device=device, dtype=dtype)[:, None, None] * distance
-        return bias
-
     def _manual(self, q, k, v, start, alibi, dropout):
         groups = self.n_head // self.n_kv_head
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D): query head h reads kv head h // groups
         v = v.repeat_interleave(groups, dim=1)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
-        scores = scores + self._bias(q.shape[2], k.shape[2], start, alibi, q.device, scores.dtype)
+        scores = scores + attention_bias(q.shape[2], k.shape[2], start, alibi, q.device, scores.dtype)
         weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         weights = F.dropout(weights, dropout, self.training)
         return weights @ v  # (B, H, T, D)
@@ -163,8 +156,20 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
         if alibi is None and T == 1:  # one new token sees everything cached: no mask needed
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
-        mask = self._bias(T, S, start, alibi, q.device, q.dtype)
+        mask = attention_bias(T, S, start, alibi, q.device, q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+
+
+def attention_bias(T: int, S: int, start: int, alibi, device, dtype) -> torch.Tensor:
+    """Additive (H or 1, T, S) bias for T queries at positions ``start...start+T-1`` over S keys at
+    positions 0...S-1: -inf above the causal diagonal, ALiBi's distance penalty."""
+    query_pos = torch.arange(start, start + T, device=device)[:, None]
+    key_pos = torch.arange(S, device=device)[None, :]
+    bias = torch.zeros(T, S, device=device, dtype=dtype).masked_fill(key_pos > query_pos, float("-inf"))
+    if alibi is not None:
+        distance = (query_pos - key_pos).clamp_min(0).to(dtype)
+        bias = bias - alibi.to(device=device, dtype=dtype)[:, None, None] * distance
+    return bias
 
 
 # --- MLPs ---------------------------------------------------------------------------------------

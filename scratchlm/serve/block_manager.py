@@ -1,0 +1,161 @@
+"""The paged KV cache's bookkeeping: which fixed-size block holds which tokens of which sequence.
+
+The cache is one pool of ``num_blocks`` blocks of ``block_size`` token slots (the tensors live in
+:mod:`scratchlm.serve.runner`; this file only hands out block numbers). Each sequence has a
+*block table*: its i-th block holds its tokens ``i*block_size ... (i+1)*block_size - 1``. Blocks
+need not be contiguous, so memory is never reserved for text not yet generated and never
+fragments: a finished sequence's blocks go straight back to the free list.
+
+**Prefix caching.** A full block is identified by a *chain hash*: the hash of its parent block's
+hash and its own token ids, so equal hashes mean equal whole prefixes, not just equal blocks. A
+new sequence walks its prompt block by block, and every block already in the cache (the hit is
+confirmed by comparing the token ids, never by the hash alone) is shared instead of recomputed:
+its reference count goes up. A block whose count drops to 0 keeps its hash and contents on the
+free list, so a later request can still hit it, until it is reused; reuse takes the least recently
+freed block first (LRU eviction). The last prompt token is always recomputed, so the model
+produces the logits the first output token is sampled from.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from scratchlm.serve.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None  # set once the block is full and computed, if caching
+        self.token_ids: tuple[int, ...] | None = None
+
+
+def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, token_ids))  # ints and tuples hash deterministically in CPython
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evicted first
+        self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.enable_prefix_caching = enable_prefix_caching
+        self.query_tokens = 0  # prompt tokens of admitted requests (the scheduler counts)
+        self.hit_tokens = 0  # of which found in the prefix cache
+
+    # --- sizes ----------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks ``seq`` needs for its first ``num_tokens`` tokens to have slots."""
+        return max(0, self.blocks_for(num_tokens) - len(seq.block_table))
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+    # --- admission: reuse cached blocks -------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> int:
+        """Share every cached full block at the start of ``seq``; return the tokens found.
+
+        Only blocks that end before the sequence's last token are looked up: that token is always
+        computed, to produce logits.
+        """
+        assert not seq.block_table, "match_prefix is for a sequence that holds no blocks"
+        seq.block_hashes = []
+        if not self.enable_prefix_caching:
+            return 0
+        bs, parent = self.block_size, None
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.tokens(i * bs, (i + 1) * bs))
+            h = chain_hash(parent, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break  # a miss ends the chain: every later block has a different prefix
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]  # revived from the free list
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
+            parent = h
+        return len(seq.block_table) * bs
+
+    # --- growth ---------------------------------------------------------------------------------
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Give ``seq`` the blocks its first ``num_tokens`` tokens need (caller checked there are enough)."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > self.num_free:
+            raise RuntimeError(f"{need} blocks needed, {self.num_free} free: the scheduler must check first")
+        for _ in range(need):
+            block_id, _ = self.free.popitem(last=False)  # least recently freed
+            block = self.blocks[block_id]
+            if block.hash is not None:  # evict its cached contents
+                if self.cached.get(block.hash) == block_id:
+                    del self.cached[block.hash]
+                block.hash, block.token_ids = None, None
+            block.ref_count = 1
+            seq.block_table.append(block_id)
+
+    def register(self, seq: Sequence) -> None:
+        """After a step: every block of ``seq`` that is now full and computed joins the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        hashes = seq.block_hashes
+        while (len(hashes) + 1) * bs <= seq.num_computed:
+            i = len(hashes)
+            tokens = tuple(seq.tokens(i * bs, (i + 1) * bs))
+            h = chain_hash(hashes[-1] if hashes else None, tokens)
+            hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if h not in self.cached:  # an identical block computed by another sequence stays unlisted
+                self.cached[h] = block.block_id
+                block.hash, block.token_ids = h, tokens
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Return ``seq``'s blocks. Cached ones keep their contents for later hits; the sequence's
+        last blocks are freed first so its first (most shareable) blocks are evicted last."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed more often than it was taken"
+            if block.ref_count == 0:
+                self.free[block_id] = None  # most recently used end
+                if block.hash is None:  # holds nothing reusable: hand it out first
+                    self.free.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+
+    # --- invariants (tests call this after every step) ---------------------------------------------
+    def check(self, sequences: list[Sequence]) -> None:
+        owners: dict[int, int] = {}
+        for seq in sequences:
+            assert len(set(seq.block_table)) == len(seq.block_table), f"{seq} lists a block twice"
+            assert len(seq.block_table) * self.block_size >= seq.num_computed, f"{seq} computed past its blocks"
+            for block_id in seq.block_table:
+                owners[block_id] = owners.get(block_id, 0) + 1
+        for block in self.blocks:
+            n = owners.get(block.block_id, 0)
+            assert block.ref_count == n, f"block {block.block_id}: ref_count {block.ref_count}, in {n} tables"
+            assert (n == 0) == (block.block_id in self.free), f"block {block.block_id}: free list disagrees"
+            if n > 1:
+                assert block.hash is not None, f"block {block.block_id} shared by {n} sequences but not a cached block"
+        for h, block_id in self.cached.items():
+            assert self.blocks[block_id].hash == h, f"cache entry {h} points at block {block_id} with another hash"
+        assert len(self.free) + len(owners) == self.num_blocks

@@ -1,0 +1,284 @@
+"""The engine: requests in, tokens out, many requests at once.
+
+    engine = LLMEngine.from_checkpoint("runs/shakespeare/last")
+    engine.add_request("ROMEO:", SamplingParams(max_tokens=50), request_id="a")
+    while engine.has_unfinished():
+        for out in engine.step():          # one forward pass for every running request
+            print(out.request_id, out.delta_text)
+
+Each :meth:`LLMEngine.step` asks the :class:`~scratchlm.serve.scheduler.Scheduler` what to run,
+has the :class:`~scratchlm.serve.runner.ModelRunner` compute it, appends the sampled tokens, checks
+each request's stop conditions, and frees finished requests' blocks. :class:`LLM` is the offline
+batch interface on top (``LLM(ckpt).generate(prompts, params)``); the async streaming interface for
+servers is :class:`~scratchlm.serve.async_engine.AsyncLLMEngine`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scratchlm.generate.generate import TextStream
+from scratchlm.serve.block_manager import BlockManager
+from scratchlm.serve.params import SamplingParams
+from scratchlm.serve.runner import ModelRunner
+from scratchlm.serve.scheduler import Scheduler
+from scratchlm.serve.sequence import Sequence, Status
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: everything so far, and what this step added (``delta_*``)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""
+    logprobs: list[dict] | None = None
+    metrics: dict | None = None  # when finished: TTFT, ITL, TPOT, E2E, cached and preempted counts
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # None: enough for max_num_seqs full contexts, within kv_cache_gb
+    kv_cache_gb: float = 2.0  # memory cap for the KV pool when num_blocks is None
+    max_num_seqs: int = 64  # running sequences at most
+    max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
+    enable_prefix_caching: bool = True
+    check_invariants: bool = False  # tests: check the block manager after every step
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, **overrides):
+        config = config or EngineConfig(**overrides)
+        c = model.config
+        p = next(model.parameters())
+        per_block = 2 * c.n_layer * config.block_size * c.kv_heads * c.head_dim * p.element_size()
+        num_blocks = config.num_blocks
+        if num_blocks is None:
+            wanted = config.max_num_seqs * math.ceil(c.block_size / config.block_size)
+            num_blocks = max(1, min(wanted, int(config.kv_cache_gb * 2**30 // per_block)))
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.context = c.block_size
+        self.vocab_size = c.vocab_size
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.requests: dict[str, Sequence] = {}
+        self.eos = tokenizer.eot_token if tokenizer is not None else None
+        self.num_steps = 0
+        self.num_generated = 0
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, tokenizer=None, device: str | None = None, dtype: str = "float32",
+                        **engine_options) -> LLMEngine:
+        """Load a checkpoint folder (trained or imported) for inference; ``tokenizer``: a tokenizer
+        object, a JSON path or ``"gpt2"`` (default: the one the checkpoint was trained with)."""
+        from scratchlm.device import pick_device
+        from scratchlm.models.checkpoint import load_model_from_checkpoint
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        model, state = load_model_from_checkpoint(path, pick_device(device))
+        model = model.to(DTYPES[dtype])
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            tokenizer = load_checkpoint_tokenizer(path, state, tokenizer)
+        return cls(model, tokenizer, **engine_options)
+
+    # --- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue one request; return its id. A bad request raises ``ValueError`` and changes nothing."""
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        if len(ids) + params.max_tokens > self.context:
+            raise ValueError(f"this model's context is {self.context} tokens; the request asks for {len(ids)} prompt + "
+                             f"{params.max_tokens} max_tokens = {len(ids) + params.max_tokens}: shorten the prompt or "
+                             "lower max_tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: give the engine one, or use stop_token_ids")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} are not in the vocabulary (0 ... {self.vocab_size - 1})")
+        if request_id is not None and request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(ids, params, request_id)
+        if self.tokenizer is not None:
+            seq.text_stream = TextStream(self.tokenizer, params.stop)
+        self.scheduler.add(seq)  # raises if it could never fit in the cache
+        self.requests[seq.request_id] = seq
+        return seq.request_id
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: give the engine one, or pass token ids")
+            ids = self.tokenizer.encode(prompt, allowed_special="all")
+        else:
+            ids = list(prompt)
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("a prompt is a string or a list of integer token ids")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (0 ... {self.vocab_size - 1})")
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        return ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is (waiting or running) and free its blocks."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, [], "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        step = self.scheduler.schedule()
+        if not step.chunks:
+            return []
+        sampled, tokens, logprobs = self.runner.step(step.chunks)
+        self.num_steps += 1
+        for seq, n in step.chunks:
+            seq.num_computed += n
+            self.blocks.register(seq)  # its newly full blocks join the prefix cache
+        outputs = []
+        now = time.perf_counter()
+        for seq, token, logprob in zip(sampled, tokens, logprobs):
+            seq.output_ids.append(token)
+            seq.timing.token_times.append(now)
+            self.num_generated += 1
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            reason, delta = self._check_stop(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(seq, [token], delta))
+        if self.config.check_invariants:
+            self.blocks.check(self.scheduler.running)
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, str]:
+        params, stream = seq.params, seq.text_stream
+        reason = None
+        if (token == self.eos and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"  # the stop token is in token_ids, not in the text
+        delta = ""
+        if stream is not None and reason is None:
+            delta = stream.push(token)
+            if stream.stopped:
+                reason = "stop"
+        if reason is None and len(seq.output_ids) >= params.max_tokens:
+            reason = "length"
+        if reason and stream is not None:
+            delta += stream.finish()
+        return reason, delta
+
+    def _output(self, seq: Sequence, new_ids: list[int], delta: str) -> RequestOutput:
+        finished = seq.status is Status.FINISHED
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=list(seq.output_ids),
+            text=seq.text_stream.text if seq.text_stream is not None else None, finished=finished,
+            finish_reason=seq.finish_reason, delta_token_ids=new_ids, delta_text=delta,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            metrics={**seq.timing.summary(seq.num_prompt, seq.num_cached), "preemptions": seq.num_preemptions}
+            if finished else None,
+        )
+
+    def stats(self) -> dict:
+        b = self.blocks
+        return {
+            "steps": self.num_steps, "generated_tokens": self.num_generated,
+            "preemptions": self.scheduler.num_preemptions, "prefix_cache_hit_rate": b.hit_rate,
+            "prefix_cache_hit_tokens": b.hit_tokens, "prefix_cache_query_tokens": b.query_tokens,
+            "num_blocks": b.num_blocks, "free_blocks": b.num_free, "block_size": b.block_size,
+            "kv_cache_bytes": self.runner.pool.bytes, "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }
+
+
+class LLM:
+    """Offline batches: ``LLM(checkpoint).generate(prompts, SamplingParams(...))`` -> outputs in order."""
+
+    def __init__(self, model_or_checkpoint, tokenizer=None, *, device: str | None = None, dtype: str = "float32",
+                 **engine_options):
+        if isinstance(model_or_checkpoint, (str, Path)):
+            self.engine = LLMEngine.from_checkpoint(model_or_checkpoint, tokenizer=tokenizer, device=device,
+                                                    dtype=dtype, **engine_options)
+        else:
+            self.engine = LLMEngine(model_or_checkpoint, tokenizer, **engine_options)
+
+    def generate(self, prompts: list[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None,
+                 *, progress: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        engine = self.engine
+        ids = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                try:
+                    ids.append(engine.add_request(prompt, p))
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
+        except ValueError:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        while len(results) < len(ids):
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[i] for i in ids]
+
+
+def load_checkpoint_tokenizer(checkpoint: str | Path, state: dict, name: str | Path | None = None):
+    """The tokenizer for a checkpoint: ``name`` (a JSON path or ``gpt2``) if given, else the one it
+    was trained with (the shards folder's copy, checked by fingerprint)."""
+    from scratchlm.tokenizers import gpt2_tokenizer, load_tokenizer
+
+    if name is not None:
+        if str(name) == "gpt2":
+            return gpt2_tokenizer()
+        if not Path(name).exists():
+            raise FileNotFoundError(f"tokenizer file {str(name)!r} does not exist (a tokenizer JSON file, or 'gpt2')")
+        return load_tokenizer(Path(name))
+    if not state.get("train"):
+        raise ValueError(f"{checkpoint} was imported, not trained here: pass a tokenizer (a JSON file, or gpt2)")
+    path = Path(state["train"]["data"]) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"the tokenizer of {checkpoint} was {path}, which no longer exists; pass a tokenizer")
+    tokenizer = load_tokenizer(path)
+    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+        raise ValueError(f"{path} is not the tokenizer {checkpoint} was trained with (fingerprints differ); "
+                         "pass a tokenizer")
+    return tokenizer

@@ -1,0 +1,42 @@
+"""The model runner: one engine step's tokens through the model, next tokens out.
+
+It owns the model and the KV pool. :meth:`ModelRunner.step` packs the scheduled chunks into one
+row (no padding), runs the model with a :class:`~scratchlm.serve.paged_attention.PagedBatch`
+as its cache, takes logits only at the last token of each sequence whose chunk reaches the end of
+its tokens (a prefill chunk that is not the last one produces no token), and samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scratchlm.serve.paged_attention import KVPool, PagedBatch
+from scratchlm.serve.sampler import sample
+from scratchlm.serve.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int):
+        self.model = model.eval()
+        c = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.pool = KVPool(c.n_layer, num_blocks, block_size, c.kv_heads, c.head_dim, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def step(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int], list[dict | None]]:
+        """Compute ``chunks``; return the sequences that got a next token, the tokens, their logprobs."""
+        ids: list[int] = []
+        for seq, n in chunks:
+            ids.extend(seq.tokens(seq.num_computed, seq.num_computed + n))
+        batch = PagedBatch(self.pool, [(seq.block_table, seq.num_computed, n) for seq, n in chunks], self.device)
+        done = [i for i, (seq, n) in enumerate(chunks) if seq.num_computed + n == seq.num_tokens]
+        sampled = [chunks[i][0] for i in done]
+        if not done:  # only middle chunks of long prompts: fill the cache, no logits needed
+            self.model(torch.tensor([ids], device=self.device), cache=batch, positions=batch.positions,
+                       logits_at=batch.last_rows[:0])
+            return [], [], []
+        logits, _ = self.model(torch.tensor([ids], device=self.device), cache=batch, positions=batch.positions,
+                               logits_at=batch.last_rows[torch.tensor(done, device=self.device)])
+        tokens, logprobs = sample(logits[0], sampled)
+        return sampled, tokens, logprobs

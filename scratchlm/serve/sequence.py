@@ -1,0 +1,97 @@
+"""One request inside the engine: its tokens, where its keys and values live, and its timing.
+
+A sequence's tokens are ``prompt_ids + output_ids``. ``num_computed`` of them have keys and values
+in the KV cache (in the blocks listed by ``block_table``, ``block_size`` tokens each); the engine
+feeds the rest through the model, a chunk per step. When the chunk reaches the last token, its
+logits give the next token. Prefill and decode are the same operation at different chunk sizes:
+a prefill computes many tokens at once, a decode step computes one.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from scratchlm.serve.params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted: holds no blocks
+    RUNNING = "running"  # holds blocks; scheduled every step until it finishes
+    FINISHED = "finished"
+
+
+@dataclass
+class Timing:
+    """Wall-clock moments of one request (time.perf_counter), for TTFT / ITL / TPOT / E2E."""
+
+    arrival: float = field(default_factory=time.perf_counter)
+    first_scheduled: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    def summary(self, prompt_tokens: int, cached_tokens: int) -> dict:
+        n = len(self.token_times)
+        out = {"prompt_tokens": prompt_tokens, "cached_tokens": cached_tokens, "output_tokens": n}
+        if n:
+            out["queue_s"] = (self.first_scheduled or self.arrival) - self.arrival
+            out["ttft_s"] = self.token_times[0] - self.arrival
+            out["e2e_s"] = self.token_times[-1] - self.arrival
+            gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+            out["itl_s"] = gaps
+            out["tpot_s"] = (out["e2e_s"] - out["ttft_s"]) / (n - 1) if n > 1 else None
+        return out
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chain hashes of the full, computed blocks (prefix caching)
+        self.num_computed = 0  # tokens whose keys and values are in the cache
+        self.num_cached = 0  # of the prompt, found in the prefix cache at admission (reported)
+        self.num_preemptions = 0
+        self.logprobs: list[dict] = []
+        self.timing = Timing()
+        self.generator: torch.Generator | None = None  # a seeded request's own random stream
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.text_stream = None  # a TextStream when the engine has a tokenizer (stop strings, streaming)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id}, {self.status.value}, prompt {self.num_prompt}, out {len(self.output_ids)}, "
+                f"computed {self.num_computed}, blocks {self.block_table})")
