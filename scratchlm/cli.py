@@ -305,6 +305,24 @@ def cmd_sample(args) -> None:
           "\n---\n".join(prompt + r["text"] + (f"  [score {r['score']:.3f}]" if "score" in r else "") for r in results))
 
 
+def cmd_generate(args) -> None:
+    from scratchlm.serve import LLMEngine
+    from scratchlm.serve.batch import run_batch
+
+    engine = LLMEngine.from_checkpoint(
+        args.checkpoint, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        num_blocks=args.num_blocks, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
+    summary = run_batch(engine, args.input, args.output, progress=not args.json)
+    _emit(args, summary, f"{summary['requests']} requests ({summary['errors']} with errors) -> {summary['output']}: "
+          f"{summary['output_tokens']} tokens in {summary['seconds']:.1f} s "
+          f"({summary['output_tokens_per_second'] or 0:,.1f} tokens/s), prefix-cache hit rate "
+          f"{summary['prefix_cache_hit_rate']:.0%}, {summary['preemptions']} preemptions")
+    if summary["errors"]:
+        raise ValueError(f"{summary['errors']} of {summary['requests']} requests failed: see their \"error\" "
+                         f"fields in {summary['output']}")
+
+
 def interpret_escapes(text: str) -> str:
     """``\\n``, ``\\t``, ``\\u00e9``... in ``text`` become the characters; other characters stay as
     they are. (``unicode_escape`` alone reads bytes as Latin-1, which garbles UTF-8 text: the
@@ -488,6 +506,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", help="cuda | mps | cpu")
     json_flag(q)
     q.set_defaults(func=cmd_sample)
+
+    q = sub.add_parser("generate", help="offline batch generation with the engine: prompts.jsonl -> out.jsonl")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--input", required=True, help='JSONL, one request per line: {"prompt": "...", "max_tokens": 64, ...}')
+    q.add_argument("--output", required=True, help="JSONL, one result per input line, in input order")
+    q.add_argument("--tokenizer", help="tokenizer JSON or gpt2 (default: the one the checkpoint was trained with)")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and KV cache (bfloat16 halves the bytes each decode step reads)")
+    q.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    q.add_argument("--num-blocks", type=int, help="KV cache blocks (default: from --kv-cache-gb)")
+    q.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory cap for the KV cache")
+    q.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once at most")
+    q.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks + decodes)")
+    q.add_argument("--no-prefix-caching", action="store_true")
+    q.add_argument("--device", help="cuda | mps | cpu")
+    json_flag(q)
+    q.set_defaults(func=cmd_generate)
     return p
 
 

@@ -1,0 +1,89 @@
+"""Offline batch generation from a JSONL file (``scratchlm generate``).
+
+Each input line is one request: ``{"prompt": "...", "max_tokens": 64, "temperature": 0, ...}`` with
+the sampling fields named as in the OpenAI completions API (see
+:class:`~scratchlm.serve.params.SamplingParams`); ``"prompt"`` may also be a list of token ids, and
+an optional ``"id"`` is copied to the output. Each output line, in input order, carries ``text``,
+``finish_reason`` and token counts; a line that cannot be served (bad JSON, an unknown field, a
+prompt longer than the context...) gets an ``error`` field instead, and the others still run.
+The output file is written atomically once every request has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from scratchlm.io import atomic_write
+from scratchlm.serve.engine import LLMEngine
+from scratchlm.serve.params import SamplingParams
+
+
+def read_requests(path: str | Path) -> list[dict]:
+    """One dict per non-blank line: ``{"line", "id", "prompt", "params"}`` or ``{"line", "error"}``."""
+    requests = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item: dict = {"line": number}
+            try:
+                fields = json.loads(line)
+                if not isinstance(fields, dict) or "prompt" not in fields:
+                    raise ValueError('each line must be a JSON object with a "prompt"')
+                fields = dict(fields)
+                item["id"] = fields.pop("id", None)
+                item["prompt"] = fields.pop("prompt")
+                if not isinstance(item["prompt"], (str, list)):
+                    raise ValueError('"prompt" must be a string or a list of token ids')
+                item["params"] = SamplingParams.from_dict(fields)
+            except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+                item["error"] = f"line {number}: {e}"
+            requests.append(item)
+    return requests
+
+
+def run_batch(engine: LLMEngine, input_path: str | Path, output_path: str | Path, *, progress: bool = True) -> dict:
+    """Serve every request of ``input_path``; write ``output_path``; return a summary."""
+    requests = read_requests(input_path)
+    ids: dict[str, int] = {}
+    for i, item in enumerate(requests):
+        if "error" in item:
+            continue
+        try:
+            ids[engine.add_request(item["prompt"], item["params"])] = i
+        except ValueError as e:
+            item["error"] = f"line {item['line']}: {e}"
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ids), desc="generating", unit="req")
+    results: dict[int, dict] = {}
+    while len(results) < len(ids):
+        for out in engine.step():
+            if not out.finished:
+                continue
+            m = out.metrics
+            results[ids[out.request_id]] = {
+                "text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": m["prompt_tokens"],
+                "completion_tokens": m["output_tokens"], "cached_tokens": m["cached_tokens"],
+                **({"token_ids": out.token_ids} if out.text is None else {}),
+                **({"logprobs": out.logprobs} if out.logprobs is not None else {}),
+            }
+            if bar is not None:
+                bar.update(1)
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    with atomic_write(output_path, "w") as f:
+        for i, item in enumerate(requests):
+            line = {"index": i, **({"id": item["id"]} if item.get("id") is not None else {})}
+            line.update({"error": item["error"]} if "error" in item else results[i])
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    generated = sum(r["completion_tokens"] for r in results.values())
+    return {"requests": len(requests), "errors": sum("error" in r for r in requests), "seconds": seconds,
+            "output_tokens": generated, "output_tokens_per_second": generated / seconds if seconds else None,
+            "output": str(output_path), **{k: v for k, v in engine.stats().items() if k.startswith(("prefix", "preempt"))}}

@@ -1,0 +1,392 @@
+"""The inference engine against its oracles (issue 7, section 4).
+
+The oracle for every batched, paged, chunked, preempted, prefix-cached run is the one-request
+path (:func:`scratchlm.generate.generate`, what ``scratchlm sample`` runs) on the same weights, and
+Hugging Face ``generate`` on the weights exported with ``export_hf``. The block manager's
+invariants are checked after every step (``check_invariants=True``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from scratchlm.generate import generate
+from scratchlm.generate.sampling import SamplingConfig
+from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.serve import LLM, LLMEngine, SamplingParams
+from scratchlm.serve.async_engine import AsyncLLMEngine
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+def tiny(position="rope", n_kv_head=2, vocab=97, block=96, seed=0, **kw) -> GPT:
+    """Random weights with a large init: logits spread far apart, so greedy ties cannot hide bugs."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, block_size=block,
+                    position=position, init_std=0.3, **kw)
+    return GPT(cfg).eval()
+
+
+def prompts(n, low=1, high=40, vocab=97, seed=1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def oracle(model, prompt, n) -> list[int]:
+    return generate(model, prompt, n, GREEDY)[0]
+
+
+def drained(engine: LLMEngine) -> None:
+    """Nothing left: every reference count 0 and the free list whole."""
+    assert not engine.has_unfinished()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all(b.ref_count == 0 for b in engine.blocks.blocks)
+    engine.blocks.check([])
+
+
+# --- greedy equality with the one-request path ------------------------------------------------------
+@pytest.mark.parametrize("position,n_kv_head", [("rope", 2), ("learned", 4), ("alibi", 1), ("sinusoidal", 2),
+                                                 ("none", 2)])
+def test_batched_paged_chunked_preempted_equals_one_at_a_time(position, n_kv_head):
+    model = tiny(position, n_kv_head)
+    ps = prompts(12)
+    # 4-token blocks, 16 of them (64 slots for 12 requests of up to 60 tokens), 24 tokens per step:
+    # long prompts are chunked, decodes share steps with prefills, and the pool runs out.
+    llm = LLM(model, block_size=4, num_blocks=16, max_num_batched_tokens=24, check_invariants=True)
+    outs = llm.generate(ps, SamplingParams(max_tokens=20, temperature=0))
+    for p, out in zip(ps, outs):
+        assert out.token_ids == oracle(model, p, 20)
+        assert out.finish_reason == "length"
+    stats = llm.engine.stats()
+    assert stats["preemptions"] > 0, stats
+    drained(llm.engine)
+
+
+def test_batched_equals_one_request_at_a_time_through_the_engine():
+    model = tiny()
+    ps = prompts(10, 1, 60)
+    together = LLM(model, block_size=8, max_num_seqs=10).generate(ps, SamplingParams(max_tokens=12, temperature=0))
+    one = LLM(model, block_size=8, max_num_seqs=1)
+    alone = [one.generate([p], SamplingParams(max_tokens=12, temperature=0))[0] for p in ps]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+def test_logits_of_a_packed_step_equal_the_contiguous_model():
+    """The paged attention of one packed step (a decode, a first chunk, a middle chunk) gives the
+    logits the plain model gives each sequence alone, to float32 rounding."""
+    model = tiny("alibi", 2)
+    engine = LLMEngine(model, block_size=4, num_blocks=64, max_num_batched_tokens=1000)
+    ps = prompts(3, 20, 40)
+    for p in ps:
+        engine.add_request(p, SamplingParams(max_tokens=5, temperature=0, logprobs=3))
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] = o
+    for p, rid in zip(ps, sorted(outs, key=int)):
+        o = outs[rid]
+        tokens = p + o.token_ids
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([tokens]))
+        reference = torch.log_softmax(logits[0, len(p) - 1 : -1].float(), dim=-1)
+        got = torch.tensor([r["logprob"] for r in o.logprobs])
+        expected = reference.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        top_ids = [[t for t, _ in r["top"]] for r in o.logprobs]
+        assert top_ids == reference.topk(3).indices.tolist()
+
+
+# --- prefix caching -----------------------------------------------------------------------------
+def test_prefix_cache_hits_give_the_same_tokens_as_no_cache():
+    model = tiny(block=128)
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(0, 97, (40,), generator=g).tolist()  # 5 full blocks of 8
+    cases = {
+        "no hit": torch.randint(0, 97, (30,), generator=g).tolist(),
+        "partial hit": shared[:21] + [1, 2, 3],  # blocks 0-1 shared (16 tokens), block 2 differs
+        "block-aligned full hit": shared[:24],  # exactly 3 blocks: the last token is recomputed
+        "whole prompt cached": list(shared),
+    }
+    params = SamplingParams(max_tokens=8, temperature=0)
+    off = LLM(model, block_size=8, enable_prefix_caching=False)
+    on = LLM(model, block_size=8, check_invariants=True)
+    on.generate([shared], params)  # warm the cache
+    for name, p in cases.items():
+        got = on.generate([p], params)[0]
+        assert got.token_ids == off.generate([p], params)[0].token_ids == oracle(model, p, 8), name
+        cached = got.metrics["cached_tokens"]
+        expected = {"no hit": 0, "partial hit": 16, "block-aligned full hit": 16, "whole prompt cached": 32}[name]
+        assert cached == expected, (name, cached)
+    drained(on.engine)
+
+
+def test_two_requests_sharing_a_prefix_concurrently():
+    model = tiny(block=128)
+    g = torch.Generator().manual_seed(4)
+    shared = torch.randint(0, 97, (48,), generator=g).tolist()
+    ps = [shared + torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 9, 13, 3)]
+    params = SamplingParams(max_tokens=10, temperature=0)
+    engine = LLMEngine(model, block_size=8, check_invariants=True)
+    engine.add_request(ps[0], params, "first")
+    engine.step()  # the first request's prompt is computed and its blocks cached
+    for i, p in enumerate(ps[1:]):
+        engine.add_request(p, params, f"r{i}")
+    shared_blocks = set()
+    outs = {}
+    while engine.has_unfinished():
+        running = engine.scheduler.running
+        if len(running) > 1:
+            tables = [set(s.block_table[:6]) for s in running]
+            shared_blocks |= set.intersection(*tables)
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert len(shared_blocks) == 6  # the 48-token prefix: 6 blocks in every table at once
+    for rid, p in zip(["first", "r0", "r1", "r2"], ps):
+        assert outs[rid].token_ids == oracle(model, p, 10)
+    assert [outs[f"r{i}"].metrics["cached_tokens"] for i in range(3)] == [48, 48, 48]
+    drained(engine)
+
+
+def test_freed_cached_blocks_are_evicted_least_recently_used_first():
+    model = tiny(block=128)
+    engine = LLMEngine(model, block_size=4, num_blocks=12, check_invariants=True)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    a, b = list(range(1, 17)), list(range(30, 46))  # 4 blocks each (the last token's block is recomputed)
+    for p in (a, b):
+        engine.add_request(p, params)
+        while engine.has_unfinished():
+            engine.step()
+    c = list(range(50, 70))  # needs 5 blocks: 12 - 8 cached leaves 4 never-cached, so a's oldest go
+    engine.add_request(c, params)
+    while engine.has_unfinished():
+        engine.step()
+    # b was used last: all of its full blocks are still cached; a lost some.
+    engine.add_request(b, params, "b")
+    out = [o for o in engine.step() if o.request_id == "b"][0]
+    assert out.metrics["cached_tokens"] == 12
+    drained(engine)
+
+
+# --- sampling per request ------------------------------------------------------------------
+def test_seeded_sampling_is_the_same_alone_batched_and_on_the_one_request_path():
+    model = tiny()
+    ps = prompts(6, 5, 30)
+    sampled = SamplingParams(max_tokens=15, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
+    mixed = [sampled if i % 2 == 0 else SamplingParams(max_tokens=15, temperature=0) for i in range(6)]
+    batched = LLM(model, block_size=4).generate(ps, mixed)
+    for i in range(0, 6, 2):
+        alone = LLM(model, block_size=4).generate([ps[i]], sampled)[0]
+        reference = generate(model, ps[i], 15, SamplingConfig(0.9, 20, 0.9), seed=1234)[0]
+        assert batched[i].token_ids == alone.token_ids == reference
+    for i in range(1, 6, 2):
+        assert batched[i].token_ids == oracle(model, ps[i], 15)
+
+
+def test_repetition_penalty_and_min_p_match_the_one_request_path():
+    model = tiny()
+    p = prompts(1, 10, 11)[0]
+    params = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.8)
+    got = LLM(model).generate([p], params)[0].token_ids
+    assert got == generate(model, p, 12, SamplingConfig(temperature=0, repetition_penalty=1.8))[0]
+    params = SamplingParams(max_tokens=12, temperature=1.0, min_p=0.2, seed=7)
+    got = LLM(model).generate([p], params)[0].token_ids
+    assert got == generate(model, p, 12, SamplingConfig(temperature=1.0, min_p=0.2), seed=7)[0]
+
+
+def test_stop_token_ids_and_max_tokens():
+    model = tiny()
+    p = prompts(1, 10, 11)[0]
+    ref = oracle(model, p, 20)
+    stop_at = ref[5]
+    first = ref.index(stop_at)
+    out = LLM(model).generate([p], SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
+
+
+# --- with a tokenizer: text, stop strings, EOS -----------------------------------------------------
+@pytest.fixture(scope="module")
+def char_model(char_shards, tmp_path_factory):
+    """A character model trained for a few seconds: real text, a real tokenizer, a checkpoint."""
+    from scratchlm.train import train
+
+    out = tmp_path_factory.mktemp("engine") / "run"
+    train({"model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64, "block_size": 128,
+                     "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False},
+           "train": {"data": str(char_shards), "out_dir": str(out), "batch_size": 16, "max_steps": 150,
+                     "eval_interval": 150, "eval_windows": 8, "warmup_steps": 10, "sample_tokens": 0,
+                     "lr": 1e-2, "log_interval": 50}}, progress=False)
+    return out / "last"
+
+
+def test_text_and_stop_strings_match_sample(char_model):
+    from scratchlm.generate import generate_text
+
+    llm = LLM(char_model)
+    tok = llm.engine.tokenizer
+    model = llm.engine.model
+    for prompt, stop in [("ROMEO:\n", ["\n\n"]), ("First Citizen:", [":"]), ("KING", [])]:
+        out = llm.generate([prompt], SamplingParams(max_tokens=80, temperature=0, stop=stop))[0]
+        expected = generate_text(model, tok, prompt, 80, GREEDY, stop=stop)
+        assert out.text == expected
+        cut = any(s in tok.decode(out.token_ids) for s in stop)
+        assert out.finish_reason == ("stop" if cut else "length")
+
+
+def test_bfloat16_greedy_matches_float32_on_a_trained_model(char_model):
+    p32 = LLM(char_model, dtype="float32")
+    p16 = LLM(char_model, dtype="bfloat16")
+    assert p16.engine.runner.pool.k.dtype == torch.bfloat16
+    prompts_ = ["ROMEO:\n", "First Citizen:\nWe are", "KING HENRY"]
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=0)
+    a, b = p32.generate(prompts_, params), p16.generate(prompts_, params)
+    agree = sum(x == y for o32, o16 in zip(a, b) for x, y in zip(o32.token_ids, o16.token_ids))
+    assert agree >= 0.9 * sum(len(o.token_ids) for o in a), (agree, [o.text for o in a], [o.text for o in b])
+    # Until the first disagreement the two follow the same text: their log-probabilities agree to bf16 precision.
+    for o32, o16 in zip(a, b):
+        for x, y in zip(o32.logprobs, o16.logprobs):
+            if x["token"] != y["token"]:
+                break
+            assert abs(x["logprob"] - y["logprob"]) < 0.1
+
+
+# --- bad input: one request fails, the others are served ----------------------------------------------
+@pytest.mark.parametrize("prompt,fields,message", [
+    ([], {}, "prompt is empty"),
+    (list(range(90)), {"max_tokens": 10}, "context is 96 tokens"),
+    ([1, 2], {"max_tokens": 200}, "context is 96 tokens"),
+    ([1, 500], {}, "outside the vocabulary"),
+    ([1, 2], {"temperature": -1}, "temperature must be"),
+    ([1, 2], {"top_p": 0}, "top_p must be"),
+    ([1, 2], {"top_p": 1.5}, "top_p must be"),
+    ([1, 2], {"max_tokens": 0}, "max_tokens must be"),
+    ([1, 2], {"stop": ["x"]}, "stop strings need a tokenizer"),
+    ([1, 2], {"bogus": 1}, "unknown sampling field"),
+    ("text", {}, "text prompt needs a tokenizer"),
+])
+def test_a_bad_request_fails_alone(prompt, fields, message):
+    model = tiny()
+    engine = LLMEngine(model, block_size=4, check_invariants=True)
+    good = prompts(2, 5, 10)
+    engine.add_request(good[0], SamplingParams(max_tokens=6, temperature=0), "good0")
+    engine.step()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, SamplingParams.from_dict({"temperature": 0, **fields}))
+    engine.add_request(good[1], SamplingParams(max_tokens=6, temperature=0), "good1")
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["good0"].token_ids == oracle(model, good[0], 6)
+    assert outs["good1"].token_ids == oracle(model, good[1], 6)
+    drained(engine)
+
+
+def test_a_request_larger_than_the_whole_cache_is_refused():
+    engine = LLMEngine(tiny(), block_size=4, num_blocks=3)
+    with pytest.raises(ValueError, match="needs up to 4 KV blocks"):
+        engine.add_request([1] * 10, SamplingParams(max_tokens=6))
+    engine.add_request([1] * 6, SamplingParams(max_tokens=6))  # 12 tokens = 3 blocks: fits alone
+    while engine.has_unfinished():
+        engine.step()
+    drained(engine)
+
+
+# --- random workloads against the oracle -------------------------------------------------------------
+def test_random_workloads_with_arrivals_and_aborts_match_the_oracle():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    model = tiny(block=64)
+    request = st.tuples(st.lists(st.integers(0, 96), min_size=1, max_size=30),  # prompt
+                        st.integers(1, 12),  # max_tokens
+                        st.integers(0, 6),  # arrives after this many steps
+                        st.one_of(st.none(), st.integers(0, 8)))  # aborted after this many of its steps
+
+    @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+    @hypothesis.given(st.lists(request, min_size=1, max_size=8), st.sampled_from([2, 4, 8]), st.integers(6, 40),
+                      st.integers(4, 40), st.booleans())
+    def run(requests, block_size, num_blocks, budget, caching):
+        needed = max(-(-(len(p) + n) // block_size) for p, n, _, _ in requests)
+        engine = LLMEngine(model, block_size=block_size, num_blocks=max(num_blocks, needed),
+                           max_num_batched_tokens=budget, enable_prefix_caching=caching, check_invariants=True)
+        pending = sorted(enumerate(requests), key=lambda r: r[1][2])
+        finished, steps_seen, step = {}, {}, 0
+        while pending or engine.has_unfinished():
+            while pending and pending[0][1][2] <= step:
+                i, (p, n, _, _) = pending.pop(0)
+                engine.add_request(p, SamplingParams(max_tokens=n, temperature=0), str(i))
+            for i, (p, n, _, abort_after) in enumerate(requests):
+                rid = str(i)
+                if rid in engine.requests and abort_after is not None and steps_seen.get(rid, 0) >= abort_after:
+                    finished[rid] = engine.abort(rid)
+            for o in engine.step():
+                steps_seen[o.request_id] = steps_seen.get(o.request_id, 0) + 1
+                if o.finished:
+                    finished[o.request_id] = o
+            step += 1
+        for i, (p, n, _, _) in enumerate(requests):
+            out = finished[str(i)]
+            expected = oracle(model, p, n)
+            if out.finish_reason == "abort":
+                assert out.token_ids == expected[: len(out.token_ids)]
+            else:
+                assert out.token_ids == expected
+        drained(engine)
+
+    run()
+
+
+# --- the async interface a server drives -----------------------------------------------------------
+def test_async_streaming_cancel_and_bad_request():
+    model = tiny()
+    engine = AsyncLLMEngine(LLMEngine(model, block_size=4, check_invariants=True))
+    ps = prompts(4, 5, 20)
+
+    async def collect(p, n):
+        tokens = []
+        async for out in engine.generate(p, SamplingParams(max_tokens=n, temperature=0)):
+            tokens += out.delta_token_ids
+            assert out.token_ids == tokens
+        return tokens, out.finish_reason
+
+    async def cancelled(p):
+        async for out in engine.generate(p, SamplingParams(max_tokens=60, temperature=0)):
+            if len(out.token_ids) == 3:
+                break  # the client went away: the request must be aborted and its blocks freed
+
+    async def bad():
+        with pytest.raises(ValueError, match="temperature"):
+            async for _ in engine.generate([1, 2], SamplingParams.from_dict({"temperature": -1})):
+                pass
+
+    async def main():
+        return await asyncio.gather(*(collect(p, 10 + i) for i, p in enumerate(ps)), cancelled(ps[0]), bad())
+
+    results = asyncio.run(main())
+    for i, p in enumerate(ps):
+        assert results[i] == (oracle(model, p, 10 + i), "length")
+    deadline = asyncio.run(asyncio.sleep(0.2))  # let the engine thread process the abort
+    del deadline
+    engine.shutdown()
+    drained(engine.engine)
+
+
+def test_a_long_prompt_does_not_stall_running_decodes():
+    """Chunked prefill: while a 60-token prompt is computed 8 tokens per step, the running request
+    still gets one token every step."""
+    engine = LLMEngine(tiny(), block_size=4, max_num_batched_tokens=8, check_invariants=True)
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=30, temperature=0), "running")
+    engine.step()
+    engine.add_request(prompts(1, 60, 61)[0], SamplingParams(max_tokens=3, temperature=0), "long")
+    steps_until_first_token = 0
+    while True:
+        outs = {o.request_id: o for o in engine.step()}
+        steps_until_first_token += 1
+        assert "running" in outs  # a token every step
+        if "long" in outs:
+            break
+    assert steps_until_first_token == 9  # 60 tokens at 7 a step (one of the 8 goes to the decode)
