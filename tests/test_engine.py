@@ -66,6 +66,30 @@ def test_batched_paged_chunked_preempted_equals_one_at_a_time(position, n_kv_hea
     drained(llm.engine)
 
 
+@pytest.mark.parametrize("weight_format", ["dense", "onednn"])
+def test_weight_formats_agree_and_leave_the_model_unchanged(weight_format):
+    import torch.backends.mkldnn
+
+    if weight_format == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    model = tiny("learned", 4, bias=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    llm = LLM(model, block_size=4, weight_format=weight_format)
+    assert llm.engine.stats()["weight_format"] == weight_format
+    ps = prompts(4)
+    outs = llm.generate(ps, SamplingParams(max_tokens=10, temperature=0, logprobs=0))
+    for p, out in zip(ps, outs):
+        assert out.token_ids == oracle(model, p, 10)
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([p + out.token_ids]))
+        expected = torch.log_softmax(logits[0, len(p) - 1 : -1], -1).gather(1, torch.tensor(out.token_ids)[:, None])
+        torch.testing.assert_close(torch.tensor([r["logprob"] for r in out.logprobs]), expected[:, 0], atol=1e-4,
+                                   rtol=1e-4)
+    assert all(type(m) is not torch.nn.Linear or m.weight.layout == torch.strided for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_batched_equals_one_request_at_a_time_through_the_engine():
     model = tiny()
     ps = prompts(10, 1, 60)

@@ -56,6 +56,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # running sequences at most
     max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
     enable_prefix_caching: bool = True
+    weight_format: str = "auto"  # auto | dense | onednn (scratchlm.serve.weights)
     check_invariants: bool = False  # tests: check the block manager after every step
 
 
@@ -74,7 +75,7 @@ class LLMEngine:
         self.vocab_size = c.vocab_size
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.weight_format)
         self.requests: dict[str, Sequence] = {}
         self.eos = tokenizer.eot_token if tokenizer is not None else None
         self.num_steps = 0
@@ -207,7 +208,7 @@ class LLMEngine:
             "steps": self.num_steps, "generated_tokens": self.num_generated,
             "preemptions": self.scheduler.num_preemptions, "prefix_cache_hit_rate": b.hit_rate,
             "prefix_cache_hit_tokens": b.hit_tokens, "prefix_cache_query_tokens": b.query_tokens,
-            "num_blocks": b.num_blocks, "free_blocks": b.num_free, "block_size": b.block_size,
+            "weight_format": self.runner.weight_format, "num_blocks": b.num_blocks, "free_blocks": b.num_free, "block_size": b.block_size,
             "kv_cache_bytes": self.runner.pool.bytes, "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }

@@ -30,14 +30,29 @@ from scratchlm.models.layers import attention_bias
 
 
 class KVPool:
-    """The cache's memory: ``k`` and ``v`` of shape (n_layer, num_blocks * block_size, n_kv_head, head_dim)."""
+    """The cache's memory: ``k`` and ``v`` of shape (n_layer, n_kv_head, num_blocks * block_size, head_dim).
+
+    Heads come before slots so that a gather of any slots is, per head, a contiguous run of keys:
+    the layout attention kernels read fastest. ``workspace`` is a buffer the decode gather writes
+    into, kept between steps (allocating ~100 MB afresh for every layer of every step costs more
+    in page faults than the copy itself).
+    """
 
     def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (n_layer, num_blocks * block_size, n_kv_head, head_dim)
+        shape = (n_layer, n_kv_head, num_blocks * block_size, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
+        self._workspace = torch.empty(0, device=device, dtype=dtype)
+
+    def workspace(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two (n_kv_head, slots, head_dim) buffers for gathered keys and values."""
+        Hkv, D = self.k.shape[1], self.k.shape[3]
+        if self._workspace.numel() < 2 * Hkv * slots * D:
+            self._workspace = torch.empty(2 * Hkv * slots * D, device=self.k.device, dtype=self.k.dtype)
+        buf = self._workspace[: 2 * Hkv * slots * D].view(2, Hkv, slots, D)
+        return buf[0], buf[1]
 
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
@@ -93,19 +108,20 @@ class PagedBatch:
             self.decode_slots = (tables[:, :, None] * bs + offsets).flatten(1)[:, :longest]  # (Bd, longest)
             key_pos = torch.arange(longest, device=device)
             self.decode_valid = key_pos[None, :] < lengths[:, None]  # (Bd, longest): False on padding
+            self.decode_padded = bool((lengths != longest).any())
             self.decode_distance = (lengths[:, None] - 1 - key_pos[None, :]).clamp_min(0)  # for ALiBi
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi=None) -> torch.Tensor:
         """Store this step's k, v (1, Hkv, N, D) in the pool, then attend: q (1, H, N, D) -> (1, H, N, D)."""
-        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]  # (slots, Hkv, D)
-        pool_k.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
-        pool_v.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
+        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]  # (Hkv, slots, D)
+        pool_k.index_copy_(1, self.slot_mapping, k[0])
+        pool_v.index_copy_(1, self.slot_mapping, v[0])
         gqa = q.shape[1] != k.shape[1]
         out = torch.empty_like(q)
         for row, n, start, key_slots in self.prefills:
             qi = q[:, :, row : row + n]  # (1, H, n, D)
-            ki = pool_k[key_slots].transpose(0, 1)[None]  # (1, Hkv, start + n, D)
-            vi = pool_v[key_slots].transpose(0, 1)[None]
+            ki = pool_k.index_select(1, key_slots)[None]  # (1, Hkv, start + n, D)
+            vi = pool_v.index_select(1, key_slots)[None]
             if start == 0 and alibi is None:
                 y = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
             else:
@@ -113,15 +129,21 @@ class PagedBatch:
                 y = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=gqa)
             out[:, :, row : row + n] = y
         if len(self.decode_rows):
+            Bd, longest = self.decode_slots.shape
+            kd, vd = self.pool.workspace(Bd * longest)  # the gather: (Hkv, Bd * longest, D)
+            torch.index_select(pool_k, 1, self.decode_slots.flatten(), out=kd)
+            torch.index_select(pool_v, 1, self.decode_slots.flatten(), out=vd)
+            kd = kd.view(-1, Bd, longest, kd.shape[-1]).transpose(0, 1)  # (Bd, Hkv, longest, D), a view
+            vd = vd.view(-1, Bd, longest, vd.shape[-1]).transpose(0, 1)
             qd = q[0][:, self.decode_rows].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
-            kd = pool_k[self.decode_slots].transpose(1, 2)  # (Bd, Hkv, longest, D)
-            vd = pool_v[self.decode_slots].transpose(1, 2)
-            if alibi is None:
-                mask = self.decode_valid[:, None, None, :]  # (Bd, 1, 1, longest), True = attend
-            else:
+            if alibi is not None:
                 slopes = alibi.to(device=q.device, dtype=q.dtype)
                 mask = -slopes[None, :, None, None] * self.decode_distance[:, None, None, :].to(q.dtype)
                 mask = mask.masked_fill(~self.decode_valid[:, None, None, :], float("-inf"))
+            elif self.decode_padded:
+                mask = self.decode_valid[:, None, None, :]  # (Bd, 1, 1, longest), True = attend
+            else:
+                mask = None  # every sequence has the same length: nothing to hide
             y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa)  # (Bd, H, 1, D)
             out[0][:, self.decode_rows] = y[:, :, 0].transpose(0, 1)
         return out

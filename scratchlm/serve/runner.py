@@ -13,11 +13,14 @@ import torch
 from scratchlm.serve.paged_attention import KVPool, PagedBatch
 from scratchlm.serve.sampler import sample
 from scratchlm.serve.sequence import Sequence
+from scratchlm.serve.weights import for_inference, resolve
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int):
-        self.model = model.eval()
+    def __init__(self, model, num_blocks: int, block_size: int, weight_format: str = "auto"):
+        model.eval()
+        self.weight_format = resolve(weight_format, model)
+        self.model = for_inference(model, self.weight_format)
         c = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
