@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -253,7 +254,8 @@ def cmd_train(args) -> None:
     from scratchlm.config import load_config
     from scratchlm.train import train
 
-    summary = train(load_config(args.config, args.set), resume=args.resume, progress=not args.json)
+    summary = train(load_config(args.config, args.set), resume=args.resume, progress=not args.json,
+                    overwrite=args.overwrite)
     _emit(args, summary, f"done: {summary['steps']} steps ({summary['stop_reason']}), best val loss "
                          f"{summary['best_val_loss']:.4f}, {summary['seconds']:.0f}s\ncheckpoints: {summary['out_dir']}/best, "
                          f"{summary['out_dir']}/last\nloss plot: {summary['loss_plot']}")
@@ -323,16 +325,25 @@ def cmd_generate(args) -> None:
                          f"fields in {summary['output']}")
 
 
+_ESCAPE = re.compile(r"""\\(?:[\\'"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]*\}"""
+                     r"""|(?P<bad>[xuUN]))""")
+
+
 def interpret_escapes(text: str) -> str:
-    """``\\n``, ``\\t``, ``\\u00e9``... in ``text`` become the characters; other characters stay as
-    they are. (``unicode_escape`` alone reads bytes as Latin-1, which garbles UTF-8 text: the
-    non-Latin-1 characters are first written as escapes themselves.)"""
+    """Python's backslash escapes in ``text`` (``\\n``, ``\\t``, ``\\u00e9``, ``\\N{BULLET}``...) become the
+    characters; every other character, a backslash before anything else included, stays as it is."""
     import codecs
 
-    try:
-        return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--escapes: {text!r} has an incomplete escape ({e.reason}); write a backslash as \\\\") from None
+    def one(match: re.Match) -> str:
+        if match.group("bad"):
+            raise ValueError(f"--escapes: {text!r} has an incomplete escape {match.group(0)!r} at position "
+                             f"{match.start()}; write a backslash itself as \\\\")
+        try:
+            return codecs.decode(match.group(0), "unicode_escape")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--escapes: {match.group(0)!r} in {text!r}: {e.reason}") from None
+
+    return _ESCAPE.sub(one, text)
 
 
 def _checkpoint_tokenizer(checkpoint: str, state: dict):
@@ -472,7 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("train", help="train a GPT from a TOML config (checkpoint D)")
     q.add_argument("--config", help="configs/<name>.toml")
     q.add_argument("--set", action="append", default=[], help="override a value: section.key=value (repeatable)")
-    q.add_argument("--resume", action="store_true", help="continue from <out_dir>/last exactly where it stopped")
+    mode = q.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from <out_dir>/last exactly where it stopped")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="start a fresh run in an out_dir that holds another run (deletes its checkpoints)")
     json_flag(q)
     q.set_defaults(func=cmd_train)
 

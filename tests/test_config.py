@@ -132,3 +132,59 @@ def test_flags_are_named_alike_across_commands():
 def test_an_incomplete_escape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"--escapes: .* has an incomplete escape"):
         interpret_escapes("price \\x")
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, GPTConfig])
+def test_every_bound_is_where_its_rule_says(cls):
+    """Each inclusive bound is allowed and the next value past it refused; exclusive bounds refuse the bound."""
+    import scratchlm.models.gpt as gpt
+    import scratchlm.train.config as train_config
+
+    rules = train_config._TRAIN_RULES if cls is TrainConfig else gpt._MODEL_RULES
+    base = {"d_model": 8, "n_head": 1} if cls is GPTConfig else {"lr": 1.0, "min_lr": 0.0, "max_steps": 10**6, "warmup_steps": 0}
+    checked = 0
+    for name, rule in rules.items():
+        is_float = _base_type(cls, name) is float
+        step = 1e-9 if is_float else 1
+        cases = []
+        for bound, allowed_at, direction in ((rule.min, True, -1), (rule.max, True, +1),
+                                             (rule.above, False, -1), (rule.below, False, +1)):
+            if bound is None:
+                continue
+            at = float(bound) if is_float else int(bound)
+            cases.append((at, allowed_at))
+            cases.append((at + direction * step, False) if allowed_at else (at - direction * step, True))
+        for value, allowed in cases:
+            kwargs = {**base, name: value}
+            if name == "min_lr":
+                kwargs["lr"] = max(value, 1.0)
+            if name == "warmup_steps":
+                kwargs["max_steps"] = 10**6
+            if allowed:
+                cls(**kwargs)
+            else:
+                with pytest.raises(ConfigError, match=rf"{name}"):
+                    cls(**kwargs)
+            checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("fields_,message", [
+    ({"device": "gpu"}, "train.device must be auto, cpu, mps, cuda or cuda:N"),
+    ({"device": "cuda:x"}, "train.device must be"),
+    ({"seed": 2**64}, "train.seed"),
+    ({"out_dir": " "}, "train.out_dir must name a folder"),
+    ({"lr": 1e-4, "min_lr": 1e-3}, "train.min_lr = 0.001 is above train.lr"),
+])
+def test_train_config_cross_checks(fields_, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**fields_)
+    for good in ("cpu", "cuda", "cuda:1", "mps", "auto"):
+        TrainConfig(device=good)
+
+
+@pytest.mark.parametrize("typed,meant", [
+    ("a\\€b", "a\\€b"), ("\\q", "\\q"), ("\\N{BULLET}", "•"), ("\\101", "A"), ("x\\\\y", "x\\y"),
+])
+def test_a_backslash_before_anything_but_an_escape_stays(typed, meant):
+    assert interpret_escapes(typed) == meant

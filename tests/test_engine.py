@@ -343,7 +343,7 @@ def test_random_workloads_with_arrivals_and_aborts_match_the_oracle():
             while pending and pending[0][1][2] <= step:
                 i, (p, n, _, _) = pending.pop(0)
                 engine.add_request(p, SamplingParams(max_tokens=n, temperature=0), str(i))
-            for i, (p, n, _, abort_after) in enumerate(requests):
+            for i, (_p, _n, _, abort_after) in enumerate(requests):
                 rid = str(i)
                 if rid in engine.requests and abort_after is not None and steps_seen.get(rid, 0) >= abort_after:
                     finished[rid] = engine.abort(rid)

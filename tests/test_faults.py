@@ -115,6 +115,7 @@ def test_kill_at_every_point_of_a_checkpoint_save_then_resume_is_exact(char_shar
         # What a user finds after the crash: `last` reads, whole, at step 2 or 4.
         step = read_state(out / "last")["step"]
         assert step in (2, 4), kill_at
+        assert (out / "best").is_symlink() and is_complete(out / "best"), kill_at
         train(config(char_shards, out), resume=True, progress=False)
         assert losses(out) == expected, f"resume after a kill at operation {kill_at} of {n_ops} diverged"
         resumed = weights(out / "last")
@@ -309,3 +310,157 @@ def test_sampling_from_a_checkpoint_does_not_import_the_trainer(reference):
             "assert not loaded, loaded\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --- review findings: recovery never destroys what it cannot read; names it does not own stay --------
+def test_an_unreadable_checkpoint_is_never_deleted_and_a_fresh_run_needs_overwrite(char_shards, tmp_path):
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=2), progress=False)
+    folder = (out / "last").resolve()
+    state = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**state, "version": 99}))  # a newer scratchlm wrote it
+    done = CheckpointStore(out).recover()
+    assert folder.is_dir() and (out / "last").resolve() == folder, done
+    assert any("left untouched" in m for m in done)
+    with pytest.raises(FormatError, match="version 99 is not supported"):
+        train(config(char_shards, out, max_steps=4), resume=True, progress=False)
+    with pytest.raises(FileExistsError, match="already holds a run .*--resume.*--overwrite"):
+        train(config(char_shards, out, max_steps=2), progress=False)
+    assert folder.is_dir()
+    train(config(char_shards, out, max_steps=2), progress=False, overwrite=True)
+    assert folder.is_dir() and (folder / "model.safetensors").is_file()  # still there, still not ours to delete
+    assert (out / "last").resolve() != folder and read_state(out / "last")["step"] == 2
+
+
+def test_a_fresh_run_with_overwrite_does_not_keep_the_old_runs_best(char_shards, tmp_path):
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=6, eval_interval=2), progress=False)
+    old_best = read_state(out / "best")["best_val"]
+    train(config(char_shards, out, max_steps=2, eval_interval=2, lr=0.0, min_lr=0.0), progress=False, overwrite=True)
+    assert read_state(out / "best")["step"] == 2  # the new run's, although the old best had a lower loss
+    assert read_state(out / "best")["best_val"] > old_best
+    assert len(list((out / "checkpoints").iterdir())) == 1
+
+
+def test_recovery_and_garbage_collection_touch_only_names_they_create(char_shards, tmp_path):
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=2), progress=False)
+    mine = [out / ".notes.tmp-1", out / ".cache.old-5", out / "checkpoints" / "notes.txt",
+            out / "checkpoints" / ".hidden", out / "checkpoints" / "step-final", out / "checkpoints" / "step-00000099"]
+    for path in mine:
+        if path.suffix == ".txt" or path.name.startswith(".notes"):
+            path.write_text("a user's file")
+        else:
+            path.mkdir()
+            (path / "data").write_text("a user's file")
+    train(config(char_shards, out, max_steps=4), resume=True, progress=False)
+    CheckpointStore(out).recover()
+    assert all(path.exists() for path in mine), [p for p in mine if not p.exists()]
+    with pytest.raises(ValueError, match="empty string"):
+        CheckpointStore("")
+
+
+def test_readers_never_mix_two_checkpoints_while_last_is_repointed(char_shards, tmp_path):
+    """A sampler or server loads `last` while training re-points it: every load must give the state
+    and weights of one folder, never a false checksum error from reading across the switch."""
+    import shutil
+    import threading
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(config(char_shards, a, max_steps=2), progress=False)
+    train(config(char_shards, b, max_steps=4), progress=False)
+    folder_a = (a / "last").resolve()
+    folder_b = a / "checkpoints" / "step-00000004"
+    shutil.copytree((b / "last").resolve(), folder_b)
+    expected = {2: weights(folder_a), 4: weights(folder_b)}
+    store, stop, errors = CheckpointStore(a), threading.Event(), []
+
+    def flip():
+        while not stop.is_set():
+            store._point("last", folder_b)
+            store._point("last", folder_a)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        for _ in range(300):
+            try:
+                model, state = load_model_from_checkpoint(a / "last")
+            except (FormatError, OSError) as e:
+                errors.append(repr(e))
+                continue
+            got = model.state_dict()
+            assert all(torch.equal(got[k], v) for k, v in expected[state["step"]].items() if k in got)
+    finally:
+        stop.set()
+        flipper.join()
+    assert not errors, errors[:3]
+
+
+def test_sigterm_on_an_eval_step_runs_that_eval_then_stops(char_shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(char_shards, out, max_steps=6, eval_interval=3)
+    script = tmp_path / "term.py"
+    script.write_text(
+        "import json, os, signal, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import scratchlm.data.loader as loader\n"
+        "real, n = loader.BatchLoader.get_batch, [0]\n"
+        "def get_batch(self):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # during step 3, which ends with a scheduled eval\n"
+        "    return real(self)\n"
+        "loader.BatchLoader.get_batch = get_batch\n"
+        "from scratchlm.train import train\n"
+        f"print(json.dumps(train(json.loads({json.dumps(cfg)!r}), progress=False)))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["stop_reason"] == "signal" and summary["steps"] == 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [3]  # the scheduled eval ran
+    assert read_state(out / "best")["step"] == 3 and read_state(out / "last")["step"] == 3
+    train(config(char_shards, out, max_steps=6, eval_interval=3), resume=True, progress=False)
+    straight = tmp_path / "straight"
+    train(config(char_shards, straight, max_steps=6, eval_interval=3), progress=False)
+    val = lambda o: [(r["step"], r["val_loss"]) for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines())
+                     if "val_loss" in r]  # noqa: E731
+    assert losses(out) == losses(straight) and val(out) == val(straight)
+
+
+def test_a_time_limit_eval_off_the_schedule_does_not_count_towards_patience(char_shards, tmp_path):
+    out = tmp_path / "run"
+    frozen = dict(lr=0.0, min_lr=0.0, warmup_steps=0, eval_interval=100, patience=2, max_steps=20)
+    train(config(char_shards, out, max_minutes=1e-9, **frozen), progress=False)  # stops after step 1, evaluates
+    train(config(char_shards, out, max_minutes=1e-9, **frozen), resume=True, progress=False)  # step 2, same val
+    state = read_state(out / "last", resumable=True)
+    assert state["step"] == 2 and state["evals_without_improvement"] == 0
+
+
+def test_version_1_cuda_rng_states_map_to_this_process_device():
+    from scratchlm.train.trainer import rng_states_by_rank
+
+    v1 = {"torch": "t", "loader": "l", "cuda": ["gpu0", "gpu1"]}
+    assert rng_states_by_rank(v1, torch.device("cuda", 1))[0]["cuda"] == "gpu1"
+    assert rng_states_by_rank(v1, torch.device("cuda"))[0]["cuda"] == "gpu0"
+    assert rng_states_by_rank(v1, torch.device("cpu"))[0]["cuda"] is None
+    assert rng_states_by_rank({"ranks": [{"torch": "x"}]}, torch.device("cpu")) == [{"torch": "x"}]
+
+
+def test_a_kill_while_adopting_a_legacy_best_keeps_it(char_shards, tmp_path):
+    """scratchlm < 0.2 kept `best` as a plain folder; adopting it is a rename then a link. A kill
+    between the two leaves checkpoints/legacy-best unnamed: recovery must point `best` at it, not
+    collect it as garbage."""
+    import shutil
+
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=4, eval_interval=2), progress=False)
+    best = (out / "best").resolve()
+    (out / "best").unlink()
+    shutil.copytree(best, out / "checkpoints" / "legacy-best")  # renamed, then killed before the link
+    if best != (out / "last").resolve():
+        shutil.rmtree(best)
+    CheckpointStore(out).recover()
+    assert (out / "best").is_symlink() and os.readlink(out / "best") == "checkpoints/legacy-best"
+    assert is_complete(out / "best")

@@ -298,3 +298,30 @@ def test_disk_full_while_writing_shards_keeps_the_old_ones(shards_folder, tmp_pa
         tokenize_dataset(tmp_path / "ds", tmp_path / "byte.json", shards_folder)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in shards_folder.iterdir()} == before  # old files intact, no temp left
+
+
+def test_a_failure_on_a_later_shard_leaves_the_old_set_valid(shards_folder, tmp_path, monkeypatch):
+    """Re-tokenizing replaces a set of files: failing on val.bin (after train.bin was written) must
+    not leave a new train.bin beside an old val.bin and an old shards.json."""
+    import scratchlm.data.shards as shards
+    from scratchlm.data import verify_shards
+
+    before = {p.name: p.read_bytes() for p in shards_folder.iterdir()}
+    train_tokenizer("byte", ["<|endoftext|>", "<|pad|>"]).save(tmp_path / "byte2.json")  # other ids
+    real = shards.write_shard
+
+    def fail_on_val(path, ids, tokenizer):
+        if "val.bin" in str(path):
+            raise OSError(5, "Input/output error", str(path))
+        return real(path, ids, tokenizer)
+
+    monkeypatch.setattr(shards, "write_shard", fail_on_val)
+    with pytest.raises(OSError, match="Input/output error"):
+        tokenize_dataset(tmp_path / "ds", tmp_path / "byte2.json", shards_folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in shards_folder.iterdir()} == before  # the old set, whole
+    verify_shards(shards_folder, load_tokenizer(shards_folder / "tokenizer.json"))
+    tokenize_dataset(tmp_path / "ds", tmp_path / "byte2.json", shards_folder)
+    new = load_tokenizer(shards_folder / "tokenizer.json")
+    assert new.fingerprint == load_tokenizer(tmp_path / "byte2.json").fingerprint
+    verify_shards(shards_folder, new)

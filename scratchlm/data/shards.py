@@ -237,23 +237,49 @@ def tokenize_dataset(
         "tokenizer": "tokenizer.json", "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
         "dtype": dtype_for_vocab(tokenizer.vocab_size).name, "splits": {},
     }
-    for split in SPLITS:
-        docs = ds.documents(split)
-        start = time.perf_counter()
-        ids = encode_documents(docs, tokenizer, tokenizer_path, num_workers, progress)
-        seconds = time.perf_counter() - start
-        write_shard(out / f"{split}.bin", ids, tokenizer)
-        n_bytes = ds.manifest["splits"][split]["bytes"]
-        summary["splits"][split] = {
-            "file": f"{split}.bin", "tokens": int(ids.size), "bytes": n_bytes,
-            "bytes_per_token": n_bytes / max(ids.size, 1), "seconds": seconds,
-            "sha256": sha256_file(out / f"{split}.bin"),
-        }
-    with open(tokenizer_path, "rb") as src, atomic_write(out / "tokenizer.json") as dst:
-        shutil.copyfileobj(src, dst)
-    write_json(out / "shards.json", summary)  # last: it only ever describes complete shards
+    # The shards form a set: every new file is first written under a pending name, and only when all
+    # exist is the set switched: the old shards.json withdrawn (durably), the files renamed in, the
+    # new shards.json written last. A failure while writing leaves the old set as it was; a kill
+    # while switching leaves a folder without shards.json, which says "tokenizing did not finish".
+    files = [f"{split}.bin" for split in SPLITS] + ["tokenizer.json"]
+    pending = {name: out / f".{name}.pending" for name in files}
+    for path in pending.values():  # left by a run killed while writing
+        path.unlink(missing_ok=True)
+    try:
+        for split in SPLITS:
+            docs = ds.documents(split)
+            start = time.perf_counter()
+            ids = encode_documents(docs, tokenizer, tokenizer_path, num_workers, progress)
+            seconds = time.perf_counter() - start
+            write_shard(pending[f"{split}.bin"], ids, tokenizer)
+            n_bytes = ds.manifest["splits"][split]["bytes"]
+            summary["splits"][split] = {
+                "file": f"{split}.bin", "tokens": int(ids.size), "bytes": n_bytes,
+                "bytes_per_token": n_bytes / max(ids.size, 1), "seconds": seconds,
+                "sha256": sha256_file(pending[f"{split}.bin"]),
+            }
+        with open(tokenizer_path, "rb") as src, atomic_write(pending["tokenizer.json"]) as dst:
+            shutil.copyfileobj(src, dst)
+    except BaseException:
+        for path in pending.values():
+            path.unlink(missing_ok=True)
+        raise
+    (out / "shards.json").unlink(missing_ok=True)
+    _fsync_dir(out)
+    for name, path in pending.items():
+        os.replace(path, out / name)
+    _fsync_dir(out)
+    write_json(out / "shards.json", summary)  # last: it only ever describes a complete set
     summary["path"] = str(out)
     return summary
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def verify_shards(folder: str | Path, tokenizer: Tokenizer | None = None) -> dict:

@@ -46,8 +46,10 @@ def read_state(path: str | Path, *, resumable: bool = False) -> dict:
     """The checkpoint's ``state.json``, checked: format, version, and the keys a reader needs."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
-        raise FileNotFoundError(f"{path} points at {os.readlink(path)}, which does not exist; run `scratchlm train "
-                                "--resume` once (it repairs the pointers) or pass a folder under checkpoints/")
+        raise FileNotFoundError(f"{path} points at {os.readlink(path)}, which does not exist. If {path.name} was copied "
+                                "out of its run folder, copy the folder it points to instead (cp -rL); in a run "
+                                "folder, `scratchlm train --resume` repairs the pointers; or pass a folder under "
+                                "checkpoints/")
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json); train one with `scratchlm train`")
     state = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS)
@@ -95,14 +97,33 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
 
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, state) from a checkpoint folder, model in eval mode on ``device``."""
+    """(model, state) from a checkpoint folder, model in eval mode on ``device``.
+
+    ``path`` may be a pointer (``out_dir/last``) that a running training re-points at any moment.
+    It is resolved *once*, and every file is read from that one folder, so the state, the weights
+    and their checksums always belong together. If training deletes that folder mid-read (it
+    saved twice meanwhile), the pointer is resolved again, once.
+    """
+    for attempt in (1, 2):
+        folder = Path(path).resolve()
+        try:
+            return _load_model(folder, device)
+        except (FileNotFoundError, FormatError):
+            if attempt == 2 or not Path(path).is_symlink() or Path(path).resolve() == folder:
+                if Path(path).is_symlink() and not Path(path).exists():
+                    read_state(path)  # the clear "points at ..., which does not exist" message
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load_model(folder: Path, device):
     from scratchlm.models.gpt import GPT, GPTConfig
 
-    state = read_state(path)
+    state = read_state(folder)
     try:
         config = GPTConfig.from_dict(state["model"])
     except (TypeError, ValueError) as e:
-        raise FormatError(f"{Path(path) / 'state.json'}: the model config does not validate ({e})") from None
+        raise FormatError(f"{folder / 'state.json'}: the model config does not validate ({e})") from None
     model = GPT(config)
-    load_weights(path, model)
+    load_weights(folder, model)
     return model.to(device).eval(), state

@@ -150,9 +150,13 @@ class LLMEngine:
 
     # --- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, compute and sample once; return the outputs of the requests that got a token."""
         step = self.scheduler.schedule()
         if not step.chunks:
             return []
+        return self._run(step)
+
+    def _run(self, step) -> list[RequestOutput]:
         sampled, tokens, logprobs = self.runner.step(step.chunks)
         self.num_steps += 1
         for seq, n in step.chunks:

@@ -26,6 +26,7 @@ import base64
 import contextlib
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -206,10 +207,24 @@ class CheckpointStore:
     """
 
     POINTERS = ("last", "best")
+    # Exactly the names this class creates; recovery and garbage collection touch nothing else.
+    STEP = re.compile(r"step-\d{8}(-\d+)?")
+    LEGACY = re.compile(r"legacy-(last|best)(-\d+)?")
+    TEMP_LINK = re.compile(r"\.(last|best)\.tmp-\d+")  # a pointer being replaced
+    LEGACY_OLD = re.compile(r"\.last\.old-\d+")  # scratchlm < 0.2's copy of last during a save
+    LEGACY_TMP = re.compile(r"\.last\.tmp-\d+")  # scratchlm < 0.2's new last being written (a folder)
+    TEMP_FOLDER = re.compile(r"\.(step-\d{8}(-\d+)?)\.tmp-\d+")  # a checkpoint being written
+    TRASH = re.compile(r"\.trash-(step-\d{8}(-\d+)?|legacy-(last|best)(-\d+)?)-\d+")  # being deleted
 
     def __init__(self, out_dir: str | Path):
+        if not str(out_dir).strip():
+            raise ValueError("the output folder is an empty string; name a folder (train.out_dir)")
         self.out = Path(out_dir)
         self.folder = self.out / "checkpoints"
+
+    def _ours(self, folder: Path) -> bool:
+        """A folder this store may delete: one of its names, holding a checkpoint that reads."""
+        return bool(self.STEP.fullmatch(folder.name) or self.LEGACY.fullmatch(folder.name)) and is_complete(folder)
 
     def pointer(self, name: str) -> Path:
         return self.out / name
@@ -230,8 +245,8 @@ class CheckpointStore:
         """``step-N``, or ``step-N-2``... when a folder of that step is still referenced (a fresh run
         in an old ``out_dir`` reaches a step number the old run had saved)."""
         candidate, k = self.folder / base, 1
-        while candidate.exists():
-            if candidate.name not in self._referenced():
+        while candidate.exists() or candidate.is_symlink():
+            if candidate.name not in self._referenced() and self._ours(candidate):
                 self._delete(candidate)
                 break
             k += 1
@@ -258,13 +273,38 @@ class CheckpointStore:
         shutil.rmtree(trash, ignore_errors=True)
 
     def collect_garbage(self) -> None:
-        """Delete step folders that no pointer names."""
+        """Delete the complete checkpoints that no pointer names. A folder that does not read (a
+        newer format, a damaged file, someone else's folder) is never deleted: it is reported."""
         if not self.folder.is_dir():
             return
         keep = self._referenced()
         for folder in self.folder.iterdir():
-            if folder.name.startswith(("step-", "legacy-")) and folder.name not in keep:
+            if folder.name in keep or folder.is_symlink() or not folder.is_dir():
+                continue
+            if self._ours(folder):
                 self._delete(folder)
+
+    def unreadable(self) -> list[Path]:
+        """Folders under checkpoints/ with a checkpoint name that do not read as a checkpoint."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(f for f in self.folder.iterdir()
+                      if (self.STEP.fullmatch(f.name) or self.LEGACY.fullmatch(f.name)) and not is_complete(f))
+
+    def run_summary(self) -> str | None:
+        """What a previous run left here ("last -> step-00000500, best -> ..."), or None if nothing."""
+        parts = [f"{n} -> {os.readlink(self.pointer(n))}" for n in self.POINTERS if self.pointer(n).is_symlink()]
+        if not parts and self.folder.is_dir() and any(self.STEP.fullmatch(f.name) for f in self.folder.iterdir()):
+            parts.append(f"checkpoints in {self.folder}")
+        return ", ".join(parts) or None
+
+    def clear(self) -> None:
+        """Forget the previous run (``--overwrite``): remove the pointers, then its checkpoints."""
+        for name in self.POINTERS:
+            if self.pointer(name).is_symlink():
+                self.pointer(name).unlink()
+        _fsync_dir(self.out)
+        self.collect_garbage()
 
     def _adopt_legacy(self, name: str) -> Path | None:
         """A checkpoint from scratchlm < 0.2 is a plain folder named ``last``/``best``: move it into
@@ -285,51 +325,71 @@ class CheckpointStore:
         found = []
         if self.folder.is_dir():
             for folder in self.folder.iterdir():
-                if folder.name.startswith(("step-", "legacy-")) and is_complete(folder):
+                if self._ours(folder):
                     found.append(folder)
         return sorted(found, key=lambda f: (read_state(f)["step"], f.stat().st_mtime))
 
     def recover(self, log=None) -> list[str]:
         """Bring ``out_dir`` back to a clean state after a crash; returns what was done.
 
-        Removes temporary folders, links and trash of an interrupted save; adopts a legacy folder;
-        repairs a missing or dangling ``last`` by pointing it at the newest complete checkpoint;
+        Removes the temporary links and folders and the trash of an interrupted save (only names
+        this store creates); adopts a legacy folder; repoints a *missing or dangling* ``last`` (or
+        ``best``) at the newest complete checkpoint (for ``best``: a legacy one being adopted);
         restores a legacy ``.last.old-PID`` folder (left when the old format was killed between its
-        two renames); deletes step folders that nothing points to.
+        two renames); deletes complete checkpoints nothing points to. A pointer to a folder that
+        exists but does not read is left alone and reported: that folder may be a newer format or
+        a damaged file someone wants to rescue, and is never deleted.
         """
         done: list[str] = []
         if not self.out.is_dir():
             return done
-        for leftover in list(self.out.glob(".*.tmp-*")) + list(self.out.glob(".*.old-*")):
-            legacy_old = leftover.name.startswith(".last.old-") and leftover.is_dir()
-            if legacy_old and not self.pointer("last").exists() and is_complete(leftover):
-                os.rename(leftover, self.pointer("last"))  # the old format's lost copy: put it back
-                done.append(f"restored {self.pointer('last')} from {leftover.name}")
-                continue
-            if leftover.is_symlink() or leftover.is_file():
+        for leftover in sorted(self.out.iterdir()):
+            name = leftover.name
+            if self.LEGACY_OLD.fullmatch(name) and leftover.is_dir():
+                if not self.pointer("last").exists() and not self.pointer("last").is_symlink() and is_complete(leftover):
+                    os.rename(leftover, self.pointer("last"))  # the old format's lost copy: put it back
+                    done.append(f"restored {self.pointer('last')} from {name}")
+                    continue
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif self.TEMP_LINK.fullmatch(name) and leftover.is_symlink():
                 leftover.unlink()
+            elif self.LEGACY_TMP.fullmatch(name) and leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
             else:
-                shutil.rmtree(leftover, ignore_errors=True)
-            done.append(f"removed {leftover.name}")
+                continue
+            done.append(f"removed {name}")
         if self.folder.is_dir():
-            for leftover in self.folder.glob(".*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-                done.append(f"removed checkpoints/{leftover.name}")
+            for leftover in sorted(self.folder.iterdir()):
+                if (self.TEMP_FOLDER.fullmatch(leftover.name) or self.TRASH.fullmatch(leftover.name)) \
+                        and leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                    done.append(f"removed checkpoints/{leftover.name}")
         for name in self.POINTERS:
             link = self.pointer(name)
             if link.is_dir() and not link.is_symlink():
                 self._adopt_legacy(name)
                 done.append(f"moved the folder {name} into checkpoints/")
-            elif link.is_symlink() and not is_complete(link):
+            elif link.is_symlink() and not link.exists():
                 link.unlink()
-                done.append(f"removed {name}, which pointed at an incomplete checkpoint")
-        if not self.pointer("last").exists():
+                done.append(f"removed {name}, which pointed at {os.readlink(link)}, a folder that does not exist")
+            elif link.is_symlink() and not is_complete(link):
+                done.append(f"warning: {name} points at {os.readlink(link)}, which does not read as a checkpoint of "
+                            "this version; it is left untouched (resuming from it will say why)")
+        if not self.pointer("best").is_symlink():  # killed while adopting a legacy best: finish the job
+            orphans = [f for f in self.complete_folders() if self.LEGACY.fullmatch(f.name) and "best" in f.name
+                       and f.name not in self._referenced()]
+            if orphans:
+                self._point("best", orphans[-1])
+                done.append(f"pointed best at {orphans[-1].name}")
+        if not self.pointer("last").exists() and not self.pointer("last").is_symlink():
             complete = self.complete_folders()
             if complete:
                 self._point("last", complete[-1])
                 done.append(f"pointed last at {complete[-1].name}, the newest complete checkpoint")
         _fsync_dir(self.out)
         self.collect_garbage()
+        for bad in self.unreadable():
+            done.append(f"warning: {bad} does not read as a checkpoint of this version; it is kept, not deleted")
         for message in done:
             (log or (lambda m: None))(f"checkpoint recovery in {self.out}: {message}")
         return done

@@ -6,9 +6,10 @@ Values come from a TOML file in ``configs/`` and ``--set train.key=value`` overr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from scratchlm.config import Rule, validate
+from scratchlm.config import ConfigError, Rule, validate
 
 _UNIT = Rule(min=0, below=1)
 _TRAIN_RULES = {
@@ -22,7 +23,8 @@ _TRAIN_RULES = {
     "grad_clip": Rule(min=0, why="0 turns clipping off"),
     "eval_interval": Rule(min=1, why="evaluate and save every N steps"),
     "eval_windows": Rule(min=1), "target_loss": Rule(min=0), "patience": Rule(min=1, why="evaluations"),
-    "sample_tokens": Rule(min=0, why="0 turns samples off"), "log_interval": Rule(min=1), "seed": Rule(min=0),
+    "sample_tokens": Rule(min=0, why="0 turns samples off"), "log_interval": Rule(min=1),
+    "seed": Rule(min=0, max=2**63 - 1, why="torch.manual_seed takes a 64-bit integer"),
     "strategy": Rule(choices=("ddp", "fsdp")), "peak_tflops": Rule(above=0),
 }
 
@@ -39,10 +41,10 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW learning rate (peak)
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # decoupled: each step shrinks a weight by lr x weight_decay (muon_lr x it under Muon)
     beta1: float = 0.9
     beta2: float = 0.99
-    muon_lr: float = 0.02
+    muon_lr: float = 0.02  # Muon's learning rate for the hidden matrices (AdamW's lr for the rest)
     muon_momentum: float = 0.95
     grad_clip: float = 1.0
     eval_interval: int = 250
@@ -61,6 +63,13 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(self, "train", _TRAIN_RULES)
+        if not self.out_dir.strip():
+            raise ConfigError("train.out_dir must name a folder, got an empty string")
+        if self.device is not None and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr = {self.min_lr:g} is above train.lr = {self.lr:g}: the schedule decays "
+                              "from lr down to min_lr; lower min_lr")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -116,7 +116,7 @@ STOP_REASONS = ("", "max_minutes", "signal", "early_stopping", "target_loss")
 
 class Trainer:
     def __init__(self, model_section: dict, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-                 log=None):
+                 log=None, overwrite: bool = False):
         cfg.data = str(Path(cfg.data).resolve())  # checkpoints then find their data from any directory
         self.cfg, self.progress_bar = cfg, progress
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -124,7 +124,6 @@ class Trainer:
         if not (data / "tokenizer.json").exists():
             raise FileNotFoundError(f"{data}: not a shards folder (no tokenizer.json); run `scratchlm data tokenize` first")
         self.tokenizer = load_tokenizer(data / "tokenizer.json")
-        verify_shards(data, self.tokenizer)  # complete, made by this tokenizer, no flipped bit
         self.rank, self.world_size, self.device = init_distributed(cfg.device)
         self.is_main = self.rank == 0
         # Small control messages (stop flags, RNG states) go over gloo on the CPU, so they never
@@ -134,7 +133,24 @@ class Trainer:
             import torch.distributed as dist
 
             self.control_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else dist.group.WORLD
+        # Rank 0 reads every shard once (complete, made by this tokenizer, no flipped bit) and tells the others.
+        problem = None
+        if self.is_main:
+            try:
+                verify_shards(data, self.tokenizer)
+            except (FormatError, OSError, ValueError) as e:
+                problem = e
+        if self.world_size > 1:
+            message = [None if problem is None else str(problem)]
+            torch.distributed.broadcast_object_list(message, src=0, group=self.control_group)
+            if message[0] is not None and problem is None:
+                raise FormatError(f"rank 0 found the shards unusable: {message[0]}")
+        if problem is not None:
+            raise problem
         self.out = Path(cfg.out_dir)
+        if cfg.warmup_steps > cfg.max_steps and self.is_main:  # fine for a smoke run, a mistake otherwise
+            self.log(f"warning: train.warmup_steps = {cfg.warmup_steps} is more than train.max_steps = "
+                     f"{cfg.max_steps}: the learning rate never reaches train.lr = {cfg.lr:g}")
         self.store = CheckpointStore(self.out)
         self.lock = None
         self.model_config = build_model_config(model_section, self.tokenizer.vocab_size)
@@ -149,12 +165,26 @@ class Trainer:
         try:
             if self.is_main:
                 self.store.recover(self.log)
+                if not resume:
+                    self._claim_out_dir(overwrite)
             self._barrier()
             self._build(resume)
         except BaseException:
             if self.lock:
                 self.lock.release()
             raise
+
+    def _claim_out_dir(self, overwrite: bool) -> None:
+        """A fresh run must not silently replace another run's checkpoints (``best`` above all)."""
+        previous = self.store.run_summary()
+        if previous is None:
+            return
+        if not overwrite:
+            raise FileExistsError(f"{self.out} already holds a run ({previous}); pass --resume to continue it, "
+                                  "--overwrite to start over in this folder (its checkpoints are deleted), or choose "
+                                  "another train.out_dir")
+        self.store.clear()
+        self.log(f"--overwrite: deleted the previous run's checkpoints in {self.out} ({previous})")
 
     def _build(self, resume: bool) -> None:
         """The model, optimizers and (when resuming) their state; the run lock is held."""
@@ -271,12 +301,13 @@ class Trainer:
         self.state.step = state["step"]
         self.state.best_val = state["best_val"] if state["best_val"] is not None else float("inf")
         self.state.evals_without_improvement = state["evals_without_improvement"]
-        rng = state["rng"]
-        ranks = rng["ranks"] if "ranks" in rng else [{**rng, "cuda": None}]  # version 1: rank 0's states only
+        ranks = rng_states_by_rank(state["rng"], self.device)
         if len(ranks) != self.world_size:
-            self.log(f"warning: {last} was saved by {len(ranks)} process(es), this run has {self.world_size}: the data "
-                     "order continues exactly, but dropout streams cannot, so losses will differ from an "
-                     "uninterrupted run")
+            self.log(f"warning: {last} was saved by {len(ranks)} process(es) and this run has {self.world_size}. "
+                     "Training continues from the same weights and optimizer state, but each process's data stream "
+                     "and dropout masks now start from another process's saved state, so the batches and losses "
+                     "will not match an uninterrupted run. Resume with the same number of processes to continue "
+                     "exactly.")
         mine = ranks[self.rank % len(ranks)]
         torch.set_rng_state(rng_from_json(mine["torch"]))
         self.train_loader.generator.set_state(rng_from_json(mine["loader"]))
@@ -339,11 +370,42 @@ class Trainer:
         return self._shared([total.item() / len(self.val_windows)], op="rank0")[0]
 
     def sample(self) -> str:
-        """A short sample. Every rank must call it under FSDP: each forward gathers the shards."""
+        """A short sample, on rank 0 (other ranks return ""). Under FSDP every rank must take part
+        in every forward (each gathers the shards), in lockstep: see :meth:`_sample_sharded`."""
+        if self.sharded:
+            return self._sample_sharded()
+        if not self.is_main:
+            return ""
         from scratchlm.generate import SamplingConfig, generate_text
 
         return generate_text(self.model, self.tokenizer, "\n" if self.tokenizer.kind == "char" else "",
                              self.cfg.sample_tokens, SamplingConfig(temperature=0.8, top_k=50), seed=0)
+
+    @torch.no_grad()
+    def _sample_sharded(self) -> str:
+        """Every rank runs each forward; rank 0's choice of token is broadcast, so all ranks take the
+        same number of steps even if their logits ever differed (a rank that stopped early would
+        leave the others waiting for its shards forever). No KV cache: a short sample, rarely."""
+        from scratchlm.generate.sampling import SamplingConfig, choose
+
+        tok = self.tokenizer
+        ids = tok.encode("\n") if tok.kind == "char" else [tok.eot_token or 0]
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        config = SamplingConfig(temperature=0.8, top_k=50)
+        T, out = self.model_config.block_size, []
+        self.model.eval()
+        try:
+            for _ in range(self.cfg.sample_tokens):
+                logits, _ = self.model(torch.tensor([ids[-T:]], device=self.device), last_only=True)
+                token = choose(logits[:, -1], config, generator=generator)  # (1, 1)
+                torch.distributed.broadcast(token, src=0)
+                if int(token) == tok.eot_token:
+                    break
+                ids.append(int(token))
+                out.append(int(token))
+        finally:
+            self.model.train()
+        return tok.decode(out)
 
     # --- the loop ----------------------------------------------------------------------------------
     def _set_lr(self, step: int) -> float:
@@ -484,31 +546,37 @@ class Trainer:
                 request = 2.0 if self._signalled.is_set() else 1.0 if out_of_time else 0.0
                 stop = STOP_REASONS[int(self._shared([request])[0])]
                 final = self.state.step == cfg.max_steps or stop != ""
-                evaluate_now = self.state.step % cfg.eval_interval == 0 or (final and stop != "signal")
+                # A scheduled evaluation always runs, also on the step a signal arrives (then it saves
+                # once, with best). A final one off the schedule (time limit, max_steps) reports the
+                # end state but does not count towards patience, so a resumed run's early stopping
+                # sees exactly the evaluations an uninterrupted run would.
+                scheduled = self.state.step % cfg.eval_interval == 0
+                evaluate_now = scheduled or (final and stop != "signal")
                 if self.state.step % cfg.log_interval == 0 or evaluate_now or final:
                     loss_now = flush()  # raises NonFiniteLoss before anything is saved
-                if stop == "signal":
-                    self._save(["last"])
-                    self.log(f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: "
-                             "resume with --resume")
-                    stop_reason = "signal"
-                    break
                 if evaluate_now:
                     val = self.evaluate()
                     improved = val < self.state.best_val
                     if improved:
                         self.state.best_val, self.state.evals_without_improvement = val, 0
-                    else:
+                    elif scheduled:
                         self.state.evals_without_improvement += 1
                     record({"step": self.state.step, "val_loss": val, "best_val_loss": self.state.best_val,
                             "seconds": time.perf_counter() - started})
                     self._save(["best", "last"] if improved else ["last"])
                     message = f"step {self.state.step}: train {loss_now:.4f}  val {val:.4f}{'  (best)' if improved else ''}"
-                    if cfg.sample_tokens:
-                        text = self.sample() if (self.sharded or self.is_main) else ""
-                        message += "\n" + text.strip()[:400]
+                    if cfg.sample_tokens and stop != "signal":
+                        message += "\n" + self.sample().strip()[:400]
                     if self.is_main:
                         bar.write(message) if self.progress_bar else self.log(message)
+                elif stop == "signal":
+                    self._save(["last"])
+                if stop == "signal":
+                    self.log(f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: "
+                             "resume with --resume")
+                    stop_reason = "signal"
+                    break
+                if evaluate_now:
                     # val is rank 0's value on every rank, so every rank takes the same decision.
                     if cfg.patience is not None and self.state.evals_without_improvement >= cfg.patience:
                         stop_reason = "early_stopping"
@@ -532,6 +600,17 @@ class Trainer:
                 "best_val_loss": self.state.best_val, "seconds": time.perf_counter() - started,
                 "loss_plot": str(plot), "parameters": self.model.parameter_counts()["total"],
                 "device": str(self.device), "world_size": self.world_size}
+
+
+def rng_states_by_rank(rng: dict, device: torch.device) -> list[dict]:
+    """Each saved rank's {torch, loader, cuda} states. Version 1 saved rank 0's CPU and loader states
+    and *every* GPU's state (``get_rng_state_all``): the one for this process's device is kept."""
+    if "ranks" in rng:
+        return rng["ranks"]
+    cuda_states = rng.get("cuda") or []
+    index = device.index or 0 if device.type == "cuda" else None
+    cuda = cuda_states[index] if index is not None and index < len(cuda_states) else None
+    return [{"torch": rng["torch"], "loader": rng["loader"], "cuda": cuda}]
 
 
 def plot_losses(metrics: Path, path: Path) -> Path:
@@ -563,8 +642,11 @@ def plot_losses(metrics: Path, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def train(config: dict, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train from a config dict with ``model`` and ``train`` sections (see :mod:`scratchlm.config`)."""
+def train(config: dict, *, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train from a config dict with ``model`` and ``train`` sections (see :mod:`scratchlm.config`).
+
+    ``resume`` continues the run in ``train.out_dir``; a fresh run refuses a folder that holds
+    another run's checkpoints unless ``overwrite`` (which deletes them first)."""
     cfg = TrainConfig.from_dict(config.get("train", {}))
     if not cfg.data:
         raise ValueError("train.data is required: a shards folder from `scratchlm data tokenize`")
@@ -573,7 +655,7 @@ def train(config: dict, *, resume: bool = False, progress: bool = True) -> dict:
         torch.set_num_threads(int(threads))
     distributed = torch.distributed.is_available()
     try:
-        trainer = Trainer(config.get("model", {}), cfg, resume=resume, progress=progress)
+        trainer = Trainer(config.get("model", {}), cfg, resume=resume, progress=progress, overwrite=overwrite)
         summary = trainer.train()
         if distributed and torch.distributed.is_initialized():
             # Free what holds the process group (DDP's reducer sits in reference cycles that only the
