@@ -68,11 +68,11 @@ def test_batched_paged_chunked_preempted_equals_one_at_a_time(position, n_kv_hea
 
 @pytest.mark.parametrize("weight_format", ["dense", "onednn"])
 def test_weight_formats_agree_and_leave_the_model_unchanged(weight_format):
-    import torch.backends.mkldnn
+    from scratchlm.serve.weights import resolve
 
-    if weight_format == "onednn" and not torch.backends.mkldnn.is_available():
-        pytest.skip("this PyTorch has no oneDNN")
     model = tiny("learned", 4, bias=True)
+    if weight_format == "onednn" and resolve("auto", model) != "onednn":
+        pytest.skip("this PyTorch's oneDNN linear ops are not available")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     llm = LLM(model, block_size=4, weight_format=weight_format)
     assert llm.engine.stats()["weight_format"] == weight_format
@@ -88,6 +88,21 @@ def test_weight_formats_agree_and_leave_the_model_unchanged(weight_format):
     assert all(type(m) is not torch.nn.Linear or m.weight.layout == torch.strided for m in model.modules())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_onednn_bfloat16_weights_agree_with_dense_bfloat16():
+    from scratchlm.serve.weights import resolve
+
+    model = tiny("rope", 2, bias=True).to(torch.bfloat16)
+    if resolve("auto", model) != "onednn":
+        pytest.skip("this PyTorch's oneDNN linear ops are not available")
+    ps = prompts(3)
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    dense = LLM(model, weight_format="dense").generate(ps, params)
+    packed = LLM(model, weight_format="onednn").generate(ps, params)
+    for d, p in zip(dense, packed):
+        top_d, top_p = dict(d.logprobs[0]["top"]), dict(p.logprobs[0]["top"])
+        assert max(abs(top_d[t] - top_p[t]) for t in top_d if t in top_p) < 0.05
 
 
 def test_batched_equals_one_request_at_a_time_through_the_engine():

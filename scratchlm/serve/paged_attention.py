@@ -91,16 +91,18 @@ class PagedBatch:
         self.positions = torch.cat(positions)
         self.slot_mapping = torch.cat(slots)
         self.last_rows = torch.tensor(ends, device=device)  # each sequence's last token this step
-        self.decode_rows = torch.tensor([r for r, _, _ in decodes], device=device, dtype=torch.long)
-        if decodes:
-            lengths = torch.tensor([length for _, _, length in decodes], device=device)
-            width = -(-int(lengths.max()) // bs)  # blocks of the longest sequence
-            self.decode_blocks = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for _, t, _ in decodes],
-                                              device=device)  # (Bd, width), padded with block 0
-            key_pos = torch.arange(width * bs, device=device)
-            self.decode_valid = key_pos[None, :] < lengths[:, None]  # (Bd, width * bs): False past the end
-            self.decode_padded = bool((lengths != width * bs).any())
-            self.decode_distance = (lengths[:, None] - 1 - key_pos[None, :]).clamp_min(0)  # for ALiBi
+        # Decodes are batched in groups of similar length: one padded gather per group, so a 40-token
+        # sequence does not pay for the padding up to a 700-token one (within a group the longest
+        # is at most 1.5x the shortest, or one block more).
+        self.decode_groups: list[_DecodeGroup] = []
+        group: list[tuple[int, list[int], int]] = []
+        for item in sorted(decodes, key=lambda d: d[2]):
+            if group and -(-item[2] // bs) > max(1.5 * -(-group[0][2] // bs), -(-group[0][2] // bs) + 1):
+                self.decode_groups.append(_DecodeGroup(group, bs, device))
+                group = []
+            group.append(item)
+        if group:
+            self.decode_groups.append(_DecodeGroup(group, bs, device))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi=None) -> torch.Tensor:
         """Store this step's k, v (1, Hkv, N, D) in the pool, then attend: q (1, H, N, D) -> (1, H, N, D)."""
@@ -123,22 +125,37 @@ class PagedBatch:
                 mask = attention_bias(n, start + n, start, alibi, q.device, q.dtype)
                 y = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=gqa)
             out[:, :, row : row + n] = y
-        if len(self.decode_rows):
-            Bd, width = self.decode_blocks.shape
+        for g in self.decode_groups:
+            Bd, width = g.blocks.shape
             kd, vd = self.pool.workspace(Bd * width)  # the gather: (Hkv, Bd * width, bs, D)
-            torch.index_select(pool_k, 1, self.decode_blocks.flatten(), out=kd)
-            torch.index_select(pool_v, 1, self.decode_blocks.flatten(), out=vd)
+            torch.index_select(pool_k, 1, g.blocks.flatten(), out=kd)
+            torch.index_select(pool_v, 1, g.blocks.flatten(), out=vd)
             kd = kd.view(Hkv, Bd, width * bs, D).transpose(0, 1)  # (Bd, Hkv, keys, D), a view
             vd = vd.view(Hkv, Bd, width * bs, D).transpose(0, 1)
-            qd = q[0][:, self.decode_rows].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
+            qd = q[0][:, g.rows].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
             if alibi is not None:
                 slopes = alibi.to(device=q.device, dtype=q.dtype)
-                mask = -slopes[None, :, None, None] * self.decode_distance[:, None, None, :].to(q.dtype)
-                mask = mask.masked_fill(~self.decode_valid[:, None, None, :], float("-inf"))
-            elif self.decode_padded:
-                mask = self.decode_valid[:, None, None, :]  # (Bd, 1, 1, keys), True = attend
+                mask = -slopes[None, :, None, None] * g.distance[:, None, None, :].to(q.dtype)
+                mask = mask.masked_fill(~g.valid[:, None, None, :], float("-inf"))
+            elif g.padded:
+                mask = g.valid[:, None, None, :]  # (Bd, 1, 1, keys), True = attend
             else:
                 mask = None  # every sequence fills all its blocks: nothing to hide
             y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa)  # (Bd, H, 1, D)
-            out[0][:, self.decode_rows] = y[:, :, 0].transpose(0, 1)
+            out[0][:, g.rows] = y[:, :, 0].transpose(0, 1)
         return out
+
+
+class _DecodeGroup:
+    """Decodes attended together: their rows in the step, block tables padded to the longest."""
+
+    def __init__(self, items: list[tuple[int, list[int], int]], bs: int, device):
+        lengths = torch.tensor([length for _, _, length in items], device=device)
+        width = -(-int(lengths.max()) // bs)  # blocks of the longest sequence
+        self.rows = torch.tensor([r for r, _, _ in items], device=device, dtype=torch.long)
+        self.blocks = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for _, t, _ in items],
+                                   device=device)  # (Bd, width), padded with block 0
+        key_pos = torch.arange(width * bs, device=device)
+        self.valid = key_pos[None, :] < lengths[:, None]  # (Bd, width * bs): False past the end
+        self.padded = bool((lengths != width * bs).any())
+        self.distance = (lengths[:, None] - 1 - key_pos[None, :]).clamp_min(0)  # for ALiBi
