@@ -429,3 +429,35 @@ def test_a_long_prompt_does_not_stall_running_decodes():
         if "long" in outs:
             break
     assert steps_until_first_token == 9  # 60 tokens at 7 a step (one of the 8 goes to the decode)
+
+
+def test_cli_generate_writes_outputs_in_order_with_errors_per_line_and_never_imports_the_trainer(char_model, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    lines = [{"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0},
+             {"prompt": "JULIET:", "max_tokens": 20, "temperature": 0.8, "seed": 3, "stop": ["\n\n"]},
+             {"prompt": "KING:", "max_tokens": 5000},  # beyond the context: an error for this line only
+             {"prompt": "QUEEN:", "max_tokens": 8, "temperatur": 0.5},  # a typo is an error, not ignored
+             {"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0, "id": "again"}]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    out = tmp_path / "out.jsonl"
+    code = ("import sys\nfrom scratchlm.cli import main\n"
+            f"rc = main(['generate', '--checkpoint', {str(char_model)!r}, '--input', {str(src)!r}, '--output', "
+            f"{str(out)!r}, '--json'])\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('scratchlm.train'))\n"
+            "assert not loaded, loaded\nsys.exit(rc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "3 of 6 requests failed" in done.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in results] == list(range(6))
+    assert "context is 128 tokens" in results[2]["error"] and "unknown sampling field" in results[3]["error"]
+    assert "line 6" in results[5]["error"]
+    assert results[4]["id"] == "again" and results[4]["text"] == results[0]["text"]
+    assert results[0]["completion_tokens"] == 20 and results[0]["finish_reason"] == "length"
+    assert results[4]["cached_tokens"] == 0  # 6 prompt tokens: not one full block to share
+    reference = LLM(char_model).generate(["ROMEO:"], SamplingParams(max_tokens=20, temperature=0))[0]
+    assert results[0]["text"] == reference.text
