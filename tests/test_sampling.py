@@ -200,3 +200,12 @@ def test_generation_stats_measure_prefill_and_decode(peaked_model):
     assert s["decode_tokens_per_second"] == pytest.approx(1 / s["tpot_s"])
     assert s["itl_median_s"] <= s["itl_max_s"]
     assert "TTFT" in stats.format()
+
+
+@pytest.mark.parametrize("text,expected", [("Hi\n\nUser: x", "Hi"), ("Hi\n\nUser! x", "Hi\n\n"), ("Hi\n\nUser", "Hi\n\n")])
+def test_a_longer_stop_string_that_began_earlier_wins(gpt2, text, expected):
+    """Stop strings "\\n\\nUser:" and "User": when "User" arrives, "\\n\\nUser:" (which began earlier)
+    may still complete, so the stream must wait for the next token before choosing the cut."""
+    stream_ = TextStream(gpt2, ["\n\nUser:", "User"])
+    chunks = [stream_.push(i) for i in gpt2.encode(text)] + [stream_.finish()]
+    assert "".join(chunks) == stream_.text == expected == reference_text(gpt2, gpt2.encode(text), ["\n\nUser:", "User"])

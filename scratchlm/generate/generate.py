@@ -191,12 +191,25 @@ class TextStream:
             return ""
         hits = [i for i in (self._held.find(s) for s in self.stop) if i >= 0]
         if hits:
-            out, self._held, self.stopped = self._held[: min(hits)], "", True
+            cut = min(hits)
+            # A longer stop string may have begun *before* this hit and not be complete yet
+            # ("\n\nUs" of "\n\nUser:" when "User" is also a stop string): then the cut could still
+            # move earlier. Show only what precedes it and wait for the next token (or the end).
+            pending = [] if final else [j for j in range(cut) if self._starts_a_stop(self._held[j:])]
+            if not pending:
+                out, self._held, self.stopped = self._held[:cut], "", True
+                self._shown.append(out)
+                return out
+            out, self._held = self._held[: pending[0]], self._held[pending[0] :]
         else:
             keep = 0 if final else self._unsafe_suffix()
             out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
         self._shown.append(out)
         return out
+
+    def _starts_a_stop(self, tail: str) -> bool:
+        """``tail`` is the beginning of some stop string, not yet all of it."""
+        return any(len(s) > len(tail) and s.startswith(tail) for s in self.stop)
 
     def _unsafe_suffix(self) -> int:
         """Length of the longest end of the held text that begins some stop string."""
