@@ -461,3 +461,27 @@ def test_cli_generate_writes_outputs_in_order_with_errors_per_line_and_never_imp
     assert results[4]["cached_tokens"] == 0  # 6 prompt tokens: not one full block to share
     reference = LLM(char_model).generate(["ROMEO:"], SamplingParams(max_tokens=20, temperature=0))[0]
     assert results[0]["text"] == reference.text
+
+
+@pytest.mark.parametrize("shape", ["gpt2", "llama"])
+def test_greedy_equals_hugging_face_generate_on_exported_weights(shape, tmp_path):
+    """The engine, `scratchlm sample`'s path and HF `generate` on the same weights (exported with
+    export_hf): identical greedy tokens, for GPT-2 and Llama shapes, batched with chunked prefill."""
+    transformers = pytest.importorskip("transformers")
+    from scratchlm.models.hf import export_hf
+
+    if shape == "gpt2":
+        model = tiny("learned", 4, vocab=101, block=64, mlp="gelu_tanh", bias=True)
+    else:
+        model = tiny("rope", 2, vocab=101, block=64, norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ps = prompts(6, 3, 30, vocab=101, seed=5)
+    outs = LLM(model, block_size=4, max_num_batched_tokens=16, check_invariants=True).generate(
+        ps, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    for p, out in zip(ps, outs):
+        with torch.no_grad():
+            ids = torch.tensor([p])  # an explicit mask: HF would otherwise mask every token equal to pad_token_id
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                              do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+        assert out.token_ids == ref == oracle(model, p, 12)
