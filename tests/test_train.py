@@ -265,3 +265,19 @@ def test_early_stopping_and_target_loss(char_shards, tmp_path):
     reached = train(config(char_shards, tmp_path / "target", max_steps=200, eval_interval=10, target_loss=3.9,
                            sample_tokens=0), progress=False)
     assert reached["stop_reason"] == "target_loss" and reached["best_val_loss"] <= 3.9 and reached["steps"] < 200
+
+
+def test_a_refusal_on_rank_0_stops_every_rank_instead_of_hanging(char_shards, tmp_path):
+    """Rank 0 alone checks the output folder (lock, recovery, a previous run); when it refuses, the
+    other rank must stop with rank 0's reason, not wait forever in the next collective."""
+    cfg = config(char_shards, tmp_path / "run", max_steps=2)
+    train(cfg, progress=False)  # a previous run: a fresh one without --overwrite is refused
+    script = tmp_path / "dist-refused.py"
+    folder = tmp_path / "summaries-refused"
+    folder.mkdir()
+    script.write_text(DIST_SCRIPT.format(repo=str(REPO), cfg=json.dumps(cfg), hook="", folder=str(folder)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29526", str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "already holds a run" in result.stderr
+    assert "rank 0 stopped the run, the output folder cannot be used" in result.stderr

@@ -134,19 +134,7 @@ class Trainer:
 
             self.control_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else dist.group.WORLD
         # Rank 0 reads every shard once (complete, made by this tokenizer, no flipped bit) and tells the others.
-        problem = None
-        if self.is_main:
-            try:
-                verify_shards(data, self.tokenizer)
-            except (FormatError, OSError, ValueError) as e:
-                problem = e
-        if self.world_size > 1:
-            message = [None if problem is None else str(problem)]
-            torch.distributed.broadcast_object_list(message, src=0, group=self.control_group)
-            if message[0] is not None and problem is None:
-                raise FormatError(f"rank 0 found the shards unusable: {message[0]}")
-        if problem is not None:
-            raise problem
+        self._on_rank0_then_all(lambda: verify_shards(data, self.tokenizer), "the shards are unusable")
         self.out = Path(cfg.out_dir)
         if cfg.warmup_steps > cfg.max_steps and self.is_main:  # fine for a smoke run, a mistake otherwise
             self.log(f"warning: train.warmup_steps = {cfg.warmup_steps} is more than train.max_steps = "
@@ -159,20 +147,37 @@ class Trainer:
                                         tokenizer=self.tokenizer, seed=cfg.seed, device=self.device,
                                         rank=self.rank, world_size=self.world_size)
         self.val_ids = open_shard(data / "val.bin", self.tokenizer)
-        if self.is_main:
-            # One run per out_dir at a time; then clean up whatever an interrupted save left behind.
+
+        def claim() -> None:  # one run per out_dir at a time; then clean up what an interrupted save left
             self.lock = RunLock(self.out).acquire()
+            self.store.recover(self.log)
+            if not resume:
+                self._claim_out_dir(overwrite)
+
         try:
-            if self.is_main:
-                self.store.recover(self.log)
-                if not resume:
-                    self._claim_out_dir(overwrite)
-            self._barrier()
+            self._on_rank0_then_all(claim, "the output folder cannot be used")
             self._build(resume)
         except BaseException:
             if self.lock:
                 self.lock.release()
             raise
+
+    def _on_rank0_then_all(self, work, what: str) -> None:
+        """Run ``work`` on rank 0 only; if it fails, every rank raises (none is left waiting in a
+        collective for a rank that gave up), rank 0 with the original error."""
+        problem = None
+        if self.is_main:
+            try:
+                work()
+            except (FormatError, OSError, ValueError, RuntimeError) as e:
+                problem = e
+        if self.world_size > 1:
+            message = [None if problem is None else f"{type(problem).__name__}: {problem}"]
+            torch.distributed.broadcast_object_list(message, src=0, group=self.control_group)
+            if message[0] is not None and problem is None:
+                raise RuntimeError(f"rank 0 stopped the run, {what}: {message[0]}")
+        if problem is not None:
+            raise problem
 
     def _claim_out_dir(self, overwrite: bool) -> None:
         """A fresh run must not silently replace another run's checkpoints (``best`` above all)."""
