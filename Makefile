@@ -41,7 +41,7 @@ quickstart: setup
 	$(SLM) bigram --dataset $(RUN)/shakespeare --tokenizer $(RUN)/char.json --num-samples 2 --max-new-tokens 80
 	$(SLM) model info --config configs/shakespeare-char.toml
 	$(SLM) train --config configs/shakespeare-char.toml --set train.data=$(RUN)/shakespeare/char \
-		--set train.out_dir=$(RUN)/gpt
+		--set train.out_dir=$(RUN)/gpt --overwrite
 	@echo "== evaluation on the last 10% of the text (val + test), as nanoGPT measures it =="
 	$(SLM) eval --checkpoint $(RUN)/gpt/best --splits val+test
 	@echo "== a 300-character sample =="

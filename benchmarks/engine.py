@@ -82,8 +82,10 @@ def batch1(name, model, hf_dir, dtype, repeats, prompt_len=128, new=64) -> dict:
 
     from scratchlm.serve import LLM, SamplingParams
 
+    import copy
+
     torch_dtype = getattr(torch, dtype)
-    ours = model.to(torch_dtype)
+    ours = copy.deepcopy(model).to(torch_dtype)  # a copy: later sections must keep the float32 weights
     llm = LLM(ours, max_num_seqs=1, enable_prefix_caching=False, num_blocks=64)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).eval()
     prompt = random.Random(0).choices(range(model.config.vocab_size), k=prompt_len)
@@ -104,7 +106,6 @@ def batch1(name, model, hf_dir, dtype, repeats, prompt_len=128, new=64) -> dict:
            "engine_decode_tokens_per_s": median(ours_tps), "hf_decode_tokens_per_s": median(hf_tps),
            "weight_bytes_per_token": weight_bytes_per_token(ours), "same_greedy_tokens": f"{same}/{new}"}
     row["ratio_vs_hf"] = row["engine_decode_tokens_per_s"] / row["hf_decode_tokens_per_s"]
-    model.to(torch.float32)
     return row
 
 
@@ -120,7 +121,6 @@ def throughput(model, hf_dir, repeats, peer_repeats, n) -> dict:
 
     requests = workload(model.config.vocab_size, n)
     total = sum(m for _, m in requests)
-    llm = LLM(model, max_num_seqs=64, max_num_batched_tokens=512)
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for _, m in requests]
     prompts = [p for p, _ in requests]
     engine_s = []

@@ -118,15 +118,19 @@ def test_logits_of_a_packed_step_equal_the_contiguous_model():
     """The paged attention of one packed step (a decode, a first chunk, a middle chunk) gives the
     logits the plain model gives each sequence alone, to float32 rounding."""
     model = tiny("alibi", 2)
-    engine = LLMEngine(model, block_size=4, num_blocks=64, max_num_batched_tokens=1000)
+    # A budget of 16 tokens packs decodes with first, middle and last chunks of the longer prompts.
+    engine = LLMEngine(model, block_size=4, num_blocks=64, max_num_batched_tokens=16)
     ps = prompts(3, 20, 40)
-    for p in ps:
-        engine.add_request(p, SamplingParams(max_tokens=5, temperature=0, logprobs=3))
-    outs = {}
+    ids = [engine.add_request(p, SamplingParams(max_tokens=5, temperature=0, logprobs=3)) for p in ps]
+    outs, kinds = {}, set()
     while engine.has_unfinished():
-        for o in engine.step():
+        chunks = engine.scheduler.schedule()
+        kinds |= {("decode" if n == 1 else "first" if s.num_computed == 0 else
+                   "last" if s.num_computed + n == s.num_tokens else "middle") for s, n in chunks.chunks}
+        for o in engine._run(chunks):
             outs[o.request_id] = o
-    for p, rid in zip(ps, sorted(outs, key=int)):
+    assert kinds == {"decode", "first", "middle", "last"}
+    for p, rid in zip(ps, ids):
         o = outs[rid]
         tokens = p + o.token_ids
         with torch.no_grad():
@@ -324,6 +328,87 @@ def test_a_bad_request_fails_alone(prompt, fields, message):
     drained(engine)
 
 
+@pytest.mark.parametrize("fields,message", [
+    ({"top_k": True}, "top_k must be"), ({"max_tokens": True}, "max_tokens must be"),
+    ({"stop": 5}, "stop must be"), ({"stop_token_ids": 5}, "stop_token_ids must be"),
+    ({"temperature": float("inf")}, "temperature must be"), ({"ignore_eos": "no"}, "ignore_eos must be"),
+    ({"seed": True}, "seed must be"),
+])
+def test_sampling_params_reject_booleans_and_wrong_types(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams.from_dict(fields)
+
+
+def test_a_tiny_temperature_is_greedy_and_logprobs_beyond_the_vocabulary_are_clamped():
+    model = tiny(vocab=12)
+    p = prompts(1, 5, 6, vocab=12)[0]
+    out = LLM(model).generate([p], SamplingParams(max_tokens=8, temperature=1e-30, logprobs=20))[0]
+    assert out.finish_reason == "length" and out.token_ids == oracle(model, p, 8)
+    assert all(len(r["top"]) == 12 for r in out.logprobs)
+
+
+def test_nan_logits_fail_that_request_only_and_its_blocks_are_wiped():
+    """A token whose embedding is NaN poisons every key and value after it: that request ends with
+    an error, the others in the same steps are unaffected, and requests that later reuse its
+    blocks (stale slots past their own length included) still equal the oracle."""
+    model = tiny(block=64, tie_embeddings=False)  # (tied, every logit row would hold the NaN)
+    with torch.no_grad():
+        model.tok_emb.weight[7] = float("nan")
+    good = [p for p in prompts(40, 3, 14, seed=9) if 7 not in p]
+    engine = LLMEngine(model, block_size=4, num_blocks=24, max_num_batched_tokens=32, check_invariants=True)
+    poisoned = engine.add_request([1, 2, 3, 7] + list(range(20, 50)), SamplingParams(max_tokens=20, temperature=0))
+    first = [engine.add_request(p, SamplingParams(max_tokens=3, temperature=0)) for p in good[:3]]
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs[poisoned].finish_reason == "error" and "NaN" in outs[poisoned].error
+    # Short requests reuse the poisoned blocks, with stale slots past their own length.
+    later = [engine.add_request(p, SamplingParams(max_tokens=3, temperature=0)) for p in good[3:]]
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    for rid, p in zip(first + later, good):
+        assert outs[rid].finish_reason == "length" and outs[rid].token_ids == oracle(model, p, 3), rid
+    drained(engine)
+    assert torch.isfinite(engine.runner.pool.k).all() and torch.isfinite(engine.runner.pool.v).all()
+
+
+def test_only_the_tokenizers_ids_are_sampled_from_a_padded_vocabulary(char_model):
+    """A model's vocabulary may be padded past its tokenizer's (GPT-2: 50257 -> 50304); those ids
+    mean nothing and cannot be decoded, so they are never sampled."""
+    from scratchlm.models.checkpoint import load_model_from_checkpoint
+    from scratchlm.serve.engine import load_checkpoint_tokenizer
+
+    model, state = load_model_from_checkpoint(char_model, "cpu")
+    tok = load_checkpoint_tokenizer(char_model, state)
+    padded = GPT(GPTConfig(**{**model.config.__dict__, "vocab_size": tok.vocab_size + 40})).eval()
+    with torch.no_grad():
+        padded.lm_head.weight.zero_()
+        padded.lm_head.weight[tok.vocab_size:] = 5.0  # the padding ids would win every draw
+    outs = LLM(padded, tok).generate(["ROMEO:"] * 3, [SamplingParams(max_tokens=10, temperature=t, seed=1)
+                                                     for t in (0, 1.0, 0.7)])
+    for out in outs:
+        assert out.finish_reason == "length" and max(out.token_ids) < tok.vocab_size
+    with pytest.raises(ValueError, match="not this model's tokenizer"):
+        LLMEngine(tiny(vocab=10), tok)
+
+
+def test_an_interrupted_generate_leaves_no_request_behind(monkeypatch):
+    llm = LLM(tiny(), block_size=4)
+    step, calls = llm.engine.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts(4, 5, 20), SamplingParams(max_tokens=30, temperature=0))
+    assert not llm.engine.requests
+    drained(llm.engine)
+
+
 def test_a_request_larger_than_the_whole_cache_is_refused():
     engine = LLMEngine(tiny(), block_size=4, num_blocks=3)
     with pytest.raises(ValueError, match="needs up to 4 KV blocks"):
@@ -412,6 +497,93 @@ def test_async_streaming_cancel_and_bad_request():
     del deadline
     engine.shutdown()
     drained(engine.engine)
+
+
+def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
+    model = tiny()
+    llm = LLMEngine(model, block_size=4, check_invariants=True)
+    engine = AsyncLLMEngine(llm)
+    ps = prompts(3, 5, 20)
+    params = SamplingParams(max_tokens=40, temperature=0)
+
+    async def consume(p, request_id=None, params=params):
+        outs = []
+        async for out in engine.generate(p, params, request_id):
+            outs.append(out)
+        assert "".join(o.delta_text for o in outs) == (outs[-1].text or "")
+        return outs[-1]
+
+    async def main():
+        # 1. abort(): the consumer gets a last output with finish_reason "abort", not a hang
+        task = asyncio.ensure_future(consume(ps[0], "x"))
+        await asyncio.sleep(0.05)
+        engine.abort("x")
+        aborted = await asyncio.wait_for(task, 10)
+        assert aborted.finished and aborted.finish_reason == "abort"
+        # 2. a second request with an id in use is refused, and the first goes on untouched
+        first = asyncio.ensure_future(consume(ps[1], "same"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ValueError, match="already in use"):
+            await consume(ps[2], "same")
+        done = await asyncio.wait_for(first, 30)
+        assert done.finish_reason == "length" and done.token_ids == oracle(model, ps[1], 40)
+        # 3. cancelled while its admission is pending (the engine busy with a step): no crash, no leak
+        slow = llm.step
+
+        def slow_step():
+            import time
+
+            time.sleep(0.02)
+            return slow()
+
+        monkeypatch.setattr(llm, "step", slow_step)
+        busy = asyncio.ensure_future(consume(ps[0]))
+        await asyncio.sleep(0.03)
+        for _ in range(5):
+            pending = asyncio.ensure_future(consume(ps[2]))
+            await asyncio.sleep(0)
+            pending.cancel()
+        assert (await asyncio.wait_for(busy, 30)).token_ids == oracle(model, ps[0], 40)
+        # 4. a non-ValueError while adding fails that request only
+        add = llm.add_request
+
+        def broken_add(prompt, p=None, request_id=None):
+            if prompt == [13, 13]:
+                raise KeyError("a bug")
+            return add(prompt, p, request_id)
+
+        monkeypatch.setattr(llm, "add_request", broken_add)
+        with pytest.raises(KeyError):
+            await consume([13, 13])
+        assert (await consume(ps[2])).token_ids == oracle(model, ps[2], 40)
+        assert engine._thread.is_alive()
+        # 5. shutdown with a request in flight: its consumer gets an error instead of waiting forever
+        hanging = asyncio.ensure_future(consume(ps[1], params=SamplingParams(max_tokens=70, temperature=0)))
+        await asyncio.sleep(0.05)
+        await engine.shutdown_async()
+        with pytest.raises(RuntimeError, match="shut down"):
+            await asyncio.wait_for(hanging, 10)
+        with pytest.raises(RuntimeError, match="shut down"):
+            await consume(ps[0])
+
+    asyncio.run(main())
+    drained(llm)
+
+
+def test_async_engine_thread_failure_reaches_every_waiting_consumer(monkeypatch):
+    llm = LLMEngine(tiny(), block_size=4)
+    engine = AsyncLLMEngine(llm)
+    monkeypatch.setattr(llm, "has_unfinished", lambda: 1 / 0)  # a bug in the loop itself
+
+    async def main():
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=5)):
+                pass
+        with pytest.raises(RuntimeError, match="stopped after an error"):
+            async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=5)):
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), 20))
 
 
 def test_a_long_prompt_does_not_stall_running_decodes():

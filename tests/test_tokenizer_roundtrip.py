@@ -59,3 +59,20 @@ def test_decode_partial_utf8_is_replaced_not_raised(gpt2):
     assert len(ids) > 1
     assert gpt2.decode(ids[:1]) == "\ufffd"
     assert gpt2.decode_bytes(ids) == "日".encode()
+
+
+def test_with_special_tokens_appends_ids_and_keeps_old_ones(tmp_path, gpt2):
+    chat = gpt2.with_special_tokens(["<|im_start|>", "<|im_end|>", EOT])
+    assert chat.vocab_size == gpt2.vocab_size + 2
+    assert chat.special_tokens[EOT] == gpt2.special_tokens[EOT]
+    assert [chat.special_tokens["<|im_start|>"], chat.special_tokens["<|im_end|>"]] == [50257, 50258]
+    text = "<|im_start|>user\nHi there<|im_end|>"
+    ids = chat.encode(text, allowed_special="all")
+    assert ids[0] == 50257 and ids[-1] == 50258 and chat.decode(ids) == text
+    assert ids[1:-1] == gpt2.encode("user\nHi there")  # ordinary text keeps its ids
+    chat.save(tmp_path / "tok.json")
+    assert load_tokenizer(tmp_path / "tok.json").encode(text, allowed_special="all") == ids
+    import pytest
+
+    with pytest.raises(ValueError, match="non-empty"):
+        gpt2.with_special_tokens([""])

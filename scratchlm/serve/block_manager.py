@@ -6,10 +6,12 @@ The cache is one pool of ``num_blocks`` blocks of ``block_size`` token slots (th
 need not be contiguous, so memory is never reserved for text not yet generated and never
 fragments: a finished sequence's blocks go straight back to the free list.
 
-**Prefix caching.** A full block is identified by a *chain hash*: the hash of its parent block's
-hash and its own token ids, so equal hashes mean equal whole prefixes, not just equal blocks. A
-new sequence walks its prompt block by block, and every block already in the cache (the hit is
-confirmed by comparing the token ids, never by the hash alone) is shared instead of recomputed:
+**Prefix caching.** A full block is identified by a *chain hash*: a cryptographic digest (BLAKE2b,
+128 bits) of its parent block's digest and its own token ids, so equal digests mean equal whole
+prefixes, not just equal blocks (Python's ``hash`` would be faster, but its 64 bits can be made to
+collide on purpose, and a collision would hand one user's cached text to another). A new sequence
+walks its prompt block by block, and every block already in the cache (the hit is also confirmed
+by comparing the block's token ids) is shared instead of recomputed:
 its reference count goes up. A block whose count drops to 0 keeps its hash and contents on the
 free list, so a later request can still hit it, until it is reused; reuse takes the least recently
 freed block first (LRU eviction). The last prompt token is always recomputed, so the model
@@ -18,6 +20,8 @@ produces the logits the first output token is sampled from.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from scratchlm.serve.sequence import Sequence
@@ -29,12 +33,13 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None  # set once the block is full and computed, if caching
+        self.hash: bytes | None = None  # set once the block is full and computed, if caching
         self.token_ids: tuple[int, ...] | None = None
 
 
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))  # ints and tuples hash deterministically in CPython
+def chain_hash(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """The digest of a block given its parent's: it stands for every token from the start."""
+    return hashlib.blake2b((parent or b"") + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
 class BlockManager:
@@ -44,7 +49,7 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evicted first
-        self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.cached: dict[bytes, int] = {}  # chain hash -> block id
         self.enable_prefix_caching = enable_prefix_caching
         self.query_tokens = 0  # prompt tokens of admitted requests (the scheduler counts)
         self.hit_tokens = 0  # of which found in the prefix cache
@@ -142,7 +147,27 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def uncache(self, seq: Sequence) -> list[int]:
+        """Take the blocks only ``seq`` uses out of the prefix cache (their contents are suspect: the
+        sequence produced NaN); return them so the runner can wipe them."""
+        own = [b for b in seq.block_table if self.blocks[b].ref_count == 1]
+        for block_id in own:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, None
+        return own
+
     # --- invariants (tests call this after every step) ---------------------------------------------
+    def check_writable(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """Every block a step writes keys and values into is its sequence's alone and not cached."""
+        bs = self.block_size
+        for seq, n in chunks:
+            for i in range(seq.num_computed // bs, self.blocks_for(seq.num_computed + n)):
+                block = self.blocks[seq.block_table[i]]
+                assert block.ref_count == 1 and block.hash is None, \
+                    f"{seq} writes into block {block.block_id} (ref_count {block.ref_count}, hash {block.hash})"
+
     def check(self, sequences: list[Sequence]) -> None:
         owners: dict[int, int] = {}
         for seq in sequences:

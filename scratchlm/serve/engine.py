@@ -41,11 +41,12 @@ class RequestOutput:
     token_ids: list[int]
     text: str | None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     delta_token_ids: list[int] = field(default_factory=list)
     delta_text: str = ""
     logprobs: list[dict] | None = None
     metrics: dict | None = None  # when finished: TTFT, ITL, TPOT, E2E, cached and preempted counts
+    error: str | None = None  # why, when finish_reason is "error" (this request only; the engine goes on)
 
 
 @dataclass
@@ -70,12 +71,17 @@ class LLMEngine:
         if num_blocks is None:
             wanted = config.max_num_seqs * math.ceil(c.block_size / config.block_size)
             num_blocks = max(1, min(wanted, int(config.kv_cache_gb * 2**30 // per_block)))
+        if tokenizer is not None and tokenizer.vocab_size > c.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {c.vocab_size}: "
+                             "it is not this model's tokenizer")
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.context = c.block_size
-        self.vocab_size = c.vocab_size
+        # Ids a request may contain and the sampler may choose: the tokenizer's (a model's embedding
+        # table may be padded past it, as GPT-2's 50257 to 50304, and those rows mean nothing).
+        self.vocab_size = tokenizer.vocab_size if tokenizer is not None else c.vocab_size
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.weight_format)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.weight_format, self.vocab_size)
         self.requests: dict[str, Sequence] = {}
         self.eos = tokenizer.eot_token if tokenizer is not None else None
         self.num_steps = 0
@@ -126,13 +132,15 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer: give the engine one, or pass token ids")
             ids = self.tokenizer.encode(prompt, allowed_special="all")
-        else:
+        elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise ValueError("a prompt is a string or a list of integer token ids")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (0 ... {self.vocab_size - 1})")
+        else:
+            raise ValueError(f"a prompt is a string or a list of integer token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         return ids
@@ -157,27 +165,46 @@ class LLMEngine:
         return self._run(step)
 
     def _run(self, step) -> list[RequestOutput]:
-        sampled, tokens, logprobs = self.runner.step(step.chunks)
+        if self.config.check_invariants:
+            self.blocks.check_writable(step.chunks)
+        sampled, tokens, logprobs, errors = self.runner.step(step.chunks)
         self.num_steps += 1
         for seq, n in step.chunks:
             seq.num_computed += n
             self.blocks.register(seq)  # its newly full blocks join the prefix cache
         outputs = []
         now = time.perf_counter()
-        for seq, token, logprob in zip(sampled, tokens, logprobs):
+        for seq, token, logprob, error in zip(sampled, tokens, logprobs, errors):
+            if error is not None:  # NaN logits: this request fails, its possibly poisoned blocks are wiped
+                self.runner.scrub(self.blocks.uncache(seq))
+                outputs.append(self._fail(seq, error))
+                continue
             seq.output_ids.append(token)
             seq.timing.token_times.append(now)
             self.num_generated += 1
             if logprob is not None:
                 seq.logprobs.append(logprob)
-            reason, delta = self._check_stop(seq, token)
+            try:
+                reason, delta = self._check_stop(seq, token)
+            except Exception as e:  # e.g. a tokenizer that cannot decode the token: this request only
+                outputs.append(self._fail(seq, f"could not decode token {token}: {e!r}"))
+                continue
             if reason:
-                self.scheduler.finish(seq, reason)
-                del self.requests[seq.request_id]
+                self._finish(seq, reason)
             outputs.append(self._output(seq, [token], delta))
         if self.config.check_invariants:
             self.blocks.check(self.scheduler.running)
         return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        del self.requests[seq.request_id]
+
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        self._finish(seq, "error")
+        out = self._output(seq, [], "")
+        out.error = error
+        return out
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, str]:
         params, stream = seq.params, seq.text_stream
@@ -238,31 +265,31 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         engine = self.engine
-        ids = []
-        try:
+        ids: list[str] = []
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        try:  # whatever happens (a bad prompt, Ctrl-C, an exception), no request stays in the engine
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 try:
                     ids.append(engine.add_request(prompt, p))
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}") from None
-        except ValueError:
-            for request_id in ids:
-                engine.abort(request_id)
-            raise
-        results: dict[str, RequestOutput] = {}
-        bar = None
-        if progress:
-            from tqdm import tqdm
+            if progress:
+                from tqdm import tqdm
 
-            bar = tqdm(total=len(ids), desc="generating", unit="req")
-        while len(results) < len(ids):
-            for out in engine.step():
-                if out.finished:
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar = tqdm(total=len(ids), desc="generating", unit="req")
+            while len(results) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            for request_id in ids:
+                if request_id not in results:
+                    engine.abort(request_id)
         return [results[i] for i in ids]
 
 

@@ -15,9 +15,9 @@ One engine step packs the scheduled tokens of every sequence into a single row o
    Each prefill chunk is one call over its own gathered keys, with a causal mask offset by the
    tokens already cached.
 
-The gather is what a first version on a CPU can do: it copies every key and value a step reads,
-so attention moves about twice the bytes a fused paged kernel (vLLM's, FlashAttention's
-``block_table`` argument) would. The model's weights are read once per step whatever the batch,
+The gather is what a first version on a CPU can do: it copies every key and value a step reads
+(read, write, read again by attention), so attention moves about three times the bytes a fused
+paged kernel (vLLM's, FlashAttention's ``block_table`` argument) would. The model's weights are read once per step whatever the batch,
 so at large batches and long contexts this copy is what decode time grows with.
 """
 
@@ -37,11 +37,16 @@ class KVPool:
     result is, per head, one contiguous run of keys, the layout attention kernels read fastest.
     ``workspace`` is a buffer the decode gather writes into, kept between steps (allocating ~100 MB
     afresh for every layer of every step costs more in page faults than the copy itself).
+
+    One extra block, number ``num_blocks`` (:attr:`null_block`), is never handed out and stays
+    zero: padded block tables point there. Masked keys get zero attention weight, but ``0 * NaN``
+    is NaN, so padding must never read a block that another sequence may have filled with garbage.
     """
 
     def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (n_layer, n_kv_head, num_blocks, block_size, head_dim)
+        shape = (n_layer, n_kv_head, num_blocks + 1, block_size, head_dim)
+        self.null_block = num_blocks
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
@@ -71,26 +76,28 @@ class PagedBatch:
     paged = True
 
     def __init__(self, pool: KVPool, chunks: list[tuple[list[int], int, int]], device: torch.device | str = "cpu"):
+        # The metadata is built on the CPU and copied to the device once per tensor: on a GPU, small
+        # tensors made one by one on the device would each cost a host-to-device transfer.
         self.pool = pool
         bs = pool.block_size
         positions, slots, ends, decodes = [], [], [], []
         self.prefills: list[tuple[int, int, int, torch.Tensor | None]] = []  # (first row, n, start, its blocks)
         row = 0
         for table, start, n in chunks:
-            pos = torch.arange(start, start + n, device=device)
+            pos = torch.arange(start, start + n)
             positions.append(pos)
-            blocks = torch.tensor(table[: -(-(start + n) // bs)], device=device)
+            blocks = torch.tensor(table[: -(-(start + n) // bs)])
             slots.append(blocks[pos // bs] * bs + pos % bs)  # where each new token's k and v go
             if n == 1:
                 decodes.append((row, table, start + 1))
             else:  # a prefill chunk that starts at 0 attends to its own new keys: nothing to gather
-                self.prefills.append((row, n, start, blocks if start else None))
+                self.prefills.append((row, n, start, blocks.to(device) if start else None))
             row += n
             ends.append(row - 1)
         self.num_tokens = row
-        self.positions = torch.cat(positions)
-        self.slot_mapping = torch.cat(slots)
-        self.last_rows = torch.tensor(ends, device=device)  # each sequence's last token this step
+        self.positions = torch.cat(positions).to(device)
+        self.slot_mapping = torch.cat(slots).to(device)
+        self.last_rows = torch.tensor(ends).to(device)  # each sequence's last token this step
         # Decodes are batched in groups of similar length: one padded gather per group, so a 40-token
         # sequence does not pay for the padding up to a 700-token one (within a group the longest
         # is at most 1.5x the shortest, or one block more).
@@ -98,11 +105,17 @@ class PagedBatch:
         group: list[tuple[int, list[int], int]] = []
         for item in sorted(decodes, key=lambda d: d[2]):
             if group and -(-item[2] // bs) > max(1.5 * -(-group[0][2] // bs), -(-group[0][2] // bs) + 1):
-                self.decode_groups.append(_DecodeGroup(group, bs, device))
+                self.decode_groups.append(_DecodeGroup(group, bs, pool.null_block, device))
                 group = []
             group.append(item)
         if group:
-            self.decode_groups.append(_DecodeGroup(group, bs, device))
+            self.decode_groups.append(_DecodeGroup(group, bs, pool.null_block, device))
+        self._masks: dict = {}  # the same masks serve every layer: built on first use
+
+    def _mask(self, key, make):
+        if key not in self._masks:
+            self._masks[key] = make()
+        return self._masks[key]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi=None) -> torch.Tensor:
         """Store this step's k, v (1, Hkv, N, D) in the pool, then attend: q (1, H, N, D) -> (1, H, N, D)."""
@@ -115,17 +128,17 @@ class PagedBatch:
         for row, n, start, blocks in self.prefills:
             qi = q[:, :, row : row + n]  # (1, H, n, D)
             if blocks is None:
+                mask = None if alibi is None else self._mask(("prefill", row), lambda: attention_bias(
+                    n, n, 0, alibi, q.device, q.dtype))
                 y = F.scaled_dot_product_attention(qi, k[:, :, row : row + n], v[:, :, row : row + n],
-                                                   is_causal=alibi is None, enable_gqa=gqa,
-                                                   attn_mask=None if alibi is None else
-                                                   attention_bias(n, n, 0, alibi, q.device, q.dtype))
+                                                   is_causal=alibi is None, enable_gqa=gqa, attn_mask=mask)
             else:  # after cached tokens: gather this sequence's blocks
                 ki = pool_k.index_select(1, blocks).view(1, Hkv, -1, D)[:, :, : start + n]  # (1, Hkv, start + n, D)
                 vi = pool_v.index_select(1, blocks).view(1, Hkv, -1, D)[:, :, : start + n]
-                mask = attention_bias(n, start + n, start, alibi, q.device, q.dtype)
+                mask = self._mask(("prefill", row), lambda: attention_bias(n, start + n, start, alibi, q.device, q.dtype))
                 y = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=gqa)
             out[:, :, row : row + n] = y
-        for g in self.decode_groups:
+        for gi, g in enumerate(self.decode_groups):
             Bd, width = g.blocks.shape
             kd, vd = self.pool.workspace(Bd * width)  # the gather: (Hkv, Bd * width, bs, D)
             torch.index_select(pool_k, 1, g.blocks.flatten(), out=kd)
@@ -134,9 +147,7 @@ class PagedBatch:
             vd = vd.view(Hkv, Bd, width * bs, D).transpose(0, 1)
             qd = q[0][:, g.rows].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
             if alibi is not None:
-                slopes = alibi.to(device=q.device, dtype=q.dtype)
-                mask = -slopes[None, :, None, None] * g.distance[:, None, None, :].to(q.dtype)
-                mask = mask.masked_fill(~g.valid[:, None, None, :], float("-inf"))
+                mask = self._mask(("decode", gi), lambda g=g: g.alibi_bias(alibi, q.dtype))
             elif g.padded:
                 mask = g.valid[:, None, None, :]  # (Bd, 1, 1, keys), True = attend
             else:
@@ -149,13 +160,19 @@ class PagedBatch:
 class _DecodeGroup:
     """Decodes attended together: their rows in the step, block tables padded to the longest."""
 
-    def __init__(self, items: list[tuple[int, list[int], int]], bs: int, device):
-        lengths = torch.tensor([length for _, _, length in items], device=device)
+    def __init__(self, items: list[tuple[int, list[int], int]], bs: int, null: int, device):
+        lengths = torch.tensor([length for _, _, length in items])  # built on the CPU, then moved
         width = -(-int(lengths.max()) // bs)  # blocks of the longest sequence
-        self.rows = torch.tensor([r for r, _, _ in items], device=device, dtype=torch.long)
-        self.blocks = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for _, t, _ in items],
-                                   device=device)  # (Bd, width), padded with block 0
-        key_pos = torch.arange(width * bs, device=device)
-        self.valid = key_pos[None, :] < lengths[:, None]  # (Bd, width * bs): False past the end
+        self.rows = torch.tensor([r for r, _, _ in items], dtype=torch.long).to(device)
+        self.blocks = torch.tensor([t[:width] + [null] * (width - len(t[:width])) for _, t, _ in items]
+                                   ).to(device)  # (Bd, width), padded with the pool's zero block
+        key_pos = torch.arange(width * bs)
         self.padded = bool((lengths != width * bs).any())
-        self.distance = (lengths[:, None] - 1 - key_pos[None, :]).clamp_min(0)  # for ALiBi
+        self.valid = (key_pos[None, :] < lengths[:, None]).to(device)  # (Bd, width * bs): False past the end
+        self.distance = (lengths[:, None] - 1 - key_pos[None, :]).clamp_min(0).to(device)  # for ALiBi
+
+    def alibi_bias(self, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(Bd, H, 1, keys): each head's distance penalty, -inf past each sequence's end."""
+        slopes = slopes.to(device=self.distance.device, dtype=dtype)
+        bias = -slopes[None, :, None, None] * self.distance[:, None, None, :].to(dtype)
+        return bias.masked_fill(~self.valid[:, None, None, :], float("-inf"))

@@ -17,8 +17,10 @@ from scratchlm.serve.weights import for_inference, resolve
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, weight_format: str = "auto"):
+    def __init__(self, model, num_blocks: int, block_size: int, weight_format: str = "auto",
+                 vocab_size: int | None = None):
         model.eval()
+        self.vocab_size = vocab_size  # sample only ids below this (the tokenizer's; a model's may be padded)
         self.weight_format = resolve(weight_format, model)
         self.model = for_inference(model, self.weight_format)
         c = model.config
@@ -27,8 +29,9 @@ class ModelRunner:
         self.pool = KVPool(c.n_layer, num_blocks, block_size, c.kv_heads, c.head_dim, self.device, self.dtype)
 
     @torch.inference_mode()
-    def step(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int], list[dict | None]]:
-        """Compute ``chunks``; return the sequences that got a next token, the tokens, their logprobs."""
+    def step(self, chunks: list[tuple[Sequence, int]]):
+        """Compute ``chunks``; return the sequences that got a next token, the tokens, their logprob
+        records and errors (:func:`~scratchlm.serve.sampler.sample`)."""
         ids: list[int] = []
         for seq, n in chunks:
             ids.extend(seq.tokens(seq.num_computed, seq.num_computed + n))
@@ -38,8 +41,15 @@ class ModelRunner:
         if not done:  # only middle chunks of long prompts: fill the cache, no logits needed
             self.model(torch.tensor([ids], device=self.device), cache=batch, positions=batch.positions,
                        logits_at=batch.last_rows[:0])
-            return [], [], []
+            return [], [], [], []
         logits, _ = self.model(torch.tensor([ids], device=self.device), cache=batch, positions=batch.positions,
                                logits_at=batch.last_rows[torch.tensor(done, device=self.device)])
-        tokens, logprobs = sample(logits[0], sampled)
-        return sampled, tokens, logprobs
+        tokens, logprobs, errors = sample(logits[0, :, : self.vocab_size], sampled)
+        return sampled, tokens, logprobs, errors
+
+    def scrub(self, block_ids: list[int]) -> None:
+        """Zero blocks whose keys or values may be non-finite, so no later reader sees a NaN."""
+        if block_ids:
+            index = torch.tensor(block_ids, device=self.device)
+            self.pool.k.index_fill_(2, index, 0)
+            self.pool.v.index_fill_(2, index, 0)

@@ -8,7 +8,10 @@ Every step the scheduler fills a token budget (``max_num_batched_tokens``):
    budget is cut into chunks, one per step (**chunked prefill**);
 3. **new requests** from the waiting queue, first come first served, while the budget, the
    ``max_num_seqs`` limit and the free blocks allow; each first takes what the prefix cache
-   already holds (:meth:`BlockManager.match_prefix`).
+   already holds (:meth:`BlockManager.match_prefix`). A request is admitted only when blocks for
+   its *whole* prompt (and its first output token) are free, beyond a small reserve (1% of the
+   pool) kept for the running sequences to grow into: admitting a long prompt whose later chunks
+   cannot get blocks would only preempt someone else a few steps later.
 
 A sequence leaves the batch the moment it finishes, and its blocks are free for the next step.
 
@@ -60,11 +63,14 @@ class Scheduler:
             raise ValueError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_num_batched_tokens}")
         self.blocks = block_manager
-        self.max_num_seqs = max_num_seqs
+        # Every running sequence's decode must fit in one step's budget, or the ones at the back
+        # would never be scheduled: no more sequences run at once than the budget has tokens.
+        self.max_num_seqs = min(max_num_seqs, max_num_batched_tokens)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.watermark = max(1, block_manager.num_blocks // 100)  # blocks admission leaves to running sequences
 
     def add(self, seq: Sequence) -> None:
         need = self.blocks.blocks_for(seq.num_prompt + seq.params.max_tokens)
@@ -97,7 +103,8 @@ class Scheduler:
             cached = self.blocks.match_prefix(seq)
             seq.num_computed = cached
             n = min(seq.num_tokens - seq.num_computed, step.budget)
-            if self.blocks.blocks_needed(seq, seq.num_computed + n) > self.blocks.num_free:
+            reserve = self.watermark if self.running else 0
+            if self.blocks.blocks_needed(seq, seq.num_tokens + 1) > self.blocks.num_free - reserve:
                 self.blocks.free_sequence(seq)  # give back the prefix hits; try again next step
                 seq.num_computed = 0
                 break

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -55,14 +56,15 @@ _ids = itertools.count()
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
         self.seq_id = next(_ids)
-        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        # An id the caller did not choose is random, so it never equals one a caller did choose.
+        self.request_id = request_id if request_id is not None else uuid.uuid4().hex
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
         self.status = Status.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chain hashes of the full, computed blocks (prefix caching)
+        self.block_hashes: list[bytes] = []  # chain hashes of the full, computed blocks (prefix caching)
         self.num_computed = 0  # tokens whose keys and values are in the cache
         self.num_cached = 0  # of the prompt, found in the prefix cache at admission (reported)
         self.num_preemptions = 0

@@ -164,6 +164,16 @@ class Tokenizer(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, special_tokens={sorted(self.special_tokens)})"
 
+    def with_special_tokens(self, names: Iterable[str]) -> Tokenizer:
+        """A new tokenizer with ``names`` added as special tokens after every existing id (the ones it
+        already has keep their ids, so every id a model learned keeps its meaning)."""
+        new = [n for n in dict.fromkeys(names) if n not in self.special_tokens]
+        if not all(isinstance(n, str) and n for n in new):
+            raise ValueError(f"special tokens must be non-empty strings, got {new!r}")
+        d = self._definition()
+        d["special_tokens"] = {**self.special_tokens, **default_special_tokens(self.vocab_size, new)}
+        return type(self)._from_definition(d)
+
     def _check_special_ids(self, first_free_id: int) -> None:
         """Special ids must sit after the ordinary vocabulary, one id each."""
         ids = sorted(self.special_tokens.values())
