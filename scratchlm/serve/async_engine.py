@@ -106,9 +106,9 @@ class AsyncLLMEngine:
         for request_id in list(self.engine.requests):
             try:
                 self.engine.abort(request_id)
-            except Exception:  # noqa: BLE001 - a broken engine must not keep the consumers waiting
+            except Exception:  # a broken engine must not keep the consumers waiting
                 break
-        for request_id, (loop, listener) in list(self._listeners.items()):
+        for loop, listener in list(self._listeners.values()):
             self._send(loop, listener, error)
         self._listeners.clear()
         while True:

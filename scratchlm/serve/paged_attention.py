@@ -112,9 +112,9 @@ class PagedBatch:
             self.decode_groups.append(_DecodeGroup(group, bs, pool.null_block, device))
         self._masks: dict = {}  # the same masks serve every layer: built on first use
 
-    def _mask(self, key, make):
+    def _mask(self, key, make, *args):
         if key not in self._masks:
-            self._masks[key] = make()
+            self._masks[key] = make(*args)
         return self._masks[key]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi=None) -> torch.Tensor:
@@ -128,14 +128,14 @@ class PagedBatch:
         for row, n, start, blocks in self.prefills:
             qi = q[:, :, row : row + n]  # (1, H, n, D)
             if blocks is None:
-                mask = None if alibi is None else self._mask(("prefill", row), lambda: attention_bias(
-                    n, n, 0, alibi, q.device, q.dtype))
+                mask = None if alibi is None else self._mask(("prefill", row), attention_bias,
+                                                             n, n, 0, alibi, q.device, q.dtype)
                 y = F.scaled_dot_product_attention(qi, k[:, :, row : row + n], v[:, :, row : row + n],
                                                    is_causal=alibi is None, enable_gqa=gqa, attn_mask=mask)
             else:  # after cached tokens: gather this sequence's blocks
                 ki = pool_k.index_select(1, blocks).view(1, Hkv, -1, D)[:, :, : start + n]  # (1, Hkv, start + n, D)
                 vi = pool_v.index_select(1, blocks).view(1, Hkv, -1, D)[:, :, : start + n]
-                mask = self._mask(("prefill", row), lambda: attention_bias(n, start + n, start, alibi, q.device, q.dtype))
+                mask = self._mask(("prefill", row), attention_bias, n, start + n, start, alibi, q.device, q.dtype)
                 y = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=gqa)
             out[:, :, row : row + n] = y
         for gi, g in enumerate(self.decode_groups):
@@ -147,7 +147,7 @@ class PagedBatch:
             vd = vd.view(Hkv, Bd, width * bs, D).transpose(0, 1)
             qd = q[0][:, g.rows].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
             if alibi is not None:
-                mask = self._mask(("decode", gi), lambda g=g: g.alibi_bias(alibi, q.dtype))
+                mask = self._mask(("decode", gi), g.alibi_bias, alibi, q.dtype)
             elif g.padded:
                 mask = g.valid[:, None, None, :]  # (Bd, 1, 1, keys), True = attend
             else:
