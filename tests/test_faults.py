@@ -397,7 +397,7 @@ def test_readers_never_mix_two_checkpoints_while_last_is_repointed(char_shards, 
     assert not errors, errors[:3]
 
 
-def test_sigterm_on_an_eval_step_runs_that_eval_then_stops(char_shards, tmp_path):
+def test_sigterm_on_an_eval_step_saves_at_once_and_the_resumed_run_evaluates_first(char_shards, tmp_path):
     out = tmp_path / "run"
     cfg = config(char_shards, out, max_steps=6, eval_interval=3)
     script = tmp_path / "term.py"
@@ -419,8 +419,9 @@ def test_sigterm_on_an_eval_step_runs_that_eval_then_stops(char_shards, tmp_path
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["stop_reason"] == "signal" and summary["steps"] == 3
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "val_loss" in r] == [3]  # the scheduled eval ran
-    assert read_state(out / "best")["step"] == 3 and read_state(out / "last")["step"] == 3
+    assert [r["step"] for r in records if "val_loss" in r] == []  # no evaluation: a fast stop
+    state = read_state(out / "last", resumable=True)
+    assert state["step"] == 3 and state["eval_pending"] is True
     train(config(char_shards, out, max_steps=6, eval_interval=3), resume=True, progress=False)
     straight = tmp_path / "straight"
     train(config(char_shards, straight, max_steps=6, eval_interval=3), progress=False)
@@ -436,6 +437,21 @@ def test_a_time_limit_eval_off_the_schedule_does_not_count_towards_patience(char
     train(config(char_shards, out, max_minutes=1e-9, **frozen), resume=True, progress=False)  # step 2, same val
     state = read_state(out / "last", resumable=True)
     assert state["step"] == 2 and state["evals_without_improvement"] == 0
+
+
+def test_an_improving_eval_off_the_schedule_does_not_reset_patience(char_shards, tmp_path):
+    """Frozen weights: every evaluation gives the same loss. An uninterrupted run improves at its
+    first scheduled eval (step 4) and stops early at the second (step 8). A run stopped by a time
+    limit at step 1 evaluates there (off the schedule, an "improvement" from nothing); resumed, it
+    must still stop at step 8, not at 4."""
+    frozen = dict(lr=0.0, min_lr=0.0, warmup_steps=0, eval_interval=4, patience=1, max_steps=12)
+    straight = train(config(char_shards, tmp_path / "straight", **frozen), progress=False)
+    assert straight["stop_reason"] == "early_stopping" and straight["steps"] == 8
+    out = tmp_path / "run"
+    first = train(config(char_shards, out, max_minutes=1e-9, **frozen), progress=False)
+    assert first["stop_reason"] == "max_minutes" and first["steps"] == 1
+    resumed = train(config(char_shards, out, **frozen), resume=True, progress=False)
+    assert resumed["stop_reason"] == "early_stopping" and resumed["steps"] == 8
 
 
 def test_version_1_cuda_rng_states_map_to_this_process_device():

@@ -281,3 +281,24 @@ def test_a_refusal_on_rank_0_stops_every_rank_instead_of_hanging(char_shards, tm
     assert result.returncode != 0
     assert "already holds a run" in result.stderr
     assert "rank 0 stopped the run, the output folder cannot be used" in result.stderr
+
+
+def test_a_failed_save_on_rank_0_stops_every_rank_instead_of_hanging(char_shards, tmp_path):
+    """Rank 0 alone writes checkpoints; when the disk is full there, the other rank must stop with
+    rank 0's reason rather than wait forever in the barrier after the save."""
+    cfg = config(char_shards, tmp_path / "run", max_steps=4, eval_interval=2)
+    hook = ("import errno\n"
+            "import scratchlm.train.checkpoint as ck\n"
+            "def full(*args, **kwargs):\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "if RANK == 0:\n"
+            "    ck.CheckpointStore.save = full\n")
+    script = tmp_path / "dist-full.py"
+    folder = tmp_path / "summaries-full"
+    folder.mkdir()
+    script.write_text(DIST_SCRIPT.format(repo=str(REPO), cfg=json.dumps(cfg), hook=hook, folder=str(folder)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29527", str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "rank 0 stopped the run, the checkpoint could not be saved" in result.stderr
+    assert "No space left on device" in result.stderr

@@ -63,8 +63,12 @@ class NonFiniteLoss(RuntimeError):
 @dataclass
 class _Progress:
     step: int = 0
-    best_val: float = float("inf")
+    best_val: float = float("inf")  # the best validation loss seen (the ``best`` checkpoint's)
+    # Early stopping counts the *scheduled* evaluations only, against the best of those: an extra
+    # evaluation (at a time limit) must not change when an uninterrupted run would stop.
+    patience_best: float = float("inf")
     evals_without_improvement: int = 0
+    eval_pending: bool = False  # stopped by a signal on a scheduled-eval step: the resumed run evaluates first
 
 
 def build_model_config(model_section: dict, vocab_size: int) -> GPTConfig:
@@ -163,13 +167,14 @@ class Trainer:
             raise
 
     def _on_rank0_then_all(self, work, what: str) -> None:
-        """Run ``work`` on rank 0 only; if it fails, every rank raises (none is left waiting in a
-        collective for a rank that gave up), rank 0 with the original error."""
+        """Run ``work`` on rank 0 only; if it fails (whatever the exception, Ctrl-C included), every
+        rank raises (none is left waiting in a collective for a rank that gave up), rank 0 with the
+        original error."""
         problem = None
         if self.is_main:
             try:
                 work()
-            except (FormatError, OSError, ValueError, RuntimeError) as e:
+            except BaseException as e:  # noqa: B036 - told to every rank, then raised again
                 problem = e
         if self.world_size > 1:
             message = [None if problem is None else f"{type(problem).__name__}: {problem}"]
@@ -178,6 +183,23 @@ class Trainer:
                 raise RuntimeError(f"rank 0 stopped the run, {what}: {message[0]}")
         if problem is not None:
             raise problem
+
+    def _on_every_rank_then_agree(self, work, what: str):
+        """Run ``work`` on every rank; if it fails on any, every rank raises before the next
+        collective (the failing ranks with their own error). Returns ``work()``'s result."""
+        problem, result = None, None
+        try:
+            result = work()
+        except BaseException as e:  # noqa: B036 - told to every rank, then raised again
+            problem = e
+        if self.world_size > 1:
+            reports = self._gather(None if problem is None else f"{type(problem).__name__}: {problem}")
+            failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+            if failed and problem is None:
+                raise RuntimeError(f"rank {failed[0][0]} stopped the run, {what}: {failed[0][1]}")
+        if problem is not None:
+            raise problem
+        return result
 
     def _claim_out_dir(self, overwrite: bool) -> None:
         """A fresh run must not silently replace another run's checkpoints (``best`` above all)."""
@@ -207,9 +229,15 @@ class Trainer:
         self.sharded = self.world_size > 1 and cfg.strategy == "fsdp"
         if self.sharded and cfg.optimizer != "adamw":
             raise ValueError("train.strategy = 'fsdp' supports optimizer = 'adamw' (Muon needs whole matrices)")
-        resume_state = self._check_resumable() if resume else None
-        if resume:
+        def read_checkpoint() -> dict | None:
+            if not resume:
+                return None
+            state = self._check_resumable()
             load_weights(self.out / "last", self.model)  # into the whole model, before it is sharded
+            return state
+
+        # Every rank reads the files itself; if one cannot, all stop here, not in a later collective.
+        resume_state = self._on_every_rank_then_agree(read_checkpoint, "the checkpoint cannot be read")
         if self.sharded:
             from torch.distributed.fsdp import fully_shard
 
@@ -237,10 +265,6 @@ class Trainer:
         self._signalled = threading.Event()
 
     # --- several processes ----------------------------------------------------------------------
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier(group=self.control_group)
-
     def _shared(self, values: list[float], op: str = "max") -> list[float]:
         """Values every rank agrees on: the max over ranks, or rank 0's (``op="rank0"``)."""
         if self.world_size == 1:
@@ -277,7 +301,9 @@ class Trainer:
             "vocab_size": self.tokenizer.vocab_size,
             "step": self.state.step,
             "best_val": self.state.best_val if math.isfinite(self.state.best_val) else None,
+            "patience_best_val": self.state.patience_best if math.isfinite(self.state.patience_best) else None,
             "evals_without_improvement": self.state.evals_without_improvement,
+            "eval_pending": self.state.eval_pending,
             "world_size": self.world_size,
             "rng": {"ranks": rng_by_rank},
         }
@@ -306,6 +332,9 @@ class Trainer:
         self.state.step = state["step"]
         self.state.best_val = state["best_val"] if state["best_val"] is not None else float("inf")
         self.state.evals_without_improvement = state["evals_without_improvement"]
+        patience_best = state.get("patience_best_val", state["best_val"])  # older checkpoints: one best
+        self.state.patience_best = patience_best if patience_best is not None else float("inf")
+        self.state.eval_pending = bool(state.get("eval_pending", False))
         ranks = rng_states_by_rank(state["rng"], self.device)
         if len(ranks) != self.world_size:
             self.log(f"warning: {last} was saved by {len(ranks)} process(es) and this run has {self.world_size}. "
@@ -427,9 +456,9 @@ class Trainer:
         weights = model_state(self.model, self.sharded)
         optimizer = optimizer_states(self.model, self.optimizers, self.sharded)
         rng_by_rank = self._gather(self._rng_state())
-        if self.is_main:
-            self.store.save(names, weights, optimizer, self._state_dict(rng_by_rank))
-        self._barrier()
+        # Rank 0 writes; its outcome reaches every rank (a full disk stops them all, none waits).
+        self._on_rank0_then_all(lambda: self.store.save(names, weights, optimizer, self._state_dict(rng_by_rank)),
+                                "the checkpoint could not be saved")
 
     def _diagnose(self, step: int, lr: float, loss: float, grad_norm: float) -> NonFiniteLoss:
         last = self.out / "last"
@@ -508,12 +537,45 @@ class Trainer:
             interval_start = now
             return values[-1][0]
 
+        def evaluate_and_save(scheduled: bool, loss_now: float | None) -> str | None:
+            """Evaluate, log, save ``last`` (and ``best`` if it improved); return a reason to stop, if any.
+            ``val`` is rank 0's value on every rank, so every rank takes the same decision."""
+            st = self.state
+            val = self.evaluate()
+            improved = val < st.best_val
+            if improved:
+                st.best_val = val
+            if scheduled:
+                if val < st.patience_best:
+                    st.patience_best, st.evals_without_improvement = val, 0
+                else:
+                    st.evals_without_improvement += 1
+            st.eval_pending = False
+            record({"step": st.step, "val_loss": val, "best_val_loss": st.best_val,
+                    "seconds": time.perf_counter() - started})
+            self._save(["best", "last"] if improved else ["last"])
+            train_part = f"train {loss_now:.4f}  " if loss_now is not None else ""
+            message = f"step {st.step}: {train_part}val {val:.4f}{'  (best)' if improved else ''}"
+            if cfg.sample_tokens:
+                message += "\n" + self.sample().strip()[:400]
+            if self.is_main:
+                bar.write(message) if self.progress_bar else self.log(message)
+            if scheduled and cfg.patience is not None and st.evals_without_improvement >= cfg.patience:
+                return "early_stopping"
+            if cfg.target_loss is not None and val <= cfg.target_loss:
+                return "target_loss"
+            return None
+
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
         model.train()
         try:
-            while self.state.step < cfg.max_steps:
+            decided = None
+            if self.state.eval_pending:  # the evaluation a signal skipped, before anything else
+                decided = evaluate_and_save(True, None)
+                stop_reason = decided or stop_reason
+            while decided is None and self.state.step < cfg.max_steps:
                 step = self.state.step
                 lr = self._set_lr(step)
                 loss_sum = torch.zeros((), device=self.device)
@@ -551,43 +613,28 @@ class Trainer:
                 request = 2.0 if self._signalled.is_set() else 1.0 if out_of_time else 0.0
                 stop = STOP_REASONS[int(self._shared([request])[0])]
                 final = self.state.step == cfg.max_steps or stop != ""
-                # A scheduled evaluation always runs, also on the step a signal arrives (then it saves
-                # once, with best). A final one off the schedule (time limit, max_steps) reports the
-                # end state but does not count towards patience, so a resumed run's early stopping
-                # sees exactly the evaluations an uninterrupted run would.
                 scheduled = self.state.step % cfg.eval_interval == 0
-                evaluate_now = scheduled or (final and stop != "signal")
-                if self.state.step % cfg.log_interval == 0 or evaluate_now or final:
-                    loss_now = flush()  # raises NonFiniteLoss before anything is saved
-                if evaluate_now:
-                    val = self.evaluate()
-                    improved = val < self.state.best_val
-                    if improved:
-                        self.state.best_val, self.state.evals_without_improvement = val, 0
-                    elif scheduled:
-                        self.state.evals_without_improvement += 1
-                    record({"step": self.state.step, "val_loss": val, "best_val_loss": self.state.best_val,
-                            "seconds": time.perf_counter() - started})
-                    self._save(["best", "last"] if improved else ["last"])
-                    message = f"step {self.state.step}: train {loss_now:.4f}  val {val:.4f}{'  (best)' if improved else ''}"
-                    if cfg.sample_tokens and stop != "signal":
-                        message += "\n" + self.sample().strip()[:400]
-                    if self.is_main:
-                        bar.write(message) if self.progress_bar else self.log(message)
-                elif stop == "signal":
-                    self._save(["last"])
                 if stop == "signal":
+                    # Stop fast (a scheduler's grace period is short): save, no evaluation. If this
+                    # step's evaluation was scheduled, the resumed run runs it before its first step,
+                    # so it sees exactly the evaluations an uninterrupted run would.
+                    flush()  # raises NonFiniteLoss before anything is saved
+                    self.state.eval_pending = scheduled or self.state.step == cfg.max_steps
+                    self._save(["last"])
                     self.log(f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: "
                              "resume with --resume")
                     stop_reason = "signal"
                     break
+                # A final evaluation off the schedule (time limit, max_steps) reports the end state
+                # and may update best, but early stopping never sees it.
+                evaluate_now = scheduled or final
+                loss_now = None
+                if self.state.step % cfg.log_interval == 0 or evaluate_now or final:
+                    loss_now = flush()  # raises NonFiniteLoss before anything is saved
                 if evaluate_now:
-                    # val is rank 0's value on every rank, so every rank takes the same decision.
-                    if cfg.patience is not None and self.state.evals_without_improvement >= cfg.patience:
-                        stop_reason = "early_stopping"
-                        break
-                    if cfg.target_loss is not None and val <= cfg.target_loss:
-                        stop_reason = "target_loss"
+                    decided = evaluate_and_save(scheduled, loss_now)
+                    if decided:
+                        stop_reason = decided
                         break
                 if stop:
                     stop_reason = stop
