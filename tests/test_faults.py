@@ -480,3 +480,77 @@ def test_a_kill_while_adopting_a_legacy_best_keeps_it(char_shards, tmp_path):
     CheckpointStore(out).recover()
     assert (out / "best").is_symlink() and os.readlink(out / "best") == "checkpoints/legacy-best"
     assert is_complete(out / "best")
+
+
+def test_store_edge_cases_symlinks_long_step_names_odd_files_and_legacy_leftovers(char_shards, tmp_path):
+    """GC never deletes a link's target, handles 9-digit step names, odd 'files' records read as
+    incomplete (not a crash), and a legacy leftover is kept while last does not read."""
+    import shutil
+
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=2), progress=False)
+    store = CheckpointStore(out)
+    done = store.complete_folders()[-1]
+    foreign = tmp_path / "someone-elses"  # a complete checkpoint elsewhere, linked under a step name
+    shutil.copytree(done, foreign)
+    (out / "checkpoints" / "step-00000077").symlink_to(foreign)
+    big = out / "checkpoints" / "step-123456789"  # past 99,999,999 steps: a name of ours, unreferenced
+    shutil.copytree(done, big)
+    store.collect_garbage()
+    assert foreign.is_dir() and (foreign / "state.json").exists() and not big.exists()
+    odd = tmp_path / "odd"
+    shutil.copytree(done, odd)
+    state = json.loads((odd / "state.json").read_text())
+    for files in ([1, 2], {"model.safetensors": 5}, {"model.safetensors": {"size": 1}}):
+        (odd / "state.json").write_text(json.dumps({**state, "files": files}))
+        assert is_complete(odd) is False
+    # scratchlm < 0.2 left .last.old-PID; last does not read: the old copy is the one to keep
+    (out / "checkpoints" / "step-00000077").unlink()
+    legacy = out / ".last.old-4242"
+    shutil.copytree(done, legacy)
+    (out / "last").unlink()
+    (out / "last").symlink_to(odd)  # odd does not read
+    notes = CheckpointStore(out).recover()
+    assert legacy.is_dir() and any("kept .last.old-4242" in n for n in notes)
+
+
+def test_resuming_from_an_unreadable_last_names_the_complete_checkpoints(char_shards, tmp_path):
+    out = tmp_path / "run"
+    import shutil
+
+    train(config(char_shards, out, max_steps=4, eval_interval=2), progress=False)
+    damaged = out / "checkpoints" / "step-00000005"  # last points at a damaged folder; best is whole
+    shutil.copytree((out / "last").resolve(), damaged)
+    (damaged / "state.json").write_text("{not json")
+    (out / "last").unlink()
+    (out / "last").symlink_to("checkpoints/step-00000005")
+    best = (out / "best").resolve().name
+    with pytest.raises(FormatError, match=rf"ln -sfn checkpoints/{best} .*last"):
+        train(config(char_shards, out, max_steps=6, eval_interval=2), resume=True, progress=False)
+
+
+def test_overwrite_removes_the_old_runs_tensorboard_logs(char_shards, tmp_path):
+    out = tmp_path / "run"
+    train(config(char_shards, out, max_steps=2), progress=False)
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1").write_text("old curves")
+    train(config(char_shards, out, max_steps=2), overwrite=True, progress=False)
+    assert not (out / "tensorboard" / "events.out.tfevents.1").exists()
+
+
+def test_eval_refuses_an_unfinished_or_damaged_shards_folder(char_shards, reference, tmp_path):
+    import shutil
+
+    from scratchlm.data.shards import ShardError
+    from scratchlm.eval import evaluate_checkpoint
+
+    data = tmp_path / "shards"
+    shutil.copytree(char_shards, data)
+    raw = bytearray((data / "val.bin").read_bytes())
+    raw[-1] ^= 1  # one flipped bit in the ids
+    (data / "val.bin").write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="sha256 differs"):
+        evaluate_checkpoint(reference / "last", data, splits=["val"])
+    (data / "shards.json").unlink()
+    with pytest.raises(ShardError, match="no shards.json"):
+        evaluate_checkpoint(reference / "last", data, splits=["val"])

@@ -282,20 +282,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def verify_shards(folder: str | Path, tokenizer: Tokenizer | None = None) -> dict:
+def verify_shards(folder: str | Path, tokenizer: Tokenizer | None = None, splits=None) -> dict:
     """Check a shards folder before training on it: complete, and every shard as it was written.
 
     ``shards.json`` is written last by :func:`tokenize_dataset`, so its absence means tokenizing
     never finished. Each shard's header is checked (magic, version, size, tokenizer) and its
     sha256 compared with the one recorded, which catches a flipped bit anywhere in the ids (the
-    cost: one read of each file, about a second per GB).
+    cost: one read of each file, about a second per GB). ``splits``: check only these (an
+    evaluation reads val and test, not the training shard).
     """
     folder = Path(folder)
     if not (folder / "shards.json").exists():
         raise ShardError(f"{folder}: no shards.json, so tokenizing did not finish (or this is not a shards folder); "
                          "run `scratchlm data tokenize` again")
     summary = read_json(folder / "shards.json", SHARDS_FORMAT)
-    for entry in summary["splits"].values():
+    unknown = sorted(set(splits or ()) - set(summary["splits"]))
+    if unknown:
+        raise ShardError(f"{folder}: no split(s) {unknown} in shards.json (it has {sorted(summary['splits'])})")
+    for split, entry in summary["splits"].items():
+        if splits is not None and split not in splits:
+            continue
         path = folder / entry["file"]
         if not path.exists():
             raise ShardError(f"{path}: missing (listed in {folder / 'shards.json'}); run `scratchlm data tokenize` again")

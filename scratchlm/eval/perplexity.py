@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchlm.data.shards import open_shard
+from scratchlm.data.shards import open_shard, verify_shards
 from scratchlm.models.loss import token_nll
 
 
@@ -112,6 +112,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         raise ValueError(f"{data} was tokenized with {tokenizer.fingerprint[:16]}, but {checkpoint} was trained "
                          f"with {state['tokenizer_fingerprint'][:16]}: evaluate on data made with the model's tokenizer")
     report = {"checkpoint": str(checkpoint), "data": str(data), "step": state["step"], "splits": {}}
+    # A complete shards set (shards.json written last) whose files are as they were written.
+    verify_shards(data, tokenizer, splits={part for split in splits for part in split.split("+")})
     for split in splits:
         ids = np.concatenate([np.asarray(open_shard(data / f"{part}.bin", tokenizer)) for part in split.split("+")])
         report["splits"][split] = evaluate_ids(model, ids, tokenizer, batch_size=batch_size, progress=progress)

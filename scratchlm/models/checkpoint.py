@@ -35,10 +35,13 @@ def is_complete(folder: Path) -> bool:
         state = read_state(folder)
     except (OSError, FormatError):
         return False
-    for name, info in state.get("files", {}).items():
-        path = Path(folder) / name
-        if not path.is_file() or path.stat().st_size != info["bytes"]:
-            return False
+    try:
+        for name, info in state.get("files", {}).items():
+            path = Path(folder) / name
+            if not path.is_file() or path.stat().st_size != info["bytes"]:
+                return False
+    except (AttributeError, KeyError, TypeError, OSError):  # a "files" record of the wrong shape
+        return False
     return True
 
 
@@ -47,9 +50,9 @@ def read_state(path: str | Path, *, resumable: bool = False) -> dict:
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise FileNotFoundError(f"{path} points at {os.readlink(path)}, which does not exist. If {path.name} was copied "
-                                "out of its run folder, copy the folder it points to instead (cp -rL); in a run "
-                                "folder, `scratchlm train --resume` repairs the pointers; or pass a folder under "
-                                "checkpoints/")
+                                "out of its run folder, copy the folder it points to instead (cp -rL); otherwise pass "
+                                "one of the complete folders under checkpoints/ itself (`scratchlm train --resume` "
+                                "would repoint last at the newest of them, and continue training)")
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json); train one with `scratchlm train`")
     state = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS)

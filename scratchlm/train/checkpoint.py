@@ -208,13 +208,13 @@ class CheckpointStore:
 
     POINTERS = ("last", "best")
     # Exactly the names this class creates; recovery and garbage collection touch nothing else.
-    STEP = re.compile(r"step-\d{8}(-\d+)?")
+    STEP = re.compile(r"step-\d{8,}(-\d+)?")  # 8 digits, more past step 99,999,999
     LEGACY = re.compile(r"legacy-(last|best)(-\d+)?")
     TEMP_LINK = re.compile(r"\.(last|best)\.tmp-\d+")  # a pointer being replaced
     LEGACY_OLD = re.compile(r"\.last\.old-\d+")  # scratchlm < 0.2's copy of last during a save
     LEGACY_TMP = re.compile(r"\.last\.tmp-\d+")  # scratchlm < 0.2's new last being written (a folder)
-    TEMP_FOLDER = re.compile(r"\.(step-\d{8}(-\d+)?)\.tmp-\d+")  # a checkpoint being written
-    TRASH = re.compile(r"\.trash-(step-\d{8}(-\d+)?|legacy-(last|best)(-\d+)?)-\d+")  # being deleted
+    TEMP_FOLDER = re.compile(r"\.(step-\d{8,}(-\d+)?)\.tmp-\d+")  # a checkpoint being written
+    TRASH = re.compile(r"\.trash-(step-\d{8,}(-\d+)?|legacy-(last|best)(-\d+)?)-\d+")  # being deleted
 
     def __init__(self, out_dir: str | Path):
         if not str(out_dir).strip():
@@ -223,8 +223,9 @@ class CheckpointStore:
         self.folder = self.out / "checkpoints"
 
     def _ours(self, folder: Path) -> bool:
-        """A folder this store may delete: one of its names, holding a checkpoint that reads."""
-        return bool(self.STEP.fullmatch(folder.name) or self.LEGACY.fullmatch(folder.name)) and is_complete(folder)
+        """A folder this store may delete: one of its names, a real folder (never a link to somewhere
+        else), holding a checkpoint that reads."""
+        return not folder.is_symlink() and bool(self.STEP.fullmatch(folder.name) or self.LEGACY.fullmatch(folder.name)) and is_complete(folder)
 
     def pointer(self, name: str) -> Path:
         return self.out / name
@@ -345,16 +346,20 @@ class CheckpointStore:
             return done
         for leftover in sorted(self.out.iterdir()):
             name = leftover.name
-            if self.LEGACY_OLD.fullmatch(name) and leftover.is_dir():
-                if not self.pointer("last").exists() and not self.pointer("last").is_symlink() and is_complete(leftover):
-                    os.rename(leftover, self.pointer("last"))  # the old format's lost copy: put it back
-                    done.append(f"restored {self.pointer('last')} from {name}")
+            last = self.pointer("last")
+            if (self.LEGACY_OLD.fullmatch(name) or self.LEGACY_TMP.fullmatch(name)) and leftover.is_dir() \
+                    and not leftover.is_symlink():
+                # scratchlm < 0.2 saved by renaming last to .last.old-PID, then .last.tmp-PID to last.
+                if not last.exists() and not last.is_symlink() and is_complete(leftover):
+                    os.rename(leftover, last)  # killed between the two renames: put a complete copy back
+                    done.append(f"restored {last} from {name}")
+                    continue
+                if not is_complete(last):  # nothing better exists: keep it for a person to look at
+                    done.append(f"warning: kept {name}: {last.name} does not read, and this may be the only copy")
                     continue
                 shutil.rmtree(leftover, ignore_errors=True)
             elif self.TEMP_LINK.fullmatch(name) and leftover.is_symlink():
                 leftover.unlink()
-            elif self.LEGACY_TMP.fullmatch(name) and leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
             else:
                 continue
             done.append(f"removed {name}")

@@ -32,6 +32,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -138,7 +139,11 @@ class Trainer:
 
             self.control_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else dist.group.WORLD
         # Rank 0 reads every shard once (complete, made by this tokenizer, no flipped bit) and tells the others.
-        self._on_rank0_then_all(lambda: verify_shards(data, self.tokenizer), "the shards are unusable")
+        # Each machine's first process reads every shard once (complete, made by this tokenizer, no
+        # flipped bit): machines do not share a disk, so each checks its own copy; all agree on the outcome.
+        local_first = int(os.environ.get("LOCAL_RANK", self.rank)) == 0
+        self._on_every_rank_then_agree(lambda: verify_shards(data, self.tokenizer) if local_first else None,
+                                       "the shards are unusable")
         self.out = Path(cfg.out_dir)
         if cfg.warmup_steps > cfg.max_steps and self.is_main:  # fine for a smoke run, a mistake otherwise
             self.log(f"warning: train.warmup_steps = {cfg.warmup_steps} is more than train.max_steps = "
@@ -211,7 +216,11 @@ class Trainer:
                                   "--overwrite to start over in this folder (its checkpoints are deleted), or choose "
                                   "another train.out_dir")
         self.store.clear()
-        self.log(f"--overwrite: deleted the previous run's checkpoints in {self.out} ({previous})")
+        removed = "checkpoints"
+        if (self.out / "tensorboard").is_dir() and not (self.out / "tensorboard").is_symlink():
+            shutil.rmtree(self.out / "tensorboard")  # its curves would mix with the new run's
+            removed += " and TensorBoard logs"
+        self.log(f"--overwrite: deleted the previous run's {removed} in {self.out} ({previous})")
 
     def _build(self, resume: bool) -> None:
         """The model, optimizers and (when resuming) their state; the run lock is held."""
@@ -313,7 +322,14 @@ class Trainer:
         if not last.exists():
             raise FileNotFoundError(f"{last}: no checkpoint to resume from (none was saved yet, or out_dir is wrong); "
                                     "start without --resume")
-        state = read_state(last, resumable=True)
+        try:
+            state = read_state(last, resumable=True)
+        except (FormatError, OSError) as e:
+            complete = self.store.complete_folders()
+            hint = (f" Complete checkpoints of this run: {', '.join(f.name for f in complete)}; to resume from the newest, "
+                    f"point last at it: ln -sfn checkpoints/{complete[-1].name} {last}" if complete else
+                    " No complete checkpoint is left in this run; start without --resume (and --overwrite).")
+            raise FormatError(f"cannot resume: {e}.{hint}") from None
         if state["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
             raise ValueError(f"{last} was trained with another tokenizer ({state['tokenizer_fingerprint'][:16]}); "
                              f"the data's is {self.tokenizer.fingerprint[:16]}")
@@ -336,7 +352,11 @@ class Trainer:
         self.state.patience_best = patience_best if patience_best is not None else float("inf")
         self.state.eval_pending = bool(state.get("eval_pending", False))
         ranks = rng_states_by_rank(state["rng"], self.device)
-        if len(ranks) != self.world_size:
+        if "ranks" not in state["rng"] and self.world_size > 1:
+            self.log(f"warning: {last} was saved by an older scratchlm that kept only rank 0's random state; every "
+                     "process continues from that one state, so the batches and losses will not match an "
+                     "uninterrupted run (resuming on one process does).")
+        elif len(ranks) != self.world_size:
             self.log(f"warning: {last} was saved by {len(ranks)} process(es) and this run has {self.world_size}. "
                      "Training continues from the same weights and optimizer state, but each process's data stream "
                      "and dropout masks now start from another process's saved state, so the batches and losses "
