@@ -347,29 +347,67 @@ def test_a_tiny_temperature_is_greedy_and_logprobs_beyond_the_vocabulary_are_cla
     assert all(len(r["top"]) == 12 for r in out.logprobs)
 
 
-def test_nan_logits_fail_that_request_only_and_its_blocks_are_wiped():
-    """A token whose embedding is NaN poisons every key and value after it: that request ends with
-    an error, the others in the same steps are unaffected, and requests that later reuse its
-    blocks (stale slots past their own length included) still equal the oracle."""
-    model = tiny(block=64, tie_embeddings=False)  # (tied, every logit row would hold the NaN)
+def poisoned_model():
+    """Token 7's embedding is NaN: every key and value after it is NaN (untied: tied, every logit
+    row would hold the NaN)."""
+    model = tiny(block=96, tie_embeddings=False)
     with torch.no_grad():
         model.tok_emb.weight[7] = float("nan")
-    good = [p for p in prompts(40, 3, 14, seed=9) if 7 not in p]
-    engine = LLMEngine(model, block_size=4, num_blocks=24, max_num_batched_tokens=32, check_invariants=True)
-    poisoned = engine.add_request([1, 2, 3, 7] + list(range(20, 50)), SamplingParams(max_tokens=20, temperature=0))
-    first = [engine.add_request(p, SamplingParams(max_tokens=3, temperature=0)) for p in good[:3]]
-    outs = {}
-    while engine.has_unfinished():
-        outs.update({o.request_id: o for o in engine.step() if o.finished})
-    assert outs[poisoned].finish_reason == "error" and "NaN" in outs[poisoned].error
-    # Short requests reuse the poisoned blocks, with stale slots past their own length.
-    later = [engine.add_request(p, SamplingParams(max_tokens=3, temperature=0)) for p in good[3:]]
-    while engine.has_unfinished():
-        outs.update({o.request_id: o for o in engine.step() if o.finished})
-    for rid, p in zip(first + later, good):
-        assert outs[rid].finish_reason == "length" and outs[rid].token_ids == oracle(model, p, 3), rid
-    drained(engine)
-    assert torch.isfinite(engine.runner.pool.k).all() and torch.isfinite(engine.runner.pool.v).all()
+    return model
+
+
+def test_nan_logits_fail_that_request_only_and_never_reach_other_requests():
+    """A request whose keys and values are NaN ends with an error; the others in the same steps,
+    and later ones that reuse its blocks (stale slots past their own length included), equal the
+    oracle. Its blocks may leave the engine three ways: it fails at sampling, it is aborted in the
+    middle of a chunked prefill, or it is preempted there."""
+    model = poisoned_model()
+    good = [p for p in prompts(40, 2, 14, seed=9) if 7 not in p]
+    bad_prompt = [1, 2, 3, 7] + list(range(20, 44))
+
+    def run(engine, before, after, abort_bad_after=None, n=3):
+        ids = {engine.add_request(p, SamplingParams(max_tokens=n, temperature=0)): p for p in before}
+        bad = engine.add_request(bad_prompt, SamplingParams(max_tokens=4, temperature=0))
+        ids.update({engine.add_request(p, SamplingParams(max_tokens=n, temperature=0)): p for p in after})
+        outs, steps = {}, 0
+        while engine.has_unfinished():
+            outs.update({o.request_id: o for o in engine.step() if o.finished})
+            steps += 1
+            if steps == abort_bad_after:
+                outs[bad] = engine.abort(bad)
+        for rid, p in ids.items():
+            assert outs[rid].finish_reason == "length" and outs[rid].token_ids == oracle(model, p, n), rid
+        drained(engine)
+        return outs[bad]
+
+    for caching in (True, False):
+        # fails at sampling
+        engine = LLMEngine(model, block_size=4, num_blocks=24, max_num_batched_tokens=32,
+                           enable_prefix_caching=caching, check_invariants=True)
+        out = run(engine, good[:3], good[3:20])
+        assert out.finish_reason == "error" and "NaN" in out.error and out.token_ids == []
+        # aborted after 2 chunks of its prefill: its NaN blocks go back without ever being sampled
+        engine = LLMEngine(model, block_size=4, num_blocks=10, max_num_batched_tokens=8,
+                           enable_prefix_caching=caching, check_invariants=True)
+        assert run(engine, [], good[20:30], abort_bad_after=2).finish_reason == "abort"
+    # preempted in the middle of its prefill (a small pool), its blocks reused by the others
+    engine = LLMEngine(model, block_size=4, num_blocks=14, max_num_batched_tokens=8, max_num_seqs=4,
+                       enable_prefix_caching=False, check_invariants=True)
+    run(engine, good[:3], good[3:12], n=10)
+    assert engine.stats()["preemptions"] > 0
+
+
+def test_an_infinite_logit_fails_its_own_row_not_its_sampling_group():
+    from scratchlm.serve.sampler import sample
+    from scratchlm.serve.sequence import Sequence
+
+    logits = torch.randn(4, 10)
+    logits[1, 3] = float("inf")
+    for params in (SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0)):
+        seqs = [Sequence([1], params) for _ in range(4)]
+        tokens, _, errors = sample(logits, seqs)
+        assert tokens[1] is None and "infinite" in errors[1]
+        assert all(t is not None for i, t in enumerate(tokens) if i != 1) and errors.count(None) == 3
 
 
 def test_only_the_tokenizers_ids_are_sampled_from_a_padded_vocabulary(char_model):
@@ -493,10 +531,14 @@ def test_async_streaming_cancel_and_bad_request():
     results = asyncio.run(main())
     for i, p in enumerate(ps):
         assert results[i] == (oracle(model, p, 10 + i), "length")
-    deadline = asyncio.run(asyncio.sleep(0.2))  # let the engine thread process the abort
-    del deadline
+    for _ in range(200):  # the abort of the cancelled request reaches the engine thread
+        if not engine.engine.requests:
+            break
+        import time
+
+        time.sleep(0.01)
+    drained(engine.engine)  # before shutdown, which would clear the engine anyway
     engine.shutdown()
-    drained(engine.engine)
 
 
 def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
@@ -557,6 +599,12 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
             await consume([13, 13])
         assert (await consume(ps[2])).token_ids == oracle(model, ps[2], 40)
         assert engine._thread.is_alive()
+        # every cancelled or aborted request has left the engine (before shutdown, which clears it)
+        for _ in range(200):
+            if not llm.requests and llm.blocks.num_free == llm.blocks.num_blocks:
+                break
+            await asyncio.sleep(0.01)
+        assert not llm.requests and llm.blocks.num_free == llm.blocks.num_blocks
         # 5. shutdown with a request in flight: its consumer gets an error instead of waiting forever
         hanging = asyncio.ensure_future(consume(ps[1], params=SamplingParams(max_tokens=70, temperature=0)))
         await asyncio.sleep(0.05)
@@ -567,6 +615,37 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
             await consume(ps[0])
 
     asyncio.run(main())
+    drained(llm)
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(monkeypatch):
+    model = tiny()
+    llm = LLMEngine(model, block_size=4)
+    engine = AsyncLLMEngine(llm)
+    step, calls = llm.step, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("a transient out-of-memory")
+        return step()
+
+    monkeypatch.setattr(llm, "step", flaky)
+    p = prompts(1, 5, 6)[0]
+
+    async def main():
+        with pytest.raises(RuntimeError, match="MemoryError"):
+            async for _ in engine.generate(p, SamplingParams(max_tokens=5, temperature=0)):
+                pass
+        outs = [o async for o in engine.generate(p, SamplingParams(max_tokens=5, temperature=0))]
+        assert outs[-1].token_ids == oracle(model, p, 5)
+        await engine.shutdown_async()
+        with pytest.raises(RuntimeError, match="the engine is shut down"):  # not "stopped after an error"
+            async for _ in engine.generate(p, SamplingParams(max_tokens=5)):
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert isinstance(engine.last_step_error, MemoryError) and engine.error is None
     drained(llm)
 
 

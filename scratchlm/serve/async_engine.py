@@ -35,6 +35,7 @@ class AsyncLLMEngine:
         self._closed = False
         self._lock = threading.Lock()  # orders "closed" against puts: no request is put after the last drain
         self.error: BaseException | None = None  # the exception that stopped the engine thread, if any
+        self.last_step_error: BaseException | None = None  # a failed step (its requests failed; the engine went on)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -69,7 +70,10 @@ class AsyncLLMEngine:
                 self._inbox.put(("abort", (request_id, outputs), None))
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its consumer gets a last output with ``finish_reason == "abort"``."""
+        """Stop a request; its consumer gets a last output with ``finish_reason == "abort"``.
+
+        Requests are matched by id when the engine thread reads the abort: an abort sent before the
+        request itself was submitted (its ``generate`` not yet started) finds nothing to stop."""
         self._inbox.put(("abort", (request_id, None), None))
 
     def stats(self) -> dict:
@@ -144,7 +148,7 @@ class AsyncLLMEngine:
             try:
                 outputs = engine.step()
             except Exception as e:  # a bug or out of memory: fail every request, keep the thread alive
-                self.error = e
+                self.last_step_error = e
                 for request_id, (loop, listener) in list(self._listeners.items()):
                     engine.abort(request_id)
                     self._send(loop, listener, e)

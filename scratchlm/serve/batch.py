@@ -72,6 +72,7 @@ def run_batch(engine: LLMEngine, input_path: str | Path, output_path: str | Path
                 "completion_tokens": m["output_tokens"], "cached_tokens": m["cached_tokens"],
                 **({"token_ids": out.token_ids} if out.text is None else {}),
                 **({"logprobs": out.logprobs} if out.logprobs is not None else {}),
+                **({"error": f"line {requests[ids[out.request_id]]['line']}: {out.error}"} if out.error else {}),
             }
             if bar is not None:
                 bar.update(1)
@@ -84,6 +85,7 @@ def run_batch(engine: LLMEngine, input_path: str | Path, output_path: str | Path
             line.update({"error": item["error"]} if "error" in item else results[i])
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     generated = sum(r["completion_tokens"] for r in results.values())
-    return {"requests": len(requests), "errors": sum("error" in r for r in requests), "seconds": seconds,
+    errors = sum("error" in r for r in requests) + sum("error" in r for r in results.values())
+    return {"requests": len(requests), "errors": errors, "seconds": seconds,
             "output_tokens": generated, "output_tokens_per_second": generated / seconds if seconds else None,
             "output": str(output_path), **{k: v for k, v in engine.stats().items() if k.startswith(("prefix", "preempt"))}}

@@ -51,6 +51,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evicted first
         self.cached: dict[bytes, int] = {}  # chain hash -> block id
         self.enable_prefix_caching = enable_prefix_caching
+        self.fresh: list[int] = []  # blocks handed out since the runner last zeroed them (take_fresh)
         self.query_tokens = 0  # prompt tokens of admitted requests (the scheduler counts)
         self.hit_tokens = 0  # of which found in the prefix cache
 
@@ -85,10 +86,10 @@ class BlockManager:
         seq.block_hashes = []
         if not self.enable_prefix_caching:
             return 0
-        bs, parent = self.block_size, None
+        bs = self.block_size
         for i in range((seq.num_tokens - 1) // bs):
             tokens = tuple(seq.tokens(i * bs, (i + 1) * bs))
-            h = chain_hash(parent, tokens)
+            h = self._digest(seq, i)
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break  # a miss ends the chain: every later block has a different prefix
@@ -98,8 +99,16 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
             seq.block_hashes.append(h)
-            parent = h
         return len(seq.block_table) * bs
+
+    def _digest(self, seq: Sequence, i: int) -> bytes:
+        """The chain hash of ``seq``'s block ``i``, computed once per sequence (a request waiting at
+        the head of the queue tries admission every step; its prompt is not hashed every time)."""
+        digests, bs = seq.digests, self.block_size
+        while len(digests) <= i:
+            k = len(digests)
+            digests.append(chain_hash(digests[-1] if digests else None, tuple(seq.tokens(k * bs, (k + 1) * bs))))
+        return digests[i]
 
     # --- growth ---------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
@@ -116,6 +125,16 @@ class BlockManager:
                 block.hash, block.token_ids = None, None
             block.ref_count = 1
             seq.block_table.append(block_id)
+            self.fresh.append(block_id)
+
+    def take_fresh(self) -> list[int]:
+        """Blocks allocated since the last call: the runner zeroes them before the step writes.
+
+        A reused block still holds its previous owner's keys and values in the slots past the new
+        owner's length. Attention masks those slots, but a masked weight is 0 and ``0 * NaN`` is
+        NaN: had the previous owner produced NaN (an overflow), the new owner would inherit it."""
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     def register(self, seq: Sequence) -> None:
         """After a step: every block of ``seq`` that is now full and computed joins the prefix cache."""
@@ -126,7 +145,7 @@ class BlockManager:
         while (len(hashes) + 1) * bs <= seq.num_computed:
             i = len(hashes)
             tokens = tuple(seq.tokens(i * bs, (i + 1) * bs))
-            h = chain_hash(hashes[-1] if hashes else None, tokens)
+            h = self._digest(seq, i)
             hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if h not in self.cached:  # an identical block computed by another sequence stays unlisted
@@ -146,17 +165,6 @@ class BlockManager:
                     self.free.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.block_hashes = []
-
-    def uncache(self, seq: Sequence) -> list[int]:
-        """Take the blocks only ``seq`` uses out of the prefix cache (their contents are suspect: the
-        sequence produced NaN); return them so the runner can wipe them."""
-        own = [b for b in seq.block_table if self.blocks[b].ref_count == 1]
-        for block_id in own:
-            block = self.blocks[block_id]
-            if block.hash is not None and self.cached.get(block.hash) == block_id:
-                del self.cached[block.hash]
-            block.hash, block.token_ids = None, None
-        return own
 
     # --- invariants (tests call this after every step) ---------------------------------------------
     def check_writable(self, chunks: list[tuple[Sequence, int]]) -> None:

@@ -69,7 +69,8 @@ class LLMEngine:
         per_block = 2 * c.n_layer * config.block_size * c.kv_heads * c.head_dim * p.element_size()
         num_blocks = config.num_blocks
         if num_blocks is None:
-            wanted = config.max_num_seqs * math.ceil(c.block_size / config.block_size)
+            running = min(config.max_num_seqs, config.max_num_batched_tokens)  # the scheduler's cap
+            wanted = running * math.ceil(c.block_size / config.block_size)
             num_blocks = max(1, min(wanted, int(config.kv_cache_gb * 2**30 // per_block)))
         if tokenizer is not None and tokenizer.vocab_size > c.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {c.vocab_size}: "
@@ -167,6 +168,7 @@ class LLMEngine:
     def _run(self, step) -> list[RequestOutput]:
         if self.config.check_invariants:
             self.blocks.check_writable(step.chunks)
+        self.runner.scrub(self.blocks.take_fresh())  # no stale garbage in newly allocated blocks
         sampled, tokens, logprobs, errors = self.runner.step(step.chunks)
         self.num_steps += 1
         for seq, n in step.chunks:
@@ -175,8 +177,7 @@ class LLMEngine:
         outputs = []
         now = time.perf_counter()
         for seq, token, logprob, error in zip(sampled, tokens, logprobs, errors):
-            if error is not None:  # NaN logits: this request fails, its possibly poisoned blocks are wiped
-                self.runner.scrub(self.blocks.uncache(seq))
+            if error is not None:  # NaN or inf logits: this request fails, the others go on
                 outputs.append(self._fail(seq, error))
                 continue
             seq.output_ids.append(token)
@@ -187,6 +188,7 @@ class LLMEngine:
             try:
                 reason, delta = self._check_stop(seq, token)
             except Exception as e:  # e.g. a tokenizer that cannot decode the token: this request only
+                seq.output_ids.pop()  # token_ids stay the concatenation of the delta_token_ids streamed
                 outputs.append(self._fail(seq, f"could not decode token {token}: {e!r}"))
                 continue
             if reason:
@@ -240,7 +242,8 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions, "prefix_cache_hit_rate": b.hit_rate,
             "prefix_cache_hit_tokens": b.hit_tokens, "prefix_cache_query_tokens": b.query_tokens,
             "weight_format": self.runner.weight_format, "num_blocks": b.num_blocks, "free_blocks": b.num_free, "block_size": b.block_size,
-            "kv_cache_bytes": self.runner.pool.bytes, "running": len(self.scheduler.running),
+            "kv_cache_bytes": self.runner.pool.bytes, "max_num_seqs": self.scheduler.max_num_seqs,
+            "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }
 

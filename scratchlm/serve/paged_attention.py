@@ -161,18 +161,20 @@ class _DecodeGroup:
     """Decodes attended together: their rows in the step, block tables padded to the longest."""
 
     def __init__(self, items: list[tuple[int, list[int], int]], bs: int, null: int, device):
-        lengths = torch.tensor([length for _, _, length in items])  # built on the CPU, then moved
-        width = -(-int(lengths.max()) // bs)  # blocks of the longest sequence
+        lengths = [length for _, _, length in items]
+        width = -(-max(lengths) // bs)  # blocks of the longest sequence
+        # Small lists go to the device in one copy each; the (Bd, keys) masks are made there.
         self.rows = torch.tensor([r for r, _, _ in items], dtype=torch.long).to(device)
         self.blocks = torch.tensor([t[:width] + [null] * (width - len(t[:width])) for _, t, _ in items]
                                    ).to(device)  # (Bd, width), padded with the pool's zero block
-        key_pos = torch.arange(width * bs)
-        self.padded = bool((lengths != width * bs).any())
-        self.valid = (key_pos[None, :] < lengths[:, None]).to(device)  # (Bd, width * bs): False past the end
-        self.distance = (lengths[:, None] - 1 - key_pos[None, :]).clamp_min(0).to(device)  # for ALiBi
+        self.padded = any(n != width * bs for n in lengths)
+        self.lengths = torch.tensor(lengths).to(device)
+        self.key_pos = torch.arange(width * bs, device=device)
+        self.valid = self.key_pos[None, :] < self.lengths[:, None]  # (Bd, width * bs): False past the end
 
     def alibi_bias(self, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(Bd, H, 1, keys): each head's distance penalty, -inf past each sequence's end."""
-        slopes = slopes.to(device=self.distance.device, dtype=dtype)
-        bias = -slopes[None, :, None, None] * self.distance[:, None, None, :].to(dtype)
+        distance = (self.lengths[:, None] - 1 - self.key_pos[None, :]).clamp_min(0)
+        slopes = slopes.to(device=distance.device, dtype=dtype)
+        bias = -slopes[None, :, None, None] * distance[:, None, None, :].to(dtype)
         return bias.masked_fill(~self.valid[:, None, None, :], float("-inf"))

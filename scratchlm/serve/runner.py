@@ -48,7 +48,7 @@ class ModelRunner:
         return sampled, tokens, logprobs, errors
 
     def scrub(self, block_ids: list[int]) -> None:
-        """Zero blocks whose keys or values may be non-finite, so no later reader sees a NaN."""
+        """Zero these blocks' keys and values (newly allocated: see BlockManager.take_fresh)."""
         if block_ids:
             index = torch.tensor(block_ids, device=self.device)
             self.pool.k.index_fill_(2, index, 0)

@@ -8,8 +8,9 @@ one); only rows with a repetition penalty, which depends on each row's own token
 A seeded sequence draws from its own ``torch.Generator``, so it gives the same tokens alone or
 batched with any others; unseeded rows of a group share one ``multinomial`` call.
 
-A row whose logits are not finite (NaN from an overflow) does not take the batch down: its
-sequence gets an error and every other row is sampled as usual.
+A row whose logits are NaN or +inf (an overflow), or whose processed probabilities are not a
+distribution, does not take the batch down: its sequence gets an error and every other row is
+sampled as usual.
 
 Log-probabilities are those of the model's distribution (``log_softmax`` of the raw logits, before
 temperature and truncation), as the OpenAI API reports them.
@@ -33,13 +34,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int | None]
     M = len(seqs)
     tokens: list[int | None] = [None] * M
     errors: list[str | None] = [None] * M
-    broken = torch.isnan(logits).any(dim=-1).tolist()
+    broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
     groups: dict[object, list[int]] = {}  # "greedy" | ("alone", row) | the processors' settings -> rows
     configs = {}
     for i, seq in enumerate(seqs):
         p = seq.params
         if broken[i]:
-            errors[i] = "the model produced NaN logits for this request (an overflow: try float32 weights)"
+            errors[i] = "the model produced NaN or infinite logits for this request (an overflow: try float32 weights)"
         elif p.repetition_penalty != 1.0:
             groups.setdefault(("alone", i), []).append(i)
         elif p.greedy:
@@ -62,17 +63,21 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int | None]
                 tokens[i] = int(choose(logits[i : i + 1], seq.params.processors(), previous, _generator(seq, logits))[0, 0])
                 continue
             probs = torch.softmax(process_logits(logits[index], configs[key]), dim=-1)
-            free = [j for j, i in enumerate(rows) if seqs[i].generator is None]
+            ok = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
+            for j, i in enumerate(rows):
+                if not ok[j]:
+                    errors[i] = "sampling failed: the processed probabilities are not a distribution"
+            free = [j for j, i in enumerate(rows) if seqs[i].generator is None and ok[j]]
             if free:
                 picked = torch.multinomial(probs[torch.tensor(free, device=logits.device)], 1)[:, 0].tolist()
                 for j, t in zip(free, picked):
                     tokens[rows[j]] = t
             for j, i in enumerate(rows):
-                if seqs[i].generator is not None:
+                if seqs[i].generator is not None and ok[j]:
                     tokens[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=_generator(seqs[i], logits))[0, 0])
         except RuntimeError as e:  # e.g. an inf logit made the probabilities NaN
             for i in rows:
-                if tokens[i] is None:
+                if tokens[i] is None and errors[i] is None:
                     errors[i] = f"sampling failed: {e}"
     records: list[dict | None] = [None] * M
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] is not None]

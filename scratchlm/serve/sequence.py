@@ -65,6 +65,7 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chain hashes of the full, computed blocks (prefix caching)
+        self.digests: list[bytes] = []  # memo: chain hash of each full block of its tokens, once computed
         self.num_computed = 0  # tokens whose keys and values are in the cache
         self.num_cached = 0  # of the prompt, found in the prefix cache at admission (reported)
         self.num_preemptions = 0
