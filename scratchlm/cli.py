@@ -242,12 +242,21 @@ def cmd_model_import(args) -> None:
 
 
 def cmd_model_export(args) -> None:
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
     from scratchlm.models.hf import export_hf
-    from scratchlm.models.checkpoint import load_model_from_checkpoint
 
-    model, _ = load_model_from_checkpoint(args.checkpoint)
-    out = export_hf(model, args.out, args.arch)
-    _emit(args, {"out": str(out)}, f"exported {args.checkpoint} -> {out} (config.json + model.safetensors)")
+    model, state = load_model_from_checkpoint(args.checkpoint)
+    if args.tokenizer:
+        tokenizer = _load_tokenizer(args.tokenizer)
+    else:
+        try:
+            tokenizer = load_checkpoint_tokenizer(args.checkpoint, state)
+        except (ValueError, FileNotFoundError):  # an imported model: its tokenizer is not ours to write
+            tokenizer = None
+    out = export_hf(model, args.out, args.arch, tokenizer=tokenizer)
+    wrote = "config.json + model.safetensors" + (" + tokenizer.json + tokenizer_config.json" if tokenizer else
+                                                 " (no tokenizer: pass --tokenizer to include one)")
+    _emit(args, {"out": str(out), "tokenizer": tokenizer is not None}, f"exported {args.checkpoint} -> {out} ({wrote})")
 
 
 def cmd_train(args) -> None:
@@ -347,18 +356,13 @@ def interpret_escapes(text: str) -> str:
 
 
 def _checkpoint_tokenizer(checkpoint: str, state: dict):
-    """The tokenizer a checkpoint was trained with: the shards folder's copy, checked by fingerprint."""
-    from scratchlm.tokenizers import load_tokenizer
+    """The checkpoint's tokenizer (its own, or the training data's), checked by fingerprint."""
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer
 
-    if not state.get("train"):
-        raise ValueError(f"{checkpoint} was imported, not trained here: pass --tokenizer (a JSON file, or gpt2)")
-    path = Path(state["train"]["data"]) / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"the tokenizer of {checkpoint} was {path}, which no longer exists; pass --tokenizer")
-    tokenizer = load_tokenizer(path)
-    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise ValueError(f"{path} is not the tokenizer {checkpoint} was trained with (fingerprints differ); pass --tokenizer")
-    return tokenizer
+    try:
+        return load_checkpoint_tokenizer(checkpoint, state)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{e} (--tokenizer)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--arch", choices=["gpt2", "llama"], help="default: llama for RoPE models, else gpt2")
+    q.add_argument("--tokenizer", help="tokenizer to write in Hugging Face form (default: the checkpoint's)")
     json_flag(q)
     q.set_defaults(func=cmd_model_export)
 

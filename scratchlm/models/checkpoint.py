@@ -130,3 +130,33 @@ def _load_model(folder: Path, device):
     model = GPT(config)
     load_weights(folder, model)
     return model.to(device).eval(), state
+
+
+def load_checkpoint_tokenizer(checkpoint: str | Path, state: dict, name: str | Path | None = None):
+    """The tokenizer for a checkpoint: ``name`` (a JSON path or ``gpt2``) if given, else the
+    checkpoint's own (``tokenizer.json`` in its folder: a chat model's), else the one it was trained
+    with (the shards folder's copy); checked by fingerprint."""
+    from scratchlm.tokenizers import gpt2_tokenizer, load_tokenizer
+
+    if name is not None:
+        if str(name) == "gpt2":
+            return gpt2_tokenizer()
+        if not Path(name).exists():
+            raise FileNotFoundError(f"tokenizer file {str(name)!r} does not exist (a tokenizer JSON file, or 'gpt2')")
+        return load_tokenizer(Path(name))
+    own = Path(checkpoint) / "tokenizer.json"
+    if own.exists():
+        tokenizer = load_tokenizer(own)
+        if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+            raise FormatError(f"{own} is not the tokenizer recorded in {checkpoint}'s state.json (fingerprints differ)")
+        return tokenizer
+    if not state.get("train"):
+        raise ValueError(f"{checkpoint} was imported, not trained here: pass a tokenizer (a JSON file, or gpt2)")
+    path = Path(state["train"]["data"]) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"the tokenizer of {checkpoint} was {path}, which no longer exists; pass a tokenizer")
+    tokenizer = load_tokenizer(path)
+    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+        raise ValueError(f"{path} is not the tokenizer {checkpoint} was trained with (fingerprints differ); "
+                         "pass a tokenizer")
+    return tokenizer

@@ -199,6 +199,35 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Add rows to the embedding (and output) matrix for new token ids, e.g. chat special tokens.
+
+        Existing rows keep their values, so every id the model learned keeps its meaning. A new row
+        starts as the *mean* of the existing ones (as ``transformers``' ``resize_token_embeddings``
+        does): a random row can have a large dot product with the final hidden state and make the
+        untrained token likely; the mean row scores like an average token, and as an input it is a
+        neutral point in embedding space.
+        """
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"can only grow the vocabulary: it has {old} ids, asked for {vocab_size}")
+        if vocab_size == old:
+            return
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            new = weight.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
+            return nn.Parameter(torch.cat([weight, new.to(weight.dtype)]), requires_grad=weight.requires_grad)
+
+        self.tok_emb.weight = grown(self.tok_emb.weight)
+        self.tok_emb.num_embeddings = vocab_size
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            self.lm_head.weight = grown(self.lm_head.weight)
+        self.lm_head.out_features = vocab_size
+        self.config = GPTConfig.from_dict({**self.config.to_dict(), "vocab_size": vocab_size})
+
     # --- accounting ---------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by part (a tied lm_head is counted once, under embeddings)."""

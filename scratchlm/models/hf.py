@@ -117,8 +117,10 @@ def _llama_from_hf(t: dict, c: GPTConfig) -> dict:
     return out
 
 
-def export_hf(model: GPT, folder: str | Path, architecture: str | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads as GPT-2 or Llama."""
+def export_hf(model: GPT, folder: str | Path, architecture: str | None = None, tokenizer=None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads as GPT-2 or Llama;
+    with ``tokenizer``, also the tokenizer in Hugging Face form (with the chat template of a chat
+    tokenizer) and a ``generation_config.json`` whose end of sequence is the end of a turn."""
     c = model.config
     architecture = architecture or ("llama" if c.position == "rope" else "gpt2")
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -171,6 +173,18 @@ def export_hf(model: GPT, folder: str | Path, architecture: str | None = None) -
         from safetensors.torch import save
 
         f.write(save(tensors, metadata={"format": "pt"}))
+    if tokenizer is not None:
+        from scratchlm.tokenizers.chat import IM_END
+        from scratchlm.tokenizers.hf import save_hf_tokenizer
+
+        if tokenizer.vocab_size > c.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model {c.vocab_size}: not its tokenizer")
+        save_hf_tokenizer(tokenizer, folder, model_max_length=c.block_size)
+        specials = tokenizer.special_tokens
+        eos = specials.get(IM_END, tokenizer.eot_token)
+        hf.update({"eos_token_id": eos, "bos_token_id": None, "pad_token_id": tokenizer.eot_token})
+        with atomic_write(folder / "generation_config.json", "w") as f:
+            json.dump({"eos_token_id": eos, "pad_token_id": tokenizer.eot_token, "bos_token_id": None}, f, indent=1)
     with atomic_write(folder / "config.json", "w") as f:
         json.dump({**hf, "torch_dtype": "float32"}, f, indent=1)
     return folder

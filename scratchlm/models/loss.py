@@ -10,6 +10,21 @@ from __future__ import annotations
 import torch
 
 
+def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the positions where ``mask`` is 1 (fine-tuning: the assistant's
+    tokens only); returns (loss, number of positions counted).
+
+    A batch in which every position is masked (a conversation whose assistant turn was cut off by
+    the context) gives loss 0 with no gradient, never the NaN of a mean over nothing.
+    """
+    V = logits.shape[-1]
+    weights = mask.reshape(-1).to(torch.float32)
+    losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1).clamp_min(0),
+                                               reduction="none")  # masked targets may be -1 (padding)
+    count = weights.sum()
+    return (losses * weights).sum() / count.clamp_min(1), count
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
     """``-log p(target)`` at every position, (B, T) float32, from (B, T, V) logits.
 

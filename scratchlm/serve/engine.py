@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from scratchlm.generate.generate import TextStream
+from scratchlm.models.checkpoint import load_checkpoint_tokenizer
 from scratchlm.serve.block_manager import BlockManager
 from scratchlm.serve.params import SamplingParams
 from scratchlm.serve.runner import ModelRunner
@@ -294,26 +295,3 @@ class LLM:
                 if request_id not in results:
                     engine.abort(request_id)
         return [results[i] for i in ids]
-
-
-def load_checkpoint_tokenizer(checkpoint: str | Path, state: dict, name: str | Path | None = None):
-    """The tokenizer for a checkpoint: ``name`` (a JSON path or ``gpt2``) if given, else the one it
-    was trained with (the shards folder's copy, checked by fingerprint)."""
-    from scratchlm.tokenizers import gpt2_tokenizer, load_tokenizer
-
-    if name is not None:
-        if str(name) == "gpt2":
-            return gpt2_tokenizer()
-        if not Path(name).exists():
-            raise FileNotFoundError(f"tokenizer file {str(name)!r} does not exist (a tokenizer JSON file, or 'gpt2')")
-        return load_tokenizer(Path(name))
-    if not state.get("train"):
-        raise ValueError(f"{checkpoint} was imported, not trained here: pass a tokenizer (a JSON file, or gpt2)")
-    path = Path(state["train"]["data"]) / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"the tokenizer of {checkpoint} was {path}, which no longer exists; pass a tokenizer")
-    tokenizer = load_tokenizer(path)
-    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise ValueError(f"{path} is not the tokenizer {checkpoint} was trained with (fingerprints differ); "
-                         "pass a tokenizer")
-    return tokenizer

@@ -101,13 +101,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict) -> None:
+def _publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
+                    tokenizer=None) -> None:
     """Write the checkpoint into a hidden temporary sibling, then rename it to ``target`` (which must
     not exist): a folder under its real name is always complete."""
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_folder(tmp, weights, optimizer_state, state)
+        _write_folder(tmp, weights, optimizer_state, state, tokenizer)
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -115,14 +116,21 @@ def _publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_st
         raise
 
 
-def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict) -> None:
-    """Fill a new folder with the three files, each fsynced, then the folder itself."""
+def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
+                  tokenizer=None) -> None:
+    """Fill a new folder with the three files (and the tokenizer, when it is not the training
+    data's: a chat model's, say), each fsynced, then the folder itself."""
     folder.mkdir(parents=True)
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tensors, meta = _split_optimizer_states(optimizer_state)
     save_file(tensors, str(folder / "optimizer.safetensors"))
+    names = list(TENSOR_FILES)
+    if tokenizer is not None:
+        tokenizer.save(folder / "tokenizer.json")
+        names.append("tokenizer.json")
+        state = {**state, "tokenizer_fingerprint": tokenizer.fingerprint}
     files = {}
-    for name in TENSOR_FILES:
+    for name in names:
         with open(folder / name, "rb") as handle:
             os.fsync(handle.fileno())
         # Hashing reads the file back once: ~1-2 s for GPT-2 small's 0.5 GB of weights, a small price
@@ -133,7 +141,8 @@ def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_stat
     _fsync_dir(folder)
 
 
-def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict) -> Path:
+def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
+                    tokenizer=None) -> Path:
     """Write a stand-alone checkpoint folder (an imported model, say) that must not exist yet.
 
     It is written under a temporary name and renamed when complete, so ``path`` either does not
@@ -143,7 +152,7 @@ def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimize
     if path.exists() or path.is_symlink():
         raise FileExistsError(f"{path} already exists; remove it or choose another output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _publish_folder(path, weights, optimizer_state, state)
+    _publish_folder(path, weights, optimizer_state, state, tokenizer)
     return path
 
 
@@ -400,11 +409,12 @@ class CheckpointStore:
         return done
 
 
-def save_model_only(path: str | Path, model: torch.nn.Module, **info) -> Path:
-    """A checkpoint with weights and config but no optimizer (imported or exported models)."""
+def save_model_only(path: str | Path, model: torch.nn.Module, tokenizer=None, **info) -> Path:
+    """A checkpoint with weights and config but no optimizer (imported or exported models); with
+    ``tokenizer``, it is saved inside the folder and is the checkpoint's tokenizer."""
     state = {"model": model.config.to_dict(), "step": 0, "tokenizer_fingerprint": None, "train": None,
              "vocab_size": model.config.vocab_size, **info}
-    return save_checkpoint(path, model_state(model), [], state)
+    return save_checkpoint(path, model_state(model), [], state, tokenizer)
 
 
 def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state: dict, sharded: bool = False) -> None:
