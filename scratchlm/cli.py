@@ -334,6 +334,16 @@ def cmd_generate(args) -> None:
                          f"fields in {summary['output']}")
 
 
+def cmd_tasks(args) -> None:
+    from scratchlm.posttrain.data import write_task_data
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    manifest = write_task_data(args.out, tasks, train=args.train, test=args.test, difficulty=args.difficulty,
+                               seed=args.seed)
+    files = ", ".join(f"{name} ({info['records']})" for name, info in manifest["files"].items())
+    _emit(args, {"out": args.out, **manifest}, f"wrote {args.out}: {files}")
+
+
 _ESCAPE = re.compile(r"""\\(?:[\\'"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]*\}"""
                      r"""|(?P<bad>[xuUN]))""")
 
@@ -542,6 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", help="cuda | mps | cpu")
     json_flag(q)
     q.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("tasks", help="synthetic tasks with exact answers: SFT, preference and RL data, held-out splits")
+    q.add_argument("--tasks", default="addition", help="comma-separated: addition, subtraction, count, reverse, sort, "
+                   "copy, lookup")
+    q.add_argument("--train", type=int, default=2000, help="training problems per task")
+    q.add_argument("--test", type=int, default=200, help="held-out problems per task")
+    q.add_argument("--difficulty", type=int, default=2, help="digits / string length / keys grow with it")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="folder to write")
+    json_flag(q)
+    q.set_defaults(func=cmd_tasks)
     return p
 
 

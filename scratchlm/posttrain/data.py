@@ -1,0 +1,173 @@
+"""Post-training data: the JSONL shapes people have, read into conversations, pairs and prompts.
+
+* **SFT** (:func:`load_sft`): one conversation per line, in any of the common shapes —
+  ``{"messages": [{"role", "content"}, ...]}`` (chat), ``{"instruction", "input", "output"}``
+  (Alpaca; ``input`` optional), ``{"prompt", "completion"}``.
+* **Preference pairs** (:func:`load_pairs`): ``{"prompt", "chosen", "rejected"}``, the prompt a
+  string or a list of messages, chosen and rejected the two candidate replies.
+* **Prompts with a verifier** (:func:`load_prompts`): ``{"prompt", "answer"}`` (and optionally
+  ``"task"``): RL rewards a completion that matches ``answer`` exactly.
+
+A bad record raises an error naming the file and line and what was expected; with
+``skip_invalid=True`` bad lines are skipped and counted instead (``Loaded.skipped``).
+
+:func:`write_task_data` writes a folder of synthetic-task data (:mod:`scratchlm.posttrain.tasks`)
+in these shapes, plus a plain-text corpus to pretrain a base model on, and a manifest with
+sha256 checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scratchlm.io import atomic_write, sha256_file, write_json
+from scratchlm.posttrain.tasks import TASKS, check, make_problems, wrong_answer
+from scratchlm.tokenizers.chat import check_messages
+
+TASK_DATA_FORMAT = "scratchlm.task-data"
+
+
+@dataclass
+class Pair:
+    prompt: list[dict]  # the conversation so far (ends with a user message)
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class PromptWithAnswer:
+    prompt: list[dict]
+    answer: str
+    task: str | None = None
+
+    def reward(self, completion: str) -> float:
+        """1 for an exact answer (surrounding whitespace ignored), else 0."""
+        return float(check(self.answer, completion))
+
+
+@dataclass
+class Loaded:
+    items: list
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few skipped lines' reasons
+
+
+def _messages(value, what: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    check_messages(value)
+    return value
+
+
+def _sft(record: dict) -> list[dict]:
+    if "messages" in record:
+        messages = _messages(record["messages"], "messages")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("the conversation has no assistant message: nothing to learn")
+        return messages
+    if "instruction" in record and "output" in record:
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record, "output")}]
+    if "prompt" in record and "completion" in record:
+        return _messages(record["prompt"], "prompt") + [{"role": "assistant", "content": _text(record, "completion")}]
+    raise ValueError('expected {"messages": [...]}, {"instruction", "input", "output"} (Alpaca) or '
+                     '{"prompt", "completion"}')
+
+
+def _pair(record: dict) -> Pair:
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        raise ValueError(f'expected {{"prompt", "chosen", "rejected"}}; missing {missing}')
+    return Pair(_messages(record["prompt"], "prompt"), _text(record, "chosen"), _text(record, "rejected"))
+
+
+def _prompt(record: dict) -> PromptWithAnswer:
+    if "prompt" not in record or "answer" not in record:
+        raise ValueError('expected {"prompt", "answer"} (a prompt and the exact answer a verifier accepts)')
+    return PromptWithAnswer(_messages(record["prompt"], "prompt"), _text(record, "answer"), record.get("task"))
+
+
+def _text(record: dict, key: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _load(path: str | Path, parse, skip_invalid: bool) -> Loaded:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a JSONL file, one record per line)")
+    loaded = Loaded([])
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                loaded.items.append(parse(record))
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                message = f"{path}, line {number}: {e}"
+                if not skip_invalid:
+                    raise ValueError(message + " (or pass --skip-invalid to skip bad lines)") from None
+                loaded.skipped += 1
+                if len(loaded.errors) < 5:
+                    loaded.errors.append(message)
+    if not loaded.items:
+        raise ValueError(f"{path}: no valid records" + (f" ({loaded.skipped} skipped)" if loaded.skipped else ""))
+    return loaded
+
+
+def load_sft(path: str | Path, skip_invalid: bool = False) -> Loaded:
+    return _load(path, _sft, skip_invalid)
+
+
+def load_pairs(path: str | Path, skip_invalid: bool = False) -> Loaded:
+    return _load(path, _pair, skip_invalid)
+
+
+def load_prompts(path: str | Path, skip_invalid: bool = False) -> Loaded:
+    return _load(path, _prompt, skip_invalid)
+
+
+def write_task_data(out: str | Path, tasks: list[str], *, train: int = 2000, test: int = 200, difficulty: int = 2,
+                    seed: int = 0) -> dict:
+    """Write ``{sft,pairs,prompts}-{train,test}.jsonl``, ``corpus-train.txt`` and ``manifest.json``.
+
+    ``train`` and ``test`` are problems *per task*. The corpus is the training problems written
+    out as plain text ("12+30=42"), one per line, for pretraining a base model that has seen the
+    tasks' symbols but never the chat format."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown}; tasks: {sorted(TASKS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    manifest = {"format": TASK_DATA_FORMAT, "version": 1, "tasks": tasks, "difficulty": difficulty, "seed": seed,
+                "files": {}}
+    for split, n in (("train", train), ("test", test)):
+        problems = [p for task in tasks for p in make_problems(task, n, split, difficulty, seed)]
+        rng.shuffle(problems)
+        rows = {
+            "sft": [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}],
+                     "task": p.task} for p in problems],
+            "pairs": [{"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng), "task": p.task}
+                      for p in problems],
+            "prompts": [{"prompt": p.prompt, "answer": p.answer, "task": p.task} for p in problems],
+        }
+        for kind, records in rows.items():
+            name = f"{kind}-{split}.jsonl"
+            with atomic_write(out / name, "w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            manifest["files"][name] = {"records": len(records), "sha256": sha256_file(out / name)}
+        if split == "train":
+            with atomic_write(out / "corpus-train.txt", "w") as f:
+                f.writelines(f"{p.prompt}{p.answer}\n" for p in problems)
+            manifest["files"]["corpus-train.txt"] = {"records": len(problems), "sha256": sha256_file(out / "corpus-train.txt")}
+    write_json(out / "manifest.json", manifest)
+    return manifest
