@@ -344,6 +344,23 @@ def cmd_tasks(args) -> None:
     _emit(args, {"out": args.out, **manifest}, f"wrote {args.out}: {files}")
 
 
+def cmd_lora_merge(args) -> None:
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+    from scratchlm.posttrain.lora import load_adapters, merge_lora
+    from scratchlm.train.checkpoint import save_model_only
+
+    model, state = load_model_from_checkpoint(args.checkpoint)
+    meta = load_adapters(model, args.adapters)
+    merge_lora(model)
+    try:
+        tokenizer = load_checkpoint_tokenizer(args.checkpoint, state)
+    except (ValueError, FileNotFoundError):
+        tokenizer = None
+    save_model_only(args.out, model, tokenizer=tokenizer, source=str(args.checkpoint), adapters=str(args.adapters))
+    _emit(args, {"out": args.out, "rank": int(meta["rank"]), "alpha": float(meta["alpha"])},
+          f"merged {args.adapters} (rank {meta['rank']}) into {args.checkpoint} -> {args.out}")
+
+
 _ESCAPE = re.compile(r"""\\(?:[\\'"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]*\}"""
                      r"""|(?P<bad>[xuUN]))""")
 
@@ -563,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder to write")
     json_flag(q)
     q.set_defaults(func=cmd_tasks)
+
+    lora = sub.add_parser("lora", help="LoRA adapters").add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    q = lora.add_parser("merge", help="fold adapters into the base weights: an ordinary checkpoint")
+    q.add_argument("--checkpoint", required=True, help="the base checkpoint the adapters were trained on")
+    q.add_argument("--adapters", required=True, help="adapters .safetensors")
+    q.add_argument("--out", required=True, help="checkpoint folder to write")
+    json_flag(q)
+    q.set_defaults(func=cmd_lora_merge)
     return p
 
 
