@@ -196,11 +196,13 @@ def under_load(model, rates, n, seed=2) -> list[dict]:
         pending = list(zip(arrivals, requests))
         done = []
         start = time.perf_counter()
+        index = 0
         while pending or engine.has_unfinished():
             now = time.perf_counter() - start
             while pending and pending[0][0] <= now:
                 arrival, (p, m) = pending.pop(0)
-                rid = engine.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
+                rid = engine.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True), str(index))
+                index += 1
                 engine.requests[rid].timing.arrival = start + arrival  # when the client sent it
             if not engine.has_unfinished():
                 time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))

@@ -270,6 +270,47 @@ def cmd_train(args) -> None:
                          f"{summary['out_dir']}/last\nloss plot: {summary['loss_plot']}")
 
 
+def cmd_sft(args) -> None:
+    from scratchlm.config import apply_overrides
+    from scratchlm.posttrain.sft import sft
+
+    sections = apply_overrides({"sft": {}, "train": {}}, args.set)
+    if set(sections) - {"sft", "train"}:
+        raise ValueError(f"--set takes sft.key=value or train.key=value, got sections {sorted(set(sections) - {'sft', 'train'})}")
+    sections["sft"].update({"base": args.checkpoint, "data": args.data, "skip_invalid": args.skip_invalid,
+                            **({"val_data": args.val_data} if args.val_data else {}),
+                            **({"lora_rank": args.lora_rank} if args.lora_rank is not None else {})})
+    sections["train"]["out_dir"] = args.out
+    summary = sft(sections["sft"], sections["train"], resume=args.resume, progress=not args.json,
+                  overwrite=args.overwrite)
+    if args.eval_prompts:
+        summary["exact_match"] = _exact_match_before_after(args.checkpoint, Path(args.out) / "best", args.eval_prompts)
+    text = (f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out loss "
+            f"{summary['best_val_loss']:.4f}, {summary['seconds']:.0f}s\ncheckpoints: {args.out}/best, {args.out}/last")
+    if args.eval_prompts:
+        em = summary["exact_match"]
+        text += (f"\nexact match on {em['after']['n']} held-out prompts: {em['before']['exact_match']:.1%} before, "
+                 f"{em['after']['exact_match']:.1%} after; replies ending with <|im_end|>: "
+                 f"{em['after']['ended_with_end_of_turn']:.1%}")
+    _emit(args, summary, text)
+
+
+def _exact_match_before_after(base: str, tuned: Path, prompts_path: str) -> dict:
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+    from scratchlm.posttrain.data import load_prompts
+    from scratchlm.posttrain.sft import exact_match
+    from scratchlm.tokenizers.chat import add_chat_tokens
+
+    prompts = load_prompts(prompts_path).items
+    out = {}
+    for name, path in (("before", base), ("after", tuned)):
+        model, state = load_model_from_checkpoint(path)
+        tokenizer = add_chat_tokens(load_checkpoint_tokenizer(path, state))
+        model.grow_vocab(tokenizer.vocab_size)  # the base: untrained rows for the chat tokens
+        out[name] = exact_match(model, tokenizer, prompts)
+    return out
+
+
 def cmd_eval(args) -> None:
     from scratchlm.eval import evaluate_checkpoint, format_report
 
@@ -569,6 +610,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", help="cuda | mps | cpu")
     json_flag(q)
     q.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA), masked to the replies")
+    q.add_argument("--checkpoint", required=True, help="the base (pretrained) checkpoint")
+    q.add_argument("--data", required=True, help="JSONL conversations: chat messages, Alpaca or prompt/completion")
+    q.add_argument("--val-data", help="held-out JSONL (default: 5%% of --data, set aside by hash)")
+    q.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, loss.png)")
+    q.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters instead of every weight")
+    q.add_argument("--eval-prompts", help="prompts JSONL with answers: exact match before and after")
+    q.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad lines instead of stopping")
+    q.add_argument("--set", action="append", default=[], help="sft.key=value or train.key=value (repeatable)")
+    mode = q.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out")
+    mode.add_argument("--overwrite", action="store_true", help="start over in --out (deletes its checkpoints)")
+    json_flag(q)
+    q.set_defaults(func=cmd_sft)
 
     q = sub.add_parser("tasks", help="synthetic tasks with exact answers: SFT, preference and RL data, held-out splits")
     q.add_argument("--tasks", default="addition", help="comma-separated: addition, subtraction, count, reverse, sort, "

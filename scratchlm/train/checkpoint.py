@@ -102,13 +102,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
-                    tokenizer=None) -> None:
+                    tokenizer=None, extra_files: dict[str, bytes] | None = None) -> None:
     """Write the checkpoint into a hidden temporary sibling, then rename it to ``target`` (which must
     not exist): a folder under its real name is always complete."""
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_folder(tmp, weights, optimizer_state, state, tokenizer)
+        _write_folder(tmp, weights, optimizer_state, state, tokenizer, extra_files)
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -117,7 +117,7 @@ def _publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_st
 
 
 def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
-                  tokenizer=None) -> None:
+                  tokenizer=None, extra_files: dict[str, bytes] | None = None) -> None:
     """Fill a new folder with the three files (and the tokenizer, when it is not the training
     data's: a chat model's, say), each fsynced, then the folder itself."""
     folder.mkdir(parents=True)
@@ -129,6 +129,11 @@ def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_stat
         tokenizer.save(folder / "tokenizer.json")
         names.append("tokenizer.json")
         state = {**state, "tokenizer_fingerprint": tokenizer.fingerprint}
+    for name, data in (extra_files or {}).items():  # e.g. LoRA adapters
+        if name in names or name == "state.json" or "/" in name:
+            raise ValueError(f"{name!r} cannot be an extra checkpoint file")
+        (folder / name).write_bytes(data)
+        names.append(name)
     files = {}
     for name in names:
         with open(folder / name, "rb") as handle:
@@ -240,11 +245,11 @@ class CheckpointStore:
         return self.out / name
 
     def save(self, names: list[str], weights: dict[str, torch.Tensor], optimizer_state: list[dict],
-             state: dict) -> Path:
+             state: dict, tokenizer=None, extra_files: dict[str, bytes] | None = None) -> Path:
         """Write one checkpoint and point each of ``names`` (``last``, ``best``) at it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self._free_name(f"step-{int(state['step']):08d}")
-        _publish_folder(target, weights, optimizer_state, state)
+        _publish_folder(target, weights, optimizer_state, state, tokenizer, extra_files)
         for name in names:
             self._point(name, target)
         _fsync_dir(self.out)

@@ -125,10 +125,6 @@ class Trainer:
         cfg.data = str(Path(cfg.data).resolve())  # checkpoints then find their data from any directory
         self.cfg, self.progress_bar = cfg, progress
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-        data = Path(cfg.data)
-        if not (data / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{data}: not a shards folder (no tokenizer.json); run `scratchlm data tokenize` first")
-        self.tokenizer = load_tokenizer(data / "tokenizer.json")
         self.rank, self.world_size, self.device = init_distributed(cfg.device)
         self.is_main = self.rank == 0
         # Small control messages (stop flags, RNG states) go over gloo on the CPU, so they never
@@ -138,24 +134,13 @@ class Trainer:
             import torch.distributed as dist
 
             self.control_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else dist.group.WORLD
-        # Rank 0 reads every shard once (complete, made by this tokenizer, no flipped bit) and tells the others.
-        # Each machine's first process reads every shard once (complete, made by this tokenizer, no
-        # flipped bit): machines do not share a disk, so each checks its own copy; all agree on the outcome.
-        local_first = int(os.environ.get("LOCAL_RANK", self.rank)) == 0
-        self._on_every_rank_then_agree(lambda: verify_shards(data, self.tokenizer) if local_first else None,
-                                       "the shards are unusable")
         self.out = Path(cfg.out_dir)
         if cfg.warmup_steps > cfg.max_steps and self.is_main:  # fine for a smoke run, a mistake otherwise
             self.log(f"warning: train.warmup_steps = {cfg.warmup_steps} is more than train.max_steps = "
                      f"{cfg.max_steps}: the learning rate never reaches train.lr = {cfg.lr:g}")
         self.store = CheckpointStore(self.out)
         self.lock = None
-        self.model_config = build_model_config(model_section, self.tokenizer.vocab_size)
-        # Shards are checked against the tokenizer (fingerprint) before any training happens.
-        self.train_loader = BatchLoader(data / "train.bin", self.model_config.block_size, cfg.batch_size,
-                                        tokenizer=self.tokenizer, seed=cfg.seed, device=self.device,
-                                        rank=self.rank, world_size=self.world_size)
-        self.val_ids = open_shard(data / "val.bin", self.tokenizer)
+        self._prepare_data(model_section)
 
         def claim() -> None:  # one run per out_dir at a time; then clean up what an interrupted save left
             self.lock = RunLock(self.out).acquire()
@@ -170,6 +155,46 @@ class Trainer:
             if self.lock:
                 self.lock.release()
             raise
+
+    # --- what a kind of training decides (pretraining here; post-training subclasses override) ---
+    def _prepare_data(self, model_section: dict) -> None:
+        """Set ``tokenizer``, ``model_config``, ``train_loader`` (``get_batch()`` and a ``generator``
+        whose state a checkpoint keeps) and the validation data."""
+        data = Path(self.cfg.data)
+        if not (data / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{data}: not a shards folder (no tokenizer.json); run `scratchlm data tokenize` first")
+        self.tokenizer = load_tokenizer(data / "tokenizer.json")
+        # Each machine's first process reads every shard once (complete, made by this tokenizer, no
+        # flipped bit): machines do not share a disk, so each checks its own copy; all agree on the outcome.
+        local_first = int(os.environ.get("LOCAL_RANK", self.rank)) == 0
+        self._on_every_rank_then_agree(lambda: verify_shards(data, self.tokenizer) if local_first else None,
+                                       "the shards are unusable")
+        self.model_config = build_model_config(model_section, self.tokenizer.vocab_size)
+        # Shards are checked against the tokenizer (fingerprint) before any training happens.
+        self.train_loader = BatchLoader(data / "train.bin", self.model_config.block_size, self.cfg.batch_size,
+                                        tokenizer=self.tokenizer, seed=self.cfg.seed, device=self.device,
+                                        rank=self.rank, world_size=self.world_size)
+        self.val_ids = open_shard(data / "val.bin", self.tokenizer)
+        self.val_windows = self._fixed_val_windows()
+
+    def _initial_model(self) -> GPT:
+        """The model before training (the caller has seeded the random generator)."""
+        return GPT(self.model_config)
+
+    def _load_resume_weights(self, folder: Path) -> None:
+        load_weights(folder, self.model)  # into the whole model, before it is sharded
+
+    def _loss(self, batch) -> torch.Tensor:
+        """One micro-batch's loss, through ``step_model`` (DDP, compiled)."""
+        x, y = batch
+        return self.step_model(x, y)[1]
+
+    def _checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        return model_state(self.model, self.sharded)
+
+    def _checkpoint_extras(self) -> dict:
+        """Extra files for a checkpoint folder (name -> bytes) and its own tokenizer, if any."""
+        return {"tokenizer": None, "files": {}}
 
     def _on_rank0_then_all(self, work, what: str) -> None:
         """Run ``work`` on rank 0 only; if it fails (whatever the exception, Ctrl-C included), every
@@ -226,7 +251,7 @@ class Trainer:
         """The model, optimizers and (when resuming) their state; the run lock is held."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = GPT(self.model_config).to(self.device)
+        self.model = self._initial_model().to(self.device)
         # From here on each rank draws its own dropout masks (identical masks on every rank would
         # make data parallelism see the same noise pattern N times).
         torch.manual_seed(cfg.seed + self.rank)
@@ -242,7 +267,7 @@ class Trainer:
             if not resume:
                 return None
             state = self._check_resumable()
-            load_weights(self.out / "last", self.model)  # into the whole model, before it is sharded
+            self._load_resume_weights(self.out / "last")
             return state
 
         # Every rank reads the files itself; if one cannot, all stop here, not in a later collective.
@@ -270,7 +295,6 @@ class Trainer:
                          else contextlib.nullcontext())
         self.flops_per_token = self.model.flops_per_token()["train"]
         self.peak = _peak_tflops(self.device, cfg.peak_tflops)
-        self.val_windows = self._fixed_val_windows()
         self._signalled = threading.Event()
 
     # --- several processes ----------------------------------------------------------------------
@@ -473,11 +497,13 @@ class Trainer:
 
     def _save(self, names: list[str]) -> None:
         """Every rank takes part (FSDP gathers shards; RNG states come from every rank); rank 0 writes."""
-        weights = model_state(self.model, self.sharded)
+        weights = self._checkpoint_weights()
         optimizer = optimizer_states(self.model, self.optimizers, self.sharded)
         rng_by_rank = self._gather(self._rng_state())
+        extras = self._checkpoint_extras()
         # Rank 0 writes; its outcome reaches every rank (a full disk stops them all, none waits).
-        self._on_rank0_then_all(lambda: self.store.save(names, weights, optimizer, self._state_dict(rng_by_rank)),
+        self._on_rank0_then_all(lambda: self.store.save(names, weights, optimizer, self._state_dict(rng_by_rank),
+                                                        tokenizer=extras["tokenizer"], extra_files=extras["files"]),
                                 "the checkpoint could not be saved")
 
     def _diagnose(self, step: int, lr: float, loss: float, grad_norm: float) -> NonFiniteLoss:
@@ -600,14 +626,14 @@ class Trainer:
                 lr = self._set_lr(step)
                 loss_sum = torch.zeros((), device=self.device)
                 for micro in range(cfg.grad_accum):
-                    x, y = self.train_loader.get_batch()
+                    batch = self.train_loader.get_batch()
                     # DDP/FSDP average gradients across processes on the last micro-batch only.
                     sync = self.world_size == 1 or micro == cfg.grad_accum - 1
                     if self.sharded:
                         self.model.set_requires_gradient_sync(sync)
                     no_sync = self.step_model.no_sync() if not (sync or self.sharded) else contextlib.nullcontext()
                     with self.autocast, no_sync:
-                        _, loss = self.step_model(x, y)
+                        loss = self._loss(batch)
                         (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach() / cfg.grad_accum
                 if self.world_size > 1:

@@ -1,0 +1,86 @@
+"""The measured post-training path (issue 8, section 8), on a CPU, from nothing:
+
+1. synthetic task data (``scratchlm tasks``): 2-digit additions, held-out test problems;
+2. a base model pretrained on the training problems as plain text ("12+30=42"): it knows
+   addition but has never seen the chat format;
+3. SFT (full, and LoRA) on the same problems as conversations;
+4. exact match on the held-out problems, asked in the chat format, before and after, and the
+   fraction of replies that end with <|im_end|>.
+
+    python benchmarks/posttrain.py [--quick]      # -> benchmarks/results/posttrain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import save
+
+
+def main() -> None:
+    import torch
+
+    from scratchlm.data import prepare_dataset
+    from scratchlm.data.shards import tokenize_dataset
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+    from scratchlm.posttrain.data import load_prompts, write_task_data
+    from scratchlm.posttrain.sft import exact_match, sft
+    from scratchlm.tokenizers import train_tokenizer
+    from scratchlm.tokenizers.chat import add_chat_tokens
+    from scratchlm.train import train
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="fewer steps: a smoke run")
+    p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    work = Path(args.out or tempfile.mkdtemp())
+    pretrain_steps, sft_steps = (300, 100) if args.quick else (3000, 600)
+    results: dict = {"task": "addition, 2 digits", "steps": {"pretrain": pretrain_steps, "sft": sft_steps}}
+
+    start = time.perf_counter()
+    write_task_data(work / "tasks", ["addition"], train=5000, test=200, difficulty=2)
+    ds, _ = prepare_dataset(str(work / "tasks" / "corpus-train.txt"), work / "corpus", documents="lines")
+    texts = [d.text for d in ds.documents("train")]
+    tok = train_tokenizer("char", texts + ["abcdefghijklmnopqrstuvwxyz\n "], special_tokens=["<|endoftext|>"])
+    tok.save(work / "char.json")
+    shards = tokenize_dataset(ds, work / "char.json")["path"]
+    results["seconds_data"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    base = train({"model": {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 64, "position": "rope",
+                            "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "dropout": 0.0},
+                  "train": {"data": shards, "out_dir": str(work / "base"), "batch_size": 32, "max_steps": pretrain_steps,
+                            "eval_interval": pretrain_steps // 4, "warmup_steps": 100, "lr": 3e-3, "min_lr": 3e-4,
+                            "sample_tokens": 0, "log_interval": 100}}, progress=False)
+    results["seconds_pretrain"] = time.perf_counter() - start
+    results["base_val_loss"] = base["best_val_loss"]
+
+    prompts = load_prompts(work / "tasks" / "prompts-test.jsonl").items
+    model, state = load_model_from_checkpoint(work / "base" / "best")
+    chat_tok = add_chat_tokens(load_checkpoint_tokenizer(work / "base" / "best", state))
+    model.grow_vocab(chat_tok.vocab_size)
+    results["before"] = exact_match(model, chat_tok, prompts, max_tokens=8)
+    print(f"base: exact match {results['before']['exact_match']:.1%} in the chat format")
+
+    for name, extra in (("full", {}), ("lora", {"lora_rank": 8})):
+        start = time.perf_counter()
+        summary = sft({"base": str(work / "base" / "best"), "data": str(work / "tasks" / "sft-train.jsonl"),
+                       "val_data": str(work / "tasks" / "sft-test.jsonl"), **extra},
+                      {"out_dir": str(work / f"sft-{name}"), "max_steps": sft_steps, "eval_interval": sft_steps // 4,
+                       "batch_size": 32}, progress=False)
+        seconds = time.perf_counter() - start
+        model, state = load_model_from_checkpoint(work / f"sft-{name}" / "best")
+        tuned_tok = load_checkpoint_tokenizer(work / f"sft-{name}" / "best", state)
+        after = exact_match(model, tuned_tok, prompts, max_tokens=8)
+        results[f"sft_{name}"] = {**after, "seconds": seconds, "best_val_loss": summary["best_val_loss"]}
+        print(f"SFT {name}: exact match {after['exact_match']:.1%}, replies ending with <|im_end|> "
+              f"{after['ended_with_end_of_turn']:.1%}, {seconds:.0f} s")
+    print(f"wrote {save('posttrain', results)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Supervised fine-tuning: a base model learns the chat format from example conversations.
+
+SFT is next-token training with two differences, everything else is the trainer's (checkpoints
+and exact resume, DDP, metrics JSONL, the loss plot, early stopping):
+
+1. **The data are conversations**, rendered with the chat template (:mod:`scratchlm.tokenizers.chat`)
+   one per row and right-padded to the longest in the batch. Causal attention never looks right,
+   so padding changes nothing for the real tokens.
+2. **The loss is masked**: only the assistant's tokens and the ``<|im_end|>`` closing each of its
+   turns are targets (``masked_token_loss``). The model is not taught to write the user's part.
+
+The base model gets the chat special tokens (new rows, see ``GPT.grow_vocab``) and is trained
+fully or through **LoRA** adapters (``lora_rank > 0``, :mod:`scratchlm.posttrain.lora`): then only
+the adapters train; checkpoints hold the *merged* weights (any reader — the engine, ``sample``,
+``export`` — sees an ordinary model) plus ``adapters.safetensors`` (small; resuming restores the
+base from the base checkpoint and the adapters from there).
+
+    scratchlm sft --checkpoint runs/base/best --data tasks/sft-train.jsonl --out runs/sft [--lora-rank 8]
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from scratchlm.config import ConfigError, Rule, validate
+from scratchlm.models.checkpoint import (load_checkpoint_tokenizer, load_model_from_checkpoint, load_tensors,
+                                         read_state)
+from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.loss import masked_token_loss
+from scratchlm.posttrain.data import load_sft
+from scratchlm.posttrain.lora import DEFAULT_TARGETS, apply_lora, lora_modules
+from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
+from scratchlm.train.config import TrainConfig
+from scratchlm.train.trainer import Trainer
+
+_RULES = {"lora_rank": Rule(min=0, why="0 = full fine-tuning"), "lora_alpha": Rule(above=0),
+          "lora_dropout": Rule(min=0, below=1), "val_fraction": Rule(min=0, below=1), "eval_max_tokens": Rule(min=1)}
+
+
+@dataclass
+class SFTConfig:
+    base: str = ""  # the pretrained checkpoint folder
+    data: str = ""  # SFT JSONL (chat, Alpaca or prompt/completion lines)
+    val_data: str | None = None  # held-out JSONL; default: val_fraction of data, set aside by hash
+    val_fraction: float = 0.05
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    skip_invalid: bool = False
+    eval_max_tokens: int = 32  # reply length at most, for the exact-match evaluation
+
+    def __post_init__(self):
+        validate(self, "sft", _RULES)
+        if not self.base or not self.data:
+            raise ConfigError("sft.base (a checkpoint) and sft.data (a JSONL file) are required")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SFTConfig:
+        from scratchlm.config import dataclass_from_dict
+
+        return dataclass_from_dict(cls, d, "sft")
+
+
+class ConversationBatches:
+    """Random batches of rendered conversations: ``(x, y, mask)`` of shape (B, T), right-padded.
+
+    ``x`` are the inputs, ``y`` the next tokens (``-1`` at padding), ``mask`` 1 where ``y`` is an
+    assistant token to learn. Sampling with replacement from a ``torch.Generator``, like the
+    pretraining loader, so a checkpoint's copy of the generator state makes resume exact; with
+    several processes each takes its own slice of one global draw."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int,
+                 device, rank: int = 0, world_size: int = 1):
+        if not rows:
+            raise ValueError("no conversations to train on")
+        self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def get_batch(self):
+        picks = torch.randint(len(self.rows), (self.batch_size * self.world_size,), generator=self.generator)
+        mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+        return collate([self.rows[i] for i in mine], self.pad_id, self.device)
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu"):
+    """Rendered (ids, mask) rows -> x, y, mask tensors, padded to the longest row."""
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    m = torch.zeros((len(rows), T))
+    for i, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        y[i, :n] = torch.tensor(ids[1:])
+        m[i, :n] = torch.tensor(mask[1:], dtype=torch.float32)  # the mask belongs to the predicted token
+    return x.to(device), y.to(device), m.to(device)
+
+
+def render_all(conversations: list[list[dict]], template: ChatTemplate, context: int) -> tuple[list, int]:
+    """Rendered (ids, mask) rows that fit the context (+1: the last token is only a target), and
+    how many were too long (dropped: a cut conversation would teach replies that stop mid-way)."""
+    rows, dropped = [], 0
+    for messages in conversations:
+        r = template.render(messages)
+        if len(r.ids) > context + 1:
+            dropped += 1
+            continue
+        rows.append((r.ids, r.mask))
+    return rows, dropped
+
+
+def _held_out(messages: list[dict], fraction: float) -> bool:
+    import hashlib
+
+    key = repr([(m["role"], m["content"]) for m in messages]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 10_000 < fraction * 10_000
+
+
+class SFTTrainer(Trainer):
+    def __init__(self, sft: SFTConfig, cfg: TrainConfig, **kwargs):
+        self.sft = sft
+        cfg.data = sft.data
+        super().__init__({}, cfg, **kwargs)
+
+    # --- the hooks of Trainer ---------------------------------------------------------------
+    def _prepare_data(self, model_section: dict) -> None:
+        sft, cfg = self.sft, self.cfg
+        state = read_state(sft.base)
+        self.tokenizer = add_chat_tokens(load_checkpoint_tokenizer(sft.base, state))
+        self.template = ChatTemplate(self.tokenizer)
+        self.model_config = GPTConfig.from_dict({**state["model"], "vocab_size": max(state["model"]["vocab_size"],
+                                                                                     self.tokenizer.vocab_size)})
+        loaded = load_sft(sft.data, sft.skip_invalid)
+        if loaded.skipped:
+            self.log(f"skipped {loaded.skipped} invalid line(s) of {sft.data}; first: {loaded.errors[0]}")
+        if sft.val_data:
+            train, val = loaded.items, load_sft(sft.val_data, sft.skip_invalid).items
+        else:
+            train = [c for c in loaded.items if not _held_out(c, sft.val_fraction)]
+            val = [c for c in loaded.items if _held_out(c, sft.val_fraction)]
+        context = self.model_config.block_size
+        rows, dropped = render_all(train, self.template, context)
+        if dropped:
+            self.log(f"dropped {dropped} of {len(train)} training conversations longer than the context ({context})")
+        self.val_conversations = val[: cfg.eval_windows]
+        self.val_rows, _ = render_all(self.val_conversations, self.template, context)
+        if not self.val_rows:
+            raise ValueError(f"no held-out conversation fits the context: give sft.val_data, or raise sft.val_fraction "
+                             f"(now {sft.val_fraction})")
+        self.train_loader = ConversationBatches(rows, cfg.batch_size, self.template.pad_id, cfg.seed, self.device,
+                                                self.rank, self.world_size)
+
+    def _initial_model(self) -> GPT:
+        sft = self.sft
+        model, _ = load_model_from_checkpoint(sft.base)
+        model.grow_vocab(self.tokenizer.vocab_size)
+        model.config = self.model_config
+        model.train()
+        if sft.lora_rank:
+            if self.cfg.optimizer != "adamw" or self.cfg.strategy == "fsdp" and self.world_size > 1:
+                raise ValueError("LoRA fine-tuning supports optimizer = 'adamw' and strategy = 'ddp'")
+            apply_lora(model, sft.lora_rank, sft.lora_alpha, sft.lora_targets, sft.lora_dropout)
+        return model
+
+    def _load_resume_weights(self, folder: Path) -> None:
+        if not self.sft.lora_rank:
+            return super()._load_resume_weights(folder)
+        adapters = load_tensors(folder, "adapters.safetensors")  # the base weights came from sft.base
+        modules = lora_modules(self.model)
+        with torch.no_grad():
+            for key, value in adapters.items():
+                name, _, which = key.rpartition(".")
+                getattr(modules[name], which).copy_(value)
+
+    def _loss(self, batch) -> torch.Tensor:
+        x, y, mask = batch
+        logits, _ = self.step_model(x)
+        loss, _ = masked_token_loss(logits, y, mask)
+        return loss
+
+    def _checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        weights = super()._checkpoint_weights()
+        if not self.sft.lora_rank:
+            return weights
+        merged = {}
+        modules = lora_modules(self.model)
+        for key, value in weights.items():
+            if ".lora_" in key:
+                continue
+            name = key.replace(".base.", ".")
+            owner = key.rsplit(".base.", 1)[0] if ".base." in key else None
+            if owner in modules and key.endswith(".base.weight"):
+                value = value + modules[owner].delta().detach().cpu().to(value.dtype)
+            merged[name] = value
+        return merged
+
+    def _checkpoint_extras(self) -> dict:
+        files = {}
+        if self.sft.lora_rank:
+            from safetensors.torch import save
+
+            tensors = {f"{name}.lora_{x}": getattr(m, f"lora_{x}").detach().cpu().contiguous()
+                       for name, m in lora_modules(self.model).items() for x in "AB"}
+            files["adapters.safetensors"] = save(tensors, metadata={"format": "scratchlm.lora", "rank": str(
+                self.sft.lora_rank), "alpha": str(self.sft.lora_alpha)})
+        return {"tokenizer": self.tokenizer, "files": files}
+
+    def _state_dict(self, rng_by_rank: list[dict]) -> dict:
+        return {**super()._state_dict(rng_by_rank), "sft": asdict(self.sft)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Masked loss on the held-out conversations (rank 0's value on every rank)."""
+        self.model.eval()
+        total, count = 0.0, 0.0
+        for start in range(0, len(self.val_rows), self.cfg.batch_size):
+            x, y, mask = collate(self.val_rows[start : start + self.cfg.batch_size], self.template.pad_id, self.device)
+            with self.autocast:
+                logits, _ = self.model(x)
+            loss, n = masked_token_loss(logits, y, mask)
+            total += loss.item() * n.item()
+            count += n.item()
+        self.model.train()
+        return self._shared([total / max(count, 1)], op="rank0")[0]
+
+    def sample(self) -> str:
+        """The model's greedy reply to the first held-out prompt (rank 0)."""
+        if not self.is_main or self.sharded:
+            return ""
+        messages = self.val_conversations[0]
+        prompt = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+        replies = generate_replies(self.model, self.tokenizer, [prompt], self.sft.eval_max_tokens)
+        return f"{prompt[-1]['content']!r} -> {replies[0]['text']!r}"
+
+
+def generate_replies(model, tokenizer, prompts: list[list[dict]], max_tokens: int = 32, **engine_options) -> list[dict]:
+    """Greedy assistant replies, batched through the inference engine: ``text`` and whether the
+    reply ended with ``<|im_end|>`` (``ended``) rather than running out of tokens."""
+    from scratchlm.serve import LLM, SamplingParams
+
+    template = ChatTemplate(tokenizer)
+    was_training = model.training
+    context = model.config.block_size
+    if not 0 < max_tokens < context:
+        raise ValueError(f"max_tokens must be in (0, {context}) for this model's context, got {max_tokens}")
+    ids = [template.prompt_ids(p)[-(context - max_tokens):] for p in prompts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=[template.end_id])
+    outs = LLM(model, tokenizer, weight_format="dense", **engine_options).generate(ids, params)
+    model.train(was_training)
+    return [{"text": o.text, "ended": o.finish_reason == "stop"} for o in outs]
+
+
+def exact_match(model, tokenizer, prompts, max_tokens: int = 32) -> dict:
+    """Fraction of :class:`~scratchlm.posttrain.data.PromptWithAnswer` answered exactly, and the
+    fraction of replies that end with the end-of-turn token."""
+    replies = generate_replies(model, tokenizer, [p.prompt for p in prompts], max_tokens)
+    correct = [p.reward(r["text"]) for p, r in zip(prompts, replies)]
+    return {"exact_match": sum(correct) / len(prompts), "ended_with_end_of_turn": sum(r["ended"] for r in replies) /
+            len(prompts), "n": len(prompts)}
+
+
+def sft(sft_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
+        overwrite: bool = False) -> dict:
+    """Fine-tune ``sft_config["base"]`` on ``sft_config["data"]``; returns the trainer's summary."""
+    scfg = SFTConfig.from_dict(sft_config)
+    cfg = TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": 3e-4 if not scfg.lora_rank else 2e-3, **train_config})
+    return SFTTrainer(scfg, cfg, resume=resume, progress=progress, overwrite=overwrite).train()
+
+
+# The [train] defaults for fine-tuning where they differ from pretraining's: a short warmup, decay
+# to 0, no weight decay (it would pull the pretrained weights towards 0), up to 64 held-out
+# conversations, and a sample reply at each evaluation (sample_tokens > 0 turns it on).
+SFT_TRAIN_DEFAULTS = {"warmup_steps": 20, "min_lr": 0.0, "weight_decay": 0.0, "eval_windows": 64, "sample_tokens": 1,
+                      "max_steps": 500, "eval_interval": 100, "batch_size": 16}

@@ -1,0 +1,91 @@
+"""Supervised fine-tuning (issue 8, section 3) on the trainer: masked loss, replies that stop,
+LoRA checkpoints that any reader loads, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scratchlm.models.checkpoint import load_model_from_checkpoint
+from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.posttrain.data import load_prompts, write_task_data
+from scratchlm.posttrain.sft import collate, exact_match, sft
+from scratchlm.tokenizers import CharTokenizer
+from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
+from scratchlm.train.checkpoint import save_model_only
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Task data (1-digit additions) and a randomly initialised base with a character tokenizer."""
+    root = tmp_path_factory.mktemp("sft")
+    write_task_data(root / "tasks", ["addition"], train=80, test=8, difficulty=1)
+    tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, block_size=48, position="rope",
+                         norm="rmsnorm", mlp="swiglu", bias=False, dropout=0.0))
+    save_model_only(root / "base", base, tokenizer=tok)
+    return root
+
+
+def run(setup, out, **train):
+    config = {"max_steps": 300, "eval_interval": 100, "batch_size": 16, "lr": 3e-3, "log_interval": 50, **train}
+    return config
+
+
+def test_collate_shifts_pads_and_masks_the_predicted_tokens():
+    tok = add_chat_tokens(CharTokenizer.train("ab12+=", ["<|endoftext|>"]))
+    t = ChatTemplate(tok)
+    rows = [(r.ids, r.mask) for r in (t.render([{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]),
+                                      t.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]))]
+    x, y, m = collate(rows, t.pad_id)
+    assert x.shape == y.shape == m.shape == (2, len(rows[0][0]) - 1)
+    assert torch.equal(y[0], torch.tensor(rows[0][0][1:])) and torch.equal(x[0], torch.tensor(rows[0][0][:-1]))
+    n = len(rows[1][0]) - 1
+    assert (x[1, n:] == t.pad_id).all() and (y[1, n:] == -1).all() and (m[1, n:] == 0).all()
+    learned = [int(tok_id) for tok_id, keep in zip(y[0], m[0]) if keep]
+    assert learned == tok.encode_ordinary("2") + [t.end_id]
+
+
+def test_sft_teaches_answers_that_end_with_end_of_turn(setup, tmp_path):
+    summary = sft({"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl"),
+                   "val_data": str(setup / "tasks" / "sft-test.jsonl")},
+                  run(setup, tmp_path, out_dir=str(tmp_path / "full")), progress=False)
+    assert summary["stop_reason"] == "max_steps"
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert val[-1] < 0.5 * val[0]
+    model, state = load_model_from_checkpoint(tmp_path / "full" / "best")
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer
+
+    tok = load_checkpoint_tokenizer(tmp_path / "full" / "best", state)
+    assert "<|im_end|>" in tok.special_tokens  # the checkpoint carries the chat tokenizer
+    prompts = load_prompts(setup / "tasks" / "prompts-train.jsonl").items[:40]
+    seen = exact_match(model, tok, prompts, max_tokens=6)
+    assert seen["ended_with_end_of_turn"] >= 0.95 and seen["exact_match"] >= 0.8, seen
+
+
+def test_lora_sft_checkpoints_are_plain_models_and_resume_exactly(setup, tmp_path):
+    data = {"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl"), "lora_rank": 4}
+    straight = tmp_path / "straight"
+    sft(data, run(setup, tmp_path, out_dir=str(straight), max_steps=20, eval_interval=10), progress=False)
+    split = tmp_path / "split"
+    sft(data, run(setup, tmp_path, out_dir=str(split), max_steps=10, eval_interval=10), progress=False)
+    sft(data, run(setup, tmp_path, out_dir=str(split), max_steps=20, eval_interval=10), resume=True, progress=False)
+
+    def losses(folder):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+
+    assert losses(split) == losses(straight)
+    assert (straight / "last" / "adapters.safetensors").stat().st_size < 0.2 * (
+        straight / "last" / "model.safetensors").stat().st_size
+    model, _ = load_model_from_checkpoint(straight / "last")  # merged weights: an ordinary GPT
+    assert not any("lora" in name for name in model.state_dict())
+    base, _ = load_model_from_checkpoint(setup / "base")
+    changed = [n for n, p in model.state_dict().items() if n in base.state_dict() and
+               p.shape == base.state_dict()[n].shape and not torch.equal(p, base.state_dict()[n])]
+    assert changed and all(n.endswith(("qkv.weight", "proj.weight", "up.weight", "gate.weight", "down.weight"))
+                           for n in changed)  # only the adapted matrices moved
