@@ -66,7 +66,7 @@ def main() -> None:
     results["before"] = exact_match(model, chat_tok, prompts, max_tokens=8)
     print(f"base: exact match {results['before']['exact_match']:.1%} in the chat format")
 
-    for name, extra in (("full", {}), ("lora", {"lora_rank": 8})):
+    for name, extra in (("full", {}), ("lora", {"lora_rank": 8}), ("no_end_of_turn", {"learn_end_of_turn": False})):
         start = time.perf_counter()
         summary = sft({"base": str(work / "base" / "best"), "data": str(work / "tasks" / "sft-train.jsonl"),
                        "val_data": str(work / "tasks" / "sft-test.jsonl"), **extra},

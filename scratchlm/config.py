@@ -72,6 +72,12 @@ def _types_of(annotation) -> tuple[tuple[type, ...], bool]:
 
 def _coerce(value, allowed: tuple[type, ...]):
     """The value as the field's type, or raise TypeError. An int is a fine float; a bool is not an int."""
+    for t in allowed:
+        if typing.get_origin(t) is list:  # list[str]: a list whose items all have that type
+            (item,) = typing.get_args(t)
+            if isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                return list(value)
+    allowed = tuple(t for t in allowed if typing.get_origin(t) is None)
     if isinstance(value, bool):
         if bool in allowed:
             return value
@@ -99,7 +105,7 @@ def validate(obj, section: str, rules: dict[str, Rule]) -> None:
         try:
             value = _coerce(value, allowed)
         except TypeError:
-            expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed) + (" (or absent)" if optional else "")
+            expected = " or ".join(_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in allowed) + (" (or absent)" if optional else "")
             found = type(value).__name__
             hint = " (TOML read it as a date: quote it)" if isinstance(value, (datetime.date, datetime.time)) else ""
             raise ConfigError(f"{key} = {value!r}: expected {expected}, found {found}{hint}") from None

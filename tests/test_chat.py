@@ -61,6 +61,8 @@ def test_bad_conversations_are_refused_with_the_reason(chat_gpt2):
             t.render(messages)
     with pytest.raises(ValueError, match="add_chat_tokens"):
         ChatTemplate(CharTokenizer.train("abc", ["<|endoftext|>"]))
+    with pytest.raises(ValueError, match="cannot spell the template's role names"):
+        ChatTemplate(add_chat_tokens(CharTokenizer.train("abc", ["<|endoftext|>"])))
 
 
 text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FF, exclude_characters="<|>"),

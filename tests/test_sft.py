@@ -30,13 +30,12 @@ def setup(tmp_path_factory):
     return root
 
 
-def run(setup, out, **train):
-    config = {"max_steps": 300, "eval_interval": 100, "batch_size": 16, "lr": 3e-3, "log_interval": 50, **train}
-    return config
+def run(**train):
+    return {"max_steps": 300, "eval_interval": 100, "batch_size": 16, "lr": 3e-3, "log_interval": 50, **train}
 
 
 def test_collate_shifts_pads_and_masks_the_predicted_tokens():
-    tok = add_chat_tokens(CharTokenizer.train("ab12+=", ["<|endoftext|>"]))
+    tok = add_chat_tokens(CharTokenizer.train("abcdefghijklmnopqrstuvwxyz12+=\n", ["<|endoftext|>"]))
     t = ChatTemplate(tok)
     rows = [(r.ids, r.mask) for r in (t.render([{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]),
                                       t.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]))]
@@ -52,7 +51,7 @@ def test_collate_shifts_pads_and_masks_the_predicted_tokens():
 def test_sft_teaches_answers_that_end_with_end_of_turn(setup, tmp_path):
     summary = sft({"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl"),
                    "val_data": str(setup / "tasks" / "sft-test.jsonl")},
-                  run(setup, tmp_path, out_dir=str(tmp_path / "full")), progress=False)
+                  run(out_dir=str(tmp_path / "full")), progress=False)
     assert summary["stop_reason"] == "max_steps"
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
@@ -67,13 +66,26 @@ def test_sft_teaches_answers_that_end_with_end_of_turn(setup, tmp_path):
     assert seen["ended_with_end_of_turn"] >= 0.95 and seen["exact_match"] >= 0.8, seen
 
 
+def test_without_end_of_turn_in_the_mask_replies_never_stop(setup, tmp_path):
+    """The classic SFT bug, reproduced: the same run with <|im_end|> left out of the loss mask
+    learns the answers but not to stop."""
+    sft({"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl"), "learn_end_of_turn": False,
+         "val_data": str(setup / "tasks" / "sft-test.jsonl")}, run(out_dir=str(tmp_path / "bug")), progress=False)
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer
+
+    model, state = load_model_from_checkpoint(tmp_path / "bug" / "best")
+    tok = load_checkpoint_tokenizer(tmp_path / "bug" / "best", state)
+    prompts = load_prompts(setup / "tasks" / "prompts-train.jsonl").items[:40]
+    assert exact_match(model, tok, prompts, max_tokens=6)["ended_with_end_of_turn"] <= 0.2
+
+
 def test_lora_sft_checkpoints_are_plain_models_and_resume_exactly(setup, tmp_path):
     data = {"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl"), "lora_rank": 4}
     straight = tmp_path / "straight"
-    sft(data, run(setup, tmp_path, out_dir=str(straight), max_steps=20, eval_interval=10), progress=False)
+    sft(data, run(out_dir=str(straight), max_steps=20, eval_interval=10), progress=False)
     split = tmp_path / "split"
-    sft(data, run(setup, tmp_path, out_dir=str(split), max_steps=10, eval_interval=10), progress=False)
-    sft(data, run(setup, tmp_path, out_dir=str(split), max_steps=20, eval_interval=10), resume=True, progress=False)
+    sft(data, run(out_dir=str(split), max_steps=10, eval_interval=10), progress=False)
+    sft(data, run(out_dir=str(split), max_steps=20, eval_interval=10), resume=True, progress=False)
 
     def losses(folder):
         return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
@@ -89,3 +101,22 @@ def test_lora_sft_checkpoints_are_plain_models_and_resume_exactly(setup, tmp_pat
                p.shape == base.state_dict()[n].shape and not torch.equal(p, base.state_dict()[n])]
     assert changed and all(n.endswith(("qkv.weight", "proj.weight", "up.weight", "gate.weight", "down.weight"))
                            for n in changed)  # only the adapted matrices moved
+
+
+def test_cli_sft_reports_exact_match_before_and_after(setup, tmp_path, capsys):
+    from scratchlm.cli import main
+
+    tasks = setup / "tasks"
+    assert main(["sft", "--checkpoint", str(setup / "base"), "--data", str(tasks / "sft-train.jsonl"),
+                 "--out", str(tmp_path / "run"), "--eval-prompts", str(tasks / "prompts-test.jsonl"),
+                 "--set", "train.max_steps=5", "--set", "train.eval_interval=5", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    em = summary["exact_match"]
+    assert em["before"]["n"] == em["after"]["n"] == 8 and summary["steps"] == 5
+    assert main(["sft", "--checkpoint", str(setup / "base"), "--data", str(tasks / "sft-train.jsonl"),
+                 "--out", str(tmp_path / "x"), "--set", "model.n_layer=3"]) == 2
+    assert "sft.key=value or train.key=value" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((tasks / "sft-train.jsonl").read_text() + "{broken\n")
+    assert main(["sft", "--checkpoint", str(setup / "base"), "--data", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "bad.jsonl, line 81" in capsys.readouterr().err

@@ -52,6 +52,7 @@ class SFTConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     skip_invalid: bool = False
     eval_max_tokens: int = 32  # reply length at most, for the exact-match evaluation
+    learn_end_of_turn: bool = True  # False: leave <|im_end|> out of the mask (the classic bug, for the docs' demo)
 
     def __post_init__(self):
         validate(self, "sft", _RULES)
@@ -132,7 +133,7 @@ class SFTTrainer(Trainer):
         sft, cfg = self.sft, self.cfg
         state = read_state(sft.base)
         self.tokenizer = add_chat_tokens(load_checkpoint_tokenizer(sft.base, state))
-        self.template = ChatTemplate(self.tokenizer)
+        self.template = ChatTemplate(self.tokenizer, learn_end_of_turn=sft.learn_end_of_turn)
         self.model_config = GPTConfig.from_dict({**state["model"], "vocab_size": max(state["model"]["vocab_size"],
                                                                                      self.tokenizer.vocab_size)})
         loaded = load_sft(sft.data, sft.skip_invalid)

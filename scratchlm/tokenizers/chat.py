@@ -64,7 +64,10 @@ class Rendered:
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, *, learn_end_of_turn: bool = True):
+        """``learn_end_of_turn=False`` leaves the assistant's <|im_end|> out of the mask: the classic
+        bug, kept only to show what it does (the model never learns to stop)."""
+        self.learn_end_of_turn = learn_end_of_turn
         missing = [t for t in (*CHAT_TOKENS, ENDOFTEXT) if t not in tokenizer.special_tokens]
         if missing:
             raise ValueError(f"the tokenizer has no {missing} special token(s); add them with add_chat_tokens() "
@@ -73,7 +76,13 @@ class ChatTemplate:
         self.start_id = tokenizer.special_tokens[IM_START]
         self.end_id = tokenizer.special_tokens[IM_END]  # end of turn: what generation stops on
         self.pad_id = tokenizer.special_tokens[ENDOFTEXT]  # padding, never a label
-        self._newline = tokenizer.encode_ordinary("\n")
+        try:
+            self._newline = tokenizer.encode_ordinary("\n")
+            for role in ROLES:
+                tokenizer.encode_ordinary(role + "\n")
+        except ValueError as e:  # a character vocabulary without these letters
+            raise ValueError(f"this tokenizer cannot spell the template's role names and newline ({e}); train it on "
+                             "text that contains them") from None
         self.jinja = JINJA_TEMPLATE
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> Rendered:
@@ -94,7 +103,7 @@ class ChatTemplate:
             put([self.start_id], False)
             put(self.tokenizer.encode_ordinary(m["role"] + "\n"), False)
             put(self.tokenizer.encode_ordinary(content), learn)
-            put([self.end_id], learn)  # the end of an assistant turn is learned: it is how the model stops
+            put([self.end_id], learn and self.learn_end_of_turn)  # learned: it is how the model stops
             put(self._newline, False)
         if add_generation_prompt:
             put([self.start_id], False)
