@@ -44,7 +44,7 @@ def main() -> None:
     start = time.perf_counter()
     write_task_data(work / "tasks", ["addition"], train=5000, test=200, difficulty=2)
     ds, _ = prepare_dataset(str(work / "tasks" / "corpus-train.txt"), work / "corpus", documents="lines")
-    texts = [d.text for d in ds.documents("train")]
+    texts = list(ds.documents("train"))
     tok = train_tokenizer("char", texts + ["abcdefghijklmnopqrstuvwxyz\n "], special_tokens=["<|endoftext|>"])
     tok.save(work / "char.json")
     shards = tokenize_dataset(ds, work / "char.json")["path"]

@@ -270,21 +270,48 @@ def cmd_train(args) -> None:
                          f"{summary['out_dir']}/last\nloss plot: {summary['loss_plot']}")
 
 
-def cmd_sft(args) -> None:
+def _posttrain_sections(args, method: str) -> tuple[dict, dict]:
+    """The method's section ([sft], [dpo], ...) and [train], from the flags and --set overrides."""
     from scratchlm.config import apply_overrides
+
+    sections = apply_overrides({method: {}, "train": {}}, args.set)
+    if set(sections) - {method, "train"}:
+        raise ValueError(f"--set takes {method}.key=value or train.key=value, got sections "
+                         f"{sorted(set(sections) - {method, 'train'})}")
+    sections[method].update({"base": args.checkpoint, "data": args.data, "skip_invalid": args.skip_invalid,
+                             **({"tokenizer": args.tokenizer} if args.tokenizer else {}),
+                             **({"val_data": args.val_data} if args.val_data else {}),
+                             **({"lora_rank": args.lora_rank} if args.lora_rank is not None else {})})
+    sections["train"]["out_dir"] = args.out
+    return sections[method], sections["train"]
+
+
+def cmd_dpo(args) -> None:
+    from scratchlm.posttrain.dpo import dpo
+
+    method, train = _posttrain_sections(args, "dpo")
+    if args.beta is not None:
+        method["beta"] = args.beta
+    summary = dpo(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
+    records = [json.loads(line) for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "val_rewards/accuracies" in r]
+    summary["eval"] = evals
+    text = f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out DPO loss {summary['best_val_loss']:.4f}"
+    if evals:
+        text += (f"\nheld-out preference accuracy: reference {evals[0]['val_reference_preference_accuracy']:.1%}, "
+                 f"after {evals[-1]['val_preference_accuracy']:.1%} (step {evals[-1]['step']}); rewards/accuracies "
+                 f"{evals[-1]['val_rewards/accuracies']:.1%}, margin {evals[-1]['val_rewards/margins']:.3f}")
+    _emit(args, summary, text + f"\ncheckpoints: {args.out}/best, {args.out}/last")
+
+
+def cmd_sft(args) -> None:
     from scratchlm.posttrain.sft import sft
 
-    sections = apply_overrides({"sft": {}, "train": {}}, args.set)
-    if set(sections) - {"sft", "train"}:
-        raise ValueError(f"--set takes sft.key=value or train.key=value, got sections {sorted(set(sections) - {'sft', 'train'})}")
-    sections["sft"].update({"base": args.checkpoint, "data": args.data, "skip_invalid": args.skip_invalid,
-                            **({"val_data": args.val_data} if args.val_data else {}),
-                            **({"lora_rank": args.lora_rank} if args.lora_rank is not None else {})})
-    sections["train"]["out_dir"] = args.out
-    summary = sft(sections["sft"], sections["train"], resume=args.resume, progress=not args.json,
-                  overwrite=args.overwrite)
+    method, train = _posttrain_sections(args, "sft")
+    summary = sft(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
     if args.eval_prompts:
-        summary["exact_match"] = _exact_match_before_after(args.checkpoint, Path(args.out) / "best", args.eval_prompts)
+        summary["exact_match"] = _exact_match_before_after(args.checkpoint, Path(args.out) / "best", args.eval_prompts,
+                                                           args.tokenizer)
     text = (f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out loss "
             f"{summary['best_val_loss']:.4f}, {summary['seconds']:.0f}s\ncheckpoints: {args.out}/best, {args.out}/last")
     if args.eval_prompts:
@@ -295,7 +322,7 @@ def cmd_sft(args) -> None:
     _emit(args, summary, text)
 
 
-def _exact_match_before_after(base: str, tuned: Path, prompts_path: str) -> dict:
+def _exact_match_before_after(base: str, tuned: Path, prompts_path: str, base_tokenizer: str | None = None) -> dict:
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
     from scratchlm.posttrain.data import load_prompts
     from scratchlm.posttrain.sft import exact_match
@@ -305,8 +332,11 @@ def _exact_match_before_after(base: str, tuned: Path, prompts_path: str) -> dict
     out = {}
     for name, path in (("before", base), ("after", tuned)):
         model, state = load_model_from_checkpoint(path)
-        tokenizer = add_chat_tokens(load_checkpoint_tokenizer(path, state))
-        model.grow_vocab(tokenizer.vocab_size)  # the base: untrained rows for the chat tokens
+        plain = load_checkpoint_tokenizer(path, state, base_tokenizer if name == "before" else None)
+        tokenizer = add_chat_tokens(plain)
+        # the base: fresh rows for the chat tokens (as the fine-tuning started from)
+        model.grow_vocab(max(model.config.vocab_size, tokenizer.vocab_size), known=min(plain.vocab_size,
+                                                                                      model.config.vocab_size))
         out[name] = exact_match(model, tokenizer, prompts)
     return out
 
@@ -390,13 +420,27 @@ def cmd_lora_merge(args) -> None:
     from scratchlm.posttrain.lora import load_adapters, merge_lora
     from scratchlm.train.checkpoint import save_model_only
 
+    from scratchlm.models.checkpoint import read_state
+    from scratchlm.tokenizers.chat import add_chat_tokens
+
     model, state = load_model_from_checkpoint(args.checkpoint)
-    meta = load_adapters(model, args.adapters)
+    meta = load_adapters(model, args.adapters)  # grows the vocabulary if the adapters brought new tokens
+    expected = meta["info"].get("base_sha256")
+    actual = (read_state(args.checkpoint).get("files") or {}).get("model.safetensors", {}).get("sha256")
+    if expected and actual != expected:
+        raise ValueError(f"{args.adapters} were trained on another base (its weights' sha256 differs from "
+                         f"{args.checkpoint}'s); merging them here would give a wrong model. Their base was "
+                         f"{meta['info'].get('base')}")
     merge_lora(model)
     try:
-        tokenizer = load_checkpoint_tokenizer(args.checkpoint, state)
+        tokenizer = load_checkpoint_tokenizer(args.checkpoint, state, args.tokenizer)
     except (ValueError, FileNotFoundError):
         tokenizer = None
+    if tokenizer is not None and int(meta.get("new_rows_from", 0)) < int(meta.get("vocab_size", 0)):
+        tokenizer = add_chat_tokens(tokenizer)  # the new rows are the chat tokens'
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the adapters' vocabulary ({model.config.vocab_size}) does not fit the chat tokenizer "
+                             f"({tokenizer.vocab_size} ids)")
     save_model_only(args.out, model, tokenizer=tokenizer, source=str(args.checkpoint), adapters=str(args.adapters))
     _emit(args, {"out": args.out, "rank": int(meta["rank"]), "alpha": float(meta["alpha"])},
           f"merged {args.adapters} (rank {meta['rank']}) into {args.checkpoint} -> {args.out}")
@@ -611,12 +655,29 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(q)
     q.set_defaults(func=cmd_generate)
 
+    q = sub.add_parser("dpo", help="Direct Preference Optimization on (prompt, chosen, rejected) pairs")
+    q.add_argument("--checkpoint", required=True, help="the starting policy, also the frozen reference (an SFT model)")
+    q.add_argument("--data", required=True, help='JSONL pairs: {"prompt", "chosen", "rejected"}')
+    q.add_argument("--val-data", help="held-out pairs (default: 5%% of --data, set aside by hash)")
+    q.add_argument("--out", required=True, help="run folder")
+    q.add_argument("--beta", type=float, help="strength of the pull towards the reference (default 0.1)")
+    q.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters instead of every weight")
+    q.add_argument("--tokenizer", help="the base's tokenizer (JSON or gpt2), for an imported base")
+    q.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad lines instead of stopping")
+    q.add_argument("--set", action="append", default=[], help="dpo.key=value or train.key=value (repeatable)")
+    mode = q.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true")
+    mode.add_argument("--overwrite", action="store_true")
+    json_flag(q)
+    q.set_defaults(func=cmd_dpo)
+
     q = sub.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA), masked to the replies")
     q.add_argument("--checkpoint", required=True, help="the base (pretrained) checkpoint")
     q.add_argument("--data", required=True, help="JSONL conversations: chat messages, Alpaca or prompt/completion")
     q.add_argument("--val-data", help="held-out JSONL (default: 5%% of --data, set aside by hash)")
     q.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, loss.png)")
     q.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters instead of every weight")
+    q.add_argument("--tokenizer", help="the base's tokenizer (JSON or gpt2), for an imported base")
     q.add_argument("--eval-prompts", help="prompts JSONL with answers: exact match before and after")
     q.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad lines instead of stopping")
     q.add_argument("--set", action="append", default=[], help="sft.key=value or train.key=value (repeatable)")
@@ -640,7 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora = sub.add_parser("lora", help="LoRA adapters").add_subparsers(dest="lora_command", required=True, metavar="ACTION")
     q = lora.add_parser("merge", help="fold adapters into the base weights: an ordinary checkpoint")
     q.add_argument("--checkpoint", required=True, help="the base checkpoint the adapters were trained on")
-    q.add_argument("--adapters", required=True, help="adapters .safetensors")
+    q.add_argument("--adapters", required=True, help="adapters .safetensors (saved by save_adapters, or a LoRA "
+                   "SFT run's checkpoint/adapters.safetensors)")
+    q.add_argument("--tokenizer", help="the base's tokenizer, if the checkpoint does not carry one")
     q.add_argument("--out", required=True, help="checkpoint folder to write")
     json_flag(q)
     q.set_defaults(func=cmd_lora_merge)

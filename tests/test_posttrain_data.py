@@ -93,3 +93,34 @@ def test_task_data_folder_via_the_cli(tmp_path, capsys):
     assert len(corpus) == 100 and all(line.split("=")[0] + "=" in {m[0]["content"] for m in sft}
                                       for line in corpus if "+" in line)
     assert write_task_data(tmp_path / "again", ["addition", "reverse"], train=50, test=10)["files"] == manifest["files"]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"instruction": "Sum", "input": ["1", "2"], "output": "3"}, "'input' must be a string"),
+    ({"instruction": None, "output": "3"}, "'instruction' must be a string"),
+    ({"instruction": "Sum", "input": 0, "output": "3"}, "'input' must be a string"),
+])
+def test_alpaca_fields_are_type_checked(tmp_path, record, message):
+    path = write_lines(tmp_path / "a.jsonl", [record])
+    with pytest.raises(ValueError, match=message):
+        load_sft(path)
+
+
+def test_a_conversation_the_template_refuses_names_its_line(tmp_path):
+    from scratchlm.posttrain.sft import render_all
+    from scratchlm.tokenizers import CharTokenizer
+    from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
+
+    path = write_lines(tmp_path / "s.jsonl", [{"prompt": "hi", "completion": "ok"},
+                                             {"prompt": "hi", "completion": "<|endoftext|> sneaky"}])
+    t = ChatTemplate(add_chat_tokens(CharTokenizer.train("abcdefghijklmnopqrstuvwxyz \n", ["<|endoftext|>"])))
+    with pytest.raises(ValueError, match=r"s.jsonl, line 2: .*special token"):
+        render_all(load_sft(path).items, t, 64)
+    rows, _ = render_all(load_sft(path).items, t, 64, skip_invalid=True)
+    assert len(rows) == 1
+
+
+def test_a_swapped_addition_lands_in_the_same_split():
+    for p in make_problems("addition", 300, "test", 2):
+        a, b = p.prompt[:-1].split("+")
+        assert split_of("addition", f"{b}+{a}=") == "test"

@@ -200,24 +200,33 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def grow_vocab(self, vocab_size: int) -> None:
-        """Add rows to the embedding (and output) matrix for new token ids, e.g. chat special tokens.
+    def grow_vocab(self, vocab_size: int, known: int | None = None) -> None:
+        """Rows for new token ids (chat special tokens, say): grow the embedding (and output) matrix
+        to ``vocab_size`` rows, and initialise rows ``known ... vocab_size-1`` afresh.
 
-        Existing rows keep their values, so every id the model learned keeps its meaning. A new row
-        starts as the *mean* of the existing ones (as ``transformers``' ``resize_token_embeddings``
-        does): a random row can have a large dot product with the final hidden state and make the
-        untrained token likely; the mean row scores like an average token, and as an input it is a
-        neutral point in embedding space.
+        ``known`` is how many ids carry meaning (default: the current row count; smaller when the
+        table was padded, as GPT-2's 50257 ids in 50304 rows: new ids then land in untrained padding
+        rows, which are re-initialised too). Rows below ``known`` keep their values, so every id the
+        model learned keeps its meaning. A new row starts at the *mean* of the known rows (as
+        ``transformers``' ``resize_token_embeddings`` does: a random row can have a large dot
+        product with the final hidden state and make an untrained token likely; the mean scores
+        like an average token), plus a little noise (1% of each dimension's spread, from a fixed
+        seed): identical rows would give two new tokens identical logits forever wherever the
+        rows themselves do not train (LoRA), and greedy decoding would always pick the lower id.
         """
         old = self.config.vocab_size
-        if vocab_size < old:
-            raise ValueError(f"can only grow the vocabulary: it has {old} ids, asked for {vocab_size}")
-        if vocab_size == old:
+        known = old if known is None else known
+        if vocab_size < old or not 0 < known <= old:
+            raise ValueError(f"can only grow the vocabulary: it has {old} rows ({known} known ids), asked for {vocab_size}")
+        if vocab_size == known:
             return
+        generator = torch.Generator().manual_seed(vocab_size * 7919 + known)
 
         def grown(weight: torch.Tensor) -> nn.Parameter:
-            new = weight.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
-            return nn.Parameter(torch.cat([weight, new.to(weight.dtype)]), requires_grad=weight.requires_grad)
+            base = weight[:known].float()
+            noise = torch.randn(vocab_size - known, weight.shape[1], generator=generator) * base.std(dim=0) * 0.01
+            new = (base.mean(dim=0, keepdim=True) + noise).to(weight.dtype).to(weight.device)
+            return nn.Parameter(torch.cat([weight[:known], new]), requires_grad=weight.requires_grad)
 
         self.tok_emb.weight = grown(self.tok_emb.weight)
         self.tok_emb.num_embeddings = vocab_size

@@ -17,12 +17,18 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
     A batch in which every position is masked (a conversation whose assistant turn was cut off by
     the context) gives loss 0 with no gradient, never the NaN of a mean over nothing.
     """
+    total, count = masked_token_loss_sum(logits, targets, mask)
+    return total / count.clamp_min(1), count
+
+
+def masked_token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the masked positions, and their number (to divide by a count
+    taken over a whole step: every micro-batch and every rank)."""
     V = logits.shape[-1]
     weights = mask.reshape(-1).to(torch.float32)
     losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1).clamp_min(0),
                                                reduction="none")  # masked targets may be -1 (padding)
-    count = weights.sum()
-    return (losses * weights).sum() / count.clamp_min(1), count
+    return (losses * weights).sum(), weights.sum()
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:

@@ -30,11 +30,18 @@ from scratchlm.tokenizers.chat import check_messages
 TASK_DATA_FORMAT = "scratchlm.task-data"
 
 
+class Conversation(list):
+    """A list of messages that remembers where it was read (``where``: "file, line N")."""
+
+    where = "a conversation"
+
+
 @dataclass
 class Pair:
     prompt: list[dict]  # the conversation so far (ends with a user message)
     chosen: str
     rejected: str
+    where: str = "a pair"
 
 
 @dataclass
@@ -42,6 +49,7 @@ class PromptWithAnswer:
     prompt: list[dict]
     answer: str
     task: str | None = None
+    where: str = "a prompt"
 
     def reward(self, completion: str) -> float:
         """1 for an exact answer (surrounding whitespace ignored), else 0."""
@@ -69,7 +77,8 @@ def _sft(record: dict) -> list[dict]:
             raise ValueError("the conversation has no assistant message: nothing to learn")
         return messages
     if "instruction" in record and "output" in record:
-        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        extra = _text(record, "input") if record.get("input") is not None else ""
+        user = _text(record, "instruction") + (f"\n\n{extra}" if extra else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record, "output")}]
     if "prompt" in record and "completion" in record:
         return _messages(record["prompt"], "prompt") + [{"role": "assistant", "content": _text(record, "completion")}]
@@ -110,8 +119,13 @@ def _load(path: str | Path, parse, skip_invalid: bool) -> Loaded:
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                loaded.items.append(parse(record))
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                item = parse(record)
+                where = f"{path}, line {number}"
+                if isinstance(item, list):
+                    item = Conversation(item)
+                item.where = where
+                loaded.items.append(item)
+            except (ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
                 message = f"{path}, line {number}: {e}"
                 if not skip_invalid:
                     raise ValueError(message + " (or pass --skip-invalid to skip bad lines)") from None

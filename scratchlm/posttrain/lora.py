@@ -11,6 +11,11 @@ For a 768 × 768 projection and ``r = 8`` that is 12,288 trainable numbers inste
 random (Kaiming-uniform, as PEFT does), so the gradient of ``B`` is not zero. ``α / r`` keeps the
 update's scale comparable across ranks (changing ``r`` does not require retuning the learning rate).
 
+New token ids (the chat special tokens) have no pretrained rows to adapt: with ``new_rows_from``
+their rows of the embedding (and output) matrix train too, and only those rows — a gradient hook
+zeroes the others' gradient (PEFT's ``trainable_token_indices``). Without it a frozen
+``<|im_end|>`` row could never come to outscore the others, and a model would never stop.
+
 After training, the update can be **merged**: ``W ← W + (α / r) B A`` makes an ordinary model with
 no extra cost at inference (``merge_lora``); ``unmerge`` subtracts it again. Adapters are saved
 alone, in safetensors (``save_adapters``): a few hundred kilobytes for a model of megabytes.
@@ -91,12 +96,20 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEFAULT_TARGETS,
-               dropout: float = 0.0) -> list[str]:
+               dropout: float = 0.0, new_rows_from: int | None = None) -> list[str]:
     """Freeze every parameter of ``model`` and wrap each ``nn.Linear`` whose own name is in
-    ``targets`` with :class:`LoRALinear`; return the wrapped modules' full names."""
+    ``targets`` with :class:`LoRALinear`; return the wrapped modules' full names. With
+    ``new_rows_from``, the embedding (and output) rows of ids from there on stay trainable."""
     targets = tuple(targets)
     for p in model.parameters():
         p.requires_grad_(False)
+    if new_rows_from is not None and new_rows_from < model.config.vocab_size:
+        keep = torch.zeros(model.config.vocab_size, 1, device=model.tok_emb.weight.device)
+        keep[new_rows_from:] = 1
+        for weight in {id(w): w for w in (model.tok_emb.weight, model.lm_head.weight)}.values():
+            weight.requires_grad_(True)
+            weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
+        model.lora_new_rows_from = new_rows_from
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -124,9 +137,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapters(model: nn.Module, path: str | Path, **info) -> Path:
-    """The adapters alone: ``lora_A`` and ``lora_B`` of every wrapped layer, in one safetensors file
-    whose metadata records rank, alpha and the layers (and ``info``, e.g. the base checkpoint)."""
+def adapter_bytes(model: nn.Module, **info) -> bytes:
+    """The adapters alone as safetensors bytes: ``lora_A`` and ``lora_B`` of every wrapped layer and
+    the trained rows of new token ids, with rank, alpha, layers and vocabulary in the metadata (and
+    ``info``, e.g. the base checkpoint)."""
     from safetensors.torch import save
 
     modules = lora_modules(model)
@@ -137,11 +151,22 @@ def save_adapters(model: nn.Module, path: str | Path, **info) -> Path:
     for name, m in modules.items():
         tensors[f"{name}.lora_A"] = m.lora_A.detach().cpu().contiguous()
         tensors[f"{name}.lora_B"] = m.lora_B.detach().cpu().contiguous()
+    start = getattr(model, "lora_new_rows_from", None)
+    vocab = model.config.vocab_size
+    if start is not None:
+        tensors["new_rows.tok_emb"] = model.tok_emb.weight[start:].detach().cpu().contiguous()
+        if not model.config.tie_embeddings:
+            tensors["new_rows.lm_head"] = model.lm_head.weight[start:].detach().cpu().contiguous()
     meta = {"format": ADAPTER_FORMAT, "version": "1", "rank": str(first.rank), "alpha": str(first.alpha),
-            "targets": json.dumps(sorted({n.rsplit(".", 1)[-1] for n in modules})), "info": json.dumps(info)}
+            "targets": json.dumps(sorted({n.rsplit(".", 1)[-1] for n in modules})), "vocab_size": str(vocab),
+            "new_rows_from": str(start if start is not None else vocab), "info": json.dumps(info)}
+    return save(tensors, metadata=meta)
+
+
+def save_adapters(model: nn.Module, path: str | Path, **info) -> Path:
     path = Path(path)
     with atomic_write(path) as f:
-        f.write(save(tensors, metadata=meta))
+        f.write(adapter_bytes(model, **info))
     return path
 
 
@@ -158,14 +183,25 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
         raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != ADAPTER_FORMAT:
         raise FormatError(f"{path}: not a scratchlm LoRA adapter file (format {meta.get('format')!r})")
-    wrapped = apply_lora(model, int(meta["rank"]), float(meta["alpha"]), json.loads(meta["targets"]))
+    vocab = int(meta.get("vocab_size", model.config.vocab_size))
+    start = int(meta.get("new_rows_from", vocab))
+    if vocab > model.config.vocab_size:  # the adapters were trained with new tokens (chat): grow first
+        model.grow_vocab(vocab, known=min(start, model.config.vocab_size))
+    if vocab != model.config.vocab_size:
+        raise FormatError(f"{path}: adapters for a vocabulary of {vocab} ids; this model has {model.config.vocab_size}")
+    wrapped = apply_lora(model, int(meta["rank"]), float(meta["alpha"]), json.loads(meta["targets"]),
+                         new_rows_from=start if start < vocab else None)
+    rows = {k: v for k, v in tensors.items() if k.startswith("new_rows.")}
+    lora = {k: v for k, v in tensors.items() if not k.startswith("new_rows.")}
     expected = {f"{n}.lora_{x}" for n in wrapped for x in "AB"}
-    if set(tensors) != expected:
-        raise FormatError(f"{path}: adapters for {sorted(set(tensors) - expected)[:3]} / missing "
-                          f"{sorted(expected - set(tensors))[:3]}: they were trained on another model shape")
+    if set(lora) != expected:
+        raise FormatError(f"{path}: adapters for {sorted(set(lora) - expected)[:3]} / missing "
+                          f"{sorted(expected - set(lora))[:3]}: they were trained on another model shape")
     modules = lora_modules(model)
     with torch.no_grad():
-        for key, value in tensors.items():
+        for key, value in lora.items():
             name, _, which = key.rpartition(".")
             getattr(modules[name], which).copy_(value)
+        for key, value in rows.items():
+            getattr(model, key.split(".", 1)[1]).weight[start:] = value
     return {**meta, "info": json.loads(meta.get("info", "{}"))}

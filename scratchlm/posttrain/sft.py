@@ -29,9 +29,9 @@ from scratchlm.config import ConfigError, Rule, validate
 from scratchlm.models.checkpoint import (load_checkpoint_tokenizer, load_model_from_checkpoint, load_tensors,
                                          read_state)
 from scratchlm.models.gpt import GPT, GPTConfig
-from scratchlm.models.loss import masked_token_loss
+from scratchlm.models.loss import masked_token_loss, masked_token_loss_sum
 from scratchlm.posttrain.data import load_sft
-from scratchlm.posttrain.lora import DEFAULT_TARGETS, apply_lora, lora_modules
+from scratchlm.posttrain.lora import DEFAULT_TARGETS, adapter_bytes, apply_lora, lora_modules
 from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.trainer import Trainer
@@ -42,7 +42,8 @@ _RULES = {"lora_rank": Rule(min=0, why="0 = full fine-tuning"), "lora_alpha": Ru
 
 @dataclass
 class SFTConfig:
-    base: str = ""  # the pretrained checkpoint folder
+    base: str = ""  # the pretrained checkpoint folder (resolved once: a moving `best` link cannot change it)
+    tokenizer: str | None = None  # the base's tokenizer (a JSON file or gpt2), for an imported base
     data: str = ""  # SFT JSONL (chat, Alpaca or prompt/completion lines)
     val_data: str | None = None  # held-out JSONL; default: val_fraction of data, set aside by hash
     val_fraction: float = 0.05
@@ -102,12 +103,23 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu"):
     return x.to(device), y.to(device), m.to(device)
 
 
-def render_all(conversations: list[list[dict]], template: ChatTemplate, context: int) -> tuple[list, int]:
+def render_all(conversations: list[list[dict]], template: ChatTemplate, context: int, skip_invalid: bool = False,
+               log=None) -> tuple[list, int]:
     """Rendered (ids, mask) rows that fit the context (+1: the last token is only a target), and
-    how many were too long (dropped: a cut conversation would teach replies that stop mid-way)."""
+    how many were too long (dropped: a cut conversation would teach replies that stop mid-way).
+    A conversation the template refuses (a special token in its text, a character the tokenizer
+    does not know) raises, naming its file and line, or is skipped with ``skip_invalid``."""
     rows, dropped = [], 0
     for messages in conversations:
-        r = template.render(messages)
+        try:
+            r = template.render(messages)
+        except ValueError as e:
+            where = getattr(messages, "where", "a conversation")
+            if not skip_invalid:
+                raise ValueError(f"{where}: {e} (or pass --skip-invalid to skip it)") from None
+            if log:
+                log(f"skipped {where}: {e}")
+            continue
         if len(r.ids) > context + 1:
             dropped += 1
             continue
@@ -118,24 +130,34 @@ def render_all(conversations: list[list[dict]], template: ChatTemplate, context:
 def _held_out(messages: list[dict], fraction: float) -> bool:
     import hashlib
 
-    key = repr([(m["role"], m["content"]) for m in messages]).encode()
+    key = repr([(m["role"], m["content"].strip()) for m in messages]).encode()  # as rendered
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 10_000 < fraction * 10_000
 
 
 class SFTTrainer(Trainer):
     def __init__(self, sft: SFTConfig, cfg: TrainConfig, **kwargs):
         self.sft = sft
+        sft.base = str(Path(sft.base).resolve())  # `runs/base/best` -> the step folder it names now
         cfg.data = sft.data
         super().__init__({}, cfg, **kwargs)
 
     # --- the hooks of Trainer ---------------------------------------------------------------
-    def _prepare_data(self, model_section: dict) -> None:
-        sft, cfg = self.sft, self.cfg
+    def _prepare_tokenizer(self) -> None:
+        """The base checkpoint's tokenizer with the chat tokens, the template, the grown model config."""
+        sft = self.sft
         state = read_state(sft.base)
-        self.tokenizer = add_chat_tokens(load_checkpoint_tokenizer(sft.base, state))
+        self.base_sha256 = (state.get("files") or {}).get("model.safetensors", {}).get("sha256")
+        base_tokenizer = load_checkpoint_tokenizer(sft.base, state, sft.tokenizer)
+        self.known_ids = base_tokenizer.vocab_size  # ids that meant something before the chat tokens
+        self.tokenizer = add_chat_tokens(base_tokenizer)
         self.template = ChatTemplate(self.tokenizer, learn_end_of_turn=sft.learn_end_of_turn)
         self.model_config = GPTConfig.from_dict({**state["model"], "vocab_size": max(state["model"]["vocab_size"],
                                                                                      self.tokenizer.vocab_size)})
+        self.eval_max_tokens = min(sft.eval_max_tokens, self.model_config.block_size // 2)
+
+    def _prepare_data(self, model_section: dict) -> None:
+        sft, cfg = self.sft, self.cfg
+        self._prepare_tokenizer()
         loaded = load_sft(sft.data, sft.skip_invalid)
         if loaded.skipped:
             self.log(f"skipped {loaded.skipped} invalid line(s) of {sft.data}; first: {loaded.errors[0]}")
@@ -145,11 +167,11 @@ class SFTTrainer(Trainer):
             train = [c for c in loaded.items if not _held_out(c, sft.val_fraction)]
             val = [c for c in loaded.items if _held_out(c, sft.val_fraction)]
         context = self.model_config.block_size
-        rows, dropped = render_all(train, self.template, context)
+        rows, dropped = render_all(train, self.template, context, sft.skip_invalid, self.log)
         if dropped:
             self.log(f"dropped {dropped} of {len(train)} training conversations longer than the context ({context})")
         self.val_conversations = val[: cfg.eval_windows]
-        self.val_rows, _ = render_all(self.val_conversations, self.template, context)
+        self.val_rows, _ = render_all(self.val_conversations, self.template, context, sft.skip_invalid, self.log)
         if not self.val_rows:
             raise ValueError(f"no held-out conversation fits the context: give sft.val_data, or raise sft.val_fraction "
                              f"(now {sft.val_fraction})")
@@ -159,30 +181,57 @@ class SFTTrainer(Trainer):
     def _initial_model(self) -> GPT:
         sft = self.sft
         model, _ = load_model_from_checkpoint(sft.base)
-        model.grow_vocab(self.tokenizer.vocab_size)
-        model.config = self.model_config
+        # New ids get fresh rows: appended, or re-initialised padding rows of a padded table.
+        model.grow_vocab(self.model_config.vocab_size, known=min(self.known_ids, model.config.vocab_size))
         model.train()
         if sft.lora_rank:
             if self.cfg.optimizer != "adamw" or self.cfg.strategy == "fsdp" and self.world_size > 1:
                 raise ValueError("LoRA fine-tuning supports optimizer = 'adamw' and strategy = 'ddp'")
-            apply_lora(model, sft.lora_rank, sft.lora_alpha, sft.lora_targets, sft.lora_dropout)
+            new_rows = self.known_ids if self.known_ids < self.tokenizer.vocab_size else None
+            if new_rows is not None and self.cfg.weight_decay:
+                raise ValueError("LoRA fine-tuning trains the new chat tokens' embedding rows, and weight decay would "
+                                 "shrink every other row too: set train.weight_decay = 0")
+            apply_lora(model, sft.lora_rank, sft.lora_alpha, sft.lora_targets, sft.lora_dropout, new_rows_from=new_rows)
         return model
+
+    def _check_resumable(self) -> dict:
+        state = super()._check_resumable()
+        recorded = (state.get("sft") or state.get("dpo") or {}).get("base_sha256")
+        if self.sft.lora_rank and recorded and recorded != self.base_sha256:
+            raise ValueError(f"the base checkpoint {self.sft.base} is not the one this run started from (its weights' "
+                             "sha256 differs): LoRA adapters only make sense on their own base")
+        return state
 
     def _load_resume_weights(self, folder: Path) -> None:
         if not self.sft.lora_rank:
             return super()._load_resume_weights(folder)
-        adapters = load_tensors(folder, "adapters.safetensors")  # the base weights came from sft.base
+        tensors = load_tensors(folder, "adapters.safetensors")  # the base weights came from sft.base
         modules = lora_modules(self.model)
+        start = getattr(self.model, "lora_new_rows_from", None)
         with torch.no_grad():
-            for key, value in adapters.items():
+            for key, value in tensors.items():
+                if key.startswith("new_rows."):
+                    getattr(self.model, key.split(".", 1)[1]).weight[start:] = value
+                    continue
                 name, _, which = key.rpartition(".")
                 getattr(modules[name], which).copy_(value)
+
+    def _begin_step(self, batches: list) -> None:
+        """Count the step's assistant tokens over every micro-batch and rank: each token then weighs
+        the same whatever batch or rank it fell in (a mean per micro-batch would weigh a token of a
+        one-token answer like ten tokens of a long one, and depend on grad_accum and world size)."""
+        total = sum(mask.sum() for _, _, mask in batches).float()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)
+        self._step_tokens = total.clamp_min(1)
 
     def _loss(self, batch) -> torch.Tensor:
         x, y, mask = batch
         logits, _ = self.step_model(x)
-        loss, _ = masked_token_loss(logits, y, mask)
-        return loss
+        total, _ = masked_token_loss_sum(logits, y, mask)
+        # The trainer divides by grad_accum and DDP averages over ranks: undo both, then take the
+        # mean over the step's tokens.
+        return total * (self.cfg.grad_accum * self.world_size) / self._step_tokens
 
     def _checkpoint_weights(self) -> dict[str, torch.Tensor]:
         weights = super()._checkpoint_weights()
@@ -203,16 +252,11 @@ class SFTTrainer(Trainer):
     def _checkpoint_extras(self) -> dict:
         files = {}
         if self.sft.lora_rank:
-            from safetensors.torch import save
-
-            tensors = {f"{name}.lora_{x}": getattr(m, f"lora_{x}").detach().cpu().contiguous()
-                       for name, m in lora_modules(self.model).items() for x in "AB"}
-            files["adapters.safetensors"] = save(tensors, metadata={"format": "scratchlm.lora", "rank": str(
-                self.sft.lora_rank), "alpha": str(self.sft.lora_alpha)})
+            files["adapters.safetensors"] = adapter_bytes(self.model, base=self.sft.base, base_sha256=self.base_sha256)
         return {"tokenizer": self.tokenizer, "files": files}
 
     def _state_dict(self, rng_by_rank: list[dict]) -> dict:
-        return {**super()._state_dict(rng_by_rank), "sft": asdict(self.sft)}
+        return {**super()._state_dict(rng_by_rank), "sft": {**asdict(self.sft), "base_sha256": self.base_sha256}}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -235,7 +279,7 @@ class SFTTrainer(Trainer):
             return ""
         messages = self.val_conversations[0]
         prompt = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
-        replies = generate_replies(self.model, self.tokenizer, [prompt], self.sft.eval_max_tokens)
+        replies = generate_replies(self.model, self.tokenizer, [prompt], self.eval_max_tokens)
         return f"{prompt[-1]['content']!r} -> {replies[0]['text']!r}"
 
 
@@ -250,10 +294,15 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_tokens: in
     if not 0 < max_tokens < context:
         raise ValueError(f"max_tokens must be in (0, {context}) for this model's context, got {max_tokens}")
     ids = [template.prompt_ids(p)[-(context - max_tokens):] for p in prompts]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=[template.end_id])
-    outs = LLM(model, tokenizer, weight_format="dense", **engine_options).generate(ids, params)
-    model.train(was_training)
-    return [{"text": o.text, "ended": o.finish_reason == "stop"} for o in outs]
+    # Only <|im_end|> ends a reply (ignore_eos: a stop on <|endoftext|> must not count as one).
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=[template.end_id], ignore_eos=True)
+    seqs = min(len(ids), 64)  # a KV pool for this batch, not for 64 full contexts on a training GPU
+    options = {"max_num_seqs": seqs, "num_blocks": seqs * -(-context // 16), **engine_options}
+    try:
+        outs = LLM(model, tokenizer, weight_format="dense", **options).generate(ids, params)
+    finally:
+        model.train(was_training)
+    return [{"text": o.text, "ended": bool(o.token_ids) and o.token_ids[-1] == template.end_id} for o in outs]
 
 
 def exact_match(model, tokenizer, prompts, max_tokens: int = 32) -> dict:

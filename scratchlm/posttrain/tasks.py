@@ -29,8 +29,14 @@ class Problem:
 
 
 def split_of(task: str, prompt: str, test_percent: int = 10) -> str:
-    """``"test"`` for ``test_percent`` % of all problems (by hash of the problem), else ``"train"``."""
-    h = int.from_bytes(hashlib.sha256(f"{task}\x00{prompt}".encode()).digest()[:8], "big")
+    """``"test"`` for ``test_percent`` % of all problems (by hash of the problem), else ``"train"``.
+
+    An addition is hashed with its operands sorted: ``a+b=`` and ``b+a=`` are the same problem,
+    and must not sit on both sides of the split."""
+    key = prompt
+    if task == "addition":
+        key = "+".join(sorted(prompt[:-1].split("+"), key=int)) + "="
+    h = int.from_bytes(hashlib.sha256(f"{task}\x00{key}".encode()).digest()[:8], "big")
     return "test" if h % 100 < test_percent else "train"
 
 

@@ -85,7 +85,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.weight_format, self.vocab_size)
         self.requests: dict[str, Sequence] = {}
-        self.eos = tokenizer.eot_token if tokenizer is not None else None
+        # End of sequence: <|endoftext|>, and for a chat model the end of a turn, <|im_end|> (what its
+        # exported generation_config says too).
+        specials = tokenizer.special_tokens if tokenizer is not None else {}
+        self.eos_ids = {i for i in (specials.get("<|endoftext|>"), specials.get("<|im_end|>")) if i is not None}
         self.num_steps = 0
         self.num_generated = 0
 
@@ -212,7 +215,7 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, str]:
         params, stream = seq.params, seq.text_stream
         reason = None
-        if (token == self.eos and not params.ignore_eos) or token in params.stop_token_ids:
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"  # the stop token is in token_ids, not in the text
         delta = ""
         if stream is not None and reason is None:

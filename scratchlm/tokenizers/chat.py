@@ -83,6 +83,7 @@ class ChatTemplate:
         except ValueError as e:  # a character vocabulary without these letters
             raise ValueError(f"this tokenizer cannot spell the template's role names and newline ({e}); train it on "
                              "text that contains them") from None
+        self._check_piecewise_encoding()
         self.jinja = JINJA_TEMPLATE
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> Rendered:
@@ -136,6 +137,22 @@ class ChatTemplate:
             if ids[i : i + len(self._newline)] == self._newline:
                 i += len(self._newline)
         return messages
+
+    def _check_piecewise_encoding(self) -> None:
+        """The pieces must meet where the tokenizer cuts anyway (true for the GPT-2, cl100k and o200k
+        patterns and for characters); a custom pattern that glues a newline to the next word would
+        make our ids differ from the whole string's (Hugging Face's), so it is refused."""
+        samples = [[{"role": "user", "content": content}, {"role": "assistant", "content": content}]
+                   for content in ("x", "The cat, 12 mice", "def f():\n    return 1", "«quoted» ok?", "```py")]
+        for messages in samples:
+            try:
+                ids = self.render(messages).ids
+            except ValueError:  # a character vocabulary without these characters: nothing to compare
+                continue
+            if self.tokenizer.encode(self.tokenizer.decode(ids), allowed_special="all") != ids:
+                raise ValueError("this tokenizer's pre-tokenizer joins text across the template's boundaries (a "
+                                 "newline with the next word), so rendering piece by piece would not give the ids of "
+                                 "the whole conversation: use the GPT-2, cl100k or o200k pattern")
 
     def _refuse_special(self, content: str) -> None:
         for name in self.tokenizer.special_tokens:

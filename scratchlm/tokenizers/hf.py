@@ -14,7 +14,9 @@ How each kind maps:
   as a ``Split`` pre-tokenizer followed by the byte-level mapping;
 * **byte**: the same with no merges and no regex;
 * **char**: a ``BPE`` model over the characters with no merges (a word falls apart into its
-  characters) and a decoder that joins them back.
+  characters) and a decoder that joins them back. A character outside the vocabulary becomes
+  ``<|unk|>`` for a tokenizer trained with ``unknown="replace"``; with the default
+  ``unknown="error"`` we refuse such text, but Hugging Face has no "refuse", and drops it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+def oniguruma_pattern(pattern: str) -> str:
+    r"""Our pattern in the regex dialect of ``tokenizers`` (Oniguruma, Ruby syntax).
+
+    Python's ``regex`` reads ``\p{N}{1,3}+`` (cl100k's digit rule) as *possessive* ``{1,3}``;
+    Oniguruma reads ``{n,m}+`` as ``(?:{n,m})+``, any number of digits, and would keep
+    ``12345678`` whole where tiktoken cuts ``123|456|78``. Here the plain ``{1,3}`` is the same
+    match (nothing after it could give digits back), so the ``+`` is dropped."""
+    return pattern.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}")
+
+
 def to_hf_tokenizer(tokenizer: Tokenizer):
     """A ``tokenizers.Tokenizer`` that encodes and decodes as ``tokenizer`` does."""
     try:
@@ -61,12 +73,15 @@ def to_hf_tokenizer(tokenizer: Tokenizer):
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         if kind == "bpe":
             hf.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated"), byte_level])
+                pre_tokenizers.Split(Regex(oniguruma_pattern(tokenizer.pattern)), behavior="isolated"), byte_level])
         else:
             hf.pre_tokenizer = byte_level
         hf.decoder = decoders.ByteLevel()
     elif kind == "char":
-        hf = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(tokenizer.chars)}, merges=[]))
+        # The special tokens sit in the vocabulary at their ids (<|unk|> must, to be the unknown token).
+        vocab = {**{c: i for i, c in enumerate(tokenizer.chars)}, **tokenizer.special_tokens}
+        unk = "<|unk|>" if tokenizer.unknown == "replace" else None
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
         hf.decoder = decoders.Fuse()
     else:
         raise ValueError(f"no Hugging Face form for a {kind!r} tokenizer")
@@ -92,7 +107,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path, *, model_max_len
         "bos_token": None,
         "eos_token": IM_END if chat else (ENDOFTEXT if ENDOFTEXT in specials else None),
         "pad_token": ENDOFTEXT if ENDOFTEXT in specials else None,
-        "unk_token": None,
+        "unk_token": "<|unk|>" if getattr(tokenizer, "unknown", None) == "replace" else None,
         "model_max_length": model_max_length or 10**30,
         "added_tokens_decoder": {str(i): {"content": name, "special": True, "lstrip": False, "rstrip": False,
                                           "normalized": False, "single_word": False} for name, i in specials.items()},

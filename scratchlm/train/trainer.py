@@ -184,10 +184,19 @@ class Trainer:
     def _load_resume_weights(self, folder: Path) -> None:
         load_weights(folder, self.model)  # into the whole model, before it is sharded
 
+    def _begin_step(self, batches: list) -> None:
+        """Called with every micro-batch of a step (on each rank) before the first forward pass."""
+
     def _loss(self, batch) -> torch.Tensor:
-        """One micro-batch's loss, through ``step_model`` (DDP, compiled)."""
+        """One micro-batch's loss, through ``step_model`` (DDP, compiled). The trainer divides it
+        by ``grad_accum`` and DDP averages it over ranks."""
         x, y = batch
         return self.step_model(x, y)[1]
+
+    # Extra numbers a method logs: per step (tensors, set by _loss: the last micro-batch's) and
+    # per evaluation (floats, set by evaluate). Names as TRL names them, e.g. "rewards/margins".
+    step_extras: dict = {}
+    eval_extras: dict = {}
 
     def _checkpoint_weights(self) -> dict[str, torch.Tensor]:
         return model_state(self.model, self.sharded)
@@ -567,16 +576,18 @@ class Trainer:
             nonlocal interval_start
             if not pending:
                 return None
-            values = torch.stack([torch.stack([p["loss"], p["grad_norm"]]) for p in pending]).double().tolist()
+            names = sorted(pending[0]["extras"])  # a method's own per-step numbers (DPO's rewards, ...)
+            values = torch.stack([torch.stack([p["loss"], p["grad_norm"], *(p["extras"][k] for k in names)])
+                                  for p in pending]).double().tolist()
             now = time.perf_counter()
             tokens_per_second = tokens_per_step * len(pending) / max(now - interval_start, 1e-9)
             achieved = self.flops_per_token * tokens_per_second / 1e12
-            for entry, (loss, grad_norm) in zip(pending, values):
+            for entry, (loss, grad_norm, *extras) in zip(pending, values):
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     pending.clear()
                     raise self._diagnose(entry["step"], entry["lr"], loss, grad_norm)
                 record({"step": entry["step"], "loss": loss, "lr": entry["lr"], "grad_norm": grad_norm,
-                        "tokens_per_second": tokens_per_second, "tflops": achieved,
+                        **dict(zip(names, extras)), "tokens_per_second": tokens_per_second, "tflops": achieved,
                         "mfu": achieved / self.peak if self.peak else None, "seconds": entry["seconds"]})
             bar.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{pending[-1]['lr']:.2e}", tok_s=f"{tokens_per_second:,.0f}")
             pending.clear()
@@ -597,7 +608,7 @@ class Trainer:
                 else:
                     st.evals_without_improvement += 1
             st.eval_pending = False
-            record({"step": st.step, "val_loss": val, "best_val_loss": st.best_val,
+            record({"step": st.step, "val_loss": val, "best_val_loss": st.best_val, **self.eval_extras,
                     "seconds": time.perf_counter() - started})
             self._save(["best", "last"] if improved else ["last"])
             train_part = f"train {loss_now:.4f}  " if loss_now is not None else ""
@@ -625,8 +636,9 @@ class Trainer:
                 step = self.state.step
                 lr = self._set_lr(step)
                 loss_sum = torch.zeros((), device=self.device)
-                for micro in range(cfg.grad_accum):
-                    batch = self.train_loader.get_batch()
+                batches = [self.train_loader.get_batch() for _ in range(cfg.grad_accum)]
+                self._begin_step(batches)
+                for micro, batch in enumerate(batches):
                     # DDP/FSDP average gradients across processes on the last micro-batch only.
                     sync = self.world_size == 1 or micro == cfg.grad_accum - 1
                     if self.sharded:
@@ -650,7 +662,8 @@ class Trainer:
                     opt.zero_grad(set_to_none=True)
                 self.state.step = step + 1
                 pending.append({"step": self.state.step, "loss": loss_sum, "grad_norm": grad_norm.detach().float(),
-                                "lr": lr, "seconds": time.perf_counter() - started})
+                                "lr": lr, "seconds": time.perf_counter() - started,
+                                "extras": {k: v.detach().float().reshape(()) for k, v in self.step_extras.items()}})
                 bar.update(1)
                 # One small message per step carries every rank's stop request: rank 0's clock
                 # decides the time limit, and a SIGTERM on any rank stops them all at this step.

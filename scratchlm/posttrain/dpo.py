@@ -1,0 +1,203 @@
+"""Direct Preference Optimization (Rafailov et al., 2023): learn from pairs (chosen ≻ rejected)
+without a reward model and without sampling.
+
+RLHF maximises ``E[r(x, y)] − β·KL(π ‖ π_ref)``. Its optimum has a closed form,
+``π*(y|x) ∝ π_ref(y|x)·exp(r(x, y)/β)``, so a reward can be written through the policy itself:
+``r(x, y) = β·log(π(y|x) / π_ref(y|x)) + β·log Z(x)``. Put that into the Bradley–Terry model of
+preferences, ``P(c ≻ r) = σ(r(x, c) − r(x, r))``, and ``Z(x)`` cancels::
+
+    loss = −log σ( β·[ (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r)) ] )
+
+with ``log π(y)`` the *summed* log-probability of the reply's tokens (and its end of turn) given
+the prompt. The reference ``π_ref`` is the model before training, frozen: its log-probabilities
+are computed once, before the first step, and never change. At the first step the policy is
+the reference, the bracket is 0, and the loss is ``log 2`` (checked by a test).
+
+Metrics are named as TRL names them: ``rewards/chosen`` = β·(log π(c) − log π_ref(c)),
+``rewards/rejected``, ``rewards/margins`` (their difference) and ``rewards/accuracies`` (how
+often the chosen reply's implicit reward is the larger: relative to the reference, so 0 at the
+start). Evaluations also log ``preference_accuracy``, absolute: how often the model itself finds
+the chosen reply likelier (and the reference's, for comparison).
+
+    scratchlm dpo --checkpoint runs/sft/best --data tasks/pairs-train.jsonl --out runs/dpo [--beta 0.1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from scratchlm.config import Rule, validate
+from scratchlm.posttrain.data import Pair, load_pairs
+from scratchlm.posttrain.sft import _RULES as SFT_RULES
+from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig, SFTTrainer, collate
+from scratchlm.tokenizers.chat import ChatTemplate
+from scratchlm.train.config import TrainConfig
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    beta: float = 0.1  # how far the policy may move from the reference (larger: less far)
+
+    def __post_init__(self):
+        validate(self, "dpo", {**SFT_RULES, "beta": Rule(above=0)})
+        if not self.base or not self.data:
+            from scratchlm.config import ConfigError
+
+            raise ConfigError("dpo.base (a checkpoint) and dpo.data (a JSONL file of pairs) are required")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DPOConfig:
+        from scratchlm.config import dataclass_from_dict
+
+        return dataclass_from_dict(cls, d, "dpo")
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's masked target tokens: (B, T, V), (B, T), (B, T) -> (B,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    return (logp * mask).sum(dim=-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """The DPO loss (mean over pairs) and TRL's reward metrics."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    margins = chosen - rejected
+    loss = -F.logsigmoid(margins).mean()
+    metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+               "rewards/margins": margins.mean(), "rewards/accuracies": (margins > 0).float().mean()}
+    return loss, metrics
+
+
+def render_pair(template: ChatTemplate, pair: Pair) -> tuple[tuple, tuple]:
+    """(ids, mask) of prompt + chosen and of prompt + rejected; the mask covers the final reply
+    (and its end of turn) only, not any earlier assistant turn of the prompt."""
+    prefix = len(template.render(pair.prompt).ids)
+    rows = []
+    for reply in (pair.chosen, pair.rejected):
+        r = template.render(pair.prompt + [{"role": "assistant", "content": reply}])
+        rows.append((r.ids, [0] * prefix + r.mask[prefix:]))
+    return rows[0], rows[1]
+
+
+class PairBatches:
+    """Random batches of pairs: (x, y, mask) with the B chosen rows first, then the B rejected,
+    and the reference log-probabilities of both."""
+
+    def __init__(self, rows, refs: torch.Tensor, batch_size: int, pad_id: int, seed: int, device, rank=0,
+                 world_size=1):
+        self.rows, self.refs, self.batch_size, self.pad_id = rows, refs, batch_size, pad_id
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def get_batch(self):
+        picks = torch.randint(len(self.rows), (self.batch_size * self.world_size,), generator=self.generator)
+        mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+        return batch_of(self.rows, self.refs, mine, self.pad_id, self.device)
+
+
+def batch_of(rows, refs, index: list[int], pad_id: int, device):
+    x, y, mask = collate([rows[i][0] for i in index] + [rows[i][1] for i in index], pad_id, device)
+    return x, y, mask, refs[index].to(device)
+
+
+class DPOTrainer(SFTTrainer):
+    def _prepare_data(self, model_section: dict) -> None:
+        self._prepare_tokenizer()
+        cfg, dpo = self.cfg, self.sft
+        loaded = load_pairs(dpo.data, dpo.skip_invalid)
+        if loaded.skipped:
+            self.log(f"skipped {loaded.skipped} invalid line(s) of {dpo.data}; first: {loaded.errors[0]}")
+        from scratchlm.posttrain.sft import _held_out
+
+        if dpo.val_data:
+            train, val = loaded.items, load_pairs(dpo.val_data, dpo.skip_invalid).items
+        else:
+            key = lambda p: p.prompt + [{"role": "assistant", "content": p.chosen}]  # noqa: E731
+            train = [p for p in loaded.items if not _held_out(key(p), dpo.val_fraction)]
+            val = [p for p in loaded.items if _held_out(key(p), dpo.val_fraction)]
+        context = self.model_config.block_size + 1
+        fits = lambda rows: max(len(rows[0][0]), len(rows[1][0])) <= context  # noqa: E731
+        self.train_rows = [r for r in self._render(train) if fits(r)]
+        if len(self.train_rows) < len(train):
+            self.log(f"dropped {len(train) - len(self.train_rows)} pairs longer than the context or refused")
+        val = val[: cfg.eval_windows]
+        self.val_rows = [r for r in self._render(val) if fits(r)]
+        if not self.train_rows or not self.val_rows:
+            raise ValueError("no training or no held-out pair fits the context: give dpo.val_data, or shorter pairs")
+        self.val_conversations = [p.prompt + [{"role": "assistant", "content": p.chosen}] for p in val]
+
+    def _render(self, pairs: list[Pair]):
+        for p in pairs:
+            try:
+                yield render_pair(self.template, p)
+            except ValueError as e:  # a special token in the text, a character the tokenizer lacks
+                if not self.sft.skip_invalid:
+                    raise ValueError(f"{p.where}: {e} (or pass --skip-invalid to skip it)") from None
+                self.log(f"skipped {p.where}: {e}")
+
+    def _initial_model(self):
+        model = super()._initial_model().to(self.device)
+        # The reference is the model as it starts, frozen: its log-probabilities once, now.
+        self.train_refs = self._logps_of(model, self.train_rows)
+        self.val_refs = self._logps_of(model, self.val_rows)
+        self.train_loader = PairBatches(self.train_rows, self.train_refs, self.cfg.batch_size, self.template.pad_id,
+                                        self.cfg.seed, self.device, self.rank, self.world_size)
+        return model
+
+    @torch.no_grad()
+    def _logps_of(self, model, rows) -> torch.Tensor:
+        """(N, 2) summed log-probabilities of each pair's chosen and rejected reply."""
+        was_training = model.training
+        model.eval()
+        out = []
+        for start in range(0, len(rows), 32):
+            chunk = rows[start : start + 32]
+            x, y, mask = collate([r[0] for r in chunk] + [r[1] for r in chunk], self.template.pad_id, self.device)
+            logps = sequence_logps(model(x)[0], y, mask)
+            out.append(torch.stack([logps[: len(chunk)], logps[len(chunk) :]], dim=1))
+        model.train(was_training)
+        return torch.cat(out).cpu()
+
+    def _begin_step(self, batches: list) -> None:
+        """Nothing to count: every micro-batch holds the same number of pairs, each weighing one."""
+
+    def _loss(self, batch) -> torch.Tensor:
+        x, y, mask, refs = batch
+        logps = sequence_logps(self.step_model(x)[0], y, mask)
+        B = refs.shape[0]
+        loss, self.step_extras = dpo_loss(logps[:B], logps[B:], refs[:, 0], refs[:, 1], self.sft.beta)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The DPO loss on the held-out pairs; its reward metrics go to the log (rank 0's values)."""
+        self.model.eval()
+        logps = self._logps_of(self.model, self.val_rows)
+        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], self.val_refs[:, 0], self.val_refs[:, 1], self.sft.beta)
+        # TRL's rewards/accuracies is relative to the reference (0 at the start, where every margin
+        # is 0); the preference accuracy is absolute: how often the model itself finds the chosen
+        # reply likelier than the rejected one, against the reference's.
+        metrics["preference_accuracy"] = (logps[:, 0] > logps[:, 1]).float().mean()
+        metrics["reference_preference_accuracy"] = (self.val_refs[:, 0] > self.val_refs[:, 1]).float().mean()
+        self.model.train()
+        values = self._shared([loss.item(), *(v.item() for v in metrics.values())], op="rank0")
+        self.eval_extras = {f"val_{k}": v for k, v in zip(metrics, values[1:])}
+        return values[0]
+
+    def _state_dict(self, rng_by_rank: list[dict]) -> dict:
+        state = super()._state_dict(rng_by_rank)
+        state["dpo"] = state.pop("sft")
+        return state
+
+
+def dpo(dpo_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
+        overwrite: bool = False) -> dict:
+    """DPO on ``dpo_config["data"]`` (pairs) from ``dpo_config["base"]`` (usually an SFT checkpoint)."""
+    dcfg = DPOConfig.from_dict(dpo_config)
+    cfg = TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": 1e-4 if not dcfg.lora_rank else 1e-3, "warmup_steps": 10,
+                                 **train_config})
+    return DPOTrainer(dcfg, cfg, resume=resume, progress=progress, overwrite=overwrite).train()

@@ -1,0 +1,85 @@
+"""DPO (issue 8, section 5): the loss against hand-computed values, log 2 at the start, a frozen
+reference, TRL's metric names, and preference accuracy that rises on checkable pairs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from scratchlm.posttrain.data import Pair, write_task_data
+from scratchlm.posttrain.dpo import dpo_loss, render_pair, sequence_logps
+from scratchlm.posttrain.sft import sft
+from scratchlm.tokenizers import CharTokenizer
+from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
+
+
+def test_dpo_loss_is_log_2_at_the_reference_and_matches_a_hand_computed_case():
+    same = torch.tensor([-4.0, -7.5])
+    loss, m = dpo_loss(same, same - 1, same, same - 1, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2)) and m["rewards/margins"].item() == 0
+    # policy (chosen, rejected) = (-1, -3), reference (-2, -2), beta 0.1: z = 0.1 * ((−1+2) − (−3+2)) = 0.2
+    loss, m = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.1)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.2)), rel=1e-6)
+    assert m["rewards/chosen"].item() == pytest.approx(0.1) and m["rewards/rejected"].item() == pytest.approx(-0.1)
+    assert m["rewards/margins"].item() == pytest.approx(0.2) and m["rewards/accuracies"].item() == 1.0
+
+
+def test_sequence_logps_sum_only_the_masked_reply_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 6)
+    y = torch.tensor([[2, 5, 1, -1]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    logp = torch.log_softmax(logits, -1)
+    assert sequence_logps(logits, y, mask).item() == pytest.approx((logp[0, 1, 5] + logp[0, 2, 1]).item(), rel=1e-6)
+
+
+def test_the_pair_mask_covers_the_final_reply_only():
+    tok = add_chat_tokens(CharTokenizer.train("abcdefghijklmnopqrstuvwxyz0123456789+=\n ", ["<|endoftext|>"]))
+    t = ChatTemplate(tok)
+    prompt = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"},
+              {"role": "user", "content": "2+2="}]
+    (c_ids, c_mask), (r_ids, r_mask) = render_pair(t, Pair(prompt, "4", "5"))
+    assert [i for i, m in zip(c_ids, c_mask) if m] == tok.encode_ordinary("4") + [t.end_id]
+    assert [i for i, m in zip(r_ids, r_mask) if m] == tok.encode_ordinary("5") + [t.end_id]
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.train.checkpoint import save_model_only
+
+    root = tmp_path_factory.mktemp("dpo")
+    write_task_data(root / "tasks", ["addition"], train=80, test=6, difficulty=1)
+    tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, block_size=48, position="rope",
+                         norm="rmsnorm", mlp="swiglu", bias=False, dropout=0.0))
+    save_model_only(root / "base", base, tokenizer=tok)
+    sft({"base": str(root / "base"), "data": str(root / "tasks" / "sft-train.jsonl")},
+        {"out_dir": str(root / "sft"), "max_steps": 300, "eval_interval": 300, "lr": 3e-3}, progress=False)
+    return root
+
+
+def test_dpo_starts_at_log_2_and_raises_held_out_preference_accuracy(sft_model, tmp_path, capsys):
+    from scratchlm.cli import main
+
+    root = sft_model
+    weights = (root / "sft" / "best" / "model.safetensors").read_bytes()
+    assert main(["dpo", "--checkpoint", str(root / "sft" / "best"), "--data", str(root / "tasks" / "pairs-train.jsonl"),
+                 "--val-data", str(root / "tasks" / "pairs-train.jsonl"), "--out", str(tmp_path / "dpo"),
+                 "--set", "train.max_steps=150", "--set", "train.eval_interval=75", "--set", "train.log_interval=1",
+                 "--set", "train.lr=3e-4", "--set", "train.warmup_steps=0", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    first = records[0]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= set(first)
+    evals = summary["eval"]
+    reference = evals[0]["val_reference_preference_accuracy"]
+    assert evals[-1]["val_preference_accuracy"] >= max(0.9, reference) and evals[-1]["val_rewards/margins"] > 0
+    assert evals[-1]["val_rewards/accuracies"] > 0.5
+    assert (root / "sft" / "best" / "model.safetensors").read_bytes() == weights  # the reference is untouched
