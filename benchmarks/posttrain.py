@@ -38,8 +38,8 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     work = Path(args.out or tempfile.mkdtemp())
-    pretrain_steps, sft_steps = (300, 100) if args.quick else (3000, 600)
-    results: dict = {"task": "addition, 2 digits", "steps": {"pretrain": pretrain_steps, "sft": sft_steps}}
+    pretrain_steps, sft_steps, dpo_steps = (300, 100, 40) if args.quick else (3000, 600, 200)
+    results: dict = {"task": "addition, 2 digits", "steps": {"pretrain": pretrain_steps, "sft": sft_steps, "dpo": dpo_steps}}
 
     start = time.perf_counter()
     write_task_data(work / "tasks", ["addition"], train=5000, test=200, difficulty=2)
@@ -79,6 +79,26 @@ def main() -> None:
         results[f"sft_{name}"] = {**after, "seconds": seconds, "best_val_loss": summary["best_val_loss"]}
         print(f"SFT {name}: exact match {after['exact_match']:.1%}, replies ending with <|im_end|> "
               f"{after['ended_with_end_of_turn']:.1%}, {seconds:.0f} s")
+    # DPO from the full SFT model on correct-vs-wrong pairs; held-out pairs for the preference accuracy.
+    from scratchlm.posttrain.dpo import dpo
+
+    start = time.perf_counter()
+    dpo({"base": str(work / "sft-full" / "best"), "data": str(work / "tasks" / "pairs-train.jsonl"),
+         "val_data": str(work / "tasks" / "pairs-test.jsonl")},
+        {"out_dir": str(work / "dpo"), "max_steps": dpo_steps, "eval_interval": dpo_steps // 2, "lr": 3e-4,
+         "batch_size": 32}, progress=False)
+    seconds = time.perf_counter() - start
+    import json
+
+    evals = [r for r in map(json.loads, (work / "dpo" / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    model, state = load_model_from_checkpoint(work / "dpo" / "last")
+    after = exact_match(model, load_checkpoint_tokenizer(work / "dpo" / "last", state), prompts, max_tokens=8)
+    results["dpo"] = {**after, "seconds": seconds, "preference_accuracy_before": evals[0]["val_reference_preference_accuracy"],
+                      "preference_accuracy_after": evals[-1]["val_preference_accuracy"],
+                      "rewards/accuracies": evals[-1]["val_rewards/accuracies"], "rewards/margins": evals[-1]["val_rewards/margins"]}
+    d = results["dpo"]
+    print(f"DPO: held-out preference accuracy {d['preference_accuracy_before']:.1%} -> {d['preference_accuracy_after']:.1%}, "
+          f"exact match {after['exact_match']:.1%}, {seconds:.0f} s")
     print(f"wrote {save('posttrain', results)}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -18,6 +19,8 @@ from scratchlm import __version__
 
 
 def _emit(args, payload: dict, text: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one report: rank 0's
+        return
     if getattr(args, "json", False):
         print(json.dumps(_finite(payload), indent=1, default=str))
     else:
@@ -293,7 +296,8 @@ def cmd_dpo(args) -> None:
     if args.beta is not None:
         method["beta"] = args.beta
     summary = dpo(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
-    records = [json.loads(line) for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = Path(args.out) / "metrics.jsonl"  # rank 0 writes it: on other machines it may not be there
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     evals = [r for r in records if "val_rewards/accuracies" in r]
     summary["eval"] = evals
     text = f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out DPO loss {summary['best_val_loss']:.4f}"

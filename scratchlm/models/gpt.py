@@ -213,6 +213,7 @@ class GPT(nn.Module):
         like an average token), plus a little noise (1% of each dimension's spread, from a fixed
         seed): identical rows would give two new tokens identical logits forever wherever the
         rows themselves do not train (LoRA), and greedy decoding would always pick the lower id.
+        The matrices are new parameters: grow before building an optimizer, never after.
         """
         old = self.config.vocab_size
         known = old if known is None else known
@@ -224,7 +225,8 @@ class GPT(nn.Module):
 
         def grown(weight: torch.Tensor) -> nn.Parameter:
             base = weight[:known].float()
-            noise = torch.randn(vocab_size - known, weight.shape[1], generator=generator) * base.std(dim=0) * 0.01
+            noise = torch.randn(vocab_size - known, weight.shape[1], generator=generator).to(base.device)
+            noise = noise * base.std(dim=0) * 0.01
             new = (base.mean(dim=0, keepdim=True) + noise).to(weight.dtype).to(weight.device)
             return nn.Parameter(torch.cat([weight[:known], new]), requires_grad=weight.requires_grad)
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from scratchlm.config import Rule, validate
 from scratchlm.posttrain.data import Pair, load_pairs
 from scratchlm.posttrain.sft import _RULES as SFT_RULES
-from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig, SFTTrainer, collate
+from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig, SFTTrainer, collate, run_trainer
 from scratchlm.tokenizers.chat import ChatTemplate
 from scratchlm.train.config import TrainConfig
 
@@ -40,6 +40,7 @@ from scratchlm.train.config import TrainConfig
 @dataclass
 class DPOConfig(SFTConfig):
     beta: float = 0.1  # how far the policy may move from the reference (larger: less far)
+    disable_dropout: bool = True  # dropout would make the policy's log-probs noisy and biased against the reference's
 
     def __post_init__(self):
         validate(self, "dpo", {**SFT_RULES, "beta": Rule(above=0)})
@@ -56,9 +57,15 @@ class DPOConfig(SFTConfig):
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each row's masked target tokens: (B, T, V), (B, T), (B, T) -> (B,)."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-    return (logp * mask).sum(dim=-1)
+    """Summed log-probability of each row's masked target tokens: (B, T, V), (B, T), (B, T) -> (B,).
+
+    ``log p(y) = z[y] - logsumexp(z)``, one row at a time: never a (B, T, V) float32 log-softmax
+    (13 GB for 64 rows of GPT-2's vocabulary at 1,024 positions)."""
+    out = []
+    for z, y, m in zip(logits, targets, mask):
+        logp = z.gather(-1, y.clamp_min(0)[:, None])[:, 0].float() - torch.logsumexp(z.float(), dim=-1)
+        out.append((logp * m).sum())
+    return torch.stack(out)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
@@ -116,9 +123,9 @@ class DPOTrainer(SFTTrainer):
         if dpo.val_data:
             train, val = loaded.items, load_pairs(dpo.val_data, dpo.skip_invalid).items
         else:
-            key = lambda p: p.prompt + [{"role": "assistant", "content": p.chosen}]  # noqa: E731
-            train = [p for p in loaded.items if not _held_out(key(p), dpo.val_fraction)]
-            val = [p for p in loaded.items if _held_out(key(p), dpo.val_fraction)]
+            # by prompt: every pair of one prompt falls on the same side
+            train = [p for p in loaded.items if not _held_out(p.prompt, dpo.val_fraction)]
+            val = [p for p in loaded.items if _held_out(p.prompt, dpo.val_fraction)]
         context = self.model_config.block_size + 1
         fits = lambda rows: max(len(rows[0][0]), len(rows[1][0])) <= context  # noqa: E731
         self.train_rows = [r for r in self._render(train) if fits(r)]
@@ -141,6 +148,10 @@ class DPOTrainer(SFTTrainer):
 
     def _initial_model(self):
         model = super()._initial_model().to(self.device)
+        if self.sft.disable_dropout:  # as TRL does: the reference runs without dropout, so must the policy
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         # The reference is the model as it starts, frozen: its log-probabilities once, now.
         self.train_refs = self._logps_of(model, self.train_rows)
         self.val_refs = self._logps_of(model, self.val_rows)
@@ -151,13 +162,21 @@ class DPOTrainer(SFTTrainer):
     @torch.no_grad()
     def _logps_of(self, model, rows) -> torch.Tensor:
         """(N, 2) summed log-probabilities of each pair's chosen and rejected reply."""
+        from contextlib import nullcontext
+
         was_training = model.training
         model.eval()
+        # The same precision as the training steps (bf16 autocast on a GPU): a reference in fp32
+        # against a bf16 policy would start with margins that are not 0.
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         out = []
-        for start in range(0, len(rows), 32):
-            chunk = rows[start : start + 32]
+        step = self.cfg.batch_size
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
             x, y, mask = collate([r[0] for r in chunk] + [r[1] for r in chunk], self.template.pad_id, self.device)
-            logps = sequence_logps(model(x)[0], y, mask)
+            with autocast:
+                logits = model(x)[0]
+            logps = sequence_logps(logits, y, mask)
             out.append(torch.stack([logps[: len(chunk)], logps[len(chunk) :]], dim=1))
         model.train(was_training)
         return torch.cat(out).cpu()
@@ -188,9 +207,18 @@ class DPOTrainer(SFTTrainer):
         self.eval_extras = {f"val_{k}": v for k, v in zip(metrics, values[1:])}
         return values[0]
 
+    def _check_resumable(self) -> dict:
+        state = super()._check_resumable()
+        recorded = (state.get("dpo") or {}).get("base_sha256")
+        if recorded and recorded != self.base_sha256:  # the reference is recomputed from the base
+            raise ValueError(f"{self.sft.base} is not the model this DPO run started from (its weights' sha256 "
+                             "differs): the reference would change under the run; resume with the same --checkpoint")
+        return state
+
     def _state_dict(self, rng_by_rank: list[dict]) -> dict:
         state = super()._state_dict(rng_by_rank)
         state["dpo"] = state.pop("sft")
+        state["method"] = "dpo"
         return state
 
 
@@ -198,6 +226,7 @@ def dpo(dpo_config: dict, train_config: dict, *, resume: bool = False, progress:
         overwrite: bool = False) -> dict:
     """DPO on ``dpo_config["data"]`` (pairs) from ``dpo_config["base"]`` (usually an SFT checkpoint)."""
     dcfg = DPOConfig.from_dict(dpo_config)
-    cfg = TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": 1e-4 if not dcfg.lora_rank else 1e-3, "warmup_steps": 10,
+    # TRL's default is 1e-6 for large models; these small ones move little below 1e-5.
+    cfg = TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": 1e-5 if not dcfg.lora_rank else 1e-4, "warmup_steps": 10,
                                  **train_config})
-    return DPOTrainer(dcfg, cfg, resume=resume, progress=progress, overwrite=overwrite).train()
+    return run_trainer(lambda: DPOTrainer(dcfg, cfg, resume=resume, progress=progress, overwrite=overwrite))

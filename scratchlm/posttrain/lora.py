@@ -108,7 +108,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEF
         keep[new_rows_from:] = 1
         for weight in {id(w): w for w in (model.tok_emb.weight, model.lm_head.weight)}.values():
             weight.requires_grad_(True)
-            weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
+            # keep moves with the gradient (the model may be moved to a GPU after this)
+            weight.register_hook(lambda grad, keep=keep: grad * keep.to(device=grad.device, dtype=grad.dtype))
         model.lora_new_rows_from = new_rows_from
     wrapped = []
     for name, module in list(model.named_modules()):

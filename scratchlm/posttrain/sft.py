@@ -196,6 +196,10 @@ class SFTTrainer(Trainer):
 
     def _check_resumable(self) -> dict:
         state = super()._check_resumable()
+        method = "dpo" if type(self).__name__ == "DPOTrainer" else "sft"
+        if state.get("method", "pretraining" if not (state.get("sft") or state.get("dpo")) else method) != method:
+            raise ValueError(f"{self.out / 'last'} is a {state.get('method', 'pretraining')} run's checkpoint, not "
+                             f"{method}'s: resume it with its own command, or start a new run")
         recorded = (state.get("sft") or state.get("dpo") or {}).get("base_sha256")
         if self.sft.lora_rank and recorded and recorded != self.base_sha256:
             raise ValueError(f"the base checkpoint {self.sft.base} is not the one this run started from (its weights' "
@@ -256,7 +260,8 @@ class SFTTrainer(Trainer):
         return {"tokenizer": self.tokenizer, "files": files}
 
     def _state_dict(self, rng_by_rank: list[dict]) -> dict:
-        return {**super()._state_dict(rng_by_rank), "sft": {**asdict(self.sft), "base_sha256": self.base_sha256}}
+        return {**super()._state_dict(rng_by_rank), "sft": {**asdict(self.sft), "base_sha256": self.base_sha256},
+                "method": "sft"}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -319,7 +324,25 @@ def sft(sft_config: dict, train_config: dict, *, resume: bool = False, progress:
     """Fine-tune ``sft_config["base"]`` on ``sft_config["data"]``; returns the trainer's summary."""
     scfg = SFTConfig.from_dict(sft_config)
     cfg = TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": 3e-4 if not scfg.lora_rank else 2e-3, **train_config})
-    return SFTTrainer(scfg, cfg, resume=resume, progress=progress, overwrite=overwrite).train()
+    return run_trainer(lambda: SFTTrainer(scfg, cfg, resume=resume, progress=progress, overwrite=overwrite))
+
+
+def run_trainer(make_trainer) -> dict:
+    """Build and run a trainer, then leave a distributed run as ``train()`` does (see there)."""
+    import gc
+
+    distributed = torch.distributed.is_available()
+    try:
+        trainer = make_trainer()
+        summary = trainer.train()
+        if distributed and torch.distributed.is_initialized():
+            del trainer
+            gc.collect()
+            torch.distributed.barrier()
+        return summary
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # The [train] defaults for fine-tuning where they differ from pretraining's: a short warmup, decay
