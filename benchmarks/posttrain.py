@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     work = Path(args.out or tempfile.mkdtemp())
-    pretrain_steps, sft_steps, dpo_steps = (300, 100, 40) if args.quick else (3000, 600, 200)
+    pretrain_steps, sft_steps, dpo_steps = (300, 100, 40) if args.quick else (3000, 1000, 200)
     results: dict = {"task": "addition, 2 digits", "steps": {"pretrain": pretrain_steps, "sft": sft_steps, "dpo": dpo_steps}}
 
     start = time.perf_counter()
@@ -71,7 +71,7 @@ def main() -> None:
         summary = sft({"base": str(work / "base" / "best"), "data": str(work / "tasks" / "sft-train.jsonl"),
                        "val_data": str(work / "tasks" / "sft-test.jsonl"), **extra},
                       {"out_dir": str(work / f"sft-{name}"), "max_steps": sft_steps, "eval_interval": sft_steps // 4,
-                       "batch_size": 32}, progress=False)
+                       "batch_size": 32, "lr": 1e-3 if name != "lora" else 3e-3}, progress=False)
         seconds = time.perf_counter() - start
         model, state = load_model_from_checkpoint(work / f"sft-{name}" / "best")
         tuned_tok = load_checkpoint_tokenizer(work / f"sft-{name}" / "best", state)
@@ -85,7 +85,7 @@ def main() -> None:
     start = time.perf_counter()
     dpo({"base": str(work / "sft-full" / "best"), "data": str(work / "tasks" / "pairs-train.jsonl"),
          "val_data": str(work / "tasks" / "pairs-test.jsonl")},
-        {"out_dir": str(work / "dpo"), "max_steps": dpo_steps, "eval_interval": dpo_steps // 2, "lr": 3e-4,
+        {"out_dir": str(work / "dpo"), "max_steps": dpo_steps, "eval_interval": dpo_steps // 2, "lr": 1e-4,
          "batch_size": 32}, progress=False)
     seconds = time.perf_counter() - start
     import json
