@@ -82,23 +82,26 @@ def main() -> None:
     # DPO from the full SFT model on correct-vs-wrong pairs; held-out pairs for the preference accuracy.
     from scratchlm.posttrain.dpo import dpo
 
-    start = time.perf_counter()
-    dpo({"base": str(work / "sft-full" / "best"), "data": str(work / "tasks" / "pairs-train.jsonl"),
-         "val_data": str(work / "tasks" / "pairs-test.jsonl")},
-        {"out_dir": str(work / "dpo"), "max_steps": dpo_steps, "eval_interval": dpo_steps // 2, "lr": 1e-4,
-         "batch_size": 32}, progress=False)
-    seconds = time.perf_counter() - start
     import json
 
-    evals = [r for r in map(json.loads, (work / "dpo" / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
-    model, state = load_model_from_checkpoint(work / "dpo" / "last")
-    after = exact_match(model, load_checkpoint_tokenizer(work / "dpo" / "last", state), prompts, max_tokens=8)
-    results["dpo"] = {**after, "seconds": seconds, "preference_accuracy_before": evals[0]["val_reference_preference_accuracy"],
-                      "preference_accuracy_after": evals[-1]["val_preference_accuracy"],
-                      "rewards/accuracies": evals[-1]["val_rewards/accuracies"], "rewards/margins": evals[-1]["val_rewards/margins"]}
-    d = results["dpo"]
-    print(f"DPO: held-out preference accuracy {d['preference_accuracy_before']:.1%} -> {d['preference_accuracy_after']:.1%}, "
-          f"exact match {after['exact_match']:.1%}, {seconds:.0f} s")
+    for name, extra in (("dpo", {}), ("dpo_rpo", {"rpo_alpha": 1.0})):
+        start = time.perf_counter()
+        dpo({"base": str(work / "sft-full" / "best"), "data": str(work / "tasks" / "pairs-train.jsonl"),
+             "val_data": str(work / "tasks" / "pairs-test.jsonl"), **extra},
+            {"out_dir": str(work / name), "max_steps": dpo_steps, "eval_interval": dpo_steps // 2, "lr": 1e-4,
+             "batch_size": 32}, progress=False)
+        seconds = time.perf_counter() - start
+        evals = [r for r in map(json.loads, (work / name / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+        model, state = load_model_from_checkpoint(work / name / "last")
+        after = exact_match(model, load_checkpoint_tokenizer(work / name / "last", state), prompts, max_tokens=8)
+        results[name] = {**after, "seconds": seconds,
+                         "preference_accuracy_before": evals[0]["val_reference_preference_accuracy"],
+                         "preference_accuracy_after": evals[-1]["val_preference_accuracy"],
+                         "rewards/accuracies": evals[-1]["val_rewards/accuracies"],
+                         "rewards/margins": evals[-1]["val_rewards/margins"], "val_loss": evals[-1]["val_loss"]}
+        d = results[name]
+        print(f"{name}: held-out preference accuracy {d['preference_accuracy_before']:.1%} -> "
+              f"{d['preference_accuracy_after']:.1%}, exact match {after['exact_match']:.1%}, {seconds:.0f} s")
     print(f"wrote {save('posttrain', results)}")
 
 

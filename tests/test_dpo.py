@@ -83,3 +83,14 @@ def test_dpo_starts_at_log_2_and_raises_held_out_preference_accuracy(sft_model, 
     assert evals[-1]["val_preference_accuracy"] >= max(0.9, reference) and evals[-1]["val_rewards/margins"] > 0
     assert evals[-1]["val_rewards/accuracies"] > 0.5
     assert (root / "sft" / "best" / "model.safetensors").read_bytes() == weights  # the reference is untouched
+
+
+def test_rpo_adds_the_chosen_replies_nll_to_the_dpo_loss(sft_model, tmp_path):
+    from scratchlm.posttrain.dpo import dpo
+
+    root = sft_model
+    dpo({"base": str(root / "sft" / "best"), "data": str(root / "tasks" / "pairs-train.jsonl"), "rpo_alpha": 0.5},
+        {"out_dir": str(tmp_path / "rpo"), "max_steps": 1, "eval_interval": 1, "log_interval": 1, "warmup_steps": 0},
+        progress=False)
+    first = json.loads((tmp_path / "rpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["nll"] > 0 and first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll"], abs=1e-5)

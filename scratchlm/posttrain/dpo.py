@@ -41,6 +41,7 @@ from scratchlm.train.config import TrainConfig
 class DPOConfig(SFTConfig):
     beta: float = 0.1  # how far the policy may move from the reference (larger: less far)
     disable_dropout: bool = True  # dropout would make the policy's log-probs noisy and biased against the reference's
+    rpo_alpha: float = 0.0  # > 0: add alpha x the chosen replies' per-token NLL (RPO; TRL's rpo_alpha)
 
     def __post_init__(self):
         validate(self, "dpo", {**SFT_RULES, "beta": Rule(above=0)})
@@ -189,6 +190,13 @@ class DPOTrainer(SFTTrainer):
         logps = sequence_logps(self.step_model(x)[0], y, mask)
         B = refs.shape[0]
         loss, self.step_extras = dpo_loss(logps[:B], logps[B:], refs[:, 0], refs[:, 1], self.sft.beta)
+        if self.sft.rpo_alpha:
+            # DPO only asks the chosen reply to gain on the rejected one; both may lose likelihood,
+            # and greedy decoding then drifts to a third answer. An SFT term on the chosen replies
+            # (Pang et al., 2024, "RPO") keeps them likely.
+            nll = (-logps[:B] / mask[:B].sum(dim=-1).clamp_min(1)).mean()
+            self.step_extras["nll"] = nll.detach()
+            loss = loss + self.sft.rpo_alpha * nll
         return loss
 
     @torch.no_grad()
