@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from scratchlm.config import Rule, validate
 from scratchlm.posttrain.data import Pair, load_pairs
 from scratchlm.posttrain.sft import _RULES as SFT_RULES
-from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig, SFTTrainer, collate, run_trainer
+from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig, SFTTrainer, collate
 from scratchlm.tokenizers.chat import ChatTemplate
 from scratchlm.train.config import TrainConfig
+from scratchlm.train.trainer import run_trainer
 
 
 @dataclass

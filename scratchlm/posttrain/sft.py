@@ -34,7 +34,7 @@ from scratchlm.posttrain.data import load_sft
 from scratchlm.posttrain.lora import DEFAULT_TARGETS, adapter_bytes, apply_lora, lora_modules
 from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
 from scratchlm.train.config import TrainConfig
-from scratchlm.train.trainer import Trainer
+from scratchlm.train.trainer import Trainer, run_trainer
 
 _RULES = {"lora_rank": Rule(min=0, why="0 = full fine-tuning"), "lora_alpha": Rule(above=0),
           "lora_dropout": Rule(min=0, below=1), "val_fraction": Rule(min=0, below=1), "eval_max_tokens": Rule(min=1)}
@@ -325,24 +325,6 @@ def sft(sft_config: dict, train_config: dict, *, resume: bool = False, progress:
     scfg = SFTConfig.from_dict(sft_config)
     cfg = TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": 3e-4 if not scfg.lora_rank else 2e-3, **train_config})
     return run_trainer(lambda: SFTTrainer(scfg, cfg, resume=resume, progress=progress, overwrite=overwrite))
-
-
-def run_trainer(make_trainer) -> dict:
-    """Build and run a trainer, then leave a distributed run as ``train()`` does (see there)."""
-    import gc
-
-    distributed = torch.distributed.is_available()
-    try:
-        trainer = make_trainer()
-        summary = trainer.train()
-        if distributed and torch.distributed.is_initialized():
-            del trainer
-            gc.collect()
-            torch.distributed.barrier()
-        return summary
-    finally:
-        if distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 # The [train] defaults for fine-tuning where they differ from pretraining's: a short warmup, decay

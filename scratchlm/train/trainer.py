@@ -761,12 +761,18 @@ def train(config: dict, *, resume: bool = False, progress: bool = True, overwrit
     cfg = TrainConfig.from_dict(config.get("train", {}))
     if not cfg.data:
         raise ValueError("train.data is required: a shards folder from `scratchlm data tokenize`")
+    return run_trainer(lambda: Trainer(config.get("model", {}), cfg, resume=resume, progress=progress,
+                                       overwrite=overwrite))
+
+
+def run_trainer(make_trainer) -> dict:
+    """Build a trainer (pretraining, SFT, DPO...), run it, and leave a distributed run cleanly."""
     threads = os.environ.get("SCRATCHLM_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
     distributed = torch.distributed.is_available()
     try:
-        trainer = Trainer(config.get("model", {}), cfg, resume=resume, progress=progress, overwrite=overwrite)
+        trainer = make_trainer()
         summary = trainer.train()
         if distributed and torch.distributed.is_initialized():
             # Free what holds the process group (DDP's reducer sits in reference cycles that only the
