@@ -35,6 +35,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer steps: a smoke run")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    p.add_argument("--reuse", action="store_true", help="with --out: keep the finished training runs found there "
+                   "(their times are read from their metrics.jsonl) and redo only what is missing")
     args = p.parse_args()
     torch.manual_seed(0)
     work = Path(args.out or tempfile.mkdtemp())
@@ -50,13 +52,23 @@ def main() -> None:
     shards = tokenize_dataset(ds, work / "char.json")["path"]
     results["seconds_data"] = time.perf_counter() - start
 
+    def finished(run: Path):
+        """A finished run in --out, reused: (its summary, its training seconds), else None."""
+        if not (args.reuse and (run / "best").exists()):
+            return None
+        import json
+
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return ({"best_val_loss": min(r["val_loss"] for r in records if "val_loss" in r)}, records[-1]["seconds"])
+
     start = time.perf_counter()
-    base = train({"model": {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 64, "position": "rope",
+    reused = finished(work / "base")
+    base = reused[0] if reused else train({"model": {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 64, "position": "rope",
                             "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "dropout": 0.0},
                   "train": {"data": shards, "out_dir": str(work / "base"), "batch_size": 32, "max_steps": pretrain_steps,
                             "eval_interval": pretrain_steps // 4, "warmup_steps": 100, "lr": 3e-3, "min_lr": 3e-4,
                             "sample_tokens": 0, "log_interval": 100}}, progress=False)
-    results["seconds_pretrain"] = time.perf_counter() - start
+    results["seconds_pretrain"] = reused[1] if reused else time.perf_counter() - start
     results["base_val_loss"] = base["best_val_loss"]
 
     prompts = load_prompts(work / "tasks" / "prompts-test.jsonl").items
@@ -68,11 +80,13 @@ def main() -> None:
 
     for name, extra in (("full", {}), ("lora", {"lora_rank": 8}), ("no_end_of_turn", {"learn_end_of_turn": False})):
         start = time.perf_counter()
-        summary = sft({"base": str(work / "base" / "best"), "data": str(work / "tasks" / "sft-train.jsonl"),
-                       "val_data": str(work / "tasks" / "sft-test.jsonl"), **extra},
-                      {"out_dir": str(work / f"sft-{name}"), "max_steps": sft_steps, "eval_interval": sft_steps // 4,
-                       "batch_size": 32, "lr": 1e-3 if name != "lora" else 3e-3}, progress=False)
-        seconds = time.perf_counter() - start
+        reused = finished(work / f"sft-{name}")
+        summary = reused[0] if reused else sft(
+            {"base": str(work / "base" / "best"), "data": str(work / "tasks" / "sft-train.jsonl"),
+             "val_data": str(work / "tasks" / "sft-test.jsonl"), **extra},
+            {"out_dir": str(work / f"sft-{name}"), "max_steps": sft_steps, "eval_interval": sft_steps // 4,
+             "batch_size": 32, "lr": 1e-3 if name != "lora" else 3e-3}, progress=False)
+        seconds = reused[1] if reused else time.perf_counter() - start
         model, state = load_model_from_checkpoint(work / f"sft-{name}" / "best")
         tuned_tok = load_checkpoint_tokenizer(work / f"sft-{name}" / "best", state)
         after = exact_match(model, tuned_tok, prompts, max_tokens=8)
