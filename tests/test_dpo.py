@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from scratchlm.posttrain.data import Pair, write_task_data
+from scratchlm.posttrain.data import Pair
 from scratchlm.posttrain.dpo import dpo_loss, render_pair, sequence_logps
 from scratchlm.posttrain.sft import sft
 from scratchlm.tokenizers import CharTokenizer
@@ -47,17 +47,8 @@ def test_the_pair_mask_covers_the_final_reply_only():
 
 
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    from scratchlm.models.gpt import GPT, GPTConfig
-    from scratchlm.train.checkpoint import save_model_only
-
-    root = tmp_path_factory.mktemp("dpo")
-    write_task_data(root / "tasks", ["addition"], train=80, test=6, difficulty=1)
-    tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
-    torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, block_size=48, position="rope",
-                         norm="rmsnorm", mlp="swiglu", bias=False, dropout=0.0))
-    save_model_only(root / "base", base, tokenizer=tok)
+def sft_model(task_base):
+    root = task_base
     sft({"base": str(root / "base"), "data": str(root / "tasks" / "sft-train.jsonl")},
         {"out_dir": str(root / "sft"), "max_steps": 300, "eval_interval": 300, "lr": 3e-3}, progress=False)
     return root

@@ -10,7 +10,7 @@ import torch
 
 from scratchlm.models.checkpoint import load_model_from_checkpoint
 from scratchlm.models.gpt import GPT, GPTConfig
-from scratchlm.posttrain.data import load_prompts, write_task_data
+from scratchlm.posttrain.data import load_prompts
 from scratchlm.posttrain.sft import collate, exact_match, sft
 from scratchlm.tokenizers import CharTokenizer
 from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
@@ -18,16 +18,8 @@ from scratchlm.train.checkpoint import save_model_only
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Task data (1-digit additions) and a randomly initialised base with a character tokenizer."""
-    root = tmp_path_factory.mktemp("sft")
-    write_task_data(root / "tasks", ["addition"], train=80, test=6, difficulty=1)
-    tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
-    torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, block_size=48, position="rope",
-                         norm="rmsnorm", mlp="swiglu", bias=False, dropout=0.0))
-    save_model_only(root / "base", base, tokenizer=tok)
-    return root
+def setup(task_base):
+    return task_base
 
 
 def run(**train):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from scratchlm.config import Rule, validate
 from scratchlm.posttrain.data import Pair, load_pairs
 from scratchlm.posttrain.sft import _RULES as SFT_RULES
-from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig, SFTTrainer, collate
+from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig, SFTTrainer, collate, split_held_out
 from scratchlm.tokenizers.chat import ChatTemplate
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.trainer import run_trainer
@@ -120,14 +120,10 @@ class DPOTrainer(SFTTrainer):
         loaded = load_pairs(dpo.data, dpo.skip_invalid)
         if loaded.skipped:
             self.log(f"skipped {loaded.skipped} invalid line(s) of {dpo.data}; first: {loaded.errors[0]}")
-        from scratchlm.posttrain.sft import _held_out
-
         if dpo.val_data:
             train, val = loaded.items, load_pairs(dpo.val_data, dpo.skip_invalid).items
-        else:
-            # by prompt: every pair of one prompt falls on the same side
-            train = [p for p in loaded.items if not _held_out(p.prompt, dpo.val_fraction)]
-            val = [p for p in loaded.items if _held_out(p.prompt, dpo.val_fraction)]
+        else:  # by prompt: every pair of one prompt falls on the same side
+            train, val = split_held_out(loaded.items, lambda p: p.prompt, dpo.val_fraction)
         context = self.model_config.block_size + 1
         fits = lambda rows: max(len(rows[0][0]), len(rows[1][0])) <= context  # noqa: E731
         self.train_rows = [r for r in self._render(train) if fits(r)]

@@ -127,6 +127,13 @@ def render_all(conversations: list[list[dict]], template: ChatTemplate, context:
     return rows, dropped
 
 
+def split_held_out(items: list, key, fraction: float) -> tuple[list, list]:
+    """(train, held out): ``fraction`` of ``items`` set aside by the hash of ``key(item)``, the same
+    way in every run (conversations by their stripped text, DPO pairs by their prompt)."""
+    out = [_held_out(key(item), fraction) for item in items]
+    return [i for i, o in zip(items, out) if not o], [i for i, o in zip(items, out) if o]
+
+
 def _held_out(messages: list[dict], fraction: float) -> bool:
     import hashlib
 
@@ -164,8 +171,7 @@ class SFTTrainer(Trainer):
         if sft.val_data:
             train, val = loaded.items, load_sft(sft.val_data, sft.skip_invalid).items
         else:
-            train = [c for c in loaded.items if not _held_out(c, sft.val_fraction)]
-            val = [c for c in loaded.items if _held_out(c, sft.val_fraction)]
+            train, val = split_held_out(loaded.items, lambda c: c, sft.val_fraction)
         context = self.model_config.block_size
         rows, dropped = render_all(train, self.template, context, sft.skip_invalid, self.log)
         if dropped:
