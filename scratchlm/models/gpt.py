@@ -153,7 +153,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, 0.0, self.config.init_std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False,
-                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                return_hidden: bool = False):
         """Logits (B, T, V) for ids (B, T), and the mean cross-entropy if ``targets`` are given.
 
         With a :class:`~scratchlm.generate.kv_cache.KVCache` the ids are the *new* positions, after
@@ -163,6 +164,9 @@ class GPT(nn.Module):
         The inference engine packs several sequences into one row: it passes each token's own
         ``positions`` (T,), a paged ``cache`` that knows which tokens belong together, and
         ``logits_at``, the indices of the tokens whose next-token logits it needs.
+
+        ``return_hidden`` adds a third result: the final hidden states (B, T, C), after the last
+        norm, for every position (the input of the reward model's and the value head's scalar).
         """
         B, T = idx.shape
         if positions is None:
@@ -188,7 +192,7 @@ class GPT(nn.Module):
                 x = block(x, layer=i, **attn_kwargs)
         if cache is not None and not cache.paged:
             cache.advance(T)
-        x = self.norm_f(x)
+        x = hidden = self.norm_f(x)
         if last_only:
             x = x[:, -1:, :]
         elif logits_at is not None:
@@ -197,7 +201,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     @torch.no_grad()
     def grow_vocab(self, vocab_size: int, known: int | None = None) -> None:

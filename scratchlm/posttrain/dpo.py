@@ -114,6 +114,8 @@ def batch_of(rows, refs, index: list[int], pad_id: int, device):
 
 
 class DPOTrainer(SFTTrainer):
+    method = "dpo"
+
     def _prepare_data(self, model_section: dict) -> None:
         self._prepare_tokenizer()
         cfg, dpo = self.cfg, self.sft
@@ -214,16 +216,10 @@ class DPOTrainer(SFTTrainer):
 
     def _check_resumable(self) -> dict:
         state = super()._check_resumable()
-        recorded = (state.get("dpo") or {}).get("base_sha256")
+        recorded = (state.get(self.method) or {}).get("base_sha256")
         if recorded and recorded != self.base_sha256:  # the reference is recomputed from the base
-            raise ValueError(f"{self.sft.base} is not the model this DPO run started from (its weights' sha256 "
-                             "differs): the reference would change under the run; resume with the same --checkpoint")
-        return state
-
-    def _state_dict(self, rng_by_rank: list[dict]) -> dict:
-        state = super()._state_dict(rng_by_rank)
-        state["dpo"] = state.pop("sft")
-        state["method"] = "dpo"
+            raise ValueError(f"{self.sft.base} is not the model this {self.method} run started from (its weights' "
+                             "sha256 differs): resume with the same --checkpoint")
         return state
 
 

@@ -142,6 +142,8 @@ def _held_out(messages: list[dict], fraction: float) -> bool:
 
 
 class SFTTrainer(Trainer):
+    method = "sft"  # what a checkpoint records (state["method"], and its settings under that key)
+
     def __init__(self, sft: SFTConfig, cfg: TrainConfig, **kwargs):
         self.sft = sft
         sft.base = str(Path(sft.base).resolve())  # `runs/base/best` -> the step folder it names now
@@ -202,11 +204,10 @@ class SFTTrainer(Trainer):
 
     def _check_resumable(self) -> dict:
         state = super()._check_resumable()
-        method = "dpo" if type(self).__name__ == "DPOTrainer" else "sft"
-        if state.get("method", "pretraining" if not (state.get("sft") or state.get("dpo")) else method) != method:
+        if state.get("method", "pretraining") != self.method:
             raise ValueError(f"{self.out / 'last'} is a {state.get('method', 'pretraining')} run's checkpoint, not "
-                             f"{method}'s: resume it with its own command, or start a new run")
-        recorded = (state.get("sft") or state.get("dpo") or {}).get("base_sha256")
+                             f"{self.method}'s: resume it with its own command, or start a new run")
+        recorded = (state.get(self.method) or {}).get("base_sha256")
         if self.sft.lora_rank and recorded and recorded != self.base_sha256:
             raise ValueError(f"the base checkpoint {self.sft.base} is not the one this run started from (its weights' "
                              "sha256 differs): LoRA adapters only make sense on their own base")
@@ -266,8 +267,8 @@ class SFTTrainer(Trainer):
         return {"tokenizer": self.tokenizer, "files": files}
 
     def _state_dict(self, rng_by_rank: list[dict]) -> dict:
-        return {**super()._state_dict(rng_by_rank), "sft": {**asdict(self.sft), "base_sha256": self.base_sha256},
-                "method": "sft"}
+        return {**super()._state_dict(rng_by_rank), self.method: {**asdict(self.sft), "base_sha256": self.base_sha256},
+                "method": self.method}
 
     @torch.no_grad()
     def evaluate(self) -> float:
