@@ -296,9 +296,7 @@ def cmd_dpo(args) -> None:
     if args.beta is not None:
         method["beta"] = args.beta
     summary = dpo(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
-    metrics = Path(args.out) / "metrics.jsonl"  # rank 0 writes it: on other machines it may not be there
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    evals = [r for r in records if "val_rewards/accuracies" in r]
+    evals = _evaluations(args.out, "val_rewards/accuracies")
     summary["eval"] = evals
     text = f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out DPO loss {summary['best_val_loss']:.4f}"
     if evals:
@@ -306,6 +304,28 @@ def cmd_dpo(args) -> None:
                  f"after {evals[-1]['val_preference_accuracy']:.1%} (step {evals[-1]['step']}); rewards/accuracies "
                  f"{evals[-1]['val_rewards/accuracies']:.1%}, margin {evals[-1]['val_rewards/margins']:.3f}")
     _emit(args, summary, text + f"\ncheckpoints: {args.out}/best, {args.out}/last")
+
+
+def cmd_reward_model(args) -> None:
+    from scratchlm.posttrain.reward import train_reward_model
+
+    method, train = _posttrain_sections(args, "reward_model")
+    summary = train_reward_model(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
+    evals = _evaluations(args.out, "val_accuracy")
+    summary["eval"] = evals
+    text = f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out loss {summary['best_val_loss']:.4f}"
+    if evals:
+        text += (f"\nheld-out pair accuracy {evals[0]['val_accuracy']:.1%} (step {evals[0]['step']}) -> "
+                 f"{evals[-1]['val_accuracy']:.1%} (step {evals[-1]['step']}), margin {evals[-1]['val_margin']:.3f}")
+    _emit(args, summary, text + f"\ncheckpoints: {args.out}/best, {args.out}/last (model + reward_head.safetensors)")
+
+
+def _evaluations(out: str, key: str) -> list[dict]:
+    """The evaluation records of a run's metrics.jsonl that carry ``key`` (rank 0 writes the file:
+    on other machines of a multi-machine run it may not be there)."""
+    metrics = Path(out) / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    return [r for r in records if key in r]
 
 
 def cmd_sft(args) -> None:
@@ -679,6 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
                     'JSONL pairs: {"prompt", "chosen", "rejected"}')
     q.add_argument("--beta", type=float, help="strength of the pull towards the reference (default 0.1)")
     q.set_defaults(func=cmd_dpo)
+
+    q = sub.add_parser("reward-model", help="a reward model (scalar head, Bradley-Terry loss) on preference pairs")
+    posttrain_flags(q, "reward_model", "the starting model (usually the SFT model)",
+                    'JSONL pairs: {"prompt", "chosen", "rejected"}')
+    q.set_defaults(func=cmd_reward_model)
 
     q = sub.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA), masked to the replies")
     posttrain_flags(q, "sft", "the base (pretrained) checkpoint",
