@@ -320,6 +320,27 @@ def cmd_reward_model(args) -> None:
     _emit(args, summary, text + f"\ncheckpoints: {args.out}/best, {args.out}/last (model + reward_head.safetensors)")
 
 
+def cmd_rl(args) -> None:
+    """``scratchlm ppo`` and ``scratchlm grpo``."""
+    from scratchlm.posttrain.grpo import grpo
+    from scratchlm.posttrain.ppo import ppo
+
+    method, train = _posttrain_sections(args, args.command)
+    if getattr(args, "reward_model", None):
+        method["reward_model"] = args.reward_model
+    run = ppo if args.command == "ppo" else grpo
+    summary = run(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
+    evals = _evaluations(args.out, "val_reward")
+    summary["eval"] = evals
+    text = f"done: {summary['steps']} steps ({summary['stop_reason']}), {summary['seconds']:.0f}s"
+    if evals:
+        first, last = evals[0], evals[-1]
+        text += f"\nheld-out reward (greedy) {first['val_reward']:.3f} (step {first['step']}) -> {last['val_reward']:.3f} (step {last['step']})"
+        if "val_exact_match" in last:
+            text += f", exact match {first['val_exact_match']:.1%} -> {last['val_exact_match']:.1%}"
+    _emit(args, summary, text + f"\ncheckpoints: {args.out}/best (highest held-out reward), {args.out}/last")
+
+
 def _evaluations(out: str, key: str) -> list[dict]:
     """The evaluation records of a run's metrics.jsonl that carry ``key`` (rank 0 writes the file:
     on other machines of a multi-machine run it may not be there)."""
@@ -704,6 +725,17 @@ def build_parser() -> argparse.ArgumentParser:
     posttrain_flags(q, "reward_model", "the starting model (usually the SFT model)",
                     'JSONL pairs: {"prompt", "chosen", "rejected"}')
     q.set_defaults(func=cmd_reward_model)
+
+    q = sub.add_parser("ppo", help="PPO: sampled replies scored by a reward model (or the answers), KL to the start")
+    posttrain_flags(q, "ppo", "the starting policy, also the frozen reference (an SFT model)",
+                    'JSONL prompts: {"prompt", "answer"} (the answer may be left out with --reward-model)')
+    q.add_argument("--reward-model", help="a `scratchlm reward-model` checkpoint (default: reward = exact answer)")
+    q.set_defaults(func=cmd_rl)
+
+    q = sub.add_parser("grpo", help="GRPO: groups of sampled replies, verifiable rewards, group-normalised advantages")
+    posttrain_flags(q, "grpo", "the starting policy, also the frozen reference (an SFT model)",
+                    'JSONL prompts with the exact answer: {"prompt", "answer"}')
+    q.set_defaults(func=cmd_rl)
 
     q = sub.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA), masked to the replies")
     posttrain_flags(q, "sft", "the base (pretrained) checkpoint",

@@ -80,3 +80,13 @@ def task_base(tmp_path_factory):
                          norm="rmsnorm", mlp="swiglu", bias=False, dropout=0.0))
     save_model_only(root / "base", base, tokenizer=tok)
     return root
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n 2``) each worker computes with one thread: two workers of two
+    threads each on a 2-core machine make every small op wait for a descheduled thread (tiny
+    training steps ran 10-30x slower)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

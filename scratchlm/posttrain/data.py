@@ -47,12 +47,14 @@ class Pair:
 @dataclass
 class PromptWithAnswer:
     prompt: list[dict]
-    answer: str
+    answer: str | None  # None: a bare prompt (a reward model judges its replies)
     task: str | None = None
     where: str = "a prompt"
 
     def reward(self, completion: str) -> float:
         """1 for an exact answer (surrounding whitespace ignored), else 0."""
+        if self.answer is None:
+            raise ValueError(f"{self.where} has no answer to check a reply against")
         return float(check(self.answer, completion))
 
 
@@ -93,10 +95,11 @@ def _pair(record: dict) -> Pair:
     return Pair(_messages(record["prompt"], "prompt"), _text(record, "chosen"), _text(record, "rejected"))
 
 
-def _prompt(record: dict) -> PromptWithAnswer:
-    if "prompt" not in record or "answer" not in record:
+def _prompt(record: dict, require_answer: bool = True) -> PromptWithAnswer:
+    if "prompt" not in record or (require_answer and "answer" not in record):
         raise ValueError('expected {"prompt", "answer"} (a prompt and the exact answer a verifier accepts)')
-    return PromptWithAnswer(_messages(record["prompt"], "prompt"), _text(record, "answer"), record.get("task"))
+    answer = _text(record, "answer") if record.get("answer") is not None else None
+    return PromptWithAnswer(_messages(record["prompt"], "prompt"), answer, record.get("task"))
 
 
 def _text(record: dict, key: str) -> str:
@@ -145,8 +148,10 @@ def load_pairs(path: str | Path, skip_invalid: bool = False) -> Loaded:
     return _load(path, _pair, skip_invalid)
 
 
-def load_prompts(path: str | Path, skip_invalid: bool = False) -> Loaded:
-    return _load(path, _prompt, skip_invalid)
+def load_prompts(path: str | Path, skip_invalid: bool = False, require_answer: bool = True) -> Loaded:
+    """Prompts with their answers; ``require_answer=False`` also takes bare ``{"prompt"}`` lines
+    (PPO with a reward model needs no answer)."""
+    return _load(path, lambda record: _prompt(record, require_answer), skip_invalid)
 
 
 def write_task_data(out: str | Path, tasks: list[str], *, train: int = 2000, test: int = 200, difficulty: int = 2,

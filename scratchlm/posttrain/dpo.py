@@ -25,11 +25,12 @@ the chosen reply likelier (and the reference's, for comparison).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from scratchlm.config import Rule, validate
+from scratchlm.config import Rule
 from scratchlm.posttrain.data import Pair, load_pairs
 from scratchlm.posttrain.sft import _RULES as SFT_RULES
 from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig, SFTTrainer, collate, split_held_out
@@ -44,18 +45,9 @@ class DPOConfig(SFTConfig):
     disable_dropout: bool = True  # dropout would make the policy's log-probs noisy and biased against the reference's
     rpo_alpha: float = 0.0  # > 0: add alpha x the chosen replies' per-token NLL (RPO; TRL's rpo_alpha)
 
-    def __post_init__(self):
-        validate(self, "dpo", {**SFT_RULES, "beta": Rule(above=0)})
-        if not self.base or not self.data:
-            from scratchlm.config import ConfigError
-
-            raise ConfigError("dpo.base (a checkpoint) and dpo.data (a JSONL file of pairs) are required")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DPOConfig:
-        from scratchlm.config import dataclass_from_dict
-
-        return dataclass_from_dict(cls, d, "dpo")
+    SECTION: ClassVar[str] = "dpo"
+    RULES: ClassVar[dict] = {**SFT_RULES, "beta": Rule(above=0)}
+    DATA: ClassVar[str] = "a JSONL file of pairs"
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

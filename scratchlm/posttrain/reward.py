@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -45,11 +46,8 @@ HEAD_FILE = "reward_head.safetensors"
 class RewardConfig(SFTConfig):
     """The reward model's settings: the base checkpoint and pairs, as for DPO."""
 
-    @classmethod
-    def from_dict(cls, d: dict) -> RewardConfig:
-        from scratchlm.config import dataclass_from_dict
-
-        return dataclass_from_dict(cls, d, "reward_model")
+    SECTION: ClassVar[str] = "reward_model"
+    DATA: ClassVar[str] = "a JSONL file of pairs"
 
 
 def add_scalar_head(model: nn.Module, name: str = "score", zero: bool = False) -> nn.Linear:
@@ -172,8 +170,8 @@ class RewardTrainer(DPOTrainer):
         _load_with_head(folder, self.model, "score")
 
 
-def _load_with_head(folder: Path, model: nn.Module, name: str) -> None:
-    """Load a GPT's weights and a head saved beside them (``HEAD_FILE``) into ``model.<name>``."""
+def _load_with_head(folder: Path, model: nn.Module, name: str, file: str = HEAD_FILE) -> None:
+    """Load a GPT's weights and a head saved beside them (``file``) into ``model.<name>``."""
     from scratchlm.models.checkpoint import FormatError
 
     head = getattr(model, name)
@@ -184,9 +182,9 @@ def _load_with_head(folder: Path, model: nn.Module, name: str) -> None:
         load_weights(folder, model)
     finally:
         setattr(model, name, head)
-    tensors = load_tensors(folder, HEAD_FILE)
+    tensors = load_tensors(folder, file)
     if set(tensors) != {"weight", "bias"} or tuple(tensors["weight"].shape) != tuple(head.weight.shape):
-        raise FormatError(f"{folder / HEAD_FILE}: not a scalar head for this model (expected weight "
+        raise FormatError(f"{folder / file}: not a scalar head for this model (expected weight "
                           f"{tuple(head.weight.shape)} and bias)")
     with torch.no_grad():
         head.weight.copy_(tensors["weight"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -55,16 +56,21 @@ class SFTConfig:
     eval_max_tokens: int = 32  # reply length at most, for the exact-match evaluation
     learn_end_of_turn: bool = True  # False: leave <|im_end|> out of the mask (the classic bug, for the docs' demo)
 
+    # Each method's config extends this one: its [section] name, its rules, and what its data is.
+    SECTION: ClassVar[str] = "sft"
+    RULES: ClassVar[dict] = _RULES
+    DATA: ClassVar[str] = "a JSONL file of conversations"
+
     def __post_init__(self):
-        validate(self, "sft", _RULES)
+        validate(self, self.SECTION, self.RULES)
         if not self.base or not self.data:
-            raise ConfigError("sft.base (a checkpoint) and sft.data (a JSONL file) are required")
+            raise ConfigError(f"{self.SECTION}.base (a checkpoint) and {self.SECTION}.data ({self.DATA}) are required")
 
     @classmethod
-    def from_dict(cls, d: dict) -> SFTConfig:
+    def from_dict(cls, d: dict):
         from scratchlm.config import dataclass_from_dict
 
-        return dataclass_from_dict(cls, d, "sft")
+        return dataclass_from_dict(cls, d, cls.SECTION)
 
 
 class ConversationBatches:
@@ -296,8 +302,9 @@ class SFTTrainer(Trainer):
 
 
 def generate_replies(model, tokenizer, prompts: list[list[dict]], max_tokens: int = 32, **engine_options) -> list[dict]:
-    """Greedy assistant replies, batched through the inference engine: ``text`` and whether the
-    reply ended with ``<|im_end|>`` (``ended``) rather than running out of tokens."""
+    """Greedy assistant replies, batched through the inference engine: ``text``, whether the
+    reply ended with ``<|im_end|>`` (``ended``) rather than running out of tokens, and the ids
+    (``prompt_ids``, ``token_ids``)."""
     from scratchlm.serve import LLM, SamplingParams
 
     template = ChatTemplate(tokenizer)
@@ -314,7 +321,8 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_tokens: in
         outs = LLM(model, tokenizer, weight_format="dense", **options).generate(ids, params)
     finally:
         model.train(was_training)
-    return [{"text": o.text, "ended": bool(o.token_ids) and o.token_ids[-1] == template.end_id} for o in outs]
+    return [{"text": o.text, "ended": bool(o.token_ids) and o.token_ids[-1] == template.end_id,
+             "prompt_ids": o.prompt_token_ids, "token_ids": o.token_ids} for o in outs]
 
 
 def exact_match(model, tokenizer, prompts, max_tokens: int = 32) -> dict:

@@ -1,0 +1,88 @@
+"""GRPO: Group Relative Policy Optimization (Shao et al., 2024, DeepSeekMath §4.1), with verifiable rewards.
+
+PPO needs a value model to say what reward a prompt usually earns; GRPO asks the policy itself.
+For each prompt it samples a *group* of G replies, scores each with a verifier (1 for the exact
+answer, 0 otherwise: "RL from verifiable rewards", no reward model to fool), and uses the group
+as the baseline::
+
+    A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + 1e-4)        for every token of reply i
+
+A reply better than its siblings is made likelier, a worse one less likely. A group whose
+replies all earn the same reward (all right or all wrong) teaches nothing: its advantages are 0
+(``frac_reward_zero_std`` counts those; a task too easy or too hard for the model shows up here
+first). The loss is PPO's clipped surrogate on these advantages, plus optionally β·KL(π ‖ π_ref)
+with the per-token estimator ``exp(ref − logp) − (ref − logp) − 1`` (≥ 0, unbiased, and 0 where
+the policy equals the reference). Losses are averaged over all reply tokens of a micro-batch.
+
+``scale_rewards = false`` drops the division by the group's std (Dr. GRPO, Liu et al., 2025:
+it over-weights groups that are nearly all right or all wrong).
+
+    scratchlm grpo --checkpoint runs/sft/best --data tasks/prompts-train.jsonl --out runs/grpo
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from scratchlm.posttrain.rl import (RLConfig, RLTrainer, clipped_surrogate, masked_mean,
+                                    rl_train_config, token_entropy, token_logps)
+from scratchlm.train.trainer import run_trainer
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    samples_per_prompt: int = 8  # G, the group size
+    kl_coef: float = 0.04  # β (DeepSeekMath's); 0 keeps no reference model at all
+    scale_rewards: bool = True  # divide by the group's reward std (False: Dr. GRPO)
+
+    SECTION: ClassVar[str] = "grpo"
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, dict]:
+    """(N,) rewards in groups of ``group_size`` consecutive replies -> (N,) advantages, and stats."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.view(-1, group_size).float()
+    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    advantages = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (std + 1e-4)
+    stats = {"reward": r.mean().item(), "reward_std": std.mean().item(),
+             "frac_reward_zero_std": (std < 1e-6).float().mean().item()}
+    return advantages.view(-1), stats
+
+
+class GRPOTrainer(RLTrainer):
+    method = "grpo"
+
+    def _advantages(self, rewards, mask, old_logps, ref_logps, values):
+        advantages, stats = group_advantages(rewards, self.sft.samples_per_prompt, self.sft.scale_rewards)
+        zeros = torch.zeros_like(mask)
+        return advantages[:, None] * mask, zeros, stats
+
+    def _objective(self, logits, hidden, batch):
+        _, y, mask, old_logps, ref_logps, advantages, _, _ = batch
+        logps = token_logps(logits, y)
+        loss, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.sft.clip)
+        if self.reference is not None:
+            d = ref_logps - logps
+            kl = masked_mean(torch.exp(d) - d - 1, mask)
+            loss = loss + self.sft.kl_coef * kl
+        else:
+            kl = torch.zeros((), device=logits.device)
+        with torch.no_grad():
+            stats["kl"] = kl.detach()
+            stats["entropy"] = masked_mean(token_entropy(logits), mask)
+        return loss, {("clip_ratio" if k == "clipfrac" else k): v for k, v in stats.items()}
+
+
+def grpo(grpo_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
+         overwrite: bool = False, reward_fn=None) -> dict:
+    """GRPO from ``grpo_config["base"]`` (an SFT model) on prompts with answers."""
+    gcfg = GRPOConfig.from_dict(grpo_config)
+    cfg = rl_train_config(train_config)
+    return run_trainer(lambda: GRPOTrainer(gcfg, cfg, reward_fn=reward_fn, resume=resume,
+                                         progress=progress, overwrite=overwrite))

@@ -1,0 +1,145 @@
+"""PPO for language models, as in InstructGPT (Ouyang et al., 2022) and "The N+ implementation
+details of RLHF with PPO" (Huang et al., 2024).
+
+Each reply is an episode; each generated token an action. The environment pays at the end: the
+reward model's score of the whole reply (or a verifier's 0/1). On the way, each token pays a
+KL penalty for straying from the reference (the SFT model)::
+
+    r_t = −β · (log π_old(a_t) − log π_ref(a_t))         (+ score at the reply's last token)
+
+A **value head** (a scalar on the policy's own final hidden state) learns to predict the return
+from each position; **GAE** (Schulman et al., 2016) turns rewards and values into advantages with
+a bias–variance knob λ (0.95)::
+
+    δ_t = r_t + γ·V(t+1) − V(t),      A_t = δ_t + γλ·A_{t+1}       (γ = 1: the episode is short)
+
+Advantages are whitened over the rollout (rewards mean nothing on their own, see
+:mod:`scratchlm.posttrain.reward`), the value head's target is ``A_t + V(t)``. The loss of a
+micro-batch is the clipped policy loss plus ``vf_coef`` × the value loss, itself clipped around
+the rollout-time values (a value estimate cannot jump further than ``value_clip`` per rollout)::
+
+    loss = mean_t max(−A·ratio, −A·clip(ratio, 1±ε)) + vf_coef · ½ mean_t max((V − R)², (V_clipped − R)²)
+
+Metrics as TRL names them: ``objective/scores``, ``objective/kl``, ``objective/rlhf_reward``,
+``policy/entropy``, ``policy/clipfrac``, ``policy/approxkl``, ``loss/policy``, ``loss/value``,
+``value/clipfrac``.
+
+    scratchlm ppo --checkpoint runs/sft/best --reward-model runs/rm/best --data prompts.jsonl --out runs/ppo
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+
+from scratchlm.config import Rule
+from scratchlm.posttrain.rl import (_RL_RULES, RLConfig, RLTrainer, clipped_surrogate, masked_mean,
+                                    rl_train_config, token_entropy, token_logps)
+from scratchlm.train.trainer import run_trainer
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    reward_model: str | None = None  # a `scratchlm reward-model` checkpoint; None: the prompts' answers verify
+    epochs: int = 4  # PPO epochs per rollout
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE's λ
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
+    whiten_advantages: bool = True
+
+    SECTION: ClassVar[str] = "ppo"
+    RULES: ClassVar[dict] = {**_RL_RULES, "gamma": Rule(min=0, max=1), "lam": Rule(min=0, max=1),
+                             "vf_coef": Rule(min=0), "value_clip": Rule(above=0)}
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimates over each row's reply tokens (mask 1, contiguous):
+    (B, T) rewards, values, mask -> (advantages, returns), 0 outside the reply."""
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        going_on = mask[:, t + 1] if t + 1 < T else torch.zeros_like(running)  # does the episode continue?
+        next_value = values[:, t + 1] * going_on if t + 1 < T else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * going_on * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+class PPOTrainer(RLTrainer):
+    method = "ppo"
+    value_head = True
+
+    @property
+    def needs_answers(self) -> bool:
+        if self.reward_fn is not None and self.sft.reward_model is not None:
+            raise ValueError("give ppo.reward_model or a reward function, not both")
+        return self.reward_fn is None and self.sft.reward_model is None
+
+    @cached_property
+    def reward_model(self):
+        from scratchlm.posttrain.reward import load_reward_model
+
+        rm = load_reward_model(self.sft.reward_model, device=self.device)
+        if rm.tokenizer.fingerprint != self.tokenizer.fingerprint:
+            raise ValueError(f"the reward model {self.sft.reward_model} reads another tokenizer than the policy's: "
+                             "train it from the same base (or SFT model) as the policy")
+        return rm
+
+    def _rewards(self, prompts, texts, ids):
+        if self.sft.reward_model is None:
+            return super()._rewards(prompts, texts, ids)
+        # The reward model reads the very ids the policy sampled (a reply may hold a special token
+        # that no text could be rendered back into), closed by <|im_end|> as in its training pairs.
+        end = self.template.end_id
+        return self.reward_model.score_ids([row if row[-1] == end else row + [end] for row in ids])
+
+    def _advantages(self, rewards, mask, old_logps, ref_logps, values):
+        rl = self.sft
+        kl = (old_logps - ref_logps) * mask
+        per_token = -rl.kl_coef * kl
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=-1)  # each reply's final token
+        per_token[torch.arange(mask.shape[0], device=mask.device), last] += rewards
+        advantages, returns = gae(per_token, values, mask, rl.gamma, rl.lam)
+        if rl.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        kl_sum = kl.sum(-1)
+        stats = {"objective/scores": rewards.mean().item(), "objective/kl": kl_sum.mean().item(),
+                 "objective/rlhf_reward": (rewards - rl.kl_coef * kl_sum).mean().item()}
+        return advantages, returns, stats
+
+    def _objective(self, logits, hidden, batch):
+        _, y, mask, old_logps, _, advantages, returns, old_values = batch
+        logps = token_logps(logits, y)
+        policy_loss, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.sft.clip)
+        values = self.model.value_head(hidden.float())[..., 0]
+        clipped = old_values + torch.clamp(values - old_values, -self.sft.value_clip, self.sft.value_clip)
+        losses, losses_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+        value_loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
+        with torch.no_grad():
+            out = {f"policy/{k}": v for k, v in stats.items()}
+            out.update({"policy/entropy": masked_mean(token_entropy(logits), mask), "loss/policy": policy_loss.detach(),
+                        "loss/value": value_loss.detach(),
+                        "value/clipfrac": masked_mean((losses_clipped > losses).float(), mask)})
+        return policy_loss + self.sft.vf_coef * value_loss, out
+
+
+def ppo(ppo_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
+        overwrite: bool = False, reward_fn=None) -> dict:
+    """PPO from ``ppo_config["base"]`` (an SFT model) with a reward model or the prompts' answers."""
+    pcfg = PPOConfig.from_dict(ppo_config)
+    cfg = rl_train_config(train_config)
+    return run_trainer(lambda: PPOTrainer(pcfg, cfg, reward_fn=reward_fn, resume=resume,
+                                        progress=progress, overwrite=overwrite))

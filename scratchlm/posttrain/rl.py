@@ -1,0 +1,412 @@
+"""Reinforcement learning on a language model: what PPO and GRPO share.
+
+Both repeat one loop (:mod:`scratchlm.posttrain.ppo`, :mod:`scratchlm.posttrain.grpo` fill in
+the two method-specific steps):
+
+1. **Roll out.** Draw prompts, let the current policy *sample* replies (temperature 1, through the
+   inference engine's batched generation), and score each reply: a verifier (1 for the exact
+   answer, 0 otherwise) or a reward model.
+2. **Remember the old policy.** One no-grad forward pass gives each reply token's log-probability
+   under the policy that sampled it (``old_logps``) and under the frozen reference, the model
+   as training started (``ref_logps``): the KL penalty keeps the policy near it.
+3. **Advantages** (method-specific): how much better than expected each token turned out.
+4. **Several optimizer steps on that one rollout** (``epochs`` passes over it in ``batch_size``
+   micro-batches), maximising the clipped surrogate of PPO (Schulman et al., 2017)::
+
+       ratio = π(token) / π_old(token)          # 1 on the first step: policy = old policy
+       objective = min(ratio · A, clip(ratio, 1 − ε, 1 + ε) · A)
+
+   The clip removes the incentive to move a token's probability further than a factor 1 ± ε
+   (ε = 0.2) from the policy that sampled it: the rollout stays a fair sample of the policy it
+   is trained on, and one lucky batch cannot throw the policy far.
+
+On the trainer, one *step* is one optimizer step on ``grad_accum`` micro-batches of the current
+rollout; a new rollout is made whenever the current one has been used ``epochs`` times. A
+checkpoint keeps the rollout being trained on (``rollouts.safetensors``) with the loader's random
+state, so a resumed run continues with the same rollout and the same next one: exact resume.
+The "validation loss" that picks ``best`` is minus the mean reward of *greedy* replies to
+held-out prompts (so ``best`` is the most rewarded checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from scratchlm.config import Rule
+from scratchlm.models.checkpoint import load_tensors
+from scratchlm.posttrain.data import load_prompts
+from scratchlm.posttrain.sft import _RULES as SFT_RULES
+from scratchlm.posttrain.sft import SFTConfig, SFTTrainer, collate, generate_replies, split_held_out
+
+ROLLOUT_FILE = "rollouts.safetensors"
+
+_RL_RULES = {**SFT_RULES, "prompts_per_rollout": Rule(min=1), "samples_per_prompt": Rule(min=1),
+             "max_new_tokens": Rule(min=1), "temperature": Rule(above=0, why="RL must sample: > 0"),
+             "epochs": Rule(min=1), "clip": Rule(above=0, below=1), "kl_coef": Rule(min=0),
+             "missing_end_penalty": Rule(min=0)}
+
+
+@dataclass
+class RLConfig(SFTConfig):
+    prompts_per_rollout: int = 16  # prompts drawn per rollout (per process)
+    samples_per_prompt: int = 1  # replies sampled per prompt (GRPO's group size)
+    max_new_tokens: int = 16  # reply length at most (also for the held-out evaluation)
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    epochs: int = 1  # passes over each rollout (PPO's ppo_epochs, GRPO's num_iterations)
+    clip: float = 0.2  # ε of the clipped ratio
+    kl_coef: float = 0.05  # weight of the KL penalty to the reference (0: no reference kept)
+    missing_end_penalty: float = 0.0  # subtracted from the reward of a reply cut off by max_new_tokens
+    disable_dropout: bool = True  # dropout would make ratios != 1 where the policy did not change
+
+    RULES: ClassVar[dict] = _RL_RULES
+    DATA: ClassVar[str] = 'a JSONL file of prompts, {"prompt", "answer"}'
+
+    @property
+    def rollout_size(self) -> int:
+        return self.prompts_per_rollout * self.samples_per_prompt
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log π(target) at every position: (B, T, V), (B, T) -> (B, T) float32."""
+    z = logits.float()
+    return z.gather(-1, targets.clamp_min(0)[..., None])[..., 0] - torch.logsumexp(z, dim=-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at every position: (B, T, V) -> (B, T)."""
+    z = logits.float()
+    return torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the reply tokens (mask 1): every token of the micro-batch weighs the same."""
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def clipped_surrogate(logps, old_logps, advantages, mask, clip: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped policy loss (to minimise: minus the objective), per-token mean, and how
+    often the clip was active."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "ratio": masked_mean(ratio, mask),
+                 "ratio_max_deviation": ((ratio - 1).abs() * mask).max(),
+                 "approxkl": masked_mean(0.5 * (logps - old_logps) ** 2, mask)}
+    return loss, stats
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled replies, everything the optimizer steps need, as (N, T) tensors."""
+
+    x: torch.Tensor  # input ids (prompt + reply, right-padded)
+    y: torch.Tensor  # next ids (-1 at padding)
+    mask: torch.Tensor  # 1 at reply tokens (y is a token the policy sampled)
+    old_logps: torch.Tensor
+    ref_logps: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor  # PPO's value targets (zeros for GRPO)
+    values: torch.Tensor  # PPO's value estimates at rollout time (zeros for GRPO)
+    metrics: dict  # floats: reward, KL, lengths ... of this rollout
+
+    FIELDS: ClassVar[tuple] = ("x", "y", "mask", "old_logps", "ref_logps", "advantages", "returns", "values")
+
+    def rows(self, index: torch.Tensor) -> tuple:
+        return tuple(getattr(self, f)[index] for f in self.FIELDS)
+
+
+class RolloutLoader:
+    """The trainer's ``train_loader``: micro-batches of the current rollout, ``epochs`` shuffled
+    passes over it, then a fresh rollout from ``make_rollout()``. Its ``generator`` draws the
+    prompts, the samples' seeds and the shuffles, so its saved state plus the saved rollout
+    make resume exact."""
+
+    def __init__(self, make_rollout, size: int, batch_size: int, epochs: int, seed: int, device):
+        self.make_rollout, self.size, self.batch_size, self.epochs = make_rollout, size, batch_size, epochs
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rollout: Rollout | None = None
+        self.order = torch.zeros(0, dtype=torch.long)
+        self.cursor = 0
+        self.made = 0  # rollouts made so far
+        self.epoch = 0  # which pass over the current rollout the last micro-batch belonged to
+
+    def get_batch(self):
+        if self.rollout is None or self.cursor >= len(self.order):
+            self.rollout = self.make_rollout(self.generator)
+            self.made += 1
+            self.order = torch.cat([torch.randperm(self.size, generator=self.generator) for _ in range(self.epochs)])
+            self.cursor = 0
+        index = self.order[self.cursor : self.cursor + self.batch_size]
+        self.epoch = self.cursor // self.size
+        self.cursor += self.batch_size
+        return tuple(t.to(self.device) for t in self.rollout.rows(index))
+
+    def state(self) -> dict[str, torch.Tensor] | None:
+        if self.rollout is None:
+            return None
+        r = self.rollout
+        tensors = {f: getattr(r, f).detach().cpu().contiguous() for f in Rollout.FIELDS}
+        tensors["order"] = self.order.clone()
+        tensors["position"] = torch.tensor([self.cursor, self.made])
+        tensors["metric_values"] = torch.tensor([r.metrics[k] for k in sorted(r.metrics)], dtype=torch.float64)
+        return {"tensors": tensors, "metric_names": sorted(r.metrics)}
+
+    def load(self, saved: dict) -> None:
+        t = saved["tensors"]
+        metrics = dict(zip(saved["metric_names"], t["metric_values"].tolist()))
+        self.rollout = Rollout(**{f: t[f] for f in Rollout.FIELDS}, metrics=metrics)
+        self.order = t["order"]
+        self.cursor, self.made = (int(v) for v in t["position"])
+
+
+class RLTrainer(SFTTrainer):
+    """The shared loop; subclasses define ``_advantages`` (from rewards to per-token advantages)
+    and ``_objective`` (the loss of one micro-batch)."""
+
+    @property
+    def needs_answers(self) -> bool:
+        """Whether every prompt must carry an answer: yes for the verifier, the default reward."""
+        return self.reward_fn is None
+    value_head = False  # PPO trains a value head on the policy's trunk
+
+    def __init__(self, config: RLConfig, train_config, *, reward_fn=None, **kwargs):
+        """``reward_fn(prompt, text) -> float`` replaces the verifier (``prompt`` a
+        :class:`~scratchlm.posttrain.data.PromptWithAnswer`, ``text`` the reply): any programmatic
+        reward, as TRL's ``reward_funcs``."""
+        self.reward_fn = reward_fn
+        super().__init__(config, train_config, **kwargs)
+
+    # --- data -------------------------------------------------------------------------------
+    def _prepare_data(self, model_section: dict) -> None:
+        self._prepare_tokenizer()
+        rl, cfg = self.sft, self.cfg
+        if (rl.rollout_size % (cfg.batch_size * cfg.grad_accum)) != 0:
+            raise ValueError(f"a rollout of {rl.prompts_per_rollout} prompts x {rl.samples_per_prompt} samples = "
+                             f"{rl.rollout_size} replies must split into optimizer steps of batch_size x grad_accum "
+                             f"= {cfg.batch_size * cfg.grad_accum}: change one of them")
+        need = self.needs_answers
+        loaded = load_prompts(rl.data, rl.skip_invalid, require_answer=need)
+        if loaded.skipped:
+            self.log(f"skipped {loaded.skipped} invalid line(s) of {rl.data}; first: {loaded.errors[0]}")
+        if rl.val_data:
+            train, val = loaded.items, load_prompts(rl.val_data, rl.skip_invalid, require_answer=need).items
+        else:
+            train, val = split_held_out(loaded.items, lambda p: p.prompt, rl.val_fraction)
+        context = self.model_config.block_size
+        self.eval_max_tokens = rl.max_new_tokens
+        if rl.max_new_tokens >= context:
+            raise ValueError(f"max_new_tokens ({rl.max_new_tokens}) must be below the context ({context})")
+        self.train_prompts = [p for p in train if self._fits(p)]
+        self.val_prompts = [p for p in val if self._fits(p)][: cfg.eval_windows]
+        if len(self.train_prompts) < len(train):
+            self.log(f"dropped {len(train) - len(self.train_prompts)} prompts that leave fewer than max_new_tokens "
+                     f"({rl.max_new_tokens}) positions of the context ({context}) for a reply")
+        if not self.train_prompts or not self.val_prompts:
+            raise ValueError("no training or no held-out prompt fits the context with max_new_tokens: give "
+                             f"{rl.SECTION}.val_data, shorter prompts, or a smaller max_new_tokens")
+        self.val_conversations = [p.prompt + [{"role": "assistant", "content": p.answer or ""}] for p in self.val_prompts]
+
+    def _fits(self, prompt) -> bool:
+        """Whether a prompt leaves max_new_tokens positions of the context; one the template refuses
+        (a character the tokenizer lacks, a special token in its text) raises with its file and
+        line, or is skipped with skip_invalid."""
+        try:
+            n = len(self.template.prompt_ids(prompt.prompt))
+        except ValueError as e:
+            if not self.sft.skip_invalid:
+                raise ValueError(f"{prompt.where}: {e} (or pass --skip-invalid to skip it)") from None
+            self.log(f"skipped {prompt.where}: {e}")
+            return False
+        reserve = 1 if getattr(self.sft, "reward_model", None) else 0  # the <|im_end|> a reward model reads after a cut reply
+        return n + self.sft.max_new_tokens + reserve <= self.model_config.block_size
+
+    # --- model ------------------------------------------------------------------------------
+    def _initial_model(self):
+        from scratchlm.posttrain.reward import add_scalar_head
+
+        if self.sft.lora_rank:
+            raise ValueError(f"{self.method} trains the whole policy here (lora_rank must be 0)")
+        model = super()._initial_model().to(self.device)
+        if self.sft.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        self.reference = None
+        if self.sft.kl_coef > 0:  # the model as training starts, frozen
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.value_head:
+            add_scalar_head(model, "value_head", zero=True)
+        self.train_loader = RolloutLoader(self._make_rollout, self.sft.rollout_size, self.cfg.batch_size,
+                                          self.sft.epochs, self.cfg.seed + self.rank, self.device)
+        return model
+
+    # --- rollouts ---------------------------------------------------------------------------
+    def _sample(self, prompts: list, generator: torch.Generator) -> list:
+        """``samples_per_prompt`` sampled replies per prompt through the inference engine, each
+        with its own seed (the same tokens alone or in any batch): (token ids, text, ended)."""
+        from scratchlm.serve import LLM, SamplingParams
+
+        rl, template = self.sft, self.template
+        ids = [template.prompt_ids(p.prompt) for p in prompts for _ in range(rl.samples_per_prompt)]
+        seeds = torch.randint(2**62, (len(ids),), generator=generator).tolist()
+        params = [SamplingParams(max_tokens=rl.max_new_tokens, temperature=rl.temperature, seed=s,
+                                 stop_token_ids=[template.end_id], ignore_eos=True) for s in seeds]
+        context = self.model_config.block_size
+        seqs = min(len(ids), 64)
+        llm = LLM(self.model, self.tokenizer, weight_format="dense", max_num_seqs=seqs,
+                  num_blocks=seqs * -(-context // 16))
+        outs = llm.generate(ids, params)
+        failed = [o for o in outs if o.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"a rollout reply failed: {failed[0].error}")
+        return [(o.token_ids, o.text, bool(o.token_ids) and o.token_ids[-1] == template.end_id) for o in outs], ids
+
+    @torch.no_grad()
+    def _make_rollout(self, generator: torch.Generator) -> Rollout:
+        rl = self.sft
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            picks = torch.randint(len(self.train_prompts), (rl.prompts_per_rollout,), generator=generator).tolist()
+            prompts = [self.train_prompts[i] for i in picks]
+            replies, prompt_ids = self._sample(prompts, generator)
+            expanded = [p for p in prompts for _ in range(rl.samples_per_prompt)]
+            rewards = self._rewards(expanded, [t for _, t, _ in replies],
+                                    [p + r for p, (r, _, _) in zip(prompt_ids, replies)])
+            ended = torch.tensor([e for _, _, e in replies], dtype=torch.float32)
+            rewards = rewards - rl.missing_end_penalty * (1 - ended)
+            rows = [(p + r, [0] * len(p) + [1] * len(r)) for p, (r, _, _) in zip(prompt_ids, replies)]
+            x, y, mask = collate(rows, self.template.pad_id, self.device)
+            with self.autocast:
+                logits, _, hidden = self.model(x, return_hidden=True)
+                ref_logits = self.reference(x)[0] if self.reference is not None else None
+            old_logps = token_logps(logits, y) * mask
+            ref_logps = token_logps(ref_logits, y) * mask if ref_logits is not None else old_logps.clone()
+            values = (self.model.value_head(hidden.float())[..., 0] * mask if self.value_head
+                      else torch.zeros_like(old_logps))
+            advantages, returns, metrics = self._advantages(rewards.to(self.device), mask, old_logps, ref_logps, values)
+            lengths = mask.sum(-1)
+            metrics.update({"completions/mean_length": lengths.mean().item(),
+                            "completions/clipped_ratio": 1 - ended.mean().item()})
+            cpu = lambda t: t.detach().float().cpu()  # noqa: E731
+            return Rollout(x.cpu(), y.cpu(), mask.cpu(), cpu(old_logps), cpu(ref_logps), cpu(advantages),
+                           cpu(returns), cpu(values), metrics)
+        finally:
+            self.model.train(was_training)
+
+    def _rewards(self, prompts: list, texts: list[str], ids: list[list[int]]) -> torch.Tensor:
+        """Each reply's reward: ``reward_fn``'s, else the verifier's (1 exact, 0 not). ``ids`` are
+        the rendered prompt and the sampled reply, for a reward model."""
+        score = self.reward_fn or (lambda p, t: p.reward(t))
+        return torch.tensor([float(score(p, t)) for p, t in zip(prompts, texts)], dtype=torch.float32)
+
+    def _advantages(self, rewards, mask, old_logps, ref_logps, values) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def _objective(self, logits, hidden, batch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    # --- a step -----------------------------------------------------------------------------
+    def _begin_step(self, batches: list) -> None:
+        """Nothing to count: each micro-batch's loss is its own per-token mean."""
+
+    def _loss(self, batch) -> torch.Tensor:
+        x = batch[0]
+        logits, _, hidden = self.step_model(x, return_hidden=True)
+        loss, stats = self._objective(logits, hidden, batch)
+        rollout = self.train_loader.rollout
+        self.step_extras = {**stats, **{k: torch.tensor(v) for k, v in rollout.metrics.items()},
+                            "epoch": torch.tensor(float(self.train_loader.epoch))}
+        return loss
+
+    # --- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Greedy replies to the held-out prompts: minus their mean reward (lower is better, as a
+        loss), with the reward, the exact-match rate and the end-of-turn rate in the log."""
+        replies = generate_replies(self.model, self.tokenizer, [p.prompt for p in self.val_prompts],
+                                   self.eval_max_tokens)
+        texts = [r["text"] for r in replies]
+        ended = sum(r["ended"] for r in replies) / len(replies)
+        rewards = self._rewards(self.val_prompts, texts, [r["prompt_ids"] + r["token_ids"] for r in replies])
+        values = [-rewards.mean().item(), rewards.mean().item(), ended]
+        names = ["val_reward", "val_ended_with_end_of_turn"]
+        if all(p.answer is not None for p in self.val_prompts):
+            values.append(sum(p.reward(t) for p, t in zip(self.val_prompts, texts)) / len(texts))
+            names.append("val_exact_match")
+        shared = self._shared(values, op="rank0")
+        self.eval_extras = dict(zip(names, shared[1:]))
+        return shared[0]
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def _checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in super()._checkpoint_weights().items() if not k.startswith("value_head.")}
+
+    def _checkpoint_extras(self) -> dict:
+        from safetensors.torch import save
+
+        extras = super()._checkpoint_extras()
+        if self.value_head:
+            head = {k: v.detach().cpu().float().contiguous() for k, v in self.model.value_head.state_dict().items()}
+            extras["files"]["value_head.safetensors"] = save(head, metadata={"format": "scratchlm.value-head",
+                                                                            "version": "1"})
+        states = self._gather(self.train_loader.state())  # every rank's rollout, in rank order
+        if all(s is not None for s in states):
+            tensors = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s["tensors"].items()}
+            meta = {"format": "scratchlm.rollouts", "version": "1", "world_size": str(len(states)),
+                    "metric_names": json.dumps(states[0]["metric_names"])}
+            extras["files"][ROLLOUT_FILE] = save(tensors, metadata=meta)
+        return extras
+
+    def _load_resume_weights(self, folder: Path) -> None:
+        from scratchlm.models.checkpoint import load_weights
+        from scratchlm.posttrain.reward import _load_with_head
+
+        if self.value_head:
+            _load_with_head(folder, self.model, "value_head", "value_head.safetensors")
+        else:
+            load_weights(folder, self.model)
+
+    def _resume(self, state: dict) -> None:
+        super()._resume(state)
+        folder = self.out / "last"
+        if not (folder / ROLLOUT_FILE).exists():
+            return  # saved before the first rollout: the next step makes one
+        from safetensors import safe_open
+
+        tensors = load_tensors(folder, ROLLOUT_FILE)
+        with safe_open(str(folder / ROLLOUT_FILE), "pt") as f:
+            meta = f.metadata()
+        if int(meta["world_size"]) != self.world_size:
+            self.log(f"warning: {folder} holds the rollouts of {meta['world_size']} process(es), this run has "
+                     f"{self.world_size}: the current rollout is dropped and a new one made")
+            return
+        prefix = f"rank{self.rank}."
+        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.train_loader.load({"tensors": mine, "metric_names": json.loads(meta["metric_names"])})
+
+
+
+# The [train] defaults for RL where they differ from SFT's: no warmup (the policy starts trained),
+# a constant learning rate (min_lr = lr unless given), and an evaluation every 25 steps.
+RL_TRAIN_DEFAULTS = {"warmup_steps": 0, "weight_decay": 0.0, "eval_windows": 64, "sample_tokens": 1,
+                     "max_steps": 200, "eval_interval": 25, "batch_size": 16, "lr": 2e-5, "grad_clip": 1.0}
+
+
+def rl_train_config(train_config: dict):
+    from scratchlm.train.config import TrainConfig
+
+    merged = {**RL_TRAIN_DEFAULTS, **train_config}
+    merged.setdefault("min_lr", merged["lr"])
+    return TrainConfig.from_dict(merged)
