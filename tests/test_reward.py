@@ -79,3 +79,19 @@ def test_reward_model_separates_held_out_pairs_and_its_checkpoint_loads(task_bas
     assert main(["dpo", "--checkpoint", str(task_base / "base"), "--data", str(tmp_path / "train.jsonl"),
                  "--out", str(out), "--resume", "--set", "train.max_steps=150"]) == 2
     assert "is a reward_model run's checkpoint, not dpo's" in capsys.readouterr().err
+
+
+def test_reward_model_resumes_exactly(task_base, tmp_path):
+    """20 steps + resume + 20 equal 40 straight: the head and its optimizer state come back (a
+    constant learning rate, so that stopping at 20 is the only difference)."""
+    from scratchlm.posttrain.reward import train_reward_model
+
+    _pairs(tmp_path / "train.jsonl", 100, 0)
+    cfg = {"base": str(task_base / "base"), "data": str(tmp_path / "train.jsonl"), "val_fraction": 0.2}
+    train = {"max_steps": 40, "eval_interval": 20, "lr": 3e-3, "min_lr": 3e-3, "warmup_steps": 0, "batch_size": 8}  # constant lr
+    train_reward_model(cfg, {**train, "out_dir": str(tmp_path / "straight")}, progress=False)
+    train_reward_model(cfg, {**train, "out_dir": str(tmp_path / "resumed"), "max_steps": 20}, progress=False)
+    train_reward_model(cfg, {**train, "out_dir": str(tmp_path / "resumed")}, progress=False, resume=True)
+    losses = {name: [(r["loss"], r["accuracy"]) for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text()
+                                                              .splitlines()) if "loss" in r] for name in ("straight", "resumed")}
+    assert len(losses["straight"]) == 40 and losses["resumed"] == losses["straight"]

@@ -53,12 +53,49 @@ def test_clipped_surrogate_by_hand():
     new = torch.log(torch.tensor([[0.8, 0.2, 0.5]]))  # ratios 1.6, 0.4, 1
     adv = torch.tensor([[1.0, 1.0, -2.0]])
     mask = torch.ones(1, 3)
-    loss, stats = clipped_surrogate(new, old, adv, mask, clip=0.2)
+    losses, stats = clipped_surrogate(new, old, adv, mask, clip=0.2)
     # token 1: min(1.6, 1.2)·1 = 1.2 (clipped); token 2: min(0.4, 0.8)·1 = 0.4; token 3: 1·(−2)
-    assert loss.item() == pytest.approx(-(1.2 + 0.4 - 2.0) / 3, rel=1e-6)
+    assert losses[0].tolist() == pytest.approx([-1.2, -0.4, 2.0], rel=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(1 / 3)
     same, stats = clipped_surrogate(old, old, adv, mask, clip=0.2)
     assert stats["ratio"].item() == 1.0 and stats["clipfrac"].item() == 0.0
+
+
+def test_ppo_rewards_score_at_the_last_token_and_pay_kl_on_every_token():
+    """PPO's per-token rewards by hand on a 3-token reply: −β·(log π_old − log π_ref) on each
+    token, the score on the last; with γ = λ = 1 and zero values the advantage is reward-to-go."""
+    from types import SimpleNamespace
+
+    from scratchlm.posttrain.ppo import PPOConfig, PPOTrainer
+
+    me = SimpleNamespace(sft=PPOConfig(base="b", data="d", kl_coef=0.1, lam=1.0, whiten_advantages=False))
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    old = torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0]])
+    ref = torch.tensor([[0.0, -1.5, -2.0, -1.5, 0.0]])  # the policy is likelier than the reference: KL 0.5 + 0 + 0.5
+    adv, ret, stats = PPOTrainer._advantages(me, torch.tensor([2.0]), mask, old, ref, torch.zeros(1, 5))
+    assert adv[0].tolist() == pytest.approx([0.0, 1.9, 1.95, 1.95, 0.0], rel=1e-6)
+    assert ret[0].tolist() == pytest.approx(adv[0].tolist())
+    assert stats["objective/kl"] == pytest.approx(1.0) and stats["objective/rlhf_reward"] == pytest.approx(1.9)
+
+
+def test_grpo_k3_kl_by_hand_and_finite_beyond_the_reply():
+    from types import SimpleNamespace
+
+    from scratchlm.posttrain.grpo import GRPOConfig, GRPOTrainer
+
+    me = SimpleNamespace(sft=GRPOConfig(base="b", data="d", kl_coef=1.0), reference=object())
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 2, 0] = -200.0  # padding position: log p(id 0) = −200, exp(ref − logp) would overflow there
+    y = torch.tensor([[1, 2, -1]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    logp = torch.log_softmax(logits, -1)[0, :2].gather(-1, y[0, :2, None])[:, 0]
+    ref = torch.cat([logp - 1.0, torch.zeros(1)])[None]  # the reference finds each reply token e times less likely
+    zeros = torch.zeros(1, 3)
+    batch = (None, y, mask, torch.cat([logp, torch.zeros(1)])[None], ref, zeros, zeros, zeros)
+    losses, stats = GRPOTrainer._objective(me, logits, None, batch)
+    k3 = math.exp(-1.0) + 1.0 - 1.0  # exp(d) − d − 1 with d = log π_ref − log π = −1
+    assert torch.isfinite(losses).all() and stats["kl"].item() == pytest.approx(k3, rel=1e-5)
+    assert losses[0].tolist() == pytest.approx([k3, k3, 0.0], rel=1e-5)  # advantage 0: the KL term alone
 
 
 def test_token_logps_and_entropy_match_log_softmax():
@@ -120,7 +157,7 @@ def test_rl_raises_the_bandit_reward_with_ratio_1_on_the_first_epoch_and_kl_0_at
     start, end = steps[0][reward], sum(r[reward] for r in steps[-4:]) / 4
     assert start < 0.5 and end > start + 0.25, (start, end)
     if method == "ppo":
-        assert steps[-1]["loss/value"] < steps[0]["loss/value"]
+        assert steps[-1]["loss/value_avg"] < steps[0]["loss/value_avg"]
         assert (tmp_path / method / "last" / "value_head.safetensors").exists()
     assert (tmp_path / method / "last" / "rollouts.safetensors").exists()
     assert math.isfinite(summary["best_val_loss"])
@@ -151,7 +188,7 @@ def test_ppo_with_a_reward_model_and_exact_resume_mid_rollout(bandit, tmp_path):
     ppo(cfg, {**train, "out_dir": str(tmp_path / "straight")}, progress=False)
     ppo(cfg, {**train, "out_dir": str(tmp_path / "resumed"), "max_steps": 3}, progress=False)
     ppo(cfg, {**train, "out_dir": str(tmp_path / "resumed")}, progress=False, resume=True)
-    keys = ("loss", "objective/scores", "objective/kl", "policy/ratio", "loss/value", "grad_norm")
+    keys = ("loss", "objective/scores", "objective/kl", "val/ratio", "loss/value_avg", "grad_norm")
     straight = [[r[k] for k in keys] for r in _records(tmp_path / "straight") if "loss" in r]
     resumed = [[r[k] for k in keys] for r in _records(tmp_path / "resumed") if "loss" in r]
     assert len(straight) == 6 and resumed == straight
@@ -180,3 +217,66 @@ def test_rl_refuses_what_it_cannot_do(bandit, tmp_path):
     with pytest.raises(ValueError, match=r"odd\.jsonl, line 2: character '§'.*--skip-invalid"):
         grpo({**base, "data": str(tmp_path / "odd.jsonl"), "val_data": str(prompts)}, {"out_dir": str(tmp_path / "d")},
              progress=False)
+
+
+def test_grpo_and_ppo_commands_report_and_resume(bandit, tmp_path, capsys):
+    from scratchlm.cli import main
+
+    root, prompts = bandit
+    for method in ("grpo", "ppo"):
+        out = tmp_path / method
+        args = [method, "--checkpoint", str(root / "base"), "--data", str(prompts), "--out", str(out), "--json",
+                "--set", f"{method}.prompts_per_rollout=4", "--set", f"{method}.samples_per_prompt=4",
+                "--set", f"{method}.max_new_tokens=2", "--set", "train.batch_size=16", "--set", "train.eval_interval=2",
+                "--set", "train.sample_tokens=0"]
+        assert main(args + ["--set", "train.max_steps=2"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["steps"] == 2 and {"val_reward", "val_exact_match", "val_ended_with_end_of_turn"} <= set(report["eval"][-1])
+        assert main(args + ["--set", "train.max_steps=4", "--resume"]) == 0
+        assert json.loads(capsys.readouterr().out)["steps"] == 4
+        # The policy checkpoint is an ordinary GPT checkpoint with the chat tokenizer.
+        from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+
+        model, state = load_model_from_checkpoint(out / "last")
+        assert state["method"] == method and "<|im_end|>" in load_checkpoint_tokenizer(out / "last", state).special_tokens
+
+
+def test_ratio_is_1_on_the_first_epoch_with_dropout_in_the_model(tmp_path):
+    """A base trained with dropout 0.1: RL switches every dropout off (attention's too), or the
+    policy that sampled and the policy trained would differ by a random mask."""
+    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.posttrain.grpo import grpo
+    from scratchlm.tokenizers import CharTokenizer
+    from scratchlm.train.checkpoint import save_model_only
+
+    tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, block_size=40, dropout=0.1))
+    save_model_only(tmp_path / "base", base, tokenizer=tok)
+    with open(tmp_path / "p.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": f"pick {i}=", "answer": "7"}) + "\n" for i in range(40))
+    grpo({"base": str(tmp_path / "base"), "data": str(tmp_path / "p.jsonl"), "max_new_tokens": 3, "prompts_per_rollout": 4,
+          "samples_per_prompt": 4, "epochs": 2}, {"out_dir": str(tmp_path / "run"), "max_steps": 4, "eval_interval": 4,
+                                                  "batch_size": 16, "lr": 1e-2, "sample_tokens": 0},
+         progress=False, reward_fn=lambda p, t: float(t[:1].isdigit()))
+    steps = [r for r in _records(tmp_path / "run") if "loss" in r]
+    assert all(r["ratio_max_deviation"] < 1e-5 for r in steps if r["epoch"] == 0)
+    assert any(r["ratio_max_deviation"] > 1e-4 for r in steps if r["epoch"] == 1)
+
+
+def test_the_step_objective_does_not_depend_on_the_micro_batch_split(bandit, tmp_path):
+    """16 replies per step as one micro-batch of 16 or two of 8 (grad_accum 2): every reply token
+    weighs the same either way, so the losses and gradient norms agree."""
+    from scratchlm.posttrain.grpo import grpo
+
+    root, prompts = bandit
+    cfg = {"base": str(root / "base"), "data": str(prompts), "max_new_tokens": 3, "prompts_per_rollout": 4,
+           "samples_per_prompt": 4, "epochs": 2}
+    runs = {}
+    for name, split in (("one", {"batch_size": 16}), ("two", {"batch_size": 8, "grad_accum": 2})):
+        grpo(cfg, {"out_dir": str(tmp_path / name), "max_steps": 4, "eval_interval": 4, "lr": 1e-3, "sample_tokens": 0,
+                   **split}, progress=False, reward_fn=lambda p, t: float(t[:1].isdigit()))
+        runs[name] = [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / name) if "loss" in r]
+    assert len(runs["one"]) == 4
+    for (a, ga), (b, gb) in zip(runs["one"], runs["two"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4)

@@ -203,6 +203,16 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
+    def set_dropout(self, p: float) -> None:
+        """Set every dropout of the model to ``p``: the ``nn.Dropout`` layers and the attention
+        weights' dropout. Preference learning and RL train with ``p = 0``: the log-probabilities
+        they compare (policy vs reference, new vs old) must not differ by a random mask."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            if hasattr(module, "dropout") and isinstance(module.dropout, float):
+                module.dropout = p
+
     @torch.no_grad()
     def grow_vocab(self, vocab_size: int, known: int | None = None) -> None:
         """Rows for new token ids (chat special tokens, say): grow the embedding (and output) matrix

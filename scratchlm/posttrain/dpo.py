@@ -126,7 +126,8 @@ class DPOTrainer(SFTTrainer):
         val = val[: cfg.eval_windows]
         self.val_rows = [r for r in self._render(val) if fits(r)]
         if not self.train_rows or not self.val_rows:
-            raise ValueError("no training or no held-out pair fits the context: give dpo.val_data, or shorter pairs")
+            raise ValueError(f"no training or no held-out pair fits the context: give {dpo.SECTION}.val_data, or "
+                             "shorter pairs")
         self.val_conversations = [p.prompt + [{"role": "assistant", "content": p.chosen}] for p in val]
 
     def _render(self, pairs: list[Pair]):
@@ -141,9 +142,7 @@ class DPOTrainer(SFTTrainer):
     def _initial_model(self):
         model = super()._initial_model().to(self.device)
         if self.sft.disable_dropout:  # as TRL does: the reference runs without dropout, so must the policy
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
+            model.set_dropout(0.0)
         # The reference is the model as it starts, frozen: its log-probabilities once, now.
         self.train_refs = self._logps_of(model, self.train_rows)
         self.val_refs = self._logps_of(model, self.val_rows)

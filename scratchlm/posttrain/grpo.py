@@ -27,7 +27,8 @@ from typing import ClassVar
 
 import torch
 
-from scratchlm.posttrain.rl import (RLConfig, RLTrainer, clipped_surrogate, masked_mean,
+from scratchlm.config import Rule
+from scratchlm.posttrain.rl import (_RL_RULES, RLConfig, RLTrainer, clipped_surrogate, masked_mean,
                                     rl_train_config, token_entropy, token_logps)
 from scratchlm.train.trainer import run_trainer
 
@@ -39,6 +40,7 @@ class GRPOConfig(RLConfig):
     scale_rewards: bool = True  # divide by the group's reward std (False: Dr. GRPO)
 
     SECTION: ClassVar[str] = "grpo"
+    RULES: ClassVar[dict] = {**_RL_RULES, "samples_per_prompt": Rule(min=2, why="a group needs 2 replies to compare")}
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, dict]:
@@ -66,17 +68,17 @@ class GRPOTrainer(RLTrainer):
     def _objective(self, logits, hidden, batch):
         _, y, mask, old_logps, ref_logps, advantages, _, _ = batch
         logps = token_logps(logits, y)
-        loss, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.sft.clip)
+        losses, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.sft.clip)
         if self.reference is not None:
-            d = ref_logps - logps
-            kl = masked_mean(torch.exp(d) - d - 1, mask)
-            loss = loss + self.sft.kl_coef * kl
+            d = torch.where(mask.bool(), ref_logps - logps, 0.0)  # outside the reply exp(d) could overflow
+            kl = (torch.exp(d) - d - 1) * mask
+            losses = losses + self.sft.kl_coef * kl
         else:
-            kl = torch.zeros((), device=logits.device)
+            kl = torch.zeros_like(losses)
         with torch.no_grad():
-            stats["kl"] = kl.detach()
+            stats["kl"] = masked_mean(kl, mask)
             stats["entropy"] = masked_mean(token_entropy(logits), mask)
-        return loss, {("clip_ratio" if k == "clipfrac" else k): v for k, v in stats.items()}
+        return losses, {("clip_ratio" if k == "clipfrac" else k): v for k, v in stats.items()}
 
 
 def grpo(grpo_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,

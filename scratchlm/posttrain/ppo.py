@@ -21,8 +21,8 @@ the rollout-time values (a value estimate cannot jump further than ``value_clip`
     loss = mean_t max(−A·ratio, −A·clip(ratio, 1±ε)) + vf_coef · ½ mean_t max((V − R)², (V_clipped − R)²)
 
 Metrics as TRL names them: ``objective/scores``, ``objective/kl``, ``objective/rlhf_reward``,
-``policy/entropy``, ``policy/clipfrac``, ``policy/approxkl``, ``loss/policy``, ``loss/value``,
-``value/clipfrac``.
+``policy/entropy_avg``, ``policy/clipfrac_avg``, ``policy/approxkl_avg``, ``val/ratio``,
+``loss/policy_avg``, ``loss/value_avg``, ``val/clipfrac_avg`` (per step: the last micro-batch's).
 
     scratchlm ppo --checkpoint runs/sft/best --reward-model runs/rm/best --data prompts.jsonl --out runs/ppo
 """
@@ -30,7 +30,7 @@ Metrics as TRL names them: ``objective/scores``, ``objective/kl``, ``objective/r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -80,26 +80,57 @@ def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class PPOTrainer(RLTrainer):
     method = "ppo"
-    value_head = True
+    has_value_head = True
+
+    def __init__(self, config: PPOConfig, train_config, *, reward_fn=None, **kwargs):
+        if reward_fn is not None and config.reward_model is not None:
+            raise ValueError("give ppo.reward_model or a reward function, not both")
+        if config.reward_model is not None:  # `runs/rm/best` -> the step folder it names now
+            config.reward_model = str(Path(config.reward_model).resolve())
+        super().__init__(config, train_config, reward_fn=reward_fn, **kwargs)
 
     @property
     def needs_answers(self) -> bool:
-        if self.reward_fn is not None and self.sft.reward_model is not None:
-            raise ValueError("give ppo.reward_model or a reward function, not both")
         return self.reward_fn is None and self.sft.reward_model is None
 
-    @cached_property
-    def reward_model(self):
+    def _prepare_data(self, model_section: dict) -> None:
+        super()._prepare_data(model_section)
+        self.reward_model, self.reward_model_sha256 = None, None
+        if self.sft.reward_model is None:
+            return
+        from scratchlm.models.checkpoint import read_state
         from scratchlm.posttrain.reward import load_reward_model
 
-        rm = load_reward_model(self.sft.reward_model, device=self.device)
-        if rm.tokenizer.fingerprint != self.tokenizer.fingerprint:
-            raise ValueError(f"the reward model {self.sft.reward_model} reads another tokenizer than the policy's: "
-                             "train it from the same base (or SFT model) as the policy")
-        return rm
+        # Loaded and checked before training starts, on every rank (a rank that cannot read it
+        # stops them all here, not in a rollout).
+        def load():
+            rm = load_reward_model(self.sft.reward_model, device=self.device)
+            if rm.tokenizer.fingerprint != self.tokenizer.fingerprint:
+                raise ValueError(f"the reward model {self.sft.reward_model} reads another tokenizer than the policy: "
+                                 "train it from the same base (or SFT model) as the policy")
+            if rm.model.config.block_size < self.model_config.block_size:
+                raise ValueError(f"the reward model's context ({rm.model.config.block_size}) is shorter than the "
+                                 f"policy's ({self.model_config.block_size}): it could not read every reply")
+            return rm
+
+        self.reward_model = self._on_every_rank_then_agree(load, "the reward model cannot be used")
+        self.reward_model_sha256 = read_state(self.sft.reward_model)["files"]["model.safetensors"]["sha256"]
+
+    def _check_resumable(self) -> dict:
+        state = super()._check_resumable()
+        recorded = (state.get(self.method) or {}).get("reward_model_sha256")
+        if recorded != self.reward_model_sha256:
+            raise ValueError(f"the reward model {self.sft.reward_model} is not the one this run started with (its "
+                             "weights' sha256 differs): resume with the same --reward-model")
+        return state
+
+    def _state_dict(self, rng_by_rank: list[dict]) -> dict:
+        state = super()._state_dict(rng_by_rank)
+        state[self.method]["reward_model_sha256"] = self.reward_model_sha256
+        return state
 
     def _rewards(self, prompts, texts, ids):
-        if self.sft.reward_model is None:
+        if self.reward_model is None:
             return super()._rewards(prompts, texts, ids)
         # The reward model reads the very ids the policy sampled (a reply may hold a special token
         # that no text could be rendered back into), closed by <|im_end|> as in its training pairs.
@@ -123,17 +154,18 @@ class PPOTrainer(RLTrainer):
     def _objective(self, logits, hidden, batch):
         _, y, mask, old_logps, _, advantages, returns, old_values = batch
         logps = token_logps(logits, y)
-        policy_loss, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.sft.clip)
-        values = self.model.value_head(hidden.float())[..., 0]
+        policy_losses, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.sft.clip)
+        values = self._value(hidden)
         clipped = old_values + torch.clamp(values - old_values, -self.sft.value_clip, self.sft.value_clip)
         losses, losses_clipped = (values - returns) ** 2, (clipped - returns) ** 2
-        value_loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
-        with torch.no_grad():
-            out = {f"policy/{k}": v for k, v in stats.items()}
-            out.update({"policy/entropy": masked_mean(token_entropy(logits), mask), "loss/policy": policy_loss.detach(),
-                        "loss/value": value_loss.detach(),
-                        "value/clipfrac": masked_mean((losses_clipped > losses).float(), mask)})
-        return policy_loss + self.sft.vf_coef * value_loss, out
+        value_losses = 0.5 * torch.maximum(losses, losses_clipped) * mask
+        with torch.no_grad():  # as TRL names them
+            out = {"policy/clipfrac_avg": stats["clipfrac"], "policy/approxkl_avg": stats["approxkl"],
+                   "val/ratio": stats["ratio"], "policy/ratio_max_deviation": stats["ratio_max_deviation"],
+                   "policy/entropy_avg": masked_mean(token_entropy(logits), mask),
+                   "loss/policy_avg": masked_mean(policy_losses, mask), "loss/value_avg": masked_mean(value_losses, mask),
+                   "val/clipfrac_avg": masked_mean((losses_clipped > losses).float(), mask)}
+        return policy_losses + self.sft.vf_coef * value_losses, out
 
 
 def ppo(ppo_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,

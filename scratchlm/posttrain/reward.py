@@ -40,6 +40,7 @@ from scratchlm.train.config import TrainConfig
 from scratchlm.train.trainer import run_trainer
 
 HEAD_FILE = "reward_head.safetensors"
+HEAD_FORMAT = "scratchlm.reward-head"
 
 
 @dataclass
@@ -83,7 +84,8 @@ def scores(model, head: nn.Module, x: torch.Tensor, last: torch.Tensor, forward=
     asked for the final position only (``last_only``: the language-model head costs nothing)."""
     _, _, hidden = (forward or model)(x, last_only=True, return_hidden=True)
     picked = hidden[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
-    return head(picked.to(head.weight.dtype))[:, 0].float()
+    with torch.autocast(x.device.type, enabled=False):  # the head in float32, in training as in scoring
+        return head(picked.float())[:, 0]
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -93,12 +95,12 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Ten
                                           "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean()}
 
 
-def _ends(rows) -> list[list[int]]:
-    """A rendered reply's ids up to its closing ``<|im_end|>`` (the last masked token): what the
-    reward model reads (the newline after it carries nothing)."""
+def _ends(rows, end_id: int) -> list[list[int]]:
+    """A rendered reply's ids up to its closing ``<|im_end|>``: what the reward model reads (the
+    newline after it carries nothing)."""
     out = []
-    for ids, mask in rows:
-        end = max(i for i, m in enumerate(mask) if m)
+    for ids, _ in rows:
+        end = len(ids) - 1 - ids[::-1].index(end_id)
         out.append(ids[: end + 1])
     return out
 
@@ -112,12 +114,19 @@ class RewardTrainer(DPOTrainer):
     def _initial_model(self):
         from scratchlm.posttrain.sft import SFTTrainer
 
-        model = SFTTrainer._initial_model(self).to(self.device)  # the base (grown for the chat tokens)
         if self.sft.lora_rank:
             raise ValueError("a reward model trains its whole network and head (lora_rank must be 0)")
+        if self.world_size > 1 and self.cfg.strategy == "fsdp":
+            raise ValueError("a reward model supports train.strategy = 'ddp' (its head runs outside the sharded model)")
+        model = SFTTrainer._initial_model(self).to(self.device)  # the base (grown for the chat tokens)
+        if not model.config.tie_embeddings:
+            # The language-model head does not take part in a score: frozen, it is not a parameter
+            # DDP would wait for a gradient of.
+            model.lm_head.weight.requires_grad_(False)
         add_scalar_head(model)
-        self.train_ends = [_ends(r) for r in self.train_rows]
-        self.val_ends = [_ends(r) for r in self.val_rows]
+        end = self.template.end_id
+        self.train_ends = [_ends(r, end) for r in self.train_rows]
+        self.val_ends = [_ends(r, end) for r in self.val_rows]
         self.train_loader = _PairIds(self.train_ends, self.cfg.batch_size, self.template.pad_id, self.cfg.seed,
                                      self.device, self.rank, self.world_size)
         return model
@@ -163,29 +172,41 @@ class RewardTrainer(DPOTrainer):
 
         extras = super()._checkpoint_extras()
         head = {k: v.detach().cpu().float().contiguous() for k, v in self.model.score.state_dict().items()}
-        extras["files"][HEAD_FILE] = save(head, metadata={"format": "scratchlm.reward-head", "version": "1"})
+        extras["files"][HEAD_FILE] = save(head, metadata={"format": HEAD_FORMAT, "version": "1"})
         return extras
 
     def _load_resume_weights(self, folder: Path) -> None:
         _load_with_head(folder, self.model, "score")
 
 
-def _load_with_head(folder: Path, model: nn.Module, name: str, file: str = HEAD_FILE) -> None:
+def _load_with_head(folder: Path, model: nn.Module, name: str, file: str = HEAD_FILE,
+                    fmt: str = HEAD_FORMAT) -> None:
     """Load a GPT's weights and a head saved beside them (``file``) into ``model.<name>``."""
-    from scratchlm.models.checkpoint import FormatError
+    from scratchlm.models.checkpoint import load_weights
 
     head = getattr(model, name)
     delattr(model, name)  # load_weights checks the GPT's keys exactly
     try:
-        from scratchlm.models.checkpoint import load_weights
-
         load_weights(folder, model)
     finally:
         setattr(model, name, head)
-    tensors = load_tensors(folder, file)
-    if set(tensors) != {"weight", "bias"} or tuple(tensors["weight"].shape) != tuple(head.weight.shape):
-        raise FormatError(f"{folder / file}: not a scalar head for this model (expected weight "
-                          f"{tuple(head.weight.shape)} and bias)")
+    load_head(folder, head, file, fmt)
+
+
+def load_head(folder: Path, head: nn.Linear, file: str = HEAD_FILE, fmt: str = HEAD_FORMAT) -> None:
+    """A scalar head's weights from ``folder / file``, checked: its format and its shapes."""
+    from safetensors import safe_open
+
+    from scratchlm.models.checkpoint import FormatError
+
+    tensors = load_tensors(folder, file)  # sha256 checked against the checkpoint's state.json
+    with safe_open(str(folder / file), "pt") as f:
+        found = (f.metadata() or {}).get("format")
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    expected = {"weight": tuple(head.weight.shape), "bias": tuple(head.bias.shape)}
+    if found != fmt or shapes != expected:
+        raise FormatError(f"{folder / file}: not a {fmt} file for this model (format {found!r}, tensors {shapes}; "
+                          f"expected {expected})")
     with torch.no_grad():
         head.weight.copy_(tensors["weight"])
         head.bias.copy_(tensors["bias"])
@@ -225,7 +246,7 @@ class RewardModel:
         for prompt, reply in zip(prompts, replies, strict=True):
             r = self.template.render(prompt + [{"role": "assistant", "content": reply}])
             rows.append(r)
-        return self.score_ids([_ends([(r.ids, r.mask)])[0] for r in rows])
+        return self.score_ids([_ends([(r.ids, r.mask)], self.template.end_id)[0] for r in rows])
 
     @torch.no_grad()
     def score_ids(self, rows: list[list[int]]) -> torch.Tensor:
@@ -253,8 +274,7 @@ def load_reward_model(path: str | Path, device="cpu") -> RewardModel:
         raise ValueError(f"{folder} is not a reward model checkpoint (method {state.get('method', 'pretraining')!r}, "
                          f"no {HEAD_FILE}): train one with `scratchlm reward-model`")
     model, state = load_model_from_checkpoint(folder)
-    add_scalar_head(model)
-    _load_with_head(folder, model, "score")
+    load_head(folder, add_scalar_head(model))
     return RewardModel(model, load_checkpoint_tokenizer(folder, state), device)
 
 

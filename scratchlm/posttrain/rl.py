@@ -73,6 +73,13 @@ class RLConfig(SFTConfig):
         return self.prompts_per_rollout * self.samples_per_prompt
 
 
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, vocab: int | None = None) -> torch.Tensor:
+    """The logits of the distribution the rollouts sample from: the tokenizer's ids only (the
+    engine never samples a padding row of the model's table) and divided by the temperature,
+    float32. Every log-probability of the loop (old, new, reference) is taken from these."""
+    return logits[..., :vocab].float() / temperature
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log π(target) at every position: (B, T, V), (B, T) -> (B, T) float32."""
     z = logits.float()
@@ -86,23 +93,23 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the reply tokens (mask 1): every token of the micro-batch weighs the same."""
+    """Mean over the reply tokens (mask 1)."""
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
 def clipped_surrogate(logps, old_logps, advantages, mask, clip: float) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped policy loss (to minimise: minus the objective), per-token mean, and how
-    often the clip was active."""
-    ratio = torch.exp(logps - old_logps)
+    """PPO's clipped policy loss per token (to minimise: minus the objective; 0 outside the
+    reply), and the micro-batch's ratio statistics: how often the clip was active."""
+    ratio = torch.exp(torch.where(mask.bool(), logps - old_logps, 0.0))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    losses = torch.maximum(unclipped, clipped) * mask
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
                  "ratio": masked_mean(ratio, mask),
                  "ratio_max_deviation": ((ratio - 1).abs() * mask).max(),
                  "approxkl": masked_mean(0.5 * (logps - old_logps) ** 2, mask)}
-    return loss, stats
+    return losses, stats
 
 
 @dataclass
@@ -174,11 +181,12 @@ class RLTrainer(SFTTrainer):
     """The shared loop; subclasses define ``_advantages`` (from rewards to per-token advantages)
     and ``_objective`` (the loss of one micro-batch)."""
 
+    has_value_head = False  # PPO trains a value head (model.value_head) on the policy's trunk
+
     @property
     def needs_answers(self) -> bool:
         """Whether every prompt must carry an answer: yes for the verifier, the default reward."""
         return self.reward_fn is None
-    value_head = False  # PPO trains a value head on the policy's trunk
 
     def __init__(self, config: RLConfig, train_config, *, reward_fn=None, **kwargs):
         """``reward_fn(prompt, text) -> float`` replaces the verifier (``prompt`` a
@@ -237,22 +245,42 @@ class RLTrainer(SFTTrainer):
 
         if self.sft.lora_rank:
             raise ValueError(f"{self.method} trains the whole policy here (lora_rank must be 0)")
+        if self.world_size > 1 and self.cfg.strategy == "fsdp":
+            # Each rank generates replies of its own lengths: a sharded model's all-gathers would
+            # not line up between ranks.
+            raise ValueError(f"{self.method} supports train.strategy = 'ddp' (rollouts cannot run on a sharded model)")
         model = super()._initial_model().to(self.device)
         if self.sft.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
+            model.set_dropout(0.0)
         self.reference = None
         if self.sft.kl_coef > 0:  # the model as training starts, frozen
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        if self.value_head:
+        if self.has_value_head:
             add_scalar_head(model, "value_head", zero=True)
-        self.train_loader = RolloutLoader(self._make_rollout, self.sft.rollout_size, self.cfg.batch_size,
-                                          self.sft.epochs, self.cfg.seed + self.rank, self.device)
+        # A failure in a rollout (the engine, a reward function) on one rank stops every rank
+        # there, before any of them waits in the next collective.
+        make = lambda g: self._on_every_rank_then_agree(lambda: self._make_rollout(g), "a rollout failed")  # noqa: E731
+        self.train_loader = RolloutLoader(make, self.sft.rollout_size, self.cfg.batch_size, self.sft.epochs,
+                                          self.cfg.seed + self.rank, self.device)
         return model
 
+    def _check_resumable(self) -> dict:
+        state = super()._check_resumable()
+        recorded = (state.get(self.method) or {}).get("base_sha256")
+        if recorded and recorded != self.base_sha256:  # the reference and the KL anchor come from the base
+            raise ValueError(f"{self.sft.base} is not the model this {self.method} run started from (its weights' "
+                             "sha256 differs): the reference would change under the run; resume with the same "
+                             "--checkpoint")
+        return state
+
+    def _logits(self, model, x: torch.Tensor, hidden: bool = False):
+        """The sampling distribution's logits (and the final hidden states)."""
+        logits, _, h = model(x, return_hidden=True)
+        z = sampling_logits(logits, self.sft.temperature, self.tokenizer.vocab_size)
+        return (z, h) if hidden else z
+
     # --- rollouts ---------------------------------------------------------------------------
-    def _sample(self, prompts: list, generator: torch.Generator) -> list:
+    def _sample(self, prompts: list, generator: torch.Generator) -> tuple[list, list]:
         """``samples_per_prompt`` sampled replies per prompt through the inference engine, each
         with its own seed (the same tokens alone or in any batch): (token ids, text, ended)."""
         from scratchlm.serve import LLM, SamplingParams
@@ -284,17 +312,27 @@ class RLTrainer(SFTTrainer):
             expanded = [p for p in prompts for _ in range(rl.samples_per_prompt)]
             rewards = self._rewards(expanded, [t for _, t, _ in replies],
                                     [p + r for p, (r, _, _) in zip(prompt_ids, replies)])
+            if not torch.isfinite(rewards).all():
+                bad = int((~torch.isfinite(rewards)).nonzero()[0, 0])
+                raise ValueError(f"the reward of a reply is {rewards[bad].item()} (prompt {expanded[bad].where}, reply "
+                                 f"{replies[bad][1]!r}): rewards must be finite numbers")
             ended = torch.tensor([e for _, _, e in replies], dtype=torch.float32)
             rewards = rewards - rl.missing_end_penalty * (1 - ended)
             rows = [(p + r, [0] * len(p) + [1] * len(r)) for p, (r, _, _) in zip(prompt_ids, replies)]
             x, y, mask = collate(rows, self.template.pad_id, self.device)
-            with self.autocast:
-                logits, _, hidden = self.model(x, return_hidden=True)
-                ref_logits = self.reference(x)[0] if self.reference is not None else None
-            old_logps = token_logps(logits, y) * mask
-            ref_logps = token_logps(ref_logits, y) * mask if ref_logits is not None else old_logps.clone()
-            values = (self.model.value_head(hidden.float())[..., 0] * mask if self.value_head
-                      else torch.zeros_like(old_logps))
+            old_logps, ref_logps, values = [], [], []
+            for start in range(0, len(rows), self.cfg.batch_size):  # a micro-batch at a time: logits are big
+                part = slice(start, start + self.cfg.batch_size)
+                with self.autocast:
+                    z, hidden = self._logits(self.model, x[part], hidden=True)
+                    old_logps.append(token_logps(z, y[part]) * mask[part])
+                    if self.reference is not None:
+                        ref_logps.append(token_logps(self._logits(self.reference, x[part]), y[part]) * mask[part])
+                    if self.has_value_head:
+                        values.append(self._value(hidden) * mask[part])
+            old_logps = torch.cat(old_logps)
+            ref_logps = torch.cat(ref_logps) if ref_logps else old_logps.clone()
+            values = torch.cat(values) if values else torch.zeros_like(old_logps)
             advantages, returns, metrics = self._advantages(rewards.to(self.device), mask, old_logps, ref_logps, values)
             lengths = mask.sum(-1)
             metrics.update({"completions/mean_length": lengths.mean().item(),
@@ -312,23 +350,38 @@ class RLTrainer(SFTTrainer):
         return torch.tensor([float(score(p, t)) for p, t in zip(prompts, texts)], dtype=torch.float32)
 
     def _advantages(self, rewards, mask, old_logps, ref_logps, values) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(advantages, returns, rollout metrics) from (N,) rewards and (N, T) per-token tensors."""
         raise NotImplementedError
 
     def _objective(self, logits, hidden, batch) -> tuple[torch.Tensor, dict]:
+        """(B, T) per-token losses of one micro-batch (0 outside the replies), and its metrics."""
         raise NotImplementedError
+
+    def _value(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head's estimate at every position, in float32 (outside autocast: the
+        rollout's values and the training step's must be computed alike)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.model.value_head(hidden.float())[..., 0]
 
     # --- a step -----------------------------------------------------------------------------
     def _begin_step(self, batches: list) -> None:
-        """Nothing to count: each micro-batch's loss is its own per-token mean."""
+        """Count the step's reply tokens over every micro-batch and rank: each token weighs the
+        same however the rollout is split into micro-batches (grad_accum) and ranks."""
+        total = sum(batch[2].sum() for batch in batches).float()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)
+        self._step_tokens = total.clamp_min(1)
 
     def _loss(self, batch) -> torch.Tensor:
-        x = batch[0]
-        logits, _, hidden = self.step_model(x, return_hidden=True)
-        loss, stats = self._objective(logits, hidden, batch)
+        z, hidden = self._logits(self.step_model, batch[0], hidden=True)
+        token_losses, stats = self._objective(z, hidden, batch)
         rollout = self.train_loader.rollout
-        self.step_extras = {**stats, **{k: torch.tensor(v) for k, v in rollout.metrics.items()},
-                            "epoch": torch.tensor(float(self.train_loader.epoch))}
-        return loss
+        device = z.device
+        self.step_extras = {**stats, **{k: torch.tensor(v, device=device) for k, v in rollout.metrics.items()},
+                            "epoch": torch.tensor(float(self.train_loader.epoch), device=device)}
+        # The trainer divides by grad_accum and DDP averages over ranks: undo both, then take the
+        # mean over the step's reply tokens.
+        return token_losses.sum() * (self.cfg.grad_accum * self.world_size) / self._step_tokens
 
     # --- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -357,7 +410,7 @@ class RLTrainer(SFTTrainer):
         from safetensors.torch import save
 
         extras = super()._checkpoint_extras()
-        if self.value_head:
+        if self.has_value_head:
             head = {k: v.detach().cpu().float().contiguous() for k, v in self.model.value_head.state_dict().items()}
             extras["files"]["value_head.safetensors"] = save(head, metadata={"format": "scratchlm.value-head",
                                                                             "version": "1"})
@@ -373,8 +426,8 @@ class RLTrainer(SFTTrainer):
         from scratchlm.models.checkpoint import load_weights
         from scratchlm.posttrain.reward import _load_with_head
 
-        if self.value_head:
-            _load_with_head(folder, self.model, "value_head", "value_head.safetensors")
+        if self.has_value_head:
+            _load_with_head(folder, self.model, "value_head", "value_head.safetensors", "scratchlm.value-head")
         else:
             load_weights(folder, self.model)
 

@@ -18,7 +18,9 @@ from torch import nn
 
 
 def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    return p.dim() == 2 and not name.startswith(("tok_emb", "pos_emb", "lm_head"))
+    # Embeddings, the output matrix and scalar heads (a reward model's score, PPO's value head:
+    # 1 x d, nothing for Muon to orthogonalise) go to AdamW.
+    return p.dim() == 2 and not name.startswith(("tok_emb", "pos_emb", "lm_head", "score", "value_head"))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -663,7 +663,8 @@ class Trainer:
                 self.state.step = step + 1
                 pending.append({"step": self.state.step, "loss": loss_sum, "grad_norm": grad_norm.detach().float(),
                                 "lr": lr, "seconds": time.perf_counter() - started,
-                                "extras": {k: v.detach().float().reshape(()) for k, v in self.step_extras.items()}})
+                                "extras": {k: v.detach().float().reshape(()).to(self.device)
+                                           for k, v in self.step_extras.items()}})
                 bar.update(1)
                 # One small message per step carries every rank's stop request: rank 0's clock
                 # decides the time limit, and a SIGTERM on any rank stops them all at this step.
