@@ -280,3 +280,81 @@ def test_the_step_objective_does_not_depend_on_the_micro_batch_split(bandit, tmp
     assert len(runs["one"]) == 4
     for (a, ga), (b, gb) in zip(runs["one"], runs["two"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4)
+
+
+DIST_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads(1)
+RANK = int(os.environ["RANK"])
+from scratchlm.posttrain.grpo import grpo
+from scratchlm.posttrain.ppo import ppo
+from scratchlm.posttrain.reward import train_reward_model
+
+def reward(prompt, text):
+    if {fail_on_rank} == RANK:
+        raise RuntimeError("this reward function failed on rank " + str(RANK))
+    return float(text[:1].isdigit())
+
+run = {{"grpo": grpo, "ppo": ppo, "rm": train_reward_model}}[{method!r}]
+extra = {{"reward_fn": reward}} if {method!r} != "rm" else {{}}
+summary = run({cfg}, {train}, progress=False, resume={resume}, **extra)
+with open(os.path.join({out!r}, f"rank{{RANK}}.json"), "w") as f:
+    json.dump(summary, f)
+"""
+
+
+def _torchrun(tmp_path, port: int, method: str, cfg: dict, train: dict, resume=False, fail_on_rank=-1):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / f"summaries-{port}"
+    out.mkdir()
+    script = tmp_path / f"dist-{port}.py"
+    script.write_text(DIST_SCRIPT.format(repo=str(REPO), method=method, cfg=repr(cfg), train=repr(train), resume=resume,
+                                         fail_on_rank=fail_on_rank, out=str(out)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), str(script)], capture_output=True, text=True, timeout=240)
+    return result, [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
+    """Two gloo ranks: GRPO resumes exactly mid-rollout (each rank its own prompts and rollout,
+    both kept in the checkpoint); a reward function that fails on one rank stops both, with the
+    reason, instead of leaving the other waiting; a reward model with untied embeddings trains."""
+    root, prompts = bandit
+    cfg = {"base": str(root / "base"), "data": str(prompts), "max_new_tokens": 2, "prompts_per_rollout": 4,
+           "samples_per_prompt": 4, "epochs": 2}
+    train = {"max_steps": 4, "eval_interval": 3, "lr": 3e-3, "batch_size": 8, "sample_tokens": 0}
+    result, straight = _torchrun(tmp_path, 29530, "grpo", cfg, {**train, "out_dir": str(tmp_path / "straight")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(straight) == 2 and straight[0]["world_size"] == 2 and straight[0]["steps"] == 4
+    result, _ = _torchrun(tmp_path, 29531, "grpo", cfg, {**train, "out_dir": str(tmp_path / "resumed"), "max_steps": 3})
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, _ = _torchrun(tmp_path, 29532, "grpo", cfg, {**train, "out_dir": str(tmp_path / "resumed")}, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = {name: [(r["loss"], r["grad_norm"], r["reward"]) for r in _records(tmp_path / name) if "loss" in r]
+              for name in ("straight", "resumed")}
+    assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"]
+
+    result, _ = _torchrun(tmp_path, 29533, "ppo", cfg, {**train, "out_dir": str(tmp_path / "failing")}, fail_on_rank=1)
+    assert result.returncode != 0
+    assert "rank 1 stopped the run, a rollout failed" in result.stderr and "failed on rank 1" in result.stderr
+
+    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state
+    from scratchlm.train.checkpoint import save_model_only
+
+    tok = load_checkpoint_tokenizer(root / "base", read_state(root / "base"))
+    torch.manual_seed(0)
+    untied = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, block_size=48, tie_embeddings=False))
+    save_model_only(tmp_path / "untied", untied, tokenizer=tok)
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": f"pick {i}=", "chosen": "ab", "rejected": "az"}) + "\n" for i in range(40))
+    result, summaries = _torchrun(tmp_path, 29534, "rm", {"base": str(tmp_path / "untied"), "data": str(tmp_path / "pairs.jsonl")},
+                                  {"out_dir": str(tmp_path / "rm"), "max_steps": 3, "eval_interval": 3, "batch_size": 4})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summaries[0]["steps"] == 3
