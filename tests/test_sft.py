@@ -175,3 +175,67 @@ def test_resuming_lora_on_another_base_is_refused(setup, tmp_path):
                                                                ["<|endoftext|>"]))
     with pytest.raises(ValueError, match="not the one this run started from"):
         sft(data, run(out_dir=str(tmp_path / "run"), max_steps=8, eval_interval=4), resume=True, progress=False)
+
+
+@pytest.mark.parametrize("position,attention", [("rope", "sdpa"), ("rope", "manual"), ("learned", "sdpa"),
+                                                ("alibi", "manual"), ("sinusoidal", "sdpa")])
+def test_a_packed_row_computes_each_conversation_as_if_alone(position, attention):
+    """Packing's guarantee: attention never crosses a document boundary and positions restart,
+    so the logits of a packed row equal those of its documents run one by one."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=24,
+                          position=position, attention=attention)).eval()
+    docs = [torch.randint(30, (1, n)) for n in (5, 3, 7)]
+    documents = torch.tensor([[0] * 5 + [1] * 3 + [2] * 7 + [-1] * 2])  # and two padding positions
+    packed = torch.cat(docs + [torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        together = model(packed, documents=documents)[0][:, :15]
+        alone = torch.cat([model(d)[0] for d in docs], dim=1)
+    assert torch.allclose(together, alone, atol=1e-5)
+    # Without the document mask the later conversations do see the earlier ones.
+    with torch.no_grad():
+        assert not torch.allclose(model(packed)[0][:, 5:15], alone[:, 5:], atol=1e-3)
+
+
+def test_collate_packed_keeps_every_target_inside_its_conversation():
+    from scratchlm.posttrain.sft import collate_packed
+
+    a, b = ([1, 2, 3, 4], [0, 0, 1, 1]), ([5, 6, 7], [0, 1, 1])
+    x, y, m, d = collate_packed([[a, b], [b]], pad_id=9)
+    assert x[0].tolist() == [1, 2, 3, 5, 6] and y[0].tolist() == [2, 3, 4, 6, 7]  # no 4 -> 5 target
+    assert m[0].tolist() == [0, 1, 1, 1, 1] and d[0].tolist() == [0, 0, 0, 1, 1]
+    assert x[1].tolist() == [5, 6, 9, 9, 9] and y[1].tolist() == [6, 7, -1, -1, -1] and d[1].tolist() == [0, 0, -1, -1, -1]
+
+
+def test_sft_with_packing_learns_and_fills_its_windows(setup, tmp_path):
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state
+    from scratchlm.posttrain.sft import SFTConfig, SFTTrainer
+    from scratchlm.train.config import TrainConfig
+
+    # A base with a 96-token context: three of these ~25-token conversations fit in a row.
+    tok = load_checkpoint_tokenizer(setup / "base", read_state(setup / "base"))
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, block_size=96, position="rope"))
+    save_model_only(tmp_path / "base", base, tokenizer=tok)
+    data = str(setup / "tasks" / "sft-train.jsonl")
+    # The same steps and rows, packed or not (packed rows carry about three times the
+    # conversations): packing learns at least as well; that it computes the right thing is the
+    # test above.
+    best = {}
+    for packing in (False, True):
+        summary = sft({"base": str(tmp_path / "base"), "data": data, "val_data": data, "packing": packing},
+                      run(out_dir=str(tmp_path / f"packed-{packing}"), max_steps=150, eval_interval=150, batch_size=8),
+                      progress=False)
+        best[packing] = summary["best_val_loss"]
+    assert summary["steps"] == 150 and best[True] < 1.02 * best[False] and best[True] < 1.0, best
+    trainer = SFTTrainer(SFTConfig(base=str(tmp_path / "base"), data=data, packing=True),
+                         TrainConfig(data="", out_dir=str(tmp_path / "look"), batch_size=4), progress=False)
+    x, y, mask, documents = trainer.train_loader.get_batch()
+    trainer.lock.release()
+    assert (documents.max(dim=1).values >= 2).all()  # every row holds three conversations
+    assert (y >= 0).float().mean() > 0.7  # and little padding
+    with pytest.raises(ValueError, match="dpo.packing is an SFT option"):
+        from scratchlm.posttrain.dpo import dpo
+
+        dpo({"base": str(setup / "base"), "data": str(setup / "tasks" / "pairs-train.jsonl"), "packing": True},
+            {"out_dir": str(tmp_path / "dpo")}, progress=False)

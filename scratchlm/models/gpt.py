@@ -154,7 +154,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False,
                 positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, documents: torch.Tensor | None = None):
         """Logits (B, T, V) for ids (B, T), and the mean cross-entropy if ``targets`` are given.
 
         With a :class:`~scratchlm.generate.kv_cache.KVCache` the ids are the *new* positions, after
@@ -167,9 +167,17 @@ class GPT(nn.Module):
 
         ``return_hidden`` adds a third result: the final hidden states (B, T, C), after the last
         norm, for every position (the input of the reward model's and the value head's scalar).
+
+        ``documents`` (B, T) packs several short sequences into each row (SFT's packing): a token
+        attends only to earlier tokens of its own document, and positions restart at 0 at each
+        document, so every document is computed exactly as if it were alone in its row.
         """
         B, T = idx.shape
-        if positions is None:
+        if documents is not None:
+            if cache is not None or positions is not None:
+                raise ValueError("documents (packed rows) are for training: no cache and no positions with them")
+            positions = document_positions(documents)  # (B, T)
+        elif positions is None:
             start = cache.length if cache is not None else 0
             if start + T > self.config.block_size:
                 raise ValueError(f"sequence of {start + T} positions exceeds the context length {self.config.block_size}")
@@ -181,8 +189,11 @@ class GPT(nn.Module):
             x = x + self.sinusoid[positions]
         x = self.drop(x)
         attn_kwargs = {"cache": cache}
+        if documents is not None:
+            attn_kwargs["documents"] = documents
         if self.config.position == "rope":
-            attn_kwargs["rope"] = (self.rope_cos[positions], self.rope_sin[positions])  # (T, D) each
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D) each, or (B, T, D) if packed
+            attn_kwargs["rope"] = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         if self.config.position == "alibi":
             attn_kwargs["alibi"] = self.alibi
         for i, block in enumerate(self.blocks):
@@ -316,6 +327,17 @@ PRESETS: dict[str, dict] = {
     "shakespeare-char": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128, position="rope",
                              norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=True),
 }
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document: (B, T) ids of contiguous documents -> (B, T),
+    0 at every document's first token."""
+    T = documents.shape[1]
+    index = torch.arange(T, device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # the start of each token's document
+    return index - first
 
 
 def preset(name: str, **overrides) -> GPTConfig:

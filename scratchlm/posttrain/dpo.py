@@ -111,6 +111,8 @@ class DPOTrainer(SFTTrainer):
     def _prepare_data(self, model_section: dict) -> None:
         self._prepare_tokenizer()
         cfg, dpo = self.cfg, self.sft
+        if dpo.packing:
+            raise ValueError(f"{dpo.SECTION}.packing is an SFT option (pairs are compared row by row)")
         loaded = load_pairs(dpo.data, dpo.skip_invalid)
         if loaded.skipped:
             self.log(f"skipped {loaded.skipped} invalid line(s) of {dpo.data}; first: {loaded.errors[0]}")

@@ -199,6 +199,8 @@ class RLTrainer(SFTTrainer):
     def _prepare_data(self, model_section: dict) -> None:
         self._prepare_tokenizer()
         rl, cfg = self.sft, self.cfg
+        if rl.packing:
+            raise ValueError(f"{rl.SECTION}.packing is an SFT option")
         if (rl.rollout_size % (cfg.batch_size * cfg.grad_accum)) != 0:
             raise ValueError(f"a rollout of {rl.prompts_per_rollout} prompts x {rl.samples_per_prompt} samples = "
                              f"{rl.rollout_size} replies must split into optimizer steps of batch_size x grad_accum "

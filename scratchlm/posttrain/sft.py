@@ -55,6 +55,7 @@ class SFTConfig:
     skip_invalid: bool = False
     eval_max_tokens: int = 32  # reply length at most, for the exact-match evaluation
     learn_end_of_turn: bool = True  # False: leave <|im_end|> out of the mask (the classic bug, for the docs' demo)
+    packing: bool = False  # several conversations per row, attention kept within each (SFT only)
 
     # Each method's config extends this one: its [section] name, its rules, and what its data is.
     SECTION: ClassVar[str] = "sft"
@@ -79,20 +80,45 @@ class ConversationBatches:
     ``x`` are the inputs, ``y`` the next tokens (``-1`` at padding), ``mask`` 1 where ``y`` is an
     assistant token to learn. Sampling with replacement from a ``torch.Generator``, like the
     pretraining loader, so a checkpoint's copy of the generator state makes resume exact; with
-    several processes each takes its own slice of one global draw."""
+    several processes each takes its own slice of one global draw.
+
+    With ``pack`` (the context length) each row holds as many drawn conversations as fit in
+    ``pack`` positions, one after another, and the batch gains a fourth tensor, ``documents``:
+    which conversation each position belongs to (the model keeps attention within it and restarts
+    positions at each). Short conversations then fill the windows instead of padding."""
 
     def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int,
-                 device, rank: int = 0, world_size: int = 1):
+                 device, rank: int = 0, world_size: int = 1, pack: int | None = None):
         if not rows:
             raise ValueError("no conversations to train on")
-        self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
+        self.rows, self.batch_size, self.pad_id, self.pack = rows, batch_size, pad_id, pack
         self.device, self.rank, self.world_size = device, rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def get_batch(self):
+        if self.pack:
+            packed = self._pack(self.batch_size * self.world_size)
+            return collate_packed(packed[self.rank * self.batch_size : (self.rank + 1) * self.batch_size],
+                                  self.pad_id, self.device)
         picks = torch.randint(len(self.rows), (self.batch_size * self.world_size,), generator=self.generator)
         mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
         return collate([self.rows[i] for i in mine], self.pad_id, self.device)
+
+    def _pack(self, n_rows: int) -> list[list[tuple[list[int], list[int]]]]:
+        """``n_rows`` rows of conversations drawn in turn: each joins the current row if it fits
+        (a conversation of n ids fills n - 1 positions), else starts the next one. The draw that
+        overflows the last row is not used."""
+        rows, current, used = [], [], 0
+        while True:
+            conversation = self.rows[int(torch.randint(len(self.rows), (1,), generator=self.generator))]
+            n = len(conversation[0]) - 1
+            if current and used + n > self.pack:
+                rows.append(current)
+                if len(rows) == n_rows:
+                    return rows
+                current, used = [], 0
+            current.append(conversation)
+            used += n
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu"):
@@ -107,6 +133,30 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu"):
         y[i, :n] = torch.tensor(ids[1:])
         m[i, :n] = torch.tensor(mask[1:], dtype=torch.float32)  # the mask belongs to the predicted token
     return x.to(device), y.to(device), m.to(device)
+
+
+def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int, device="cpu"):
+    """Rows of several conversations each -> x, y, mask and documents (B, T). Each conversation
+    gives its own shifted (inputs, targets, mask), so no target crosses into the next one;
+    padding is a document of its own (-1)."""
+    pieces = []
+    for row in rows:
+        x, y, m, d = [], [], [], []
+        for j, (ids, mask) in enumerate(row):
+            x += ids[:-1]
+            y += ids[1:]
+            m += mask[1:]
+            d += [j] * (len(ids) - 1)
+        pieces.append((x, y, m, d))
+    T = max(len(x) for x, _, _, _ in pieces)
+    out_x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    out_y = torch.full((len(rows), T), -1, dtype=torch.long)
+    out_m = torch.zeros((len(rows), T))
+    out_d = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (x, y, m, d) in enumerate(pieces):
+        out_x[i, : len(x)], out_y[i, : len(y)] = torch.tensor(x), torch.tensor(y)
+        out_m[i, : len(m)], out_d[i, : len(d)] = torch.tensor(m, dtype=torch.float32), torch.tensor(d)
+    return out_x.to(device), out_y.to(device), out_m.to(device), out_d.to(device)
 
 
 def render_all(conversations: list[list[dict]], template: ChatTemplate, context: int, skip_invalid: bool = False,
@@ -190,7 +240,7 @@ class SFTTrainer(Trainer):
             raise ValueError(f"no held-out conversation fits the context: give sft.val_data, or raise sft.val_fraction "
                              f"(now {sft.val_fraction})")
         self.train_loader = ConversationBatches(rows, cfg.batch_size, self.template.pad_id, cfg.seed, self.device,
-                                                self.rank, self.world_size)
+                                                self.rank, self.world_size, pack=context if sft.packing else None)
 
     def _initial_model(self) -> GPT:
         sft = self.sft
@@ -237,14 +287,14 @@ class SFTTrainer(Trainer):
         """Count the step's assistant tokens over every micro-batch and rank: each token then weighs
         the same whatever batch or rank it fell in (a mean per micro-batch would weigh a token of a
         one-token answer like ten tokens of a long one, and depend on grad_accum and world size)."""
-        total = sum(mask.sum() for _, _, mask in batches).float()
+        total = sum(batch[2].sum() for batch in batches).float()  # (x, y, mask[, documents])
         if self.world_size > 1:
             torch.distributed.all_reduce(total)
         self._step_tokens = total.clamp_min(1)
 
     def _loss(self, batch) -> torch.Tensor:
-        x, y, mask = batch
-        logits, _ = self.step_model(x)
+        x, y, mask, *documents = batch
+        logits, _ = self.step_model(x, documents=documents[0] if documents else None)
         total, _ = masked_token_loss_sum(logits, y, mask)
         # The trainer divides by grad_accum and DDP averages over ranks: undo both, then take the
         # mean over the step's tokens.
