@@ -460,6 +460,42 @@ def cmd_tasks(args) -> None:
     _emit(args, {"out": args.out, **manifest}, f"wrote {args.out}: {files}")
 
 
+def cmd_critique_revise(args) -> None:
+    from scratchlm.config import apply_overrides
+    from scratchlm.posttrain.critique import critique_revise, load_scorer
+
+    sections = apply_overrides({args.method: {}, "train": {}}, args.set)
+    if set(sections) - {args.method, "train"}:
+        raise ValueError(f"--set takes {args.method}.key=value or train.key=value (with --method {args.method}), got "
+                         f"sections {sorted(set(sections) - {args.method, 'train'})}")
+    scorers = {}
+    for item in args.scorer:
+        name, sep, spec = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--scorer takes NAME=MODULE:FUNCTION, got {item!r}")
+        scorers[name] = load_scorer(spec)
+    if args.reward_model:
+        from scratchlm.posttrain.reward import load_reward_model
+
+        scorers["reward_model"] = load_reward_model(args.reward_model).score_one
+    method = {**sections[args.method], **({"lora_rank": args.lora_rank} if args.lora_rank is not None else {})}
+    results = critique_revise(args.checkpoint, args.prompts, args.principles, args.out, eval_prompts=args.eval_prompts,
+                              scorers=scorers, tokenizer=args.tokenizer, device=args.device, resume=args.resume,
+                              overwrite=args.overwrite, progress=not args.json, skip_invalid=args.skip_invalid,
+                              rounds=args.rounds, samples=args.samples, method=args.method,
+                              temperature=args.temperature, max_tokens=args.max_tokens, held_out=args.held_out,
+                              seed=args.seed, method_config=method,
+                              train_config={**({"device": args.device} if args.device else {}), **sections["train"]})
+    def curve(key, name=None, digits=1):
+        return " -> ".join(f"{(c[key][name] if name else c[key]):.{digits}%}" for c in results["compliance"])
+
+    per = "; ".join(f"{name} {curve('per_principle', name, 0)}" for name in results["compliance"][0]["per_principle"])
+    _emit(args, results, f"held-out compliance, every principle ({results['compliance'][0]['n']} prompts): greedy "
+                         f"{curve('all')}; sampled {curve('sampled_all')}\nper principle (greedy): {per}; ended with "
+                         f"<|im_end|> {curve('ended_with_end_of_turn', digits=0)}\nstopped: {results['stop_reason']}; "
+                         f"final checkpoint: {results['final_checkpoint']}\nresults: {Path(args.out) / 'results.json'}")
+
+
 def cmd_lora_merge(args) -> None:
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
     from scratchlm.posttrain.lora import load_adapters, merge_lora
@@ -753,6 +789,36 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder to write")
     json_flag(q)
     q.set_defaults(func=cmd_tasks)
+
+    q = sub.add_parser("critique-revise", help="constitutional AI loop: critique replies against principles, revise, "
+                       "train on the better revisions (SFT) or revision-over-original pairs (DPO)")
+    q.add_argument("--checkpoint", required=True, help="the starting model (an SFT model); also the model critic")
+    q.add_argument("--prompts", required=True, help='JSONL prompts: {"prompt": text or messages, "answer"?: text}')
+    q.add_argument("--principles", required=True, help='JSON list of {"name", "text", "check": {"kind", ...}}')
+    q.add_argument("--out", required=True, help="folder: results.json and round-N/ (critiques, data, training run)")
+    q.add_argument("--eval-prompts", help="held-out prompts JSONL (default: --held-out of --prompts, set aside by hash)")
+    q.add_argument("--held-out", type=float, default=0.2, help="fraction of --prompts kept for measuring (default 0.2)")
+    q.add_argument("--rounds", type=int, default=1, help="rounds, each training from the previous round's model")
+    q.add_argument("--samples", type=int, default=4, help="revision candidates per reply that breaks a principle")
+    q.add_argument("--method", choices=("sft", "dpo"), default="sft", help="learn the revisions (sft) or revision "
+                   "over original (dpo)")
+    q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the revision candidates")
+    q.add_argument("--max-tokens", type=int, default=32, help="reply length at most, in tokens")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--scorer", action="append", default=[], help="NAME=MODULE:FUNCTION, a (prompt messages, reply) "
+                   "-> float function for principles of kind scorer (repeatable)")
+    q.add_argument("--reward-model", help="a `scratchlm reward-model` checkpoint, the scorer named reward_model")
+    q.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters each round instead of every weight")
+    q.add_argument("--tokenizer", help="the checkpoint's tokenizer (JSON or gpt2), for an imported model")
+    q.add_argument("--device", help="auto (default), cpu, cuda, mps: for generation and training")
+    q.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad prompt lines instead of stopping")
+    q.add_argument("--set", action="append", default=[], help="sft.key=value / dpo.key=value or train.key=value for "
+                   "every round's training (repeatable), e.g. train.max_steps=200")
+    mode = q.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="keep the finished rounds in --out and go on")
+    mode.add_argument("--overwrite", action="store_true", help="start over in --out (deletes its rounds)")
+    json_flag(q)
+    q.set_defaults(func=cmd_critique_revise)
 
     lora = sub.add_parser("lora", help="LoRA adapters").add_subparsers(dest="lora_command", required=True, metavar="ACTION")
     q = lora.add_parser("merge", help="fold adapters into the base weights: an ordinary checkpoint")

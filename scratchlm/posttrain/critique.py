@@ -1,0 +1,680 @@
+"""Constitutional AI as a loop: generate → critique against principles → revise → train.
+
+Bai et al. (2022), *Constitutional AI*, replace most human feedback with a short written list of
+principles (the "constitution"). Its supervised stage (SL-CAI) asks the model for a reply, asks
+it to *critique* that reply against a principle, asks it to *revise* the reply in the light of
+the critique, and fine-tunes on the revisions. Its RL stage (RL-CAI) turns the same judgement
+into preferences — the better reply ≻ the worse — and learns from those. This module is that loop
+as a pipeline, one round at a time::
+
+    for each round:
+        originals  = the model's replies to the training prompts (seeded samples)
+        critiques  = each reply against each principle (a Critique: satisfied?, score, what is wrong)
+        revisions  = for each reply that breaks a principle, k seeded samples from the model,
+                     prompted with the principle and the critique; the best per the critic
+        collect    = only where the revision is *better* than the original:
+                     {"messages": prompt + revision} (SFT) and {prompt, chosen: revision, rejected: original}
+        train      = scratchlm.posttrain.sft.sft (SL-CAI) or scratchlm.posttrain.dpo.dpo (the
+                     preference stage, with DPO standing in for RL), from the round's starting checkpoint
+        measure    = held-out compliance before and after: the fraction of replies that satisfy
+                     every principle, and each principle alone (greedy replies, and one sample each)
+
+**The critic is pluggable**, per principle (the ``check`` of each principle in the JSON file):
+
+* *programmatic* — what a rule can check: ``max_chars``/``min_chars``, ``max_words``/``min_words``,
+  ``forbidden_words``, ``regex`` (an answer format). Exact, free, and the only critic a tiny
+  model can learn from (the measured demo uses these).
+* ``model`` — the model itself (or another checkpoint) is asked whether the reply follows the
+  principle; its answer is the critique, and the reply passes if it starts with the pass word
+  ("yes"). This is the paper's critic. A model of a few hundred thousand parameters writes noise
+  here: the path is real and tested, but useful critiques need a capable model.
+* ``scorer`` — any ``Callable[[list[dict], str], float]`` (the prompt messages, the reply) under a
+  name; the reply passes if the score reaches ``threshold``. A reward model's scalar score fits
+  here (``load_reward_model(path).score_one`` of :mod:`scratchlm.posttrain.reward`; the CLI's
+  ``--reward-model``), as do heuristics, classifiers, or a call to a larger model.
+
+**Which reply is better.** Every constitution has one unwritten rule: a reply ends its turn with
+``<|im_end|>`` (one cut off by the token budget complies with nothing as a whole, and is never
+learned as a revision). A reply's key is (rules satisfied, counting that one; sum of the critics'
+scores): more rules satisfied wins; at a tie, the higher total score (a programmatic score is 1
+when satisfied and grows towards 1 as a reply approaches the rule — 40 characters against a limit
+of 20 scores 0.5 — a model critic scores 1 or 0, a scorer its own value). Critiques written by the
+programmatic checks are terse ("it has 16 characters, more than 12"): a small model reads them.
+
+**What revising means for a tiny model.** The revision prompt puts the original reply, the
+broken principles and their critiques in a system message before the original conversation. A
+model that has learned to follow such instructions revises; a tiny model reads them only if it
+was trained on that format, and one that never saw a system message writes noise when given one
+— noise that can beat the originals on a critic that checks only part of what matters (short,
+no forbidden word), which the loop then teaches. ``instruct=False`` samples the candidates from
+the plain prompt instead: best-of-k rejection sampling (expert iteration, ReST), the critic doing
+the work the model cannot. ``docs/critique-revise.md`` measures all three cases.
+
+    scratchlm critique-revise --checkpoint runs/sft/best --prompts prompts.jsonl --principles principles.json \\
+        --out runs/cai [--rounds 3] [--samples 8] [--method sft|dpo]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scratchlm.io import atomic_write, read_json, write_json
+
+RESULTS_FORMAT = "scratchlm.critique-revise"
+Scorer = Callable[[list, str], float]  # (prompt messages, reply) -> score; higher is better
+
+# What the model reads. Plain lowercase words: a character-level model knows few symbols (any
+# character its tokenizer cannot spell is left out of what it reads, see `speakable`).
+CRITIQUE_REQUEST = "{principle}\nreply: {reply}\ndoes the reply follow this? answer yes or no and why"
+REVISION_REQUEST = "your reply: {reply}\n{problems}\nwrite a better one"
+
+_LENGTH_KINDS = {"max_chars": "characters", "min_chars": "characters", "max_words": "words", "min_words": "words"}
+# kind -> {field: (expected, test, default)}; a default of ... means required.
+_FIELDS = {
+    **{kind: {"limit": ("an integer >= 0", lambda v: _int(v) and v >= 0, ...)} for kind in _LENGTH_KINDS},
+    "forbidden_words": {"words": ("a non-empty list of non-empty strings",
+                                  lambda v: isinstance(v, list) and v and all(isinstance(w, str) and w.strip() for w in v), ...),
+                        "case_sensitive": ("true or false", lambda v: isinstance(v, bool), False)},
+    "regex": {"pattern": ("a regular expression (a string)", lambda v: isinstance(v, str) and _compiles(v), ...),
+              "mode": ('"fullmatch" (the whole reply), "search" (somewhere in it) or "absent" (nowhere in it)',
+                       lambda v: v in ("fullmatch", "search", "absent"), "fullmatch"),
+              "hint": ("a string (the critique when the reply does not conform)", lambda v: isinstance(v, str), None)},
+    "model": {"checkpoint": ("a checkpoint folder (default: the starting checkpoint)", lambda v: isinstance(v, str), None),
+              "pass": ("a word the critique must start with to pass", lambda v: isinstance(v, str) and v.strip(), "yes"),
+              "max_tokens": ("an integer >= 1", lambda v: _int(v) and v >= 1, 16)},
+    "scorer": {"name": ("the name of a scorer given to the run", lambda v: isinstance(v, str) and v, ...),
+               "threshold": ("a number (the reply passes at a score >= threshold)", lambda v: _number(v), 0.0)},
+}
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+# --- principles ---------------------------------------------------------------------------------
+@dataclass
+class Principle:
+    name: str
+    text: str  # the principle in words: what the model reads when it critiques or revises
+    check: dict  # {"kind": ..., the kind's fields}, defaults filled in
+
+
+def parse_principles(data, where: str = "principles") -> list[Principle]:
+    """Validate a list of ``{"name", "text", "check": {"kind", ...}}`` and fill in defaults.
+
+    Errors say which principle, which field, what was expected and what was found."""
+    shape = '[{"name": ..., "text": ..., "check": {"kind": ..., ...}}, ...]'
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{where}: expected a non-empty JSON list of principles {shape}, got {_short(data)}")
+    out, names = [], set()
+    for i, p in enumerate(data):
+        at = f"{where}: principle {i}"
+        if not isinstance(p, dict):
+            raise ValueError(f"{at}: expected an object {{\"name\", \"text\", \"check\"}}, got {_short(p)}")
+        if set(p) - {"name", "text", "check"} or not {"name", "text", "check"} <= set(p):
+            raise ValueError(f"{at}: expected exactly the keys name, text and check, got {sorted(p)}")
+        name, text, check = p["name"], p["text"], p["check"]
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+            raise ValueError(f"{at}: name must be a word (letters, digits, _ . -), got {_short(name)}")
+        at = f"{where}: principle {i} ({name!r})"
+        if name in names:
+            raise ValueError(f"{at}: the name is used twice; names must be unique (results are reported by name)")
+        names.add(name)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{at}: text must be a non-empty string (the principle in words), got {_short(text)}")
+        if not isinstance(check, dict) or check.get("kind") not in _FIELDS:
+            kind = check.get("kind") if isinstance(check, dict) else check
+            raise ValueError(f"{at}: check must be an object with a kind among {sorted(_FIELDS)}, got kind {_short(kind)}")
+        fields = _FIELDS[check["kind"]]
+        unknown = sorted(set(check) - set(fields) - {"kind"})
+        if unknown:
+            raise ValueError(f"{at}: check kind {check['kind']!r} has no field(s) {unknown}; its fields: {sorted(fields)}")
+        filled = {"kind": check["kind"]}
+        for key, (expected, ok, default) in fields.items():
+            if key not in check:
+                if default is ...:
+                    raise ValueError(f"{at}: check kind {check['kind']!r} needs {key!r}: {expected}")
+                filled[key] = default
+            elif not ok(check[key]):
+                raise ValueError(f"{at}: check.{key} must be {expected}, got {_short(check[key])}")
+            else:
+                filled[key] = check[key]
+        out.append(Principle(name, text.strip(), filled))
+    return out
+
+
+def load_principles(path: str | Path) -> list[Principle]:
+    """Principles from a JSON file (a list of ``{"name", "text", "check"}``); see :func:`parse_principles`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such principles file (a JSON list of {{name, text, check}})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected a list of {{name, text, check}}") from None
+    return parse_principles(data, str(path))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --- critiques ----------------------------------------------------------------------------------
+@dataclass
+class Critique:
+    satisfied: bool
+    score: float  # higher is better; 1.0 for a satisfied programmatic or model check
+    text: str = ""  # what is wrong (empty when satisfied); a model critic's own words
+
+
+@dataclass
+class Evaluation:
+    """One reply against every principle. ``ended``: the reply closed its turn with <|im_end|>;
+    a reply cut off by the token budget is unfinished, and complies with nothing as a whole
+    (every constitution has this one unwritten rule)."""
+
+    critiques: list[Critique]
+    ended: bool = True
+
+    @property
+    def complies(self) -> bool:
+        return self.ended and all(c.satisfied for c in self.critiques)
+
+    @property
+    def key(self) -> tuple[int, float]:
+        """Larger is better: (rules satisfied, the end of turn counting as one; total score)."""
+        return sum(c.satisfied for c in self.critiques) + self.ended, round(sum(c.score for c in self.critiques), 9)
+
+
+def check_reply(check: dict, reply: str) -> Critique:
+    """A programmatic check of one reply (surrounding whitespace ignored, as the chat template does)."""
+    kind, reply = check["kind"], reply.strip()
+    if kind in _LENGTH_KINDS:
+        unit = _LENGTH_KINDS[kind]
+        n, limit = (len(reply) if unit == "characters" else len(reply.split())), check["limit"]
+        if kind.startswith("max"):
+            ok, score, text = n <= limit, (limit / n if n else 1.0), f"it has {n} {unit}, more than {limit}"
+        else:
+            ok, score, text = n >= limit, (n / limit if limit else 1.0), f"it has {n} {unit}, fewer than {limit}"
+        return Critique(ok, 1.0 if ok else score, "" if ok else text)
+    if kind == "forbidden_words":
+        flags = 0 if check["case_sensitive"] else re.IGNORECASE
+        found = [w for w in check["words"] if re.search(rf"(?<!\w){re.escape(w.strip())}(?!\w)", reply, flags)]
+        count = sum(len(re.findall(rf"(?<!\w){re.escape(w.strip())}(?!\w)", reply, flags)) for w in found)
+        return Critique(not found, 1.0 / (1 + count), f"it says {' and '.join(found)}" if found else "")
+    if kind == "regex":
+        pattern, mode = check["pattern"], check["mode"]
+        hit = re.fullmatch(pattern, reply) if mode == "fullmatch" else re.search(pattern, reply)
+        ok = bool(hit) if mode != "absent" else not hit
+        why = check["hint"] or ("its form is wrong" if mode == "fullmatch" else
+                                "it lacks what it must have" if mode == "search" else "it has what it must not")
+        return Critique(ok, float(ok), "" if ok else why)
+    raise ValueError(f"check kind {kind!r} is not programmatic (model and scorer checks need a Constitution)")
+
+
+class Constitution:
+    """Principles with their critics: :meth:`evaluate` judges replies against all of them.
+
+    ``model``/``tokenizer``: the model a ``model`` check asks by default (the starting
+    checkpoint); a check with its own ``checkpoint`` loads that one. ``scorers``: the callables a
+    ``scorer`` check names."""
+
+    def __init__(self, principles: list[Principle], *, model=None, tokenizer=None,
+                 scorers: dict[str, Scorer] | None = None, device=None):
+        self.principles, self.scorers = principles, dict(scorers or {})
+        self._models: dict[str | None, tuple] = {None: (model, tokenizer)}
+        self.device = device
+        for p in principles:
+            if p.check["kind"] == "scorer" and p.check["name"] not in self.scorers:
+                raise ValueError(f"principle {p.name!r} asks for the scorer {p.check['name']!r}, but none of that name "
+                                 f"was given (given: {sorted(self.scorers) or 'none'}): pass scorers={{name: function}} "
+                                 "to the API, or --scorer NAME=MODULE:FUNCTION on the command line")
+            if p.check["kind"] == "model" and p.check["checkpoint"] is None and model is None:
+                raise ValueError(f"principle {p.name!r} asks the model for a critique, but no model was given")
+
+    def evaluate(self, prompts: list[list[dict]], replies: list[str], ended: list[bool] | None = None) -> list[Evaluation]:
+        """One :class:`Evaluation` per (prompt, reply); model critics run batched, one pass per principle.
+        ``ended``: whether each reply closed its turn (default: all did)."""
+        columns = [self._critique(p, prompts, replies) for p in self.principles]
+        ended = ended if ended is not None else [True] * len(replies)
+        return [Evaluation([column[i] for column in columns], ended[i]) for i in range(len(replies))]
+
+    def _critique(self, principle: Principle, prompts: list[list[dict]], replies: list[str]) -> list[Critique]:
+        check = principle.check
+        if check["kind"] == "scorer":
+            scores = [float(self.scorers[check["name"]](prompt, reply)) for prompt, reply in zip(prompts, replies)]
+            return [Critique(s >= check["threshold"], s, "" if s >= check["threshold"] else
+                             f"it scores {s:.3g}, below {check['threshold']:g}") for s in scores]
+        if check["kind"] == "model":
+            return self._model_critiques(principle, replies)
+        return [check_reply(check, reply) for reply in replies]
+
+    def _model_critiques(self, principle: Principle, replies: list[str]) -> list[Critique]:
+        """The model writes a critique of each reply; the reply passes if it starts with the pass word."""
+        from scratchlm.posttrain.sft import generate_replies
+
+        check = principle.check
+        if check["checkpoint"] not in self._models:
+            self._models[check["checkpoint"]] = load_chat_model(check["checkpoint"], device=self.device)
+        model, tokenizer = self._models[check["checkpoint"]]
+        requests = [[{"role": "user", "content": speakable(CRITIQUE_REQUEST.format(principle=principle.text, reply=r),
+                                                           tokenizer)}] for r in replies]
+        if not requests:
+            return []
+        max_tokens = min(check["max_tokens"], model.config.block_size - 1)
+        texts = [r["text"].strip() for r in generate_replies(model, tokenizer, requests, max_tokens)]
+        word = check["pass"].strip().lower()
+        verdicts = [bool(t) and re.split(r"\W+", t.lower(), maxsplit=1)[0] == word for t in texts]
+        return [Critique(ok, float(ok), "" if ok else t) for ok, t in zip(verdicts, texts)]
+
+
+def speakable(text: str, tokenizer) -> str:
+    """``text`` without the characters the tokenizer cannot encode (a character-level model
+    trained on digits cannot read a period; byte-level and BPE tokenizers encode everything)."""
+    try:
+        tokenizer.encode_ordinary(text)
+        return text
+    except ValueError:
+        return "".join(c for c in text if _encodes(tokenizer, c))
+
+
+def _encodes(tokenizer, c: str) -> bool:
+    try:
+        tokenizer.encode_ordinary(c)
+        return True
+    except ValueError:
+        return False
+
+
+def load_scorer(spec: str) -> Scorer:
+    """``"package.module:function"`` -> the function (the command line's ``--scorer NAME=SPEC``)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"a scorer is given as MODULE:FUNCTION (e.g. my_rewards:score), got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"scorer {spec!r}: cannot import it ({e}); the module must be importable (on PYTHONPATH)") from None
+    if not callable(fn):
+        raise ValueError(f"scorer {spec!r} is not a function (expected (prompt messages, reply) -> float)")
+    return fn
+
+
+# --- the model: loading, sampling ---------------------------------------------------------------
+def load_chat_model(path: str | Path, tokenizer_spec: str | None = None, device=None):
+    """(model, chat tokenizer) of a checkpoint, in eval mode; a base checkpoint without the chat
+    tokens gets them, with fresh embedding rows, as SFT would start it."""
+    from scratchlm.device import pick_device
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+    from scratchlm.tokenizers.chat import add_chat_tokens
+
+    model, state = load_model_from_checkpoint(path, pick_device(device))
+    plain = load_checkpoint_tokenizer(path, state, tokenizer_spec)
+    tokenizer = add_chat_tokens(plain)
+    model.grow_vocab(max(model.config.vocab_size, tokenizer.vocab_size), known=min(plain.vocab_size, model.config.vocab_size))
+    return model.eval(), tokenizer
+
+
+def sample_replies(model, tokenizer, prompts: list[list[dict]], seeds: list[int], *, max_tokens: int,
+                   temperature: float = 1.0, progress: bool = False) -> list[dict]:
+    """One seeded sample per prompt through the inference engine (a seeded request draws the same
+    tokens alone or in any batch, so a run is reproducible): ``text`` and ``ended`` (with <|im_end|>)."""
+    from scratchlm.serve import LLM, SamplingParams
+    from scratchlm.tokenizers.chat import ChatTemplate
+
+    if not prompts:
+        return []
+    template = ChatTemplate(tokenizer)
+    context = model.config.block_size
+    ids = [template.prompt_ids(p)[-(context - max_tokens):] for p in prompts]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=[template.end_id],
+                             ignore_eos=True, seed=s) for s in seeds]
+    seqs = min(len(ids), 64)
+    outs = LLM(model, tokenizer, weight_format="dense", max_num_seqs=seqs,
+               num_blocks=seqs * -(-context // 16)).generate(ids, params, progress=progress)
+    return [{"text": o.text, "ended": bool(o.token_ids) and o.token_ids[-1] == template.end_id} for o in outs]
+
+
+def seed_for(*parts: int) -> int:
+    """A request's seed from (run seed, round, prompt, sample): distinct, stable, < 2**63."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def revision_prompt(prompt: list[dict], original: str, problems: list[tuple[Principle, Critique]], tokenizer,
+                    ended: bool = True) -> list[dict]:
+    """The conversation a revision is sampled from: a system message with the original reply and,
+    for each broken principle, its text and its critique; then the original conversation."""
+    lines = "\n".join([f"{p.text}: {c.text}" for p, c in problems] + ([] if ended else ["it never ended"]))
+    system = speakable(REVISION_REQUEST.format(reply=original.strip(), problems=lines), tokenizer)
+    if prompt[0]["role"] == "system":  # one system message: ours after the conversation's own
+        return [{"role": "system", "content": prompt[0]["content"] + "\n" + system}, *prompt[1:]]
+    return [{"role": "system", "content": system}, *prompt]
+
+
+# --- prompts ------------------------------------------------------------------------------------
+@dataclass
+class PromptItem:
+    prompt: list[dict]
+    answer: str | None = None  # optional: then compliance also reports how often the reply contains it
+    where: str = "a prompt"
+
+
+def load_prompt_items(path: str | Path, skip_invalid: bool = False):
+    """``{"prompt": text or messages, "answer"?: text}`` per line (``scratchlm tasks``' prompts files fit)."""
+    from scratchlm.posttrain.data import _load, _messages
+
+    def parse(record: dict) -> PromptItem:
+        if "prompt" not in record:
+            raise ValueError('expected {"prompt": a string or a list of messages} (and optionally "answer")')
+        answer = record.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise ValueError(f"'answer' must be a string, got {type(answer).__name__}")
+        messages = _messages(record["prompt"], "prompt")
+        if messages[-1]["role"] != "user":
+            raise ValueError("the prompt must end with a user message (the turn to reply to)")
+        return PromptItem(messages, answer)
+
+    return _load(path, parse, skip_invalid)
+
+
+def contains_answer(answer: str, reply: str) -> bool:
+    """The reference answer appears in the reply as a whole word or number ("answer 42" contains 42)."""
+    return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", reply) is not None
+
+
+# --- measuring ----------------------------------------------------------------------------------
+def compliance(model, tokenizer, constitution: Constitution, items: list[PromptItem], *, max_tokens: int,
+               temperature: float = 1.0, seed: int = 0) -> dict:
+    """Held-out compliance of greedy replies — every principle (``all``) and each alone — and the
+    same for one seeded sample per prompt (``sampled_all``: it moves smoothly where the greedy
+    reply flips at once); the fraction of replies ending with <|im_end|>; their mean length; and,
+    where prompts have answers, how often the greedy reply contains the answer (``contains_answer``)."""
+    from scratchlm.posttrain.sft import generate_replies
+
+    prompts = [it.prompt for it in items]
+    greedy = generate_replies(model, tokenizer, prompts, max_tokens)
+    sampled = sample_replies(model, tokenizer, prompts, [seed_for(seed, "eval", i) for i in range(len(items))],
+                             max_tokens=max_tokens, temperature=temperature)
+    evals = constitution.evaluate(prompts, [r["text"] for r in greedy], [r["ended"] for r in greedy])
+    sampled_evals = constitution.evaluate(prompts, [r["text"] for r in sampled], [r["ended"] for r in sampled])
+    n = len(items)
+    out = {"all": sum(e.complies for e in evals) / n,
+           "per_principle": {p.name: sum(e.critiques[j].satisfied for e in evals) / n
+                             for j, p in enumerate(constitution.principles)},
+           "sampled_all": sum(e.complies for e in sampled_evals) / n,
+           "ended_with_end_of_turn": sum(r["ended"] for r in greedy) / n,
+           "mean_chars": sum(len(r["text"].strip()) for r in greedy) / n, "n": n,
+           "examples": [{"prompt": p[-1]["content"], "reply": r["text"]} for p, r in zip(prompts[:3], greedy)]}
+    with_answers = [(it, r) for it, r in zip(items, greedy) if it.answer is not None]
+    if with_answers:
+        out["contains_answer"] = sum(contains_answer(it.answer, r["text"]) for it, r in with_answers) / len(with_answers)
+    return out
+
+
+# --- the loop -----------------------------------------------------------------------------------
+# [train] defaults for a round where they differ from SFT's and DPO's. The number of steps follows
+# the data (Settings.epochs passes over it, unless train.max_steps is given): a fixed count would
+# run hundreds of epochs over the handful of revisions a late round collects, and overfit to them.
+# A tenth of the steps warm up; one evaluation at the end, of the round's own data (what matters
+# is measured by the loop, on held-out prompts).
+ROUND_TRAIN_DEFAULTS = {"sample_tokens": 0, "log_interval": 25}
+
+
+@dataclass
+class Settings:
+    rounds: int = 1
+    samples: int = 4  # k: revision candidates per reply that breaks a principle
+    method: str = "sft"  # sft: learn the revisions; dpo: learn revision ≻ original
+    temperature: float = 1.0  # for the originals, the revision candidates and the sampled compliance
+    max_tokens: int = 32  # reply length at most
+    held_out: float = 0.2  # fraction of --prompts kept for measuring (unless eval prompts are given)
+    seed: int = 0
+    instruct: bool = True  # False: revisions sampled from the plain prompt (best-of-k alone, an ablation)
+    epochs: float = 3.0  # passes over a round's data (sets train.max_steps unless that is given)
+    method_config: dict = field(default_factory=dict)  # extra [sft] / [dpo] fields (lora_rank, beta, ...)
+    train_config: dict = field(default_factory=dict)  # [train] fields for every round (max_steps, lr, ...)
+
+    def __post_init__(self):
+        for name, ok, expected in (("rounds", _int(self.rounds) and self.rounds >= 1, "an integer >= 1"),
+                                   ("samples", _int(self.samples) and self.samples >= 1, "an integer >= 1"),
+                                   ("method", self.method in ("sft", "dpo"), "'sft' or 'dpo'"),
+                                   ("temperature", _number(self.temperature) and self.temperature > 0, "a number > 0"),
+                                   ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+                                   ("held_out", _number(self.held_out) and 0 <= self.held_out < 1, "a number in [0, 1)"),
+                                   ("epochs", _number(self.epochs) and self.epochs > 0, "a number > 0")):
+            if not ok:
+                raise ValueError(f"critique-revise {name} must be {expected}, got {getattr(self, name)!r}")
+
+
+def critique_revise(checkpoint: str | Path, prompts: str | Path, principles: str | Path | list, out: str | Path, *,
+                    eval_prompts: str | Path | None = None, scorers: dict[str, Scorer] | None = None,
+                    tokenizer: str | None = None, device: str | None = None, resume: bool = False,
+                    overwrite: bool = False, progress: bool = True, skip_invalid: bool = False, log=None,
+                    **settings) -> dict:
+    """Run ``settings["rounds"]`` rounds of generate → critique → revise → train from ``checkpoint``.
+
+    ``prompts``: JSONL of ``{"prompt", "answer"?}``; ``principles``: a JSON file or the list itself;
+    ``settings``: the fields of :class:`Settings`. Writes into ``out``: ``round-N/`` (critiques.jsonl,
+    sft.jsonl, pairs.jsonl, the training run in train/, round.json) and ``results.json``, each
+    atomically, after each round. ``resume`` keeps the finished rounds of an interrupted run with
+    the same settings (``rounds`` may grow: more rounds on a finished run). Returns the results
+    (also ``results.json``)."""
+    from scratchlm.posttrain.sft import split_held_out
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    s = Settings(**settings)
+    principle_list = parse_principles(principles) if isinstance(principles, list) else load_principles(principles)
+    out = Path(out)
+    loaded = load_prompt_items(prompts, skip_invalid)
+    if eval_prompts:
+        train_items, held = loaded.items, load_prompt_items(eval_prompts, skip_invalid).items
+    else:
+        train_items, held = split_held_out(loaded.items, lambda it: it.prompt, s.held_out)
+    if not train_items or not held:
+        raise ValueError(f"{len(train_items)} training and {len(held)} held-out prompts: both are needed; give "
+                         f"--eval-prompts, or change --held-out (now {s.held_out})")
+    record = {"checkpoint": str(Path(checkpoint).resolve()), "prompts": str(Path(prompts).resolve()),
+              "eval_prompts": str(Path(eval_prompts).resolve()) if eval_prompts else None,
+              "principles": [p.__dict__ for p in principle_list], "settings": s.__dict__, "tokenizer": tokenizer}
+    results = _claim(out, record, resume, overwrite)
+    results["prompts_count"] = {"train": len(train_items), "held_out": len(held)}
+
+    current = record["checkpoint"]
+    critic_model, critic_tokenizer = load_chat_model(current, tokenizer, device)  # the fixed critic: the start
+    constitution = Constitution(principle_list, model=critic_model, tokenizer=critic_tokenizer, scorers=scorers,
+                                device=device)
+    _check_prompts(train_items + held, critic_tokenizer)
+    measure = dict(max_tokens=s.max_tokens, temperature=s.temperature, seed=s.seed)
+    if not results["compliance"]:
+        results["compliance"].append(compliance(critic_model, critic_tokenizer, constitution, held, **measure))
+    for done in results["rounds"]:
+        current = done["checkpoint"] or current
+    log(f"start: held-out compliance {results['compliance'][0]['all']:.1%} ({len(held)} prompts), "
+        f"{len(train_items)} training prompts, {len(principle_list)} principles")
+    for number in range(len(results["rounds"]) + 1, s.rounds + 1):
+        started = time.perf_counter()
+        folder = out / f"round-{number}"
+        if folder.exists():  # an interrupted round: redone from its start
+            shutil.rmtree(folder)
+        start_tokenizer = tokenizer if current == record["checkpoint"] else None  # later checkpoints carry theirs
+        model, tok = load_chat_model(current, start_tokenizer, device)
+        collected = _one_round(model, tok, constitution, train_items, s, number, folder, progress, log)
+        round_record = {"round": number, "start": current, **collected["counts"], "checkpoint": None}
+        if collected["counts"]["collected"]:
+            summary = _train(s, number, current, folder, collected["counts"]["collected"], start_tokenizer, progress)
+            current = str(Path(summary["out_dir"]) / "last")
+            round_record["checkpoint"] = current
+            round_record["train"] = {k: summary.get(k) for k in ("steps", "stop_reason", "best_val_loss", "seconds")}
+            model, tok = load_chat_model(current, device=device)
+            after = compliance(model, tok, constitution, held, **measure)
+        else:
+            log(f"round {number}: no revision was better than its original: nothing to train on")
+            after = results["compliance"][-1]
+        round_record.update({"compliance_before": results["compliance"][-1]["all"], "compliance_after": after["all"],
+                             "seconds": time.perf_counter() - started})
+        write_json(folder / "round.json", {"format": RESULTS_FORMAT + ".round", "version": 1, **round_record})
+        results["rounds"].append(round_record)
+        results["compliance"].append(after)
+        results["final_checkpoint"] = current
+        write_json(out / "results.json", results)
+        log(f"round {number}: {round_record['violating']} of {round_record['originals']} replies broke a principle, "
+            f"{round_record['revised']} better revisions found ({round_record['pairs']} pairs); held-out compliance "
+            f"{round_record['compliance_before']:.1%} -> {after['all']:.1%} ({round_record['seconds']:.0f} s)")
+        if not collected["counts"]["collected"]:
+            results["stop_reason"] = f"round {number} collected nothing"
+            break
+    else:
+        results["stop_reason"] = "rounds"
+    results["final_checkpoint"] = current
+    write_json(out / "results.json", results)
+    return results
+
+
+def _check_prompts(items: list[PromptItem], tokenizer) -> None:
+    """Every prompt renders (no special token as text, no character the tokenizer lacks), or the
+    error names its file and line."""
+    from scratchlm.tokenizers.chat import ChatTemplate
+
+    template = ChatTemplate(tokenizer)
+    for it in items:
+        try:
+            template.prompt_ids(it.prompt)
+        except ValueError as e:
+            raise ValueError(f"{it.where}: {e}") from None
+
+
+def _claim(out: Path, record: dict, resume: bool, overwrite: bool) -> dict:
+    """The results so far: fresh, or with ``resume`` the finished rounds of the same run."""
+    path = out / "results.json"
+    if path.exists() and resume:
+        previous = read_json(path, RESULTS_FORMAT)
+        same = lambda r: {**json.loads(json.dumps(r)), "settings": {**r["settings"], "rounds": None}}  # noqa: E731
+        changed = [k for k in record if same(previous).get(k) != same(record)[k]]
+        if changed:
+            raise ValueError(f"{path} was made with other {', '.join(changed)}: resume with the same ones (only "
+                             "--rounds may grow), or start over with --overwrite (or another --out)")
+        previous["settings"]["rounds"] = record["settings"]["rounds"]
+        return previous
+    if path.exists() or any(out.glob("round-*")):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a critique-revise run; pass --resume to continue it, "
+                                  "--overwrite to start over (its rounds are deleted), or choose another --out")
+        for folder in out.glob("round-*"):
+            shutil.rmtree(folder)
+        path.unlink(missing_ok=True)
+    return {"format": RESULTS_FORMAT, "version": 1, **record, "compliance": [], "rounds": []}
+
+
+def _one_round(model, tokenizer, constitution: Constitution, items: list[PromptItem], s: Settings, number: int,
+               folder: Path, progress: bool, log) -> dict:
+    """Generate, critique, revise, collect; write the round's JSONL files."""
+    from scratchlm.tokenizers.chat import ChatTemplate
+
+    prompts = [it.prompt for it in items]
+    context = model.config.block_size
+    if not 0 < s.max_tokens < context:
+        raise ValueError(f"max_tokens must be in (0, {context}) for this model's context, got {s.max_tokens}")
+    log(f"round {number}: replying to {len(prompts)} prompts")
+    # Sampled, not greedy: the loop improves the model's whole distribution of replies, and goes on
+    # finding replies to revise after the greedy ones comply.
+    replies = sample_replies(model, tokenizer, prompts, [seed_for(s.seed, number, i, "original") for i in range(len(prompts))],
+                             max_tokens=s.max_tokens, temperature=s.temperature)
+    originals = [r["text"] for r in replies]
+    judged = constitution.evaluate(prompts, originals, [r["ended"] for r in replies])
+    todo = [i for i, e in enumerate(judged) if not e.complies]
+    template, cut = ChatTemplate(tokenizer), 0
+    requests, seeds = [], []
+    for i in todo:
+        problems = [(p, c) for p, c in zip(constitution.principles, judged[i].critiques) if not c.satisfied]
+        asked = revision_prompt(prompts[i], originals[i], problems, tokenizer, judged[i].ended) if s.instruct else prompts[i]
+        if len(template.prompt_ids(asked)) + s.max_tokens > context:  # no room: the plain prompt
+            asked, cut = prompts[i], cut + 1
+        for j in range(s.samples):
+            requests.append(asked)
+            seeds.append(seed_for(s.seed, number, i, j))
+    log(f"round {number}: {len(todo)} replies break a principle; sampling {s.samples} revisions of each")
+    candidates = sample_replies(model, tokenizer, requests, seeds, max_tokens=s.max_tokens, temperature=s.temperature,
+                                progress=progress)
+    candidate_evals = constitution.evaluate([prompts[i] for i in todo for _ in range(s.samples)],
+                                            [c["text"] for c in candidates], [c["ended"] for c in candidates])
+    specials = list(tokenizer.special_tokens)
+    learnable = lambda text: not any(name in text for name in specials)  # noqa: E731 (the template refuses them)
+    sft_rows, pair_rows = [], []
+    lines = [{"prompt": prompts[i], "original": originals[i], "original_ended": judged[i].ended,
+              "critiques": _critiques(constitution, judged[i]), "revision": None, "better": False}
+             for i in range(len(prompts))]  # every original; those that broke a principle get their revision below
+    for n, i in enumerate(todo):
+        group = range(n * s.samples, (n + 1) * s.samples)
+        # A revision to learn closed its turn, and has no special token's text (a sampled <|im_start|>)
+        eligible = [g for g in group if candidates[g]["ended"] and learnable(candidates[g]["text"])]
+        best = max(eligible, key=lambda g: candidate_evals[g].key, default=None)  # ties: the first sample
+        better = best is not None and candidate_evals[best].key > judged[i].key
+        revision = candidates[best]["text"].strip() if best is not None else None
+        lines[i].update({"revision": revision, "revision_critiques": _critiques(constitution, candidate_evals[best])
+                         if best is not None else None, "better": better,
+                         "candidates": [candidates[g]["text"] for g in group]})
+        if better:
+            sft_rows.append({"messages": prompts[i] + [{"role": "assistant", "content": revision}]})
+            rejected = originals[i].strip()
+            if learnable(rejected) and rejected != revision:  # a pair the template renders, and a real preference
+                pair_rows.append({"prompt": prompts[i], "chosen": revision, "rejected": rejected})
+    for name, rows in (("critiques.jsonl", lines), ("sft.jsonl", sft_rows), ("pairs.jsonl", pair_rows)):
+        with atomic_write(folder / name, "w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return {"counts": {"originals": len(prompts), "violating": len(todo), "candidates": len(candidates),
+                       "candidates_ended": sum(c["ended"] for c in candidates),
+                       "candidates_complying": sum(e.complies for e in candidate_evals),
+                       "revised": len(sft_rows), "pairs": len(pair_rows),
+                       "collected": len(sft_rows if s.method == "sft" else pair_rows),
+                       "revision_prompts_without_instructions": cut}}
+
+
+def _critiques(constitution: Constitution, evaluation: Evaluation) -> dict:
+    return {p.name: {"satisfied": c.satisfied, "score": c.score, "critique": c.text}
+            for p, c in zip(constitution.principles, evaluation.critiques)}
+
+
+def _train(s: Settings, number: int, base: str, folder: Path, rows: int, tokenizer: str | None, progress: bool) -> dict:
+    """One round's training, by the existing trainers: SFT on the revisions, or DPO on the pairs."""
+    from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS
+
+    data = str(folder / ("sft.jsonl" if s.method == "sft" else "pairs.jsonl"))
+    # The round's own data as the trainer's "held-out" set: too few rows to split, and the held-out
+    # measure that counts (compliance on unseen prompts) is taken by the loop.
+    method = {"base": base, "data": data, "val_data": data, **({"tokenizer": tokenizer} if tokenizer else {}),
+              **s.method_config}
+    train = {**ROUND_TRAIN_DEFAULTS, "seed": s.seed + number, **s.train_config, "out_dir": str(folder / "train")}
+    batch = train.get("batch_size", SFT_TRAIN_DEFAULTS["batch_size"])
+    train.setdefault("max_steps", max(1, math.ceil(s.epochs * rows / batch)))
+    train.setdefault("warmup_steps", train["max_steps"] // 10)
+    train.setdefault("eval_interval", train["max_steps"])  # one evaluation, at the end
+    if s.method == "sft":
+        from scratchlm.posttrain.sft import sft
+
+        return sft(method, train, progress=progress)
+    from scratchlm.posttrain.dpo import dpo
+
+    return dpo(method, train, progress=progress)

@@ -1,0 +1,274 @@
+"""Constitutional AI loop (issue 8, section 7): principles files, programmatic checks on hand
+cases, and the whole loop — generate, critique, revise, collect, train — through the CLI on a
+tiny assistant, with its revisions checked by an independent oracle; the model-as-critic and
+scorer paths."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from scratchlm.posttrain.critique import (Constitution, Critique, Evaluation, check_reply, critique_revise,
+                                          load_principles, load_scorer, parse_principles)
+
+PRINCIPLES = [
+    {"name": "concise", "text": "at most 10 characters", "check": {"kind": "max_chars", "limit": 10}},
+    {"name": "no_hedging", "text": "never say maybe", "check": {"kind": "forbidden_words", "words": ["maybe"]}},
+    {"name": "format", "text": "reply as answer and the number", "check": {"kind": "regex", "pattern": r"answer \d+"}},
+]
+STYLES = ["{a}", "maybe {a}", "the answer is {a}", "answer maybe {a}", "answer {a}"]
+
+
+def oracle(text: str, ended: bool = True) -> tuple[int, float]:
+    """PRINCIPLES' key, written out by hand: (rules satisfied + ended, summed scores)."""
+    t = text.strip()
+    maybes = len(re.findall(r"\bmaybe\b", t, re.IGNORECASE))
+    passed = [len(t) <= 10, maybes == 0, re.fullmatch(r"answer \d+", t) is not None]
+    scores = [1.0 if passed[0] else 10 / len(t), 1 / (1 + maybes), float(passed[2])]
+    return sum(passed) + ended, round(sum(scores), 9)
+
+
+# --- principles files --------------------------------------------------------------------------
+@pytest.mark.parametrize("data, message", [
+    ({"name": "x"}, "expected a non-empty JSON list of principles"),
+    ([], "expected a non-empty JSON list"),
+    (["be nice"], "principle 0: expected an object"),
+    ([{"name": "a", "text": "t"}], "expected exactly the keys name, text and check"),
+    ([{"name": "a b", "text": "t", "check": {"kind": "max_chars", "limit": 3}}], "name must be a word"),
+    ([{"name": "a", "text": " ", "check": {"kind": "max_chars", "limit": 3}}], "text must be a non-empty string"),
+    ([{"name": "a", "text": "t", "check": {"kind": "max_lenght", "limit": 3}}], "kind among ['forbidden_words', "),
+    ([{"name": "a", "text": "t", "check": {"kind": "max_chars"}}], "check kind 'max_chars' needs 'limit': an integer >= 0"),
+    ([{"name": "a", "text": "t", "check": {"kind": "max_chars", "limit": "3"}}], "check.limit must be an integer >= 0, got '3'"),
+    ([{"name": "a", "text": "t", "check": {"kind": "max_chars", "limit": 3, "max": 4}}], "has no field(s) ['max']"),
+    ([{"name": "a", "text": "t", "check": {"kind": "forbidden_words", "words": []}}], "words must be a non-empty list"),
+    ([{"name": "a", "text": "t", "check": {"kind": "regex", "pattern": "(unclosed"}}], "check.pattern must be a regular"),
+    ([{"name": "a", "text": "t", "check": {"kind": "regex", "pattern": "x", "mode": "match"}}], 'check.mode must be "fullmatch"'),
+    ([{"name": "a", "text": "t", "check": {"kind": "scorer"}}], "needs 'name'"),
+    ([{"name": "a", "text": "t", "check": {"kind": "max_chars", "limit": 3}},
+      {"name": "a", "text": "u", "check": {"kind": "max_words", "limit": 3}}], "principle 1 ('a'): the name is used twice"),
+])
+def test_principles_are_validated_with_errors_that_say_what_was_expected(data, message):
+    with pytest.raises(ValueError) as e:
+        parse_principles(data, "p.json")
+    assert message in str(e.value) and str(e.value).startswith("p.json")
+
+
+def test_principles_file_fills_defaults_and_bad_json_names_the_file(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(PRINCIPLES + [{"name": "judge", "text": "be kind", "check": {"kind": "model"}}]))
+    loaded = load_principles(path)
+    assert [p.name for p in loaded] == ["concise", "no_hedging", "format", "judge"]
+    assert loaded[1].check == {"kind": "forbidden_words", "words": ["maybe"], "case_sensitive": False}
+    assert loaded[2].check["mode"] == "fullmatch" and loaded[3].check == {"kind": "model", "checkpoint": None,
+                                                                          "pass": "yes", "max_tokens": 16}
+    path.write_text("[{broken")
+    with pytest.raises(ValueError, match=r"p\.json: not valid JSON"):
+        load_principles(path)
+    with pytest.raises(FileNotFoundError, match="no such principles file"):
+        load_principles(tmp_path / "missing.json")
+
+
+# --- programmatic checks -----------------------------------------------------------------------
+def test_length_checks_count_characters_and_words_of_the_stripped_reply():
+    assert check_reply({"kind": "max_chars", "limit": 5}, "  abcde \n") == Critique(True, 1.0, "")
+    c = check_reply({"kind": "max_chars", "limit": 5}, "abcdefghij")
+    assert not c.satisfied and c.score == 0.5 and c.text == "it has 10 characters, more than 5"
+    assert check_reply({"kind": "min_chars", "limit": 4}, "ab").score == 0.5
+    assert check_reply({"kind": "max_words", "limit": 2}, "one two").satisfied
+    c = check_reply({"kind": "max_words", "limit": 2}, "one  two three four")
+    assert not c.satisfied and c.score == 0.5 and c.text == "it has 4 words, more than 2"
+    c = check_reply({"kind": "min_words", "limit": 3}, "one")
+    assert not c.satisfied and c.text == "it has 1 words, fewer than 3"
+
+
+def test_forbidden_words_match_whole_words_and_case_as_asked():
+    check = {"kind": "forbidden_words", "words": ["maybe", "think"], "case_sensitive": False}
+    assert check_reply(check, "maybelline thinks").satisfied  # whole words only
+    c = check_reply(check, "Maybe 4, maybe 5, I think")
+    assert not c.satisfied and c.text == "it says maybe and think" and c.score == pytest.approx(1 / 4)  # 3 hits
+    assert check_reply({**check, "case_sensitive": True}, "Maybe 4").satisfied
+    assert not check_reply({"kind": "forbidden_words", "words": ["c++"], "case_sensitive": False}, "use C++ here").satisfied
+
+
+def test_regex_modes_and_hint():
+    fmt = {"kind": "regex", "pattern": r"answer \d+", "mode": "fullmatch", "hint": None}
+    assert check_reply(fmt, " answer 42\n").satisfied
+    assert check_reply(fmt, "answer 42 i think") == Critique(False, 0.0, "its form is wrong")
+    assert check_reply({**fmt, "mode": "search"}, "so: answer 42 i think").satisfied
+    absent = {"kind": "regex", "pattern": r"https?://", "mode": "absent", "hint": "no links please"}
+    assert check_reply(absent, "see http://x.org") == Critique(False, 0.0, "no links please")
+    assert check_reply(absent, "see the manual").satisfied
+
+
+def test_evaluations_order_replies_and_an_unfinished_reply_never_complies():
+    constitution = Constitution(parse_principles(PRINCIPLES))
+    replies = ["answer 4", "4", "maybe 4", "the answer is 4", "answer maybe 4"]
+    evals = constitution.evaluate([[{"role": "user", "content": "2+2="}]] * len(replies), replies)
+    assert [e.complies for e in evals] == [True, False, False, False, False]
+    assert [e.key for e in evals] == [oracle(r) for r in replies]
+    assert sorted(replies, key=lambda r: evals[replies.index(r)].key, reverse=True)[:2] == ["answer 4", "4"]
+    unfinished = Evaluation(evals[0].critiques, ended=False)
+    assert not unfinished.complies and unfinished.key < evals[0].key
+
+
+def test_scorers_are_critics_and_missing_ones_are_named():
+    principles = parse_principles([{"name": "short", "text": "be short", "check": {"kind": "scorer", "name": "len",
+                                                                                     "threshold": -3}}])
+    seen = []
+
+    def minus_length(prompt, reply):
+        seen.append(prompt[-1]["content"])
+        return -len(reply)
+
+    evals = Constitution(principles, scorers={"len": minus_length}).evaluate(
+        [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]], ["abc", "abcd"])
+    assert seen == ["q1", "q2"] and [e.complies for e in evals] == [True, False]
+    assert evals[1].critiques[0] == Critique(False, -4.0, "it scores -4, below -3")
+    with pytest.raises(ValueError, match="asks for the scorer 'len', but none of that name was given"):
+        Constitution(principles)
+    assert load_scorer("os.path:basename")("a/b") == "b"
+    with pytest.raises(ValueError, match="MODULE:FUNCTION"):
+        load_scorer("os.path.basename")
+    with pytest.raises(ValueError, match="cannot import it"):
+        load_scorer("no_such_module_xyz:f")
+
+
+# --- the loop on a tiny assistant --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def assistant(tmp_path_factory):
+    """A tiny chat model fine-tuned to answer 1-digit additions in STYLES (one of which follows
+    every principle) and, a quarter of the time, to follow the loop's revision prompt (a system
+    message naming the broken principles): a model that follows principles when asked but not by
+    default, as Constitutional AI assumes. Its context holds the revision prompts. And prompts."""
+    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.posttrain.sft import sft
+    from scratchlm.posttrain.tasks import make_problems
+    from scratchlm.posttrain.critique import revision_prompt
+    from scratchlm.tokenizers import CharTokenizer
+    from scratchlm.tokenizers.chat import add_chat_tokens
+    from scratchlm.train.checkpoint import save_model_only
+
+    root = tmp_path_factory.mktemp("critique")
+    problems = make_problems("addition", 80, "train", 1)
+    rng = random.Random(0)
+    tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz:", ["<|endoftext|>"])
+    constitution = Constitution(parse_principles(PRINCIPLES))
+    with open(root / "sft.jsonl", "w") as f:
+        for p in problems * 4:
+            user = [{"role": "user", "content": p.prompt}]
+            reply = rng.choice(STYLES).format(a=p.answer)
+            if rng.random() < 0.25:  # asked to revise (the loop's own revision prompt), it follows the principles
+                critiques = constitution.evaluate([user], [reply])[0].critiques
+                problems_named = [(q, c) for q, c in zip(constitution.principles, critiques) if not c.satisfied]
+                user = revision_prompt(user, reply, problems_named, add_chat_tokens(tok))
+                reply = f"answer {p.answer}"
+            f.write(json.dumps({"messages": user + [{"role": "assistant", "content": reply}]}) + "\n")
+    with open(root / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems)
+    (root / "principles.json").write_text(json.dumps(PRINCIPLES))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, block_size=256,
+                          position="rope", norm="rmsnorm", mlp="swiglu", bias=False, dropout=0.0))
+    save_model_only(root / "init", model, tokenizer=tok)
+    sft({"base": str(root / "init"), "data": str(root / "sft.jsonl"), "val_data": str(root / "sft.jsonl")},
+        {"out_dir": str(root / "sft"), "max_steps": 150, "eval_interval": 150, "batch_size": 16, "lr": 3e-3,
+         "sample_tokens": 0}, progress=False)
+    return root
+
+
+def test_the_loop_through_the_cli_collects_better_revisions_and_trains_on_them(assistant, tmp_path, capsys):
+    from scratchlm.cli import main
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+
+    root, out = assistant, tmp_path / "cai"
+    args = ["critique-revise", "--checkpoint", str(root / "sft" / "last"), "--prompts", str(root / "prompts.jsonl"),
+            "--principles", str(root / "principles.json"), "--out", str(out), "--rounds", "2", "--samples", "4",
+            "--max-tokens", "16", "--held-out", "0.25", "--set", "train.max_steps=30", "--set", "train.lr=1e-3"]
+    assert main(args + ["--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results == json.loads((out / "results.json").read_text())
+    assert results["format"] == "scratchlm.critique-revise" and len(results["compliance"]) == 3
+    first, r1, r2 = results["compliance"][0], results["rounds"][0], results["rounds"][1]
+    assert set(first["per_principle"]) == {"concise", "no_hedging", "format"} and first["n"] > 10
+    assert r1["violating"] > 0 and r1["candidates"] == 4 * r1["violating"] and r1["collected"] > 0
+    assert r1["revision_prompts_without_instructions"] == 0  # the principle and critique fit the context
+    # Asked with the principles and critiques, the model follows them more often than unasked: a real revise step.
+    assert r1["candidates_complying"] / r1["candidates"] > first["sampled_all"] + 0.2
+    assert r2["start"] == r1["checkpoint"] and r1["checkpoint"].endswith("round-1/train/last")
+    assert r1["train"]["steps"] == 30
+    # Every collected revision beats its original by the principles, judged again by hand here.
+    rows = [json.loads(line) for line in (out / "round-1" / "critiques.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (out / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    sft_rows = [json.loads(line) for line in (out / "round-1" / "sft.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["better"]]
+    assert len(kept) == len(sft_rows) == r1["revised"] and len(pairs) == r1["pairs"] > 0
+    for row, conversation in zip(kept, sft_rows):
+        assert conversation["messages"] == row["prompt"] + [{"role": "assistant", "content": row["revision"]}]
+        assert row["revision"] in [c.strip() for c in row["candidates"]]
+        assert oracle(row["revision"]) > oracle(row["original"], row["original_ended"])
+    for pair in pairs:
+        assert oracle(pair["chosen"]) > oracle(pair["rejected"])
+    assert sum(oracle(p["chosen"])[0] for p in pairs) > sum(oracle(p["rejected"])[0] for p in pairs)
+    # ... the model learned from them: held-out compliance rose, and the checkpoint is a chat model.
+    assert results["compliance"][-1]["all"] > first["all"], [c["all"] for c in results["compliance"]]
+    model, state = load_model_from_checkpoint(results["final_checkpoint"])
+    assert "<|im_end|>" in load_checkpoint_tokenizer(results["final_checkpoint"], state).special_tokens
+    # The folder is claimed: a second run asks for --resume or --overwrite; --resume with other settings is refused.
+    assert main(args) == 2 and "--resume to continue it" in capsys.readouterr().err
+    assert main(args + ["--resume", "--json"]) == 0  # every round done: nothing to redo
+    assert json.loads(capsys.readouterr().out)["rounds"] == results["rounds"]
+    assert main([a if a != "4" else "3" for a in args] + ["--resume"]) == 2
+    assert "was made with other settings" in capsys.readouterr().err
+    assert main([a if a != "2" else "3" for a in args] + ["--resume", "--json"]) == 0  # one more round
+    more = json.loads(capsys.readouterr().out)
+    assert more["rounds"][:2] == results["rounds"] and more["rounds"][2]["start"] == results["final_checkpoint"]
+    assert len(more["compliance"]) == 4 and more["settings"]["rounds"] == 3
+
+
+def test_the_model_as_critic_writes_the_critiques_and_dpo_trains_on_the_pairs(assistant, tmp_path):
+    """The model critic's words are the critique (its greedy reply to the critique request); a
+    reply passes when they start with the pass word. This tiny model answers every request like an
+    addition ("answer 10"): it cannot judge anything, but the path runs end to end."""
+    from scratchlm.posttrain.critique import CRITIQUE_REQUEST, load_chat_model, speakable
+    from scratchlm.posttrain.sft import generate_replies
+
+    root = assistant
+    model, tok = load_chat_model(root / "sft" / "last")
+
+    def critic_says(critic, principle: str, replies: list[str]) -> list[str]:
+        asked = [[{"role": "user", "content": speakable(CRITIQUE_REQUEST.format(principle=principle, reply=r), tok)}]
+                 for r in replies]
+        return [g["text"].strip() for g in generate_replies(critic, tok, asked, 12)]
+
+    # Critiques and verdicts, from the model itself and from another checkpoint (the random init).
+    principles = parse_principles([
+        {"name": "kind", "text": "be kind", "check": {"kind": "model", "pass": "maybe", "max_tokens": 12}},
+        {"name": "brief", "text": "be brief", "check": {"kind": "model", "checkpoint": str(root / "init"),
+                                                         "max_tokens": 12}}])
+    replies = ["answer 3", "maybe 4", "the answer is 5", "x"]
+    evals = Constitution(principles, model=model, tokenizer=tok).evaluate([[{"role": "user", "content": "1+2="}]] * 4,
+                                                                          replies)
+    said = critic_says(model, "be kind", replies)
+    assert [e.critiques[0] for e in evals] == [Critique(t.split(" ")[0] == "maybe", float(t.split(" ")[0] == "maybe"),
+                                                        "" if t.split(" ")[0] == "maybe" else t) for t in said]
+    init, _ = load_chat_model(root / "init")
+    said = critic_says(init, "be brief", replies)  # a random model: noise, and never "yes"
+    assert [e.critiques[1].text for e in evals] == said and not any(e.critiques[1].satisfied for e in evals)
+    # The loop with a model-judged principle beside a programmatic one, trained by DPO.
+    principles = PRINCIPLES[2:] + [{"name": "judge", "text": "be kind", "check": {"kind": "model", "pass": "answer",
+                                                                                  "max_tokens": 12}}]
+    results = critique_revise(root / "sft" / "last", root / "prompts.jsonl", principles, tmp_path / "judge",
+                              rounds=1, samples=2, max_tokens=16, method="dpo", progress=False,
+                              train_config={"max_steps": 5, "lr": 1e-4})
+    rows = [json.loads(line) for line in (tmp_path / "judge" / "round-1" / "critiques.jsonl").read_text().splitlines()]
+    said = critic_says(model, "be kind", [r["original"] for r in rows])
+    assert [r["critiques"]["judge"]["satisfied"] for r in rows] == [t.split(" ")[0] == "answer" for t in said]
+    assert "judge" in results["compliance"][0]["per_principle"]
+    r1 = results["rounds"][0]
+    assert r1["pairs"] > 0 and r1["train"]["steps"] == 5 and results["final_checkpoint"].endswith("round-1/train/last")
+    state = json.loads((tmp_path / "judge" / "round-1" / "train" / "last" / "state.json").read_text())
+    assert state["method"] == "dpo"
