@@ -340,22 +340,11 @@ def load_chat_model(path: str | Path, tokenizer_spec: str | None = None, device=
 
 def sample_replies(model, tokenizer, prompts: list[list[dict]], seeds: list[int], *, max_tokens: int,
                    temperature: float = 1.0, progress: bool = False) -> list[dict]:
-    """One seeded sample per prompt through the inference engine (a seeded request draws the same
-    tokens alone or in any batch, so a run is reproducible): ``text`` and ``ended`` (with <|im_end|>)."""
-    from scratchlm.serve import LLM, SamplingParams
-    from scratchlm.tokenizers.chat import ChatTemplate
+    """One seeded sample per prompt (``generate_replies`` with seeds): ``text`` and ``ended``."""
+    from scratchlm.posttrain.sft import generate_replies
 
-    if not prompts:
-        return []
-    template = ChatTemplate(tokenizer)
-    context = model.config.block_size
-    ids = [template.prompt_ids(p)[-(context - max_tokens):] for p in prompts]
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=[template.end_id],
-                             ignore_eos=True, seed=s) for s in seeds]
-    seqs = min(len(ids), 64)
-    outs = LLM(model, tokenizer, weight_format="dense", max_num_seqs=seqs,
-               num_blocks=seqs * -(-context // 16)).generate(ids, params, progress=progress)
-    return [{"text": o.text, "ended": bool(o.token_ids) and o.token_ids[-1] == template.end_id} for o in outs]
+    return generate_replies(model, tokenizer, prompts, max_tokens, temperature=temperature, seeds=seeds,
+                            progress=progress)
 
 
 def seed_for(*parts: int) -> int:
@@ -384,7 +373,7 @@ class PromptItem:
 
 def load_prompt_items(path: str | Path, skip_invalid: bool = False):
     """``{"prompt": text or messages, "answer"?: text}`` per line (``scratchlm tasks``' prompts files fit)."""
-    from scratchlm.posttrain.data import _load, _messages
+    from scratchlm.posttrain.data import as_messages, load_records
 
     def parse(record: dict) -> PromptItem:
         if "prompt" not in record:
@@ -392,12 +381,12 @@ def load_prompt_items(path: str | Path, skip_invalid: bool = False):
         answer = record.get("answer")
         if answer is not None and not isinstance(answer, str):
             raise ValueError(f"'answer' must be a string, got {type(answer).__name__}")
-        messages = _messages(record["prompt"], "prompt")
+        messages = as_messages(record["prompt"], "prompt")
         if messages[-1]["role"] != "user":
             raise ValueError("the prompt must end with a user message (the turn to reply to)")
         return PromptItem(messages, answer)
 
-    return _load(path, parse, skip_invalid)
+    return load_records(path, parse, skip_invalid)
 
 
 def contains_answer(answer: str, reply: str) -> bool:

@@ -65,7 +65,8 @@ class Loaded:
     errors: list[str] = field(default_factory=list)  # the first few skipped lines' reasons
 
 
-def _messages(value, what: str) -> list[dict]:
+def as_messages(value, what: str) -> list[dict]:
+    """A prompt as messages: a string is one user message; a list is checked (roles, contents)."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     check_messages(value)
@@ -74,7 +75,7 @@ def _messages(value, what: str) -> list[dict]:
 
 def _sft(record: dict) -> list[dict]:
     if "messages" in record:
-        messages = _messages(record["messages"], "messages")
+        messages = as_messages(record["messages"], "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError("the conversation has no assistant message: nothing to learn")
         return messages
@@ -83,7 +84,7 @@ def _sft(record: dict) -> list[dict]:
         user = _text(record, "instruction") + (f"\n\n{extra}" if extra else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record, "output")}]
     if "prompt" in record and "completion" in record:
-        return _messages(record["prompt"], "prompt") + [{"role": "assistant", "content": _text(record, "completion")}]
+        return as_messages(record["prompt"], "prompt") + [{"role": "assistant", "content": _text(record, "completion")}]
     raise ValueError('expected {"messages": [...]}, {"instruction", "input", "output"} (Alpaca) or '
                      '{"prompt", "completion"}')
 
@@ -92,14 +93,14 @@ def _pair(record: dict) -> Pair:
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
     if missing:
         raise ValueError(f'expected {{"prompt", "chosen", "rejected"}}; missing {missing}')
-    return Pair(_messages(record["prompt"], "prompt"), _text(record, "chosen"), _text(record, "rejected"))
+    return Pair(as_messages(record["prompt"], "prompt"), _text(record, "chosen"), _text(record, "rejected"))
 
 
 def _prompt(record: dict, require_answer: bool = True) -> PromptWithAnswer:
     if "prompt" not in record or (require_answer and "answer" not in record):
         raise ValueError('expected {"prompt", "answer"} (a prompt and the exact answer a verifier accepts)')
     answer = _text(record, "answer") if record.get("answer") is not None else None
-    return PromptWithAnswer(_messages(record["prompt"], "prompt"), answer, record.get("task"))
+    return PromptWithAnswer(as_messages(record["prompt"], "prompt"), answer, record.get("task"))
 
 
 def _text(record: dict, key: str) -> str:
@@ -109,7 +110,7 @@ def _text(record: dict, key: str) -> str:
     return value
 
 
-def _load(path: str | Path, parse, skip_invalid: bool) -> Loaded:
+def load_records(path: str | Path, parse, skip_invalid: bool) -> Loaded:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (a JSONL file, one record per line)")
@@ -141,17 +142,17 @@ def _load(path: str | Path, parse, skip_invalid: bool) -> Loaded:
 
 
 def load_sft(path: str | Path, skip_invalid: bool = False) -> Loaded:
-    return _load(path, _sft, skip_invalid)
+    return load_records(path, _sft, skip_invalid)
 
 
 def load_pairs(path: str | Path, skip_invalid: bool = False) -> Loaded:
-    return _load(path, _pair, skip_invalid)
+    return load_records(path, _pair, skip_invalid)
 
 
 def load_prompts(path: str | Path, skip_invalid: bool = False, require_answer: bool = True) -> Loaded:
     """Prompts with their answers; ``require_answer=False`` also takes bare ``{"prompt"}`` lines
     (PPO with a reward model needs no answer)."""
-    return _load(path, lambda record: _prompt(record, require_answer), skip_invalid)
+    return load_records(path, lambda record: _prompt(record, require_answer), skip_invalid)
 
 
 def write_task_data(out: str | Path, tasks: list[str], *, train: int = 2000, test: int = 200, difficulty: int = 2,

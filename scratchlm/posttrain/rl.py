@@ -284,23 +284,13 @@ class RLTrainer(SFTTrainer):
     # --- rollouts ---------------------------------------------------------------------------
     def _sample(self, prompts: list, generator: torch.Generator) -> tuple[list, list]:
         """``samples_per_prompt`` sampled replies per prompt through the inference engine, each
-        with its own seed (the same tokens alone or in any batch): (token ids, text, ended)."""
-        from scratchlm.serve import LLM, SamplingParams
-
-        rl, template = self.sft, self.template
-        ids = [template.prompt_ids(p.prompt) for p in prompts for _ in range(rl.samples_per_prompt)]
-        seeds = torch.randint(2**62, (len(ids),), generator=generator).tolist()
-        params = [SamplingParams(max_tokens=rl.max_new_tokens, temperature=rl.temperature, seed=s,
-                                 stop_token_ids=[template.end_id], ignore_eos=True) for s in seeds]
-        context = self.model_config.block_size
-        seqs = min(len(ids), 64)
-        llm = LLM(self.model, self.tokenizer, weight_format="dense", max_num_seqs=seqs,
-                  num_blocks=seqs * -(-context // 16))
-        outs = llm.generate(ids, params)
-        failed = [o for o in outs if o.finish_reason == "error"]
-        if failed:
-            raise RuntimeError(f"a rollout reply failed: {failed[0].error}")
-        return [(o.token_ids, o.text, bool(o.token_ids) and o.token_ids[-1] == template.end_id) for o in outs], ids
+        with its own seed: [(token ids, text, ended)], and the prompts' ids."""
+        rl = self.sft
+        messages = [p.prompt for p in prompts for _ in range(rl.samples_per_prompt)]
+        seeds = torch.randint(2**62, (len(messages),), generator=generator).tolist()
+        outs = generate_replies(self.model, self.tokenizer, messages, rl.max_new_tokens, temperature=rl.temperature,
+                                seeds=seeds)
+        return [(o["token_ids"], o["text"], o["ended"]) for o in outs], [o["prompt_ids"] for o in outs]
 
     @torch.no_grad()
     def _make_rollout(self, generator: torch.Generator) -> Rollout:
