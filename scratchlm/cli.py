@@ -482,8 +482,8 @@ def cmd_critique_revise(args) -> None:
     results = critique_revise(args.checkpoint, args.prompts, args.principles, args.out, eval_prompts=args.eval_prompts,
                               scorers=scorers, tokenizer=args.tokenizer, device=args.device, resume=args.resume,
                               overwrite=args.overwrite, progress=not args.json, skip_invalid=args.skip_invalid,
-                              rounds=args.rounds, samples=args.samples, method=args.method,
-                              temperature=args.temperature, max_tokens=args.max_tokens, held_out=args.held_out,
+                              rounds=args.rounds, samples=args.num_samples, method=args.method,
+                              temperature=args.temperature, max_tokens=args.max_new_tokens, held_out=args.held_out,
                               seed=args.seed, method_config=method,
                               train_config={**({"device": args.device} if args.device else {}), **sections["train"]})
     def curve(key, name=None, digits=1):
@@ -799,11 +799,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-prompts", help="held-out prompts JSONL (default: --held-out of --prompts, set aside by hash)")
     q.add_argument("--held-out", type=float, default=0.2, help="fraction of --prompts kept for measuring (default 0.2)")
     q.add_argument("--rounds", type=int, default=1, help="rounds, each training from the previous round's model")
-    q.add_argument("--samples", type=int, default=4, help="revision candidates per reply that breaks a principle")
+    q.add_argument("--num-samples", type=int, default=4, help="revision candidates per reply that breaks a principle")
     q.add_argument("--method", choices=("sft", "dpo"), default="sft", help="learn the revisions (sft) or revision "
                    "over original (dpo)")
     q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the revision candidates")
-    q.add_argument("--max-tokens", type=int, default=32, help="reply length at most, in tokens")
+    q.add_argument("--max-new-tokens", type=int, default=32, help="reply length at most, in tokens")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--scorer", action="append", default=[], help="NAME=MODULE:FUNCTION, a (prompt messages, reply) "
                    "-> float function for principles of kind scorer (repeatable)")

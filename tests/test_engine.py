@@ -552,17 +552,21 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
     ps = prompts(3, 5, 20)
     params = SamplingParams(max_tokens=40, temperature=0)
 
-    async def consume(p, request_id=None, params=params):
+    async def consume(p, request_id=None, params=params, started=None):
         outs = []
         async for out in engine.generate(p, params, request_id):
             outs.append(out)
+            if started is not None:
+                started.set()
         assert "".join(o.delta_text for o in outs) == (outs[-1].text or "")
         return outs[-1]
 
     async def main():
         # 1. abort(): the consumer gets a last output with finish_reason "abort", not a hang
-        task = asyncio.ensure_future(consume(ps[0], "x"))
-        await asyncio.sleep(0.05)
+        # (aborted once its first tokens arrived: a fixed sleep raced a fast engine to the end)
+        started = asyncio.Event()
+        task = asyncio.ensure_future(consume(ps[0], "x", started=started))
+        await asyncio.wait_for(started.wait(), 10)
         engine.abort("x")
         aborted = await asyncio.wait_for(task, 10)
         assert aborted.finished and aborted.finish_reason == "abort"
