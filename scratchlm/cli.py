@@ -462,7 +462,7 @@ def cmd_tasks(args) -> None:
 
 def cmd_critique_revise(args) -> None:
     from scratchlm.config import apply_overrides
-    from scratchlm.posttrain.critique import critique_revise, load_scorer
+    from scratchlm.posttrain.critique import RewardScorer, critique_revise, load_scorer
 
     sections = apply_overrides({args.method: {}, "train": {}}, args.set)
     if set(sections) - {args.method, "train"}:
@@ -474,17 +474,15 @@ def cmd_critique_revise(args) -> None:
         if not sep or not name:
             raise ValueError(f"--scorer takes NAME=MODULE:FUNCTION, got {item!r}")
         scorers[name] = load_scorer(spec)
-    if args.reward_model:
-        from scratchlm.posttrain.reward import load_reward_model
-
-        scorers["reward_model"] = load_reward_model(args.reward_model).score_one
+    if args.reward_model:  # on --device, scoring each batch of replies at once
+        scorers["reward_model"] = RewardScorer(args.reward_model, args.device)
     method = {**sections[args.method], **({"lora_rank": args.lora_rank} if args.lora_rank is not None else {})}
     results = critique_revise(args.checkpoint, args.prompts, args.principles, args.out, eval_prompts=args.eval_prompts,
                               scorers=scorers, tokenizer=args.tokenizer, device=args.device, resume=args.resume,
                               overwrite=args.overwrite, progress=not args.json, skip_invalid=args.skip_invalid,
                               rounds=args.rounds, samples=args.num_samples, method=args.method,
                               temperature=args.temperature, max_tokens=args.max_new_tokens, held_out=args.held_out,
-                              seed=args.seed, method_config=method,
+                              seed=args.seed, epochs=args.epochs, method_config=method,
                               train_config={**({"device": args.device} if args.device else {}), **sections["train"]})
     def curve(key, name=None, digits=1):
         return " -> ".join(f"{(c[key][name] if name else c[key]):.{digits}%}" for c in results["compliance"])
@@ -802,7 +800,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-samples", type=int, default=4, help="revision candidates per reply that breaks a principle")
     q.add_argument("--method", choices=("sft", "dpo"), default="sft", help="learn the revisions (sft) or revision "
                    "over original (dpo)")
-    q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the revision candidates")
+    q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the original replies, the "
+                   "revision candidates and the sampled compliance measure (default 1.0)")
+    q.add_argument("--epochs", type=float, default=3.0, help="passes over each round's data (sets train.max_steps "
+                   "unless --set train.max_steps is given; default 3)")
     q.add_argument("--max-new-tokens", type=int, default=32, help="reply length at most, in tokens")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--scorer", action="append", default=[], help="NAME=MODULE:FUNCTION, a (prompt messages, reply) "

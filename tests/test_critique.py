@@ -233,15 +233,16 @@ def test_the_model_as_critic_writes_the_critiques_and_dpo_trains_on_the_pairs(as
     """The model critic's words are the critique (its greedy reply to the critique request); a
     reply passes when they start with the pass word. This tiny model answers every request like an
     addition ("answer 10"): it cannot judge anything, but the path runs end to end."""
-    from scratchlm.posttrain.critique import CRITIQUE_REQUEST, load_chat_model, speakable
+    from scratchlm.posttrain.critique import critique_request, load_chat_model
     from scratchlm.posttrain.sft import generate_replies
 
     root = assistant
     model, tok = load_chat_model(root / "sft" / "last")
 
-    def critic_says(critic, principle: str, replies: list[str]) -> list[str]:
-        asked = [[{"role": "user", "content": speakable(CRITIQUE_REQUEST.format(principle=principle, reply=r), tok)}]
-                 for r in replies]
+    def critic_says(critic, principle: str, replies: list[str], prompts=None) -> list[str]:
+        prompts = prompts or [[{"role": "user", "content": "1+2="}]] * len(replies)
+        asked = [critique_request(parse_principles([{"name": "p", "text": principle, "check": {"kind": "model"}}])[0],
+                                  prompt, r, tok) for prompt, r in zip(prompts, replies)]
         return [g["text"].strip() for g in generate_replies(critic, tok, asked, 12)]
 
     # Critiques and verdicts, from the model itself and from another checkpoint (the random init).
@@ -253,8 +254,9 @@ def test_the_model_as_critic_writes_the_critiques_and_dpo_trains_on_the_pairs(as
     evals = Constitution(principles, model=model, tokenizer=tok).evaluate([[{"role": "user", "content": "1+2="}]] * 4,
                                                                           replies)
     said = critic_says(model, "be kind", replies)
-    assert [e.critiques[0] for e in evals] == [Critique(t.split(" ")[0] == "maybe", float(t.split(" ")[0] == "maybe"),
-                                                        "" if t.split(" ")[0] == "maybe" else t) for t in said]
+    first = [re.search(r"\w+", t).group() if re.search(r"\w+", t) else "" for t in said]
+    assert [e.critiques[0] for e in evals] == [Critique(w == "maybe", float(w == "maybe"), "" if w == "maybe" else t)
+                                               for w, t in zip(first, said)]
     init, _ = load_chat_model(root / "init")
     said = critic_says(init, "be brief", replies)  # a random model: noise, and never "yes"
     assert [e.critiques[1].text for e in evals] == said and not any(e.critiques[1].satisfied for e in evals)
@@ -265,10 +267,260 @@ def test_the_model_as_critic_writes_the_critiques_and_dpo_trains_on_the_pairs(as
                               rounds=1, samples=2, max_tokens=16, method="dpo", progress=False,
                               train_config={"max_steps": 5, "lr": 1e-4})
     rows = [json.loads(line) for line in (tmp_path / "judge" / "round-1" / "critiques.jsonl").read_text().splitlines()]
-    said = critic_says(model, "be kind", [r["original"] for r in rows])
-    assert [r["critiques"]["judge"]["satisfied"] for r in rows] == [t.split(" ")[0] == "answer" for t in said]
+    said = critic_says(model, "be kind", [r["original"] for r in rows], [r["prompt"] for r in rows])
+    assert [r["critiques"]["judge"]["satisfied"] for r in rows] == [(re.findall(r"\w+", t) or [""])[0] == "answer"
+                                                                    for t in said]
     assert "judge" in results["compliance"][0]["per_principle"]
     r1 = results["rounds"][0]
     assert r1["pairs"] > 0 and r1["train"]["steps"] == 5 and results["final_checkpoint"].endswith("round-1/train/last")
     state = json.loads((tmp_path / "judge" / "round-1" / "train" / "last" / "state.json").read_text())
     assert state["method"] == "dpo"
+
+
+# --- review fixes: resuming, validation before claiming, special tokens, critics ----------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny chat model (no training: fast) with a few prompts, for the loop's plumbing."""
+    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.tokenizers import CharTokenizer
+    from scratchlm.train.checkpoint import save_model_only
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz:", ["<|endoftext|>"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, block_size=192,
+                          position="rope", norm="rmsnorm", mlp="swiglu", bias=False, dropout=0.0))
+    save_model_only(root / "init", model, tokenizer=tok)
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{a}+{b}="}) + "\n"
+                                                for a in range(3) for b in range(2)))
+    (root / "eval.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    return root
+
+
+def _run(tiny, out, **kw):
+    args = dict(rounds=1, samples=1, max_tokens=4, progress=False, eval_prompts=tiny / "eval.jsonl",
+                train_config={"max_steps": 1}, log=lambda m: None)
+    return critique_revise(tiny / "init", tiny / "prompts.jsonl", PRINCIPLES, out, **{**args, **kw})
+
+
+def _fake_round(revised=0, pairs=0, fail=False):
+    def one_round(model, tok, constitution, items, s, number, folder, progress, log):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "partial.jsonl").write_text("")
+        if fail:
+            raise RuntimeError("interrupted")
+        return {"counts": {"originals": len(items), "violating": len(items), "candidates": 0, "candidates_ended": 0,
+                           "candidates_complying": 0, "revised": revised, "pairs": pairs, "collected": 0,
+                           "revision_prompts_without_instructions": 0}}
+    return one_round
+
+
+def test_a_run_interrupted_in_round_1_resumes(tiny, tmp_path, monkeypatch):
+    import scratchlm.posttrain.critique as critique
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(critique, "_one_round", _fake_round(fail=True))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(tiny, out)
+    saved = json.loads((out / "results.json").read_text())  # written right after the starting measurement
+    assert saved["rounds"] == [] and len(saved["compliance"]) == 1 and (out / "round-1" / "partial.jsonl").exists()
+    with pytest.raises(FileExistsError, match="--resume to continue it"):
+        _run(tiny, out)
+    monkeypatch.setattr(critique, "_one_round", _fake_round())
+    results = _run(tiny, out, resume=True)
+    assert len(results["rounds"]) == 1 and results["compliance"][0] == saved["compliance"][0]
+    # Round folders without results.json (stopped before the starting measurement): leftovers, started afresh.
+    (out / "results.json").unlink()
+    assert len(_run(tiny, out, resume=True)["rounds"]) == 1
+
+
+def test_an_early_stop_stays_stopped_and_the_dpo_message_says_why(tiny, tmp_path, monkeypatch):
+    import scratchlm.posttrain.critique as critique
+
+    said = []
+    monkeypatch.setattr(critique, "_one_round", _fake_round(revised=3, pairs=0))
+    results = _run(tiny, tmp_path / "run", method="dpo", log=said.append)
+    assert results["stop_reason"] == "round 1 collected nothing"
+    assert any("3 revisions were better than their originals, but none made a preference pair" in m for m in said)
+    again = _run(tiny, tmp_path / "run", method="dpo", rounds=3, resume=True)
+    assert again["stop_reason"] == "round 1 collected nothing" and len(again["rounds"]) == 1
+
+
+def _zero(prompt, reply):
+    return 0.0
+
+
+def _one(prompt, reply):
+    return 1.0
+
+
+def test_resume_identity_covers_scorers_and_prompt_contents_but_not_the_device(tiny, tmp_path, monkeypatch):
+    import scratchlm.posttrain.critique as critique
+
+    monkeypatch.setattr(critique, "_one_round", _fake_round(revised=0))
+    principles = PRINCIPLES + [{"name": "s", "text": "t", "check": {"kind": "scorer", "name": "len"}}]
+    out = tmp_path / "run"
+    results = critique_revise(
+        tiny / "init", tiny / "prompts.jsonl", principles, out, rounds=2, samples=1, max_tokens=4, progress=False,
+        eval_prompts=tiny / "eval.jsonl", scorers={"len": _zero}, train_config={"device": "cpu"}, log=lambda m: None)
+    assert results["scorers"]["len"].endswith(":_zero") and len(results["prompts_sha256"]) == 64
+
+    def again(**kw):
+        args = dict(rounds=2, samples=1, max_tokens=4, progress=False, eval_prompts=tiny / "eval.jsonl",
+                    scorers={"len": _zero}, train_config={}, log=lambda m: None, resume=True)
+        return critique_revise(tiny / "init", tiny / "prompts.jsonl", principles, out, **{**args, **kw})
+
+    assert len(again()["rounds"]) == 1  # without train.device: the device is no part of the identity
+    with pytest.raises(ValueError, match="other scorers"):
+        again(scorers={"len": _one})
+    with pytest.raises(ValueError, match="--rounds 0"):
+        critique._claim(out, {**json.loads((out / "results.json").read_text()), "settings": {
+            **results["settings"], "rounds": 0}}, True, False)
+    edited = tmp_path / "eval.jsonl"
+    edited.write_text(json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n")
+    with pytest.raises(ValueError, match="other eval_prompts, eval_prompts_sha256"):
+        again(eval_prompts=edited)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"method_config": {"lora_rnak": 4}}, r"unknown \[sft\] keys \['lora_rnak'\]"),
+    ({"method": "dpo", "method_config": {"betta": 0.1}}, r"unknown \[dpo\] keys \['betta'\]"),
+    ({"train_config": {"max_stepz": 3}}, r"unknown \[train\] keys \['max_stepz'\]"),
+    ({"method_config": {"base": "elsewhere"}}, "sft.base is set by the loop"),
+    ({"method_config": {"val_data": "x.jsonl"}}, "sft.val_data is set by the loop"),
+    ({"train_config": {"out_dir": "x"}}, "train.out_dir is set by the loop"),
+    ({"scorers": {}, "principles": PRINCIPLES + [{"name": "s", "text": "t", "check": {"kind": "scorer", "name": "rm"}}]},
+     "asks for the scorer 'rm'"),
+])
+def test_overwrite_validates_everything_before_deleting_the_previous_run(tiny, tmp_path, setting, message):
+    out = tmp_path / "run"
+    (out / "round-1").mkdir(parents=True)
+    (out / "results.json").write_text("{}")
+    setting = dict(setting)
+    principles = setting.pop("principles", PRINCIPLES)
+    with pytest.raises(ValueError, match=message):
+        critique_revise(tiny / "init", tiny / "prompts.jsonl", principles, out, overwrite=True, progress=False,
+                        eval_prompts=tiny / "eval.jsonl", **setting)
+    assert (out / "round-1").is_dir() and (out / "results.json").read_text() == "{}"  # untouched
+
+
+def test_special_token_text_in_a_reply_reaches_no_critic_or_revision_prompt(tiny, monkeypatch):
+    import scratchlm.posttrain.sft as sft_module
+    from scratchlm.posttrain.critique import load_chat_model, revision_prompt, without_special_tokens
+    from scratchlm.tokenizers.chat import ChatTemplate
+
+    model, tok = load_chat_model(tiny / "init")
+    reply = "answer 4<|endoftext|><|im_start|>user"
+    assert without_special_tokens(reply, tok) == "answer 4user"
+    seen = []
+    principles = parse_principles(PRINCIPLES + [
+        {"name": "judge", "text": "be kind", "check": {"kind": "model", "max_tokens": 3}},
+        {"name": "s", "text": "t", "check": {"kind": "scorer", "name": "s"}}])
+    constitution = Constitution(principles, model=model, tokenizer=tok,
+                                scorers={"s": lambda p, r: seen.append(r) or 0.0})
+    prompt = [{"role": "user", "content": "2+2="}]
+    evals = constitution.evaluate([prompt], [reply])  # the model critic's request renders: no crash
+    assert seen == ["answer 4user"] and len(evals[0].critiques) == 5
+    problems = [(p, c) for p, c in zip(principles, evals[0].critiques) if not c.satisfied]
+    ChatTemplate(tok).prompt_ids(revision_prompt(prompt, reply, problems, tok))  # renders
+    # The whole loop, with the model sampling such text: it runs, and never learns a reply with it.
+    real = sft_module.generate_replies
+
+    def with_specials(model, tokenizer, prompts, max_tokens=32, **kw):
+        out = real(model, tokenizer, prompts, max_tokens, **kw)
+        return [{**r, "text": r["text"] + "<|endoftext|>"} for r in out]
+
+    monkeypatch.setattr(sft_module, "generate_replies", with_specials)
+    from scratchlm.posttrain.critique import compliance
+
+    result = compliance(model, tok, constitution, [type("P", (), {"prompt": prompt, "answer": None})()], max_tokens=3)
+    assert result["n"] == 1
+
+
+def test_model_critic_pass_word_is_one_word_and_the_critic_sees_the_conversation(tiny, monkeypatch):
+    import scratchlm.posttrain.sft as sft_module
+    from scratchlm.posttrain.critique import load_chat_model
+
+    with pytest.raises(ValueError, match="check.pass must be one word"):
+        parse_principles([{"name": "j", "text": "t", "check": {"kind": "model", "pass": "Yes."}}])
+    with pytest.raises(ValueError, match="check.pass must be one word"):
+        parse_principles([{"name": "j", "text": "t", "check": {"kind": "model", "pass": "looks good"}}])
+    model, tok = load_chat_model(tiny / "init")
+    asked = []
+
+    def says(model, tokenizer, requests, max_tokens=32, **kw):
+        asked.extend(requests)
+        return [{"text": t, "ended": True} for t in [", Yes it does", "yesterday", "no.", ""]]
+
+    monkeypatch.setattr(sft_module, "generate_replies", says)
+    principles = parse_principles([{"name": "j", "text": "never say maybe", "check": {"kind": "model"}}])
+    evals = Constitution(principles, model=model, tokenizer=tok).evaluate(
+        [[{"role": "user", "content": f"{i}+1="}] for i in range(4)], ["a", "b", "c", "d"])
+    assert [e.critiques[0].satisfied for e in evals] == [True, False, False, False]
+    text = asked[0][0]["content"]
+    assert "0+1=" in text and text.index("reply: a") < text.index("never say maybe")  # the principle comes last
+
+
+def test_scorers_must_return_finite_numbers():
+    principles = parse_principles([{"name": "p", "text": "t", "check": {"kind": "scorer", "name": "bad"}}])
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="the scorer 'bad' .*returned"):
+            Constitution(principles, scorers={"bad": lambda p, r, v=value: v}).evaluate(
+                [[{"role": "user", "content": "q"}]], ["r"])
+
+
+def test_a_byte_level_model_sampling_special_token_text_does_not_crash_the_loop(tmp_path, monkeypatch):
+    """Byte-level and BPE tokenizers spell '<|endoftext|>' as ordinary bytes, and generation ignores
+    end of text: such replies must reach neither the revision prompt, the model critic nor a scorer."""
+    import scratchlm.posttrain.sft as sft_module
+    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.tokenizers import ByteTokenizer
+    from scratchlm.train.checkpoint import save_model_only
+
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, block_size=512,
+                          position="rope", norm="rmsnorm", mlp="swiglu", bias=False, dropout=0.0))
+    save_model_only(tmp_path / "init", model, tokenizer=tok)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{a}+1="}) + "\n" for a in range(3)))
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "1+1="}) + "\n")
+    real, seen = sft_module.generate_replies, []
+
+    def with_specials(model, tokenizer, prompts, max_tokens=32, **kw):
+        return [{**r, "text": "maybe <|endoftext|>" + r["text"] + "<|im_start|>"}
+                for r in real(model, tokenizer, prompts, max_tokens, **kw)]
+
+    monkeypatch.setattr(sft_module, "generate_replies", with_specials)
+    principles = PRINCIPLES + [{"name": "judge", "text": "be kind", "check": {"kind": "model", "max_tokens": 2}},
+                               {"name": "s", "text": "t", "check": {"kind": "scorer", "name": "s"}}]
+    results = critique_revise(tmp_path / "init", tmp_path / "prompts.jsonl", principles, tmp_path / "run", rounds=1,
+                              samples=1, max_tokens=3, progress=False, eval_prompts=tmp_path / "eval.jsonl",
+                              scorers={"s": lambda p, r: seen.append(r) or 0.0}, log=lambda m: None)
+    assert len(results["rounds"]) == 1 and results["rounds"][0]["violating"] == 3
+    assert seen and not any("<|" in r for r in seen)
+    assert results["rounds"][0]["revised"] == 0  # a candidate with such text is never learned
+
+
+def test_forbidden_phrases_and_symbols_match_across_spacing_case_and_unicode_forms():
+    check = {"kind": "forbidden_words", "words": ["i think", "c++", ".net", "STRASSE", "café"], "case_sensitive": False}
+    assert not check_reply({**check, "words": ["i think"]}, "well I\n  think so").satisfied  # any whitespace
+    assert not check_reply({**check, "words": ["c++"]}, "use c++.").satisfied
+    assert not check_reply({**check, "words": [".net"]}, "in.net").satisfied  # no boundary before a non-word char
+    assert check_reply({**check, "words": [".net"]}, "a .network").satisfied  # ... but after its last letter
+    assert not check_reply({**check, "words": ["STRASSE"]}, "die straße").satisfied  # casefold
+    assert not check_reply({**check, "words": ["café"]}, "un cafe\u0301").satisfied  # NFC
+
+
+def test_the_cli_refuses_reserved_set_keys_and_takes_epochs(tiny, tmp_path, capsys, monkeypatch):
+    import scratchlm.posttrain.critique as critique
+    from scratchlm.cli import main
+
+    args = ["critique-revise", "--checkpoint", str(tiny / "init"), "--prompts", str(tiny / "prompts.jsonl"),
+            "--principles", str(tmp_path / "p.json"), "--eval-prompts", str(tiny / "eval.jsonl"),
+            "--out", str(tmp_path / "run"), "--max-new-tokens", "4"]
+    (tmp_path / "p.json").write_text(json.dumps(PRINCIPLES))
+    assert main(args + ["--set", "sft.data=mine.jsonl"]) == 2
+    assert "sft.data is set by the loop" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    monkeypatch.setattr(critique, "_one_round", _fake_round())
+    assert main(args + ["--epochs", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["epochs"] == 0.5

@@ -25,12 +25,12 @@ as a pipeline, one round at a time::
   ``forbidden_words``, ``regex`` (an answer format). Exact, free, and the only critic a tiny
   model can learn from (the measured demo uses these).
 * ``model`` — the model itself (or another checkpoint) is asked whether the reply follows the
-  principle; its answer is the critique, and the reply passes if it starts with the pass word
-  ("yes"). This is the paper's critic. A model of a few hundred thousand parameters writes noise
+  principle (after the conversation and the reply, the principle last); its answer is the
+  critique, and the reply passes if its first word is the pass word ("yes", any case). This is the paper's critic. A model of a few hundred thousand parameters writes noise
   here: the path is real and tested, but useful critiques need a capable model.
 * ``scorer`` — any ``Callable[[list[dict], str], float]`` (the prompt messages, the reply) under a
   name; the reply passes if the score reaches ``threshold``. A reward model's scalar score fits
-  here (``load_reward_model(path).score_one`` of :mod:`scratchlm.posttrain.reward`; the CLI's
+  here (:class:`RewardScorer`, batched over :mod:`scratchlm.posttrain.reward`; the CLI's
   ``--reward-model``), as do heuristics, classifiers, or a call to a larger model.
 
 **Which reply is better.** Every constitution has one unwritten rule: a reply ends its turn with
@@ -64,18 +64,25 @@ import re
 import shutil
 import sys
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from scratchlm.io import atomic_write, read_json, write_json
+from scratchlm.io import atomic_write, read_json, sha256_file, write_json
+
+if TYPE_CHECKING:
+    from scratchlm.posttrain.data import PromptWithAnswer
 
 RESULTS_FORMAT = "scratchlm.critique-revise"
 Scorer = Callable[[list, str], float]  # (prompt messages, reply) -> score; higher is better
 
 # What the model reads. Plain lowercase words: a character-level model knows few symbols (any
 # character its tokenizer cannot spell is left out of what it reads, see `speakable`).
-CRITIQUE_REQUEST = "{principle}\nreply: {reply}\ndoes the reply follow this? answer yes or no and why"
+# The principle comes last: a request longer than the context loses its start (the conversation),
+# never the principle it asks about.
+CRITIQUE_REQUEST = "{conversation}\nreply: {reply}\n{principle}\ndoes the reply follow this? answer yes or no and why"
 REVISION_REQUEST = "your reply: {reply}\n{problems}\nwrite a better one"
 
 _LENGTH_KINDS = {"max_chars": "characters", "min_chars": "characters", "max_words": "words", "min_words": "words"}
@@ -90,7 +97,8 @@ _FIELDS = {
                        lambda v: v in ("fullmatch", "search", "absent"), "fullmatch"),
               "hint": ("a string (the critique when the reply does not conform)", lambda v: isinstance(v, str), None)},
     "model": {"checkpoint": ("a checkpoint folder (default: the starting checkpoint)", lambda v: isinstance(v, str), None),
-              "pass": ("a word the critique must start with to pass", lambda v: isinstance(v, str) and v.strip(), "yes"),
+              "pass": ("one word (letters, digits, _) the critique must start with to pass",
+                       lambda v: isinstance(v, str) and re.fullmatch(r"\w+", v) is not None, "yes"),
               "max_tokens": ("an integer >= 1", lambda v: _int(v) and v >= 1, 16)},
     "scorer": {"name": ("the name of a scorer given to the run", lambda v: isinstance(v, str) and v, ...),
                "threshold": ("a number (the reply passes at a score >= threshold)", lambda v: _number(v), 0.0)},
@@ -209,6 +217,16 @@ class Evaluation:
         return sum(c.satisfied for c in self.critiques) + self.ended, round(sum(c.score for c in self.critiques), 9)
 
 
+def _word_pattern(word: str) -> str:
+    """A forbidden word or phrase as a whole: bounded where it starts or ends with a word character
+    ("c++" is found in "c++, not", "maybe" not in "maybelline"), its words apart by any whitespace."""
+    parts = word.split()
+    body = r"\s+".join(re.escape(p) for p in parts)
+    start = r"(?<!\w)" if re.match(r"\w", parts[0]) else ""
+    end = r"(?!\w)" if re.search(r"\w$", parts[-1]) else ""
+    return start + body + end
+
+
 def check_reply(check: dict, reply: str) -> Critique:
     """A programmatic check of one reply (surrounding whitespace ignored, as the chat template does)."""
     kind, reply = check["kind"], reply.strip()
@@ -221,9 +239,12 @@ def check_reply(check: dict, reply: str) -> Critique:
             ok, score, text = n >= limit, (n / limit if limit else 1.0), f"it has {n} {unit}, fewer than {limit}"
         return Critique(ok, 1.0 if ok else score, "" if ok else text)
     if kind == "forbidden_words":
-        flags = 0 if check["case_sensitive"] else re.IGNORECASE
-        found = [w for w in check["words"] if re.search(rf"(?<!\w){re.escape(w.strip())}(?!\w)", reply, flags)]
-        count = sum(len(re.findall(rf"(?<!\w){re.escape(w.strip())}(?!\w)", reply, flags)) for w in found)
+        fold = (lambda t: unicodedata.normalize("NFC", t)) if check["case_sensitive"] else \
+            (lambda t: unicodedata.normalize("NFC", t).casefold())  # noqa: E731
+        text = fold(reply)
+        hits = {w: len(re.findall(_word_pattern(fold(w)), text)) for w in check["words"]}
+        found = [w for w, n in hits.items() if n]
+        count = sum(hits.values())
         return Critique(not found, 1.0 / (1 + count), f"it says {' and '.join(found)}" if found else "")
     if kind == "regex":
         pattern, mode = check["pattern"], check["mode"]
@@ -258,6 +279,9 @@ class Constitution:
     def evaluate(self, prompts: list[list[dict]], replies: list[str], ended: list[bool] | None = None) -> list[Evaluation]:
         """One :class:`Evaluation` per (prompt, reply); model critics run batched, one pass per principle.
         ``ended``: whether each reply closed its turn (default: all did)."""
+        # A sampled special token's text (ignore_eos lets <|endoftext|> through) would be refused by the
+        # chat template of a model critic or a scorer: the critics read the reply without it.
+        replies = [without_special_tokens(r, self._models[None][1]) for r in replies]
         columns = [self._critique(p, prompts, replies) for p in self.principles]
         ended = ended if ended is not None else [True] * len(replies)
         return [Evaluation([column[i] for column in columns], ended[i]) for i in range(len(replies))]
@@ -265,14 +289,21 @@ class Constitution:
     def _critique(self, principle: Principle, prompts: list[list[dict]], replies: list[str]) -> list[Critique]:
         check = principle.check
         if check["kind"] == "scorer":
-            scores = [float(self.scorers[check["name"]](prompt, reply)) for prompt, reply in zip(prompts, replies)]
+            fn = self.scorers[check["name"]]
+            batch = getattr(fn, "batch", None)  # a scorer that scores many replies at once (a reward model)
+            scores = ([float(v) for v in batch(prompts, replies)] if batch is not None and replies else
+                      [float(fn(prompt, reply)) for prompt, reply in zip(prompts, replies)])
+            bad = [v for v in scores if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"the scorer {check['name']!r} (principle {principle.name!r}) returned {bad[0]}: a "
+                                 "score must be a finite number")
             return [Critique(s >= check["threshold"], s, "" if s >= check["threshold"] else
                              f"it scores {s:.3g}, below {check['threshold']:g}") for s in scores]
         if check["kind"] == "model":
-            return self._model_critiques(principle, replies)
+            return self._model_critiques(principle, prompts, replies)
         return [check_reply(check, reply) for reply in replies]
 
-    def _model_critiques(self, principle: Principle, replies: list[str]) -> list[Critique]:
+    def _model_critiques(self, principle: Principle, prompts: list[list[dict]], replies: list[str]) -> list[Critique]:
         """The model writes a critique of each reply; the reply passes if it starts with the pass word."""
         from scratchlm.posttrain.sft import generate_replies
 
@@ -280,15 +311,35 @@ class Constitution:
         if check["checkpoint"] not in self._models:
             self._models[check["checkpoint"]] = load_chat_model(check["checkpoint"], device=self.device)
         model, tokenizer = self._models[check["checkpoint"]]
-        requests = [[{"role": "user", "content": speakable(CRITIQUE_REQUEST.format(principle=principle.text, reply=r),
-                                                           tokenizer)}] for r in replies]
+        requests = [critique_request(principle, prompt, reply, tokenizer) for prompt, reply in zip(prompts, replies)]
         if not requests:
             return []
         max_tokens = min(check["max_tokens"], model.config.block_size - 1)
-        texts = [r["text"].strip() for r in generate_replies(model, tokenizer, requests, max_tokens)]
-        word = check["pass"].strip().lower()
-        verdicts = [bool(t) and re.split(r"\W+", t.lower(), maxsplit=1)[0] == word for t in texts]
+        texts = [without_special_tokens(r["text"], tokenizer).strip()
+                 for r in generate_replies(model, tokenizer, requests, max_tokens)]
+        word = check["pass"].lower()
+        firsts = [re.search(r"\w+", t) for t in texts]  # the first word, after any punctuation
+        verdicts = [m is not None and m.group().lower() == word for m in firsts]
         return [Critique(ok, float(ok), "" if ok else t) for ok, t in zip(verdicts, texts)]
+
+
+def without_special_tokens(text: str, tokenizer=None) -> str:
+    """``text`` without any special token's text (the tokenizer's, and always the chat tokens):
+    a model samples them as ordinary tokens where the chat template refuses them as content."""
+    from scratchlm.tokenizers.chat import CHAT_TOKENS, ENDOFTEXT
+
+    for name in sorted({*CHAT_TOKENS, ENDOFTEXT, *(getattr(tokenizer, "special_tokens", None) or ())}, key=len,
+                       reverse=True):
+        text = text.replace(name, "")
+    return text
+
+
+def critique_request(principle: Principle, prompt: list[dict], reply: str, tokenizer) -> list[dict]:
+    """What a model critic is asked: the conversation, the reply, then the principle (one user message)."""
+    conversation = "\n".join(f"{m['role']}: {without_special_tokens(m['content'], tokenizer)}" for m in prompt)
+    text = CRITIQUE_REQUEST.format(conversation=conversation, reply=without_special_tokens(reply, tokenizer),
+                                   principle=principle.text)
+    return [{"role": "user", "content": speakable(text, tokenizer)}]
 
 
 def speakable(text: str, tokenizer) -> str:
@@ -338,15 +389,6 @@ def load_chat_model(path: str | Path, tokenizer_spec: str | None = None, device=
     return model.eval(), tokenizer
 
 
-def sample_replies(model, tokenizer, prompts: list[list[dict]], seeds: list[int], *, max_tokens: int,
-                   temperature: float = 1.0, progress: bool = False) -> list[dict]:
-    """One seeded sample per prompt (``generate_replies`` with seeds): ``text`` and ``ended``."""
-    from scratchlm.posttrain.sft import generate_replies
-
-    return generate_replies(model, tokenizer, prompts, max_tokens, temperature=temperature, seeds=seeds,
-                            progress=progress)
-
-
 def seed_for(*parts: int) -> int:
     """A request's seed from (run seed, round, prompt, sample): distinct, stable, < 2**63."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
@@ -357,45 +399,21 @@ def revision_prompt(prompt: list[dict], original: str, problems: list[tuple[Prin
     """The conversation a revision is sampled from: a system message with the original reply and,
     for each broken principle, its text and its critique; then the original conversation."""
     lines = "\n".join([f"{p.text}: {c.text}" for p, c in problems] + ([] if ended else ["it never ended"]))
-    system = speakable(REVISION_REQUEST.format(reply=original.strip(), problems=lines), tokenizer)
+    system = speakable(without_special_tokens(REVISION_REQUEST.format(reply=original.strip(), problems=lines), tokenizer),
+                       tokenizer)
     if prompt[0]["role"] == "system":  # one system message: ours after the conversation's own
         return [{"role": "system", "content": prompt[0]["content"] + "\n" + system}, *prompt[1:]]
     return [{"role": "system", "content": system}, *prompt]
 
 
 # --- prompts ------------------------------------------------------------------------------------
-@dataclass
-class PromptItem:
-    prompt: list[dict]
-    answer: str | None = None  # optional: then compliance also reports how often the reply contains it
-    where: str = "a prompt"
-
-
-def load_prompt_items(path: str | Path, skip_invalid: bool = False):
-    """``{"prompt": text or messages, "answer"?: text}`` per line (``scratchlm tasks``' prompts files fit)."""
-    from scratchlm.posttrain.data import as_messages, load_records
-
-    def parse(record: dict) -> PromptItem:
-        if "prompt" not in record:
-            raise ValueError('expected {"prompt": a string or a list of messages} (and optionally "answer")')
-        answer = record.get("answer")
-        if answer is not None and not isinstance(answer, str):
-            raise ValueError(f"'answer' must be a string, got {type(answer).__name__}")
-        messages = as_messages(record["prompt"], "prompt")
-        if messages[-1]["role"] != "user":
-            raise ValueError("the prompt must end with a user message (the turn to reply to)")
-        return PromptItem(messages, answer)
-
-    return load_records(path, parse, skip_invalid)
-
-
 def contains_answer(answer: str, reply: str) -> bool:
     """The reference answer appears in the reply as a whole word or number ("answer 42" contains 42)."""
     return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", reply) is not None
 
 
 # --- measuring ----------------------------------------------------------------------------------
-def compliance(model, tokenizer, constitution: Constitution, items: list[PromptItem], *, max_tokens: int,
+def compliance(model, tokenizer, constitution: Constitution, items: list[PromptWithAnswer], *, max_tokens: int,
                temperature: float = 1.0, seed: int = 0) -> dict:
     """Held-out compliance of greedy replies — every principle (``all``) and each alone — and the
     same for one seeded sample per prompt (``sampled_all``: it moves smoothly where the greedy
@@ -405,8 +423,8 @@ def compliance(model, tokenizer, constitution: Constitution, items: list[PromptI
 
     prompts = [it.prompt for it in items]
     greedy = generate_replies(model, tokenizer, prompts, max_tokens)
-    sampled = sample_replies(model, tokenizer, prompts, [seed_for(seed, "eval", i) for i in range(len(items))],
-                             max_tokens=max_tokens, temperature=temperature)
+    sampled = generate_replies(model, tokenizer, prompts, max_tokens, temperature=temperature,
+                               seeds=[seed_for(seed, "eval", i) for i in range(len(items))])
     evals = constitution.evaluate(prompts, [r["text"] for r in greedy], [r["ended"] for r in greedy])
     sampled_evals = constitution.evaluate(prompts, [r["text"] for r in sampled], [r["ended"] for r in sampled])
     n = len(items)
@@ -458,6 +476,9 @@ class Settings:
                 raise ValueError(f"critique-revise {name} must be {expected}, got {getattr(self, name)!r}")
 
 
+RESERVED_METHOD_KEYS = ("base", "data", "val_data", "tokenizer")  # set by the loop for each round
+
+
 def critique_revise(checkpoint: str | Path, prompts: str | Path, principles: str | Path | list, out: str | Path, *,
                     eval_prompts: str | Path | None = None, scorers: dict[str, Scorer] | None = None,
                     tokenizer: str | None = None, device: str | None = None, resume: bool = False,
@@ -466,61 +487,89 @@ def critique_revise(checkpoint: str | Path, prompts: str | Path, principles: str
     """Run ``settings["rounds"]`` rounds of generate → critique → revise → train from ``checkpoint``.
 
     ``prompts``: JSONL of ``{"prompt", "answer"?}``; ``principles``: a JSON file or the list itself;
-    ``settings``: the fields of :class:`Settings`. Writes into ``out``: ``round-N/`` (critiques.jsonl,
-    sft.jsonl, pairs.jsonl, the training run in train/, round.json) and ``results.json``, each
-    atomically, after each round. ``resume`` keeps the finished rounds of an interrupted run with
-    the same settings (``rounds`` may grow: more rounds on a finished run). Returns the results
-    (also ``results.json``)."""
+    ``settings``: the fields of :class:`Settings`. Writes into ``out``: ``results.json`` (after the
+    starting measurement, and after each round) and ``round-N/`` (critiques.jsonl, sft.jsonl,
+    pairs.jsonl, the training run in train/, round.json), each atomically. Everything is checked
+    (principles, prompts, the checkpoint, scorers, the [sft]/[dpo]/[train] fields) before ``out`` is
+    claimed, so a mistake never costs a previous run. ``resume`` keeps the finished rounds of an
+    interrupted run with the same inputs (``rounds`` may grow, never shrink); an unfinished round is
+    redone from its start. A scorer is known by its ``identity`` attribute if it has one, else by
+    its module and name. Returns the results (also ``results.json``)."""
+    from scratchlm.posttrain.data import load_prompts
     from scratchlm.posttrain.sft import split_held_out
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     s = Settings(**settings)
     principle_list = parse_principles(principles) if isinstance(principles, list) else load_principles(principles)
     out = Path(out)
-    loaded = load_prompt_items(prompts, skip_invalid)
+    _check_training_fields(s, checkpoint, prompts)
+    loaded = load_prompts(prompts, skip_invalid, require_answer=False)
     if eval_prompts:
-        train_items, held = loaded.items, load_prompt_items(eval_prompts, skip_invalid).items
+        train_items, held = loaded.items, load_prompts(eval_prompts, skip_invalid, require_answer=False).items
     else:
         train_items, held = split_held_out(loaded.items, lambda it: it.prompt, s.held_out)
     if not train_items or not held:
         raise ValueError(f"{len(train_items)} training and {len(held)} held-out prompts: both are needed; give "
                          f"--eval-prompts, or change --held-out (now {s.held_out})")
+    scorers = dict(scorers or {})
     record = {"checkpoint": str(Path(checkpoint).resolve()), "prompts": str(Path(prompts).resolve()),
+              "prompts_sha256": sha256_file(Path(prompts)),
               "eval_prompts": str(Path(eval_prompts).resolve()) if eval_prompts else None,
-              "principles": [p.__dict__ for p in principle_list], "settings": s.__dict__, "tokenizer": tokenizer}
+              "eval_prompts_sha256": sha256_file(Path(eval_prompts)) if eval_prompts else None,
+              "principles": [p.__dict__ for p in principle_list], "settings": s.__dict__, "tokenizer": tokenizer,
+              "scorers": {name: scorer_identity(fn) for name, fn in sorted(scorers.items())}}
+
+    # Everything that can fail is checked before the folder is claimed (--overwrite deletes a run).
+    start_model, start_tokenizer = load_chat_model(record["checkpoint"], tokenizer, device)
+    uses_start_critic = any(p.check["kind"] == "model" and p.check["checkpoint"] is None for p in principle_list)
+    constitution = Constitution(principle_list, model=start_model if uses_start_critic else None,
+                                tokenizer=start_tokenizer, scorers=scorers, device=device)
+    _check_prompts(train_items + held, start_tokenizer)
+    if not 0 < s.max_tokens < start_model.config.block_size:
+        raise ValueError(f"max_tokens must be in (0, {start_model.config.block_size}) for this model's context, "
+                         f"got {s.max_tokens}")
     results = _claim(out, record, resume, overwrite)
     results["prompts_count"] = {"train": len(train_items), "held_out": len(held)}
 
-    current = record["checkpoint"]
-    critic_model, critic_tokenizer = load_chat_model(current, tokenizer, device)  # the fixed critic: the start
-    constitution = Constitution(principle_list, model=critic_model, tokenizer=critic_tokenizer, scorers=scorers,
-                                device=device)
-    _check_prompts(train_items + held, critic_tokenizer)
     measure = dict(max_tokens=s.max_tokens, temperature=s.temperature, seed=s.seed)
     if not results["compliance"]:
-        results["compliance"].append(compliance(critic_model, critic_tokenizer, constitution, held, **measure))
+        results["compliance"].append(compliance(start_model, start_tokenizer, constitution, held, **measure))
+        write_json(out / "results.json", results)  # from here on the run can be resumed
+    del start_model  # a model critic keeps its own reference; otherwise the memory is freed
+    current = record["checkpoint"]
     for done in results["rounds"]:
         current = done["checkpoint"] or current
     log(f"start: held-out compliance {results['compliance'][0]['all']:.1%} ({len(held)} prompts), "
         f"{len(train_items)} training prompts, {len(principle_list)} principles")
+    if str(results.get("stop_reason", "")).endswith("collected nothing"):  # an early stop stays a stop
+        log(f"{out} stopped early ({results['stop_reason']}): nothing more to do")
+        return results
     for number in range(len(results["rounds"]) + 1, s.rounds + 1):
         started = time.perf_counter()
         folder = out / f"round-{number}"
         if folder.exists():  # an interrupted round: redone from its start
             shutil.rmtree(folder)
-        start_tokenizer = tokenizer if current == record["checkpoint"] else None  # later checkpoints carry theirs
-        model, tok = load_chat_model(current, start_tokenizer, device)
+        round_tokenizer = tokenizer if current == record["checkpoint"] else None  # later checkpoints carry theirs
+        model, tok = load_chat_model(current, round_tokenizer, device)
         collected = _one_round(model, tok, constitution, train_items, s, number, folder, progress, log)
-        round_record = {"round": number, "start": current, **collected["counts"], "checkpoint": None}
-        if collected["counts"]["collected"]:
-            summary = _train(s, number, current, folder, collected["counts"]["collected"], start_tokenizer, progress)
+        del model  # freed before training loads the same checkpoint again
+        counts = collected["counts"]
+        round_record = {"round": number, "start": current, **counts, "checkpoint": None}
+        if counts["collected"]:
+            summary = _train(s, number, current, folder, counts["collected"], round_tokenizer, progress)
             current = str(Path(summary["out_dir"]) / "last")
             round_record["checkpoint"] = current
             round_record["train"] = {k: summary.get(k) for k in ("steps", "stop_reason", "best_val_loss", "seconds")}
             model, tok = load_chat_model(current, device=device)
             after = compliance(model, tok, constitution, held, **measure)
+            del model
         else:
-            log(f"round {number}: no revision was better than its original: nothing to train on")
+            if counts["revised"]:  # DPO: better revisions, but not one renderable pair that differs
+                log(f"round {number}: {counts['revised']} revisions were better than their originals, but none made a "
+                    "preference pair (each original had a special token's text or equalled its revision): nothing "
+                    "to train on")
+            else:
+                log(f"round {number}: no revision was better than its original: nothing to train on")
             after = results["compliance"][-1]
         round_record.update({"compliance_before": results["compliance"][-1]["all"], "compliance_after": after["all"],
                              "seconds": time.perf_counter() - started})
@@ -528,12 +577,13 @@ def critique_revise(checkpoint: str | Path, prompts: str | Path, principles: str
         results["rounds"].append(round_record)
         results["compliance"].append(after)
         results["final_checkpoint"] = current
+        if not counts["collected"]:
+            results["stop_reason"] = f"round {number} collected nothing"
         write_json(out / "results.json", results)
         log(f"round {number}: {round_record['violating']} of {round_record['originals']} replies broke a principle, "
             f"{round_record['revised']} better revisions found ({round_record['pairs']} pairs); held-out compliance "
             f"{round_record['compliance_before']:.1%} -> {after['all']:.1%} ({round_record['seconds']:.0f} s)")
-        if not collected["counts"]["collected"]:
-            results["stop_reason"] = f"round {number} collected nothing"
+        if not counts["collected"]:
             break
     else:
         results["stop_reason"] = "rounds"
@@ -542,7 +592,67 @@ def critique_revise(checkpoint: str | Path, prompts: str | Path, principles: str
     return results
 
 
-def _check_prompts(items: list[PromptItem], tokenizer) -> None:
+def scorer_identity(fn) -> object:
+    """What a resumed run compares a scorer by: its ``identity`` attribute (a reward model's folder
+    and weights' sha256), else ``module:qualified name``."""
+    identity = getattr(fn, "identity", None)
+    if identity is not None:
+        return json.loads(json.dumps(identity))
+    target = getattr(fn, "__func__", fn)  # a bound method: its function
+    if not hasattr(target, "__qualname__"):  # a callable object: its class
+        target = type(fn)
+    return f"{target.__module__}:{target.__qualname__}"
+
+
+class RewardScorer:
+    """A reward model as a scorer: batched through :class:`~scratchlm.posttrain.reward.RewardModel`
+    (``batch``), and known on resume by its folder and its weights' sha256 (``identity``)."""
+
+    def __init__(self, path: str | Path, device=None):
+        from scratchlm.device import pick_device
+        from scratchlm.posttrain.reward import load_reward_model
+
+        folder = Path(path).resolve()
+        self.reward_model = load_reward_model(folder, pick_device(device))
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        weights = ((state.get("files") or {}).get("model.safetensors") or {}).get("sha256")
+        self.identity = {"reward_model": str(folder),
+                         "model_sha256": weights or sha256_file(folder / "model.safetensors")}
+
+    def batch(self, prompts: list[list[dict]], replies: list[str]) -> list[float]:
+        return [float(v) for v in self.reward_model(prompts, replies)]
+
+    def __call__(self, prompt: list[dict], reply: str) -> float:
+        return self.batch([prompt], [reply])[0]
+
+
+def _check_training_fields(s: Settings, checkpoint, prompts) -> None:
+    """The [sft]/[dpo] and [train] fields, checked as the trainer will check them (a typo fails now,
+    not after round 1's generation); the keys the loop sets itself are refused."""
+    from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS
+    from scratchlm.train.config import TrainConfig
+
+    if s.method == "sft":
+        from scratchlm.posttrain.sft import SFTConfig as MethodConfig
+    else:
+        from scratchlm.posttrain.dpo import DPOConfig as MethodConfig
+    reserved = [k for k in RESERVED_METHOD_KEYS if k in s.method_config]
+    if reserved:
+        raise ValueError(f"{s.method}.{reserved[0]} is set by the loop for each round (the round's starting "
+                         "checkpoint, its data, its tokenizer): give the starting checkpoint as --checkpoint and its "
+                         "tokenizer as --tokenizer, and leave it out of --set")
+    if "out_dir" in s.train_config:
+        raise ValueError("train.out_dir is set by the loop (each round trains into --out/round-N/train): choose the "
+                         "folder with --out, and leave train.out_dir out of --set")
+    method = MethodConfig.from_dict({"base": str(checkpoint), "data": str(prompts), **s.method_config})
+    # Merged as the trainer will merge it (sft() and dpo() pick lr by method and LoRA).
+    lr = {("sft", False): 3e-4, ("sft", True): 2e-3, ("dpo", False): 1e-5, ("dpo", True): 1e-4}[
+        s.method, bool(method.lora_rank)]
+    TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": lr, **ROUND_TRAIN_DEFAULTS, "max_steps": 1, **s.train_config,
+                           "out_dir": "unused"})
+
+
+def _check_prompts(items: list[PromptWithAnswer], tokenizer) -> None:
     """Every prompt renders (no special token as text, no character the tokenizer lacks), or the
     error names its file and line."""
     from scratchlm.tokenizers.chat import ChatTemplate
@@ -555,31 +665,48 @@ def _check_prompts(items: list[PromptItem], tokenizer) -> None:
             raise ValueError(f"{it.where}: {e}") from None
 
 
+def _identity(record: dict) -> dict:
+    """What must match for a resume: every input but the number of rounds and the device."""
+    record = json.loads(json.dumps(record))
+    settings = {**record["settings"], "rounds": None}
+    settings["train_config"] = {k: v for k, v in settings.get("train_config", {}).items() if k != "device"}
+    keys = ("checkpoint", "prompts", "prompts_sha256", "eval_prompts", "eval_prompts_sha256", "principles",
+            "tokenizer", "scorers")
+    return {**{k: record.get(k) for k in keys}, "settings": settings}
+
+
 def _claim(out: Path, record: dict, resume: bool, overwrite: bool) -> dict:
     """The results so far: fresh, or with ``resume`` the finished rounds of the same run."""
     path = out / "results.json"
     if path.exists() and resume:
         previous = read_json(path, RESULTS_FORMAT)
-        same = lambda r: {**json.loads(json.dumps(r)), "settings": {**r["settings"], "rounds": None}}  # noqa: E731
-        changed = [k for k in record if same(previous).get(k) != same(record)[k]]
+        before, now = _identity(previous), _identity(record)
+        changed = [k for k in now if before.get(k) != now[k]]
         if changed:
             raise ValueError(f"{path} was made with other {', '.join(changed)}: resume with the same ones (only "
-                             "--rounds may grow), or start over with --overwrite (or another --out)")
-        previous["settings"]["rounds"] = record["settings"]["rounds"]
+                             "--rounds may grow, and --device change), or start over with --overwrite (or another --out)")
+        if record["settings"]["rounds"] < len(previous["rounds"]):
+            raise ValueError(f"{path} holds {len(previous['rounds'])} finished rounds: --rounds "
+                             f"{record['settings']['rounds']} would drop some; resume with --rounds >= "
+                             f"{len(previous['rounds'])}, or start over with --overwrite")
+        previous["settings"] = record["settings"]
         return previous
     if path.exists() or any(out.glob("round-*")):
-        if not overwrite:
+        if not (overwrite or (resume and not path.exists())):
             raise FileExistsError(f"{out} already holds a critique-revise run; pass --resume to continue it, "
                                   "--overwrite to start over (its rounds are deleted), or choose another --out")
+        # --overwrite; or --resume of a run stopped before its starting measurement was written:
+        # its round folders are leftovers, and the run starts afresh.
         for folder in out.glob("round-*"):
             shutil.rmtree(folder)
         path.unlink(missing_ok=True)
     return {"format": RESULTS_FORMAT, "version": 1, **record, "compliance": [], "rounds": []}
 
 
-def _one_round(model, tokenizer, constitution: Constitution, items: list[PromptItem], s: Settings, number: int,
+def _one_round(model, tokenizer, constitution: Constitution, items: list[PromptWithAnswer], s: Settings, number: int,
                folder: Path, progress: bool, log) -> dict:
     """Generate, critique, revise, collect; write the round's JSONL files."""
+    from scratchlm.posttrain.sft import generate_replies
     from scratchlm.tokenizers.chat import ChatTemplate
 
     prompts = [it.prompt for it in items]
@@ -589,8 +716,8 @@ def _one_round(model, tokenizer, constitution: Constitution, items: list[PromptI
     log(f"round {number}: replying to {len(prompts)} prompts")
     # Sampled, not greedy: the loop improves the model's whole distribution of replies, and goes on
     # finding replies to revise after the greedy ones comply.
-    replies = sample_replies(model, tokenizer, prompts, [seed_for(s.seed, number, i, "original") for i in range(len(prompts))],
-                             max_tokens=s.max_tokens, temperature=s.temperature)
+    replies = generate_replies(model, tokenizer, prompts, s.max_tokens, temperature=s.temperature,
+                               seeds=[seed_for(s.seed, number, i, "original") for i in range(len(prompts))])
     originals = [r["text"] for r in replies]
     judged = constitution.evaluate(prompts, originals, [r["ended"] for r in replies])
     todo = [i for i, e in enumerate(judged) if not e.complies]
@@ -605,8 +732,8 @@ def _one_round(model, tokenizer, constitution: Constitution, items: list[PromptI
             requests.append(asked)
             seeds.append(seed_for(s.seed, number, i, j))
     log(f"round {number}: {len(todo)} replies break a principle; sampling {s.samples} revisions of each")
-    candidates = sample_replies(model, tokenizer, requests, seeds, max_tokens=s.max_tokens, temperature=s.temperature,
-                                progress=progress)
+    candidates = generate_replies(model, tokenizer, requests, s.max_tokens, temperature=s.temperature, seeds=seeds,
+                                  progress=progress)
     candidate_evals = constitution.evaluate([prompts[i] for i in todo for _ in range(s.samples)],
                                             [c["text"] for c in candidates], [c["ended"] for c in candidates])
     specials = list(tokenizer.special_tokens)

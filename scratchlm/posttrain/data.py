@@ -100,7 +100,10 @@ def _prompt(record: dict, require_answer: bool = True) -> PromptWithAnswer:
     if "prompt" not in record or (require_answer and "answer" not in record):
         raise ValueError('expected {"prompt", "answer"} (a prompt and the exact answer a verifier accepts)')
     answer = _text(record, "answer") if record.get("answer") is not None else None
-    return PromptWithAnswer(as_messages(record["prompt"], "prompt"), answer, record.get("task"))
+    messages = as_messages(record["prompt"], "prompt")
+    if messages[-1]["role"] != "user":
+        raise ValueError("the prompt must end with a user message (the turn to reply to)")
+    return PromptWithAnswer(messages, answer, record.get("task"))
 
 
 def _text(record: dict, key: str) -> str:
