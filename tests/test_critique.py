@@ -524,3 +524,46 @@ def test_the_cli_refuses_reserved_set_keys_and_takes_epochs(tiny, tmp_path, caps
     monkeypatch.setattr(critique, "_one_round", _fake_round())
     assert main(args + ["--epochs", "0.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["epochs"] == 0.5
+
+
+def test_a_reward_model_scorer_is_batched_and_known_by_its_weights(tiny, tmp_path):
+    from scratchlm.posttrain.critique import RewardScorer, scorer_identity
+    from scratchlm.posttrain.reward import load_reward_model, train_reward_model
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": "answer 1", "rejected": "maybe"}) + "\n"
+                             for i in range(8)))
+    train_reward_model({"base": str(tiny / "init"), "data": str(pairs), "val_data": str(pairs)},
+                       {"out_dir": str(tmp_path / "rm"), "max_steps": 2, "eval_interval": 2, "sample_tokens": 0},
+                       progress=False)
+    scorer = RewardScorer(tmp_path / "rm" / "last", "cpu")
+    state = json.loads((tmp_path / "rm" / "last" / "state.json").read_text())
+    assert scorer_identity(scorer) == {"reward_model": str((tmp_path / "rm" / "last").resolve()),
+                                       "model_sha256": state["files"]["model.safetensors"]["sha256"]}
+    prompts, replies = [[{"role": "user", "content": "1+1="}]] * 3, ["answer 2", "maybe", "2"]
+    reference = load_reward_model(tmp_path / "rm" / "last")
+    batched = scorer.batch(prompts, replies)
+    assert batched == pytest.approx([reference.score_one(p, r) for p, r in zip(prompts, replies)], abs=1e-5)
+    principles = parse_principles([{"name": "rm", "text": "t", "check": {"kind": "scorer", "name": "reward_model"}}])
+    evals = Constitution(principles, scorers={"reward_model": scorer}).evaluate(prompts, replies)
+    assert [e.critiques[0].score for e in evals] == pytest.approx(batched, abs=1e-6)
+
+
+def test_the_starting_model_is_kept_as_critic_only_when_a_principle_asks_it(tiny, tmp_path, monkeypatch):
+    import scratchlm.posttrain.critique as critique
+
+    given = []
+
+    class Recording(critique.Constitution):
+        def __init__(self, principles, **kw):
+            given.append(kw["model"])
+            super().__init__(principles, **kw)
+
+    monkeypatch.setattr(critique, "Constitution", Recording)
+    monkeypatch.setattr(critique, "_one_round", _fake_round())
+    _run(tiny, tmp_path / "a")
+    critique_revise(tiny / "init", tiny / "prompts.jsonl",
+                    PRINCIPLES + [{"name": "j", "text": "t", "check": {"kind": "model", "max_tokens": 2}}],
+                    tmp_path / "b", rounds=1, samples=1, max_tokens=4, progress=False,
+                    eval_prompts=tiny / "eval.jsonl", log=lambda m: None)
+    assert given[0] is None and given[1] is not None
