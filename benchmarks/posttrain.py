@@ -7,7 +7,8 @@
 4. exact match on the held-out problems, asked in the chat format, before and after, and the
    fraction of replies that end with <|im_end|>.
 
-    python benchmarks/posttrain.py [--quick]      # -> benchmarks/results/posttrain.json
+    python benchmarks/posttrain.py [--quick] [--out DIR --reuse] [--plot docs/images/posttrain_rl.png]
+                                                   # -> benchmarks/results/posttrain.json
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer steps: a smoke run")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    p.add_argument("--plot", help="write the RL training curves here (e.g. docs/images/posttrain_rl.png)")
     p.add_argument("--reuse", action="store_true", help="with --out: keep the finished training runs found there "
                    "(their times are read from their metrics.jsonl) and redo only what is missing")
     args = p.parse_args()
@@ -124,6 +126,39 @@ def main() -> None:
     rl_section(work, results, prompts, finished, rl_steps)
     format_section(work, results, prompts, finished, sft_steps, rl_steps, dpo_steps)
     print(f"wrote {save('posttrain', results)}")
+    if args.plot:
+        print(f"wrote {plot_rl_curves(work, args.plot)}")
+
+
+def plot_rl_curves(work: Path, path: str) -> Path:
+    """Per-step curves of the RL runs (mean over windows of 10 steps): GRPO's rollout reward and
+    KL, PPO's reward-model score and KL, on both starting models."""
+    import json
+
+    from scratchlm.plots import pyplot, save_figure
+
+    def series(run: str, key: str):
+        rows = [json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if key in r and "loss" in r]
+        steps, values = [r["step"] for r in rows], [r[key] for r in rows]
+        w = 10
+        return steps[w - 1 :], [sum(values[i - w + 1 : i + 1]) / w for i in range(w - 1, len(values))]
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for run, label in (("grpo", "from full SFT"), ("mixed-grpo", "imperfect demonstrations")):
+        axes[0].plot(*series(run, "reward"), label=label)
+        axes[2].plot(*series(run, "kl"), label=f"GRPO, {label} (per token, k3)")
+    for run, label in (("ppo", "from full SFT (62.5% RM)"), ("mixed-ppo", "imperfect demonstrations")):
+        axes[1].plot(*series(run, "objective/scores"), label=label)
+        axes[2].plot(*series(run, "objective/kl"), "--", label=f"PPO, {label} (per reply)")
+    axes[0].set(title="GRPO: rollout reward (exact answer)", xlabel="step", ylabel="mean reward")
+    axes[1].set(title="PPO: reward-model score", xlabel="step", ylabel="score")
+    axes[2].set(title="KL to the reference", xlabel="step", ylabel="nats")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path)
 
 
 def sampled_exact_match(model, tokenizer, prompts, samples: int = 4, max_tokens: int = 8) -> float:
