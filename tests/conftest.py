@@ -90,3 +90,5 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the processes the tests start
+        os.environ.setdefault("SCRATCHLM_THREADS", "1")

@@ -178,23 +178,43 @@ def test_resuming_lora_on_another_base_is_refused(setup, tmp_path):
 
 
 @pytest.mark.parametrize("position,attention", [("rope", "sdpa"), ("rope", "manual"), ("learned", "sdpa"),
-                                                ("alibi", "manual"), ("sinusoidal", "sdpa")])
+                                                ("alibi", "manual"), ("alibi", "sdpa"), ("sinusoidal", "sdpa")])
 def test_a_packed_row_computes_each_conversation_as_if_alone(position, attention):
     """Packing's guarantee: attention never crosses a document boundary and positions restart,
-    so the logits of a packed row equal those of its documents run one by one."""
+    so the logits of packed rows (two rows, laid out differently) equal those of their documents
+    run one by one, and so do the gradients of the summed loss."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=30, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=24,
-                          position=position, attention=attention)).eval()
-    docs = [torch.randint(30, (1, n)) for n in (5, 3, 7)]
-    documents = torch.tensor([[0] * 5 + [1] * 3 + [2] * 7 + [-1] * 2])  # and two padding positions
-    packed = torch.cat(docs + [torch.zeros(1, 2, dtype=torch.long)], dim=1)
-    with torch.no_grad():
-        together = model(packed, documents=documents)[0][:, :15]
-        alone = torch.cat([model(d)[0] for d in docs], dim=1)
-    assert torch.allclose(together, alone, atol=1e-5)
+                          position=position, attention=attention))
+    docs = [torch.randint(30, (1, n)) for n in (5, 3, 7, 9, 6)]
+    rows = torch.cat([torch.cat(docs[:3] + [torch.zeros(1, 2, dtype=torch.long)], dim=1),
+                      torch.cat(docs[3:] + [torch.zeros(1, 2, dtype=torch.long)], dim=1)])
+    documents = torch.tensor([[0] * 5 + [1] * 3 + [2] * 7 + [-1] * 2,  # two padding positions at the end
+                              [0] * 9 + [1] * 6 + [-1] * 2])
+    together = model(rows, documents=documents)[0]
+    alone = [model(d)[0] for d in docs]
+    assert torch.allclose(together[0, :15], torch.cat(alone[:3], dim=1)[0], atol=1e-5)
+    assert torch.allclose(together[1, :15], torch.cat(alone[3:], dim=1)[0], atol=1e-5)
+    grads = []
+    for loss in (together[:, :15].sum(), sum(a.sum() for a in alone)):
+        model.zero_grad()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)
     # Without the document mask the later conversations do see the earlier ones.
     with torch.no_grad():
-        assert not torch.allclose(model(packed)[0][:, 5:15], alone[:, 5:], atol=1e-3)
+        assert not torch.allclose(model(rows)[0][0, 5:15], torch.cat(alone[1:3], dim=1)[0], atol=1e-3)
+
+
+def test_a_document_id_that_comes_back_starts_a_new_document():
+    from scratchlm.models.gpt import packing
+
+    positions, mask = packing(torch.tensor([[0, 0, 1, 1, 0, 0]]))
+    assert positions.tolist() == [[0, 1, 0, 1, 0, 1]]
+    assert not mask[0, 0, 4, :4].any() and mask[0, 0, 5, 4:6].all()  # the third run sees only itself
+    model = GPT(GPTConfig(vocab_size=30, n_layer=1, n_head=2, d_model=16, block_size=8))
+    with pytest.raises(ValueError, match="packed row of 9 positions exceeds the context length 8"):
+        model(torch.zeros(1, 9, dtype=torch.long), documents=torch.zeros(1, 9, dtype=torch.long))
 
 
 def test_collate_packed_keeps_every_target_inside_its_conversation():

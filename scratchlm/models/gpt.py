@@ -173,10 +173,13 @@ class GPT(nn.Module):
         document, so every document is computed exactly as if it were alone in its row.
         """
         B, T = idx.shape
+        packed_mask = None
         if documents is not None:
             if cache is not None or positions is not None:
                 raise ValueError("documents (packed rows) are for training: no cache and no positions with them")
-            positions = document_positions(documents)  # (B, T)
+            if T > self.config.block_size:
+                raise ValueError(f"a packed row of {T} positions exceeds the context length {self.config.block_size}")
+            positions, packed_mask = packing(documents, self.alibi if self.config.position == "alibi" else None)
         elif positions is None:
             start = cache.length if cache is not None else 0
             if start + T > self.config.block_size:
@@ -189,8 +192,8 @@ class GPT(nn.Module):
             x = x + self.sinusoid[positions]
         x = self.drop(x)
         attn_kwargs = {"cache": cache}
-        if documents is not None:
-            attn_kwargs["documents"] = documents
+        if packed_mask is not None:
+            attn_kwargs["packed_mask"] = packed_mask  # built once, used by every layer
         if self.config.position == "rope":
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D) each, or (B, T, D) if packed
             attn_kwargs["rope"] = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
@@ -221,7 +224,7 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = p
-            if hasattr(module, "dropout") and isinstance(module.dropout, float):
+            if isinstance(module, Attention):
                 module.dropout = p
 
     @torch.no_grad()
@@ -329,15 +332,25 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def document_positions(documents: torch.Tensor) -> torch.Tensor:
-    """Each token's position within its document: (B, T) ids of contiguous documents -> (B, T),
-    0 at every document's first token."""
-    T = documents.shape[1]
-    index = torch.arange(T, device=documents.device).expand_as(documents)
+def packing(documents: torch.Tensor, alibi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask of packed rows: (B, T) document ids -> each token's position
+    within its document (0 at each document's first token), and the (B, 1, T, T) mask that lets a
+    token see earlier tokens of its own document only — boolean, or with ALiBi an additive float
+    (B, H, T, T) bias. A document is a run of equal ids: an id that comes back later starts a new
+    document."""
+    B, T = documents.shape
+    index = torch.arange(T, device=documents.device).expand(B, T)
     starts = torch.ones_like(documents, dtype=torch.bool)
     starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # the start of each token's document
-    return index - first
+    segments = starts.long().cumsum(dim=1)  # contiguous runs, whatever the ids
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # each token's run start
+    same = segments[:, None, :, None] == segments[:, None, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    mask = same & causal  # (B, 1, T, T); a token always sees itself: no row is empty
+    if alibi is not None:
+        distance = (index[:, :, None] - index[:, None, :]).clamp_min(0)[:, None].float()  # (B, 1, T, T)
+        mask = torch.where(mask, -alibi.float()[None, :, None, None] * distance, float("-inf"))
+    return index - first, mask
 
 
 def preset(name: str, **overrides) -> GPTConfig:

@@ -108,7 +108,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, documents=None) -> torch.Tensor:
+    def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -126,10 +126,10 @@ class Attention(nn.Module):
             start = cache.length
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D): everything so far
         dropout = self.dropout if self.training else 0.0
-        if documents is not None:  # packed rows: causal *within* each document only
+        if packed_mask is not None:  # packed rows: causal *within* each document only
             if self.impl == "tiled":
                 raise ValueError("attention = 'tiled' does not take packed rows; use 'sdpa' or 'manual'")
-            return self.proj(self._packed(q, k, v, documents, alibi, dropout).transpose(1, 2).reshape(B, T, H * D))
+            return self.proj(self._packed(q, k, v, packed_mask, dropout).transpose(1, 2).reshape(B, T, H * D))
         if self.impl == "manual":
             y = self._manual(q, k, v, start, alibi, dropout)
         elif self.impl == "tiled":  # FlashAttention's algorithm, spelled out (models/flash_attention.py)
@@ -153,22 +153,22 @@ class Attention(nn.Module):
         weights = F.dropout(weights, dropout, self.training)
         return weights @ v  # (B, H, T, D)
 
-    def _packed(self, q, k, v, documents, alibi, dropout):
-        """Attention over packed rows: the causal bias plus -inf between tokens of different
-        documents (a (B, 1, T, T) mask; ALiBi's distances are differences of positions, the same
-        within a document packed or alone)."""
-        T = q.shape[2]
-        bias = attention_bias(T, T, 0, alibi, q.device, torch.float32)  # (H or 1, T, T)
-        other = documents[:, None, :, None] != documents[:, None, None, :]  # (B, 1, T, T)
-        bias = bias.masked_fill(other, float("-inf")).to(q.dtype)
-        if self.impl == "manual":
-            groups = self.n_head // self.n_kv_head
+    def _packed(self, q, k, v, mask, dropout):
+        """Attention over packed rows with the mask of :func:`scratchlm.models.gpt.packing`
+        (boolean, or ALiBi's additive bias). K and V are expanded to every query head: PyTorch's
+        GQA support covers only kernels that take no mask, and the memory-efficient kernel takes
+        one."""
+        groups = self.n_head // self.n_kv_head
+        if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim) + bias
+        if self.impl == "manual":
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
             weights = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout, self.training)
             return weights @ v
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
-                                              enable_gqa=self.n_kv_head != self.n_head)
+        if mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
     def _sdpa(self, q, k, v, start, alibi, dropout):
         T, S = q.shape[2], k.shape[2]

@@ -12,7 +12,8 @@ replies all earn the same reward (all right or all wrong) teaches nothing: its a
 (``frac_reward_zero_std`` counts those; a task too easy or too hard for the model shows up here
 first). The loss is PPO's clipped surrogate on these advantages, plus optionally β·KL(π ‖ π_ref)
 with the per-token estimator ``exp(ref − logp) − (ref − logp) − 1`` (≥ 0, unbiased, and 0 where
-the policy equals the reference). Losses are averaged over all reply tokens of a micro-batch.
+the policy equals the reference). Losses are averaged over all reply tokens of an optimizer step
+(every micro-batch and rank), each token weighing the same.
 
 ``scale_rewards = false`` drops the division by the group's std (Dr. GRPO, Liu et al., 2025:
 it over-weights groups that are nearly all right or all wrong).

@@ -99,7 +99,7 @@ class PPOTrainer(RLTrainer):
         if self.sft.reward_model is None:
             return
         from scratchlm.models.checkpoint import read_state
-        from scratchlm.posttrain.reward import load_reward_model
+        from scratchlm.posttrain.reward import HEAD_FILE, load_reward_model
 
         # Loaded and checked before training starts, on every rank (a rank that cannot read it
         # stops them all here, not in a rollout).
@@ -114,7 +114,8 @@ class PPOTrainer(RLTrainer):
             return rm
 
         self.reward_model = self._on_every_rank_then_agree(load, "the reward model cannot be used")
-        self.reward_model_sha256 = read_state(self.sft.reward_model)["files"]["model.safetensors"]["sha256"]
+        files = read_state(self.sft.reward_model)["files"]  # the network and its head, both pinned
+        self.reward_model_sha256 = "+".join(files[name]["sha256"] for name in ("model.safetensors", HEAD_FILE))
 
     def _check_resumable(self) -> dict:
         state = super()._check_resumable()

@@ -48,7 +48,7 @@ from scratchlm.posttrain.sft import SFTConfig, SFTTrainer, collate, generate_rep
 ROLLOUT_FILE = "rollouts.safetensors"
 
 _RL_RULES = {**SFT_RULES, "prompts_per_rollout": Rule(min=1), "samples_per_prompt": Rule(min=1),
-             "max_new_tokens": Rule(min=1), "temperature": Rule(above=0, why="RL must sample: > 0"),
+             "max_new_tokens": Rule(min=1), "temperature": Rule(min=1e-5, why="RL must sample (the engine is greedy below 1e-5)"),
              "epochs": Rule(min=1), "clip": Rule(above=0, below=1), "kl_coef": Rule(min=0),
              "missing_end_penalty": Rule(min=0)}
 
@@ -379,17 +379,23 @@ class RLTrainer(SFTTrainer):
     @torch.no_grad()
     def evaluate(self) -> float:
         """Greedy replies to the held-out prompts: minus their mean reward (lower is better, as a
-        loss), with the reward, the exact-match rate and the end-of-turn rate in the log."""
-        replies = generate_replies(self.model, self.tokenizer, [p.prompt for p in self.val_prompts],
-                                   self.eval_max_tokens)
-        texts = [r["text"] for r in replies]
-        ended = sum(r["ended"] for r in replies) / len(replies)
-        rewards = self._rewards(self.val_prompts, texts, [r["prompt_ids"] + r["token_ids"] for r in replies])
-        values = [-rewards.mean().item(), rewards.mean().item(), ended]
+        loss), with the reward, the exact-match rate and the end-of-turn rate in the log. Rank 0
+        evaluates (once, not once per rank); a failure there stops every rank, none waits."""
         names = ["val_reward", "val_ended_with_end_of_turn"]
         if all(p.answer is not None for p in self.val_prompts):
-            values.append(sum(p.reward(t) for p, t in zip(self.val_prompts, texts)) / len(texts))
             names.append("val_exact_match")
+        values = [0.0] * (len(names) + 1)
+
+        def work():
+            replies = generate_replies(self.model, self.tokenizer, [p.prompt for p in self.val_prompts],
+                                       self.eval_max_tokens)
+            texts = [r["text"] for r in replies]
+            rewards = self._rewards(self.val_prompts, texts, [r["prompt_ids"] + r["token_ids"] for r in replies])
+            values[:3] = [-rewards.mean().item(), rewards.mean().item(), sum(r["ended"] for r in replies) / len(replies)]
+            if "val_exact_match" in names:
+                values[3] = sum(p.reward(t) for p, t in zip(self.val_prompts, texts)) / len(texts)
+
+        self._on_rank0_then_all(work, "the evaluation failed")
         shared = self._shared(values, op="rank0")
         self.eval_extras = dict(zip(names, shared[1:]))
         return shared[0]
