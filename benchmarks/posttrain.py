@@ -26,11 +26,10 @@ def main() -> None:
 
     from scratchlm.data import prepare_dataset
     from scratchlm.data.shards import tokenize_dataset
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+    from scratchlm.posttrain.sft import load_chat_model
     from scratchlm.posttrain.data import load_prompts, write_task_data
     from scratchlm.posttrain.sft import exact_match, sft
     from scratchlm.tokenizers import train_tokenizer
-    from scratchlm.tokenizers.chat import add_chat_tokens
     from scratchlm.train import train
 
     p = argparse.ArgumentParser()
@@ -75,9 +74,7 @@ def main() -> None:
     results["base_val_loss"] = base["best_val_loss"]
 
     prompts = load_prompts(work / "tasks" / "prompts-test.jsonl").items
-    model, state = load_model_from_checkpoint(work / "base" / "best")
-    chat_tok = add_chat_tokens(load_checkpoint_tokenizer(work / "base" / "best", state))
-    model.grow_vocab(chat_tok.vocab_size)
+    model, chat_tok = load_chat_model(work / "base" / "best", device="cpu")  # the chat tokens' rows grown, as SFT starts
     results["before"] = exact_match(model, chat_tok, prompts, max_tokens=8)
     print(f"base: exact match {results['before']['exact_match']:.1%} in the chat format")
 
@@ -92,8 +89,7 @@ def main() -> None:
             {"out_dir": str(work / f"sft-{name}"), "max_steps": steps, "eval_interval": steps // 4,
              "batch_size": 32, "lr": 1e-3 if name != "lora" else 3e-3}, progress=False)
         seconds = reused[1] if reused else time.perf_counter() - start
-        model, state = load_model_from_checkpoint(work / f"sft-{name}" / "best")
-        tuned_tok = load_checkpoint_tokenizer(work / f"sft-{name}" / "best", state)
+        model, tuned_tok = load_chat_model(work / f"sft-{name}" / "best", device="cpu")
         after = exact_match(model, tuned_tok, prompts, max_tokens=8)
         results[f"sft_{name}"] = {**after, "steps": steps, "seconds": seconds, "best_val_loss": summary["best_val_loss"]}
         print(f"SFT {name}: exact match {after['exact_match']:.1%}, replies ending with <|im_end|> "
@@ -113,8 +109,7 @@ def main() -> None:
                  "batch_size": 32}, progress=False)
         seconds = reused[1] if reused else time.perf_counter() - start
         evals = [r for r in map(json.loads, (work / name / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
-        model, state = load_model_from_checkpoint(work / name / "last")
-        after = exact_match(model, load_checkpoint_tokenizer(work / name / "last", state), prompts, max_tokens=8)
+        after = exact_match(*load_chat_model(work / name / "last", device="cpu"), prompts, max_tokens=8)
         results[name] = {**after, "seconds": seconds,
                          "preference_accuracy_before": evals[0]["val_reference_preference_accuracy"],
                          "preference_accuracy_after": evals[-1]["val_preference_accuracy"],
@@ -164,23 +159,19 @@ def plot_rl_curves(work: Path, path: str) -> Path:
 def sampled_exact_match(model, tokenizer, prompts, samples: int = 4, max_tokens: int = 8) -> float:
     """Exact match of replies *sampled* at temperature 1 (seeded), the rollouts' own statistic:
     how much of its probability the model puts on the right answer, not only whether it is the mode."""
-    from scratchlm.serve import LLM, SamplingParams
-    from scratchlm.tokenizers.chat import ChatTemplate
+    from scratchlm.posttrain.sft import generate_replies
 
-    t = ChatTemplate(tokenizer)
-    ids = [t.prompt_ids(p.prompt) for p in prompts for _ in range(samples)]
-    params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, stop_token_ids=[t.end_id], ignore_eos=True)
-              for i in range(len(ids))]
-    outs = LLM(model, tokenizer, weight_format="dense", max_num_seqs=64, num_blocks=64 * 4).generate(ids, params)
     answers = [p for p in prompts for _ in range(samples)]
-    return sum(p.reward(o.text) for p, o in zip(answers, outs)) / len(outs)
+    replies = generate_replies(model, tokenizer, [p.prompt for p in answers], max_tokens, temperature=1.0,
+                               seeds=list(range(len(answers))))
+    return sum(p.reward(r["text"]) for p, r in zip(answers, replies)) / len(replies)
 
 
 def rl_section(work: Path, results: dict, prompts, finished, rl_steps: int) -> None:
     """Reward model, GRPO and PPO from the full-SFT model (issue 8, sections 4 and 6)."""
     import json
 
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+    from scratchlm.posttrain.sft import load_chat_model
     from scratchlm.posttrain.grpo import grpo
     from scratchlm.posttrain.ppo import ppo
     from scratchlm.posttrain.reward import train_reward_model
@@ -190,12 +181,10 @@ def rl_section(work: Path, results: dict, prompts, finished, rl_steps: int) -> N
     records = lambda run: [json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
 
     def measured(run: str) -> dict:
-        model, state = load_model_from_checkpoint(work / run / "last")
-        tok = load_checkpoint_tokenizer(work / run / "last", state)
+        model, tok = load_chat_model(work / run / "last", device="cpu")
         return {**exact_match(model, tok, prompts, max_tokens=8), "sampled_exact_match": sampled_exact_match(model, tok, prompts)}
 
-    model, state = load_model_from_checkpoint(sft_best)
-    tok = load_checkpoint_tokenizer(sft_best, state)
+    model, tok = load_chat_model(sft_best, device="cpu")
     results["sft_full"]["sampled_exact_match"] = sampled_exact_match(model, tok, prompts)
     # On problems it was trained on: what the model can add up at all (the ceiling RL works under).
     from scratchlm.posttrain.data import load_prompts
@@ -259,7 +248,7 @@ def format_section(work: Path, results: dict, prompts, finished, sft_steps: int,
     import hashlib
     import json
 
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+    from scratchlm.posttrain.sft import load_chat_model
     from scratchlm.posttrain.dpo import dpo
     from scratchlm.posttrain.grpo import grpo
     from scratchlm.posttrain.ppo import ppo
@@ -289,8 +278,7 @@ def format_section(work: Path, results: dict, prompts, finished, sft_steps: int,
     records = lambda run: [json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
 
     def measured(run: str, which: str = "last") -> dict:
-        model, state = load_model_from_checkpoint(work / run / which)
-        tok = load_checkpoint_tokenizer(work / run / which, state)
+        model, tok = load_chat_model(work / run / which, device="cpu")
         replies = generate_replies(model, tok, [p.prompt for p in prompts], 24)
         return {**exact_match(model, tok, prompts, max_tokens=24),
                 "bare_answer_rate": sum(not r["text"].endswith(SUFFIX) for r in replies) / len(replies),
@@ -357,8 +345,7 @@ def format_section(work: Path, results: dict, prompts, finished, sft_steps: int,
     rm = load_reward_model(work / "mixed-rm" / "best")
     out["reward_model"]["mean_score_of_greedy_replies"] = {}
     for run, which in (("mixed-sft", "best"), ("mixed-ppo", "last")):
-        model, state = load_model_from_checkpoint(work / run / which)
-        replies = generate_replies(model, load_checkpoint_tokenizer(work / run / which, state), [p.prompt for p in prompts], 24)
+        replies = generate_replies(*load_chat_model(work / run / which, device="cpu"), [p.prompt for p in prompts], 24)
         scores = rm([p.prompt for p in prompts], [r["text"] for r in replies])
         out["reward_model"]["mean_score_of_greedy_replies"][run] = scores.mean().item()
     results["imperfect_demonstrations"] = out

@@ -368,20 +368,14 @@ def cmd_sft(args) -> None:
 
 
 def _exact_match_before_after(base: str, tuned: Path, prompts_path: str, base_tokenizer: str | None = None) -> dict:
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
     from scratchlm.posttrain.data import load_prompts
-    from scratchlm.posttrain.sft import exact_match
-    from scratchlm.tokenizers.chat import add_chat_tokens
+    from scratchlm.posttrain.sft import exact_match, load_chat_model
 
     prompts = load_prompts(prompts_path).items
     out = {}
     for name, path in (("before", base), ("after", tuned)):
-        model, state = load_model_from_checkpoint(path)
-        plain = load_checkpoint_tokenizer(path, state, base_tokenizer if name == "before" else None)
-        tokenizer = add_chat_tokens(plain)
-        # the base: fresh rows for the chat tokens (as the fine-tuning started from)
-        model.grow_vocab(max(model.config.vocab_size, tokenizer.vocab_size), known=min(plain.vocab_size,
-                                                                                      model.config.vocab_size))
+        # the base gets fresh rows for the chat tokens (as the fine-tuning started from)
+        model, tokenizer = load_chat_model(path, base_tokenizer if name == "before" else None, device="cpu")
         out[name] = exact_match(model, tokenizer, prompts)
     return out
 

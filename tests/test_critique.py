@@ -233,7 +233,8 @@ def test_the_model_as_critic_writes_the_critiques_and_dpo_trains_on_the_pairs(as
     """The model critic's words are the critique (its greedy reply to the critique request); a
     reply passes when they start with the pass word. This tiny model answers every request like an
     addition ("answer 10"): it cannot judge anything, but the path runs end to end."""
-    from scratchlm.posttrain.critique import critique_request, load_chat_model
+    from scratchlm.posttrain.critique import critique_request
+    from scratchlm.posttrain.sft import load_chat_model
     from scratchlm.posttrain.sft import generate_replies
 
     root = assistant
@@ -406,7 +407,8 @@ def test_overwrite_validates_everything_before_deleting_the_previous_run(tiny, t
 
 def test_special_token_text_in_a_reply_reaches_no_critic_or_revision_prompt(tiny, monkeypatch):
     import scratchlm.posttrain.sft as sft_module
-    from scratchlm.posttrain.critique import load_chat_model, revision_prompt, without_special_tokens
+    from scratchlm.posttrain.critique import revision_prompt, without_special_tokens
+    from scratchlm.posttrain.sft import load_chat_model
     from scratchlm.tokenizers.chat import ChatTemplate
 
     model, tok = load_chat_model(tiny / "init")
@@ -439,7 +441,7 @@ def test_special_token_text_in_a_reply_reaches_no_critic_or_revision_prompt(tiny
 
 def test_model_critic_pass_word_is_one_word_and_the_critic_sees_the_conversation(tiny, monkeypatch):
     import scratchlm.posttrain.sft as sft_module
-    from scratchlm.posttrain.critique import load_chat_model
+    from scratchlm.posttrain.sft import load_chat_model
 
     with pytest.raises(ValueError, match="check.pass must be one word"):
         parse_principles([{"name": "j", "text": "t", "check": {"kind": "model", "pass": "Yes."}}])

@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scratchlm.io import atomic_write, read_json, sha256_file, write_json
+from scratchlm.posttrain.sft import load_chat_model
 
 if TYPE_CHECKING:
     from scratchlm.posttrain.data import PromptWithAnswer
@@ -374,21 +375,7 @@ def load_scorer(spec: str) -> Scorer:
     return fn
 
 
-# --- the model: loading, sampling ---------------------------------------------------------------
-def load_chat_model(path: str | Path, tokenizer_spec: str | None = None, device=None):
-    """(model, chat tokenizer) of a checkpoint, in eval mode; a base checkpoint without the chat
-    tokens gets them, with fresh embedding rows, as SFT would start it."""
-    from scratchlm.device import pick_device
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
-    from scratchlm.tokenizers.chat import add_chat_tokens
-
-    model, state = load_model_from_checkpoint(path, pick_device(device))
-    plain = load_checkpoint_tokenizer(path, state, tokenizer_spec)
-    tokenizer = add_chat_tokens(plain)
-    model.grow_vocab(max(model.config.vocab_size, tokenizer.vocab_size), known=min(plain.vocab_size, model.config.vocab_size))
-    return model.eval(), tokenizer
-
-
+# --- the model: sampling seeds -------------------------------------------------------------------
 def seed_for(*parts: int) -> int:
     """A request's seed from (run seed, round, prompt, sample): distinct, stable, < 2**63."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1

@@ -93,6 +93,11 @@ class PPOTrainer(RLTrainer):
     def needs_answers(self) -> bool:
         return self.reward_fn is None and self.sft.reward_model is None
 
+    @property
+    def reply_reserve(self) -> int:
+        """A reward model reads a cut reply closed by one more token, <|im_end|>: keep room for it."""
+        return 1 if self.sft.reward_model else 0
+
     def _prepare_data(self, model_section: dict) -> None:
         super()._prepare_data(model_section)
         self.reward_model, self.reward_model_sha256 = None, None

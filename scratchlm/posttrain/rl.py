@@ -145,13 +145,11 @@ class RolloutLoader:
         self.rollout: Rollout | None = None
         self.order = torch.zeros(0, dtype=torch.long)
         self.cursor = 0
-        self.made = 0  # rollouts made so far
         self.epoch = 0  # which pass over the current rollout the last micro-batch belonged to
 
     def get_batch(self):
         if self.rollout is None or self.cursor >= len(self.order):
             self.rollout = self.make_rollout(self.generator)
-            self.made += 1
             self.order = torch.cat([torch.randperm(self.size, generator=self.generator) for _ in range(self.epochs)])
             self.cursor = 0
         index = self.order[self.cursor : self.cursor + self.batch_size]
@@ -165,7 +163,7 @@ class RolloutLoader:
         r = self.rollout
         tensors = {f: getattr(r, f).detach().cpu().contiguous() for f in Rollout.FIELDS}
         tensors["order"] = self.order.clone()
-        tensors["position"] = torch.tensor([self.cursor, self.made])
+        tensors["position"] = torch.tensor([self.cursor])
         tensors["metric_values"] = torch.tensor([r.metrics[k] for k in sorted(r.metrics)], dtype=torch.float64)
         return {"tensors": tensors, "metric_names": sorted(r.metrics)}
 
@@ -174,7 +172,7 @@ class RolloutLoader:
         metrics = dict(zip(saved["metric_names"], t["metric_values"].tolist()))
         self.rollout = Rollout(**{f: t[f] for f in Rollout.FIELDS}, metrics=metrics)
         self.order = t["order"]
-        self.cursor, self.made = (int(v) for v in t["position"])
+        self.cursor = int(t["position"][0])
 
 
 class RLTrainer(SFTTrainer):
@@ -182,6 +180,7 @@ class RLTrainer(SFTTrainer):
     and ``_objective`` (the loss of one micro-batch)."""
 
     has_value_head = False  # PPO trains a value head (model.value_head) on the policy's trunk
+    reply_reserve = 0  # context positions kept free after the longest reply
 
     @property
     def needs_answers(self) -> bool:
@@ -238,8 +237,7 @@ class RLTrainer(SFTTrainer):
                 raise ValueError(f"{prompt.where}: {e} (or pass --skip-invalid to skip it)") from None
             self.log(f"skipped {prompt.where}: {e}")
             return False
-        reserve = 1 if getattr(self.sft, "reward_model", None) else 0  # the <|im_end|> a reward model reads after a cut reply
-        return n + self.sft.max_new_tokens + reserve <= self.model_config.block_size
+        return n + self.sft.max_new_tokens + self.reply_reserve <= self.model_config.block_size
 
     # --- model ------------------------------------------------------------------------------
     def _initial_model(self):

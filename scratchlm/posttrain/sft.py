@@ -351,6 +351,20 @@ class SFTTrainer(Trainer):
         return f"{prompt[-1]['content']!r} -> {replies[0]['text']!r}"
 
 
+def load_chat_model(path: str | Path, tokenizer_spec: str | None = None, device=None):
+    """(model, chat tokenizer) of a checkpoint, in eval mode; a base checkpoint without the chat
+    tokens gets them, with fresh embedding rows, as SFT would start it."""
+    from scratchlm.device import pick_device
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+    from scratchlm.tokenizers.chat import add_chat_tokens
+
+    model, state = load_model_from_checkpoint(path, pick_device(device))
+    plain = load_checkpoint_tokenizer(path, state, tokenizer_spec)
+    tokenizer = add_chat_tokens(plain)
+    model.grow_vocab(max(model.config.vocab_size, tokenizer.vocab_size), known=min(plain.vocab_size, model.config.vocab_size))
+    return model.eval(), tokenizer
+
+
 def generate_replies(model, tokenizer, prompts: list[list[dict]], max_tokens: int = 32, *, temperature: float = 0.0,
                      seeds: list[int] | None = None, progress: bool = False, **engine_options) -> list[dict]:
     """Assistant replies, batched through the inference engine — greedy by default, or sampled at
