@@ -12,6 +12,7 @@ refused with a message naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import tomllib
@@ -102,6 +103,14 @@ def validate(obj, section: str, rules: dict[str, Rule]) -> None:
             if optional:
                 continue
             raise ConfigError(f"{key} = null: expected {_TYPE_NAMES.get(allowed[0], allowed[0].__name__)}")
+        sub = next((t for t in allowed if dataclasses.is_dataclass(t)), None)
+        if sub is not None:  # a block kind's own table, e.g. [model.moe]: built (and checked) by its class
+            if isinstance(value, dict):
+                value = dataclass_from_dict(sub, value, key)
+            elif not isinstance(value, sub):
+                raise ConfigError(f"{key} = {value!r}: expected a table of {sub.__name__} fields")
+            object.__setattr__(obj, f.name, value)
+            continue
         try:
             value = _coerce(value, allowed)
         except TypeError:

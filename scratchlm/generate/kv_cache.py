@@ -14,32 +14,47 @@ import torch
 
 
 class KVCache:
-    """Preallocated per-layer keys and values: (n_layer, batch, n_kv_head, max_len, head_dim)."""
+    """Preallocated per-layer keys and values: (layers, batch, n_kv_head, max_len, head_dim).
+
+    Layers whose mixer keeps something else (a compressed latent, a bounded window, a recurrent
+    state) keep it in :meth:`state`, a dict of tensors per layer whose first dimension is the batch.
+    """
 
     paged = False  # contiguous rows; the engine's cache (scratchlm.serve.paged_attention) is paged
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 layers: list[int] | None = None):
         shape = (n_layer, batch, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slot = {layer: i for i, layer in enumerate(layers)} if layers is not None else None
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.batch, self.device, self.dtype = batch, torch.device(device), dtype
         self.max_len = max_len
         self.length = 0  # positions filled, the same in every layer
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int | None = None) -> KVCache:
+        """A cache with k, v rows for the layers whose mixer keeps them (``kv_cache = True``)."""
         c = model.config
         p = next(model.parameters())
-        return cls(c.n_layer, batch, c.kv_heads, max_len or c.block_size, c.head_dim, p.device, p.dtype)
+        layers = [i for i, block in enumerate(model.blocks) if getattr(block.mixer, "kv_cache", False)]
+        return cls(len(layers), batch, c.kv_heads, max_len or c.block_size, c.head_dim, p.device, p.dtype, layers)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' k, v (B, Hkv, T, D) for ``layer``; return all positions so far."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        layer = self.slot[layer] if self.slot is not None else layer
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def state(self, layer: int) -> dict[str, torch.Tensor]:
+        """The per-layer store of a mixer that keeps something other than k, v (empty at first)."""
+        return self.states.setdefault(layer, {})
 
     def advance(self, n: int) -> None:
         """Called by the model once every layer has stored its ``n`` new positions."""
@@ -62,7 +77,12 @@ class KVCache:
         k[:, :, :, :n] = self.k[:, index, :, :n]  # the right side is a gathered copy: safe in place
         v[:, :, :, :n] = self.v[:, index, :, :n]
         self.k, self.v = k, v
+        for state in self.states.values():
+            for name, tensor in state.items():
+                state[name] = tensor.index_select(0, index.to(tensor.device))
+        self.batch = len(index)
 
     @property
     def bytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        other = sum(t.numel() * t.element_size() for state in self.states.values() for t in state.values())
+        return self.k.numel() * self.k.element_size() * 2 + other

@@ -10,6 +10,13 @@ The forward pass, top to bottom:
     ids (B, T) ─► token embedding (B, T, C) [+ position embedding]
                ─► n_layer × Block: x = x + attn(norm(x)); x = x + mlp(norm(x))     (pre-norm)
                ─► final norm ─► lm_head (B, T, V) logits ─► cross-entropy with targets
+
+Modern architectures change what a layer is made of, not the stack: each layer picks a *mixer*
+(how positions exchange information: attention of some kind, or a state-space model) and an *MLP*
+(dense, or a mixture of experts) from ``GPTConfig.layers``, a short pattern such as Jamba's
+``["mamba", "mamba+moe", ...]`` or DeepSeek's ``["mla"] * 3 + ["mla+moe"] * 58``. Each block kind
+lives in its own module under ``models/`` and owns its few settings in its own table
+(``[model.moe]``, ``[model.mla]``, ...), so the config does not grow a flag for every switch.
 """
 
 from __future__ import annotations
@@ -23,11 +30,31 @@ import torch.utils.checkpoint
 from torch import nn
 
 from scratchlm.config import ConfigError, Rule, validate
+from scratchlm.models.diff_attention import DiffAttention, DiffConfig
 from scratchlm.models.layers import MLP, Attention, alibi_slopes, make_norm, rope_tables, sinusoidal_table
+from scratchlm.models.mamba import Mamba, MambaConfig
+from scratchlm.models.mla import MLA, MLAConfig
+from scratchlm.models.moe import MoE, MoEConfig
+from scratchlm.models.mtp import MTP, MTPConfig
+from scratchlm.models.sparse_attention import NativeSparseAttention, NSAConfig
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "swiglu", "relu2")
+
+# The block kinds a layer can pick (``GPTConfig.layers``): "mixer" or "mixer+mlp".
+MIXERS = {
+    "attention": lambda c, layer: Attention(c),  # full causal attention (MHA / GQA / MQA)
+    "sliding": lambda c, layer: Attention(c, window=c.sliding_window),  # Mistral, Gemma-2's local layers
+    "diff": DiffAttention,  # differential attention
+    "mla": MLA,  # multi-head latent attention (DeepSeek-V2/V3)
+    "nsa": NativeSparseAttention,  # native sparse attention
+    "mamba": Mamba,  # selective state-space model
+}
+LAYER_MLPS = {"dense": lambda c, layer: MLP(c), "moe": MoE}
+# The settings table each kind reads, created with its defaults when a layer uses the kind.
+_KIND_TABLES = {"mla": ("mla", MLAConfig), "diff": ("diff", DiffConfig), "nsa": ("nsa", NSAConfig),
+                "mamba": ("mamba", MambaConfig), "moe": ("moe", MoEConfig)}
 
 _MODEL_RULES = {
     "vocab_size": Rule(min=1), "n_layer": Rule(min=1), "n_head": Rule(min=1), "n_kv_head": Rule(min=1),
@@ -35,7 +62,11 @@ _MODEL_RULES = {
     "position": Rule(choices=POSITIONS), "rope_theta": Rule(above=0), "norm": Rule(choices=NORMS),
     "norm_eps": Rule(above=0), "mlp": Rule(choices=MLPS), "dropout": Rule(min=0, below=1),
     "attention": Rule(choices=("sdpa", "manual", "tiled")), "init_std": Rule(above=0),
+    "sliding_window": Rule(min=1, why="keys each query sees in a sliding layer, itself included"),
 }
+# Fields added for the block kinds: left out of a config's dict while unset, so configs and
+# checkpoints written before them read (and write) exactly as they did.
+_LAYER_FIELDS = ("layers", "sliding_window", "moe", "mla", "diff", "nsa", "mamba", "mtp")
 
 
 @dataclass
@@ -58,15 +89,48 @@ class GPTConfig:
     dropout: float = 0.0
     attention: str = "sdpa"  # sdpa | manual | tiled (FlashAttention's online softmax, in PyTorch)
     init_std: float = 0.02
+    # --- the layer pattern and the block kinds' own settings ---
+    layers: list[str] | None = None  # e.g. ["sliding", "attention"], repeated to n_layer; None: all "attention"
+    sliding_window: int | None = None  # for "sliding" layers
+    moe: MoEConfig | None = None
+    mla: MLAConfig | None = None
+    diff: DiffConfig | None = None
+    nsa: NSAConfig | None = None
+    mamba: MambaConfig | None = None
+    mtp: MTPConfig | None = None  # multi-token prediction modules after the last layer
 
     def __post_init__(self):
         validate(self, "model", _MODEL_RULES)  # each value's type and range, naming the key
+        kinds = self.layer_kinds()  # checks the pattern
+        for kind in {k for pair in kinds for k in pair}:
+            if kind in _KIND_TABLES and getattr(self, _KIND_TABLES[kind][0]) is None:
+                name, table = _KIND_TABLES[kind]
+                setattr(self, name, table())  # a kind used without its table gets the defaults
+        if any(mixer == "sliding" for mixer, _ in kinds) and self.sliding_window is None:
+            raise ConfigError("model.layers has 'sliding' layers: set model.sliding_window (keys each query sees)")
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model = {self.d_model} must be divisible by model.n_head = {self.n_head}")
         if self.n_head % self.kv_heads:
             raise ConfigError(f"model.n_head = {self.n_head} must be divisible by model.n_kv_head = {self.kv_heads}")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.position = 'rope' needs an even head width; d_model / n_head = {self.head_dim}")
+
+    def layer_kinds(self) -> list[tuple[str, str]]:
+        """(mixer, mlp) of every layer: ``layers`` repeated to ``n_layer`` (its length must divide
+        ``n_layer``), each item "mixer" (dense MLP) or "mixer+mlp"."""
+        pattern = self.layers or ["attention"]
+        if not pattern or self.n_layer % len(pattern):
+            raise ConfigError(f"model.layers has {len(pattern)} items; it must be non-empty and its length must divide "
+                              f"model.n_layer = {self.n_layer} (it repeats), or list every layer")
+        kinds = []
+        for item in pattern:
+            mixer, _, mlp = item.partition("+")
+            mlp = mlp or "dense"
+            if mixer not in MIXERS or mlp not in LAYER_MLPS:
+                raise ConfigError(f"model.layers item {item!r}: expected 'mixer' or 'mixer+mlp' with mixer one of "
+                                  f"{', '.join(MIXERS)} and mlp one of {', '.join(LAYER_MLPS)}")
+            kinds.append((mixer, mlp))
+        return kinds * (self.n_layer // len(kinds))
 
     @property
     def kv_heads(self) -> int:
@@ -85,7 +149,8 @@ class GPTConfig:
         return 4 * self.d_model
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return {k: v for k, v in d.items() if not (k in _LAYER_FIELDS and v is None)}
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
@@ -95,23 +160,34 @@ class GPTConfig:
 
 
 class Block(nn.Module):
-    """Attention then MLP, each wrapped in a residual connection and a norm."""
+    """A mixer then an MLP, each wrapped in a residual connection and a norm.
 
-    def __init__(self, config: GPTConfig):
+    The mixer is ``self.attn`` for every kind of attention (so checkpoints of plain models keep
+    their tensor names) and ``self.mamba`` for the state-space mixer; ``self.mlp`` is dense or MoE.
+    """
+
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
+        mixer_kind, mlp_kind = config.layer_kinds()[layer]
         self.prenorm = config.prenorm
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
-        self.attn = Attention(config)
+        self.mixer_name = "mamba" if mixer_kind == "mamba" else "attn"
+        self.add_module(self.mixer_name, MIXERS[mixer_kind](config, layer))
         self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
-        self.mlp = MLP(config)
+        self.mlp = LAYER_MLPS[mlp_kind](config, layer)
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    @property
+    def mixer(self) -> nn.Module:
+        return getattr(self, self.mixer_name)
+
     def forward(self, x, **attn_kwargs):
+        mixer = self.mixer
         if self.prenorm:  # GPT-2, Llama: the residual stream itself is never normalized
-            x = x + self.resid_dropout(self.attn(self.norm1(x), **attn_kwargs))
+            x = x + self.resid_dropout(mixer(self.norm1(x), **attn_kwargs))
             return x + self.mlp(self.norm2(x))
         # post-norm (the original Transformer): normalize after adding
-        x = self.norm1(x + self.resid_dropout(self.attn(x, **attn_kwargs)))
+        x = self.norm1(x + self.resid_dropout(mixer(x, **attn_kwargs)))
         return self.norm2(x + self.mlp(x))
 
 
@@ -125,11 +201,12 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.block_size, c.d_model) if c.position == "learned" else None
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.blocks = nn.ModuleList(Block(c, layer) for layer in range(c.n_layer))
         self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, c.bias) if c.prenorm else nn.Identity()
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one matrix reads tokens in and writes them out
+        self.mtp = MTP(c) if c.mtp is not None else None
         if c.position == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_table(c.block_size, c.d_model), persistent=False)
         if c.position == "rope":
@@ -215,7 +292,25 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if self.training:  # auxiliary losses (MoE load balancing) train the model; evaluation reports plain CE
+                loss = loss + self.auxiliary_loss()
         return (logits, loss, hidden) if return_hidden else (logits, loss)
+
+    def auxiliary_loss(self) -> torch.Tensor | float:
+        """The sum of the ``aux_loss`` that blocks (MoE routers, MTP) left from the last forward."""
+        total = 0.0
+        for module in self.modules():
+            aux = getattr(module, "aux_loss", None)
+            if module is not self and torch.is_tensor(aux):
+                total = total + aux
+        return total
+
+    def after_optimizer_step(self) -> None:
+        """Let blocks update state that is not trained by gradients (e.g. DeepSeek-V3's
+        loss-free balancing bias); the trainer calls this after every optimizer step."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()
 
     def set_dropout(self, p: float) -> None:
         """Set every dropout of the model to ``p``: the ``nn.Dropout`` layers and the attention
@@ -270,7 +365,7 @@ class GPT(nn.Module):
     # --- accounting ---------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by part (a tied lm_head is counted once, under embeddings)."""
-        parts = {"embeddings": 0, "positions": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+        parts = {"embeddings": 0, "positions": 0, "attention": 0, "ssm": 0, "mlp": 0, "norms": 0, "lm_head": 0, "mtp": 0}
         seen = set()
         for name, p in self.named_parameters():
             if id(p) in seen:
@@ -280,6 +375,10 @@ class GPT(nn.Module):
                 parts["embeddings"] += p.numel()
             elif name.startswith("pos_emb"):
                 parts["positions"] += p.numel()
+            elif name.startswith("mtp."):
+                parts["mtp"] += p.numel()
+            elif ".mamba." in name:
+                parts["ssm"] += p.numel()
             elif ".attn." in name:
                 parts["attention"] += p.numel()
             elif ".mlp." in name:
@@ -306,8 +405,9 @@ class GPT(nn.Module):
         return {"train": 6 * n + 12 * c.n_layer * c.d_model * T, "forward": 2 * n + 4 * c.n_layer * c.d_model * T}
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        c = self.config
-        return 2 * c.n_layer * c.kv_heads * c.head_dim * bytes_per_value
+        """Cache bytes each token adds, summed over layers (each mixer says what it keeps: k and v,
+        a compressed latent, or nothing per token for a state-space layer)."""
+        return bytes_per_value * sum(block.mixer.cache_values_per_token() for block in self.blocks)
 
 
 PRESETS: dict[str, dict] = {

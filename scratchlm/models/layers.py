@@ -99,8 +99,13 @@ class Attention(nn.Module):
     agree to 1e-5, which the tests check.
     """
 
-    def __init__(self, config):
+    kv_cache = True  # keeps k, v of every past position in the KV cache
+
+    def __init__(self, config, window: int | None = None):
         super().__init__()
+        self.window = window  # sliding-window attention: each query sees its last ``window`` keys
+        if window is not None:
+            raise NotImplementedError("sliding-window attention is being written")
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_dim = config.d_model // config.n_head
         self.impl = config.attention
@@ -142,6 +147,10 @@ class Attention(nn.Module):
             y = self._sdpa(q, k, v, start, alibi, dropout)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.proj(y)
+
+    def cache_values_per_token(self) -> int:
+        """Values this layer keeps in the KV cache per token: k and v of every KV head."""
+        return 2 * self.n_kv_head * self.head_dim
 
     def _manual(self, q, k, v, start, alibi, dropout):
         groups = self.n_head // self.n_kv_head

@@ -24,6 +24,10 @@ class ModelRunner:
         self.weight_format = resolve(weight_format, model)
         self.model = for_inference(model, self.weight_format)
         c = model.config
+        mixers = sorted({mixer for mixer, _ in c.layer_kinds()} - {"attention"})
+        if mixers:  # the paged cache stores full k, v per token; other mixers keep other state
+            raise ValueError(f"the engine serves models whose mixers are all full attention; this one has {mixers} "
+                             "layers: generate with `scratchlm sample` (the one-request path with a KV cache)")
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.pool = KVPool(c.n_layer, num_blocks, block_size, c.kv_heads, c.head_dim, self.device, self.dtype)
