@@ -268,7 +268,7 @@ class GPT(nn.Module):
         elif self.config.position == "sinusoidal":
             x = x + self.sinusoid[positions]
         x = self.drop(x)
-        attn_kwargs = {"cache": cache}
+        attn_kwargs = {"cache": cache, "positions": positions}  # positions: (T,) or (B, T) if packed
         if packed_mask is not None:
             attn_kwargs["packed_mask"] = packed_mask  # built once, used by every layer
         if self.config.position == "rope":

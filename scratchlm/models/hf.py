@@ -68,7 +68,7 @@ def _llama_config(hf: dict) -> GPTConfig:
 
 # Families in their own modules (one per block kind's models), each with IMPORT / EXPORT tables
 # like the two below and an optional ``default_architecture(config)``.
-_FAMILY_MODULES = ("hf_moe", "hf_deepseek", "hf_attention", "hf_ssm")
+_FAMILY_MODULES = ("hf_moe", "hf_deepseek", "hf_attention", "hf_diff", "hf_ssm")
 
 
 def _families() -> tuple[dict, dict, list]:

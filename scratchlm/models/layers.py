@@ -113,7 +113,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None) -> torch.Tensor:
+    def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
+                positions=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
