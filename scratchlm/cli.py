@@ -216,13 +216,12 @@ def cmd_model_info(args) -> None:
 def _model_config(args):
     """A model config from --preset or --config, with every --set model.key=value applied."""
     from scratchlm.config import load_config
-    from scratchlm.models.gpt import GPTConfig, preset
+    from scratchlm.models.gpt import config_from_section
 
     section = load_config(args.config, args.set).get("model", {})
     if args.preset:
         section["preset"] = args.preset
-    name = section.pop("preset", None)
-    return GPTConfig.from_dict({**(preset(name).to_dict() if name else {}), **section})
+    return config_from_section(section)
 
 
 def cmd_model_shapes(args) -> None:

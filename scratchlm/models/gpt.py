@@ -51,7 +51,8 @@ MIXERS = {
     "nsa": NativeSparseAttention,  # native sparse attention
     "mamba": Mamba,  # selective state-space model
 }
-LAYER_MLPS = {"dense": lambda c, layer: MLP(c), "moe": MoE}
+LAYER_MLPS = {"dense": lambda c, layer: MLP(c), "moe": MoE,
+              "none": lambda c, layer: None}  # no MLP: the block is norm → mixer → residual (Mamba)
 # The settings table each kind reads, created with its defaults when a layer uses the kind.
 _KIND_TABLES = {"mla": ("mla", MLAConfig), "diff": ("diff", DiffConfig), "nsa": ("nsa", NSAConfig),
                 "mamba": ("mamba", MambaConfig), "moe": ("moe", MoEConfig)}
@@ -163,7 +164,8 @@ class Block(nn.Module):
     """A mixer then an MLP, each wrapped in a residual connection and a norm.
 
     The mixer is ``self.attn`` for every kind of attention (so checkpoints of plain models keep
-    their tensor names) and ``self.mamba`` for the state-space mixer; ``self.mlp`` is dense or MoE.
+    their tensor names) and ``self.mamba`` for the state-space mixer; ``self.mlp`` is dense, MoE, or
+    None (mlp kind "none": Mamba's blocks are a norm and a mixer only).
     """
 
     def __init__(self, config: GPTConfig, layer: int = 0):
@@ -173,7 +175,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
         self.mixer_name = "mamba" if mixer_kind == "mamba" else "attn"
         self.add_module(self.mixer_name, MIXERS[mixer_kind](config, layer))
-        self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias) if mlp_kind != "none" else None
         self.mlp = LAYER_MLPS[mlp_kind](config, layer)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -185,10 +187,10 @@ class Block(nn.Module):
         mixer = self.mixer
         if self.prenorm:  # GPT-2, Llama: the residual stream itself is never normalized
             x = x + self.resid_dropout(mixer(self.norm1(x), **attn_kwargs))
-            return x + self.mlp(self.norm2(x))
+            return x if self.mlp is None else x + self.mlp(self.norm2(x))
         # post-norm (the original Transformer): normalize after adding
         x = self.norm1(x + self.resid_dropout(mixer(x, **attn_kwargs)))
-        return self.norm2(x + self.mlp(x))
+        return x if self.mlp is None else self.norm2(x + self.mlp(x))
 
 
 class GPT(nn.Module):
@@ -305,12 +307,15 @@ class GPT(nn.Module):
                 total = total + aux
         return total
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self) -> dict[str, torch.Tensor]:
         """Let blocks update state that is not trained by gradients (e.g. DeepSeek-V3's
-        loss-free balancing bias); the trainer calls this after every optimizer step."""
+        loss-free balancing bias); the trainer calls this after every optimizer step and logs
+        the metrics (scalar tensors) the blocks return, e.g. how balanced the experts were."""
+        metrics = {}
         for module in self.modules():
             if module is not self and hasattr(module, "after_optimizer_step"):
-                module.after_optimizer_step()
+                metrics.update(module.after_optimizer_step() or {})
+        return metrics
 
     def set_dropout(self, p: float) -> None:
         """Set every dropout of the model to ``p``: the ``nn.Dropout`` layers and the attention
@@ -451,6 +456,19 @@ def packing(documents: torch.Tensor, alibi: torch.Tensor | None = None) -> tuple
         distance = (index[:, :, None] - index[:, None, :]).clamp_min(0)[:, None].float()  # (B, 1, T, T)
         mask = torch.where(mask, -alibi.float()[None, :, None, None] * distance, float("-inf"))
     return index - first, mask
+
+
+def config_from_section(section: dict) -> GPTConfig:
+    """A ``[model]`` table: an optional ``preset``, then the table's keys over the preset's. A block
+    kind's own table (``[model.moe]``, ``--set model.moe.top_k=4``) updates the preset's table key
+    by key rather than replacing it."""
+    section = dict(section)
+    name = section.pop("preset", None)
+    merged = preset(name).to_dict() if name else {}
+    for key, value in section.items():
+        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both_tables else value
+    return GPTConfig.from_dict(merged)
 
 
 def preset(name: str, **overrides) -> GPTConfig:

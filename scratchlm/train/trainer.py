@@ -46,7 +46,7 @@ import torch
 from scratchlm.data.loader import BatchLoader
 from scratchlm.data.shards import open_shard, verify_shards
 from scratchlm.device import pick_device
-from scratchlm.models.gpt import GPT, GPTConfig, preset
+from scratchlm.models.gpt import GPT, GPTConfig, config_from_section
 from scratchlm.models.loss import token_nll
 from scratchlm.tokenizers import load_tokenizer
 from scratchlm.train.config import TrainConfig
@@ -74,16 +74,12 @@ class _Progress:
 
 def build_model_config(model_section: dict, vocab_size: int) -> GPTConfig:
     section = dict(model_section)
-    name = section.pop("preset", None)
-    base = preset(name).to_dict() if name else {}
-    merged = {**base, **section}
     if "vocab_size" in section and section["vocab_size"] != vocab_size:
         raise ValueError(
             f"model.vocab_size = {section['vocab_size']} but the tokenizer of the data has {vocab_size} ids; "
             "remove model.vocab_size (it defaults to the tokenizer's) or tokenize the data with a matching tokenizer"
         )
-    merged["vocab_size"] = vocab_size
-    return GPTConfig.from_dict(merged)
+    return config_from_section({**section, "vocab_size": vocab_size})
 
 
 def init_distributed(device_preference: str | None) -> tuple[int, int, torch.device]:
@@ -660,6 +656,9 @@ class Trainer:
                     opt.step()
                 for opt in self.optimizers:
                     opt.zero_grad(set_to_none=True)
+                after_step = getattr(self.model, "after_optimizer_step", None)
+                if after_step is not None:  # state trained without gradients (MoE's balancing bias)
+                    self.step_extras = {**self.step_extras, **(after_step() or {})}
                 self.state.step = step + 1
                 pending.append({"step": self.state.step, "loss": loss_sum, "grad_norm": grad_norm.detach().float(),
                                 "lr": lr, "seconds": time.perf_counter() - started,
