@@ -67,7 +67,7 @@ _MODEL_RULES = {
 }
 # Fields added for the block kinds: left out of a config's dict while unset, so configs and
 # checkpoints written before them read (and write) exactly as they did.
-_LAYER_FIELDS = ("layers", "sliding_window", "moe", "mla", "diff", "nsa", "mamba", "mtp")
+_LAYER_FIELDS = ("layers", "sliding_window", "moe", "mla", "diff", "nsa", "mamba", "mtp", "qkv_bias", "qk_norm")
 
 
 @dataclass
@@ -99,6 +99,8 @@ class GPTConfig:
     nsa: NSAConfig | None = None
     mamba: MambaConfig | None = None
     mtp: MTPConfig | None = None  # multi-token prediction modules after the last layer
+    qkv_bias: bool | None = None  # biases on q, k, v but not the output projection (Qwen2); None: as bias
+    qk_norm: bool | None = None  # RMSNorm each query and key head before RoPE (Qwen3); None: off
 
     def __post_init__(self):
         validate(self, "model", _MODEL_RULES)  # each value's type and range, naming the key
@@ -119,7 +121,7 @@ class GPTConfig:
     def layer_kinds(self) -> list[tuple[str, str]]:
         """(mixer, mlp) of every layer: ``layers`` repeated to ``n_layer`` (its length must divide
         ``n_layer``), each item "mixer" (dense MLP) or "mixer+mlp"."""
-        pattern = self.layers or ["attention"]
+        pattern = self.layers if self.layers is not None else ["attention"]
         if not pattern or self.n_layer % len(pattern):
             raise ConfigError(f"model.layers has {len(pattern)} items; it must be non-empty and its length must divide "
                               f"model.n_layer = {self.n_layer} (it repeats), or list every layer")
