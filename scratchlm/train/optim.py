@@ -19,8 +19,12 @@ from torch import nn
 
 def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     # Embeddings, the output matrix and scalar heads (a reward model's score, PPO's value head:
-    # 1 x d, nothing for Muon to orthogonalise) go to AdamW.
-    return p.dim() == 2 and not name.startswith(("tok_emb", "pos_emb", "lm_head", "score", "value_head"))
+    # 1 x d, nothing for Muon to orthogonalise) go to AdamW, and so does an MoE router (a few
+    # rows whose scale sets how peaked routing is). A stack of experts' matrices (E, rows, cols)
+    # is E hidden matrices: each is orthogonalised on its own.
+    if name.endswith("router.weight") or name.startswith(("tok_emb", "pos_emb", "lm_head", "score", "value_head")):
+        return False
+    return p.dim() == 2 or (p.dim() == 3 and ".experts_" in name)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -74,7 +78,7 @@ class Muon(torch.optim.Optimizer):
                 # Same-shaped matrices (one per layer) are orthogonalized in one batched call.
                 updates = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"])
                 # Scale so the update's RMS does not depend on the matrix's aspect ratio.
-                updates *= max(1.0, shape[0] / shape[1]) ** 0.5
+                updates *= max(1.0, shape[-2] / shape[-1]) ** 0.5
                 for (p, _), update in zip(items, updates):
                     if group["weight_decay"]:
                         p.mul_(1 - group["lr"] * group["weight_decay"])
