@@ -293,6 +293,9 @@ class GPT(nn.Module):
         elif logits_at is not None:
             x = x[:, logits_at, :]
         logits = self.lm_head(x)  # (B, T, V)
+        if self.mtp is not None:  # multi-token prediction: λ·L_MTP, an aux_loss while training with targets
+            training = self.training and targets is not None
+            self.mtp.aux_loss = self.mtp.loss(self, hidden, idx, targets, documents) if training else None
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -371,7 +374,13 @@ class GPT(nn.Module):
 
     # --- accounting ---------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
-        """Parameters by part (a tied lm_head is counted once, under embeddings)."""
+        """Parameters by part (a tied lm_head is counted once, under embeddings).
+
+        ``total`` is the model that generates: multi-token-prediction modules (``mtp``, used in
+        training) are listed but not in it, as DeepSeek-V3's 671B leaves out its MTP module.
+        ``active`` is what one token passes through: an MoE layer counts only ``top_k`` of its
+        routed experts (and all of its shared experts and router).
+        """
         parts = {"embeddings": 0, "positions": 0, "attention": 0, "ssm": 0, "mlp": 0, "norms": 0, "lm_head": 0, "mtp": 0}
         seen = set()
         for name, p in self.named_parameters():
@@ -394,22 +403,31 @@ class GPT(nn.Module):
                 parts["norms"] += p.numel()
             elif name.startswith("lm_head"):
                 parts["lm_head"] += p.numel()
-        parts["total"] = sum(parts.values())
+        parts["total"] = sum(v for k, v in parts.items() if k != "mtp")
+        idle = 0.0  # routed experts a token does not visit
+        for block in self.blocks:
+            if isinstance(block.mlp, MoE):
+                routed = sum(p.numel() for n, p in block.mlp.named_parameters() if n.startswith("experts_"))
+                idle += routed * (1 - self.config.moe.top_k / self.config.moe.n_experts)
+        parts["active"] = parts["total"] - round(idle)
         return parts
 
     def flops_per_token(self, context: int | None = None) -> dict[str, float]:
         """Approximate FLOPs per token at ``context`` (default: full context).
 
         Matrix multiplies cost 2 FLOPs per weight per token forward (4 more backward), so a
-        training step costs ``6 N`` per token plus attention's ``12 · n_layer · d_model · context``
-        (the PaLM appendix estimate); inference costs ``2 N + 4 · n_layer · d_model · context``.
-        Position embeddings are excluded from N (they are added, not multiplied).
+        training step costs ``6 N`` per token plus 3x the mixers' own work over the context, and
+        inference ``2 N`` plus that work once (the PaLM appendix estimate). ``N`` counts the
+        *active* weights (an MoE token visits top_k experts), without position tables (added,
+        not multiplied). Full attention's own work is ``4 · heads · head width · context`` per
+        layer (scores and the weighted sum); each mixer kind says its own (``context_flops``):
+        a sliding window caps the context, MLA has its own head widths, an SSM has no context term.
         """
-        c = self.config
-        T = context or c.block_size
+        T = context or self.config.block_size
         counts = self.parameter_counts()
-        n = counts["total"] - counts["positions"]
-        return {"train": 6 * n + 12 * c.n_layer * c.d_model * T, "forward": 2 * n + 4 * c.n_layer * c.d_model * T}
+        n = counts["active"] - counts["positions"]
+        mixing = sum(_context_flops(block.mixer, T) for block in self.blocks)
+        return {"train": 6 * n + 3 * mixing, "forward": 2 * n + mixing}
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Cache bytes each token adds, summed over layers (each mixer says what it keeps: k and v,
@@ -431,6 +449,35 @@ PRESETS: dict[str, dict] = {
     "llama3-1b": dict(vocab_size=128256, block_size=8192, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,
                       d_ff=8192, position="rope", rope_theta=500000.0, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
                       bias=False, tie_embeddings=True),
+    # Modern open models at their published shapes (build them on the meta device: `scratchlm
+    # model info --preset deepseek-v3` counts 671B parameters without allocating any).
+    "mixtral-8x7b": dict(vocab_size=32000, block_size=32768, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
+                         d_ff=14336, position="rope", rope_theta=1e6, norm="rmsnorm", mlp="swiglu", bias=False,
+                         tie_embeddings=False, layers=["attention+moe"], moe=dict(n_experts=8, top_k=2)),
+    **{
+        name: dict(vocab_size=vocab, block_size=4096, n_layer=L, n_head=H, d_model=C, d_ff=F, position="rope",
+                   norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", bias=False, tie_embeddings=False,
+                   layers=["mla"] * dense + ["mla+moe"] * (L - dense),
+                   mla=dict(q_lora_rank=q_rank, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+                   moe=moe, **extra)
+        for name, (vocab, L, H, C, F, dense, q_rank, moe, extra) in {
+            "deepseek-v2-lite": (102400, 27, 16, 2048, 10944, 1, None,
+                                 dict(n_experts=64, top_k=6, d_expert=1408, n_shared=2, d_shared=2816, normalize=False), {}),
+            "deepseek-v2": (102400, 60, 128, 5120, 12288, 1, 1536,
+                            dict(n_experts=160, top_k=6, d_expert=1536, n_shared=2, d_shared=3072, normalize=False,
+                                 n_groups=8, topk_groups=3, routed_scale=16.0), {}),
+            "deepseek-v3": (129280, 61, 128, 7168, 18432, 3, 1536,
+                            dict(n_experts=256, top_k=8, d_expert=2048, n_shared=1, d_shared=2048, router="sigmoid",
+                                 n_groups=8, topk_groups=4, group_score="top2", routed_scale=2.5, balance="bias",
+                                 seq_aux_weight=1e-4), dict(mtp=dict(depth=1))),
+        }.items()
+    },
+    # Jamba v0.1: Mamba layers, attention (no positions) every 8th layer at offset 4, MoE every 2nd.
+    "jamba-v0.1": dict(vocab_size=65536, block_size=4096, n_layer=32, n_head=32, n_kv_head=8, d_model=4096, d_ff=14336,
+                       position="none", norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", bias=False, tie_embeddings=False,
+                       layers=["mamba", "mamba+moe", "mamba", "mamba+moe", "attention", "mamba+moe", "mamba", "mamba+moe"],
+                       mamba=dict(d_state=16, d_conv=4, expand=2, dt_rank=256, dt_bc_norm=True),
+                       moe=dict(n_experts=16, top_k=2)),
     # Tiny CPU models for character-level Shakespeare.
     "nanogpt-cpu": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128, position="learned",
                         norm="layernorm", mlp="gelu", bias=False, tie_embeddings=True),
@@ -458,6 +505,14 @@ def packing(documents: torch.Tensor, alibi: torch.Tensor | None = None) -> tuple
         distance = (index[:, :, None] - index[:, None, :]).clamp_min(0)[:, None].float()  # (B, 1, T, T)
         mask = torch.where(mask, -alibi.float()[None, :, None, None] * distance, float("-inf"))
     return index - first, mask
+
+
+def _context_flops(mixer: nn.Module, context: int) -> float:
+    """Forward FLOPs per token a mixer spends over the context (beyond its weight matrices)."""
+    if hasattr(mixer, "context_flops"):
+        return mixer.context_flops(context)
+    seen = min(context, mixer.window) if getattr(mixer, "window", None) else context
+    return 4 * mixer.n_head * mixer.head_dim * seen  # q·k for every key, then the weighted sum of values
 
 
 def config_from_section(section: dict) -> GPTConfig:
