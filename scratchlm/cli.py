@@ -199,13 +199,24 @@ def cmd_model_info(args) -> None:
     counts = model.parameter_counts()
     flops = model.flops_per_token()
     costs = inference_costs(model, args.batch, args.context, bytes_per_value=2)
-    payload = {"config": config.to_dict(), "parameters": counts, "flops_per_token": flops,
+    kinds: dict[str, int] = {}
+    for mixer, mlp in config.layer_kinds():
+        kinds[f"{mixer}+{mlp}"] = kinds.get(f"{mixer}+{mlp}", 0) + 1
+    cache_values = [block.mixer.cache_values_per_token() for block in model.blocks]
+    payload = {"config": config.to_dict(), "layers": kinds, "parameters": counts, "flops_per_token": flops,
                "kv_cache_bytes_per_token": {"bf16": model.kv_cache_bytes_per_token(2), "fp32": model.kv_cache_bytes_per_token(4)},
+               "kv_cache_values_per_token_per_layer": cache_values,
+               "state_bytes_per_sequence": {"bf16": model.state_bytes_per_sequence(2), "fp32": model.state_bytes_per_sequence(4)},
                "inference_bf16": costs}
-    lines = [f"{k:<11} {v:>15,}" for k, v in counts.items()]
-    lines += [f"FLOPs/token: training {flops['train']:,.0f}, forward {flops['forward']:,.0f} (context {config.block_size})",
-              f"KV cache per token: {model.kv_cache_bytes_per_token(2):,} bytes (bf16), "
-              f"{config.n_layer} layers x {config.kv_heads} KV heads x {config.head_dim} dims x 2 (k, v)",
+    lines = [f"{k:<11} {v:>15,}" + (f"  ({v / 1e9:,.2f}B)" if v >= 1e9 else "")
+             for k, v in counts.items() if v or k not in ("ssm", "mtp")]
+    lines += ["layers: " + ", ".join(f"{n} x {kind}" for kind, n in kinds.items()),
+              f"FLOPs/token: training {flops['train']:,.0f}, forward {flops['forward']:,.0f} (context {config.block_size})",
+              f"KV cache per token: {model.kv_cache_bytes_per_token(2):,} bytes (bf16) = "
+              f"{sum(cache_values):,} values over {sum(v > 0 for v in cache_values)} layers "
+              f"({', '.join(sorted({str(v) for v in cache_values if v}))} per layer)",
+              *([f"recurrent state per sequence: {model.state_bytes_per_sequence(2):,} bytes (bf16), any length"]
+                if model.state_bytes_per_sequence(2) else []),
               f"KV cache of {costs['batch']} sequence(s) x {costs['context']:,} positions: "
               f"{costs['kv_cache_bytes'] / 2**20:,.1f} MiB (bf16)",
               f"arithmetic intensity (FLOPs per byte moved, bf16): prefill {costs['prefill']['intensity']:,.0f}, "
@@ -259,6 +270,23 @@ def cmd_model_export(args) -> None:
     wrote = "config.json + model.safetensors" + (" + tokenizer.json + tokenizer_config.json" if tokenizer else
                                                  " (no tokenizer: pass --tokenizer to include one)")
     _emit(args, {"out": str(out), "tokenizer": tokenizer is not None}, f"exported {args.checkpoint} -> {out} ({wrote})")
+
+
+def cmd_parallel_simulate(args) -> None:
+    from scratchlm.train.pipeline_schedule import plot_timeline, simulate
+
+    timeline = simulate(args.schedule, args.stages, args.chunks, args.forward, args.backward_input,
+                        args.backward_weight, args.overlap)
+    if args.plot:
+        plot_timeline(timeline, args.plot)
+    payload = timeline.to_dict(events=False) | {"plot": args.plot}
+    lines = [f"{args.schedule}: {args.stages} stages, {args.chunks} micro-batches, total time {timeline.total_time:g}",
+             f"{'rank':>4} {'busy':>8} {'bubble':>8} {'params':>6} {'activations':>11}"]
+    lines += [f"{r:>4} {timeline.busy[r]:>8g} {timeline.bubble[r]:>8g} {timeline.parameter_memory[r]:>5}x "
+              f"{timeline.activation_memory[r]:>11}" for r in range(args.stages)]
+    lines.append(f"bubble per rank (max): {payload['max_bubble']:g}; DeepSeek-V3 Table 2 formula: "
+                 f"{payload['table2_bubble']:g}" + (f"\ntimeline: {args.plot}" if args.plot else ""))
+    _emit(args, payload, "\n".join(lines))
 
 
 def cmd_train(args) -> None:
@@ -668,6 +696,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", help="tokenizer to write in Hugging Face form (default: the checkpoint's)")
     json_flag(q)
     q.set_defaults(func=cmd_model_export)
+
+    parallel = sub.add_parser("parallel", help="parallel training, simulated").add_subparsers(
+        dest="parallel_command", required=True, metavar="ACTION")
+    q = parallel.add_parser("simulate", help="time a pipeline schedule (1F1B, zero-bubble, DualPipe): bubbles, memory")
+    q.add_argument("--schedule", required=True, choices=["1f1b", "zb1p", "dualpipe"])
+    q.add_argument("--stages", type=int, required=True, help="pipeline stages P, one per rank (dualpipe: even)")
+    q.add_argument("--chunks", type=int, required=True, help="micro-batches (dualpipe: even, at least 2 x stages)")
+    q.add_argument("--forward", type=float, default=1.0, help="time F of one stage's forward (default 1)")
+    q.add_argument("--backward-input", type=float, default=1.0, help="time B of the backward for inputs (default 1)")
+    q.add_argument("--backward-weight", type=float, default=1.0, help="time W of the backward for weights (default 1)")
+    q.add_argument("--overlap", type=float, help="dualpipe: time of an overlapped forward + full backward "
+                   "(default F+B+W, no gain)")
+    q.add_argument("--plot", help="save the timeline as a PNG here")
+    json_flag(q)
+    q.set_defaults(func=cmd_parallel_simulate)
 
     q = sub.add_parser("train", help="train a GPT from a TOML config (checkpoint D)")
     q.add_argument("--config", help="configs/<name>.toml")

@@ -429,6 +429,10 @@ class GPT(nn.Module):
         mixing = sum(_context_flops(block.mixer, T) for block in self.blocks)
         return {"train": 6 * n + 3 * mixing, "forward": 2 * n + mixing}
 
+    def state_bytes_per_sequence(self, bytes_per_value: int = 2) -> int:
+        """Cache bytes a sequence holds whatever its length: a state-space layer's recurrent state."""
+        return bytes_per_value * sum(getattr(block.mixer, "state_values_per_sequence", lambda: 0)() for block in self.blocks)
+
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Cache bytes each token adds, summed over layers (each mixer says what it keeps: k and v,
         a compressed latent, or nothing per token for a state-space layer)."""
