@@ -1,30 +1,33 @@
 """Pipeline parallelism, simulated: where the bubbles of 1F1B, zero-bubble and DualPipe come from.
 
-Concept (learning path: distributed training). A model cut into ``P`` stages runs on ``P`` ranks;
-a batch is cut into micro-batches ("chunks") that flow through the stages. Each stage does, per
-micro-batch, a forward ``F``, a backward for its input ``B`` (the gradient the previous stage is
-waiting for) and a backward for its weights ``W`` (which nobody waits for). A rank that has nothing
-it is allowed to run sits idle: that idle time inside the step is the *bubble*.
+Concept (learning path: distributed training). A model cut into ``P`` stages runs on ``P`` ranks,
+and a batch cut into micro-batches ("chunks") flows through them. For each micro-batch, each stage
+runs a forward ``F``, a backward for its input ``B`` (the gradient the previous stage is waiting
+for) and a backward for its weights ``W`` (which nobody waits for). When a rank has nothing it may
+run, it sits idle. That idle time inside the step is the *bubble*.
 
-How it works: each schedule is written as the *program* of every rank, the order in which that rank
-runs its work (this is what a real pipeline runtime executes). :func:`simulate` then runs all the
-programs at once, starting every piece of work as soon as its rank is free and its inputs exist:
+A schedule is written as one *program* per rank: the order in which that rank runs its work, which
+is also what a real pipeline runtime executes. :func:`simulate` runs all the programs together.
+Each piece of work starts as soon as its rank is free and its inputs exist:
 
 * ``F`` of micro-batch i on stage k needs ``F`` of i on stage k-1;
 * ``B`` of i on stage k needs ``B`` of i on stage k+1 and its own ``F`` of i;
-* ``W`` of i on stage k needs ``B`` of i on stage k; a rank runs one thing at a time.
+* ``W`` of i on stage k needs ``B`` of i on stage k, and a rank runs one thing at a time.
 
-Every number reported (total time, bubbles, memory) is read off the resulting timeline, never
-from a formula; ``tests/test_pipeline_schedule.py`` checks them against the DeepSeek-V3 report's
-Table 2. There ``B`` means the *full* backward, here ``backward_input + backward_weight``:
+A fused backward ("B+W", one autograd call) sends its input gradient only when it has finished.
+Every number reported (time, bubbles, memory) is read off the timeline, not computed from a formula.
+The DeepSeek-V3 report's Table 2 gives the per-rank bubbles below. In the table, ``B`` is the *full*
+backward, ``backward_input + backward_weight`` here. The simulation reproduces each formula exactly
+only under the stated condition (``tests/test_pipeline_schedule.py``; docs/pipeline-parallelism.md
+explains the deviations):
 
-=========  ==========================  ==========  ===========
-schedule   bubble per rank             parameters  activations
-=========  ==========================  ==========  ===========
-1f1b       (P-1)(F+B)                  1x          P
-zb1p       (P-1)(F+B-2W)               1x          P
-dualpipe   (P/2-1)(F&B+B-3W)           2x          P+1
-=========  ==========================  ==========  ===========
+=========  =================  ======  ===========  ====================================
+schedule   bubble per rank    params  activations  exact when (Bi = backward_input)
+=========  =================  ======  ===========  ====================================
+1f1b       (P-1)(F+B)         1x      P            always (P activations: chunks >= P)
+zb1p       (P-1)(F+B-2W)      1x      P            chunks >= P, W <= F and W <= Bi
+dualpipe   (P/2-1)(F&B+B-3W)  2x      P+1          F = Bi, W <= F (the report's Figure 5)
+=========  =================  ======  ===========  ====================================
 
 Left out: communication time and its overlap (a send costs nothing here), memory bandwidth,
 uneven stages (every stage takes the same F, B and W), and the optimizer step.
@@ -40,10 +43,10 @@ SCHEDULES = ("1f1b", "zb1p", "dualpipe")
 
 @dataclass(frozen=True)
 class Task:
-    """One piece of work: ``op`` ("F", "B" or "W") of one micro-batch on one pipeline stage.
+    """One piece of work: ``op`` ("F", "B" or "W") of micro-batch ``microbatch`` on ``stage``.
 
-    ``direction`` is 0 for micro-batches fed at rank 0; DualPipe also feeds micro-batches at the
-    last rank (direction 1), whose stage k lives on rank P-1-k.
+    ``direction`` is 0 for micro-batches fed in at rank 0. DualPipe also feeds micro-batches in at
+    the last rank (direction 1, numbered after direction 0's), and their stage k lives on rank P-1-k.
     """
 
     op: str
@@ -54,8 +57,8 @@ class Task:
 
 @dataclass(frozen=True)
 class Event:
-    """What a rank ran from ``start`` to ``end``: one task, or for ``F&B`` an overlapped forward
-    and full backward (its B and W) of two micro-batches of opposite directions."""
+    """What ``rank`` ran from ``start`` to ``end``: "F", "B", "W", a fused "B+W", or "F&B" (a
+    forward overlapped with a full backward of a micro-batch going the other way)."""
 
     rank: int
     kind: str
@@ -78,69 +81,90 @@ class Timeline:
 
     @property
     def bubble(self) -> list[float]:
-        """Idle time of each rank between time 0 and the end of the step (Table 2's bubble)."""
+        """Idle time of each rank between the step's start and its end (Table 2's bubble)."""
         return [self.total_time - b for b in self.busy]
 
-    def to_dict(self) -> dict:
-        return {"schedule": self.schedule, "stages": self.stages, "chunks": self.chunks, "times": self.times,
-                "total_time": self.total_time, "bubble": self.bubble, "max_bubble": max(self.bubble),
-                "parameter_memory": self.parameter_memory, "activation_memory": self.activation_memory,
-                "events": [{"rank": e.rank, "kind": e.kind, "start": e.start, "end": e.end,
-                            "tasks": [[t.op, t.microbatch, t.stage, t.direction] for t in e.tasks]}
-                           for e in self.events]}
+    def to_dict(self, events: bool = True) -> dict:
+        out = {"schedule": self.schedule, "stages": self.stages, "chunks": self.chunks, "times": self.times,
+               "total_time": self.total_time, "bubble": self.bubble, "max_bubble": max(self.bubble),
+               "table2_bubble": table2_bubble(self.schedule, self.stages, **self.times),
+               "parameter_memory": self.parameter_memory, "activation_memory": self.activation_memory}
+        if events:
+            out["events"] = [{"rank": e.rank, "kind": e.kind, "start": e.start, "end": e.end,
+                              "tasks": [[t.op, t.microbatch, t.stage, t.direction] for t in e.tasks]}
+                             for e in self.events]
+        return out
+
+
+def table2_bubble(schedule: str, stages: int, forward: float, backward_input: float, backward_weight: float,
+                  overlap: float | None = None) -> float:
+    """The DeepSeek-V3 report's Table 2 formula (its B is the full backward), to compare with."""
+    P, F, B, W = stages, forward, backward_input + backward_weight, backward_weight
+    if schedule == "dualpipe":
+        return (P / 2 - 1) * ((F + B if overlap is None else overlap) + B - 3 * W)
+    return (P - 1) * (F + B - (2 * W if schedule == "zb1p" else 0))
 
 
 # --- the programs: what each rank runs, in order ---------------------------------------------------
-# A program is a list of (kind, tasks) slots. A fused backward is the slot B followed directly by W.
+# A program is a list of slots (kind, tasks); a slot with several tasks runs them as one event.
 
 def one_f_one_b(stages: int, chunks: int, rank: int, split_w: bool = False) -> list:
-    """1F1B: P-rank-1 warm-up forwards, then alternate one forward and one backward, then drain the
-    backwards. With ``split_w`` (ZB-H1) each W waits behind ``rank`` more backwards: the last rank,
-    which 1F1B leaves holding one activation, delays most and fills its idle tail with W's, and no
-    rank ever holds more than P activations (1F1B's peak, reached on rank 0)."""
+    """1F1B: P-rank-1 warm-up forwards, then one forward and one backward in turn, then the last
+    backwards. With ``split_w`` (ZB-H1, the zero-bubble paper's schedule with 1F1B's memory) the
+    backward is split: B is sent on at once, and rank r runs each W ``r`` backwards later. The last
+    rank, which 1F1B leaves holding 1 activation, delays the most and fills its idle tail with W's;
+    every rank then holds at most P activations, 1F1B's peak on rank 0."""
     warmup = min(stages - rank - 1, chunks)
     delay = rank if split_w else 0
     order = [("F", i) for i in range(warmup)]
     for i in range(chunks - warmup):
         order += [("F", warmup + i), ("B", i)]
     order += [("B", i) for i in range(chunks - warmup, chunks)]
-    program, done_w = [], 0
+    program, next_w = [], 0
     for op, i in order:
-        program.append((op, (Task(op, i, rank),)))
-        if op == "B" and i - done_w >= delay:  # W of the oldest micro-batch whose delay is served
-            program.append(("W", (Task("W", done_w, rank),)))
-            done_w += 1
-    program += [("W", (Task("W", i, rank),)) for i in range(done_w, chunks)]
+        if op == "F":
+            program.append(("F", (Task("F", i, rank),)))
+        elif not split_w:
+            program.append(("B+W", (Task("B", i, rank), Task("W", i, rank))))
+        else:
+            program.append(("B", (Task("B", i, rank),)))
+            if i - next_w >= delay:  # the oldest W whose delay is served
+                program.append(("W", (Task("W", next_w, rank),)))
+                next_w += 1
+    if split_w:
+        program += [("W", (Task("W", i, rank),)) for i in range(next_w, chunks)]
     return program
 
 
 def dualpipe(stages: int, chunks: int, rank: int) -> list:
-    """DualPipe (DeepSeek-V3 report §3.2.1, Figure 5), the eight phases of the reference schedule.
+    """DualPipe (DeepSeek-V3 report §3.2.1, Figure 5): the eight phases of the reference schedule.
 
-    Half the micro-batches enter at rank 0, half at the last rank, so rank r holds stage r of one
-    copy of the model and stage P-1-r of the other. "near" is the direction whose first stage is
-    nearer to rank r, "far" the other; h is the distance of rank r to the nearer end. In the middle
+    Half the micro-batches enter at rank 0 and half at the last rank, so rank r holds stage r of
+    one copy of the model and stage P-1-r of the other. "near" is the direction whose entry is the
+    closer end to rank r, "far" the other one, and h is rank r's distance to that end. In the middle
     phase every slot is a forward of one direction overlapped with a full backward of the other.
     """
     half, n = stages // 2, chunks // 2
     h = min(rank, stages - 1 - rank)
     near, far = (0, 1) if rank < half else (1, 0)
-    next_f, next_b, deferred = [0, 0], [0, 0], deque()
-    program = []
+    next_f, next_b, deferred, program = [0, 0], [0, 0], deque(), []
 
-    def task(op, d):
+    def task(op, d):  # the next micro-batch of direction d for this op, in order
         counter = next_f if op == "F" else next_b
         counter[d] += 1
-        return Task(op, counter[d] - 1, rank if d == 0 else stages - 1 - rank, d)
+        return Task(op, counter[d] - 1 + n * d, rank if d == 0 else stages - 1 - rank, d)
 
     def forward(d):
         program.append(("F", (task("F", d),)))
 
-    def backward(d, defer_w=False):  # B alone (its W queued for later) or the full backward B, W
+    def backward(d, defer_w=False):  # the full backward B+W, or B alone with its W queued
         b = task("B", d)
-        program.append(("B", (b,)))
         w = Task("W", b.microbatch, b.stage, d)
-        deferred.append(w) if defer_w else program.append(("W", (w,)))
+        if defer_w:
+            program.append(("B", (b,)))
+            deferred.append(w)
+        else:
+            program.append(("B+W", (b, w)))
 
     def weight():  # the oldest queued W
         program.append(("W", (deferred.popleft(),)))
@@ -151,31 +175,25 @@ def dualpipe(stages: int, chunks: int, rank: int) -> list:
 
     for _ in range(2 * (half - h - 1)):  # 1: forwards of the near direction
         forward(near)
-    for _ in range(h + 1):  # 2: both directions' forwards, alternating
+    for _ in range(h + 1):  # 2: forwards of both directions, in turn
         forward(near), forward(far)
-    for _ in range(half - h - 1):  # 3: zero-bubble steps, a W fills the wait for the next forward
+    for _ in range(half - h - 1):  # 3: zero-bubble: a W fills the wait for the next far forward
         backward(far, defer_w=True), weight(), forward(far)
     for i in range(n - stages + h + 1):  # 4: the steady state, all F&B
-        if i == 0 and h == half - 1:  # middle ranks: not overlapped, the far backward goes out sooner
+        if i == 0 and h == half - 1:  # the middle ranks send their first far gradient sooner
             forward(near), backward(far)
         else:
             f_and_b(near, far)
         f_and_b(far, near)
     for _ in range(half - h - 1):  # 5
         backward(far), f_and_b(far, near)
-    for i in range(2 * (h + 1)):  # 6: the backwards drain; the second half defer their W
+    for i in range(2 * (h + 1)):  # 6: the backwards drain, the second half with their W queued
         backward(far if i % 2 == 0 else near, defer_w=i >= h + 1)
     for _ in range(half - h - 1):  # 7: the queued W's fill the waits for the last backwards
         weight(), backward(near, defer_w=True)
     while deferred:  # 8
         weight()
     return program
-
-
-def programs(schedule: str, stages: int, chunks: int) -> list[list]:
-    if schedule == "dualpipe":
-        return [dualpipe(stages, chunks, r) for r in range(stages)]
-    return [one_f_one_b(stages, chunks, r, split_w=schedule == "zb1p") for r in range(stages)]
 
 
 # --- the simulator -----------------------------------------------------------------------------------
@@ -193,16 +211,13 @@ def dependencies(task: Task, stages: int) -> list[Task]:
 def check_arguments(schedule: str, stages: int, chunks: int, times: dict[str, float]) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
-    if stages < 1:
-        raise ValueError(f"--stages {stages}: expected at least 1 pipeline stage")
+    if stages < 1 or chunks < 1:
+        raise ValueError(f"--stages {stages} --chunks {chunks}: expected at least 1 stage and 1 micro-batch")
     if schedule == "dualpipe" and (stages % 2 or chunks % 2 or chunks < 2 * stages):
         raise ValueError(f"dualpipe with --stages {stages} --chunks {chunks}: expected an even number of stages "
-                         f"and an even number of chunks, at least 2 x stages (here {2 * stages + 2 * (stages % 2)}), "
-                         "half fed from each end")
-    if chunks < 1:
-        raise ValueError(f"--chunks {chunks}: expected at least 1 micro-batch")
+                         f"and an even number of chunks, at least 2 x stages = {2 * stages} (half enter at each end)")
     for name, value in times.items():
-        if not value >= 0:  # also refuses NaN
+        if value is not None and not value >= 0:  # `not >=` also refuses NaN
             raise ValueError(f"--{name.replace('_', '-')} {value}: expected a time >= 0")
 
 
@@ -210,23 +225,31 @@ def simulate(schedule: str, stages: int, chunks: int, forward: float = 1.0, back
              backward_weight: float = 1.0, overlap: float | None = None) -> Timeline:
     """Run ``schedule`` on ``stages`` ranks with ``chunks`` micro-batches and time every event.
 
-    ``overlap`` is the time of DualPipe's F&B pair; by default ``forward + backward_input +
-    backward_weight`` (nothing gained from overlapping; real kernels hide communication there).
+    ``overlap`` is the time of DualPipe's F&B pair (a forward and a full backward). By default it
+    is ``forward + backward_input + backward_weight``: the pair gains nothing from running together.
+    In a real system it hides the communication of each half behind the other's computation.
     """
-    if overlap is None:
-        overlap = forward + backward_input + backward_weight
     times = {"forward": forward, "backward_input": backward_input, "backward_weight": backward_weight,
              "overlap": overlap}
     check_arguments(schedule, stages, chunks, times)
-    duration = {"F": forward, "B": backward_input, "W": backward_weight, "F&B": overlap}
-    todo = programs(schedule, stages, chunks)
+    if overlap is not None and schedule != "dualpipe":
+        raise ValueError(f"--overlap is the time of DualPipe's F&B pair; {schedule} has none")
+    full_backward = backward_input + backward_weight
+    if schedule == "dualpipe":
+        if overlap is None:
+            overlap = times["overlap"] = forward + full_backward
+        if overlap < max(forward, full_backward):
+            raise ValueError(f"--overlap {overlap}: expected at least max(F, B+W) = {max(forward, full_backward)}: "
+                             "a forward and a full backward run together take at least as long as the longer one")
+    duration = {"F": forward, "B": backward_input, "W": backward_weight, "B+W": full_backward, "F&B": overlap}
+
+    todo = [dualpipe(stages, chunks, r) if schedule == "dualpipe"
+            else one_f_one_b(stages, chunks, r, split_w=schedule == "zb1p") for r in range(stages)]
     finished: dict[Task, float] = {}
-    rank_free = [0.0] * stages
-    position = [0] * stages
-    events: list[Event] = []
+    rank_free, position, events = [0.0] * stages, [0] * stages, []
     while any(position[r] < len(todo[r]) for r in range(stages)):
         progressed = False
-        for r in range(stages):  # run each rank's program until it waits on work not yet timed
+        for r in range(stages):  # run each rank's program until it waits on work not yet done
             while position[r] < len(todo[r]):
                 kind, tasks = todo[r][position[r]]
                 needed = [d for t in tasks for d in dependencies(t, stages) if d not in tasks]
@@ -240,64 +263,73 @@ def simulate(schedule: str, stages: int, chunks: int, forward: float = 1.0, back
         if not progressed:
             raise RuntimeError(f"{schedule}: deadlock, every rank waits on work that never comes")
     events.sort(key=lambda e: (e.rank, e.start))
-    timeline = Timeline(schedule, stages, chunks, times, events)
-    measure(timeline)
-    return timeline
+    return measure(Timeline(schedule, stages, chunks, times, events))
 
 
-def measure(timeline: Timeline) -> None:
+def measure(timeline: Timeline) -> Timeline:
     """Fill in total time, busy time, parameter and peak activation memory from the events alone."""
-    ranks = range(timeline.stages)
+    per_rank = [[e for e in timeline.events if e.rank == r] for r in range(timeline.stages)]
     timeline.total_time = max(e.end for e in timeline.events)
-    timeline.busy = [sum(e.end - e.start for e in timeline.events if e.rank == r) for r in ranks]
-    # Parameters: how many distinct stages (model chunks) a rank computes, in stages' parameters.
-    timeline.parameter_memory = [len({(t.stage, t.direction) for e in timeline.events if e.rank == r
-                                      for t in e.tasks}) for r in ranks]
-    # Activations: a forward's activations live from its start until its W ends. At equal times a
-    # release comes first (0 sorts before 1): memory freed by one op is reused by the next.
-    peaks = []
-    for r in ranks:
-        changes = sorted([(e.start, 1) for e in timeline.events if e.rank == r for t in e.tasks if t.op == "F"]
-                         + [(e.end, 0) for e in timeline.events if e.rank == r for t in e.tasks if t.op == "W"])
+    timeline.busy = [sum(e.end - e.start for e in events) for events in per_rank]
+    # Parameters: the distinct stages (model chunks) a rank computes, in units of one stage.
+    timeline.parameter_memory = [len({(t.stage, t.direction) for e in events for t in e.tasks})
+                                 for events in per_rank]
+    # Activations: a micro-batch's activations live from the start of its F to the end of its W.
+    # At equal times a release (0) sorts before a new forward (1): freed memory is reused at once.
+    timeline.activation_memory = []
+    for events in per_rank:
+        changes = sorted([(e.start, 1) for e in events for t in e.tasks if t.op == "F"]
+                         + [(e.end, 0) for e in events for t in e.tasks if t.op == "W"])
         held = peak = 0
         for _, grows in changes:
             held += 1 if grows else -1
             peak = max(peak, held)
-        peaks.append(peak)
-    timeline.activation_memory = peaks
+        timeline.activation_memory.append(peak)
+    return timeline
 
 
 # --- the picture -------------------------------------------------------------------------------------
 
-COLORS = {"F": "#7fb3e6", "B": "#8fd18f", "W": "#f2c46d", "F&B": "#c9a0dc"}
+COLORS = {"F": "#f4a93b", "B": "#7bcf5a", "W": "#66b3e8"}
 
 
 def plot_timeline(timeline: Timeline, path) -> None:
-    """Rows are ranks, boxes are events labelled with their micro-batch; white is the bubble."""
+    """Rows are ranks and boxes are work, labelled with micro-batch numbers; white is the bubble.
+    A fused B+W is drawn as its two parts, and an F&B as a box whose top half is the forward."""
     from matplotlib.patches import Patch
 
     from scratchlm.plots import pyplot, save_figure
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(8.0, timeline.total_time * 0.28), 0.5 * timeline.stages + 1.6))
+    t, T = timeline.times, timeline.total_time
+    fig, ax = plt.subplots(figsize=(min(24.0, max(8.0, 0.22 * T)), 0.45 * timeline.stages + 1.5))
+
+    def box(rank, start, length, op, label, y=0.0, height=0.84):
+        ax.barh(rank + y, length, left=start, height=height, color=COLORS[op], edgecolor="black", linewidth=0.5)
+        ax.text(start + length / 2, rank + y, label, ha="center", va="center", fontsize=6)
+
     for e in timeline.events:
-        reverse = any(t.direction for t in e.tasks if t.op == e.kind[0])
-        ax.barh(e.rank, e.end - e.start, left=e.start, height=0.8, color=COLORS[e.kind], edgecolor="black",
-                linewidth=0.5, hatch="//" if reverse and e.kind != "F&B" else None)
-        label = "/".join(str(t.microbatch) for t in e.tasks if t.op != "W") if e.kind == "F&B" else str(e.tasks[0].microbatch)
-        ax.text((e.start + e.end) / 2, e.rank, label, ha="center", va="center", fontsize=7)
+        task = {x.op: x for x in e.tasks}
+        if e.kind == "F&B":
+            box(e.rank, e.start, e.end - e.start, "F", task["F"].microbatch, -0.21, 0.42)
+            box(e.rank, e.start, e.end - e.start, "B", task["B"].microbatch, 0.21, 0.42)
+        elif e.kind == "B+W":
+            box(e.rank, e.start, t["backward_input"], "B", task["B"].microbatch)
+            box(e.rank, e.start + t["backward_input"], t["backward_weight"], "W", task["W"].microbatch)
+        else:
+            box(e.rank, e.start, e.end - e.start, e.kind, e.tasks[0].microbatch)
     ax.set_ylim(timeline.stages - 0.5, -0.5)
-    ax.set_xlim(0, timeline.total_time)
+    ax.set_xlim(0, T)
     ax.set_yticks(range(timeline.stages), [f"rank {r}" for r in range(timeline.stages)])
     ax.set_xlabel("time")
-    t = timeline.times
-    ax.set_title(f"{timeline.schedule}: P={timeline.stages}, {timeline.chunks} micro-batches, F={t['forward']:g} "
-                 f"B={t['backward_input']:g} W={t['backward_weight']:g}"
-                 + (f" F&B={t['overlap']:g}" if timeline.schedule == "dualpipe" else "")
-                 + f"; total {timeline.total_time:g}, bubble {max(timeline.bubble):g}")
-    kinds = ["F", "B", "W"] + (["F&B"] if timeline.schedule == "dualpipe" else [])
-    handles = [Patch(facecolor=COLORS[k], edgecolor="black", label=k) for k in kinds]
+    overlap = f", F&B={t['overlap']:g}" if timeline.schedule == "dualpipe" else ""
+    ax.set_title(f"{timeline.schedule}: {timeline.stages} stages, {timeline.chunks} micro-batches, "
+                 f"F={t['forward']:g} B={t['backward_input']:g} W={t['backward_weight']:g}{overlap}: "
+                 f"total {T:g}, bubble per rank {max(timeline.bubble):g}", fontsize=9)
+    names = {"F": "forward F", "B": "backward for input B", "W": "backward for weights W"}
+    handles = [Patch(facecolor=COLORS[k], edgecolor="black", label=names[k]) for k in names]
     if timeline.schedule == "dualpipe":
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="reverse direction"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(handles), fontsize=8)
+        handles.append(Patch(facecolor="white", edgecolor="black", label="F&B: top F, bottom B+W, overlapped"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(handles), fontsize=7,
+              frameon=False)
     save_figure(fig, path)
