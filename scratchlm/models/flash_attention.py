@@ -22,6 +22,11 @@ same final maximum. Only a (block_q x block_k) tile of scores exists at any mome
 
 This is the algorithm in plain PyTorch, for reading and measuring; on a GPU the same loop runs in
 on-chip SRAM inside one kernel (``F.scaled_dot_product_attention`` dispatches to such kernels).
+
+A sliding window (``window = W``: query ``i`` sees keys ``i - W < j <= i``) is where tiling pays
+twice: key tiles wholly older than a query block's window are never visited, so the work per query
+block is O(W), not O(position).
+
 Backward: every step above is a differentiable PyTorch operation, so autograd through the loop
 computes the exact gradient of the same function (tests compare it with SDPA's); the real
 FlashAttention backward recomputes the tiles instead of storing them, which this version does not.
@@ -43,11 +48,12 @@ def _expand_kv(k: torch.Tensor, v: torch.Tensor, n_head: int) -> tuple[torch.Ten
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int | None = None,
-                    alibi: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+                    alibi: torch.Tensor | None = None, causal: bool = True, window: int | None = None) -> torch.Tensor:
     """The reference: materialise the (B, H, T, S) scores, softmax, multiply by V.
 
     q (B, H, T, D); k, v (B, Hkv, S, D). Query i sits at position ``start + i`` (default: the last
-    T of the S key positions, as when decoding with a cache).
+    T of the S key positions, as when decoding with a cache). ``window``: each query sees only the
+    ``window`` most recent keys, itself included (sliding-window attention; needs ``causal``).
     """
     k, v = _expand_kv(k, v, q.shape[1])
     T, S = q.shape[2], k.shape[2]
@@ -59,12 +65,14 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start:
         scores = scores - alibi.to(scores.dtype)[:, None, None] * (query_pos - key_pos).clamp_min(0)
     if causal:
         scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+    if window is not None:
+        scores = scores.masked_fill(key_pos <= query_pos - window, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int | None = None,
                     alibi: torch.Tensor | None = None, causal: bool = True, block_q: int = 64,
-                    block_k: int = 64) -> torch.Tensor:
+                    block_k: int = 64, window: int | None = None) -> torch.Tensor:
     """Attention computed tile by tile with an online softmax; equal to :func:`naive_attention`.
 
     Same arguments. Peak extra memory is one (B, H, block_q, block_k) tile of scores plus the
@@ -84,7 +92,9 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start:
         l = torch.zeros((B, H, q1 - q0, 1), device=q.device, dtype=q.dtype)  # running sum of exp
         acc = torch.zeros((B, H, q1 - q0, D), device=q.device, dtype=q.dtype)  # running sum of p @ V
         last_key = min(S, start + q1) if causal else S  # causal: later keys cannot be seen by this block
-        for k0 in range(0, last_key, block_k):
+        # sliding window: keys older than the first query's window cannot be seen by this block either
+        first_key = 0 if window is None else max(0, start + q0 - window + 1)
+        for k0 in range(first_key, last_key, block_k):
             k1 = min(k0 + block_k, last_key)
             s = q_blk @ k[:, :, k0:k1].transpose(-2, -1)  # (B, H, bq, bk): the only scores that exist
             key_pos = torch.arange(k0, k1, device=q.device)[None, :]
@@ -92,6 +102,8 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start:
                 s = s - alibi.to(s.dtype)[:, None, None] * (query_pos - key_pos).clamp_min(0)
             if causal and k1 > start + q0:  # a tile crossing the diagonal
                 s = s.masked_fill(key_pos > query_pos, float("-inf"))
+            if window is not None and k0 <= start + q1 - 1 - window:  # a tile crossing the window's far edge
+                s = s.masked_fill(key_pos <= query_pos - window, float("-inf"))
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             # A row whose keys so far are all masked has m_new = -inf: keep it finite so exp gives 0.
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
