@@ -1,10 +1,249 @@
-"""Hugging Face interchange for one family of architectures (issue 9; being written).
+"""Hugging Face interchange for Mixture-of-Experts models: Mixtral, Qwen2-MoE, Qwen3-MoE.
 
-``IMPORT`` maps a ``model_type`` to (config reader, tensor renamer) and ``EXPORT`` an architecture
-name to an exporter, as in :mod:`scratchlm.models.hf`.
+All three are Llama with some MLPs replaced by a softmax top-k router over SwiGLU experts
+(:mod:`scratchlm.models.moe`), so the attention, norms and embeddings map as in
+:mod:`scratchlm.models.hf`'s Llama functions. What each adds:
+
+* **Mixtral** (``MixtralForCausalLM``): every layer MoE; the top-k probabilities renormalised.
+  Tensors ``block_sparse_moe.gate`` (the router) and ``block_sparse_moe.experts.{i}.w1/w3/w2``
+  (gate, up, down).
+* **Qwen2-MoE** (``Qwen2MoeForCausalLM``): one shared expert of its own width, scaled by
+  ``sigmoid(shared_expert_gate · u)``; ``norm_topk_prob`` chooses whether to renormalise; biases on
+  q, k, v only (``qkv_bias``, our ``GPTConfig.qkv_bias``); layer ``i`` is MoE when
+  ``(i + 1) % decoder_sparse_step == 0`` and ``i`` is not in ``mlp_only_layers``, else a dense MLP
+  of ``intermediate_size`` (our per-layer pattern ``GPTConfig.layers``).
+* **Qwen3-MoE** (``Qwen3MoeForCausalLM``): no shared expert; an RMSNorm on each query and key
+  head before RoPE (``q_norm``, ``k_norm``; our ``GPTConfig.qk_norm``).
+
+``transformers`` 5.x holds the experts fused in memory (``experts.gate_up_proj`` (E, 2F, C),
+``experts.down_proj`` (E, C, F)), but ``save_pretrained`` writes them one expert at a time, in the
+legacy names above; we read either form and write the per-expert form, which ``from_pretrained``
+loads.
 """
 
 from __future__ import annotations
 
-IMPORT: dict = {}
-EXPORT: dict = {}
+import torch
+
+from scratchlm.models.gpt import GPT, GPTConfig
+
+# Per-expert tensor names of each family: (gate, up, down) under ``<mlp>.experts.{i}.``.
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+                 "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+_MLP_NAME = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
+
+
+# --- import ---------------------------------------------------------------------------------------
+def _base_config(hf: dict) -> dict:
+    """The Llama part of the config (embeddings, attention, RoPE, norms) as a GPTConfig dict."""
+    from scratchlm.models.hf import _llama_config
+
+    llama_fields = {k: v for k, v in hf.items() if k not in ("attention_bias", "mlp_bias", "head_dim")}
+    head_dim = hf.get("head_dim")
+    if head_dim and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        raise ValueError(f"{hf['model_type']}: head_dim {head_dim} x {hf['num_attention_heads']} heads != hidden_size "
+                         f"{hf['hidden_size']}; scratchlm's heads split d_model")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{hf['model_type']}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    return _llama_config(llama_fields).to_dict()
+
+
+def _n_experts(hf: dict) -> int:
+    """Qwen3-MoE's config.json writes ``num_experts`` as ``num_local_experts`` (an attribute alias)."""
+    return hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+
+
+def _moe_layers(hf: dict) -> list[bool]:
+    """Which layers are MoE, by the Qwen rule (Mixtral: all)."""
+    if hf["model_type"] == "mixtral":
+        return [True] * hf["num_hidden_layers"]
+    step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
+    return [i not in dense and _n_experts(hf) > 0 and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"])]
+
+
+def _config(hf: dict) -> GPTConfig:
+    kind = hf["model_type"]
+    base = _base_config(hf)
+    mixer = "attention"
+    if kind == "mixtral":
+        experts, width = hf["num_local_experts"], hf["intermediate_size"]
+        moe = dict(normalize=True)
+        window = hf.get("sliding_window")
+        if window is not None and window < hf["max_position_embeddings"]:
+            mixer, base["sliding_window"] = "sliding", window  # Mistral's window: W keys, the query's own included
+    else:
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{kind}: use_sliding_window is not supported")
+        experts, width = _n_experts(hf), hf["moe_intermediate_size"]
+        moe = dict(normalize=bool(hf.get("norm_topk_prob", False)))
+    if kind == "qwen2_moe":
+        moe.update(n_shared=1, d_shared=hf["shared_expert_intermediate_size"], shared_gate=True)
+        base["qkv_bias"] = bool(hf.get("qkv_bias", True))
+    if kind == "qwen3_moe":
+        if hf.get("attention_bias"):
+            raise ValueError("qwen3_moe: attention_bias (on q, k, v and o) is not supported")
+        base["qk_norm"] = True
+    moe.update(n_experts=experts, top_k=hf["num_experts_per_tok"], d_expert=width,
+               aux_weight=float(hf.get("router_aux_loss_coef", 0.01)))
+    layers = [f"{mixer}+moe" if sparse else mixer for sparse in _moe_layers(hf)]
+    base["layers"] = layers[:1] if len(set(layers)) == 1 else layers  # one item repeats to every layer
+    base["moe"] = moe
+    return GPTConfig.from_dict(base)
+
+
+def _tensors(t: dict, c: GPTConfig, kind: str) -> dict:
+    """Their tensors -> our state dict."""
+    out = {"tok_emb.weight": t["model.embed_tokens.weight"], "norm_f.weight": t["model.norm.weight"]}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = t["lm_head.weight"]
+    gate_name, up_name, down_name = _EXPERT_NAMES[kind]
+    for i, (_, mlp_kind) in enumerate(c.layer_kinds()):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        a = h + "self_attn."
+        out[b + "norm1.weight"] = t[h + "input_layernorm.weight"]
+        out[b + "norm2.weight"] = t[h + "post_attention_layernorm.weight"]
+        out[b + "attn.qkv.weight"] = torch.cat([t[a + f"{p}_proj.weight"] for p in "qkv"], dim=0)
+        if a + "q_proj.bias" in t:
+            out[b + "attn.qkv.bias"] = torch.cat([t[a + f"{p}_proj.bias"] for p in "qkv"], dim=0)
+        out[b + "attn.proj.weight"] = t[a + "o_proj.weight"]
+        if c.qk_norm:
+            out[b + "attn.q_norm.weight"] = t[a + "q_norm.weight"]
+            out[b + "attn.k_norm.weight"] = t[a + "k_norm.weight"]
+        if mlp_kind == "dense":
+            for p in ("gate", "up", "down"):
+                out[b + f"mlp.{p}.weight"] = t[h + f"mlp.{p}_proj.weight"]
+            continue
+        m = h + _MLP_NAME[kind] + "."
+        out[b + "mlp.router.weight"] = t[m + "gate.weight"]
+        out[b + "mlp.router_bias"] = torch.zeros(c.moe.n_experts)  # none of these models has one
+        if m + "experts.gate_up_proj" in t:  # the fused layout of transformers 5.x's memory
+            gate, up = t[m + "experts.gate_up_proj"].chunk(2, dim=1)
+            out[b + "mlp.experts_gate"], out[b + "mlp.experts_up"] = gate.contiguous(), up.contiguous()
+            out[b + "mlp.experts_down"] = t[m + "experts.down_proj"]
+        else:  # the per-expert layout save_pretrained writes
+            for ours, theirs in (("gate", gate_name), ("up", up_name), ("down", down_name)):
+                out[b + f"mlp.experts_{ours}"] = torch.stack(
+                    [t[m + f"experts.{e}.{theirs}.weight"] for e in range(c.moe.n_experts)])
+        if kind == "qwen2_moe":
+            for p in ("gate", "up", "down"):
+                out[b + f"mlp.shared.{p}.weight"] = t[m + f"shared_expert.{p}_proj.weight"]
+            out[b + "mlp.shared_gate.weight"] = t[m + "shared_expert_gate.weight"]
+    return out
+
+
+# --- export ---------------------------------------------------------------------------------------
+def _check_exportable(model: GPT, kind: str) -> None:
+    """Refuse, naming the setting, what the target architecture cannot express."""
+    c, m = model.config, model.config.moe
+    problems = []
+    if (c.position, c.norm, c.bias, c.mlp, c.prenorm) != ("rope", "rmsnorm", False, "swiglu", True):
+        problems.append("RoPE, pre-RMSNorm, SwiGLU and no biases")
+    mixers = {"attention", "sliding"} if kind == "mixtral" else {"attention"}
+    kinds = c.layer_kinds()
+    if any(mixer not in mixers for mixer, _ in kinds) or len({mixer for mixer, _ in kinds}) > 1:
+        problems.append(f"every layer's mixer {' or '.join(sorted(mixers))} (one kind)")
+    if m is None or all(mlp != "moe" for _, mlp in kinds):
+        problems.append("MoE layers")
+    elif kind == "mixtral" and any(mlp != "moe" for _, mlp in kinds):
+        problems.append("every layer MoE")
+    if m is not None:
+        if m.router != "softmax" or m.n_groups != 1 or m.routed_scale != 1.0:
+            problems.append("a softmax router without groups or routed_scale")
+        if kind == "mixtral" and not m.normalize:
+            problems.append("renormalised top-k weights (moe.normalize)")
+        if kind == "qwen2_moe" and not (m.n_shared and m.shared_gate):
+            problems.append("a gated shared expert (moe.n_shared >= 1, moe.shared_gate)")
+        if kind != "qwen2_moe" and m.n_shared:
+            problems.append("no shared experts")
+        if any(block.mlp.router_bias.abs().max() > 0 for block in model.blocks if hasattr(block.mlp, "router_bias")):
+            problems.append("a zero router_bias (a loss-free-balanced model needs a format with "
+                            "e_score_correction_bias, e.g. DeepSeek-V3)")
+    if bool(c.qk_norm) != (kind == "qwen3_moe"):
+        problems.append("qk_norm" if kind == "qwen3_moe" else "no qk_norm")
+    if c.qkv_bias and kind != "qwen2_moe":
+        problems.append("no qkv_bias")
+    if problems:
+        raise ValueError(f"{kind} export needs " + "; ".join(problems))
+
+
+def _exporter(kind: str):
+    def export(model: GPT) -> tuple[dict, dict]:
+        _check_exportable(model, kind)
+        c, m = model.config, model.config.moe
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        D, H, Hkv = c.head_dim, c.n_head, c.kv_heads
+        tensors = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
+        if not c.tie_embeddings:
+            tensors["lm_head.weight"] = sd["lm_head.weight"]
+        gate_name, up_name, down_name = _EXPERT_NAMES[kind]
+        dense_layers = []
+        for i, (_, mlp_kind) in enumerate(c.layer_kinds()):
+            h, b = f"model.layers.{i}.", f"blocks.{i}."
+            a = h + "self_attn."
+            tensors[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
+            tensors[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
+            for p, part in zip("qkv", sd[b + "attn.qkv.weight"].split([H * D, Hkv * D, Hkv * D], dim=0)):
+                tensors[a + f"{p}_proj.weight"] = part.contiguous()
+            if b + "attn.qkv.bias" in sd:
+                for p, part in zip("qkv", sd[b + "attn.qkv.bias"].split([H * D, Hkv * D, Hkv * D])):
+                    tensors[a + f"{p}_proj.bias"] = part.contiguous()
+            tensors[a + "o_proj.weight"] = sd[b + "attn.proj.weight"]
+            if c.qk_norm:
+                tensors[a + "q_norm.weight"] = sd[b + "attn.q_norm.weight"]
+                tensors[a + "k_norm.weight"] = sd[b + "attn.k_norm.weight"]
+            if mlp_kind == "dense":
+                dense_layers.append(i)
+                for p in ("gate", "up", "down"):
+                    tensors[h + f"mlp.{p}_proj.weight"] = sd[b + f"mlp.{p}.weight"]
+                continue
+            mh = h + _MLP_NAME[kind] + "."
+            tensors[mh + "gate.weight"] = sd[b + "mlp.router.weight"]
+            for ours, theirs in (("gate", gate_name), ("up", up_name), ("down", down_name)):
+                for e, weight in enumerate(sd[b + f"mlp.experts_{ours}"]):
+                    tensors[mh + f"experts.{e}.{theirs}.weight"] = weight.contiguous()
+            if kind == "qwen2_moe":
+                for p in ("gate", "up", "down"):
+                    tensors[mh + f"shared_expert.{p}_proj.weight"] = sd[b + f"mlp.shared.{p}.weight"]
+                tensors[mh + "shared_expert_gate.weight"] = sd[b + "mlp.shared_gate.weight"]
+        width = m.d_expert or c.ff_width
+        architecture = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                        "qwen3_moe": "Qwen3MoeForCausalLM"}[kind]
+        hf = {"architectures": [architecture], "model_type": kind, "vocab_size": c.vocab_size,
+              "hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "num_attention_heads": H,
+              "num_key_value_heads": Hkv, "head_dim": D, "max_position_embeddings": c.block_size,
+              "rms_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+              "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "num_experts_per_tok": m.top_k,
+              "router_aux_loss_coef": m.aux_weight, "attention_dropout": 0.0}
+        if kind == "mixtral":
+            hf.update(intermediate_size=width, num_local_experts=m.n_experts, router_jitter_noise=0.0,
+                      sliding_window=c.sliding_window if c.layer_kinds()[0][0] == "sliding" else None)
+        else:
+            hf.update(intermediate_size=c.ff_width, moe_intermediate_size=width, num_experts=m.n_experts,
+                      norm_topk_prob=m.normalize, decoder_sparse_step=1, mlp_only_layers=dense_layers,
+                      use_sliding_window=False)
+        if kind == "qwen2_moe":
+            hf.update(shared_expert_intermediate_size=m.d_shared or m.n_shared * width, qkv_bias=bool(c.qkv_bias))
+        if kind == "qwen3_moe":
+            hf["attention_bias"] = False
+        return tensors, hf
+
+    return export
+
+
+IMPORT = {kind: (_config, lambda t, c, kind=kind: _tensors(t, c, kind)) for kind in _EXPERT_NAMES}
+EXPORT = {kind: _exporter(kind) for kind in _EXPERT_NAMES}
+
+
+def default_architecture(config: GPTConfig) -> str | None:
+    """The family an MoE model of attention layers exports to by default (None: not ours)."""
+    kinds = config.layer_kinds()
+    m = config.moe
+    if m is None or all(mlp != "moe" for _, mlp in kinds) or m.router != "softmax" or m.n_groups != 1:
+        return None
+    if any(mixer not in ("attention", "sliding") for mixer, _ in kinds):  # MLA, Mamba: not these families
+        return None
+    if m.shared_gate:
+        return "qwen2_moe"
+    if config.qk_norm:
+        return "qwen3_moe"
+    return "mixtral"
