@@ -70,3 +70,49 @@ def test_the_config_round_trips_through_its_dict_and_old_dicts_read_unchanged():
     plain = GPTConfig().to_dict()
     assert not {"layers", "sliding_window", "moe", "mla", "diff", "nsa", "mamba", "mtp"} & set(plain)
     assert GPTConfig.from_dict(plain) == GPTConfig()
+
+
+# Published sizes, in billions: total, active, and how close the figure is given ("46.7B": 0.05;
+# "236B": 0.5). Sources: Mixtral of Experts (Jiang et al. 2024): 46.7B / 12.9B; DeepSeek-V2 (2024):
+# 236B / 21B and V2-Lite 15.7B / 2.4B; DeepSeek-V3 report: 671B / 37B; Jamba (Lieber et al. 2024):
+# 52B / 12B. DeepSeek-V2-Lite's 2.4B active leaves out the input embedding (a lookup, no
+# multiply), as V3's 36.6B does; the others count it.
+PUBLISHED = {
+    "mixtral-8x7b": (46.7, 12.9, 0.05, True),
+    "deepseek-v2-lite": (15.7, 2.4, 0.06, False),
+    "deepseek-v2": (236, 21, 0.5, True),
+    "deepseek-v3": (671, 37, 0.6, True),
+    "jamba-v0.1": (52, 12, 0.5, True),
+}
+
+
+def _meta_model(name):
+    import torch
+
+    from scratchlm.models.gpt import GPT, preset
+
+    with torch.device("meta"):
+        return GPT(preset(name))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_at_published_shape_have_the_published_parameter_counts(name):
+    total, active, within, with_embedding = PUBLISHED[name]
+    model = _meta_model(name)
+    counts = model.parameter_counts()
+    embedding = 0 if with_embedding else model.tok_emb.weight.numel()
+    assert abs(counts["total"] / 1e9 - total) <= within, counts
+    assert abs((counts["active"] - embedding) / 1e9 - active) <= within, counts
+
+
+def test_deepseek_v3_details_match_the_report():
+    model = _meta_model("deepseek-v3")
+    counts = model.parameter_counts()
+    embedding = model.tok_emb.weight.numel()
+    assert abs((counts["active"] - embedding) / 1e9 - 36.6) <= 0.05  # "36.6B without the input embedding"
+    # The MTP module's own weights (2C -> C projection, two norms, one MLA + 256-expert MoE block),
+    # sharing the embedding and output head: 11.6B, the issue's "~11.5B".
+    assert abs(counts["mtp"] / 1e9 - 11.5) <= 0.15
+    # MLA caches the latent and the shared RoPE key: 512 + 64 = 576 values per token per layer.
+    assert [block.mixer.cache_values_per_token() for block in model.blocks] == [576] * 61
+    assert model.kv_cache_bytes_per_token(2) == 2 * 576 * 61

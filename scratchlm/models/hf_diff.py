@@ -1,4 +1,12 @@
-"""Hugging Face interchange for one family of architectures (issue 9; being written).
+"""Hugging Face interchange for differential attention: ``DiffLlamaForCausalLM`` (issue 9).
+
+DiffLlama is Llama with every attention replaced by differential attention V1
+(:mod:`scratchlm.models.diff_attention`), so its config and tensors are Llama's plus four λ
+vectors per layer (``self_attn.lambda_q1/k1/q2/k2``). It pairs query head ``i`` with head
+``i + n/2`` and key/value head ``j`` with ``j + n_kv/2`` — our ``layout = "halves"`` — so importing
+needs no permutation; a model stored in the official code's ``"adjacent"`` layout is permuted
+back to halves on export. Differential attention V2 has no Hugging Face class: exporting it is
+refused.
 
 ``IMPORT`` maps a ``model_type`` to (config reader, tensor renamer) and ``EXPORT`` an architecture
 name to an exporter, as in :mod:`scratchlm.models.hf`.
@@ -6,5 +14,60 @@ name to an exporter, as in :mod:`scratchlm.models.hf`.
 
 from __future__ import annotations
 
-IMPORT: dict = {}
-EXPORT: dict = {}
+import dataclasses
+
+from scratchlm.models.diff_attention import DiffConfig, permute_heads
+from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.hf import _llama_config, _llama_from_hf, _llama_to_hf
+
+_LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+
+
+def _diffllama_config(hf: dict) -> GPTConfig:
+    if hf.get("attention_dropout"):
+        raise ValueError("DiffLlama with attention_dropout > 0 is not supported (transformers refuses it too)")
+    base = _llama_config(hf)  # the Llama checks: no biases, default RoPE, head_dim × heads = hidden
+    if base.n_head % 2 or base.kv_heads % 2:
+        raise ValueError(f"DiffLlama pairs heads: num_attention_heads = {base.n_head} and num_key_value_heads = "
+                         f"{base.kv_heads} must both be even")
+    return dataclasses.replace(base, layers=["diff"],
+                               diff=DiffConfig(version=1, layout="halves", lambda_std=hf.get("lambda_std_dev") or 0.1))
+
+
+def _diffllama_from_hf(t: dict, c: GPTConfig) -> dict:
+    out = _llama_from_hf(t, c)
+    for i in range(c.n_layer):
+        for name in _LAMBDAS:
+            out[f"blocks.{i}.attn.{name}"] = t[f"model.layers.{i}.self_attn.{name}"]
+    return out
+
+
+def _diffllama_to_hf(model: GPT) -> tuple[dict, dict]:
+    c = model.config
+    if any(kind != ("diff", "dense") for kind in c.layer_kinds()):
+        raise ValueError("DiffLlama export needs every layer to be differential attention ('diff') + a dense MLP")
+    if c.diff.version != 1:
+        raise ValueError("DiffLlama export needs differential attention V1 (diff.version = 1); V2 has no "
+                         "Hugging Face class")
+    if c.diff.layout != "halves":  # DiffLlama reads halves: reorder the heads, then export that model
+        halves = GPT(dataclasses.replace(c, diff=dataclasses.replace(c.diff, layout="halves")))
+        halves.load_state_dict(permute_heads(model.state_dict(), c, "halves"))
+        model = halves
+    tensors, hf = _llama_to_hf(model)  # checks RoPE, pre-RMSNorm, SwiGLU, no biases
+    sd = model.state_dict()
+    for i in range(c.n_layer):
+        for name in _LAMBDAS:
+            tensors[f"model.layers.{i}.self_attn.{name}"] = sd[f"blocks.{i}.attn.{name}"].detach().cpu().contiguous()
+    hf.update({"architectures": ["DiffLlamaForCausalLM"], "model_type": "diffllama",
+               "lambda_std_dev": c.diff.lambda_std, "attention_dropout": 0.0})
+    hf.pop("mlp_bias", None)  # a Llama field DiffLlama does not have
+    return tensors, hf
+
+
+def default_architecture(config: GPTConfig) -> str | None:
+    """A model with differential-attention layers exports as DiffLlama (or explains why not)."""
+    return "diffllama" if any(mixer == "diff" for mixer, _ in config.layer_kinds()) else None
+
+
+IMPORT: dict = {"diffllama": (_diffllama_config, _diffllama_from_hf)}
+EXPORT: dict = {"diffllama": _diffllama_to_hf}
