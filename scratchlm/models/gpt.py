@@ -320,6 +320,8 @@ class GPT(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "after_optimizer_step"):
                 metrics.update(module.after_optimizer_step() or {})
+        if self.mtp is not None:  # the multi-token-prediction losses of the step's last forward
+            metrics.update({k: v.detach() for k, v in self.mtp.metrics().items()})
         return metrics
 
     def set_dropout(self, p: float) -> None:
@@ -418,14 +420,16 @@ class GPT(nn.Module):
         Matrix multiplies cost 2 FLOPs per weight per token forward (4 more backward), so a
         training step costs ``6 N`` per token plus 3x the mixers' own work over the context, and
         inference ``2 N`` plus that work once (the PaLM appendix estimate). ``N`` counts the
-        *active* weights (an MoE token visits top_k experts), without position tables (added,
-        not multiplied). Full attention's own work is ``4 · heads · head width · context`` per
+        *active* weights (an MoE token visits top_k experts), without position tables and an
+        untied input embedding (looked up or added, not multiplied). Full attention's own work is ``4 · heads · head width · context`` per
         layer (scores and the weighted sum); each mixer kind says its own (``context_flops``):
         a sliding window caps the context, MLA has its own head widths, an SSM has no context term.
         """
         T = context or self.config.block_size
         counts = self.parameter_counts()
         n = counts["active"] - counts["positions"]
+        if not self.config.tie_embeddings:  # the input embedding is a lookup; a tied one is also the output matmul
+            n -= self.tok_emb.weight.numel()
         mixing = sum(_context_flops(block.mixer, T) for block in self.blocks)
         return {"train": 6 * n + 3 * mixing, "forward": 2 * n + mixing}
 

@@ -92,6 +92,9 @@ def inference_costs(model: GPT, batch: int = 1, context: int | None = None, byte
         raise ValueError(f"batch and context must be >= 1, got batch {batch}, context {T}")
     counts = model.parameter_counts()
     weight_bytes = (counts["total"] - counts["positions"]) * bytes_per_value
+    # An MoE layer reads only the experts its tokens chose: one sequence's decode step reads the
+    # active weights, a large batch all of them (an approximation: tokens spread over experts).
+    step_bytes = min(weight_bytes, batch * (counts["active"] - counts["positions"]) * bytes_per_value)
     kv = batch * T * model.kv_cache_bytes_per_token(bytes_per_value)
     prefill_flops = batch * T * model.flops_per_token(max(T // 2, 1))["forward"]
     decode_flops = batch * model.flops_per_token(T)["forward"]
@@ -99,5 +102,5 @@ def inference_costs(model: GPT, batch: int = 1, context: int | None = None, byte
         "batch": batch, "context": T, "bytes_per_value": bytes_per_value, "kv_cache_bytes": kv,
         "weight_bytes": weight_bytes,
         "prefill": {"flops": prefill_flops, "bytes": weight_bytes + kv, "intensity": prefill_flops / (weight_bytes + kv)},
-        "decode_step": {"flops": decode_flops, "bytes": weight_bytes + kv, "intensity": decode_flops / (weight_bytes + kv)},
+        "decode_step": {"flops": decode_flops, "bytes": step_bytes + kv, "intensity": decode_flops / (step_bytes + kv)},
     }
