@@ -485,7 +485,7 @@ PRESETS: dict[str, dict] = {
                        position="none", norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", bias=False, tie_embeddings=False,
                        layers=["mamba", "mamba+moe", "mamba", "mamba+moe", "attention", "mamba+moe", "mamba", "mamba+moe"],
                        mamba=dict(d_state=16, d_conv=4, expand=2, dt_rank=256, dt_bc_norm=True),
-                       moe=dict(n_experts=16, top_k=2)),
+                       moe=dict(n_experts=16, top_k=2, normalize=False)),
     # Tiny CPU models for character-level Shakespeare.
     "nanogpt-cpu": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128, position="learned",
                         norm="layernorm", mlp="gelu", bias=False, tie_embeddings=True),

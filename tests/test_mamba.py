@@ -1,0 +1,227 @@
+"""The selective SSM mixer (Mamba) and the Mamba / Jamba models: the chunked scan equals the
+sequential reference (forward and gradients, within 1e-5); decoding with the recurrent state
+equals the parallel forward; the mixer is causal and refuses what it cannot do; and randomly
+initialised Hugging Face ``MambaForCausalLM`` / ``JambaForCausalLM`` models (their pure-PyTorch
+path) give the same logits and the same greedy tokens after import, and our exports load back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scratchlm.config import ConfigError
+from scratchlm.generate import generate
+from scratchlm.generate.generate import beam_search
+from scratchlm.generate.kv_cache import KVCache
+from scratchlm.generate.sampling import SamplingConfig
+from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.mamba import (
+    MambaConfig,
+    selective_scan_chunked,
+    selective_scan_sequential,
+)
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+def _model(layers=("mamba+none",), n_layer=2, seed=0, **mamba) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=97, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32, d_ff=48, block_size=64,
+                       position="none", norm="rmsnorm", mlp="swiglu", bias=False, layers=list(layers),
+                       mamba=MambaConfig(d_state=8, chunk=8, **mamba), init_std=0.2)
+    return GPT(config).eval()
+
+
+def _scan_inputs(batch=2, T=37, D=12, N=6, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, T, D, generator=g, dtype=dtype)
+    dt = torch.rand(batch, T, D, generator=g, dtype=dtype) * 2  # large steps: strong decays are exercised
+    A = -torch.exp(torch.randn(D, N, generator=g, dtype=dtype))
+    B, C = torch.randn(batch, T, N, generator=g, dtype=dtype), torch.randn(batch, T, N, generator=g, dtype=dtype)
+    state = torch.randn(batch, D, N, generator=g, dtype=dtype)
+    return x, dt, A, B, C, state
+
+
+# --- the scan ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 5, 8, 64])
+def test_chunked_scan_equals_sequential_forward_and_gradients(chunk):
+    inputs = [t.requires_grad_() for t in _scan_inputs()]
+    weights = torch.randn(2, 37, 12)
+
+    def run(scan, **kw):
+        y, h = scan(*inputs, **kw)
+        loss = (y * weights).sum() + h.square().sum()
+        return [y, h, *torch.autograd.grad(loss, inputs)]
+
+    for ref, fast in zip(run(selective_scan_sequential), run(selective_scan_chunked, chunk=chunk)):
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scan_matches_the_recurrence_written_out():
+    """y_t = C_t·h_t with h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, checked entry by entry in float64."""
+    x, dt, A, B, C, state = _scan_inputs(batch=1, T=3, D=2, N=2, dtype=torch.float64)
+    y, h = selective_scan_chunked(x, dt, A, B, C, state, chunk=2)
+    for d in range(2):
+        hd = state[0, d].clone()
+        for t in range(3):
+            hd = torch.exp(dt[0, t, d] * A[d]) * hd + dt[0, t, d] * B[0, t] * x[0, t, d]
+            assert abs(float((C[0, t] * hd).sum()) - float(y[0, t, d])) < 1e-12
+        torch.testing.assert_close(h[0, d], hd)
+
+
+def test_model_sequential_and_chunked_scans_agree():
+    ids = torch.randint(0, 97, (2, 29))
+    outputs = []
+    for scan in ("sequential", "chunked"):
+        model = _model(("mamba", "attention+none"), scan=scan).train()
+        logits, _ = model(ids)
+        logits.square().mean().backward()
+        outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref, ref_grads), (fast, fast_grads) = outputs
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for name, grad in ref_grads.items():
+        assert grad is not None and torch.isfinite(grad).all(), name
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# --- the model: layers, decoding, causality ------------------------------------------------------------
+def test_config_defaults_and_validation():
+    model = _model()
+    mixer = model.blocks[0].mamba
+    assert mixer.d_inner == 64 and mixer.dt_rank == 2  # expand 2; ceil(32 / 16)
+    assert model.blocks[0].mlp is None and model.blocks[0].norm2 is None  # "mamba+none": norm → mixer → residual
+    assert mixer.cache_values_per_token() == 0 and model.kv_cache_bytes_per_token() == 0
+    assert mixer.state_values_per_sequence() == 64 * 3 + 64 * 8
+    with pytest.raises(ConfigError, match="model.mamba.scan"):
+        MambaConfig(scan="parallel")
+    with pytest.raises(ConfigError, match="model.mamba.d_state"):
+        MambaConfig(d_state=0)
+    assert GPTConfig(layers=["mamba"], position="none").mamba == MambaConfig()  # the table appears with its defaults
+
+
+@pytest.mark.parametrize("layers", [("mamba+none",), ("mamba", "attention")], ids=["mamba", "hybrid"])
+def test_prefill_then_decode_equals_the_parallel_forward(layers):
+    model = _model(layers)
+    ids = torch.randint(0, 97, (2, 21))
+    with torch.no_grad():
+        full, _ = model(ids)
+        cache = KVCache.for_model(model, batch=2, max_len=21)
+        assert cache.k.shape[0] == sum(m == "attention" for m, _ in model.config.layer_kinds())  # no k, v rows for SSM layers
+        steps = [model(ids[:, :9], cache=cache)[0], model(ids[:, 9:13], cache=cache)[0]]  # prefill, then a chunk
+        steps += [model(ids[:, t : t + 1], cache=cache)[0] for t in range(13, 21)]  # then token by token
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    state = cache.state(0)
+    assert state["conv"].shape == (2, 64, 3) and state["ssm"].shape == (2, 64, 8)
+    per_sequence = sum(t[0].numel() for t in state.values())
+    assert per_sequence == model.blocks[0].mamba.state_values_per_sequence()  # O(1): the same after 21 tokens as after 1
+
+
+def test_a_future_token_changes_no_earlier_output():
+    model = _model(("mamba", "attention"))
+    ids = torch.randint(0, 97, (1, 20))
+    changed = ids.clone()
+    changed[0, 12] = (ids[0, 12] + 1) % 97
+    with torch.no_grad():
+        a, b = model(ids)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=0, rtol=0)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
+
+
+def test_beam_search_reorders_the_state_like_recomputing():
+    model = _model(("mamba", "attention"))
+    prompt = torch.randint(0, 97, (5,)).tolist()
+    cached = beam_search(model, prompt, 6, beam_width=3, use_cache=True)
+    recomputed = beam_search(model, prompt, 6, beam_width=3, use_cache=False)
+    assert [ids for ids, _ in cached] == [ids for ids, _ in recomputed]
+    assert [score for _, score in cached] == pytest.approx([score for _, score in recomputed], abs=1e-5)
+
+
+def test_refuses_packed_rows_and_the_paged_cache():
+    model = _model()
+    ids = torch.randint(0, 97, (1, 8))
+    with pytest.raises(ValueError, match="packed rows"):
+        model(ids, documents=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
+
+    class Paged:
+        paged, length = True, 0
+
+    with pytest.raises(ValueError, match="paged cache"):
+        model.blocks[0].mamba(torch.randn(1, 3, 32), cache=Paged())
+
+
+# --- Hugging Face ------------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+from scratchlm.models.hf import config_from_hf, export_hf, import_hf  # noqa: E402
+
+
+def _randomise(hf):
+    """HF initialises biases to 0 and norm gains to 1, where a swapped or missing tensor would
+    hide (Jamba's B and C norms, say): give each its own random values."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return hf.eval()
+
+
+def _mamba_hf(tied: bool):
+    """Tied: HF's defaults (conv bias, no projection biases, automatic Δ rank); untied: the other
+    switches (projection biases, no conv bias, Δ rank 3, conv width 3)."""
+    switches = {} if tied else {"use_bias": True, "use_conv_bias": False, "time_step_rank": 3, "conv_kernel": 3}
+    config = transformers.MambaConfig(vocab_size=101, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                                      initializer_range=0.5, use_mambapy=False, tie_word_embeddings=tied, **switches)
+    torch.manual_seed(0)
+    return _randomise(transformers.MambaForCausalLM(config))
+
+
+def _jamba_hf(num_experts: int):
+    config = transformers.JambaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=num_experts, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+        expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, max_position_embeddings=64,
+        initializer_range=0.5, use_mambapy=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    return _randomise(transformers.JambaForCausalLM(config))
+
+
+@pytest.mark.parametrize("make", [lambda: _mamba_hf(True), lambda: _mamba_hf(False), lambda: _jamba_hf(1),
+                                  lambda: _jamba_hf(4)], ids=["mamba-tied", "mamba", "jamba-dense", "jamba-moe"])
+def test_hf_import_logits_greedy_decoding_and_export(tmp_path, make):
+    hf = make()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ours = import_hf(tmp_path / "hf")
+    ids = torch.randint(0, 101, (2, 24))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got, _ = ours(ids)
+    assert expected.abs().max() > 3.0  # large initial weights: nothing hides behind tiny activations
+    assert (got - expected).abs().max() < 1e-4
+
+    prompt = ids[:1, :6]
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    assert generate(ours, prompt, 12, GREEDY, use_cache=True)[0] == theirs
+
+    export_hf(ours, tmp_path / "exported")
+    back = type(hf).from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        assert (back(ids).logits - expected).abs().max() < 1e-4
+
+
+def test_jamba_layer_pattern_of_the_published_config():
+    """Jamba-v0.1: attention every 8th layer from layer 4, MoE every 2nd from layer 1, no renormalisation."""
+    config = config_from_hf(transformers.JambaConfig(num_hidden_layers=32).to_dict())
+    assert config.layers == ["mamba", "mamba+moe", "mamba", "mamba+moe", "attention", "mamba+moe", "mamba", "mamba+moe"]
+    assert config.layer_kinds()[12] == ("attention", "dense") and config.layer_kinds()[13] == ("mamba", "moe")
+    assert (config.moe.n_experts, config.moe.top_k, config.moe.normalize, config.moe.router) == (16, 2, False, "softmax")
+    assert config.mamba.dt_bc_norm and config.mamba.dt_rank == 256 and config.position == "none"
+
+
+def test_export_refuses_what_the_target_cannot_express(tmp_path):
+    with pytest.raises(ValueError, match="Mamba export needs"):
+        export_hf(_model(("mamba", "attention")), tmp_path / "a", "mamba")
+    with pytest.raises(ValueError, match="Jamba export needs"):
+        export_hf(_model(("mamba", "attention")), tmp_path / "b", "jamba")  # no dt/B/C norms
