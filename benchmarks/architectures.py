@@ -59,7 +59,9 @@ STUDIES = {
         ("sliding window 64, context 256", {"block_size": 256, "layers": ["sliding"], "sliding_window": 64}),
         ("sliding 64 / full alternating, context 256", {"block_size": 256, "layers": ["sliding", "attention"],
                                                         "sliding_window": 64}),
-        ("NSA, context 256", {"block_size": 256, "layers": ["nsa"]}),
+        ("NSA (blocks 16/8, 4 selected of 32, window 64), context 256",
+         {"block_size": 256, "layers": ["nsa"], "nsa": {"compress_block": 16, "compress_stride": 8, "select_block": 32,
+                                                        "select_count": 4, "window": 64}}),
     ],
     "mtp": [
         ("no MTP", {}),

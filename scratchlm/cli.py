@@ -197,7 +197,7 @@ def cmd_model_info(args) -> None:
     with torch.device("meta"):  # shapes only: a 1.5B model costs no memory to describe
         model = GPT(config)
     counts = model.parameter_counts()
-    flops = model.flops_per_token()
+    flops = model.flops_per_token(args.context)
     costs = inference_costs(model, args.batch, args.context, bytes_per_value=2)
     kinds: dict[str, int] = {}
     for mixer, mlp in config.layer_kinds():
@@ -211,7 +211,8 @@ def cmd_model_info(args) -> None:
     lines = [f"{k:<11} {v:>15,}" + (f"  ({v / 1e9:,.2f}B)" if v >= 1e9 else "")
              for k, v in counts.items() if v or k not in ("ssm", "mtp")]
     lines += ["layers: " + ", ".join(f"{n} x {kind}" for kind, n in kinds.items()),
-              f"FLOPs/token: training {flops['train']:,.0f}, forward {flops['forward']:,.0f} (context {config.block_size})",
+              f"FLOPs/token: training {flops['train']:,.0f}, forward {flops['forward']:,.0f} "
+              f"(at context {args.context or config.block_size})",
               f"KV cache per token: {model.kv_cache_bytes_per_token(2):,} bytes (bf16) = "
               f"{sum(cache_values):,} values over {sum(v > 0 for v in cache_values)} layers "
               f"({', '.join(sorted({str(v) for v in cache_values if v}))} per layer)",
