@@ -225,3 +225,54 @@ def test_export_refuses_what_the_target_cannot_express(tmp_path):
         export_hf(_model(("mamba", "attention")), tmp_path / "a", "mamba")
     with pytest.raises(ValueError, match="Jamba export needs"):
         export_hf(_model(("mamba", "attention")), tmp_path / "b", "jamba")  # no dt/B/C norms
+
+
+def test_the_ssm_vectors_get_no_weight_decay_and_no_muon():
+    """A_log (log-decay rates), D and Δ's bias are not weight matrices: weight decay would pull
+    every A toward -1 and Muon would orthogonalise the rates. Both optimizers leave them out."""
+    from types import SimpleNamespace
+
+    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.train.optim import build_optimizers
+
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, position="none", layers=["mamba", "attention"]))
+    mixer = model.blocks[0].mamba
+    vectors = {id(mixer.A_log), id(mixer.D), id(mixer.dt_bias)}
+    cfg = SimpleNamespace(optimizer="muon", lr=1e-3, muon_lr=0.02, muon_momentum=0.95, weight_decay=0.1, beta1=0.9, beta2=0.95)
+    adamw, muon = build_optimizers(model, cfg, torch.device("cpu"))
+    assert not vectors & {id(p) for g in muon.param_groups for p in g["params"]}
+    decayed = {id(p) for g in adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert not vectors & decayed and vectors <= {id(p) for g in adamw.param_groups for p in g["params"]}
+    (adamw_only,) = build_optimizers(model, SimpleNamespace(**{**vars(cfg), "optimizer": "adamw"}), torch.device("cpu"))
+    assert not vectors & {id(p) for g in adamw_only.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+
+
+def test_the_chunked_scan_stays_float32_under_autocast_and_agrees_with_the_sequential_one():
+    from scratchlm.models.mamba import selective_scan_chunked, selective_scan_sequential
+
+    g = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(2, 40, 8, generator=g), torch.rand(2, 40, 8, generator=g)
+    A, B, C = -torch.rand(8, 4, generator=g) * 4, torch.randn(2, 40, 4, generator=g), torch.randn(2, 40, 4, generator=g)
+    reference, _ = selective_scan_sequential(x.double(), dt.double(), A.double(), B.double(), C.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = selective_scan_chunked(x, dt, A, B, C, chunk=16)
+    assert y.dtype == torch.float32
+    assert (y.double() - reference).abs().max() < 1e-4
+
+
+def test_the_chunked_scan_recomputes_chunks_in_backward():
+    """What autograd keeps for backward is the inputs and one state per chunk, not every
+    position's (batch, D, N) state log2(chunk) times over: measured with saved-tensor hooks."""
+    from scratchlm.models.mamba import selective_scan_chunked
+
+    g = torch.Generator().manual_seed(0)
+    T, D, N = 128, 16, 8
+    x = torch.randn(1, T, D, generator=g, requires_grad=True)
+    dt, B, C = torch.rand(1, T, D, generator=g), torch.randn(1, T, N, generator=g), torch.randn(1, T, N, generator=g)
+    A = -torch.rand(D, N, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y, _ = selective_scan_chunked(x, dt, A, B, C, chunk=32)
+    assert sum(saved) < 2 * T * D * N  # a full set of states would be T·D·N per round (x5 rounds)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -95,22 +96,35 @@ def _prefix_scan(decay, drive):
     return drive
 
 
+def _scan_chunk(x, dt, A, B, C, h):
+    """One chunk of the recurrence from state ``h``: its outputs (batch, L, D) and last state."""
+    decay = torch.exp(dt[..., None] * A)  # (batch, L, D, N)
+    drive = (dt * x)[..., None] * B[:, :, None, :]
+    # the state carried in enters through the first step: h_0 = Ā_0 h_in + B̄_0 x_0
+    drive = torch.cat([drive[:, :1] + decay[:, :1] * h[:, None], drive[:, 1:]], dim=1)
+    states = _prefix_scan(decay, drive)  # (batch, L, D, N)
+    # y_t = C_t h_t, elementwise (a matmul here would run in bf16 under autocast; the scan is float32)
+    return (states * C[:, :, None, :]).sum(-1), states[:, -1]
+
+
 def selective_scan_chunked(x, dt, A, B, C, state=None, chunk: int = 64):
     """The same recurrence, a chunk of positions at a time: inside a chunk every state comes from
-    a parallel prefix scan; the last state carries into the next chunk. Memory per chunk is
-    (batch, chunk, D, N) — the chunk bounds what the parallel part materialises."""
+    a parallel prefix scan; the last state carries into the next chunk. The parallel part
+    materialises (batch, chunk, D, N) states, log2(chunk) times over; in training each chunk is
+    recomputed in the backward pass (activation checkpointing), so what is kept for backward is
+    the inputs and one state per chunk, not every position's state."""
     batch, T, D = x.shape
     h = x.new_zeros(batch, D, A.shape[1]) if state is None else state
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, h))
     ys = []
     for start in range(0, T, chunk):
         part = slice(start, start + chunk)
-        decay = torch.exp(dt[:, part, :, None] * A)  # (batch, L, D, N)
-        drive = (dt[:, part] * x[:, part])[..., None] * B[:, part, None, :]
-        # the state carried in enters through the first step: h_0 = Ā_0 h_in + B̄_0 x_0
-        drive = torch.cat([drive[:, :1] + decay[:, :1] * h[:, None], drive[:, 1:]], dim=1)
-        states = _prefix_scan(decay, drive)  # (batch, L, D, N)
-        ys.append(torch.einsum("bldn,bln->bld", states, C[:, part]))
-        h = states[:, -1]
+        args = (x[:, part], dt[:, part], A, B[:, part], C[:, part], h)
+        if training:
+            y, h = torch.utils.checkpoint.checkpoint(_scan_chunk, *args, use_reentrant=False)
+        else:
+            y, h = _scan_chunk(*args)
+        ys.append(y)
     return torch.cat(ys, dim=1), h
 
 
@@ -119,6 +133,9 @@ class Mamba(nn.Module):
     """The selective SSM mixer (Algorithm 2), with the mixer protocol of :mod:`scratchlm.models.gpt`."""
 
     kv_cache = False  # its cache is a recurrent state, kept in ``cache.state(layer)``
+    # Not weight matrices: log-decay rates, the skip gain and Δ's bias. The optimizers leave them
+    # out of weight decay and of Muon (decay would pull every A toward -1, erasing the 1..N spread).
+    no_weight_decay = ("A_log", "D", "dt_bias")
 
     def __init__(self, config, layer: int):
         super().__init__()
@@ -164,7 +181,7 @@ class Mamba(nn.Module):
             past = u.new_zeros(batch, self.d_inner, K - 1)
         u = torch.cat([past, u], dim=2)
         if cache is not None:
-            store["conv"] = u[:, :, u.shape[2] - (K - 1):]
+            store["conv"] = u[:, :, u.shape[2] - (K - 1):].clone()  # a copy: a view would keep all of u alive
         u = F.silu(F.conv1d(u, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
 
         # Selection: Δ, B, C from each token (section 3.2)
@@ -182,7 +199,7 @@ class Mamba(nn.Module):
         else:
             y, state = selective_scan_chunked(u_work, dt, A, B, C, state, m.chunk)
         if cache is not None:
-            store["ssm"] = state
+            store["ssm"] = state.clone()  # (a view into the last chunk's states otherwise)
         y = (y + u_work * self.D.to(work)).to(x.dtype)  # y_t = C_t h_t + D x_t
         return self.out_proj(y * F.silu(z))  # the gate: y · SiLU(z)
 

@@ -27,13 +27,23 @@ def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.dim() == 2 or (p.dim() == 3 and ".experts_" in name)
 
 
+def exempt(model: nn.Module) -> set[int]:
+    """Parameters (by id) that are not weight matrices whatever their shape: a module lists them by
+    name in ``no_weight_decay`` (Mamba's log-decay rates A_log, its skip gain D, Δ's bias)."""
+    ids = set()
+    for module in model.modules():
+        for name in getattr(module, "no_weight_decay", ()):
+            ids.add(id(getattr(module, name)))
+    return ids
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay, seen = [], [], set()
+    decay, no_decay, seen, vectors = [], [], set(), exempt(model)
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if p.dim() >= 2 and id(p) not in vectors else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -93,16 +103,16 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
         return [torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, fused=fused)]
     if cfg.optimizer != "muon":
         raise ValueError(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
-    hidden, rest, seen = [], [], set()
+    hidden, rest, seen, vectors = [], [], set(), exempt(model)
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        (hidden if _is_hidden_matrix(name, p) else rest).append((name, p))
+        (hidden if _is_hidden_matrix(name, p) and id(p) not in vectors else rest).append((name, p))
     # Decoupled weight decay on the hidden matrices too (p <- p * (1 - lr * wd), as in Moonlight's
     # Muon): without it train.weight_decay would reach only the embeddings.
     muon = Muon([p for _, p in hidden], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
-    groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for _, p in rest if p.dim() >= 2 and id(p) not in vectors], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in rest if p.dim() < 2 or id(p) in vectors], "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
     return [adamw, muon]
