@@ -40,7 +40,7 @@ from scratchlm.models.sparse_attention import NativeSparseAttention, NSAConfig
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "gelu_tanh", "swiglu", "relu2")
+MLPS = ("gelu", "gelu_tanh", "swiglu", "geglu", "relu2")
 
 # The block kinds a layer can pick (``GPTConfig.layers``): "mixer" or "mixer+mlp".
 MIXERS = {
@@ -64,10 +64,13 @@ _MODEL_RULES = {
     "norm_eps": Rule(above=0), "mlp": Rule(choices=MLPS), "dropout": Rule(min=0, below=1),
     "attention": Rule(choices=("sdpa", "manual", "tiled")), "init_std": Rule(above=0),
     "sliding_window": Rule(min=1, why="keys each query sees in a sliding layer, itself included"),
+    "d_head": Rule(min=1, why="attention head width"), "attn_scale": Rule(above=0),
+    "attn_softcap": Rule(above=0), "final_softcap": Rule(above=0),
 }
 # Fields added for the block kinds: left out of a config's dict while unset, so configs and
 # checkpoints written before them read (and write) exactly as they did.
-_LAYER_FIELDS = ("layers", "sliding_window", "moe", "mla", "diff", "nsa", "mamba", "mtp", "qkv_bias", "qk_norm")
+_LAYER_FIELDS = ("layers", "sliding_window", "moe", "mla", "diff", "nsa", "mamba", "mtp", "qkv_bias", "qk_norm",
+                 "d_head", "attn_scale", "attn_softcap", "final_softcap", "sandwich_norm", "embed_scale")
 
 
 @dataclass
@@ -101,6 +104,13 @@ class GPTConfig:
     mtp: MTPConfig | None = None  # multi-token prediction modules after the last layer
     qkv_bias: bool | None = None  # biases on q, k, v but not the output projection (Qwen2); None: as bias
     qk_norm: bool | None = None  # RMSNorm each query and key head before RoPE (Qwen3); None: off
+    # --- Gemma-style switches (docs/sliding-window-attention.md, "Gemma-2") ---
+    d_head: int | None = None  # attention head width, free of d_model (Gemma-2: 256); None: d_model / n_head
+    attn_scale: float | None = None  # multiplies q·k before the softmax (Gemma-2: query_pre_attn_scalar^-1/2); None: head width^-1/2
+    attn_softcap: float | None = None  # attention scores -> c·tanh(scores / c) before the mask (Gemma-2: 50); None: off
+    final_softcap: float | None = None  # logits -> c·tanh(logits / c) (Gemma-2: 30); None: off
+    sandwich_norm: bool | None = None  # also norm each mixer's and MLP's output before the residual add (Gemma-2/3)
+    embed_scale: bool | None = None  # multiply token embeddings by sqrt(d_model) (Gemma), which a tied head cannot absorb
 
     def __post_init__(self):
         validate(self, "model", _MODEL_RULES)  # each value's type and range, naming the key
@@ -111,12 +121,13 @@ class GPTConfig:
                 setattr(self, name, table())  # a kind used without its table gets the defaults
         if any(mixer == "sliding" for mixer, _ in kinds) and self.sliding_window is None:
             raise ConfigError("model.layers has 'sliding' layers: set model.sliding_window (keys each query sees)")
-        if self.d_model % self.n_head:
+        if self.d_head is None and self.d_model % self.n_head:
             raise ConfigError(f"model.d_model = {self.d_model} must be divisible by model.n_head = {self.n_head}")
         if self.n_head % self.kv_heads:
             raise ConfigError(f"model.n_head = {self.n_head} must be divisible by model.n_kv_head = {self.kv_heads}")
         if self.position == "rope" and self.head_dim % 2:
-            raise ConfigError(f"model.position = 'rope' needs an even head width; d_model / n_head = {self.head_dim}")
+            raise ConfigError(f"model.position = 'rope' needs an even head width; it is {self.head_dim}")
+        self._check_gemma_switches({mixer for mixer, _ in kinds})
 
     def layer_kinds(self) -> list[tuple[str, str]]:
         """(mixer, mlp) of every layer: ``layers`` repeated to ``n_layer`` (its length must divide
@@ -139,15 +150,29 @@ class GPTConfig:
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
 
+    def _check_gemma_switches(self, mixers: set[str]) -> None:
+        """Refuse the Gemma switches where nothing would read them (so none is silently ignored)."""
+        scoring = [f"model.{name}" for name in ("attn_scale", "attn_softcap") if getattr(self, name) is not None]
+        if scoring and mixers - {"attention", "sliding", "mamba"}:
+            raise ConfigError(f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; "
+                              f"model.layers also has {sorted(mixers - {'attention', 'sliding', 'mamba'})}")
+        if self.attn_softcap is not None and self.attention == "tiled":
+            raise ConfigError("model.attn_softcap needs every score at once: use model.attention = 'manual' or 'sdpa' "
+                              "(which then runs the manual path), not 'tiled'")
+        if self.d_head is not None and "mla" in mixers:
+            raise ConfigError("model.d_head does not apply to 'mla' layers: set the head widths in [model.mla]")
+        if self.sandwich_norm and not self.prenorm:
+            raise ConfigError("model.sandwich_norm adds output norms to pre-norm blocks: it needs model.prenorm = true")
+
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.d_head if self.d_head is not None else self.d_model // self.n_head
 
     @property
     def ff_width(self) -> int:
         if self.d_ff:
             return self.d_ff
-        if self.mlp == "swiglu":  # same parameter count as a 4x GELU MLP, rounded up to 64
+        if self.mlp in ("swiglu", "geglu"):  # same parameter count as a 4x GELU MLP, rounded up to 64
             return 64 * math.ceil(8 * self.d_model / 3 / 64)
         return 4 * self.d_model
 
@@ -179,6 +204,11 @@ class Block(nn.Module):
         self.add_module(self.mixer_name, MIXERS[mixer_kind](config, layer))
         self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias) if mlp_kind != "none" else None
         self.mlp = LAYER_MLPS[mlp_kind](config, layer)
+        # Gemma-2's "sandwich": each sublayer's output is normalized too before it joins the residual stream
+        sandwich = bool(config.sandwich_norm)
+        self.post_norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias) if sandwich else None
+        self.post_norm2 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias) \
+            if sandwich and self.mlp is not None else None
         self.resid_dropout = nn.Dropout(config.dropout)
 
     @property
@@ -188,8 +218,12 @@ class Block(nn.Module):
     def forward(self, x, **attn_kwargs):
         mixer = self.mixer
         if self.prenorm:  # GPT-2, Llama: the residual stream itself is never normalized
-            x = x + self.resid_dropout(mixer(self.norm1(x), **attn_kwargs))
-            return x if self.mlp is None else x + self.mlp(self.norm2(x))
+            h = mixer(self.norm1(x), **attn_kwargs)
+            x = x + self.resid_dropout(h if self.post_norm1 is None else self.post_norm1(h))
+            if self.mlp is None:
+                return x
+            h = self.mlp(self.norm2(x))
+            return x + (h if self.post_norm2 is None else self.post_norm2(h))
         # post-norm (the original Transformer): normalize after adding
         x = self.norm1(x + self.resid_dropout(mixer(x, **attn_kwargs)))
         return x if self.mlp is None else self.norm2(x + self.mlp(x))
@@ -267,6 +301,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {start + T} positions exceeds the context length {self.config.block_size}")
             positions = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx)  # (B, T, C)
+        if self.config.embed_scale:  # Gemma: rows of unit-ish size; the tied head reads the unscaled matrix
+            x = x * x.new_tensor(self.config.d_model**0.5)  # rounded to x's dtype, as Hugging Face does
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         elif self.config.position == "sinusoidal":
@@ -293,6 +329,8 @@ class GPT(nn.Module):
         elif logits_at is not None:
             x = x[:, logits_at, :]
         logits = self.lm_head(x)  # (B, T, V)
+        if self.config.final_softcap is not None:  # Gemma-2: logits kept within (-c, c), smoothly
+            logits = self.config.final_softcap * torch.tanh(logits / self.config.final_softcap)
         if self.mtp is not None:  # multi-token prediction: λ·L_MTP, an aux_loss while training with targets
             training = self.training and targets is not None
             self.mtp.aux_loss = self.mtp.loss(self, hidden, idx, targets, documents) if training else None

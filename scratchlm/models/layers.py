@@ -116,8 +116,10 @@ class Attention(nn.Module):
         if window is not None:
             self.kv_cache = False  # KVCache.for_model gives it no rows: it keeps a ring buffer in cache.state
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
-        self.head_dim = config.d_model // config.n_head
+        self.head_dim = config.head_dim  # d_model / n_head unless the config sets its own (Gemma: d_head)
         self.impl = config.attention
+        self.scale = getattr(config, "attn_scale", None)  # None: 1/sqrt(head_dim)
+        self.softcap = getattr(config, "attn_softcap", None)  # Gemma-2's tanh cap on the scores; None: off
         qkv_bias = config.bias if getattr(config, "qkv_bias", None) is None else config.qkv_bias
         self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
         # Qwen3 / OLMo-2: each head's query and key rescaled to unit RMS, so q·k cannot grow without bound.
@@ -143,6 +145,9 @@ class Attention(nn.Module):
             if self.window is not None:
                 raise ValueError("sliding-window layers do not run on the engine's paged cache; "
                                  "generate with scratchlm.generate (a ring buffer per sliding layer)")
+            if self.scale is not None or self.softcap is not None:
+                raise ValueError("the engine's paged cache attends with the default scale and no soft-capping; "
+                                 "generate with scratchlm.generate for models with attn_scale or attn_softcap")
             y = cache.attend(layer, q, k, v, alibi=alibi)  # (1, H, N, D) for N packed tokens
             return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
         start = 0  # the first new query's position, counted from the first key in k, v
@@ -158,13 +163,17 @@ class Attention(nn.Module):
             if self.window is not None:
                 packed_mask = _window_packed(packed_mask, self.window)
             return self.proj(self._packed(q, k, v, packed_mask, dropout).transpose(1, 2).reshape(B, T, H * D))
-        if self.impl == "manual":
+        if self.impl == "manual" or (self.impl == "sdpa" and self.softcap is not None):  # SDPA cannot cap scores
             y = self._manual(q, k, v, start, alibi, dropout)
         elif self.impl == "tiled":  # FlashAttention's algorithm, spelled out (models/flash_attention.py)
             if dropout:
                 raise ValueError("attention = 'tiled' has no dropout; set model.dropout = 0 or use 'sdpa'")
+            if self.softcap is not None:
+                raise ValueError("attention = 'tiled' does not soft-cap scores; use 'manual' or 'sdpa'")
             from scratchlm.models.flash_attention import tiled_attention
 
+            if self.scale is not None:  # the kernel divides by sqrt(D): pre-scale q so the product is attn_scale
+                q = q * (self.scale * math.sqrt(D))
             y = tiled_attention(q, k, v, start=start, alibi=alibi, window=self.window)
         else:
             y = self._sdpa(q, k, v, start, alibi, dropout)
@@ -218,11 +227,21 @@ class Attention(nn.Module):
         state["v"][:, :, written] = v[:, :, T - kept :]
         return keys, values, held
 
+    def _scores(self, q, k):
+        """q·kᵀ scaled by 1/sqrt(D) (or ``attn_scale``), and with ``attn_softcap = c`` squashed to
+        c·tanh(scores / c) — Gemma-2's soft cap, applied before the mask as Hugging Face does: close
+        to the identity for small scores, it keeps any one score from exceeding ±c."""
+        scores = q @ k.transpose(-2, -1)
+        scores = scores / math.sqrt(self.head_dim) if self.scale is None else scores * self.scale
+        if self.softcap is not None:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+        return scores
+
     def _manual(self, q, k, v, start, alibi, dropout):
         groups = self.n_head // self.n_kv_head
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D): query head h reads kv head h // groups
         v = v.repeat_interleave(groups, dim=1)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        scores = self._scores(q, k)  # (B, H, T, S)
         scores = scores + attention_bias(q.shape[2], k.shape[2], start, alibi, q.device, scores.dtype, self.window)
         weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         weights = F.dropout(weights, dropout, self.training)
@@ -236,25 +255,27 @@ class Attention(nn.Module):
         groups = self.n_head // self.n_kv_head
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if self.impl == "manual":
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        if self.impl == "manual" or self.softcap is not None:
+            scores = self._scores(q, k)
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
             weights = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout, self.training)
             return weights @ v
         if mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
 
     def _sdpa(self, q, k, v, start, alibi, dropout):
         T, S = q.shape[2], k.shape[2]
         gqa = self.n_kv_head != self.n_head
         if alibi is None and start == 0 and T == S and (self.window is None or self.window >= T):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa,
+                                                  scale=self.scale)
         if alibi is None and T == 1 and (self.window is None or self.window >= S):
             # one new token sees everything cached (a sliding layer's ring holds exactly its window): no mask
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, scale=self.scale)
         mask = attention_bias(T, S, start, alibi, q.device, q.dtype, self.window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa,
+                                              scale=self.scale)
 
 
 def attention_bias(T: int, S: int, start: int, alibi, device, dtype, window: int | None = None) -> torch.Tensor:
@@ -290,18 +311,19 @@ def _window_packed(mask: torch.Tensor, window: int) -> torch.Tensor:
 class MLP(nn.Module):
     """Position-wise feed-forward: up-project, nonlinearity, down-project.
 
-    ``swiglu`` gates the up-projection with a second one: ``down(silu(gate(x)) * up(x))``.
+    ``swiglu`` gates the up-projection with a second one: ``down(silu(gate(x)) * up(x))``;
+    ``geglu`` (Shazeer 2020; Gemma) is the same gate through GELU-tanh: ``down(gelu(gate(x)) * up(x))``.
     ``relu2`` is ReLU squared (Primer, modded-nanoGPT); ``gelu_tanh`` is GPT-2's approximation.
     """
 
     def __init__(self, config):
         super().__init__()
         self.kind = config.mlp
-        if self.kind not in ("gelu", "gelu_tanh", "swiglu", "relu2"):
-            raise ValueError(f"mlp must be gelu | gelu_tanh | swiglu | relu2, got {self.kind!r}")
+        if self.kind not in ("gelu", "gelu_tanh", "swiglu", "geglu", "relu2"):
+            raise ValueError(f"mlp must be gelu | gelu_tanh | swiglu | geglu | relu2, got {self.kind!r}")
         hidden = config.ff_width
         self.up = nn.Linear(config.d_model, hidden, bias=config.bias)
-        self.gate = nn.Linear(config.d_model, hidden, bias=config.bias) if self.kind == "swiglu" else None
+        self.gate = nn.Linear(config.d_model, hidden, bias=config.bias) if self.kind in ("swiglu", "geglu") else None
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -313,6 +335,8 @@ class MLP(nn.Module):
             h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
             h = F.relu(h).square()
+        elif self.kind == "geglu":
+            h = F.gelu(self.gate(x), approximate="tanh") * h
         else:
             h = F.silu(self.gate(x)) * h
         return self.dropout(self.down(h))

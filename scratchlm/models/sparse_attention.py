@@ -128,7 +128,7 @@ class NativeSparseAttention(nn.Module):
         c = config.nsa if config.nsa is not None else NSAConfig()
         self.nsa = c
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
-        self.head_dim = config.d_model // config.n_head
+        self.head_dim = config.head_dim
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # One projection: the shared queries, then k and v for each of the three branches.
         self.qkv = nn.Linear(config.d_model, (H + 6 * Hkv) * D, bias=config.bias)
