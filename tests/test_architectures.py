@@ -116,3 +116,14 @@ def test_deepseek_v3_details_match_the_report():
     # MLA caches the latent and the shared RoPE key: 512 + 64 = 576 values per token per layer.
     assert [block.mixer.cache_values_per_token() for block in model.blocks] == [576] * 61
     assert model.kv_cache_bytes_per_token(2) == 2 * 576 * 61
+
+
+def test_settings_no_layer_reads_are_refused_not_ignored():
+    """A [model.moe] table without a '+moe' layer, or a sliding window without a 'sliding' layer,
+    would silently build a plain model: refused, naming what to add."""
+    with pytest.raises(ConfigError, match=r"model.moe is set but no layer uses 'moe'"):
+        GPTConfig(n_layer=2, moe={"n_experts": 4})
+    with pytest.raises(ConfigError, match=r"model.sliding_window = 4 but no layer is 'sliding'"):
+        GPTConfig(n_layer=2, sliding_window=4)
+    with pytest.raises(ConfigError, match=r"model.mamba is set but no layer uses 'mamba'"):
+        GPTConfig(n_layer=2, layers=["attention"], mamba={"d_state": 8})

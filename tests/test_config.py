@@ -162,6 +162,8 @@ def test_every_bound_is_where_its_rule_says(cls):
                 kwargs["lr"] = max(value, 1.0)
             if name == "warmup_steps":
                 kwargs["max_steps"] = 10**6
+            if name == "sliding_window":  # read by sliding layers only (a window no layer reads is refused)
+                kwargs["layers"] = ["sliding"]
             if allowed:
                 cls(**kwargs)
             else:

@@ -137,7 +137,7 @@ def test_refusals(tmp_path):
     with pytest.raises(ConfigError, match="attn_softcap needs every score"):
         gemma_tiny(attention="tiled")
     with pytest.raises(ConfigError, match="apply to 'attention' and 'sliding' layers only"):
-        gemma_tiny(layers=["diff"], mlp="swiglu")
+        gemma_tiny(layers=["diff"], mlp="swiglu", sliding_window=None)
     with pytest.raises(ConfigError, match="needs model.prenorm"):
         gemma_tiny(prenorm=False)
     with pytest.raises(ConfigError, match="model.attn_softcap"):

@@ -115,12 +115,18 @@ class GPTConfig:
     def __post_init__(self):
         validate(self, "model", _MODEL_RULES)  # each value's type and range, naming the key
         kinds = self.layer_kinds()  # checks the pattern
-        for kind in {k for pair in kinds for k in pair}:
-            if kind in _KIND_TABLES and getattr(self, _KIND_TABLES[kind][0]) is None:
-                name, table = _KIND_TABLES[kind]
+        used = {k for pair in kinds for k in pair}
+        for kind, (name, table) in _KIND_TABLES.items():
+            if kind in used and getattr(self, name) is None:
                 setattr(self, name, table())  # a kind used without its table gets the defaults
-        if any(mixer == "sliding" for mixer, _ in kinds) and self.sliding_window is None:
+            elif kind not in used and getattr(self, name) is not None:  # e.g. [model.moe] but no "+moe" layer
+                raise ConfigError(f"model.{name} is set but no layer uses '{kind}': add it to model.layers "
+                                  f"(now {self.layers or ['attention']}), or remove model.{name}")
+        if "sliding" in used and self.sliding_window is None:
             raise ConfigError("model.layers has 'sliding' layers: set model.sliding_window (keys each query sees)")
+        if "sliding" not in used and self.sliding_window is not None:
+            raise ConfigError(f"model.sliding_window = {self.sliding_window} but no layer is 'sliding': add 'sliding' to "
+                              "model.layers (e.g. [\"sliding\"] or [\"sliding\", \"attention\"]), or remove it")
         if self.d_head is None and self.d_model % self.n_head:
             raise ConfigError(f"model.d_model = {self.d_model} must be divisible by model.n_head = {self.n_head}")
         if self.n_head % self.kv_heads:
@@ -255,7 +261,7 @@ class GPT(nn.Module):
             self.register_buffer("alibi", alibi_slopes(c.n_head), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            if name.endswith(("attn.proj.weight", "mlp.down.weight", "mamba.out_proj.weight")):
                 # Each block adds to the residual stream twice: keep its variance from growing with depth.
                 nn.init.normal_(p, 0.0, c.init_std / math.sqrt(2 * c.n_layer))
 

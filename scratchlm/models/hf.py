@@ -210,10 +210,14 @@ def export_hf(model: GPT, folder: str | Path, architecture: str | None = None, t
         raise ValueError(f"architecture must be one of {', '.join(sorted(exporters))}, got {architecture!r}")
     if architecture in ("gpt2", "llama") and any(kind != ("attention", "dense") for kind in c.layer_kinds()):
         raise ValueError(f"{architecture} export needs every layer to be attention + a dense MLP")
+    # Switches only some formats can hold: refuse the others, never drop a switch silently.
     gemma = [k for k in ("attn_scale", "attn_softcap", "final_softcap", "sandwich_norm", "embed_scale") if getattr(c, k)]
     gemma += ["d_head"] if c.d_head is not None and c.d_head * c.n_head != c.d_model else []
-    if gemma and architecture != "gemma2":  # the other formats have no field for them: refuse, never drop them
+    if gemma and architecture != "gemma2":
         raise ValueError(f"{architecture} export cannot express model.{', model.'.join(gemma)}; export as 'gemma2'")
+    for switch, formats in (("qkv_bias", ("qwen2_moe",)), ("qk_norm", ("qwen3_moe",))):
+        if getattr(c, switch) and architecture not in formats:
+            raise ValueError(f"{architecture} export cannot express model.{switch}; formats that can: {', '.join(formats)}")
     tensors, hf = exporters[architecture](model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -94,8 +94,13 @@ class MTP(nn.Module):
         mtp = config.mtp
         self.kind, self.weight = mtp.kind, mtp.weight
         block = mtp.block or "+".join(k for k in config.layer_kinds()[-1] if k != "dense")
+        from scratchlm.models.gpt import _KIND_TABLES  # gpt.py imports this module
+
         try:  # the block's config: the main model's settings, one layer of the chosen kind
-            block_config = dataclasses.replace(config, n_layer=1, layers=[block], mtp=None)
+            kinds = set(block.split("+"))  # the block keeps only the settings tables its kinds read
+            unused = {name: None for kind, (name, _) in _KIND_TABLES.items() if kind not in kinds}
+            window = config.sliding_window if "sliding" in kinds else None
+            block_config = dataclasses.replace(config, n_layer=1, layers=[block], mtp=None, sliding_window=window, **unused)
         except ConfigError as e:
             raise ConfigError(f"model.mtp.block = {block!r}: {e}") from None
         self.depths = nn.ModuleList(MTPModule(block_config, mtp.kind) for _ in range(mtp.depth))

@@ -280,7 +280,10 @@ class Trainer:
         if self.sharded:
             from torch.distributed.fsdp import fully_shard
 
-            for block in self.model.blocks:
+            blocks = list(self.model.blocks)
+            if getattr(self.model, "mtp", None) is not None:  # MTP modules: each its own unit too
+                blocks += [m for m in self.model.mtp.modules() if isinstance(m, type(self.model.blocks[0]))]
+            for block in blocks:
                 fully_shard(block)
             fully_shard(self.model)
         self.optimizers = build_optimizers(self.model, cfg, self.device)
