@@ -147,7 +147,7 @@ def test_refusals(tmp_path):
         paged = True
 
     with pytest.raises(ValueError, match="paged cache"):
-        gemma_model(layers=["attention"]).blocks[0].attn(torch.zeros(1, 1, 32), cache=Paged())
+        gemma_model(layers=["attention"], sliding_window=None).blocks[0].attn(torch.zeros(1, 1, 32), cache=Paged())
     # Llama blocks with a Gemma switch: the Llama format has no field for it, so no silent export
     llama_capped = GPT(GPTConfig(n_layer=1, position="rope", norm="rmsnorm", mlp="swiglu", bias=False, attn_softcap=5.0))
     with pytest.raises(ValueError, match="llama export cannot express model.attn_softcap"):
