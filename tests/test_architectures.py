@@ -127,3 +127,34 @@ def test_settings_no_layer_reads_are_refused_not_ignored():
         GPTConfig(n_layer=2, sliding_window=4)
     with pytest.raises(ConfigError, match=r"model.mamba is set but no layer uses 'mamba'"):
         GPTConfig(n_layer=2, layers=["attention"], mamba={"d_state": 8})
+
+
+def test_set_dropout_reaches_every_mixer_kind():
+    """DPO and RL compare log-probabilities of the same model: set_dropout(0) must turn off the
+    attention-weight dropout every mixer keeps, not only the standard attention's."""
+    import torch
+
+    from scratchlm.models.gpt import GPT
+
+    for layers, extra in ((["mla"], {}), (["diff"], {}), (["nsa"], {"nsa": {"compress_block": 4, "compress_stride": 2,
+                                                                            "select_block": 4, "select_count": 3,
+                                                                            "window": 4}})):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=4, d_model=32, block_size=16, position="rope",
+                              dropout=0.2, layers=layers, **extra)).train()
+        model.set_dropout(0.0)
+        x = torch.randint(0, 40, (2, 16))
+        assert torch.equal(model(x)[0], model(x)[0]), layers
+
+
+def test_training_flops_count_the_mtp_modules():
+    import torch
+
+    from scratchlm.models.gpt import GPT
+
+    base = dict(vocab_size=64, n_layer=2, n_head=2, d_model=32, block_size=16)
+    plain, with_mtp = GPT(GPTConfig(**base)), GPT(GPTConfig(**base, mtp={"depth": 1}))
+    mtp_weights = with_mtp.parameter_counts()["mtp"] + with_mtp.lm_head.weight.numel()
+    assert with_mtp.flops_per_token()["forward"] == plain.flops_per_token()["forward"]
+    extra = with_mtp.flops_per_token()["train"] - plain.flops_per_token()["train"]
+    assert extra == 6 * mtp_weights + 3 * 4 * 32 * 16  # its block's attention over the context, x3 for training

@@ -259,3 +259,26 @@ def test_sft_with_packing_learns_and_fills_its_windows(setup, tmp_path):
 
         dpo({"base": str(setup / "base"), "data": str(setup / "tasks" / "pairs-train.jsonl"), "packing": True},
             {"out_dir": str(tmp_path / "dpo")}, progress=False)
+
+
+def test_sft_of_a_mixture_of_experts_keeps_its_balancing_loss(setup, tmp_path):
+    """SFT builds its loss from logits (no targets to GPT.forward), so the trainer adds the blocks'
+    auxiliary losses itself: with a large balancing weight the first logged loss exceeds the same
+    run's without it by the weight times the (positive) balance loss, and the router trains."""
+    from scratchlm.train.checkpoint import save_model_only as save
+
+    tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
+    first = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=32, block_size=48, position="rope",
+                             norm="rmsnorm", mlp="swiglu", bias=False, layers=["attention+moe"],
+                             moe={"n_experts": 4, "top_k": 2, "aux_weight": weight}))
+        save(tmp_path / f"base{weight}", base, tokenizer=tok)
+        out = tmp_path / f"sft{weight}"
+        sft({"base": str(tmp_path / f"base{weight}"), "data": str(setup / "tasks" / "sft-train.jsonl")},
+            run(out_dir=str(out), max_steps=2, eval_interval=2, log_interval=1), progress=False)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        first[weight] = next(r["loss"] for r in records if "loss" in r and "val_loss" not in r)
+    # the aux loss is E·Σ f·P >= 1 per MoE layer (2 layers): weight 5 adds at least 10
+    assert first[5.0] - first[0.0] > 9.0, first

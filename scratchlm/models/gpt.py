@@ -375,7 +375,7 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = p
-            if isinstance(module, Attention):
+            if isinstance(getattr(module, "dropout", None), float):  # a mixer's attention-weight dropout
                 module.dropout = p
 
     @torch.no_grad()
@@ -450,12 +450,7 @@ class GPT(nn.Module):
             elif name.startswith("lm_head"):
                 parts["lm_head"] += p.numel()
         parts["total"] = sum(v for k, v in parts.items() if k != "mtp")
-        idle = 0.0  # routed experts a token does not visit
-        for block in self.blocks:
-            if isinstance(block.mlp, MoE):
-                routed = sum(p.numel() for n, p in block.mlp.named_parameters() if n.startswith("experts_"))
-                idle += routed * (1 - self.config.moe.top_k / self.config.moe.n_experts)
-        parts["active"] = parts["total"] - round(idle)
+        parts["active"] = parts["total"] - _idle_experts(self.blocks)
         return parts
 
     def flops_per_token(self, context: int | None = None) -> dict[str, float]:
@@ -475,7 +470,12 @@ class GPT(nn.Module):
         if not self.config.tie_embeddings:  # the input embedding is a lookup; a tied one is also the output matmul
             n -= self.tok_emb.weight.numel()
         mixing = sum(_context_flops(block.mixer, T) for block in self.blocks)
-        return {"train": 6 * n + 3 * mixing, "forward": 2 * n + mixing}
+        flops = {"train": 6 * n + 3 * mixing, "forward": 2 * n + mixing}
+        if self.mtp is not None:  # training also runs the MTP modules, each ending in the shared head
+            blocks = [m for m in self.mtp.modules() if isinstance(m, Block)]
+            mtp = counts["mtp"] - _idle_experts(blocks) + len(blocks) * self.lm_head.weight.numel()
+            flops["train"] += 6 * mtp + 3 * sum(_context_flops(b.mixer, T) for b in blocks)
+        return flops
 
     def state_bytes_per_sequence(self, bytes_per_value: int = 2) -> int:
         """Cache bytes a sequence holds whatever its length: a state-space layer's recurrent state."""
@@ -557,6 +557,17 @@ def packing(documents: torch.Tensor, alibi: torch.Tensor | None = None) -> tuple
         distance = (index[:, :, None] - index[:, None, :]).clamp_min(0)[:, None].float()  # (B, 1, T, T)
         mask = torch.where(mask, -alibi.float()[None, :, None, None] * distance, float("-inf"))
     return index - first, mask
+
+
+def _idle_experts(blocks) -> int:
+    """Parameters of the routed experts a token does not visit: (1 - top_k / E) of each MoE's experts."""
+    idle = 0.0
+    for block in blocks:
+        if isinstance(block.mlp, MoE):
+            m = block.mlp.config
+            routed = sum(p.numel() for n, p in block.mlp.named_parameters() if n.startswith("experts_"))
+            idle += routed * (1 - m.top_k / m.n_experts)
+    return round(idle)
 
 
 def _context_flops(mixer: nn.Module, context: int) -> float:

@@ -199,6 +199,7 @@ def _held_out(messages: list[dict], fraction: float) -> bool:
 
 class SFTTrainer(Trainer):
     method = "sft"  # what a checkpoint records (state["method"], and its settings under that key)
+    model_adds_auxiliary = False  # the loss is built from logits: the loop adds the blocks' auxiliary losses
 
     def __init__(self, sft: SFTConfig, cfg: TrainConfig, **kwargs):
         self.sft = sft

@@ -183,6 +183,10 @@ class Trainer:
     def _begin_step(self, batches: list) -> None:
         """Called with every micro-batch of a step (on each rank) before the first forward pass."""
 
+    # GPT.forward adds the blocks' auxiliary losses (MoE balancing, MTP) when it is given targets;
+    # a method that builds its loss from the logits (SFT, DPO, RL) gets them added by the loop.
+    model_adds_auxiliary = True
+
     def _loss(self, batch) -> torch.Tensor:
         """One micro-batch's loss, through ``step_model`` (DDP, compiled). The trainer divides it
         by ``grad_accum`` and DDP averages it over ranks."""
@@ -645,6 +649,8 @@ class Trainer:
                     no_sync = self.step_model.no_sync() if not (sync or self.sharded) else contextlib.nullcontext()
                     with self.autocast, no_sync:
                         loss = self._loss(batch)
+                        if not self.model_adds_auxiliary:  # the last forward's MoE balancing losses
+                            loss = loss + self.model.auxiliary_loss()
                         (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach() / cfg.grad_accum
                 if self.world_size > 1:
