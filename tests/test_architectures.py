@@ -158,3 +158,11 @@ def test_training_flops_count_the_mtp_modules():
     assert with_mtp.flops_per_token()["forward"] == plain.flops_per_token()["forward"]
     extra = with_mtp.flops_per_token()["train"] - plain.flops_per_token()["train"]
     assert extra == 6 * mtp_weights + 3 * 4 * 32 * 16  # its block's attention over the context, x3 for training
+
+
+@pytest.mark.parametrize("switch", ["qkv_bias", "qk_norm", "attn_softcap"])
+def test_attention_switches_are_refused_on_mixers_that_do_not_read_them(switch):
+    value = 5.0 if switch == "attn_softcap" else True
+    with pytest.raises(ConfigError, match=f"model.{switch} appl"):
+        GPTConfig(n_layer=2, layers=["attention", "mla"], **{switch: value})
+    GPTConfig(n_layer=2, layers=["attention", "sliding"], sliding_window=4, **{switch: value})  # read by both

@@ -165,6 +165,10 @@ class GPTConfig:
         if self.attn_softcap is not None and self.attention == "tiled":
             raise ConfigError("model.attn_softcap needs every score at once: use model.attention = 'manual' or 'sdpa' "
                               "(which then runs the manual path), not 'tiled'")
+        projections = [f"model.{name}" for name in ("qkv_bias", "qk_norm") if getattr(self, name)]
+        if projections and mixers - {"attention", "sliding", "mamba"}:  # the Qwen switches live in Attention
+            raise ConfigError(f"{' and '.join(projections)} apply to 'attention' and 'sliding' layers only; "
+                              f"model.layers also has {sorted(mixers - {'attention', 'sliding', 'mamba'})}")
         if self.d_head is not None and "mla" in mixers:
             raise ConfigError("model.d_head does not apply to 'mla' layers: set the head widths in [model.mla]")
         if self.sandwich_norm and not self.prenorm:
