@@ -5,10 +5,13 @@ Proves: the cache holds only the latent and the shared RoPE key (kv_lora_rank + 
 per token: 576 x 61 layers for DeepSeek-V3 at full shape, built on the meta device); the readable
 decode path (rebuild k, v) and the weight-absorbed one (attend over the latent) both equal the
 parallel forward within 1e-5, through multi-token chunks, single-token steps and a beam reorder;
+with absorption on, a prefill from an empty cache rebuilds k, v and decoding absorbs (the cheaper
+path by multiply-adds), and a decoding step attends with no mask at all;
 packed rows and the spelled-out attention agree with the fused one; and randomly initialised
 transformers DeepseekV2/V3ForCausalLM models (dense, low-rank query, MoE with V2's group-limited
 softmax and V3's sigmoid router with a random correction bias) give the same logits (<= 1e-4)
-and the same greedy tokens with our latent cache, and load back in transformers after export.
+and the same greedy tokens with our latent cache, and load back in transformers after export; a
+V2 config with an unknown ``topk_method`` is refused and one with ``norm_topk_prob`` warned about.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from scratchlm.generate.generate import generate
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig
 from scratchlm.models.gpt import GPT, GPTConfig
-from scratchlm.models.mla import MLA, MLAConfig
+from scratchlm.models.mla import MLA, MLAConfig, mla_rope
 
 
 def _config(q_lora_rank=None, **overrides) -> GPTConfig:
@@ -117,6 +120,56 @@ def test_absorbed_and_expanded_paths_agree_and_beam_reorder_keeps_them():
     assert with_cache == generate(model, [3, 1, 4, 1, 5], 20, greedy, use_cache=False)
 
 
+def test_decoding_absorbs_a_prefill_rebuilds_and_a_step_builds_no_mask(monkeypatch):
+    torch.manual_seed(5)
+    model = GPT(_config(24)).eval()
+    ids = torch.randint(0, 61, (1, 11))
+    calls = []
+
+    def spy_on(name):
+        original = getattr(MLA, name)
+
+        def spy(self, *args):
+            calls.append((name, args[0].shape[2], args[4]))  # the path, the new tokens T, the mask
+            return original(self, *args)
+
+        monkeypatch.setattr(MLA, name, spy)
+
+    spy_on("_attend_absorbed")
+    spy_on("_attend_expanded")
+    for absorb in (True, False):
+        calls.clear()
+        for block in model.blocks:
+            block.attn.absorb = absorb
+        cache = KVCache.for_model(model, batch=1, max_len=11)
+        with torch.no_grad():
+            for start, end in [(0, 8), (8, 9), (9, 11)]:  # a prefill, a step, a chunk of 2
+                model(ids[:, start:end], cache=cache)
+        paths = [(path, T) for path, T, _ in calls]
+        chosen = "_attend_absorbed" if absorb else "_attend_expanded"
+        assert paths == [("_attend_expanded", 8)] * 2 + [(chosen, 1)] * 2 + [(chosen, 2)] * 2
+        assert all(mask is None for _, _, mask in calls[:4])  # from 0: causal; one new token: sees every key
+        assert all(torch.is_tensor(mask) for _, _, mask in calls[4:])  # a chunk after cached tokens
+    with torch.device("meta"):  # DeepSeek-V3's shapes: absorbing pays up to ~164 new tokens over 4096
+        v3 = MLA(_config(None, n_head=128, d_model=7168, mla=MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128,
+                                                                       qk_rope_head_dim=64, v_head_dim=128)), 0)
+    assert [v3.absorb_pays(T, 4096) for T in (1, 160, 170, 4096)] == [True, True, False, False]
+
+
+def test_absorbed_and_expanded_attention_agree_on_a_causal_prefill_too():
+    torch.manual_seed(6)
+    mla = MLA(_config(24), 0).eval()
+    x = torch.randn(2, 9, 32)
+    cos, sin = mla_rope(torch.arange(9), mla.d_rope, mla.theta)
+    with torch.no_grad():
+        q_nope, q_rope = mla._queries(x, cos, sin)
+        latent, k_rope = mla._latents(x, cos, sin)
+        expanded = mla._attend_expanded(q_nope, q_rope, latent, k_rope, None, True)
+        absorbed = mla._attend_absorbed(q_nope, q_rope, latent, k_rope, None, True)
+    assert expanded.abs().max() > 0.1
+    torch.testing.assert_close(absorbed, expanded, atol=1e-5, rtol=1e-5)
+
+
 def test_manual_attention_and_packed_rows_agree_with_sdpa():
     torch.manual_seed(3)
     model = GPT(_config(None)).eval()
@@ -192,6 +245,18 @@ def test_deepseek_import_matches_transformers_and_exports_back(tmp_path, version
     back = type(hf).from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_deepseek_v2_import_refuses_unknown_topk_methods_and_warns_on_norm_topk_prob():
+    from scratchlm.models.hf import config_from_hf
+
+    hf = _deepseek_hf(2, 1, None).config.to_dict()
+    with pytest.raises(ValueError, match="topk_method 'noaux_tc' is not supported"):
+        config_from_hf({**hf, "topk_method": "noaux_tc"})
+    with pytest.warns(UserWarning, match="norm_topk_prob = true is ignored, as transformers ignores it"):
+        moe = config_from_hf({**hf, "norm_topk_prob": True}).moe
+    assert not moe.normalize and moe.routed_scale == 2.5  # transformers' V2: neither renormalised nor unscaled
+    assert config_from_hf({**hf, "topk_method": "greedy"}).moe.n_groups == 1  # greedy ignores the groups
 
 
 def test_deepseek_import_skips_mtp_layers_and_refuses_yarn(tmp_path):

@@ -9,7 +9,9 @@ How the two families differ, as ``transformers`` computes them (and so as we imp
 
 * V2 routes with a **softmax** over the experts, top-k "greedy" or "group_limited_greedy" (groups
   scored by their best expert), the chosen weights are **not** renormalised (transformers' V2
-  ignores ``norm_topk_prob``), then multiplied by ``routed_scaling_factor``.
+  ignores ``norm_topk_prob``; DeepSeek's original code honours it, so a V2 config with it on
+  imports with a warning that the outputs follow transformers), then multiplied by
+  ``routed_scaling_factor``.
 * V3 routes with a **sigmoid**, adds the per-expert ``e_score_correction_bias`` to *choose* (never
   to weigh), always limits to the best ``topk_group`` of ``n_group`` groups scored by the sum of
   their best two biased scores, renormalises when ``norm_topk_prob``, and scales.
@@ -29,7 +31,8 @@ Three conventions worth knowing:
   the last one (``model.layers.{L}...``): skipped here with a warning (MTP is imported elsewhere).
 
 Not supported (refused with a message): YaRN or other RoPE scaling, attention or MLP biases,
-``moe_layer_freq`` other than 1, and key/value head counts other than the query heads.
+``moe_layer_freq`` other than 1, key/value head counts other than the query heads, and a V2
+``topk_method`` other than ``greedy`` / ``group_limited_greedy``.
 """
 
 from __future__ import annotations
@@ -91,8 +94,20 @@ def _check_supported(hf: dict) -> float:
 def _moe_config(hf: dict) -> MoEConfig:
     v3 = hf["model_type"] == "deepseek_v3"
     n_groups, topk_groups = hf.get("n_group") or 1, hf.get("topk_group") or 1
-    if not v3 and hf.get("topk_method", "greedy") == "greedy":
-        n_groups = topk_groups = 1  # V2's plain greedy top-k ignores the groups
+    if not v3:
+        method = hf.get("topk_method") or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"deepseek_v2: topk_method {method!r} is not supported (only 'greedy' and "
+                             "'group_limited_greedy', the two transformers' DeepseekV2 computes)")
+        if method == "greedy":
+            n_groups = topk_groups = 1  # V2's plain greedy top-k ignores the groups
+        if hf.get("norm_topk_prob"):
+            # DeepSeek's own V2 code renormalises the top-k weights (and then skips the routed scale)
+            # when top_k > 1; transformers never does. We compute what transformers computes.
+            warnings.warn("deepseek_v2: norm_topk_prob = true is ignored, as transformers ignores it (DeepSeek's "
+                          "original code would renormalise the top-k weights and skip routed_scaling_factor): "
+                          "the imported model computes transformers' DeepseekV2, whose outputs differ",
+                          stacklevel=2)
     shared = hf.get("n_shared_experts") or 0
     width = hf["moe_intermediate_size"]
     return MoEConfig(

@@ -19,6 +19,20 @@ All three are Llama with some MLPs replaced by a softmax top-k router over SwiGL
 ``experts.down_proj`` (E, C, F)), but ``save_pretrained`` writes them one expert at a time, in the
 legacy names above; we read either form and write the per-expert form, which ``from_pretrained``
 loads.
+
+**The load-balancing coefficient changes meaning across the boundary.** transformers'
+``load_balancing_loss_func`` computes *one* loss over the router logits of all ``L`` MoE layers
+concatenated, with each expert's share of assignments counted over tokens (``N·L``), not
+assignments: ``coef · E · Σ_i f_i P_i`` with ``f_i = (Σ_l c_li) / (N·L)`` and ``P_i`` the mean
+probability over the ``N·L`` rows. Ours is a sum of per-layer losses, ``α · E · Σ_l Σ_i
+c_li/(N·k) · P_li``. The two are equal when every layer routes alike (in particular for one MoE
+layer, and at perfect balance, where HF's is ``coef·k`` and ours ``α·L``) exactly when
+
+    α = coef · k / L
+
+(tests/test_moe.py checks this against transformers' function). Otherwise transformers' loss also
+couples layers (layer l's load weighs layer l''s probabilities), which ours does not. The importer
+converts ``router_aux_loss_coef`` to ``aux_weight`` this way, the exporter back.
 """
 
 from __future__ import annotations
@@ -83,9 +97,10 @@ def _config(hf: dict) -> GPTConfig:
         if hf.get("attention_bias"):
             raise ValueError("qwen3_moe: attention_bias (on q, k, v and o) is not supported")
         base["qk_norm"] = True
-    moe.update(n_experts=experts, top_k=hf["num_experts_per_tok"], d_expert=width,
-               aux_weight=float(hf.get("router_aux_loss_coef", 0.01)))
     layers = [f"{mixer}+moe" if sparse else mixer for sparse in _moe_layers(hf)]
+    coef = float(hf.get("router_aux_loss_coef", 0.001))  # transformers' default for all three families
+    moe.update(n_experts=experts, top_k=hf["num_experts_per_tok"], d_expert=width,
+               aux_weight=aux_weight_from_hf(coef, hf["num_experts_per_tok"], sum(_moe_layers(hf))))
     base["layers"] = layers[:1] if len(set(layers)) == 1 else layers  # one item repeats to every layer
     base["moe"] = moe
     return GPTConfig.from_dict(base)
@@ -129,6 +144,17 @@ def _tensors(t: dict, c: GPTConfig, kind: str) -> dict:
                 out[b + f"mlp.shared.{p}.weight"] = t[m + f"shared_expert.{p}_proj.weight"]
             out[b + "mlp.shared_gate.weight"] = t[m + "shared_expert_gate.weight"]
     return out
+
+
+def aux_weight_from_hf(coef: float, top_k: int, moe_layers: int) -> float:
+    """Our per-layer ``aux_weight`` α for transformers' ``router_aux_loss_coef`` (see the module
+    docstring): α = coef · k / L, equal losses whenever the L MoE layers route alike."""
+    return coef * top_k / max(moe_layers, 1)
+
+
+def aux_weight_to_hf(aux_weight: float, top_k: int, moe_layers: int) -> float:
+    """transformers' ``router_aux_loss_coef`` for our ``aux_weight``: the inverse of :func:`aux_weight_from_hf`."""
+    return aux_weight * max(moe_layers, 1) / top_k
 
 
 # --- export ---------------------------------------------------------------------------------------
@@ -213,7 +239,8 @@ def _exporter(kind: str):
               "num_key_value_heads": Hkv, "head_dim": D, "max_position_embeddings": c.block_size,
               "rms_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
               "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "num_experts_per_tok": m.top_k,
-              "router_aux_loss_coef": m.aux_weight, "attention_dropout": 0.0}
+              "router_aux_loss_coef": aux_weight_to_hf(m.aux_weight, m.top_k, c.n_layer - len(dense_layers)),
+              "attention_dropout": 0.0}
         if kind == "mixtral":
             hf.update(intermediate_size=width, num_local_experts=m.n_experts, router_jitter_noise=0.0,
                       sliding_window=c.sliding_window if c.layer_kinds()[0][0] == "sliding" else None)

@@ -25,7 +25,11 @@ so the query can be mapped into the latent space once and attend directly over t
 and ``o_i = W_UV,i (Σ_j p_ij c_j)``: the weighted sum of latents is taken first and ``W_UV`` applied
 once per query. The keys and values are never rebuilt — decoding becomes multi-query attention
 with one ``(d_c + d_h^R)``-wide key head whose value is the latent itself. Both paths are here:
-:meth:`MLA._attend_expanded` (readable: rebuild k, v) and :meth:`MLA._attend_absorbed`.
+:meth:`MLA._attend_expanded` (readable: rebuild k, v) and :meth:`MLA._attend_absorbed`. Which runs
+is a cost decision (:meth:`MLA.absorb_pays`): absorbing attends at width ``2·d_c + d_h^R`` instead
+of ``d_h + d_h^R + d_v`` but never rebuilds the S cached keys and values, so it wins for a few new
+tokens over a long cache (decoding) and loses for a prefill (without a cache, training, always the
+readable path).
 
 Layout (as Hugging Face and DeepSeek's reference code, so weights map one to one): ``kv_down``
 makes ``[c_KV (d_c) ; k_R (d_h^R)]`` in one matmul (W_DKV and W_KR fused), ``kv_up`` makes each
@@ -57,7 +61,7 @@ class MLAConfig:
     qk_nope_head_dim: int = 32  # per-head query/key width without position, d_h
     qk_rope_head_dim: int = 16  # decoupled RoPE width d_h^R (query per head; one key shared by all heads)
     v_head_dim: int = 32  # per-head value width d_v
-    absorb: bool = True  # with a cache: attend over the latent with W_UK, W_UV folded in; False: rebuild k, v
+    absorb: bool = True  # with a cache: attend over the latent (W_UK, W_UV folded in) when cheaper; False: rebuild k, v
 
     def __post_init__(self):
         validate(self, "model.mla", {
@@ -134,16 +138,16 @@ class MLA(nn.Module):
         return w[:, : self.d_nope], w[:, self.d_nope :]
 
     # --- the two ways to attend -------------------------------------------------------------
-    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, mask, causal: bool) -> torch.Tensor:
         """Readable path: rebuild every head's key and value from the latent, then attend (eqs. 10–11, 17–18)."""
         B, S, _ = latent.shape
         kv = self.kv_up(latent).view(B, S, self.n_head, self.d_nope + self.d_v).transpose(1, 2)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # (B, H, S, d_h), (B, H, S, d_v)
         k = torch.cat([k_nope, k_rope[:, None].expand(-1, self.n_head, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        return self._attention(q, k, v, mask)  # (B, H, T, d_v)
+        return self._attention(q, k, v, mask, causal)  # (B, H, T, d_v)
 
-    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask, causal: bool) -> torch.Tensor:
         """Absorbed path: W_UK folded into the query, W_UV applied after the weighted sum of latents.
 
         Attention then runs over the cached ``[c_KV ; k_R]`` directly, one key "head" of width
@@ -154,25 +158,40 @@ class MLA(nn.Module):
         q = torch.cat([q_latent, q_rope], dim=-1)
         k = torch.cat([latent, k_rope], dim=-1)[:, None].expand(-1, self.n_head, -1, -1)
         v = latent[:, None].expand(-1, self.n_head, -1, -1)
-        o_latent = self._attention(q, k, v, mask)  # Σ_j p_ij c_j: (B, H, T, d_c)
+        o_latent = self._attention(q, k, v, mask, causal)  # Σ_j p_ij c_j: (B, H, T, d_c)
         return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)  # W_UV,i (Σ_j p_ij c_j): (B, H, T, d_v)
 
-    def _attention(self, q, k, v, mask) -> torch.Tensor:
-        """softmax(q·k · scale + mask) v. ``mask`` is None (causal from 0), a boolean (.., T, S)
-        mask, or an additive float one. "manual" spells it out; otherwise ("sdpa", and "tiled", which
-        has no MLA variant) PyTorch's SDPA."""
+    def _attention(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+        """softmax(q·k · scale + mask) v. ``causal``: the T queries are the last T of the S keys'
+        positions and see the keys up to their own; else ``mask`` is a boolean or additive float
+        (.., T, S) mask, or None when every query sees every key (a decoding step). "manual" spells
+        it out; otherwise ("sdpa", and "tiled", which has no MLA variant) PyTorch's SDPA."""
         dropout = self.dropout if self.training else 0.0
         if self.impl == "manual":
             scores = (q @ k.transpose(-2, -1)) * self.scale
             T, S = scores.shape[-2:]
-            if mask is None:
+            if causal:
                 mask = attention_bias(T, S, S - T, None, q.device, scores.dtype)
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
             weights = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout, self.training)
             return weights @ v
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                              scale=self.scale)
+
+    def absorb_pays(self, T: int, S: int) -> bool:
+        """Whether the absorbed path costs fewer multiply-adds (per head) for T new queries over S keys:
+
+            rebuild k, v:  S·d_c·(d_h + d_v)  +  T·S·(d_h + d_h^R + d_v)
+            absorbed:      T·d_c·(d_h + d_v)  +  T·S·(2·d_c + d_h^R)
+
+        (first term: W_UK, W_UV applied to the S latents, or to the T queries and outputs; second:
+        scores and weighted sum.) A decoding step (T = 1) absorbs; a prefill from an empty cache
+        (T = S) rebuilds; at DeepSeek-V3's shapes, absorbing pays for chunks up to ~170 new tokens."""
+        dh, dv, dr, dc = self.d_nope, self.d_v, self.d_rope, self.d_c
+        expanded = S * dc * (dh + dv) + T * S * (dh + dr + dv)
+        absorbed = T * dc * (dh + dv) + T * S * (2 * dc + dr)
+        return absorbed < expanded
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
@@ -185,7 +204,8 @@ class MLA(nn.Module):
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=x.device)
-        # The model's ``rope`` tables are sized for d_model / n_head: MLA makes its own for d_h^R.
+        # The model's ``rope`` tables are sized for d_model / n_head: MLA makes its own for d_h^R,
+        # in each layer (a (T, d_h^R / 2) outer product and its cos, sin: small beside the matmuls).
         cos, sin = mla_rope(positions, self.d_rope, self.theta)
         if positions.dim() == 2:  # packed rows: (B, T, d) -> broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
@@ -193,20 +213,20 @@ class MLA(nn.Module):
         q_nope, q_rope = self._queries(x, cos, sin)
         latent, k_rope = self._latents(x, cos, sin)
 
-        mask, absorbed = packed_mask, False
+        mask, causal, absorbed = packed_mask, packed_mask is None, False
         if cache is not None:
             if packed_mask is not None:
                 raise ValueError("MLA: packed rows are for training, not with a cache")
             start = cache.length
             latent, k_rope = self._remember(cache, layer, latent, k_rope, start)
             S = latent.shape[1]
-            if T == 1:
-                mask = None if S == 1 else torch.ones(1, S, dtype=torch.bool, device=x.device)  # sees everything
-            elif start > 0:
-                mask = attention_bias(T, S, start, None, x.device, x.dtype)
-            absorbed = self.absorb
+            if T == 1:  # one new token sees every cached key: nothing to mask
+                causal = False
+            elif start > 0:  # a chunk after cached tokens: causal, offset by the cache
+                mask, causal = attention_bias(T, S, start, None, x.device, x.dtype), False
+            absorbed = self.absorb and self.absorb_pays(T, S)
         attend = self._attend_absorbed if absorbed else self._attend_expanded
-        y = attend(q_nope, q_rope, latent, k_rope, mask)
+        y = attend(q_nope, q_rope, latent, k_rope, mask, causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d_v))
 
     def _remember(self, cache, layer: int, latent, k_rope, start: int):

@@ -7,7 +7,7 @@ of them, so the parameters grow with ``E`` while the compute per token grows onl
 Tensor names (fixed: the DeepSeek and Jamba importers map checkpoints onto them)::
 
     router.weight   (E, C)      the router's logits  u_t · e_i
-    router_bias     (E,)        a persistent buffer: DeepSeek-V3's e_score_correction_bias b_i
+    router_bias     (E,)        a persistent buffer, always float32: DeepSeek-V3's e_score_correction_bias b_i
     experts_gate    (E, F, C)   each expert's SwiGLU gate projection
     experts_up      (E, F, C)   ... its up projection
     experts_down    (E, C, F)   ... its down projection
@@ -29,6 +29,9 @@ exactly the tokens that chose it; the readable reference runs every expert on ev
 weights them with a dense (tokens, E) gate matrix that is zero where an expert was not chosen.
 They agree to 1e-5 (tests/test_moe.py).
 
+Routing (logits, scores, choice, weights, balance losses) runs in float32 with autocast switched
+off: under bfloat16 autocast a near-tie between two experts would be decided by rounding.
+
 Load balancing (without it a router collapses onto a few experts):
 
 * ``balance = "aux"``: the Switch Transformer / Mixtral auxiliary loss (Switch, arXiv 2101.03961,
@@ -47,6 +50,7 @@ Load balancing (without it a router collapses onto a few experts):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +99,16 @@ class MoEConfig:
             raise ConfigError("model.moe.group_score = 'top2' needs at least 2 experts per group")
         if (self.shared_gate or self.d_shared) and not self.n_shared:
             raise ConfigError("model.moe.shared_gate / d_shared need shared experts: set model.moe.n_shared >= 1")
+        # With one expert per token, renormalising makes its weight exactly 1 whatever the router
+        # says, so the language-model loss sends the router no gradient. transformers' Mixtral and
+        # Qwen do compute that (an imported model must too), and there a balancing loss is still a
+        # gradient; without one the router could never learn: refused.
+        if (self.top_k == 1 and self.normalize and self.seq_aux_weight == 0
+                and not (self.balance == "aux" and self.aux_weight > 0)):
+            raise ConfigError("model.moe.top_k = 1 with normalize = true weighs the chosen expert 1 whatever the "
+                              "router says, and no balancing loss is on (balance = 'aux' with aux_weight > 0, or "
+                              "seq_aux_weight > 0): the router would get no gradient at all. Set normalize = false "
+                              "(the Switch Transformer's top-1 gate: the output scaled by the router's probability)")
 
 
 class SwiGLU(nn.Module):
@@ -119,6 +133,7 @@ class MoE(nn.Module):
     def __init__(self, config, layer: int):
         super().__init__()
         m: MoEConfig = config.moe
+        # ``layer`` names this layer's metrics and its entry in expert_load (MTP's blocks renumber theirs).
         self.config, self.layer = m, layer
         C, E = config.d_model, m.n_experts
         F_ = m.d_expert or config.ff_width
@@ -133,27 +148,48 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(C, 1, bias=False) if m.shared_gate else None
         self.dropout = nn.Dropout(config.dropout)
         # Tokens per expert: ``load`` since the last ``reset_load()`` (for logging), ``_step_load``
-        # over the training forwards since the last optimizer step (for the balancing bias).
-        self.register_buffer("load", torch.zeros(E, dtype=torch.long), persistent=False)
-        self.register_buffer("_step_load", torch.zeros(E, dtype=torch.long), persistent=False)
+        # over the training forwards since the last optimizer step (for the balancing bias). Plain
+        # tensors, not buffers: DDP broadcasts rank 0's buffers at every synchronising forward, which
+        # would overwrite each rank's own counts. ``_apply`` moves them with the module.
+        self.load = torch.zeros(E, dtype=torch.long)
+        self._step_load = torch.zeros(E, dtype=torch.long)
+        self._counted = False  # a training forward since the last optimizer step (host-side: no sync to ask)
         self.aux_loss: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.bfloat16()`` ... with two exceptions to the usual rules: the
+        balancing bias stays float32 (in bfloat16 a step of γ = 0.001 is lost near |b| = 1, whose
+        spacing is 2^-7; DeepSeek-V3 and transformers keep it float32 too), and the load counters,
+        which are not buffers, move with the module."""
+        bias = self.router_bias
+        super()._apply(fn, recurse)
+        if self.router_bias.dtype != torch.float32:
+            self.router_bias = bias.to(self.router_bias.device)  # from the float32 original: no rounding
+        fresh = self.load.is_meta  # built on the meta device: the counts start at zero on the real one
+        self.load, self._step_load = (fn(t).long() for t in (self.load, self._step_load))
+        if fresh and not self.load.is_meta:
+            self.load.zero_()
+            self._step_load.zero_()
+        return self
 
     # --- routing --------------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scores (N, E) in float32, chosen experts (N, k) and their weights (N, k) for tokens (N, C)."""
+        """Scores (N, E), chosen experts (N, k) and their weights (N, k), all float32, for tokens (N, C)."""
         m = self.config
-        # In float32 whatever the model's dtype: near-ties between experts must not flip with rounding.
-        logits = F.linear(x.float(), self.router.weight.float())
-        scores = logits.softmax(dim=-1) if m.router == "softmax" else logits.sigmoid()
-        with torch.no_grad():  # selection is discrete: no gradient flows through which experts were picked
-            choice = scores + self.router_bias.float()
-            if m.n_groups > 1:
-                choice = self._limit_groups(choice)
-            chosen = choice.topk(m.top_k, dim=-1).indices
-        weights = scores.gather(1, chosen)  # unbiased scores: the bias only ever chooses
-        if m.normalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return scores, chosen, weights * m.routed_scale
+        # float32 inputs *and* autocast off (autocast would run this matmul in bfloat16 anyway):
+        # near-ties between experts must not flip with rounding.
+        with _without_autocast(x.device):
+            logits = F.linear(x.float(), self.router.weight.float())
+            scores = logits.softmax(dim=-1) if m.router == "softmax" else logits.sigmoid()
+            with torch.no_grad():  # selection is discrete: no gradient flows through which experts were picked
+                choice = scores + self.router_bias.float()
+                if m.n_groups > 1:
+                    choice = self._limit_groups(choice)
+                chosen = choice.topk(m.top_k, dim=-1).indices
+            weights = scores.gather(1, chosen)  # unbiased scores: the bias only ever chooses
+            if m.normalize:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return scores, chosen, weights * m.routed_scale
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Keep only the experts of each token's best ``topk_groups`` groups (the rest get -inf):
@@ -170,29 +206,25 @@ class MoE(nn.Module):
         return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
     # --- dispatch -----------------------------------------------------------------------------------
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.silu(F.linear(x, self.experts_gate[e])) * F.linear(x, self.experts_up[e])
-        return F.linear(hidden, self.experts_down[e])
-
-    def experts_fast(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def experts_fast(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
+                     counts: torch.Tensor) -> torch.Tensor:
         """Dropless dispatch: sort the N·k (token, expert) assignments by expert, run each expert
-        once on the rows that chose it, scale by the weights and add back into the tokens' rows."""
+        once on the rows that chose it, scale by the weights and add back into the tokens' rows.
+        ``counts`` (E,): assignments per expert."""
         k = chosen.shape[1]
-        flat = chosen.reshape(-1)
-        order = flat.argsort(stable=True)  # assignments grouped by expert
+        order = chosen.reshape(-1).argsort(stable=True)  # assignments grouped by expert
         token = order // k  # assignment j of the flat (N, k) list belongs to token j // k
-        counts = torch.bincount(flat, minlength=self.config.n_experts).tolist()
-        flat_weights = weights.reshape(-1)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = token[start:start + n]
-            y = self._expert(e, x[rows]) * flat_weights[order[start:start + n], None]
-            out.index_add_(0, rows, y)
-            start += n
-        return out
+        # The layer's one host sync: the size of each expert's slice must be known to cut it.
+        rows = x[token].split(counts.tolist())
+        # One view per expert, taken once: indexing the stack per expert (experts_gate[e]) would
+        # make each expert's backward build a zero gradient of the whole (E, F, C) stack, E of
+        # them per stack, O(E²·F·C); unbind's backward stacks the E gradients once.
+        gate, up, down = self.experts_gate.unbind(0), self.experts_up.unbind(0), self.experts_down.unbind(0)
+        outputs = [F.linear(F.silu(F.linear(r, gate[e])) * F.linear(r, up[e]), down[e])
+                   for e, r in enumerate(rows) if r.shape[0]]  # an expert no token chose costs nothing
+        y = torch.cat(outputs) if outputs else x[:0]
+        y = y * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y)
 
     def experts_reference(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, weighted by a dense (N, E) gate matrix with zeros for the
@@ -209,28 +241,35 @@ class MoE(nn.Module):
         B, T, C = x.shape
         tokens = x.reshape(-1, C)
         scores, chosen, weights = self.route(tokens)
-        dispatch = self.experts_reference if self.use_reference else self.experts_fast
-        out = dispatch(tokens, chosen, weights.to(x.dtype))
+        counts = torch.bincount(chosen.reshape(-1), minlength=self.config.n_experts)
+        if self.use_reference:
+            out = self.experts_reference(tokens, chosen, weights.to(x.dtype))
+        else:
+            out = self.experts_fast(tokens, chosen, weights.to(x.dtype), counts)
         if self.shared is not None:
             shared = self.shared(tokens)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(tokens)) * shared
             out = out + shared
-        self._count(chosen)
+        self._count(counts)
         self.aux_loss = self._balance_losses(scores.view(B, T, -1), chosen.view(B, T, -1)) if self.training else None
         return self.dropout(out.view(B, T, C))
 
     # --- load balancing ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _count(self, chosen: torch.Tensor) -> None:
-        counts = torch.bincount(chosen.reshape(-1), minlength=self.config.n_experts).to(self.load.dtype)
+    def _count(self, counts: torch.Tensor) -> None:
         self.load += counts
         if self.training:
             self._step_load += counts
+            self._counted = True
 
     def _balance_losses(self, scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
         """α·E·Σ f_i·P_i over the batch (balance = "aux") plus, if seq_aux_weight > 0, the same sum
         within each sequence averaged over sequences (V3 eq. 17–20). ``scores`` (B, T, E), ``chosen`` (B, T, k)."""
+        with _without_autocast(scores.device):
+            return self._balance_losses_float32(scores, chosen)
+
+    def _balance_losses_float32(self, scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
         m = self.config
         E, k = m.n_experts, m.top_k
         picked = torch.zeros_like(scores).scatter_(-1, chosen, 1.0)  # (B, T, E): 1 where expert chosen
@@ -252,19 +291,30 @@ class MoE(nn.Module):
     def after_optimizer_step(self) -> dict[str, torch.Tensor]:
         """Loss-free balancing (balance = "bias"): b_i += γ·sign(mean load − load_i), the loads
         counted since the last step (summed over DDP ranks). Returns the step's imbalance
-        (max load / mean load; 1 is perfect) for the trainer's log."""
+        (max load / mean load; 1 is perfect) for the trainer's log, as a tensor: nothing here
+        waits for the device."""
         load = self._step_load.float()
         self._step_load.zero_()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # On every rank at every step, whatever it counted: a rank that skipped would hang the others.
             torch.distributed.all_reduce(load)  # every rank must nudge its bias identically
-        if load.sum() == 0:  # no training forward since the last step
-            return {}
         if self.config.balance == "bias":
+            # With nothing counted, mean − load is 0 everywhere and sign(0) = 0 leaves the bias alone.
             self.router_bias += self.config.bias_speed * torch.sign(load.mean() - load)
+        counted, self._counted = self._counted, False
+        if not counted:  # no training forward since the last step: no imbalance to report
+            return {}
         return {f"moe/layer{self.layer}/imbalance": load.max() / load.mean()}
 
     def reset_load(self) -> None:
         self.load.zero_()
+
+
+def _without_autocast(device: torch.device):
+    """Switch autocast off on ``device`` (where autocast exists: not on the meta device)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def expert_load(model: nn.Module, reset: bool = False) -> dict[int, dict]:

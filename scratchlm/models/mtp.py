@@ -50,6 +50,7 @@ from torch import nn
 
 from scratchlm.config import ConfigError, Rule, validate
 from scratchlm.models.layers import make_norm
+from scratchlm.models.moe import MoE
 
 KINDS = ("sequential", "parallel")
 
@@ -104,6 +105,11 @@ class MTP(nn.Module):
         except ConfigError as e:
             raise ConfigError(f"model.mtp.block = {block!r}: {e}") from None
         self.depths = nn.ModuleList(MTPModule(block_config, mtp.kind) for _ in range(mtp.depth))
+        for k, module in enumerate(self.depths):
+            if isinstance(module.block.mlp, MoE):  # built as layer 0 of a 1-layer model: renumbered after
+                # the main layers, as DeepSeek-V3's checkpoint numbers its MTP layer (model.layers.{n_layer}),
+                # so its metrics (moe/layer{i}/imbalance) and expert_load entry do not overwrite main layer 0's
+                module.block.mlp.layer = config.n_layer + k
         self.aux_loss: torch.Tensor | None = None  # λ · L_MTP of the last training forward (GPT adds it)
         self.depth_losses: torch.Tensor | None = None  # (D,) each depth's cross-entropy, detached, for logging
 
