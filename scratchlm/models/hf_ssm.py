@@ -23,6 +23,7 @@ import math
 import torch
 
 from scratchlm.models.gpt import GPTConfig
+from scratchlm.models.hf_moe import aux_weight_from_hf, aux_weight_to_hf
 from scratchlm.models.mamba import MambaConfig
 
 # A pure Mamba model has no context limit (nothing is stored per position); block_size only caps
@@ -133,7 +134,9 @@ def _jamba_config(hf: dict) -> GPTConfig:
     if any(item.endswith("+moe") for item in layers):
         moe = MoEConfig(n_experts=hf["num_experts"], top_k=hf.get("num_experts_per_tok", 2),
                         d_expert=hf["intermediate_size"], router="softmax", normalize=False,
-                        aux_weight=hf.get("router_aux_loss_coef", 0.001))
+                        aux_weight=aux_weight_from_hf(hf.get("router_aux_loss_coef", 0.001), hf.get("num_experts_per_tok", 2),
+                                                      sum(item.endswith("+moe") for item in layers) * hf["num_hidden_layers"]
+                                                      // len(layers)))
     return GPTConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
                      n_kv_head=hf.get("num_key_value_heads") or heads, d_model=hidden, d_ff=hf["intermediate_size"],
                      block_size=hf.get("max_position_embeddings", 262144), position="none", norm="rmsnorm",
@@ -233,7 +236,8 @@ def _jamba_to_hf(model) -> tuple[dict, dict]:
           "attn_layer_period": attention[0], "attn_layer_offset": attention[1],
           "expert_layer_period": experts[0], "expert_layer_offset": experts[1],
           "num_experts": moe.n_experts if moe else 1, "num_experts_per_tok": moe.top_k if moe else 1,
-          "router_aux_loss_coef": moe.aux_weight if moe else 0.001,
+          "router_aux_loss_coef": aux_weight_to_hf(moe.aux_weight, moe.top_k, sum(k[1] == "moe" for k in c.layer_kinds()))
+                                  if moe else 0.001,
           "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand,
           "mamba_dt_rank": m.dt_rank or math.ceil(c.d_model / 16),
           "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.proj_bias}
