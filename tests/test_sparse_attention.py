@@ -2,17 +2,25 @@
 
 No Hugging Face class exists, so the oracle is internal: the efficient path (gathering only each
 query's selected blocks and window) equals the dense, T x T-masked reference in outputs, gradients
-and the selected blocks; parallel forward equals token-by-token and chunked decoding with the
-cache; no output depends on a later token (checked at every position); the initial and local
-blocks are always selected; with a window and a selection covering everything, the selected and
-window branches are full causal attention; a model made of it trains; bad settings are refused.
+and the selected blocks; eq. 9's O(N) sliding sum equals its matrix definition (the overlap count,
+which is the paper's printed double sum shifted by l' - d tokens), and the forward pass never
+builds that matrix; parallel forward equals token-by-token and chunked decoding with the cache,
+and a decoding step writes less than one key per token of history (it copies no history); each
+branch reads its own keys and values; no output depends on a later token (checked at every
+position); the initial and local blocks are always selected; with a window and a selection
+covering everything, the selected and window branches are full causal attention; a model made of
+it trains, MTP depths included; bad settings and positions the blocks cannot honour are refused.
 """
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from scratchlm.config import ConfigError
 from scratchlm.generate import generate
@@ -21,21 +29,24 @@ from scratchlm.generate.sampling import SamplingConfig
 from scratchlm.models import sparse_attention
 from scratchlm.models.gpt import GPT, GPTConfig
 from scratchlm.models.layers import rope_tables
+from scratchlm.models.mtp import mtp_acceptance
 from scratchlm.models.sparse_attention import (
+    BRANCHES,
     NativeSparseAttention,
     NSAConfig,
     overlap_matrix,
+    selection_scores,
 )
 
 TOL = {"atol": 1e-5, "rtol": 0}
 
 
-def small(n_head=4, n_kv_head=2, gate="sigmoid", **nsa) -> GPTConfig:
+def small(n_head=4, n_kv_head=2, gate="sigmoid", block_size=48, mtp=None, **nsa) -> GPTConfig:
     settings = {"compress_block": 4, "compress_stride": 2, "select_block": 4, "select_count": 3, "window": 5, "gate": gate}
     settings.update(nsa)
-    return GPTConfig(vocab_size=97, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, d_model=32, block_size=48,
+    return GPTConfig(vocab_size=97, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, d_model=32, block_size=block_size,
                      position="rope", norm="rmsnorm", mlp="swiglu", bias=False, layers=["nsa"],
-                     nsa=NSAConfig(**settings))
+                     nsa=NSAConfig(**settings), mtp=mtp)
 
 
 def mixer(config: GPTConfig, seed: int = 0, std: float = 0.3) -> NativeSparseAttention:
@@ -88,12 +99,56 @@ def test_reference_equals_efficient_forward_gradients_and_selection(heads, gate,
     assert all(g.abs().sum() > 0 for g in grads_fast)  # every parameter, the compressors included, gets gradient
 
 
-def test_overlap_matrix_is_eq_9():
+def test_overlap_matrix_counts_shared_tokens_in_units_of_d():
     # l = 4, d = 2, l' = 4: compressed block i covers [2i, 2i + 4); it shares 2 tokens (1 unit of d)
     # with each of two selection blocks when it straddles them, and all 4 (2 units) when aligned.
     M = overlap_matrix(4, 3, 4, 2, 4)
     assert M.tolist() == [[2, 0, 0], [1, 1, 0], [0, 2, 0], [0, 1, 1]]
     assert torch.equal(overlap_matrix(5, 5, 3, 3, 3), torch.eye(5))  # l = d = l': p_slc = p_cmp
+
+
+@pytest.mark.parametrize("l,d,ls", [(4, 2, 4), (8, 2, 4), (4, 2, 8), (6, 3, 3), (3, 3, 3)])
+def test_printed_eq_9_is_the_overlap_shifted_by_l_sel_minus_d(l, d, ls):
+    # The paper prints p_slc[j] = sum over m < l'/d, n < l/d of p_cmp[(l'/d) j - m - n]. Those
+    # weights are the overlap's, given to the compressed block l'/d - 1 indices (l' - d tokens)
+    # earlier: with l = 4, d = 2, l' = 4 the printed sum credits selection block 1 (tokens 4-7) with
+    # p[0] + 2 p[1] + p[2], and block 0 = tokens 0-3 shares none of them. The code keeps the overlap.
+    N, S = 12, 5
+    printed = torch.zeros(N, S)
+    for j in range(S):
+        for m in range(ls // d):
+            for n in range(l // d):
+                if 0 <= (ls // d) * j - m - n < N:
+                    printed[(ls // d) * j - m - n, j] += 1
+    shift = ls // d - 1
+    overlap = overlap_matrix(N + shift, S, l, d, ls)[shift:]
+    assert torch.equal(printed, overlap)
+    assert shift == 0 or not torch.equal(printed, overlap_matrix(N, S, l, d, ls))
+
+
+@pytest.mark.parametrize("l,d,ls,N,S", [(4, 2, 4, 9, 5), (8, 2, 4, 9, 5), (4, 2, 8, 13, 4), (6, 3, 3, 7, 9),
+                                        (3, 3, 3, 6, 6), (4, 2, 4, 0, 2), (4, 2, 4, 9, 2)])
+def test_selection_scores_equal_the_overlap_matrix(l, d, ls, N, S):
+    # Eq. 9 as a sliding sum in units of d, against its matrix definition; N = 0 (no complete
+    # compressed block yet) and N beyond the S blocks (blocks past the last unit) included.
+    torch.manual_seed(0)
+    p = torch.rand(2, 3, 7, N, dtype=torch.float64)
+    expected = p @ overlap_matrix(N, S, l, d, ls).double()
+    torch.testing.assert_close(selection_scores(p, S, l, d, ls), expected, atol=1e-12, rtol=0)
+
+
+def test_the_efficient_path_never_builds_the_overlap_matrix(monkeypatch):
+    # The N x S matrix grows with the square of t per decoded token (the cube of T in a prefill);
+    # the forward pass must score the blocks without it, in training and in decoding.
+    def refuse(*args, **kwargs):
+        raise AssertionError("overlap_matrix called in the efficient path")
+
+    monkeypatch.setattr(sparse_attention, "overlap_matrix", refuse)
+    model = GPT(small()).eval()
+    ids = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        model(ids)
+        decode_logits(model, ids, [12] + [1] * 8)
 
 
 def decode_logits(model, ids, chunks):
@@ -124,13 +179,59 @@ def test_parallel_forward_equals_token_by_token_and_chunked_decoding(union_limit
     torch.testing.assert_close(one_by_one, full, **TOL)
     chunked, _ = decode_logits(model, ids, [7, 1, 5, 3, 1, 12, 8])  # prefill, then mixed chunk sizes
     torch.testing.assert_close(chunked, full, **TOL)
-    # The store is what the docstring says: every position for the selected branch, the last w - 1
-    # for the window, one compressed pair per complete block, and the raw tail of the open block.
+    # The store is what the docstring says: every position for the selected branch (in whole blocks
+    # of l' = 4: 40 >= 37), the last w - 1 for the window, one compressed pair per block that can
+    # complete within max_len = 37 (all complete now), and the raw tail of the open block.
     state, c = cache.state(0), config.nsa
-    assert state["k_slc"].shape[2] == 37 and state["k_win"].shape[2] == c.window - 1
-    assert state["k_cmp"].shape[2] == (37 - c.compress_block) // c.compress_stride + 1
+    assert state["k_slc"].shape[2] == 40 and state["k_win"].shape[2] == c.window - 1
+    assert state["k_cmp"].shape[2] == (37 - c.compress_block) // c.compress_stride + 1 == 17
     assert state["k_raw"].shape[2] < c.compress_block
     assert cache.length == 37 and not cache.states.get(1)  # the plain attention layer uses the k, v rows
+
+
+class Dispatched(TorchDispatchMode):
+    """Counts what each tensor operation does: the bytes of every new tensor it makes (views and
+    in-place writes, whose result shares an input's storage, excluded) and the calls per op."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self.calls = 0, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls[str(func)] += 1
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+@torch.no_grad()
+def test_a_decoding_step_copies_no_history_and_syncs_nothing():
+    # Hkv = 1, D = 32, float32, l = 4, d = 2, l' = 4. Copying the selected store at each step writes
+    # 2 keys (k, v) per token of history, copying the compressed one 2/d = 1: a step must write less
+    # than one key's bytes per token of history (what may grow is a few scalars per compressed block).
+    config = small(n_head=1, n_kv_head=1, block_size=128)
+    m = mixer(config)
+    x = torch.randn(1, 121, 32)
+    cos, sin = rope_for(config, 121)
+
+    def one_step(t):  # bytes written by the step after t tokens of history
+        cache = KVCache(0, 1, 1, 121, 32, layers=[])
+        m(x[:, :t], rope=(cos[:t], sin[:t]), cache=cache)
+        cache.advance(t)
+        stores = {name: cache.state(0)[name].data_ptr() for name in ("k_slc", "v_slc", "k_cmp", "v_cmp")}
+        with Dispatched() as seen:
+            m(x[:, t : t + 1], rope=(cos[t : t + 1], sin[t : t + 1]), cache=cache)
+        assert stores == {name: cache.state(0)[name].data_ptr() for name in stores}  # written in place
+        # No host sync (int(), .item()): a decoding step can queue on an accelerator without waiting.
+        assert seen.calls["aten._local_scalar_dense.default"] == 0
+        return seen.bytes
+
+    per_token = (one_step(120) - one_step(40)) / 80
+    assert per_token < 32 * 4, f"a decoding step writes {per_token:.0f} bytes per token of history"
 
 
 @torch.no_grad()
@@ -217,6 +318,59 @@ def test_full_window_and_full_selection_are_causal_attention():
         torch.testing.assert_close(out[name], expected, **TOL)
 
 
+@torch.no_grad()
+def test_each_branch_reads_its_own_keys_and_values():
+    # The projection's rows: q (H·D), then k, v of compressed, selected, window (Hkv·D each).
+    # Perturbing one branch's k, v rows must change that branch and leave the others exactly as
+    # they were — shared k, v would change all three, or none.
+    config = small()
+    H, Hkv, D = config.n_head, config.kv_heads, config.head_dim
+    x = torch.randn(2, 30, 32)
+    rope = rope_for(config, 30)
+    base = mixer(config).branches(x, rope=rope)
+    for i, name in enumerate(BRANCHES):
+        m = mixer(config)
+        first = (H + 2 * i * Hkv) * D
+        m.qkv.weight[first : first + 2 * Hkv * D] += torch.randn(2 * Hkv * D, 32)
+        out = m.branches(x, rope=rope)
+        assert not torch.allclose(out[name], base[name], atol=1e-3), name
+        unchanged = {"compressed": ["window", "gates"],  # the selection may follow the compressed scores
+                     "selected": ["compressed", "window", "gates", "blocks", "chosen"],
+                     "window": ["compressed", "selected", "gates", "blocks", "chosen"]}[name]
+        for other in unchanged:
+            assert torch.equal(out[other], base[other]), f"perturbing the {name} branch's k, v changed {other}"
+
+
+def test_positions_the_blocks_cannot_honour_are_refused():
+    model = GPT(small()).eval()
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        cache = KVCache.for_model(model, 1, max_len=16)
+        model(ids, cache=cache)
+        with pytest.raises(ValueError, match="2 contiguous positions starting at cache.length = 8; got "
+                                             r"positions of shape \(2,\) beginning \[3, 4\]"):
+            model(ids[:, :2], cache=cache, positions=torch.tensor([3, 4]))
+        with pytest.raises(ValueError, match=r"8 contiguous positions \(any first one\)"):
+            model(ids, positions=torch.tensor([0, 1, 2, 3, 5, 6, 7, 8]))
+        with pytest.raises(ValueError, match="contiguous positions"):
+            model.blocks[0].attn(torch.randn(1, 4, 32), positions=torch.arange(4)[None])  # (B, T): packed rows
+        model(ids[:, :2], cache=cache, positions=torch.tensor([8, 9]))  # what the model itself would pass
+
+
+def test_an_mtp_depth_made_of_nsa_trains_and_drafts():
+    # A sequential MTP depth k runs its block without a cache on positions k, k + 1, ...: a sequence
+    # of its own, whose blocks count from its first token (RoPE carries the offset).
+    torch.manual_seed(6)
+    model = GPT(small(mtp={"depth": 2}))
+    ids = torch.randint(0, 97, (2, 25))
+    loss = model(ids[:, :-1], ids[:, 1:])[1]
+    assert torch.isfinite(loss) and model.mtp.aux_loss > 0
+    loss.backward()
+    assert model.mtp.depths[1].block.attn.compress_k.up.weight.grad.abs().sum() > 0
+    result = mtp_acceptance(model.eval(), [[5, 17, 3, 88, 41]], 6)
+    assert len(result["tokens"][0]) == 6
+
+
 def test_trains_loss_falls():
     torch.manual_seed(5)
     model = GPT(small())
@@ -242,6 +396,12 @@ def test_cache_accounting():
 
 
 def test_bad_settings_and_inputs_are_refused():
+    with pytest.raises(ConfigError, match="model.nsa.compress_block = 64 exceeds model.block_size = 48: no "
+                                          "compressed block could ever be complete"):
+        GPT(small(compress_block=64))
+    with pytest.raises(ConfigError, match="model.nsa.select_block = 64 exceeds model.block_size = 48: the first "
+                                          "selection block would hold the whole context"):
+        GPT(small(select_block=64))
     with pytest.raises(ConfigError, match="compress_stride = 3 must divide compress_block = 4"):
         NSAConfig(compress_block=4, compress_stride=3, select_block=6)
     with pytest.raises(ConfigError, match="exceeds select_count = 2"):
@@ -261,3 +421,10 @@ def test_bad_settings_and_inputs_are_refused():
         model.blocks[0].attn(torch.randn(1, 8, 32), cache=Paged())
     with pytest.raises(ValueError, match="not alibi"):
         model.blocks[0].attn(torch.randn(1, 8, 32), alibi=torch.ones(4))
+
+
+def test_the_reference_builds_its_masks_on_the_inputs_device():
+    # On the meta device (shapes only) a mask made on the CPU would meet a meta tensor and fail.
+    m = NativeSparseAttention(small(), 0).to("meta")
+    out = m.reference(torch.empty(2, 13, 32, device="meta"))
+    assert {t.device.type for t in out.values()} == {"meta"} and out["selected_blocks"].shape == (2, 2, 13, 4)

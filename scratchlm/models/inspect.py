@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.gpt import GPT, GPTConfig, _context_flops
 
 
 def trace_shapes(config: GPTConfig, batch: int = 2, seq: int | None = None, layers: int = 1) -> list[dict]:
@@ -97,7 +97,10 @@ def inference_costs(model: GPT, batch: int = 1, context: int | None = None, byte
     step_bytes = min(weight_bytes, batch * (counts["active"] - counts["positions"]) * bytes_per_value)
     kv = batch * T * model.kv_cache_bytes_per_token(bytes_per_value)
     prefill_flops = batch * T * model.flops_per_token(max(T // 2, 1))["forward"]
-    decode_flops = batch * model.flops_per_token(T)["forward"]
+    # A decode step's mixers may work differently from prefill (MLA attends over its latent).
+    decode_flops = batch * (model.flops_per_token(T)["forward"]
+                            + sum(block.mixer.decode_context_flops(T) - _context_flops(block.mixer, T)
+                                  for block in model.blocks if hasattr(block.mixer, "decode_context_flops")))
     return {
         "batch": batch, "context": T, "bytes_per_value": bytes_per_value, "kv_cache_bytes": kv,
         "weight_bytes": weight_bytes,

@@ -107,6 +107,11 @@ class MLA(nn.Module):
         self.kv_up = nn.Linear(self.d_c, H * (self.d_nope + self.d_v), bias=False)  # [W_UK ; W_UV] per head (eqs. 10–11)
         self.proj = nn.Linear(H * self.d_v, C, bias=config.bias)  # W_O (eq. 19)
 
+    def decode_context_flops(self, context: int) -> float:
+        """The same for one decoding step, which attends over the latent with W_UK and W_UV folded
+        in: scores at width d_c + d_rope, the weighted sum at width d_c, per head."""
+        return 2 * self.n_head * (2 * self.d_c + self.d_rope) * context
+
     def context_flops(self, context: int) -> float:
         """Forward FLOPs per token over ``context`` keys: q·k at width d_nope + d_rope, then the
         weighted sum at width d_v, for every head (the plain path; absorption trades these for

@@ -11,11 +11,13 @@ gates computed from the token itself (eq. 5):
   position encoding (and ψ the same for values). The query attends over the compressed keys of
   the blocks that are complete at or before its position.
 * **selected** (eq. 8-12): the compressed branch's attention probabilities (eq. 8) score the
-  selection blocks of ``l'`` tokens (eq. 9: a compressed block votes for every selection block it
-  overlaps, in proportion to the overlap); the scores are summed over the query heads of a GQA
-  group (eq. 10) so the whole group shares one selection and a kernel loads each selected block
-  once; the top ``n`` blocks (eq. 11), always including the initial block(s) and the local ones,
-  are attended token by token (eq. 12), the query's own block causally.
+  selection blocks of ``l'`` tokens (eq. 9, read as the paper's text describes it: a compressed
+  block votes for every selection block it overlaps, in proportion to the overlap; the printed
+  double sum gives the same weights shifted by ``l' − d`` tokens, a slip corrected here — see
+  :func:`overlap_matrix` and docs/sparse-attention.md); the scores are summed over the query heads
+  of a GQA group (eq. 10) so the whole group shares one selection and a kernel loads each selected
+  block once; the top ``n`` blocks (eq. 11), always including the initial block(s) and the local
+  ones, are attended token by token (eq. 12), the query's own block causally.
 * **sliding window**: the last ``w`` keys, the query itself included.
 
 Following the paper, each branch has its own keys and values (shared ones let the branches learn
@@ -32,12 +34,24 @@ Two implementations of the same function live here, and the tests hold them equa
   ``n`` — and it reads the window as one band of ``chunk + w - 1`` keys. Outside the compressed
   branch (``T / d`` keys per query), its work per query is bounded by ``n · l'`` and ``w``, not ``T``.
 
+Eq. 9 is computed in ``O(N)`` per query (:func:`selection_scores`, a sliding sum in units of
+``d``), not as a product with the ``N × S`` overlap matrix, which :func:`overlap_matrix` keeps as
+the readable definition the tests compare against.
+
 For decoding, a layer keeps its own store in ``cache.state(layer)`` (``kv_cache = False``): the
 selected branch's k, v of every position, the window branch's last ``w - 1``, the compressed
 keys and values of every complete block (each computed once, when its last token arrives) and
 the compressed branch's raw k, v of the block still filling. Reusing the standard k, v rows is
 impossible here: the three branches have three different k, v sets, and the compressed keys
-would otherwise be recomputed from scratch at every step.
+would otherwise be recomputed from scratch at every step. The two stores that grow with the
+sequence (selected k, v and compressed k, v) are preallocated for ``cache.max_len`` — the
+selected one in whole blocks of ``l'`` — and written in place, so a decoding step reads them as
+views and copies no history.
+
+The mixer counts its blocks from the first token of the sequence it is given: with a cache, new
+token ``i`` is at ``cache.length + i``; without one, at ``i`` (an MTP depth, whose ``positions``
+start at ``k``, is a sequence of its own; RoPE already carries the offset). So ``positions`` must
+be contiguous, and start at ``cache.length`` with a cache; anything else is refused.
 """
 
 from __future__ import annotations
@@ -87,7 +101,9 @@ class NSAConfig:
 
 class Compressor(nn.Module):
     """φ of eq. 7: a block of ``l`` keys (or values), each plus a learned intra-block position
-    vector, flattened and mapped by a two-layer MLP to one vector. Shared by all KV heads."""
+    vector, flattened (``l·D``) and mapped by a two-layer MLP of hidden width ``D`` to one vector
+    (the paper does not give φ's shape; this is the smallest that sees every token of the block).
+    Shared by all KV heads."""
 
     def __init__(self, block: int, head_dim: int):
         super().__init__()
@@ -109,13 +125,45 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def overlap_matrix(n_compressed: int, n_selection: int, l: int, d: int, l_sel: int, device=None) -> torch.Tensor:
-    """(N, S): tokens compressed block ``i`` ([i·d, i·d + l)) shares with selection block ``j``
-    ([j·l', (j+1)·l')), in units of ``d``. Eq. 9's double sum counts exactly these overlaps, so
-    ``p_slc = p_cmp @ M``; with ``l = l' = d`` the matrix is the identity (p_slc = p_cmp)."""
+    """Eq. 9 as a matrix, the readable definition: (N, S) tokens compressed block ``i``
+    ([i·d, i·d + l)) shares with selection block ``j`` ([j·l', (j+1)·l')), in units of ``d``, so
+    that ``p_slc = p_cmp @ M``; with ``l = l' = d`` it is the identity (p_slc = p_cmp).
+
+    This is the overlap the paper's text describes; its printed double sum gives the same weights
+    to blocks ``l' − d`` tokens earlier (docs/sparse-attention.md works an example). The forward
+    pass uses :func:`selection_scores`, which needs no ``N × S`` matrix."""
     c0 = torch.arange(n_compressed, device=device)[:, None] * d
     s0 = torch.arange(n_selection, device=device)[None, :] * l_sel
     shared = (torch.minimum(c0 + l, s0 + l_sel) - torch.maximum(c0, s0)).clamp_min(0)
     return shared.float() / d
+
+
+def selection_scores(p_cmp: torch.Tensor, n_selection: int, l: int, d: int, l_sel: int) -> torch.Tensor:
+    """Eq. 9 in O(N) per query: (..., N) compressed probabilities -> (..., S) selection scores,
+    equal to ``p_cmp @ overlap_matrix(N, S, l, d, l')`` (up to float rounding).
+
+    Count in units of ``d`` tokens (``d`` divides ``l`` and ``l'``): compressed block ``i`` covers
+    units ``i … i + l/d − 1`` and selection block ``j`` units ``j·l'/d … (j+1)·l'/d − 1``, so the
+    overlap of the two, in units, is the number of units they share. Hence each unit ``u``
+    collects the probabilities of the ``l/d`` compressed blocks that cover it (a sliding sum,
+    ``p[u − l/d + 1] + … + p[u]``), and each selection block adds up its ``l'/d`` units."""
+    per_block, per_selection = l // d, l_sel // d
+    N, units = p_cmp.shape[-1], n_selection * per_selection
+    covering = p_cmp.new_zeros(*p_cmp.shape[:-1], units)  # (..., units)
+    for shift in range(per_block):  # unit u lies in blocks u, u − 1, …, u − l/d + 1 (those that exist)
+        upto = min(units, N + shift)
+        covering[..., shift:upto] += p_cmp[..., : upto - shift]
+    return covering.unflatten(-1, (n_selection, per_selection)).sum(-1)
+
+
+def as_blocks(k: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:
+    """(B, Hkv, L, D) keys (or values) of positions 0 … L − 1 as (B, Hkv, n_blocks, block, D).
+    A view when ``L`` holds the whole blocks (the decode store is preallocated in whole blocks);
+    otherwise padded with zeros, which copies (a prefill's freshly projected keys, once)."""
+    need = n_blocks * block
+    if k.shape[2] < need:
+        k = F.pad(k, (0, 0, 0, need - k.shape[2]))
+    return k[:, :, :need].unflatten(2, (n_blocks, block))
 
 
 class NativeSparseAttention(nn.Module):
@@ -126,6 +174,14 @@ class NativeSparseAttention(nn.Module):
     def __init__(self, config, layer: int = 0):
         super().__init__()
         c = config.nsa if config.nsa is not None else NSAConfig()
+        useless = {"compress_block": "no compressed block could ever be complete, so the compressed branch and "
+                                    "the selection it scores would never act",
+                   "select_block": "the first selection block would hold the whole context, so nothing would "
+                                   "ever be selected (the branch would be plain causal attention)"}
+        for name, why in useless.items():
+            if getattr(c, name) > config.block_size:
+                raise ConfigError(f"model.nsa.{name} = {getattr(c, name)} exceeds model.block_size = "
+                                  f"{config.block_size}: {why}; make it at most block_size")
         self.nsa = c
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_dim = config.head_dim
@@ -134,7 +190,8 @@ class NativeSparseAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (H + 6 * Hkv) * D, bias=config.bias)
         self.compress_k = Compressor(c.compress_block, D)
         self.compress_v = Compressor(c.compress_block, D)
-        self.gate = nn.Linear(config.d_model, 3 * H, bias=config.bias)  # eq. 5's gate MLP, one score per branch and head
+        # Eq. 5 derives the gates with an MLP; one linear layer here (a simplification): a score per branch and head.
+        self.gate = nn.Linear(config.d_model, 3 * H, bias=config.bias)
         self.proj = nn.Linear(H * D, config.d_model, bias=config.bias)
 
     # --- accounting ---------------------------------------------------------------------------
@@ -143,13 +200,15 @@ class NativeSparseAttention(nn.Module):
         for the keys each branch reads — the compressed keys of the finished blocks, the n
         selected blocks, the window — beyond the weight matrices (counted in the parameters)."""
         n = self.nsa
-        compressed = max(0, (context - n.compress_block) // n.compress_stride + 1)
-        keys = compressed + min(context, n.select_count * n.select_block) + min(context, n.window)
+        keys = self._complete_blocks(context) + min(context, n.select_count * n.select_block) + min(context, n.window)
         return 4 * self.n_head * self.head_dim * keys
 
     def cache_values_per_token(self) -> int:
         """Values kept per token: the selected branch's k and v (it may pick any past block),
-        plus the compressed keys and values, one pair per ``d`` tokens (rounded up)."""
+        plus the compressed keys and values, one pair per ``d`` tokens. An int by the mixers'
+        protocol, so the compressed share is rounded up: it overstates that share when it is not
+        whole (at most by one value per token: 0.5 -> 1 in a tiny model); the exact figure is
+        :meth:`compressed_values_per_token`."""
         return 2 * self.n_kv_head * self.head_dim + math.ceil(self.compressed_values_per_token())
 
     def compressed_values_per_token(self) -> float:
@@ -160,6 +219,11 @@ class NativeSparseAttention(nn.Module):
         """Bounded per-sequence store: the window branch's last w − 1 k, v and the compressed
         branch's raw k, v of the block still filling (at most l − 1 tokens)."""
         return 2 * self.n_kv_head * self.head_dim * (self.nsa.window - 1 + self.nsa.compress_block - 1)
+
+    def _complete_blocks(self, length: int) -> int:
+        """Compressed blocks complete within the first ``length`` tokens: block i ends at i·d + l − 1."""
+        l, d = self.nsa.compress_block, self.nsa.compress_stride
+        return max(0, (length - l) // d + 1)
 
     # --- shared pieces ------------------------------------------------------------------------
     def _project(self, x, rope):
@@ -189,7 +253,7 @@ class NativeSparseAttention(nn.Module):
         return (self.compress_k(k.unfold(2, l, d).transpose(-1, -2)),
                 self.compress_v(v.unfold(2, l, d).transpose(-1, -2)))
 
-    def _refuse(self, alibi, packed_mask, cache):
+    def _refuse(self, alibi, packed_mask, cache, positions, start: int, T: int):
         if packed_mask is not None:
             raise ValueError("nsa layers do not take packed rows (documents): their blocks are positions of one "
                              "sequence; train without packing")
@@ -198,6 +262,13 @@ class NativeSparseAttention(nn.Module):
                              "scratchlm.generate (a contiguous KVCache) instead")
         if alibi is not None:
             raise ValueError("nsa layers take rope or no position in attention, not alibi")
+        if positions is not None:  # the blocks are counted from the sequence's first token: see the module docstring
+            first = start if cache is not None else positions.reshape(-1)[:1]  # without a cache, any first position
+            if positions.dim() != 1 or not torch.equal(positions, first + torch.arange(T, device=positions.device)):
+                expected = f"starting at cache.length = {start}" if cache is not None else "(any first one)"
+                raise ValueError(f"nsa layers count their blocks from the first token of the sequence, so they take "
+                                 f"{T} contiguous positions {expected}; got positions of shape "
+                                 f"{tuple(positions.shape)} beginning {positions.reshape(-1)[:4].tolist()}")
 
     def _gated(self, outputs: dict, gates: torch.Tensor) -> torch.Tensor:
         """Eq. 5: Σ_c g_c · o_c per head, then the output projection. outputs: (B, H, T, D) each."""
@@ -208,20 +279,21 @@ class NativeSparseAttention(nn.Module):
     # --- the efficient path -------------------------------------------------------------------
     def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
                 positions=None) -> torch.Tensor:
-        return self.branches(x, rope=rope, alibi=alibi, cache=cache, layer=layer, packed_mask=packed_mask)["output"]
+        return self.branches(x, rope=rope, alibi=alibi, cache=cache, layer=layer, packed_mask=packed_mask,
+                             positions=positions)["output"]
 
-    def branches(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None) -> dict:
+    def branches(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
+                 positions=None) -> dict:
         """The efficient path's output and its parts: each branch (B, H, T, D), the gates
         (B, H, T, 3), and the selection: ``blocks`` (B, Hkv, T, n) indices, ``chosen`` whether each
         index is a real pick (false where fewer than n blocks exist yet)."""
-        self._refuse(alibi, packed_mask, cache)
+        start = cache.length if cache is not None else 0
+        self._refuse(alibi, packed_mask, cache, positions, start, x.shape[1])
         q, kv, gates = self._project(x, rope)
         if cache is None:
-            start = 0
             k_cmp, v_cmp = self._compress_all(*kv["compressed"])
             (k_slc, v_slc), (k_win, v_win), window_start = kv["selected"], kv["window"], 0
         else:
-            start = cache.length
             k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, window_start = self._remember(cache, layer, kv, start)
         out = self._sparse(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, start, window_start)
         out["gates"] = gates
@@ -229,19 +301,27 @@ class NativeSparseAttention(nn.Module):
         return out
 
     def _remember(self, cache, layer, kv, start):
-        """Add the new positions to this layer's store; return what the new queries may read."""
+        """Add the new positions to this layer's store; return what the new queries may read.
+
+        The stores that grow with the sequence are preallocated for ``cache.max_len`` (batch first,
+        as ``cache.reorder`` needs) and written in place: the selected branch's k, v in whole
+        blocks of ``l'`` (so the blocks are a view), the compressed k, v one row per block that can
+        complete. Only the bounded window and raw-tail stores are rebuilt at each call."""
         state = cache.state(layer)
         c = self.nsa
         k_new, v_new = kv["selected"]
         B, Hkv, T, D = k_new.shape
         end = start + T
-        if "k_slc" not in state:  # any past block may be selected: keep every position, preallocated
-            state["k_slc"] = k_new.new_zeros(B, Hkv, cache.max_len, D)
-            state["v_slc"] = k_new.new_zeros(B, Hkv, cache.max_len, D)
-            for name in ("k_win", "v_win", "k_raw", "v_raw", "k_cmp", "v_cmp"):
+        if "k_slc" not in state:  # any past block may be selected: keep every position
+            whole_blocks = math.ceil(cache.max_len / c.select_block) * c.select_block  # max_len rounded up to l'
+            compressed = self._complete_blocks(cache.max_len)
+            for name, length in (("k_slc", whole_blocks), ("v_slc", whole_blocks),
+                                 ("k_cmp", compressed), ("v_cmp", compressed)):
+                state[name] = k_new.new_zeros(B, Hkv, length, D)
+            for name in ("k_win", "v_win", "k_raw", "v_raw"):
                 state[name] = k_new.new_zeros(B, Hkv, 0, D)
-        if end > state["k_slc"].shape[2]:
-            raise ValueError(f"the cache holds {state['k_slc'].shape[2]} positions; {end} were asked for")
+        if end > cache.max_len:
+            raise ValueError(f"the cache holds {cache.max_len} positions; {end} were asked for")
         state["k_slc"][:, :, start:end] = k_new
         state["v_slc"][:, :, start:end] = v_new
         # The window branch: the last w - 1 positions are all a future query can still see.
@@ -252,21 +332,24 @@ class NativeSparseAttention(nn.Module):
         state["k_win"], state["v_win"] = k_win[:, :, keep:], v_win[:, :, keep:]
         # The compressed branch: raw k, v from the first incomplete block's start on; compress the
         # blocks completed now (each exactly once) and drop the raw tokens no block needs any more.
-        done = state["k_cmp"].shape[2]
+        done = self._complete_blocks(start)
         k_raw = torch.cat([state["k_raw"], kv["compressed"][0]], dim=2)  # positions done·d ... end - 1
         v_raw = torch.cat([state["v_raw"], kv["compressed"][1]], dim=2)
         k_more, v_more = self._compress_all(k_raw, v_raw)
-        state["k_cmp"] = torch.cat([state["k_cmp"], k_more], dim=2)
-        state["v_cmp"] = torch.cat([state["v_cmp"], v_more], dim=2)
+        now = done + k_more.shape[2]
+        state["k_cmp"][:, :, done:now] = k_more
+        state["v_cmp"][:, :, done:now] = v_more
         drop = k_more.shape[2] * c.compress_stride  # the next incomplete block starts here
         state["k_raw"], state["v_raw"] = k_raw[:, :, drop:], v_raw[:, :, drop:]
-        assert done * c.compress_stride + drop + state["k_raw"].shape[2] == end
-        return (state["k_cmp"], state["v_cmp"], state["k_slc"][:, :, :end], state["v_slc"][:, :, :end],
+        assert now == self._complete_blocks(end) and done * c.compress_stride + drop + state["k_raw"].shape[2] == end
+        # Views, no copies: the selected store is read up to the last whole block (``_sparse`` masks past ``end``).
+        return (state["k_cmp"][:, :, :now], state["v_cmp"][:, :, :now], state["k_slc"], state["v_slc"],
                 k_win, v_win, window_start)
 
     def _sparse(self, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, start: int, window_start: int) -> dict:
         """The three branches for queries at positions ``start ... start + T - 1``; keys of the
-        selected branch from position 0, of the window branch from ``window_start``."""
+        selected branch from position 0 (at least up to ``start + T``; any beyond are never
+        visible), of the window branch from ``window_start``."""
         c = self.nsa
         B, H, T, D = q.shape
         Hkv = self.n_kv_head
@@ -285,13 +368,11 @@ class NativeSparseAttention(nn.Module):
 
         # Selection scores (eq. 9-10): compressed probabilities -> selection blocks, summed over the group.
         S = math.ceil(end / ls)
-        M = overlap_matrix(N, S, l, d, ls, q.device).to(q.dtype)
-        scores = p_cmp.detach().sum(dim=2) @ M  # (B, Hkv, T, S); the pick itself is not differentiable
+        scores = selection_scores(p_cmp.detach().sum(dim=2), S, l, d, ls)  # (B, Hkv, T, S); a pick has no gradient
         blocks, chosen = self._top_blocks(scores, query_pos)
 
-        # The selected branch reads whole blocks: its keys as (B, Hkv, S, l', D), the last block padded.
-        k_blocks = F.pad(k_slc, (0, 0, 0, S * ls - end)).view(B, Hkv, S, ls, D)
-        v_blocks = F.pad(v_slc, (0, 0, 0, S * ls - end)).view(B, Hkv, S, ls, D)
+        # The selected branch reads whole blocks: its keys as (B, Hkv, S, l', D).
+        k_blocks, v_blocks = as_blocks(k_slc, S, ls), as_blocks(v_slc, S, ls)
         picked = torch.zeros(B, Hkv, T, S, dtype=torch.bool, device=q.device).scatter(-1, blocks, chosen)
         o_slc = torch.empty_like(qg)
         o_win = torch.empty_like(qg)
@@ -300,7 +381,9 @@ class NativeSparseAttention(nn.Module):
             pos = query_pos[a:b]
             # Selected branch (eq. 12): only blocks some query of the chunk picked are ever read.
             used = picked[:, :, a:b].any(dim=2)  # (B, Hkv, S)
-            width = int(used.sum(-1).max())
+            width = min(S, (b - a) * c.select_count)  # a bound that needs no look at the picks (no host sync) ...
+            if width > c.select_count:  # ... but past n blocks (several queries), count the true union
+                width = int(used.sum(-1).max())
             if width <= _UNION_LIMIT * c.select_count:
                 o_slc[:, :, :, a:b] = self._selected_union(qg[:, :, :, a:b], pos, picked[:, :, a:b], used, width,
                                                            k_blocks, v_blocks)
@@ -334,7 +417,8 @@ class NativeSparseAttention(nn.Module):
         mine = mine.gather(-1, union[:, :, None].expand(-1, -1, q.shape[3], -1))
         visible = mine.repeat_interleave(ls, dim=-1) & (token[:, :, None] <= pos[:, None])  # (B, Hkv, c, |U|·l')
         s = torch.einsum("bgitd,bgmd->bgitm", q, k_sel) / math.sqrt(D)
-        return masked_softmax(s, visible[:, :, None]) @ v_sel[:, :, None]
+        # einsum folds the G heads into the rows of one product (a broadcast matmul would copy v_sel G times)
+        return torch.einsum("bgitm,bgmd->bgitd", masked_softmax(s, visible[:, :, None]), v_sel)
 
     def _selected_per_query(self, q, pos, blocks, chosen, k_blocks, v_blocks):
         """The same for queries whose picks barely overlap: gather each query's own n blocks
@@ -372,7 +456,7 @@ class NativeSparseAttention(nn.Module):
         B, H, T, D = q.shape
         G = H // self.n_kv_head
         l, d, ls = c.compress_block, c.compress_stride, c.select_block
-        pos = torch.arange(T)
+        pos = torch.arange(T, device=x.device)
 
         def attend(k, v, mask):  # plain per-head attention; k, v (B, Hkv, L, D); mask (B|1, Hkv|1, T, L)
             k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
@@ -385,7 +469,8 @@ class NativeSparseAttention(nn.Module):
         starts = list(range(0, T - l + 1, d))
         k_cmp = torch.stack([self.compress_k(k_raw[:, :, i : i + l]) for i in starts], dim=2) if starts else k_raw[:, :, :0]
         v_cmp = torch.stack([self.compress_v(v_raw[:, :, i : i + l]) for i in starts], dim=2) if starts else v_raw[:, :, :0]
-        usable = torch.tensor([[i + l - 1 <= t for i in starts] for t in range(T)], dtype=torch.bool).reshape(1, 1, T, len(starts))
+        usable = torch.tensor([[i + l - 1 <= t for i in starts] for t in range(T)], dtype=torch.bool,
+                              device=x.device).reshape(1, 1, T, len(starts))
         p_cmp, o_cmp = attend(k_cmp, v_cmp, usable)
 
         # Selection scores (eq. 9): every token of compressed block i passes p_cmp[i] / d to its selection block.
@@ -396,7 +481,7 @@ class NativeSparseAttention(nn.Module):
                 score[..., token // ls] += p_cmp[..., n].detach() / d
         score = score.view(B, self.n_kv_head, G, T, S).sum(dim=2)  # eq. 10: one selection per GQA group
         # Eq. 11 by counting: block j's rank = blocks scoring higher, or equal with a lower index.
-        j = torch.arange(S)
+        j = torch.arange(S, device=x.device)
         valid = j[None, :] <= (pos // ls)[:, None]
         forced = valid & ((j[None, :] < c.initial_blocks) | (j[None, :] > (pos // ls)[:, None] - c.local_blocks))
         ranked = score.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
