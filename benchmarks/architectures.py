@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from common import save
 
 BASE = {"mlp": "swiglu"}  # every study's baseline: the shakespeare-char preset with a SwiGLU MLP
@@ -137,6 +138,7 @@ def main() -> None:
             model = GPT(model_config)
             counts = model.parameter_counts()
             row = {"study": study, "variant": label, "change": change, "seed": seed,
+                   "model_section": {**model_section, "vocab_size": 65},
                    "val_test_loss": report["loss"], "bits_per_byte": report["bits_per_byte"],
                    "parameters": counts["total"], "active_parameters": counts["active"],
                    "kv_values_per_token": sum(b.mixer.cache_values_per_token() for b in model.blocks),
@@ -150,13 +152,46 @@ def main() -> None:
             print(f"{study:<9} {label:<55} val+test {row['val_test_loss']:.4f}  "
                   f"params {row['parameters']:>9,} (active {row['active_parameters']:,})  "
                   f"KV {row['kv_values_per_token']} values/token  {row['tokens_per_second'] or 0:,.0f} tok/s", flush=True)
-    result = {"steps": args.steps, "base": "configs/shakespeare-char.toml with mlp=swiglu", "rows": rows}
+    # Speed, measured apart from training (which may share the machine with other work): each
+    # variant's training step (forward, backward, AdamW) on the same batch shape, one after another.
+    for row in rows:
+        row["tokens_per_second_in_training"] = row.pop("tokens_per_second")
+        row["tokens_per_second"] = _step_speed(row["model_section"])
+        print(f"{row['study']:<9} {row['variant']:<55} {row['tokens_per_second']:,.0f} tokens/s (timed apart)", flush=True)
+    result = {"steps": args.steps, "base": "configs/shakespeare-char.toml with mlp=swiglu", "rows": rows,
+              "threads": torch.get_num_threads(),
+              "tokens_per_second": "median of 10 timed training steps (batch x context = 2048 tokens), after 3 warm-up "
+                                   "steps, each variant alone on the machine's threads"}
     path = save("architectures" if set(studies) == set(STUDIES) else "architectures_" + "_".join(studies), result)
     print(f"-> {path}")
     if args.plot:
         _plot(rows, Path(args.plot))
     if args.balance_plot:
         _plot_balance([r for r in rows if r["study"] == "balance"], Path(args.balance_plot))
+
+
+def _step_speed(model_section: dict, tokens: int = 2048, steps: int = 10) -> float:
+    """Training tokens per second of one variant: the median of ``steps`` timed steps."""
+    import statistics
+
+    from scratchlm.models.gpt import GPT, config_from_section
+
+    torch.manual_seed(0)
+    model = GPT(config_from_section(model_section)).train()
+    block = model.config.block_size
+    x = torch.randint(0, 65, (tokens // block, block))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for i in range(3 + steps):
+        start = time.perf_counter()
+        loss = model(x, x)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.after_optimizer_step()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return tokens / statistics.median(times)
 
 
 def _mtp_acceptance(run: Path, ds) -> dict:
