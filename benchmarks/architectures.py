@@ -41,8 +41,8 @@ STUDIES = {
         ("MoE 4 experts, top-1, width 384", {**MOE, "moe": {"n_experts": 4, "top_k": 1, "d_expert": 384,
                                                               "normalize": False}}),
         ("MoE 8 experts, top-2, width 192", {**MOE, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 192}}),
-        ("MoE 8 top-2 (192) + shared (192)", {**MOE, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 192,
-                                                               "n_shared": 1, "d_shared": 192}}),
+        ("MoE 8 top-2 (128) + shared (128), width 384", {**MOE, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 128,
+                                                                          "n_shared": 1, "d_shared": 128}}),
     ],
     "attention": [
         ("MHA (4 KV heads)", {}),

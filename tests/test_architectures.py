@@ -148,8 +148,6 @@ def test_set_dropout_reaches_every_mixer_kind():
 
 
 def test_training_flops_count_the_mtp_modules():
-    import torch
-
     from scratchlm.models.gpt import GPT
 
     base = dict(vocab_size=64, n_layer=2, n_head=2, d_model=32, block_size=16)
@@ -166,3 +164,31 @@ def test_attention_switches_are_refused_on_mixers_that_do_not_read_them(switch):
     with pytest.raises(ConfigError, match=f"model.{switch} appl"):
         GPTConfig(n_layer=2, layers=["attention", "mla"], **{switch: value})
     GPTConfig(n_layer=2, layers=["attention", "sliding"], sliding_window=4, **{switch: value})  # read by both
+
+
+def test_a_preset_can_change_its_layer_pattern():
+    """Changing a preset's layers drops the preset's settings of kinds no layer uses any more (the
+    user cannot delete a table from the command line); a table the user wrote is still checked."""
+    c = config_from_section({"preset": "mixtral-8x7b", "n_layer": 2, "layers": ["attention"]})
+    assert c.moe is None and c.layer_kinds() == [("attention", "dense")] * 2
+    c = config_from_section({"preset": "jamba-v0.1", "n_layer": 2, "layers": ["attention"], "position": "rope"})
+    assert c.mamba is None and c.moe is None
+    with pytest.raises(ConfigError, match="model.moe is set but no layer uses 'moe'"):
+        config_from_section({"preset": "mixtral-8x7b", "layers": ["attention"], "moe": {"top_k": 1}})
+
+
+def test_auxiliary_losses_are_taken_once_and_a_trained_model_can_be_copied():
+    import copy
+
+    import torch
+
+    from scratchlm.models.gpt import GPT
+
+    model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, block_size=16,
+                          layers=["attention+moe"], moe={"n_experts": 4, "top_k": 2}, mtp={"depth": 1})).train()
+    x = torch.randint(0, 40, (2, 16))
+    model(x)[0].sum().backward()  # a forward without targets leaves the MoE losses for the trainer
+    aux = model.auxiliary_loss()
+    assert torch.is_tensor(aux) and aux > 0 and model.auxiliary_loss() == 0.0
+    model(x, x)[1].backward()  # with targets the model takes them itself
+    copy.deepcopy(model)  # no graph tensor left behind

@@ -226,3 +226,27 @@ def test_hf_config_refusals():
     assert plain.d_head is None and plain.attn_scale is None
     caps_off = config_from_hf({**base, "attn_logit_softcapping": None, "final_logit_softcapping": None})
     assert caps_off.attn_softcap is None and caps_off.final_softcap is None
+
+
+def test_the_engine_serves_a_model_with_a_score_scale_and_refuses_soft_capping_when_built():
+    from scratchlm.generate import SamplingConfig, generate
+    from scratchlm.serve import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    model = gemma_model(layers=["attention"], sliding_window=None, attn_softcap=None, attn_scale=1.0).eval()
+    prompts = [[1, 5, 9, 2], [3, 3, 7, 11, 13, 2, 4]]
+    outs = LLM(model, block_size=4).generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+    for prompt, out in zip(prompts, outs):
+        expected = generate(model, prompt, 8, SamplingConfig(temperature=0))[0]
+        assert out.token_ids == expected
+    with pytest.raises(ValueError, match="cannot soft-cap"):
+        LLM(gemma_model(layers=["attention"], sliding_window=None), block_size=4)
+
+
+def test_the_training_loss_is_computed_on_the_capped_logits():
+    torch.manual_seed(0)
+    model = gemma_model(final_softcap=0.5).eval()
+    x = torch.randint(0, 97, (2, 12))
+    logits, loss = model(x, x)
+    assert logits.abs().max() <= 0.5
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.view(-1, 97), x.view(-1)))

@@ -358,3 +358,125 @@ def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
                                   {"out_dir": str(tmp_path / "rm"), "max_steps": 3, "eval_interval": 3, "batch_size": 4})
     assert result.returncode == 0, result.stderr[-3000:]
     assert summaries[0]["steps"] == 3
+
+
+FSDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads(1)
+RANK = int(os.environ["RANK"])
+import scratchlm.posttrain.rl as rl
+from scratchlm.posttrain.grpo import grpo
+from scratchlm.posttrain.ppo import ppo
+
+# The weights of every model the engine samples from (rollouts, evaluations), as one checksum:
+# under DDP the policy itself, under FSDP its plain copy, which must hold the same weights.
+real_generate, engine_weights = rl.generate_replies, []
+def generate_replies(model, *args, **kwargs):
+    engine_weights.append(sum(p.double().sum().item() for n, p in model.named_parameters()
+                              if not n.startswith("value_head.")))
+    return real_generate(model, *args, **kwargs)
+rl.generate_replies = generate_replies
+
+def reward(prompt, text):
+    if {fail_on_rank} == RANK:
+        raise RuntimeError("this reward function failed on rank " + str(RANK))
+    return float(text[:1].isdigit())
+
+for method, cfg, train, resume in {jobs!r}:
+    engine_weights.clear()
+    summary = {{"grpo": grpo, "ppo": ppo}}[method](cfg, train, progress=False, resume=resume, reward_fn=reward)
+    with open(os.path.join(train["out_dir"], f"rank{{RANK}}-{{int(resume)}}.json"), "w") as f:
+        json.dump({{**summary, "engine_weights": engine_weights}}, f)
+"""
+
+
+def _torchrun_jobs(tmp_path, port: int, jobs: list, fail_on_rank: int = -1):
+    """Several runs, one after another, in one 2-rank launch (each run joins and leaves the group)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / f"fsdp-{port}.py"
+    script.write_text(FSDP_SCRIPT.format(repo=str(REPO), jobs=jobs, fail_on_rank=fail_on_rank))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script)], capture_output=True, text=True, timeout=300)
+
+
+def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_path):
+    """Two gloo ranks, train.strategy = "fsdp": GRPO and PPO (value head, KL reference, grad_accum 2
+    for PPO) over two rollouts equal the same runs under DDP (weights within 1e-6, the same
+    rewards, losses within 1e-5); the engine samples from a copy holding the policy's current
+    weights at every rollout and evaluation (the checksum DDP's policy has); the ranks' rollouts
+    have different lengths and still train in lockstep; 3 steps + resume + 3 equal 6 straight
+    bit for bit; a reward function failing on one rank stops both with the reason, no hang."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    # Prompts of very different lengths: each rank's rollout is padded to its own longest row.
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": f"pick {'x' * (i % 17)}{i}=", "answer": "7"}) + "\n" for i in range(60))
+    cfg = {"base": str(task_base / "base"), "data": str(tmp_path / "prompts.jsonl"), "max_new_tokens": 3,
+           "prompts_per_rollout": 4, "samples_per_prompt": 4, "epochs": 2}
+    # 16 replies per rank, 8 per step: 4 steps per rollout; steps 5-6 train on a second rollout
+    # sampled from the trained policy; the half run stops mid-rollout (step 3).
+    train = {"max_steps": 6, "eval_interval": 3, "lr": 3e-3, "batch_size": 8, "sample_tokens": 0}
+    split = {"grpo": {}, "ppo": {"batch_size": 4, "grad_accum": 2}}
+    jobs = []
+    for method in ("grpo", "ppo"):
+        settings = {**train, **split[method]}
+        jobs += [(method, cfg, {**settings, "out_dir": str(tmp_path / f"{method}-ddp")}, False),
+                 (method, cfg, {**settings, "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-fsdp")}, False),
+                 (method, cfg, {**settings, "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-resumed"),
+                                "max_steps": 3}, False),
+                 (method, cfg, {**settings, "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-resumed")}, True)]
+    result = _torchrun_jobs(tmp_path, 29550, jobs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+
+    for method in ("grpo", "ppo"):
+        ddp, fsdp, resumed = (tmp_path / f"{method}-{name}" for name in ("ddp", "fsdp", "resumed"))
+        files = ["model.safetensors"] + (["value_head.safetensors"] if method == "ppo" else [])
+        for name in files:
+            a, b, c = (load_file(str(run / "last" / name)) for run in (ddp, fsdp, resumed))
+            assert a.keys() == b.keys() == c.keys()
+            for k in a:
+                torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)  # FSDP = DDP
+                assert torch.equal(c[k], b[k]), (method, name, k)  # resumed = straight, bit for bit
+        if method == "ppo":
+            assert a["weight"].shape == (1, 64) and a["weight"].abs().sum() > 0  # whole, and trained
+
+        reward, ratio_dev, kl = (("reward", "ratio_max_deviation", "kl") if method == "grpo" else
+                                 ("objective/scores", "policy/ratio_max_deviation", "objective/kl"))
+        steps = {run.name: [r for r in _records(run) if "loss" in r] for run in (ddp, fsdp, resumed)}
+        assert len(steps[fsdp.name]) == 6
+        for a, b in zip(steps[ddp.name], steps[fsdp.name]):
+            assert b[reward] == a[reward] and 0 <= b[reward] <= 1  # the same replies sampled
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and math.isfinite(b["loss"])
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        keys = ("loss", "grad_norm", reward, kl, ratio_dev)
+        assert [[r[k] for k in keys] for r in steps[resumed.name]] == [[r[k] for k in keys] for r in steps[fsdp.name]]
+        first = steps[fsdp.name]
+        assert max(r[ratio_dev] for r in first if r["epoch"] == 0) < 1e-5  # the sampler is the policy trained
+        assert first[0][kl] == pytest.approx(0.0, abs=1e-6) and first[-1][kl] > 0
+        evals = {run.name: [r["val_reward"] for r in _records(run) if "val_reward" in r] for run in (ddp, fsdp)}
+        assert len(evals[fsdp.name]) == 2 and evals[fsdp.name] == evals[ddp.name]
+
+        # The engine's weights at each rollout (2 per rank) and evaluation (2, rank 0): the policy's.
+        for rank in (0, 1):
+            seen = {run.name: json.loads((run / f"rank{rank}-0.json").read_text())["engine_weights"] for run in (ddp, fsdp)}
+            assert len(seen[fsdp.name]) == (4 if rank == 0 else 2)
+            assert seen[fsdp.name] == pytest.approx(seen[ddp.name], rel=1e-6, abs=1e-3)
+            assert len(set(seen[fsdp.name])) == len(seen[fsdp.name])  # a fresh copy each time, not the base
+
+        # The two ranks' rollouts (kept in the checkpoint) were padded to different lengths.
+        with safe_open(str(fsdp / "checkpoints" / "step-00000003" / "rollouts.safetensors"), "pt") as f:
+            lengths = {f.get_slice("rank0.x").get_shape()[1], f.get_slice("rank1.x").get_shape()[1]}
+        assert len(lengths) == 2, lengths
+
+    bad = [("ppo", cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "failing")}, False)]
+    result = _torchrun_jobs(tmp_path, 29551, bad, fail_on_rank=1)
+    assert result.returncode != 0
+    assert "rank 1 stopped the run, a rollout failed" in result.stderr and "failed on rank 1" in result.stderr

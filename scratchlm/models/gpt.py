@@ -159,6 +159,8 @@ class GPTConfig:
     def _check_gemma_switches(self, mixers: set[str]) -> None:
         """Refuse the Gemma switches where nothing would read them (so none is silently ignored)."""
         scoring = [f"model.{name}" for name in ("attn_scale", "attn_softcap") if getattr(self, name) is not None]
+        if scoring and not mixers & {"attention", "sliding"}:
+            raise ConfigError(f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; model.layers has none")
         if scoring and mixers - {"attention", "sliding", "mamba"}:
             raise ConfigError(f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; "
                               f"model.layers also has {sorted(mixers - {'attention', 'sliding', 'mamba'})}")
@@ -338,9 +340,7 @@ class GPT(nn.Module):
             x = x[:, -1:, :]
         elif logits_at is not None:
             x = x[:, logits_at, :]
-        logits = self.lm_head(x)  # (B, T, V)
-        if self.config.final_softcap is not None:  # Gemma-2: logits kept within (-c, c), smoothly
-            logits = self.config.final_softcap * torch.tanh(logits / self.config.final_softcap)
+        logits = self.logits(x)  # (B, T, V)
         if self.mtp is not None:  # multi-token prediction: λ·L_MTP, an aux_loss while training with targets
             training = self.training and targets is not None
             self.mtp.aux_loss = self.mtp.loss(self, hidden, idx, targets, documents) if training else None
@@ -351,13 +351,24 @@ class GPT(nn.Module):
                 loss = loss + self.auxiliary_loss()
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from final hidden states: the output head (and Gemma-2's soft cap,
+        which keeps logits within (-c, c), smoothly). Every head that shares lm_head goes through here."""
+        logits = self.lm_head(hidden)
+        if self.config.final_softcap is not None:
+            logits = self.config.final_softcap * torch.tanh(logits / self.config.final_softcap)
+        return logits
+
     def auxiliary_loss(self) -> torch.Tensor | float:
-        """The sum of the ``aux_loss`` that blocks (MoE routers, MTP) left from the last forward."""
+        """The sum of the ``aux_loss`` that blocks (MoE routers, MTP) left from the last forward,
+        taken: each is cleared once read (a loss is counted once, and a model holding no graph
+        tensors can be copied, e.g. for a reference model)."""
         total = 0.0
         for module in self.modules():
             aux = getattr(module, "aux_loss", None)
             if module is not self and torch.is_tensor(aux):
                 total = total + aux
+                module.aux_loss = None
         return total
 
     def after_optimizer_step(self) -> dict[str, torch.Tensor]:
@@ -592,6 +603,14 @@ def config_from_section(section: dict) -> GPTConfig:
     for key, value in section.items():
         both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = {**merged[key], **value} if both_tables else value
+    if name and "layers" in section:  # a new pattern: the preset's settings for kinds it no longer uses go
+        pattern = GPTConfig(**{k: merged[k] for k in ("n_layer", "layers") if k in merged}).layer_kinds()
+        used = {kind for pair in pattern for kind in pair}
+        for kind, (table, _) in _KIND_TABLES.items():
+            if kind not in used and table not in section:
+                merged.pop(table, None)
+        if "sliding" not in used and "sliding_window" not in section:
+            merged.pop("sliding_window", None)
     return GPTConfig.from_dict(merged)
 
 

@@ -57,9 +57,8 @@ def _llama_config(hf: dict) -> GPTConfig:
         raise ValueError(f"RoPE scaling {rope.get('rope_type')!r} is not supported (only the default)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise ValueError("Llama models whose head_dim x heads != hidden_size are not supported")
-    return GPTConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+    d_head = head_dim if head_dim * hf["num_attention_heads"] != hf["hidden_size"] else None  # heads wider or narrower
+    return GPTConfig(d_head=d_head, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                      n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], d_model=hf["hidden_size"],
                      d_ff=hf["intermediate_size"], block_size=hf["max_position_embeddings"], position="rope",
                      rope_theta=float(theta), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",

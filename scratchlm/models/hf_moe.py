@@ -102,7 +102,8 @@ def _config(hf: dict) -> GPTConfig:
     moe.update(n_experts=experts, top_k=hf["num_experts_per_tok"], d_expert=width,
                aux_weight=aux_weight_from_hf(coef, hf["num_experts_per_tok"], sum(_moe_layers(hf))))
     base["layers"] = layers[:1] if len(set(layers)) == 1 else layers  # one item repeats to every layer
-    base["moe"] = moe
+    if any(_moe_layers(hf)):  # a config whose every layer is dense (mlp_only_layers) has no MoE table
+        base["moe"] = moe
     return GPTConfig.from_dict(base)
 
 

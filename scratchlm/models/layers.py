@@ -145,10 +145,10 @@ class Attention(nn.Module):
             if self.window is not None:
                 raise ValueError("sliding-window layers do not run on the engine's paged cache; "
                                  "generate with scratchlm.generate (a ring buffer per sliding layer)")
-            if self.scale is not None or self.softcap is not None:
-                raise ValueError("the engine's paged cache attends with the default scale and no soft-capping; "
-                                 "generate with scratchlm.generate for models with attn_scale or attn_softcap")
-            y = cache.attend(layer, q, k, v, alibi=alibi)  # (1, H, N, D) for N packed tokens
+            if self.softcap is not None:
+                raise ValueError("the engine's paged cache attends with fused kernels, which cannot soft-cap scores; "
+                                 "generate with scratchlm.generate for models with attn_softcap")
+            y = cache.attend(layer, q, k, v, alibi=alibi, scale=self.scale)  # (1, H, N, D) for N packed tokens
             return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
         start = 0  # the first new query's position, counted from the first key in k, v
         if cache is not None and (self.window is None or self._has_rows(cache, layer)):

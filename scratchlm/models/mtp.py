@@ -130,7 +130,7 @@ class MTP(nn.Module):
                 h = self._sequential(model, module, h[:, : T - k], idx[:, k:], start=k)
             else:
                 h = self._parallel(model, module, hidden)
-            out.append(model.lm_head(h))
+            out.append(model.logits(h))
         return out
 
     def loss(self, model, hidden: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
@@ -183,7 +183,7 @@ class MTP(nn.Module):
                 h = self._sequential(model, module, h, tokens, start=k)
             else:
                 h = self._parallel(model, module, hidden)
-            logits = model.lm_head(h[:, -1])  # (B, V)
+            logits = model.logits(h[:, -1])  # (B, V)
             guess = logits.argmax(dim=-1)
             guesses.append(guess)
             all_logits.append(logits)

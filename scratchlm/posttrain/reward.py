@@ -116,20 +116,25 @@ class RewardTrainer(DPOTrainer):
 
         if self.sft.lora_rank:
             raise ValueError("a reward model trains its whole network and head (lora_rank must be 0)")
-        if self.world_size > 1 and self.cfg.strategy == "fsdp":
-            raise ValueError("a reward model supports train.strategy = 'ddp' (its head runs outside the sharded model)")
         model = SFTTrainer._initial_model(self).to(self.device)  # the base (grown for the chat tokens)
         if not model.config.tie_embeddings:
             # The language-model head does not take part in a score: frozen, it is not a parameter
             # DDP would wait for a gradient of.
             model.lm_head.weight.requires_grad_(False)
-        add_scalar_head(model)
+        # Bradley–Terry sees only differences of two scores: a bias cancels, its gradient is exactly
+        # 0, and Adam would turn that 0's rounding noise into steps of size lr. It stays at 0, frozen.
+        add_scalar_head(model).bias.requires_grad_(False)
         end = self.template.end_id
         self.train_ends = [_ends(r, end) for r in self.train_rows]
         self.val_ends = [_ends(r, end) for r in self.val_rows]
         self.train_loader = _PairIds(self.train_ends, self.cfg.batch_size, self.template.pad_id, self.cfg.seed,
                                      self.device, self.rank, self.world_size)
         return model
+
+    def _fsdp_units(self) -> list[nn.Module]:
+        # The head runs after the model's forward (on the hidden states it returns): sharded as a
+        # unit of its own, it gathers its weights when called and reduces its gradients itself.
+        return [self.model.score]
 
     def _loss(self, batch) -> torch.Tensor:
         x, last = batch
@@ -171,12 +176,22 @@ class RewardTrainer(DPOTrainer):
         from safetensors.torch import save
 
         extras = super()._checkpoint_extras()
-        head = {k: v.detach().cpu().float().contiguous() for k, v in self.model.score.state_dict().items()}
-        extras["files"][HEAD_FILE] = save(head, metadata={"format": HEAD_FORMAT, "version": "1"})
+        extras["files"][HEAD_FILE] = save(head_state(self.model.score), metadata={"format": HEAD_FORMAT, "version": "1"})
         return extras
 
     def _load_resume_weights(self, folder: Path) -> None:
         _load_with_head(folder, self.model, "score")
+
+
+def head_state(head: nn.Module) -> dict[str, torch.Tensor]:
+    """A head's whole weights as float32 CPU tensors. Under FSDP its parameters are shards
+    (DTensors): each is gathered (``full_tensor()``, a collective: every rank calls this)."""
+    out = {}
+    for k, v in head.state_dict().items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().cpu().float().contiguous()
+    return out
 
 
 def _load_with_head(folder: Path, model: nn.Module, name: str, file: str = HEAD_FILE,

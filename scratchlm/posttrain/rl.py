@@ -245,22 +245,27 @@ class RLTrainer(SFTTrainer):
 
         if self.sft.lora_rank:
             raise ValueError(f"{self.method} trains the whole policy here (lora_rank must be 0)")
-        if self.world_size > 1 and self.cfg.strategy == "fsdp":
-            # Each rank generates replies of its own lengths: a sharded model's all-gathers would
-            # not line up between ranks.
-            raise ValueError(f"{self.method} supports train.strategy = 'ddp' (rollouts cannot run on a sharded model)")
+        sharded = self.world_size > 1 and self.cfg.strategy == "fsdp"
         model = super()._initial_model().to(self.device)
         if self.sft.disable_dropout:
             model.set_dropout(0.0)
         self.reference = None
         if self.sft.kl_coef > 0:  # the model as training starts, frozen
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            if sharded:  # sharded like the policy; its forwards run in lockstep on every rank
+                from torch.distributed.fsdp import fully_shard
+
+                for block in self.reference.blocks:
+                    fully_shard(block)
+                fully_shard(self.reference)
+        # Under FSDP the engine cannot run on the sharded policy (each rank samples replies of its
+        # own lengths, one token at a time: the ranks' all-gathers would not line up). It samples
+        # from a plain copy, allocated once here; its weights are gathered from the shards before
+        # each rollout and each evaluation (see _gather_policy).
+        self.rollout_policy = copy.deepcopy(model).eval().requires_grad_(False) if sharded else None
         if self.has_value_head:
             add_scalar_head(model, "value_head", zero=True)
-        # A failure in a rollout (the engine, a reward function) on one rank stops every rank
-        # there, before any of them waits in the next collective.
-        make = lambda g: self._on_every_rank_then_agree(lambda: self._make_rollout(g), "a rollout failed")  # noqa: E731
-        self.train_loader = RolloutLoader(make, self.sft.rollout_size, self.cfg.batch_size, self.sft.epochs,
+        self.train_loader = RolloutLoader(self._make_rollout, self.sft.rollout_size, self.cfg.batch_size, self.sft.epochs,
                                           self.cfg.seed + self.rank, self.device)
         return model
 
@@ -272,6 +277,32 @@ class RLTrainer(SFTTrainer):
                              "sha256 differs): the reference would change under the run; resume with the same "
                              "--checkpoint")
         return state
+
+    def _fsdp_units(self) -> list:
+        # PPO's value head runs on the hidden states the model returns, outside its forward: a unit
+        # of its own gathers its weights when called and reduces its gradients itself.
+        return [self.model.value_head] if self.has_value_head else []
+
+    @property
+    def engine_policy(self):
+        """The module the engine samples from: the policy itself, or its plain copy under FSDP."""
+        return self.model if self.rollout_policy is None else self.rollout_policy
+
+    @torch.no_grad()
+    def _gather_policy(self) -> None:
+        """Under FSDP, copy the policy's current weights into the plain copy the engine samples
+        from: one parameter at a time (``DTensor.full_tensor()``, an all-gather: every rank calls
+        this, at the same point), so at most one whole parameter is in flight beyond the copy."""
+        if self.rollout_policy is None:
+            return
+        copies = dict(self.rollout_policy.named_parameters())
+        for name, p in self.model.named_parameters():
+            if name in copies:  # not the value head: the engine has no use for it
+                copies[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        buffers = dict(self.rollout_policy.named_buffers())
+        for name, b in self.model.named_buffers():  # never sharded; some change in training (MoE's bias)
+            if name in buffers:
+                buffers[name].copy_(b)
 
     def _logits(self, model, x: torch.Tensor, hidden: bool = False):
         """The sampling distribution's logits (and the final hidden states)."""
@@ -286,26 +317,43 @@ class RLTrainer(SFTTrainer):
         rl = self.sft
         messages = [p.prompt for p in prompts for _ in range(rl.samples_per_prompt)]
         seeds = torch.randint(2**62, (len(messages),), generator=generator).tolist()
-        outs = generate_replies(self.model, self.tokenizer, messages, rl.max_new_tokens, temperature=rl.temperature,
+        outs = generate_replies(self.engine_policy, self.tokenizer, messages, rl.max_new_tokens, temperature=rl.temperature,
                                 seeds=seeds)
         return [(o["token_ids"], o["text"], o["ended"]) for o in outs], [o["prompt_ids"] for o in outs]
 
-    @torch.no_grad()
     def _make_rollout(self, generator: torch.Generator) -> Rollout:
+        """Sample and score replies (on this rank alone: no collective inside), then the policy's
+        and the reference's log-probabilities of them (a micro-batch at a time: every rank runs
+        the same number of forwards, which under FSDP gather the shards together). A failure on
+        one rank (the engine, a reward function) stops every rank at the next agreement, before
+        any of them waits in a collective the failed rank will never join."""
+        self._gather_policy()
+        sampled = self._on_every_rank_then_agree(lambda: self._sample_and_score(generator), "a rollout failed")
+        return self._on_every_rank_then_agree(lambda: self._score_rollout(*sampled), "a rollout failed")
+
+    @torch.no_grad()
+    def _sample_and_score(self, generator: torch.Generator):
+        """(prompts' ids, sampled replies, rewards): ``samples_per_prompt`` replies to each of
+        ``prompts_per_rollout`` prompts drawn with ``generator``, and their rewards."""
+        rl = self.sft
+        picks = torch.randint(len(self.train_prompts), (rl.prompts_per_rollout,), generator=generator).tolist()
+        prompts = [self.train_prompts[i] for i in picks]
+        replies, prompt_ids = self._sample(prompts, generator)
+        expanded = [p for p in prompts for _ in range(rl.samples_per_prompt)]
+        rewards = self._rewards(expanded, [t for _, t, _ in replies],
+                                [p + r for p, (r, _, _) in zip(prompt_ids, replies)])
+        if not torch.isfinite(rewards).all():
+            bad = int((~torch.isfinite(rewards)).nonzero()[0, 0])
+            raise ValueError(f"the reward of a reply is {rewards[bad].item()} (prompt {expanded[bad].where}, reply "
+                             f"{replies[bad][1]!r}): rewards must be finite numbers")
+        return prompt_ids, replies, rewards
+
+    @torch.no_grad()
+    def _score_rollout(self, prompt_ids: list, replies: list, rewards: torch.Tensor) -> Rollout:
         rl = self.sft
         was_training = self.model.training
         self.model.eval()
         try:
-            picks = torch.randint(len(self.train_prompts), (rl.prompts_per_rollout,), generator=generator).tolist()
-            prompts = [self.train_prompts[i] for i in picks]
-            replies, prompt_ids = self._sample(prompts, generator)
-            expanded = [p for p in prompts for _ in range(rl.samples_per_prompt)]
-            rewards = self._rewards(expanded, [t for _, t, _ in replies],
-                                    [p + r for p, (r, _, _) in zip(prompt_ids, replies)])
-            if not torch.isfinite(rewards).all():
-                bad = int((~torch.isfinite(rewards)).nonzero()[0, 0])
-                raise ValueError(f"the reward of a reply is {rewards[bad].item()} (prompt {expanded[bad].where}, reply "
-                                 f"{replies[bad][1]!r}): rewards must be finite numbers")
             ended = torch.tensor([e for _, _, e in replies], dtype=torch.float32)
             rewards = rewards - rl.missing_end_penalty * (1 - ended)
             rows = [(p + r, [0] * len(p) + [1] * len(r)) for p, (r, _, _) in zip(prompt_ids, replies)]
@@ -351,7 +399,10 @@ class RLTrainer(SFTTrainer):
         """The value head's estimate at every position, in float32 (outside autocast: the
         rollout's values and the training step's must be computed alike)."""
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.model.value_head(hidden.float())[..., 0]
+            # Rows in, rows out: a head sharded by FSDP must not return a view (of a 3-d matmul's
+            # output), which an in-place op could detach from its backward hook (FSDP warns).
+            h = hidden.float()
+            return self.model.value_head(h.reshape(-1, h.shape[-1])).view(h.shape[:-1])
 
     # --- a step -----------------------------------------------------------------------------
     def _begin_step(self, batches: list) -> None:
@@ -384,8 +435,10 @@ class RLTrainer(SFTTrainer):
             names.append("val_exact_match")
         values = [0.0] * (len(names) + 1)
 
+        self._gather_policy()  # every rank (a collective under FSDP); rank 0 then generates alone
+
         def work():
-            replies = generate_replies(self.model, self.tokenizer, [p.prompt for p in self.val_prompts],
+            replies = generate_replies(self.engine_policy, self.tokenizer, [p.prompt for p in self.val_prompts],
                                        self.eval_max_tokens)
             texts = [r["text"] for r in replies]
             rewards = self._rewards(self.val_prompts, texts, [r["prompt_ids"] + r["token_ids"] for r in replies])
@@ -405,11 +458,12 @@ class RLTrainer(SFTTrainer):
     def _checkpoint_extras(self) -> dict:
         from safetensors.torch import save
 
+        from scratchlm.posttrain.reward import head_state
+
         extras = super()._checkpoint_extras()
-        if self.has_value_head:
-            head = {k: v.detach().cpu().float().contiguous() for k, v in self.model.value_head.state_dict().items()}
-            extras["files"]["value_head.safetensors"] = save(head, metadata={"format": "scratchlm.value-head",
-                                                                            "version": "1"})
+        if self.has_value_head:  # whole tensors (gathered under FSDP: every rank is here)
+            extras["files"]["value_head.safetensors"] = save(head_state(self.model.value_head),
+                                                             metadata={"format": "scratchlm.value-head", "version": "1"})
         states = self._gather(self.train_loader.state())  # every rank's rollout, in rank order
         if all(s is not None for s in states):
             tensors = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s["tensors"].items()}

@@ -117,8 +117,10 @@ class PagedBatch:
             self._masks[key] = make(*args)
         return self._masks[key]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi=None) -> torch.Tensor:
-        """Store this step's k, v (1, Hkv, N, D) in the pool, then attend: q (1, H, N, D) -> (1, H, N, D)."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi=None,
+               scale: float | None = None) -> torch.Tensor:
+        """Store this step's k, v (1, Hkv, N, D) in the pool, then attend: q (1, H, N, D) -> (1, H, N, D).
+        ``scale`` multiplies the scores (None: 1/sqrt(D))."""
         pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]  # (Hkv, blocks, block_size, D)
         Hkv, _, bs, D = pool_k.shape
         pool_k.view(Hkv, -1, D).index_copy_(1, self.slot_mapping, k[0])
@@ -131,12 +133,12 @@ class PagedBatch:
                 mask = None if alibi is None else self._mask(("prefill", row), attention_bias,
                                                              n, n, 0, alibi, q.device, q.dtype)
                 y = F.scaled_dot_product_attention(qi, k[:, :, row : row + n], v[:, :, row : row + n],
-                                                   is_causal=alibi is None, enable_gqa=gqa, attn_mask=mask)
+                                                   is_causal=alibi is None, enable_gqa=gqa, attn_mask=mask, scale=scale)
             else:  # after cached tokens: gather this sequence's blocks
                 ki = pool_k.index_select(1, blocks).view(1, Hkv, -1, D)[:, :, : start + n]  # (1, Hkv, start + n, D)
                 vi = pool_v.index_select(1, blocks).view(1, Hkv, -1, D)[:, :, : start + n]
                 mask = self._mask(("prefill", row), attention_bias, n, start + n, start, alibi, q.device, q.dtype)
-                y = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=gqa)
+                y = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=gqa, scale=scale)
             out[:, :, row : row + n] = y
         for gi, g in enumerate(self.decode_groups):
             Bd, width = g.blocks.shape
@@ -152,7 +154,7 @@ class PagedBatch:
                 mask = g.valid[:, None, None, :]  # (Bd, 1, 1, keys), True = attend
             else:
                 mask = None  # every sequence fills all its blocks: nothing to hide
-            y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa)  # (Bd, H, 1, D)
+            y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa, scale=scale)  # (Bd, H, 1, D)
             out[0][:, g.rows] = y[:, :, 0].transpose(0, 1)
         return out
 

@@ -183,6 +183,12 @@ class Trainer:
     def _begin_step(self, batches: list) -> None:
         """Called with every micro-batch of a step (on each rank) before the first forward pass."""
 
+    def _fsdp_units(self) -> list[torch.nn.Module]:
+        """Submodules sharded as FSDP units of their own, besides the blocks: a head a method calls
+        outside the model's forward (a reward model's ``score``, PPO's ``value_head``) gathers its
+        weights when called and reduces its gradients itself."""
+        return []
+
     # GPT.forward adds the blocks' auxiliary losses (MoE balancing, MTP) when it is given targets;
     # a method that builds its loss from the logits (SFT, DPO, RL) gets them added by the loop.
     model_adds_auxiliary = True
@@ -287,7 +293,7 @@ class Trainer:
             blocks = list(self.model.blocks)
             if getattr(self.model, "mtp", None) is not None:  # MTP modules: each its own unit too
                 blocks += [m for m in self.model.mtp.modules() if isinstance(m, type(self.model.blocks[0]))]
-            for block in blocks:
+            for block in blocks + self._fsdp_units():
                 fully_shard(block)
             fully_shard(self.model)
         self.optimizers = build_optimizers(self.model, cfg, self.device)
