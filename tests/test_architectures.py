@@ -192,3 +192,8 @@ def test_auxiliary_losses_are_taken_once_and_a_trained_model_can_be_copied():
     assert torch.is_tensor(aux) and aux > 0 and model.auxiliary_loss() == 0.0
     model(x, x)[1].backward()  # with targets the model takes them itself
     copy.deepcopy(model)  # no graph tensor left behind
+
+
+def test_a_preset_can_become_sliding():
+    c = config_from_section({"preset": "shakespeare-char", "layers": ["sliding"], "sliding_window": 16})
+    assert c.sliding_window == 16 and c.layer_kinds()[0] == ("sliding", "dense")

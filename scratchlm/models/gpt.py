@@ -138,19 +138,7 @@ class GPTConfig:
     def layer_kinds(self) -> list[tuple[str, str]]:
         """(mixer, mlp) of every layer: ``layers`` repeated to ``n_layer`` (its length must divide
         ``n_layer``), each item "mixer" (dense MLP) or "mixer+mlp"."""
-        pattern = self.layers if self.layers is not None else ["attention"]
-        if not pattern or self.n_layer % len(pattern):
-            raise ConfigError(f"model.layers has {len(pattern)} items; it must be non-empty and its length must divide "
-                              f"model.n_layer = {self.n_layer} (it repeats), or list every layer")
-        kinds = []
-        for item in pattern:
-            mixer, _, mlp = item.partition("+")
-            mlp = mlp or "dense"
-            if mixer not in MIXERS or mlp not in LAYER_MLPS:
-                raise ConfigError(f"model.layers item {item!r}: expected 'mixer' or 'mixer+mlp' with mixer one of "
-                                  f"{', '.join(MIXERS)} and mlp one of {', '.join(LAYER_MLPS)}")
-            kinds.append((mixer, mlp))
-        return kinds * (self.n_layer // len(kinds))
+        return expand_layers(self.layers, self.n_layer)
 
     @property
     def kv_heads(self) -> int:
@@ -574,6 +562,23 @@ def packing(documents: torch.Tensor, alibi: torch.Tensor | None = None) -> tuple
     return index - first, mask
 
 
+def expand_layers(layers: list[str] | None, n_layer: int) -> list[tuple[str, str]]:
+    """The (mixer, mlp) of each of ``n_layer`` layers for a ``layers`` pattern (see GPTConfig.layers)."""
+    pattern = layers if layers is not None else ["attention"]
+    if not pattern or n_layer % len(pattern):
+        raise ConfigError(f"model.layers has {len(pattern)} items; it must be non-empty and its length must divide "
+                          f"model.n_layer = {n_layer} (it repeats), or list every layer")
+    kinds = []
+    for item in pattern:
+        mixer, _, mlp = item.partition("+")
+        mlp = mlp or "dense"
+        if mixer not in MIXERS or mlp not in LAYER_MLPS:
+            raise ConfigError(f"model.layers item {item!r}: expected 'mixer' or 'mixer+mlp' with mixer one of "
+                              f"{', '.join(MIXERS)} and mlp one of {', '.join(LAYER_MLPS)}")
+        kinds.append((mixer, mlp))
+    return kinds * (n_layer // len(kinds))
+
+
 def _idle_experts(blocks) -> int:
     """Parameters of the routed experts a token does not visit: (1 - top_k / E) of each MoE's experts."""
     idle = 0.0
@@ -604,7 +609,7 @@ def config_from_section(section: dict) -> GPTConfig:
         both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = {**merged[key], **value} if both_tables else value
     if name and "layers" in section:  # a new pattern: the preset's settings for kinds it no longer uses go
-        pattern = GPTConfig(**{k: merged[k] for k in ("n_layer", "layers") if k in merged}).layer_kinds()
+        pattern = expand_layers(merged.get("layers"), merged.get("n_layer", GPTConfig.n_layer))
         used = {kind for pair in pattern for kind in pair}
         for kind, (table, _) in _KIND_TABLES.items():
             if kind not in used and table not in section:
