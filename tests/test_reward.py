@@ -97,6 +97,102 @@ def test_reward_model_resumes_exactly(task_base, tmp_path):
     assert len(losses["straight"]) == 40 and losses["resumed"] == losses["straight"]
 
 
+def test_a_checkpoint_saved_while_the_head_bias_was_trained_resumes(task_base, tmp_path, capsys):
+    """Before the head's bias was frozen, the optimizer kept state for it. Such a checkpoint (made
+    here by training 2 steps with the bias trainable, from 0.25) resumes: that state is dropped,
+    with one line saying so, and the bias keeps its saved value. Loaded without the migration,
+    the optimizer state is refused with the parameter's name, not torch's group-size mismatch."""
+    from safetensors.torch import load_file
+
+    from scratchlm.models.checkpoint import FormatError, load_model_from_checkpoint, read_state
+    from scratchlm.posttrain.reward import HEAD_FILE, RewardConfig, RewardTrainer, add_scalar_head, train_reward_model
+    from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS
+    from scratchlm.train.checkpoint import load_optimizers
+    from scratchlm.train.config import TrainConfig
+    from scratchlm.train.optim import param_groups
+    from scratchlm.train.trainer import run_trainer
+
+    class BiasTrained(RewardTrainer):  # the head as it was trained before
+        def _initial_model(self):
+            model = super()._initial_model()
+            with torch.no_grad():
+                model.score.bias.fill_(0.25)
+            model.score.bias.requires_grad_(True)
+            return model
+
+    _pairs(tmp_path / "train.jsonl", 40, 0)
+    cfg = {"base": str(task_base / "base"), "data": str(tmp_path / "train.jsonl"), "val_fraction": 0.2}
+    train = {"max_steps": 2, "eval_interval": 2, "lr": 3e-3, "batch_size": 4, "out_dir": str(tmp_path / "rm")}
+    run_trainer(lambda: BiasTrained(RewardConfig.from_dict(cfg), TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, **train}),
+                                    progress=False))
+    old = tmp_path / "rm" / "last"
+    state = read_state(old)
+    assert any("score.bias" in g["params"] for g in state["optimizers"][0]["param_groups"])  # the old kind
+    saved_bias = load_file(str(old / HEAD_FILE))["bias"]
+
+    model, _ = load_model_from_checkpoint(old)
+    add_scalar_head(model).bias.requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0))
+    with pytest.raises(FormatError, match=r"does not train \(frozen now\): \['score\.bias'\]"):
+        load_optimizers(old, model, [optimizer], state)
+
+    capsys.readouterr()
+    summary = train_reward_model(cfg, {**train, "max_steps": 4}, progress=False, resume=True)
+    assert summary["steps"] == 4
+    log = capsys.readouterr().err
+    assert log.count("saved while the reward head's bias was still trained: its optimizer state is dropped") == 1
+    assert f"frozen at its saved value {saved_bias.item():g}" in log
+    assert torch.equal(load_file(str(tmp_path / "rm" / "last" / HEAD_FILE))["bias"], saved_bias)
+    assert not any("score.bias" in g["params"] for g in read_state(tmp_path / "rm" / "last")["optimizers"][0]["param_groups"])
+
+
+SHARDED_NAMES_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+from scratchlm.models.checkpoint import FormatError
+from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.train.checkpoint import _split_optimizer_states, load_optimizers, optimizer_states
+from safetensors.torch import save_file
+
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, block_size=8))
+fully_shard(model.blocks[0]); fully_shard(model)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.zeros(1, 4, dtype=torch.long))[0].sum().backward(); opt.step()
+tensors, meta = _split_optimizer_states(optimizer_states(model, [opt], sharded=True))
+save_file(tensors, {folder!r} + "/optimizer.safetensors")
+import scratchlm.train.checkpoint as ckpt
+ckpt.load_tensors = lambda folder, name: tensors  # (no state.json with checksums here)
+load_optimizers({folder!r}, model, [opt], {{"optimizers": meta}}, sharded=True)  # the genuine state loads
+meta[0]["param_groups"][0]["params"].append("score.bias")
+try:
+    load_optimizers({folder!r}, model, [opt], {{"optimizers": meta}}, sharded=True)
+    print("LOADED")
+except FormatError as e:
+    print("REFUSED", e)
+dist.destroy_process_group()
+"""
+
+
+def test_the_sharded_optimizer_load_refuses_a_name_the_model_lacks(tmp_path):
+    """Under FSDP, torch's set_optimizer_state_dict skips a saved name it does not know; the
+    checkpoint's names are checked before it as on one process (a 1-rank gloo group, fully_shard)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "names.py"
+    script.write_text(SHARDED_NAMES_SCRIPT.format(repo=str(REPO), store=str(tmp_path / "store"), folder=str(tmp_path)))
+    result = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED" in result.stdout and "names parameters this model lacks: ['score.bias']" in result.stdout, result.stdout
+
+
 RM_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {repo!r})

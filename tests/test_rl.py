@@ -107,6 +107,38 @@ def test_token_logps_and_entropy_match_log_softmax():
     assert torch.allclose(token_entropy(z), -(logp.exp() * logp).sum(-1), atol=1e-6)
 
 
+def test_the_engine_copy_is_written_whole_or_the_difference_is_named():
+    """Under FSDP the engine samples from a plain copy of the policy: every parameter and buffer
+    of the copy is written from the policy (PPO's value head is the policy's only extra), and a
+    copy that differs from the policy fails, naming what differs."""
+    import copy
+    from types import SimpleNamespace
+
+    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.posttrain.reward import add_scalar_head
+    from scratchlm.posttrain.rl import RLTrainer
+
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, block_size=8, norm="layernorm"))
+    engine_copy = copy.deepcopy(policy)
+    add_scalar_head(policy, "value_head")
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)
+    me = SimpleNamespace(model=policy, rollout_policy=engine_copy)
+    RLTrainer._gather_policy(me)
+    written = engine_copy.state_dict()
+    for k, v in policy.state_dict().items():
+        assert k.startswith("value_head.") or torch.equal(written[k], v), k
+    engine_copy.register_buffer("stale", torch.zeros(1))
+    with pytest.raises(RuntimeError, match=r"the copy's \['stale'\] were not written"):
+        RLTrainer._gather_policy(me)
+    del engine_copy.stale
+    policy.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(RuntimeError, match=r"the policy's \['extra'\] have no place in the copy"):
+        RLTrainer._gather_policy(me)
+
+
 # --- the real loop --------------------------------------------------------------------------
 
 def _digit(prompt, text: str) -> float:
@@ -379,21 +411,42 @@ def generate_replies(model, *args, **kwargs):
     return real_generate(model, *args, **kwargs)
 rl.generate_replies = generate_replies
 
+# After each rollout's log-probs: the reference's parameters that are not shards (none, under FSDP).
+from torch.distributed.tensor import DTensor
+real_logps, reference_whole = rl.RLTrainer._rollout_logps, []
+def _rollout_logps(self, *args):
+    out = real_logps(self, *args)
+    if self.sharded and self.reference is not None:
+        reference_whole.append([n for n, p in self.reference.named_parameters() if not isinstance(p, DTensor)])
+    return out
+rl.RLTrainer._rollout_logps = _rollout_logps
+
 def reward(prompt, text):
     if {fail_on_rank} == RANK:
         raise RuntimeError("this reward function failed on rank " + str(RANK))
     return float(text[:1].isdigit())
 
-method, cfg, train, resume = {job!r}
+method, cfg, train, resume, snapshot = {job!r}
+if snapshot:  # a copy of the step-3 checkpoint, which a resumed run starts from
+    import shutil
+    from scratchlm.train.checkpoint import CheckpointStore
+    real_save = CheckpointStore.save
+    def save(self, names, weights, optimizer_state, state, **kwargs):
+        target = real_save(self, names, weights, optimizer_state, state, **kwargs)
+        if state["step"] == 3:
+            shutil.copytree(target, snapshot)
+        return target
+    CheckpointStore.save = save
 summary = {{"grpo": grpo, "ppo": ppo}}[method](cfg, train, progress=False, resume=resume, reward_fn=reward)
 with open(os.path.join(train["out_dir"], f"rank{{RANK}}-{{int(resume)}}.json"), "w") as f:
-    json.dump({{**summary, "engine_weights": engine_weights}}, f)
+    json.dump({{**summary, "engine_weights": engine_weights, "reference_whole": reference_whole}}, f)
 """
 
 
 def _torchrun_job(tmp_path, port: int, job: tuple, fail_on_rank: int = -1):
-    """One run (method, cfg, train, resume) on 2 gloo ranks. One launch per run: a process that
-    leaves the group and joins a new one under the same torchrun can hang in the rendezvous."""
+    """One run (method, cfg, train, resume, snapshot) on 2 gloo ranks; ``snapshot``, a folder or None,
+    receives a copy of the run's step-3 checkpoint. One launch per run: a process that leaves the
+    group and joins a new one under the same torchrun can hang in the rendezvous."""
     import subprocess
     import sys
 
@@ -409,9 +462,15 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
     """Two gloo ranks, train.strategy = "fsdp": GRPO and PPO (value head, KL reference, grad_accum 2
     for PPO) over two rollouts equal the same runs under DDP (weights within 1e-6, the same
     rewards, losses within 1e-5); the engine samples from a copy holding the policy's current
-    weights at every rollout and evaluation (the checksum DDP's policy has); the ranks' rollouts
-    have different lengths and still train in lockstep; 3 steps + resume + 3 equal 6 straight
-    bit for bit (PPO); a reward function failing on one rank stops both with the reason, no hang."""
+    weights at every rollout and evaluation (the checksum DDP's policy has); the frozen reference
+    is all shards again after each rollout's log-probs (its root too); the ranks' rollouts have
+    different lengths and still train in lockstep; resumed from the FSDP run's own step-3
+    checkpoint (mid-rollout), GRPO and PPO reach its steps 4-6 and its weights bit for bit; a
+    reward function failing on one rank stops both with the reason, no hang."""
+    import os
+    import shutil
+    from pathlib import Path
+
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -421,26 +480,30 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
     cfg = {"base": str(task_base / "base"), "data": str(tmp_path / "prompts.jsonl"), "max_new_tokens": 3,
            "prompts_per_rollout": 4, "samples_per_prompt": 4, "epochs": 2}
     # 16 replies per rank, 8 per step: 4 steps per rollout; steps 5-6 train on a second rollout
-    # sampled from the trained policy; the half run stops mid-rollout (step 3).
+    # sampled from the trained policy; the checkpoint at step 3 falls mid-rollout.
     train = {"max_steps": 6, "eval_interval": 3, "lr": 3e-3, "batch_size": 8, "sample_tokens": 0}
     split = {"grpo": {}, "ppo": {"batch_size": 4, "grad_accum": 2}}
     jobs = []
     for method in ("grpo", "ppo"):
         settings = {**train, **split[method]}
-        jobs += [(method, cfg, {**settings, "out_dir": str(tmp_path / f"{method}-ddp")}, False),
-                 (method, cfg, {**settings, "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-fsdp")}, False)]
-    # Resume (PPO: the value head, its optimizer state and the reference come back too).
-    jobs += [("ppo", cfg, {**train, **split["ppo"], "strategy": "fsdp", "out_dir": str(tmp_path / "ppo-resumed"),
-                           "max_steps": 3}, False),
-             ("ppo", cfg, {**train, **split["ppo"], "strategy": "fsdp", "out_dir": str(tmp_path / "ppo-resumed")}, True)]
+        jobs += [(method, cfg, {**settings, "out_dir": str(tmp_path / f"{method}-ddp")}, False, None),
+                 (method, cfg, {**settings, "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-fsdp")}, False,
+                  str(tmp_path / f"{method}-step-3"))]
+    # Resume (PPO: the value head, its optimizer state and the reference come back too) from the
+    # FSDP run's step-3 checkpoint: the straight run's first half is the resumed run's.
+    jobs += [(method, cfg, {**train, **split[method], "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-resumed")},
+              True, None) for method in ("grpo", "ppo")]
     for port, job in enumerate(jobs, start=29550):
+        if job[3]:
+            resumed = Path(job[2]["out_dir"])
+            shutil.copytree(tmp_path / f"{job[0]}-step-3", resumed / "checkpoints" / "step-00000003")
+            os.symlink("checkpoints/step-00000003", resumed / "last")
         result = _torchrun_job(tmp_path, port, job)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "/fsdp/" not in result.stderr, result.stderr[-3000:]  # no warning from FSDP (a head returning a view)
 
     for method in ("grpo", "ppo"):
-        ddp, fsdp = tmp_path / f"{method}-ddp", tmp_path / f"{method}-fsdp"
-        resumed = tmp_path / "ppo-resumed" if method == "ppo" else fsdp
+        ddp, fsdp, resumed = (tmp_path / f"{method}-{run}" for run in ("ddp", "fsdp", "resumed"))
         files = ["model.safetensors"] + (["value_head.safetensors"] if method == "ppo" else [])
         for name in files:
             a, b, c = (load_file(str(run / "last" / name)) for run in (ddp, fsdp, resumed))
@@ -459,8 +522,10 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
             assert b[reward] == a[reward] and 0 <= b[reward] <= 1  # the same replies sampled
             assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and math.isfinite(b["loss"])
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-        keys = ("loss", "grad_norm", reward, kl, ratio_dev)
-        assert [[r[k] for k in keys] for r in steps[resumed.name]] == [[r[k] for k in keys] for r in steps[fsdp.name]]
+        keys = ("step", "loss", "grad_norm", reward, kl, ratio_dev)
+        assert ([[r[k] for k in keys] for r in steps[resumed.name]] ==
+                [[r[k] for k in keys] for r in steps[fsdp.name] if r["step"] > 3])
+        assert len(steps[resumed.name]) == 3
         first = steps[fsdp.name]
         # The first step on each rollout: the log-probs taken at rollout time (no grad, eval mode)
         # are the training forward's (ratio 1); one optimizer step later they are not.
@@ -469,19 +534,22 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
         evals = {run.name: [r["val_reward"] for r in _records(run) if "val_reward" in r] for run in (ddp, fsdp)}
         assert len(evals[fsdp.name]) == 2 and evals[fsdp.name] == evals[ddp.name]
 
-        # The engine's weights at each rollout (2 per rank) and evaluation (2, rank 0): the policy's.
         for rank in (0, 1):
-            seen = {run.name: json.loads((run / f"rank{rank}-0.json").read_text())["engine_weights"] for run in (ddp, fsdp)}
-            assert len(seen[fsdp.name]) == (4 if rank == 0 else 2)
-            assert seen[fsdp.name] == pytest.approx(seen[ddp.name], rel=1e-6, abs=1e-3)
-            assert len(set(seen[fsdp.name])) == len(seen[fsdp.name])  # a fresh copy each time, not the base
+            seen = {run.name: json.loads((run / f"rank{rank}-0.json").read_text()) for run in (ddp, fsdp)}
+            # The engine's weights at each rollout (2 per rank) and evaluation (2, rank 0): the policy's.
+            weights = {name: summary["engine_weights"] for name, summary in seen.items()}
+            assert len(weights[fsdp.name]) == (4 if rank == 0 else 2)
+            assert weights[fsdp.name] == pytest.approx(weights[ddp.name], rel=1e-6, abs=1e-3)
+            assert len(set(weights[fsdp.name])) == len(weights[fsdp.name])  # a fresh copy each time, not the base
+            # After each of the 2 rollouts' log-probs, no parameter of the reference is whole.
+            assert seen[fsdp.name]["reference_whole"] == [[], []]
 
         # The two ranks' rollouts (kept in the checkpoint) were padded to different lengths.
-        with safe_open(str(fsdp / "checkpoints" / "step-00000003" / "rollouts.safetensors"), "pt") as f:
+        with safe_open(str(tmp_path / f"{method}-step-3" / "rollouts.safetensors"), "pt") as f:
             lengths = {f.get_slice("rank0.x").get_shape()[1], f.get_slice("rank1.x").get_shape()[1]}
         assert len(lengths) == 2, lengths
 
-    bad = ("ppo", cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "failing")}, False)
+    bad = ("ppo", cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "failing")}, False, None)
     result = _torchrun_job(tmp_path, 29556, bad, fail_on_rank=1)
     assert result.returncode != 0
     assert "rank 1 stopped the run, a rollout failed" in result.stderr and "failed on rank 1" in result.stderr

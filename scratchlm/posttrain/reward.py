@@ -182,6 +182,20 @@ class RewardTrainer(DPOTrainer):
     def _load_resume_weights(self, folder: Path) -> None:
         _load_with_head(folder, self.model, "score")
 
+    def _resume(self, state: dict) -> None:
+        # A checkpoint written before the head's bias was frozen holds the bias's optimizer state:
+        # it is dropped (FSDP would skip it silently, one process would refuse the checkpoint), and
+        # the bias keeps the value its head file holds, frozen from now on.
+        legacy = [meta for meta in state["optimizers"] if any("score.bias" in g["params"] for g in meta["param_groups"])]
+        for meta in legacy:
+            meta["dropped"] = [*meta.get("dropped", []), "score.bias"]
+        if legacy:
+            bias = head_state(self.model.score)["bias"].item()  # every rank (a gather under FSDP)
+            if self.is_main:
+                self.log(f"{self.out / 'last'} was saved while the reward head's bias was still trained: its optimizer "
+                         f"state is dropped, and the bias stays frozen at its saved value {bias:g}")
+        super()._resume(state)
+
 
 def head_state(head: nn.Module) -> dict[str, torch.Tensor]:
     """A head's whole weights as float32 CPU tensors. Under FSDP its parameters are shards

@@ -175,6 +175,22 @@ class RolloutLoader:
         self.cursor = int(t["position"][0])
 
 
+def _shard_frozen(model) -> None:
+    """FSDP units for a frozen model (RL's reference), as ``Trainer._build`` makes the trained
+    model's (keep the two lists alike): each block, each MTP block, then the root. Every unit, the
+    root included, frees its gathered weights after each forward: FSDP keeps a root's whole after
+    its forward, for the backward that comes next, and a frozen model never runs one (its
+    embeddings and head would otherwise stay whole on every rank from its first forward on)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = list(model.blocks)
+    if getattr(model, "mtp", None) is not None:
+        blocks += [m for m in model.mtp.modules() if isinstance(m, type(model.blocks[0]))]
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+
+
 class RLTrainer(SFTTrainer):
     """The shared loop; subclasses define ``_advantages`` (from rewards to per-token advantages)
     and ``_objective`` (the loss of one micro-batch)."""
@@ -253,11 +269,7 @@ class RLTrainer(SFTTrainer):
         if self.sft.kl_coef > 0:  # the model as training starts, frozen
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
             if sharded:  # sharded like the policy; its forwards run in lockstep on every rank
-                from torch.distributed.fsdp import fully_shard
-
-                for block in self.reference.blocks:
-                    fully_shard(block)
-                fully_shard(self.reference)
+                _shard_frozen(self.reference)
         # Under FSDP the engine cannot run on the sharded policy (each rank samples replies of its
         # own lengths, one token at a time: the ranks' all-gathers would not line up). It samples
         # from a plain copy, allocated once here; its weights are gathered from the shards before
@@ -292,17 +304,28 @@ class RLTrainer(SFTTrainer):
     def _gather_policy(self) -> None:
         """Under FSDP, copy the policy's current weights into the plain copy the engine samples
         from: one parameter at a time (``DTensor.full_tensor()``, an all-gather: every rank calls
-        this, at the same point), so at most one whole parameter is in flight beyond the copy."""
+        this, at the same point), so at most one whole parameter is in flight beyond the copy.
+        Every parameter and buffer of the copy is written (PPO's value head, which the engine has
+        no use for, is the only thing of the policy's left out): a copy that drifted from the
+        policy's structure fails here, naming what differs, instead of sampling stale weights."""
         if self.rollout_policy is None:
             return
-        copies = dict(self.rollout_policy.named_parameters())
-        for name, p in self.model.named_parameters():
-            if name in copies:  # not the value head: the engine has no use for it
-                copies[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
-        buffers = dict(self.rollout_policy.named_buffers())
-        for name, b in self.model.named_buffers():  # never sharded; some change in training (MoE's bias)
-            if name in buffers:
-                buffers[name].copy_(b)
+        targets = {**dict(self.rollout_policy.named_parameters()), **dict(self.rollout_policy.named_buffers())}
+        # Buffers are never sharded; some change in training (MoE's balancing bias).
+        sources = [*self.model.named_parameters(), *self.model.named_buffers()]
+        written, unknown = set(), []
+        for name, value in sources:
+            if name.startswith("value_head."):
+                continue
+            if name not in targets:
+                unknown.append(name)
+                continue
+            targets[name].copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
+            written.add(name)
+        missing = sorted(set(targets) - written)
+        if missing or unknown:
+            raise RuntimeError(f"the policy and its copy for the engine differ: the copy's {missing[:5]} were not "
+                               f"written, the policy's {unknown[:5]} have no place in the copy")
 
     def _logits(self, model, x: torch.Tensor, hidden: bool = False):
         """The sampling distribution's logits (and the final hidden states)."""
@@ -322,14 +345,24 @@ class RLTrainer(SFTTrainer):
         return [(o["token_ids"], o["text"], o["ended"]) for o in outs], [o["prompt_ids"] for o in outs]
 
     def _make_rollout(self, generator: torch.Generator) -> Rollout:
-        """Sample and score replies (on this rank alone: no collective inside), then the policy's
-        and the reference's log-probabilities of them (a micro-batch at a time: every rank runs
-        the same number of forwards, which under FSDP gather the shards together). A failure on
-        one rank (the engine, a reward function) stops every rank at the next agreement, before
-        any of them waits in a collective the failed rank will never join."""
+        """Sample and score replies, then take the policy's and the reference's log-probabilities
+        of them, then the advantages.
+
+        Under FSDP only the collective-free parts are protected: sampling, rewards and collating
+        (on each rank alone), and the advantages. A failure there on one rank (the engine, a reward
+        function) is agreed on by every rank before anyone enters the next collective, so all stop
+        with the reason. The log-probability forwards in between are NOT protected: they run the
+        sharded models, whose all-gathers are collectives, and a failure inside one on one rank (an
+        out-of-memory, say) leaves the others waiting in an all-gather the failed rank never joins.
+        As in any FSDP program that is fatal to the job: the failed rank exits with its error and
+        the launcher ends the others (or the process group's timeout does). The ranks' rollouts are
+        padded to their own longest row, so their memory use differs (padding them all to one
+        length would change the results' rounding)."""
         self._gather_policy()
-        sampled = self._on_every_rank_then_agree(lambda: self._sample_and_score(generator), "a rollout failed")
-        return self._on_every_rank_then_agree(lambda: self._score_rollout(*sampled), "a rollout failed")
+        batch = self._on_every_rank_then_agree(lambda: self._collate_rollout(*self._sample_and_score(generator)),
+                                               "a rollout failed")
+        logps = self._rollout_logps(*batch[:3])
+        return self._on_every_rank_then_agree(lambda: self._finish_rollout(*batch, *logps), "a rollout failed")
 
     @torch.no_grad()
     def _sample_and_score(self, generator: torch.Generator):
@@ -348,18 +381,25 @@ class RLTrainer(SFTTrainer):
                              f"{replies[bad][1]!r}): rewards must be finite numbers")
         return prompt_ids, replies, rewards
 
+    def _collate_rollout(self, prompt_ids: list, replies: list, rewards: torch.Tensor) -> tuple:
+        """(x, y, mask, rewards, ended): the rollout's rows, right-padded to the longest, and each
+        reply's reward less the missing-end penalty of one cut off by max_new_tokens."""
+        ended = torch.tensor([e for _, _, e in replies], dtype=torch.float32)
+        rewards = rewards - self.sft.missing_end_penalty * (1 - ended)
+        rows = [(p + r, [0] * len(p) + [1] * len(r)) for p, (r, _, _) in zip(prompt_ids, replies)]
+        x, y, mask = collate(rows, self.template.pad_id, self.device)
+        return x, y, mask, rewards, ended
+
     @torch.no_grad()
-    def _score_rollout(self, prompt_ids: list, replies: list, rewards: torch.Tensor) -> Rollout:
-        rl = self.sft
+    def _rollout_logps(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple:
+        """(old_logps, ref_logps, values) of the rollout's rows, a micro-batch at a time (logits
+        are big): every rank has a rollout of the same size, so every rank runs the same number of
+        forwards, which under FSDP gather the shards together."""
         was_training = self.model.training
         self.model.eval()
         try:
-            ended = torch.tensor([e for _, _, e in replies], dtype=torch.float32)
-            rewards = rewards - rl.missing_end_penalty * (1 - ended)
-            rows = [(p + r, [0] * len(p) + [1] * len(r)) for p, (r, _, _) in zip(prompt_ids, replies)]
-            x, y, mask = collate(rows, self.template.pad_id, self.device)
             old_logps, ref_logps, values = [], [], []
-            for start in range(0, len(rows), self.cfg.batch_size):  # a micro-batch at a time: logits are big
+            for start in range(0, len(x), self.cfg.batch_size):
                 part = slice(start, start + self.cfg.batch_size)
                 with self.autocast:
                     z, hidden = self._logits(self.model, x[part], hidden=True)
@@ -368,18 +408,22 @@ class RLTrainer(SFTTrainer):
                         ref_logps.append(token_logps(self._logits(self.reference, x[part]), y[part]) * mask[part])
                     if self.has_value_head:
                         values.append(self._value(hidden) * mask[part])
-            old_logps = torch.cat(old_logps)
-            ref_logps = torch.cat(ref_logps) if ref_logps else old_logps.clone()
-            values = torch.cat(values) if values else torch.zeros_like(old_logps)
-            advantages, returns, metrics = self._advantages(rewards.to(self.device), mask, old_logps, ref_logps, values)
-            lengths = mask.sum(-1)
-            metrics.update({"completions/mean_length": lengths.mean().item(),
-                            "completions/clipped_ratio": 1 - ended.mean().item()})
-            cpu = lambda t: t.detach().float().cpu()  # noqa: E731
-            return Rollout(x.cpu(), y.cpu(), mask.cpu(), cpu(old_logps), cpu(ref_logps), cpu(advantages),
-                           cpu(returns), cpu(values), metrics)
         finally:
             self.model.train(was_training)
+        old_logps = torch.cat(old_logps)
+        ref_logps = torch.cat(ref_logps) if ref_logps else old_logps.clone()
+        values = torch.cat(values) if values else torch.zeros_like(old_logps)
+        return old_logps, ref_logps, values
+
+    @torch.no_grad()
+    def _finish_rollout(self, x, y, mask, rewards, ended, old_logps, ref_logps, values) -> Rollout:
+        """The advantages (method-specific) and the rollout's metrics; the rollout on the CPU."""
+        advantages, returns, metrics = self._advantages(rewards.to(self.device), mask, old_logps, ref_logps, values)
+        metrics.update({"completions/mean_length": mask.sum(-1).mean().item(),
+                        "completions/clipped_ratio": 1 - ended.mean().item()})
+        cpu = lambda t: t.detach().float().cpu()  # noqa: E731
+        return Rollout(x.cpu(), y.cpu(), mask.cpu(), cpu(old_logps), cpu(ref_logps), cpu(advantages),
+                       cpu(returns), cpu(values), metrics)
 
     def _rewards(self, prompts: list, texts: list[str], ids: list[list[int]]) -> torch.Tensor:
         """Each reply's reward: ``reward_fn``'s, else the verifier's (1 exact, 0 not). ``ids`` are

@@ -423,35 +423,65 @@ def save_model_only(path: str | Path, model: torch.nn.Module, tokenizer=None, **
 
 
 def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state: dict, sharded: bool = False) -> None:
+    """Each optimizer's saved state into this run's optimizers, matched by parameter name.
+
+    The names are checked first, on one process as under FSDP: the checkpoint's parameter groups
+    must list exactly the parameters each optimizer of this run holds, group by group, in order
+    (otherwise torch reports a size mismatch, or FSDP silently skips a name). A method migrating
+    an older checkpoint lists in ``state["optimizers"][i]["dropped"]`` (in memory, never written)
+    the names whose saved state and group entries are left out: a parameter it no longer trains.
+    """
     tensors = load_tensors(Path(path), "optimizer.safetensors")
     if len(state["optimizers"]) != len(optimizers):
         raise FormatError(f"{path}: checkpoint has {len(state['optimizers'])} optimizers, this run builds {len(optimizers)}")
     full = []
-    for i, meta in enumerate(state["optimizers"]):
+    for i, (meta, opt) in enumerate(zip(state["optimizers"], optimizers)):
+        dropped = set(meta.get("dropped", ()))
+        groups = [{**g, "params": [n for n in g["params"] if n not in dropped]} for g in meta["param_groups"]]
         per_param: dict[str, dict] = {}
         for key, value in tensors.items():
             index, name, field = key.split("/")
-            if int(index) == i:
+            if int(index) == i and name not in dropped:
                 per_param.setdefault(name, {})[field] = value
         for name, scalars in meta["scalars"].items():
-            per_param.setdefault(name, {}).update(scalars)
-        full.append({"state": per_param, "param_groups": meta["param_groups"]})
+            if name not in dropped:
+                per_param.setdefault(name, {}).update(scalars)
+        _check_optimizer_names(path, i, model, opt, groups, per_param)
+        full.append({"state": per_param, "param_groups": groups})
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         for opt, sd in zip(optimizers, full):
             set_optimizer_state_dict(model, opt, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True))
         return
-    params = dict(model.named_parameters())
     for opt, sd in zip(optimizers, full):
         order = [n for g in sd["param_groups"] for n in g["params"]]
         index = {n: i for i, n in enumerate(order)}
-        missing = set(order) - set(params)
-        if missing:
-            raise FormatError(f"{path}: optimizer state names parameters this model lacks: {sorted(missing)[:5]}")
         opt.load_state_dict({
             "state": {index[n]: st for n, st in sd["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]],
         })
 
 
+def _check_optimizer_names(path, i: int, model: torch.nn.Module, opt, groups: list[dict], per_param: dict) -> None:
+    """The saved groups' parameter names (``optimizer_states``'s: ``model.named_parameters()``'s,
+    sharded or not) against the parameters ``opt`` holds: a clear error naming what differs."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    current = [[names.get(id(p), "?") for p in g["params"]] for g in opt.param_groups]
+    saved = [list(g["params"]) for g in groups]
+    stray = sorted(set(per_param) - {n for g in saved for n in g})
+    if stray:
+        raise FormatError(f"{path}: optimizer {i}'s state holds parameters no parameter group of it lists: {stray[:5]}")
+    if saved == current:
+        return
+    have, had = {n for g in current for n in g}, {n for g in saved for n in g}
+    if had - set(names.values()):
+        raise FormatError(f"{path}: optimizer state names parameters this model lacks: {sorted(had - set(names.values()))[:5]}")
+    if had - have:
+        raise FormatError(f"{path}: optimizer {i}'s state covers parameters this run does not train (frozen now): "
+                          f"{sorted(had - have)[:5]}; resume with the settings the checkpoint was trained with")
+    if have - had:
+        raise FormatError(f"{path}: this run trains parameters optimizer {i}'s saved state lacks: {sorted(have - had)[:5]}; "
+                          "resume with the settings the checkpoint was trained with")
+    raise FormatError(f"{path}: optimizer {i}'s parameters are grouped or ordered differently than in the checkpoint "
+                      f"(saved group sizes {[len(g) for g in saved]}, this run's {[len(g) for g in current]})")
