@@ -72,6 +72,15 @@ class _Progress:
     eval_pending: bool = False  # stopped by a signal on a scheduled-eval step: the resumed run evaluates first
 
 
+def block_units(model) -> list:
+    """The modules FSDP shards as units of their own, before the root: every block of the model
+    and of its multi-token-prediction modules (one all-gather per block in the forward)."""
+    blocks = list(model.blocks)
+    if getattr(model, "mtp", None) is not None:
+        blocks += [m for m in model.mtp.modules() if isinstance(m, type(model.blocks[0]))]
+    return blocks
+
+
 def build_model_config(model_section: dict, vocab_size: int) -> GPTConfig:
     section = dict(model_section)
     if "vocab_size" in section and section["vocab_size"] != vocab_size:
@@ -290,10 +299,7 @@ class Trainer:
         if self.sharded:
             from torch.distributed.fsdp import fully_shard
 
-            blocks = list(self.model.blocks)
-            if getattr(self.model, "mtp", None) is not None:  # MTP modules: each its own unit too
-                blocks += [m for m in self.model.mtp.modules() if isinstance(m, type(self.model.blocks[0]))]
-            for block in blocks + self._fsdp_units():
+            for block in block_units(self.model) + self._fsdp_units():
                 fully_shard(block)
             fully_shard(self.model)
         self.optimizers = build_optimizers(self.model, cfg, self.device)
