@@ -1,6 +1,6 @@
 """Modern blocks, same data, same budget (issue 9, section 3): character Shakespeare on a CPU.
 
-    python benchmarks/architectures.py [--steps 600] [--studies mlp,attention,...] [--out DIR --reuse]
+    python benchmarks/architectures.py [--steps 500] [--studies mlp,attention,...] [--out DIR --reuse]
                                        [--plot docs/images/architectures.png]
                                        [--balance-plot docs/images/moe_balance.png]
         -> benchmarks/results/architectures.json
@@ -84,7 +84,7 @@ STUDIES = {
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated, from {', '.join(STUDIES)}")
     p.add_argument("--out", help="work folder (default: a temporary one)")
     p.add_argument("--reuse", action="store_true", help="with --out: keep finished runs found there")
