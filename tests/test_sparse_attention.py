@@ -364,7 +364,7 @@ def test_an_mtp_depth_made_of_nsa_trains_and_drafts():
     model = GPT(small(mtp={"depth": 2}))
     ids = torch.randint(0, 97, (2, 25))
     loss = model(ids[:, :-1], ids[:, 1:])[1]
-    assert torch.isfinite(loss) and model.mtp.aux_loss > 0
+    assert torch.isfinite(loss) and model.mtp.metrics()["mtp/loss"] > 0
     loss.backward()
     assert model.mtp.depths[1].block.attn.compress_k.up.weight.grad.abs().sum() > 0
     result = mtp_acceptance(model.eval(), [[5, 17, 3, 88, 41]], 6)
