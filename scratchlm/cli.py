@@ -285,8 +285,9 @@ def cmd_parallel_simulate(args) -> None:
              f"{'rank':>4} {'busy':>8} {'bubble':>8} {'params':>6} {'activations':>11}"]
     lines += [f"{r:>4} {timeline.busy[r]:>8g} {timeline.bubble[r]:>8g} {timeline.parameter_memory[r]:>5}x "
               f"{timeline.activation_memory[r]:>11}" for r in range(args.stages)]
+    caveat = "" if payload["table2_conditions_hold"] else " (its conditions do not hold here: see docs/pipeline-parallelism.md)"
     lines.append(f"bubble per rank (max): {payload['max_bubble']:g}; DeepSeek-V3 Table 2 formula: "
-                 f"{payload['table2_bubble']:g}" + (f"\ntimeline: {args.plot}" if args.plot else ""))
+                 f"{payload['table2_bubble']:g}{caveat}" + (f"\ntimeline: {args.plot}" if args.plot else ""))
     _emit(args, payload, "\n".join(lines))
 
 

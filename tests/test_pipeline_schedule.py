@@ -141,7 +141,7 @@ def test_bad_shapes_say_what_was_expected(args, message):
 
 
 def test_bad_times_say_what_was_expected():
-    with pytest.raises(ValueError, match="--backward-weight -1: expected a time >= 0"):
+    with pytest.raises(ValueError, match="--backward-weight -1: expected a finite time >= 0"):
         simulate("zb1p", 4, 8, backward_weight=-1)
     with pytest.raises(ValueError, match="--forward nan"):
         simulate("1f1b", 4, 8, forward=math.nan)
@@ -174,4 +174,24 @@ def test_cli_parallel_simulate(tmp_path, capsys):
     assert main(["parallel", "simulate", "--schedule", "dualpipe", "--stages", "5", "--chunks", "10"]) == 2
     assert "expected an even number of stages" in capsys.readouterr().err
     assert main(["parallel", "simulate", "--schedule", "1f1b", "--stages", "4", "--chunks", "8", "--forward", "-2"]) == 2
-    assert "--forward -2.0: expected a time >= 0" in capsys.readouterr().err
+    assert "--forward -2.0: expected a finite time >= 0" in capsys.readouterr().err
+
+
+def test_times_must_be_finite_and_not_all_zero():
+    from scratchlm.train.pipeline_schedule import simulate
+
+    with pytest.raises(ValueError, match="finite time"):
+        simulate("1f1b", 2, 2, forward=float("inf"))
+    with pytest.raises(ValueError, match="all 0"):
+        simulate("1f1b", 2, 2, forward=0, backward_input=0, backward_weight=0)
+
+
+@pytest.mark.parametrize("P", [4, 8])
+def test_dualpipe_holds_p_plus_one_activations_on_every_rank_and_says_when_table2_does_not_apply(P):
+    from scratchlm.train.pipeline_schedule import simulate
+
+    timeline = simulate("dualpipe", P, 2 * P + 4)
+    assert timeline.activation_memory == [P + 1] * P
+    assert timeline.to_dict(events=False)["table2_conditions_hold"]
+    off = simulate("dualpipe", P, 2 * P + 4, forward=1, backward_input=1, backward_weight=1.5).to_dict(events=False)
+    assert not off["table2_conditions_hold"] and off["max_bubble"] > off["table2_bubble"]

@@ -35,6 +35,8 @@ uneven stages (every stage takes the same F, B and W), and the optimizer step.
 
 from __future__ import annotations
 
+import math
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -88,6 +90,7 @@ class Timeline:
         out = {"schedule": self.schedule, "stages": self.stages, "chunks": self.chunks, "times": self.times,
                "total_time": self.total_time, "bubble": self.bubble, "max_bubble": max(self.bubble),
                "table2_bubble": table2_bubble(self.schedule, self.stages, **self.times),
+               "table2_conditions_hold": table2_conditions_hold(self.schedule, self.stages, self.chunks, **self.times),
                "parameter_memory": self.parameter_memory, "activation_memory": self.activation_memory}
         if events:
             out["events"] = [{"rank": e.rank, "kind": e.kind, "start": e.start, "end": e.end,
@@ -103,6 +106,19 @@ def table2_bubble(schedule: str, stages: int, forward: float, backward_input: fl
     if schedule == "dualpipe":
         return (P / 2 - 1) * ((F + B if overlap is None else overlap) + B - 3 * W)
     return (P - 1) * (F + B - (2 * W if schedule == "zb1p" else 0))
+
+
+def table2_conditions_hold(schedule: str, stages: int, chunks: int, forward: float, backward_input: float,
+                           backward_weight: float, overlap: float | None = None) -> bool:
+    """Whether the simulated schedule is one Table 2's formula describes exactly (docs: conditions):
+    1F1B always; ZB1P with chunks >= P and W <= F, W <= B; DualPipe with F = B and W <= F (B: the
+    backward for inputs)."""
+    F, Bi, W = forward, backward_input, backward_weight
+    if schedule == "1f1b":
+        return True
+    if schedule == "zb1p":
+        return chunks >= stages and W <= F and W <= Bi
+    return math.isclose(F, Bi) and W <= F
 
 
 # --- the programs: what each rank runs, in order ---------------------------------------------------
@@ -217,8 +233,10 @@ def check_arguments(schedule: str, stages: int, chunks: int, times: dict[str, fl
         raise ValueError(f"dualpipe with --stages {stages} --chunks {chunks}: expected an even number of stages "
                          f"and an even number of chunks, at least 2 x stages = {2 * stages} (half enter at each end)")
     for name, value in times.items():
-        if value is not None and not value >= 0:  # `not >=` also refuses NaN
-            raise ValueError(f"--{name.replace('_', '-')} {value}: expected a time >= 0")
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected a finite time >= 0")
+    if not times.get("forward", 0) + times.get("backward_input", 0) + times.get("backward_weight", 0) > 0:
+        raise ValueError("--forward, --backward-input and --backward-weight are all 0: give the work some duration")
 
 
 def simulate(schedule: str, stages: int, chunks: int, forward: float = 1.0, backward_input: float = 1.0,
