@@ -567,6 +567,12 @@ metrics = model.after_optimizer_step()
 with open(os.path.join({folder!r}, f"rank{{rank}}.json"), "w") as f:
     json.dump({{"truth": truth.tolist(), "load": load, "bias": moe.router_bias.tolist(),
                "imbalance": float(metrics["moe/layer1/imbalance"])}}, f)
+# Leave together, with DDP's reducer freed first (as scratchlm.train does): gloo torn down by one
+# rank while the other still holds it, or at interpreter shutdown, can abort the process.
+import gc
+del ddp
+gc.collect()
+dist.barrier()
 dist.destroy_process_group()
 """
 
