@@ -324,24 +324,21 @@ def format_section(work: Path, results: dict, prompts, finished, sft_steps: int,
                   "objective/scores (first 10% of steps)": sum(r["objective/scores"] for r in steps[:k]) / k,
                   "objective/scores (last 10% of steps)": sum(r["objective/scores"] for r in steps[-k:]) / k,
                   "objective/kl (last 10% of steps)": sum(r["objective/kl"] for r in steps[-k:]) / k}
-    seconds = timed("mixed-dpo", lambda: dpo(
-        {"base": start_model, "data": str(mixed / "pairs-train.jsonl"), "val_data": str(mixed / "pairs-test.jsonl")},
-        {"out_dir": str(work / "mixed-dpo"), "max_steps": dpo_steps, "eval_interval": dpo_steps // 2, "lr": 1e-4,
-         "batch_size": 32}, progress=False))
-    evals = [r for r in records("mixed-dpo") if "val_loss" in r]
-    out["dpo"] = {**measured("mixed-dpo"), "seconds": seconds,
-                  "preference_accuracy_before": evals[0]["val_reference_preference_accuracy"],
-                  "preference_accuracy_after": evals[-1]["val_preference_accuracy"]}
+    def mixed_dpo(name: str, pairs: Path, **settings) -> dict:
+        """DPO from the imperfect-split SFT model on ``pairs``: exact match, time, preference accuracy."""
+        seconds = timed(name, lambda: dpo(
+            {"base": start_model, "data": str(pairs / "pairs-train.jsonl"), "val_data": str(pairs / "pairs-test.jsonl"),
+             **settings},
+            {"out_dir": str(work / name), "max_steps": dpo_steps, "eval_interval": dpo_steps // 2, "lr": 1e-4,
+             "batch_size": 32}, progress=False))
+        evals = [r for r in records(name) if "val_loss" in r]
+        return {**measured(name), "seconds": seconds,
+                "preference_accuracy_before": evals[0]["val_reference_preference_accuracy"],
+                "preference_accuracy_after": evals[-1]["val_preference_accuracy"]}
+
+    out["dpo"] = mixed_dpo("mixed-dpo", mixed)
     # DPO with the RPO term on the plain right ≻ near-miss pairs (their chosen replies are bare).
-    seconds = timed("mixed-dpo-correct", lambda: dpo(
-        {"base": start_model, "data": str(tasks / "pairs-train.jsonl"), "val_data": str(tasks / "pairs-test.jsonl"),
-         "rpo_alpha": 1.0},
-        {"out_dir": str(work / "mixed-dpo-correct"), "max_steps": dpo_steps, "eval_interval": dpo_steps // 2, "lr": 1e-4,
-         "batch_size": 32}, progress=False))
-    evals = [r for r in records("mixed-dpo-correct") if "val_loss" in r]
-    out["dpo_rpo_right_vs_near_miss"] = {**measured("mixed-dpo-correct"), "seconds": seconds,
-                                         "preference_accuracy_before": evals[0]["val_reference_preference_accuracy"],
-                                         "preference_accuracy_after": evals[-1]["val_preference_accuracy"]}
+    out["dpo_rpo_right_vs_near_miss"] = mixed_dpo("mixed-dpo-correct", tasks, rpo_alpha=1.0)
     rm = load_reward_model(work / "mixed-rm" / "best")
     out["reward_model"]["mean_score_of_greedy_replies"] = {}
     for run, which in (("mixed-sft", "best"), ("mixed-ppo", "last")):

@@ -30,7 +30,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slot = {layer: i for i, layer in enumerate(layers)} if layers is not None else None
         self.states: dict[int, dict[str, torch.Tensor]] = {}
-        self.batch, self.device, self.dtype = batch, torch.device(device), dtype
         self.max_len = max_len
         self.length = 0  # positions filled, the same in every layer
 
@@ -80,7 +79,6 @@ class KVCache:
         for state in self.states.values():
             for name, tensor in state.items():
                 state[name] = tensor.index_select(0, index.to(tensor.device))
-        self.batch = len(index)
 
     @property
     def bytes(self) -> int:
