@@ -30,7 +30,7 @@ layer, and at perfect balance, where HF's is ``coef·k`` and ours ``α·L``) exa
 
     α = coef · k / L
 
-(tests/test_moe.py checks this against transformers' function). Otherwise transformers' loss also
+(tests/models/blocks/test_moe.py checks this against transformers' function). Otherwise transformers' loss also
 couples layers (layer l's load weighs layer l''s probabilities), which ours does not. The importer
 converts ``router_aux_loss_coef`` to ``aux_weight`` this way, the exporter back.
 """

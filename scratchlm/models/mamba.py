@@ -25,7 +25,7 @@ The mixer, as in the reference block (Figure 3):
 Two scans compute the same recurrence: :func:`selective_scan_sequential`, one step per token
 (the readable reference, and what decoding runs), and :func:`selective_scan_chunked`, the fast
 path: a parallel prefix scan inside chunks of positions, the state carried sequentially from
-chunk to chunk. They agree within 1e-5 (forward and gradients; tests/test_mamba.py).
+chunk to chunk. They agree within 1e-5 (forward and gradients; tests/models/blocks/test_mamba.py).
 
 For decoding the "cache" is the recurrent state, O(1) per sequence whatever its length: the
 last ``d_conv - 1`` conv inputs and ``h`` (``d_inner x d_state``), kept in ``cache.state(layer)``.

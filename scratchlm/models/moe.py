@@ -27,7 +27,7 @@ Dispatch is *dropless*: no capacity factor, every token reaches every expert it 
 path groups the (token, expert) assignments by expert and runs one matrix multiply per expert on
 exactly the tokens that chose it; the readable reference runs every expert on every token and
 weights them with a dense (tokens, E) gate matrix that is zero where an expert was not chosen.
-They agree to 1e-5 (tests/test_moe.py).
+They agree to 1e-5 (tests/models/blocks/test_moe.py).
 
 Routing (logits, scores, choice, weights, balance losses) runs in float32 with autocast switched
 off: under bfloat16 autocast a near-tie between two experts would be decided by rounding.

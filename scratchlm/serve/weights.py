@@ -4,7 +4,7 @@ Decoding one token reads every weight once, so its speed is the speed at which t
 products stream weights from memory. On this 2-core CPU PyTorch's default path for a
 (1 x d) @ (d x f) product streams fp32 weights at ~17 GB/s (one core) and bf16 at ~24 GB/s;
 oneDNN's kernels fed weights *pre-packed* in oneDNN's blocked layout stream ~35-40 GB/s in both
-(``tests/test_engine.py`` compares the outputs, ``benchmarks/engine.py`` measures the speed). The
+(``tests/serve/test_engine.py`` compares the outputs, ``benchmarks/engine.py`` measures the speed). The
 packing is what ``torch.compile`` does for CPU linears (``torch.ops.mkldnn._reorder_linear_weight``
 and ``_linear_pointwise``); here it is done once, when the engine starts, without compiling.
 

@@ -18,7 +18,7 @@ existing one, see :func:`add_chat_tokens`). :meth:`ChatTemplate.render` returns 
 <|im_end|>*, 0 for everything else (system and user text, role names, the scaffolding between
 turns). Training on the masked loss teaches the model to answer, not to write the user's part;
 the end-of-turn token inside the mask teaches it to stop — a model fine-tuned without it never
-emits <|im_end|> and rambles on until ``max_tokens`` (``tests/test_chat.py`` shows it).
+emits <|im_end|> and rambles on until ``max_tokens`` (``tests/tokenizers/test_chat.py`` shows it).
 
 Every piece is encoded on its own and concatenated. Message content is stripped of leading and
 trailing whitespace, so the pieces meet where a regex pre-tokenizer cuts anyway (after the

@@ -4,7 +4,7 @@
 by hand) and ``tokenizer_config.json``; ``AutoTokenizer.from_pretrained(folder)`` then encodes
 exactly as we do, special tokens included, and a chat tokenizer carries the chat template as
 Jinja, so ``apply_chat_template`` renders the ids :class:`~scratchlm.tokenizers.chat.ChatTemplate`
-renders (``tests/test_chat.py`` checks both).
+renders (``tests/tokenizers/test_chat.py`` checks both).
 
 How each kind maps:
 

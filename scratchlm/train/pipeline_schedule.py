@@ -18,7 +18,7 @@ A fused backward ("B+W", one autograd call) sends its input gradient only when i
 Every number reported (time, bubbles, memory) is read off the timeline, not computed from a formula.
 The DeepSeek-V3 report's Table 2 gives the per-rank bubbles below. In the table, ``B`` is the *full*
 backward, ``backward_input + backward_weight`` here. The simulation reproduces each formula exactly
-only under the stated condition (``tests/test_pipeline_schedule.py``; docs/pipeline-parallelism.md
+only under the stated condition (``tests/train/test_pipeline_schedule.py``; docs/pipeline-parallelism.md
 explains the deviations):
 
 =========  =================  ======  ===========  ====================================

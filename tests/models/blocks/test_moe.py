@@ -579,7 +579,7 @@ dist.destroy_process_group()
 
 def test_ddp_ranks_count_their_own_tokens_and_move_the_bias_alike(tmp_path):
     """The counters used to be buffers, which DDP overwrites with rank 0's at each synchronising forward."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(repo=str(repo), folder=str(tmp_path)))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

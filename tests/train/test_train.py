@@ -19,7 +19,7 @@ from scratchlm.train import NonFiniteLoss, train
 from scratchlm.train.checkpoint import load_model_from_checkpoint, read_state
 from scratchlm.train.optim import newton_schulz
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32, "position": "rope", "norm": "rmsnorm",
               "mlp": "relu2", "bias": False, "dropout": 0.1}
 

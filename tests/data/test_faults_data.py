@@ -24,7 +24,7 @@ from scratchlm.data.shards import ShardError, open_shard
 from scratchlm.io import FormatError, atomic_write, write_json
 from scratchlm.tokenizers import DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, ByteTokenizer, load_tokenizer, train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Every code point str.splitlines() treats as a line boundary.
 LINE_BREAKERS = ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
