@@ -320,12 +320,13 @@ def _posttrain_sections(args, method: str) -> tuple[dict, dict]:
 
 def cmd_dpo(args) -> None:
     from scratchlm.posttrain.dpo import dpo
+    from scratchlm.train.metrics import read_evaluations
 
     method, train = _posttrain_sections(args, "dpo")
     if args.beta is not None:
         method["beta"] = args.beta
     summary = dpo(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
-    evals = _evaluations(args.out, "val_rewards/accuracies")
+    evals = read_evaluations(args.out, "val_rewards/accuracies")
     summary["eval"] = evals
     text = f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out DPO loss {summary['best_val_loss']:.4f}"
     if evals:
@@ -337,10 +338,11 @@ def cmd_dpo(args) -> None:
 
 def cmd_reward_model(args) -> None:
     from scratchlm.posttrain.reward import train_reward_model
+    from scratchlm.train.metrics import read_evaluations
 
     method, train = _posttrain_sections(args, "reward_model")
     summary = train_reward_model(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
-    evals = _evaluations(args.out, "val_accuracy")
+    evals = read_evaluations(args.out, "val_accuracy")
     summary["eval"] = evals
     text = f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out loss {summary['best_val_loss']:.4f}"
     if evals:
@@ -353,13 +355,14 @@ def cmd_rl(args) -> None:
     """``scratchlm ppo`` and ``scratchlm grpo``."""
     from scratchlm.posttrain.grpo import grpo
     from scratchlm.posttrain.ppo import ppo
+    from scratchlm.train.metrics import read_evaluations
 
     method, train = _posttrain_sections(args, args.command)
     if getattr(args, "reward_model", None):
         method["reward_model"] = args.reward_model
     run = ppo if args.command == "ppo" else grpo
     summary = run(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
-    evals = _evaluations(args.out, "val_reward")
+    evals = read_evaluations(args.out, "val_reward")
     summary["eval"] = evals
     text = f"done: {summary['steps']} steps ({summary['stop_reason']}), {summary['seconds']:.0f}s"
     if evals:
@@ -370,21 +373,13 @@ def cmd_rl(args) -> None:
     _emit(args, summary, text + f"\ncheckpoints: {args.out}/best (highest held-out reward), {args.out}/last")
 
 
-def _evaluations(out: str, key: str) -> list[dict]:
-    """The evaluation records of a run's metrics.jsonl that carry ``key`` (rank 0 writes the file:
-    on other machines of a multi-machine run it may not be there)."""
-    metrics = Path(out) / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    return [r for r in records if key in r]
-
-
 def cmd_sft(args) -> None:
-    from scratchlm.posttrain.sft import sft
+    from scratchlm.posttrain.sft import exact_match_before_after, sft
 
     method, train = _posttrain_sections(args, "sft")
     summary = sft(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
     if args.eval_prompts:
-        summary["exact_match"] = _exact_match_before_after(args.checkpoint, Path(args.out) / "best", args.eval_prompts,
+        summary["exact_match"] = exact_match_before_after(args.checkpoint, Path(args.out) / "best", args.eval_prompts,
                                                            args.tokenizer)
     text = (f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out loss "
             f"{summary['best_val_loss']:.4f}, {summary['seconds']:.0f}s\ncheckpoints: {args.out}/best, {args.out}/last")
@@ -394,19 +389,6 @@ def cmd_sft(args) -> None:
                  f"{em['after']['exact_match']:.1%} after; replies ending with <|im_end|>: "
                  f"{em['after']['ended_with_end_of_turn']:.1%}")
     _emit(args, summary, text)
-
-
-def _exact_match_before_after(base: str, tuned: Path, prompts_path: str, base_tokenizer: str | None = None) -> dict:
-    from scratchlm.posttrain.data import load_prompts
-    from scratchlm.posttrain.sft import exact_match, load_chat_model
-
-    prompts = load_prompts(prompts_path).items
-    out = {}
-    for name, path in (("before", base), ("after", tuned)):
-        # the base gets fresh rows for the chat tokens (as the fine-tuning started from)
-        model, tokenizer = load_chat_model(path, base_tokenizer if name == "before" else None, device="cpu")
-        out[name] = exact_match(model, tokenizer, prompts)
-    return out
 
 
 def cmd_eval(args) -> None:
@@ -518,32 +500,9 @@ def cmd_critique_revise(args) -> None:
 
 
 def cmd_lora_merge(args) -> None:
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
-    from scratchlm.posttrain.lora import load_adapters, merge_lora
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.posttrain.lora import merge_adapters
 
-    from scratchlm.models.checkpoint import read_state
-    from scratchlm.tokenizers.chat import add_chat_tokens
-
-    model, state = load_model_from_checkpoint(args.checkpoint)
-    meta = load_adapters(model, args.adapters)  # grows the vocabulary if the adapters brought new tokens
-    expected = meta["info"].get("base_sha256")
-    actual = (read_state(args.checkpoint).get("files") or {}).get("model.safetensors", {}).get("sha256")
-    if expected and actual != expected:
-        raise ValueError(f"{args.adapters} were trained on another base (its weights' sha256 differs from "
-                         f"{args.checkpoint}'s); merging them here would give a wrong model. Their base was "
-                         f"{meta['info'].get('base')}")
-    merge_lora(model)
-    try:
-        tokenizer = load_checkpoint_tokenizer(args.checkpoint, state, args.tokenizer)
-    except (ValueError, FileNotFoundError):
-        tokenizer = None
-    if tokenizer is not None and int(meta.get("new_rows_from", 0)) < int(meta.get("vocab_size", 0)):
-        tokenizer = add_chat_tokens(tokenizer)  # the new rows are the chat tokens'
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the adapters' vocabulary ({model.config.vocab_size}) does not fit the chat tokenizer "
-                             f"({tokenizer.vocab_size} ids)")
-    save_model_only(args.out, model, tokenizer=tokenizer, source=str(args.checkpoint), adapters=str(args.adapters))
+    meta = merge_adapters(args.checkpoint, args.adapters, args.out, args.tokenizer)
     _emit(args, {"out": args.out, "rank": int(meta["rank"]), "alpha": float(meta["alpha"])},
           f"merged {args.adapters} (rank {meta['rank']}) into {args.checkpoint} -> {args.out}")
 

@@ -206,3 +206,34 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
         for key, value in rows.items():
             getattr(model, key.split(".", 1)[1]).weight[start:] = value
     return {**meta, "info": json.loads(meta.get("info", "{}"))}
+
+
+def merge_adapters(checkpoint: str | Path, adapters: str | Path, out: str | Path, tokenizer_spec: str | None = None) -> dict:
+    """Fold ``adapters`` into the base ``checkpoint``'s weights and save an ordinary checkpoint at ``out``.
+
+    Refused when the adapters were trained on another base (the base weights' sha256 they recorded
+    differs): merging them would give a wrong model. Returns the adapters' metadata."""
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint, read_state
+    from scratchlm.tokenizers.chat import add_chat_tokens
+    from scratchlm.train.checkpoint import save_model_only
+
+    model, state = load_model_from_checkpoint(checkpoint)
+    meta = load_adapters(model, adapters)  # grows the vocabulary if the adapters brought new tokens
+    expected = meta["info"].get("base_sha256")
+    actual = (read_state(checkpoint).get("files") or {}).get("model.safetensors", {}).get("sha256")
+    if expected and actual != expected:
+        raise ValueError(f"{adapters} were trained on another base (its weights' sha256 differs from "
+                         f"{checkpoint}'s); merging them here would give a wrong model. Their base was "
+                         f"{meta['info'].get('base')}")
+    merge_lora(model)
+    try:
+        tokenizer = load_checkpoint_tokenizer(checkpoint, state, tokenizer_spec)
+    except (ValueError, FileNotFoundError):
+        tokenizer = None
+    if tokenizer is not None and int(meta.get("new_rows_from", 0)) < int(meta.get("vocab_size", 0)):
+        tokenizer = add_chat_tokens(tokenizer)  # the new rows are the chat tokens'
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the adapters' vocabulary ({model.config.vocab_size}) does not fit the chat tokenizer "
+                             f"({tokenizer.vocab_size} ids)")
+    save_model_only(out, model, tokenizer=tokenizer, source=str(checkpoint), adapters=str(adapters))
+    return meta

@@ -411,6 +411,20 @@ def exact_match(model, tokenizer, prompts, max_tokens: int = 32) -> dict:
             len(prompts), "n": len(prompts)}
 
 
+def exact_match_before_after(base: str | Path, tuned: str | Path, prompts_path: str | Path,
+                             base_tokenizer: str | None = None) -> dict:
+    """Exact match of the base and the fine-tuned checkpoint on the same held-out prompts (greedy)."""
+    from scratchlm.posttrain.data import load_prompts
+
+    prompts = load_prompts(prompts_path).items
+    out = {}
+    for name, path in (("before", base), ("after", tuned)):
+        # the base gets fresh rows for the chat tokens (as the fine-tuning started from)
+        model, tokenizer = load_chat_model(path, base_tokenizer if name == "before" else None, device="cpu")
+        out[name] = exact_match(model, tokenizer, prompts)
+    return out
+
+
 def sft(sft_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
         overwrite: bool = False) -> dict:
     """Fine-tune ``sft_config["base"]`` on ``sft_config["data"]``; returns the trainer's summary."""
