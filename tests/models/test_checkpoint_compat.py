@@ -2,7 +2,7 @@
 
 ``tests/fixtures/checkpoints`` holds three tiny checkpoints (a plain RoPE/RMSNorm/ReLU² model; a
 sliding+MoE / MLA model with their settings tables; a Gemma-style model with every attention switch)
-written by commit 5d1c2a0's code, with the logits and greedy continuation that code computed. The
+written by commit 8a83907's code, with the logits and greedy continuation that code computed. The
 files are read as a user's old checkpoint would be: through the public loader, nothing rewritten.
 """
 
