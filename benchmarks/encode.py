@@ -43,7 +43,7 @@ def measure(name: str, tok, text: str, repeats: int = 3) -> dict:
 
 def main() -> None:
     from scratchlm.data import prepare_dataset, tokenize_dataset
-    from scratchlm.data.sources import fetch
+    from scratchlm.downloads import fetch
     from scratchlm.tokenizers import gpt2_tokenizer, train_bpe
 
     rows = []

@@ -41,7 +41,7 @@ def _finite(obj):
 def resolve_tokenizer_path(spec: str) -> Path:
     """A tokenizer JSON path, or ``gpt2`` for GPT-2's tokenizer (built once from OpenAI's files)."""
     if spec == "gpt2":
-        from scratchlm.data.sources import cache_dir
+        from scratchlm.downloads import cache_dir
         from scratchlm.tokenizers import gpt2_tokenizer
 
         path = cache_dir() / "gpt2-tokenizer.json"
@@ -110,7 +110,7 @@ def cmd_data_tokenize(args) -> None:
 
 
 def cmd_data_sources(args) -> None:
-    from scratchlm.data import SOURCES
+    from scratchlm.downloads import SOURCES
 
     payload = {name: {"file": s.filename, "url": s.url, "sha256": s.sha256, "description": s.description}
                for name, s in SOURCES.items()}

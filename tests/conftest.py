@@ -22,14 +22,14 @@ def _offline_sources(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
-    from scratchlm.data.sources import fetch
+    from scratchlm.downloads import fetch
 
     return fetch("shakespeare").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")
 def names() -> list[str]:
-    from scratchlm.data.sources import fetch
+    from scratchlm.downloads import fetch
 
     return fetch("names").read_text(encoding="utf-8").splitlines()
 

@@ -33,7 +33,7 @@ import regex
 
 from scratchlm.data.prepare import SPLITS, Dataset
 from scratchlm.io import atomic_write, read_json, sha256_file, write_json
-from scratchlm.tokenizers.base import ENDOFTEXT, Tokenizer, load_tokenizer
+from scratchlm.tokenizers import ENDOFTEXT, Tokenizer, load_tokenizer
 from scratchlm.tokenizers.patterns import PATTERNS
 
 MAGIC = b"SLMTOKS\0"

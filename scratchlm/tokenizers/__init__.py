@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from scratchlm.tokenizers.base import DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, Tokenizer, load_tokenizer
+from scratchlm.io import FormatError, read_json
+from scratchlm.tokenizers.base import (DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, TOKENIZER_FORMAT, TOKENIZER_VERSION,
+                                       Tokenizer)
 from scratchlm.tokenizers.bpe import BPETokenizer
 from scratchlm.tokenizers.bpe_train import train_bpe
 from scratchlm.tokenizers.byte import ByteTokenizer
@@ -34,9 +36,23 @@ def train_tokenizer(
     raise ValueError(f"tokenizer kind must be one of {KINDS}, got {kind!r}")
 
 
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load any tokenizer saved by :meth:`Tokenizer.save` (the ``type`` field picks the class)."""
+    d = read_json(path, TOKENIZER_FORMAT, (TOKENIZER_VERSION,))
+    classes = {c.kind: c for c in (CharTokenizer, ByteTokenizer, BPETokenizer)}
+    if d.get("type") not in classes:
+        raise FormatError(f"{path}: tokenizer type {d.get('type')!r} is not one of {sorted(classes)}")
+    try:
+        return classes[d["type"]]._from_definition(d)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, FormatError):
+            raise FormatError(f"{path}: {e}") from None
+        raise FormatError(f"{path}: corrupt {d['type']} tokenizer definition ({type(e).__name__}: {e}); retrain or re-save it") from None
+
+
 def gpt2_tokenizer(download: bool = True) -> BPETokenizer:
     """GPT-2's tokenizer from OpenAI's original files (fetched and checksum-verified)."""
-    from scratchlm.data.sources import fetch
+    from scratchlm.downloads import fetch
 
     return BPETokenizer.from_gpt2_files(fetch("gpt2-encoder", download), fetch("gpt2-vocab", download))
 

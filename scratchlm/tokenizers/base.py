@@ -24,7 +24,7 @@ from typing import Literal
 
 import regex
 
-from scratchlm.io import FormatError, read_json, write_json
+from scratchlm.io import FormatError, write_json
 
 TOKENIZER_FORMAT = "scratchlm.tokenizer"
 TOKENIZER_VERSION = 1
@@ -191,21 +191,3 @@ def _special_regex(tokens: tuple[str, ...]) -> regex.Pattern:
 
 def default_special_tokens(first_id: int, names: Iterable[str]) -> dict[str, int]:
     return {name: first_id + i for i, name in enumerate(dict.fromkeys(names))}
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load any tokenizer saved by :meth:`Tokenizer.save` (the ``type`` field picks the class)."""
-    from scratchlm.tokenizers.bpe import BPETokenizer
-    from scratchlm.tokenizers.byte import ByteTokenizer
-    from scratchlm.tokenizers.char import CharTokenizer
-
-    d = read_json(path, TOKENIZER_FORMAT, (TOKENIZER_VERSION,))
-    classes = {c.kind: c for c in (CharTokenizer, ByteTokenizer, BPETokenizer)}
-    if d.get("type") not in classes:
-        raise FormatError(f"{path}: tokenizer type {d.get('type')!r} is not one of {sorted(classes)}")
-    try:
-        return classes[d["type"]]._from_definition(d)
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, FormatError):
-            raise FormatError(f"{path}: {e}") from None
-        raise FormatError(f"{path}: corrupt {d['type']} tokenizer definition ({type(e).__name__}: {e}); retrain or re-save it") from None

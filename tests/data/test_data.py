@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from scratchlm.data import Dataset, LeakageError, SourceUnavailable, check_leakage, fetch, prepare_dataset
+from scratchlm.data import Dataset, LeakageError, check_leakage, prepare_dataset
+from scratchlm.downloads import SourceUnavailable, fetch
 from scratchlm.data.normalize import InvalidUTF8, NormalizationReport, normalize_text
 from scratchlm.data.prepare import split_documents
-from scratchlm.data.sources import SOURCES
+from scratchlm.downloads import SOURCES
 
 
 def test_shared_data_matches_canonical_checksums(shakespeare_text, names):

@@ -11,7 +11,7 @@ import tiktoken.load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchlm.data.sources import fetch
+from scratchlm.downloads import fetch
 from scratchlm.tokenizers import train_bpe
 from scratchlm.tokenizers.bpe import token_to_str
 from scratchlm.tokenizers.patterns import CL100K_PATTERN, O200K_PATTERN
