@@ -13,7 +13,7 @@ SLM    := $(VENV)/bin/scratchlm
 # Offline mirror of the canonical data files, when the project sits beside ../shared.
 export SCRATCHLM_LOCAL_DATA ?= $(if $(wildcard $(SHARED)/tinyshakespeare.txt),$(SHARED),)
 
-.PHONY: setup quickstart test test-all bench clean
+.PHONY: setup quickstart lint test test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,11 @@ quickstart: setup
 	$(SLM) sample --checkpoint $(RUN)/gpt/best --prompt "ROMEO:" --max-new-tokens 300 --seed 1337
 	@echo "quickstart done. Loss plot: $(RUN)/gpt/loss.png  tokenizer plot: $(RUN)/tokenizer_compare.png"
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
 test-all: setup

@@ -10,8 +10,14 @@
 
 from scratchlm.data.loader import BatchLoader
 from scratchlm.data.prepare import Dataset, LeakageError, check_leakage, prepare_dataset
-from scratchlm.data.shards import (ShardError, open_shard, read_shard_header, tokenize_dataset, verify_shards,
-                                   write_shard)
+from scratchlm.data.shards import (
+                                   ShardError,
+                                   open_shard,
+                                   read_shard_header,
+                                   tokenize_dataset,
+                                   verify_shards,
+                                   write_shard,
+)
 from scratchlm.data.sources import read_source
 
 __all__ = [

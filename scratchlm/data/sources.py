@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from scratchlm.data.normalize import decode_utf8
 from scratchlm.downloads import SOURCES, fetch
-from scratchlm.io import sha256_file
 
 
 @dataclass

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from scratchlm.io import FormatError, read_json
-from scratchlm.tokenizers.base import (DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, TOKENIZER_FORMAT, TOKENIZER_VERSION,
-                                       Tokenizer)
+from scratchlm.tokenizers.base import (
+    DEFAULT_SPECIAL_TOKENS,
+    ENDOFTEXT,
+    TOKENIZER_FORMAT,
+    TOKENIZER_VERSION,
+    Tokenizer,
+)
 from scratchlm.tokenizers.bpe import BPETokenizer
 from scratchlm.tokenizers.bpe_train import train_bpe
 from scratchlm.tokenizers.byte import ByteTokenizer

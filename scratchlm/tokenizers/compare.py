@@ -66,7 +66,7 @@ def format_table(rows: list[dict]) -> str:
 
 def plot_comparison(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Bytes per token and embedding parameters against vocabulary size (log scale)."""
-    from scratchlm.plots import save_figure, pyplot
+    from scratchlm.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -7,10 +7,9 @@ import json
 import pytest
 
 from scratchlm.data import Dataset, LeakageError, check_leakage, prepare_dataset
-from scratchlm.downloads import SourceUnavailable, fetch
 from scratchlm.data.normalize import InvalidUTF8, NormalizationReport, normalize_text
 from scratchlm.data.prepare import split_documents
-from scratchlm.downloads import SOURCES
+from scratchlm.downloads import SOURCES, SourceUnavailable, fetch
 
 
 def test_shared_data_matches_canonical_checksums(shakespeare_text, names):
