@@ -307,7 +307,9 @@ def test_a_failure_on_a_later_shard_leaves_the_old_set_valid(shards_folder, tmp_
     from scratchlm.data import verify_shards
 
     before = {p.name: p.read_bytes() for p in shards_folder.iterdir()}
-    train_tokenizer("byte", ["<|endoftext|>", "<|pad|>"]).save(tmp_path / "byte2.json")  # other ids
+    # another tokenizer, whose ids differ from the byte tokenizer's on this text: a new train.bin differs
+    train_tokenizer("char", ["document 0123456789 says something"]).save(tmp_path / "other.json")
+    assert load_tokenizer(tmp_path / "other.json").fingerprint != load_tokenizer(shards_folder / "tokenizer.json").fingerprint
     real = shards.write_shard
 
     def fail_on_val(path, ids, tokenizer):
@@ -317,11 +319,12 @@ def test_a_failure_on_a_later_shard_leaves_the_old_set_valid(shards_folder, tmp_
 
     monkeypatch.setattr(shards, "write_shard", fail_on_val)
     with pytest.raises(OSError, match="Input/output error"):
-        tokenize_dataset(tmp_path / "ds", tmp_path / "byte2.json", shards_folder)
+        tokenize_dataset(tmp_path / "ds", tmp_path / "other.json", shards_folder)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in shards_folder.iterdir()} == before  # the old set, whole
     verify_shards(shards_folder, load_tokenizer(shards_folder / "tokenizer.json"))
-    tokenize_dataset(tmp_path / "ds", tmp_path / "byte2.json", shards_folder)
+    tokenize_dataset(tmp_path / "ds", tmp_path / "other.json", shards_folder)
     new = load_tokenizer(shards_folder / "tokenizer.json")
-    assert new.fingerprint == load_tokenizer(tmp_path / "byte2.json").fingerprint
+    assert new.fingerprint == load_tokenizer(tmp_path / "other.json").fingerprint
     verify_shards(shards_folder, new)
+    assert (shards_folder / "train.bin").read_bytes() != before["train.bin"]  # so the check above could fail

@@ -405,6 +405,7 @@ def test_an_infinite_logit_fails_its_own_row_not_its_sampling_group():
     from scratchlm.serve.sampler import sample
     from scratchlm.serve.sequence import Sequence
 
+    torch.manual_seed(0)
     logits = torch.randn(4, 10)
     logits[1, 3] = float("inf")
     for params in (SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0)):
@@ -570,14 +571,8 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
         engine.abort("x")
         aborted = await asyncio.wait_for(task, 10)
         assert aborted.finished and aborted.finish_reason == "abort"
-        # 2. a second request with an id in use is refused, and the first goes on untouched
-        first = asyncio.ensure_future(consume(ps[1], "same"))
-        await asyncio.sleep(0.01)
-        with pytest.raises(ValueError, match="already in use"):
-            await consume(ps[2], "same")
-        done = await asyncio.wait_for(first, 30)
-        assert done.finish_reason == "length" and done.token_ids == oracle(model, ps[1], 40)
-        # 3. cancelled while its admission is pending (the engine busy with a step): no crash, no leak
+        # From here each step takes 20 ms more, so a request that has begun is still running when
+        # the test acts on it, however fast the machine (events, not sleeps, say when it began).
         slow = llm.step
 
         def slow_step():
@@ -587,8 +582,18 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
             return slow()
 
         monkeypatch.setattr(llm, "step", slow_step)
-        busy = asyncio.ensure_future(consume(ps[0]))
-        await asyncio.sleep(0.03)
+        # 2. a second request with an id in use is refused, and the first goes on untouched
+        started = asyncio.Event()
+        first = asyncio.ensure_future(consume(ps[1], "same", started=started))
+        await asyncio.wait_for(started.wait(), 10)
+        with pytest.raises(ValueError, match="already in use"):
+            await consume(ps[2], "same")
+        done = await asyncio.wait_for(first, 30)
+        assert done.finish_reason == "length" and done.token_ids == oracle(model, ps[1], 40)
+        # 3. cancelled while its admission is pending (the engine busy with a step): no crash, no leak
+        started = asyncio.Event()
+        busy = asyncio.ensure_future(consume(ps[0], started=started))
+        await asyncio.wait_for(started.wait(), 10)
         for _ in range(5):
             pending = asyncio.ensure_future(consume(ps[2]))
             await asyncio.sleep(0)
@@ -614,8 +619,10 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
             await asyncio.sleep(0.01)
         assert not llm.requests and llm.blocks.num_free == llm.blocks.num_blocks
         # 5. shutdown with a request in flight: its consumer gets an error instead of waiting forever
-        hanging = asyncio.ensure_future(consume(ps[1], params=SamplingParams(max_tokens=70, temperature=0)))
-        await asyncio.sleep(0.05)
+        started = asyncio.Event()
+        hanging = asyncio.ensure_future(consume(ps[1], params=SamplingParams(max_tokens=70, temperature=0),
+                                                started=started))
+        await asyncio.wait_for(started.wait(), 10)
         await engine.shutdown_async()
         with pytest.raises(RuntimeError, match="shut down"):
             await asyncio.wait_for(hanging, 10)

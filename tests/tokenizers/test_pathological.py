@@ -1,7 +1,9 @@
 """Pathological inputs encode in linear (n log n) time, with both encoders and all patterns.
 
-Quadratic BPE on one 160,000-byte chunk is 16x slower at 4x the length; linear is 4x. The test
-takes the best of three CPU timings and allows up to 8x, far from both.
+The inputs grow 16x (10,000 -> 160,000 bytes, one chunk each). Linear time then grows 16x (n log
+n a little more); quadratic grows 256x. The test takes the best of three CPU timings and allows up
+to 64x — a log-log slope of 1.5, halfway between the two — so a machine twice as fast or slow, or a
+busy neighbour, moves the ratio nowhere near either side of the bound.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def tokenizers(shakespeare_text):
 @pytest.mark.parametrize("pattern", ["gpt2", "cl100k", "o200k"])
 def test_linear_time(tokenizers, pattern, case):
     tok = tokenizers[pattern]
-    small, large = CASES[case](40_000), CASES[case](160_000)
+    small, large = CASES[case](10_000), CASES[case](160_000)
 
     def encode(text):
         tok._cache.clear()  # measure the merge algorithm, not the cache
@@ -54,4 +56,4 @@ def test_linear_time(tokenizers, pattern, case):
     assert tok.decode(encode(large)) == large
     assert encode(large) == tok.to_tiktoken().encode_ordinary(large)
     ratio = _best_time(lambda: encode(large)) / max(_best_time(lambda: encode(small)), 1e-4)
-    assert ratio < 8, f"{case}: 4x the input took {ratio:.1f}x the time (quadratic would be ~16x)"
+    assert ratio < 64, f"{case}: 16x the input took {ratio:.1f}x the time (linear ~16x, quadratic ~256x)"
