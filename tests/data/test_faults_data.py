@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -22,7 +24,13 @@ import torch
 from scratchlm.data import Dataset, prepare_dataset, tokenize_dataset
 from scratchlm.data.shards import ShardError, open_shard
 from scratchlm.io import FormatError, atomic_write, write_json
-from scratchlm.tokenizers import DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, ByteTokenizer, load_tokenizer, train_tokenizer
+from scratchlm.tokenizers import (
+    DEFAULT_SPECIAL_TOKENS,
+    ENDOFTEXT,
+    ByteTokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,67 +159,112 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
 
 
 # --- kills while writing data: no half file is ever taken as valid; a rerun completes -------------
-KILL_AT_NTH_REPLACE = r"""
-import os, signal, sys
+KILL_AT_NTH_OPERATION = r"""
+import builtins, json, os, signal, sys
 sys.path.insert(0, {repo!r})
-real, count = os.replace, [0]
-def replace(*args, **kwargs):
-    count[0] += 1
-    if count[0] == {n}:
-        os.kill(os.getpid(), signal.SIGKILL)  # every file scratchlm writes lands through os.replace
-    return real(*args, **kwargs)
-os.replace = replace
-from scratchlm.cli import main
-sys.exit(main({argv!r}))
+from scratchlm.data import prepare_dataset, tokenize_dataset
+
+kill_at, count = {n}, [0]
+
+def counted(module, name, writes=lambda *a, **k: True):
+    real = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        if writes(*args, **kwargs):
+            count[0] += 1
+            if count[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(module, name, wrapper)
+
+# Every call that changes the file system or makes a change durable (os.open covers mkstemp and the
+# directory fsyncs' opens; builtins.open counts only when it may write).
+for name in ("mkdir", "open", "fchmod", "fsync", "rename", "replace", "unlink", "rmdir", "symlink"):
+    counted(os, name)
+counted(builtins, "open", lambda file, mode="r", *a, **k: any(c in mode for c in "wax+"))
+{call}
+print(json.dumps({{"operations": count[0]}}))
 """
 
 
-def run_cli_killed_at(tmp_path, argv: list[str], n: int) -> subprocess.CompletedProcess:
+def run_killed_at(tmp_path, call: str, n: int) -> subprocess.CompletedProcess:
+    """Run ``call`` in a child that SIGKILLs itself at its n-th file-system operation (0: never)."""
     script = tmp_path / "kill.py"
-    script.write_text(KILL_AT_NTH_REPLACE.format(repo=str(REPO), n=n, argv=argv))
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    script.write_text(KILL_AT_NTH_OPERATION.format(repo=str(REPO), n=n, call=call))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_kill_during_data_prepare_then_rerun(tmp_path):
+def operations(tmp_path, call: str) -> int:
+    dry = run_killed_at(tmp_path, call, 0)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    return json.loads(dry.stdout.strip().splitlines()[-1])["operations"]
+
+
+@pytest.mark.slow  # ~50 s: one child process per operation
+def test_kill_at_every_operation_of_data_prepare_then_rerun(tmp_path):
+    """SIGKILL before each file-system operation of ``data prepare``: the folder is refused by name
+    or holds the whole dataset — never a partial one — and a rerun completes."""
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"document {i}: " + "words " * (i % 7)}) + "\n" for i in range(60)))
+    complete, _ = prepare_dataset(str(src), tmp_path / "reference")
+    expected = {split: complete.documents(split) for split in ("train", "val", "test")}
     out = tmp_path / "ds"
-    argv = ["data", "prepare", str(src), "--out", str(out), "--json"]
-    # Files written: train/val/test.jsonl, then manifest.json. Kill before each of the four lands.
-    for n in range(1, 5):
-        killed = run_cli_killed_at(tmp_path, argv, n)
-        assert killed.returncode == -signal.SIGKILL
-        with pytest.raises((FileNotFoundError, FormatError), match="no manifest.json|sha256 does not match"):
-            Dataset.load(out).documents("train")
-        assert subprocess.run([sys.executable, "-m", "scratchlm", *argv], capture_output=True, timeout=120,
-                              cwd=REPO).returncode == 0
-        assert len(Dataset.load(out).documents("train")) > 40
-        assert not list(out.glob(".*.tmp"))  # the killed writer's temporary file was cleaned up
-        for p in out.iterdir():
-            p.unlink()
+    call = f"prepare_dataset({str(src)!r}, {str(out)!r})"
+    n_ops = operations(tmp_path, call)
+    assert n_ops >= 12  # four files, each: create, chmod, write, fsync, rename
+    shutil.rmtree(out)
+    outcomes = set()
+    for n in range(1, n_ops + 1):
+        assert run_killed_at(tmp_path, call, n).returncode == -signal.SIGKILL, n
+        try:
+            found = Dataset.load(out)
+            assert {split: found.documents(split) for split in expected} == expected, n
+            outcomes.add("whole")
+        except (FileNotFoundError, FormatError) as e:
+            assert re.search("no manifest.json|sha256 does not match|does not exist", str(e)), (n, e)
+            outcomes.add("refused")
+        prepare_dataset(str(src), out)  # the rerun
+        assert {split: Dataset.load(out).documents(split) for split in expected} == expected, n
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".")], n  # no temporary file left
+        shutil.rmtree(out)
+    assert "refused" in outcomes  # (the manifest's rename is the last operation: a kill is always before it)
 
 
-def test_kill_during_tokenize_then_rerun(tmp_path):
-    from scratchlm.cli import main
+@pytest.mark.slow  # ~2 min: one child process per operation
+def test_kill_at_every_operation_of_retokenizing_keeps_one_whole_set(tmp_path):
+    """SIGKILL before each file-system operation of re-tokenizing a shards folder with another
+    tokenizer: the folder then holds the old set whole, the new set whole, or no ``shards.json``
+    (refused: "tokenizing did not finish") — never a mix — and a rerun completes."""
+    from scratchlm.data import verify_shards
 
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"document {i} says something"}) + "\n" for i in range(60)))
     prepare_dataset(str(src), tmp_path / "ds")
-    train_tokenizer("byte", [""]).save(tmp_path / "byte.json")
+    train_tokenizer("byte", [""]).save(tmp_path / "old.json")
+    train_tokenizer("char", ["document 0123456789 says something"]).save(tmp_path / "new.json")
+    old, new = load_tokenizer(tmp_path / "old.json"), load_tokenizer(tmp_path / "new.json")
     shards = tmp_path / "shards"
-    argv = ["data", "tokenize", "--dataset", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "byte.json"),
-            "--out", str(shards), "--json", "--workers", "1"]
-    # train.bin, val.bin, test.bin, tokenizer.json, shards.json: kill before each lands.
-    for n in range(1, 6):
-        assert run_cli_killed_at(tmp_path, argv, n).returncode == -signal.SIGKILL
-        from scratchlm.data import verify_shards
-
-        with pytest.raises(ShardError, match="no shards.json, so tokenizing did not finish"):
-            verify_shards(shards)
-        assert main(argv) == 0
-        verify_shards(shards, load_tokenizer(shards / "tokenizer.json"))
-        for p in shards.iterdir():
-            p.unlink()
+    call = f"tokenize_dataset({str(tmp_path / 'ds')!r}, {str(tmp_path / 'new.json')!r}, {str(shards)!r}, num_workers=1)"
+    tokenize_dataset(tmp_path / "ds", tmp_path / "old.json", shards, num_workers=1)
+    n_ops = operations(tmp_path, call)
+    assert n_ops >= 20  # three shards, the tokenizer, shards.json; fsyncs of each and of the folder
+    outcomes = set()
+    for n in range(1, n_ops + 1):
+        shutil.rmtree(shards)
+        tokenize_dataset(tmp_path / "ds", tmp_path / "old.json", shards, num_workers=1)
+        assert run_killed_at(tmp_path, call, n).returncode == -signal.SIGKILL, n
+        if not (shards / "shards.json").exists():
+            with pytest.raises(ShardError, match="no shards.json, so tokenizing did not finish"):
+                verify_shards(shards)
+            outcomes.add("refused")
+        else:
+            found = load_tokenizer(shards / "tokenizer.json")
+            assert found.fingerprint in (old.fingerprint, new.fingerprint), n
+            verify_shards(shards, found)  # every shard is the one shards.json describes
+            outcomes.add("old" if found.fingerprint == old.fingerprint else "new")
+        tokenize_dataset(tmp_path / "ds", tmp_path / "new.json", shards, num_workers=1)  # the rerun
+        verify_shards(shards, new)
+    assert outcomes >= {"old", "refused"}  # kills before the switch keep the old set; during it, refused
 
 
 # --- damaged data files are refused by name ---------------------------------------------------------
