@@ -8,7 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from scratchlm.models.gpt import GPT, GPTConfig  # noqa: E402
+from scratchlm.models.config import GPTConfig  # noqa: E402
+from scratchlm.models.gpt import GPT
 from scratchlm.models.hf import export_hf, import_hf  # noqa: E402
 
 
