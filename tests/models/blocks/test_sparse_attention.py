@@ -26,7 +26,7 @@ from scratchlm.config import ConfigError
 from scratchlm.generate import generate
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig
-from scratchlm.models import sparse_attention
+from scratchlm.models.blocks import sparse_attention
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.layers import rope_tables
