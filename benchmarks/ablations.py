@@ -35,7 +35,9 @@ def main() -> None:
     from scratchlm.config import load_config
     from scratchlm.data import prepare_dataset, tokenize_dataset
     from scratchlm.eval import evaluate_checkpoint
-    from scratchlm.models.gpt import GPT, GPTConfig, preset
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
+    from scratchlm.models.presets import preset
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.train import train
 

@@ -99,7 +99,8 @@ def main() -> None:
     from scratchlm.config import load_config
     from scratchlm.data import prepare_dataset, tokenize_dataset
     from scratchlm.eval import evaluate_checkpoint
-    from scratchlm.models.gpt import GPT, config_from_section
+    from scratchlm.models.gpt import GPT
+    from scratchlm.models.presets import config_from_section
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.train import train
 
@@ -174,7 +175,8 @@ def _step_speed(model_section: dict, tokens: int = 2048, steps: int = 10) -> flo
     """Training tokens per second of one variant: the median of ``steps`` timed steps."""
     import statistics
 
-    from scratchlm.models.gpt import GPT, config_from_section
+    from scratchlm.models.gpt import GPT
+    from scratchlm.models.presets import config_from_section
 
     torch.manual_seed(0)
     model = GPT(config_from_section(model_section)).train()
@@ -199,7 +201,7 @@ def _mtp_acceptance(run: Path, ds) -> dict:
     import torch
 
     from scratchlm.models.checkpoint import load_model_from_checkpoint
-    from scratchlm.models.mtp import mtp_acceptance
+    from scratchlm.models.blocks.mtp import mtp_acceptance
     from scratchlm.tokenizers import load_tokenizer
 
     model, _ = load_model_from_checkpoint(run / "last", torch.device("cpu"))

@@ -27,7 +27,8 @@ def main() -> None:
     import torch
 
     from scratchlm.generate import KVCache, beam_search
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
 
     class BlockSizedCache(KVCache):
         """The cache as it was: always ``block_size`` long, reordered whole."""

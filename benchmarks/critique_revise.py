@@ -72,7 +72,8 @@ def assistant_data(problems, tokenizer, rng: random.Random, instruct_fraction: f
 def main() -> None:
     import torch
 
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.critique import critique_revise
     from scratchlm.posttrain.data import write_task_data
     from scratchlm.posttrain.sft import sft

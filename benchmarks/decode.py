@@ -21,7 +21,8 @@ def main() -> None:
     import torch
 
     from scratchlm.generate import SamplingConfig, stream
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
 
     p = argparse.ArgumentParser()
     p.add_argument("--prompt", type=int, default=512)

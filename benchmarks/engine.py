@@ -230,7 +230,8 @@ def under_load(model, rates, n, seed=2) -> list[dict]:
 def main() -> None:
     import torch
 
-    from scratchlm.models.gpt import GPT, preset
+    from scratchlm.models.gpt import GPT
+    from scratchlm.models.presets import preset
     from scratchlm.models.hf import export_hf
 
     p = argparse.ArgumentParser()

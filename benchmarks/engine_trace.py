@@ -17,7 +17,8 @@ from common import save  # noqa: F401  (puts the repository on sys.path)
 
 
 def main() -> None:
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.serve import LLMEngine, SamplingParams
 
     torch.manual_seed(0)

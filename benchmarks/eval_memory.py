@@ -29,7 +29,8 @@ import numpy as np, torch
 sys.path.insert(0, {repo!r})
 from scratchlm.eval.perplexity import evaluate_ids
 from scratchlm.models.loss import token_nll
-from scratchlm.models.gpt import GPT, preset
+from scratchlm.models.gpt import GPT
+from scratchlm.models.presets import preset
 from scratchlm.tokenizers import ByteTokenizer
 
 variant, batch, layers = {variant!r}, {batch}, {layers}

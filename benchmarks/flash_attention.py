@@ -5,7 +5,7 @@
 1. Peak memory of one causal attention forward (batch 1, 8 heads, head width 64, fp32) at
    ``--context`` positions, each variant in its own process (``ru_maxrss`` above a baseline that
    already holds Q, K and V): the spelled-out version that materialises the T x T scores, the
-   tiled online-softmax version (``scratchlm/models/flash_attention.py``), and PyTorch's SDPA.
+   tiled online-softmax version (``scratchlm/models/blocks/flash_attention.py``), and PyTorch's SDPA.
 2. The bytes each approach moves through main memory (``attention_bytes``), plotted against context.
 """
 
@@ -24,7 +24,7 @@ import json, resource, sys, time
 import torch
 import torch.nn.functional as F
 sys.path.insert(0, {repo!r})
-from scratchlm.models.flash_attention import naive_attention, tiled_attention
+from scratchlm.models.blocks.flash_attention import naive_attention, tiled_attention
 torch.manual_seed(0)
 T, variant = {context}, {variant!r}
 q, k, v = (torch.randn(1, 8, T, 64) for _ in range(3))
@@ -45,7 +45,7 @@ print(json.dumps({{"variant": variant, "peak_bytes": peak, "seconds": seconds,
 
 
 def main() -> None:
-    from scratchlm.models.flash_attention import attention_bytes
+    from scratchlm.models.blocks.flash_attention import attention_bytes
     from scratchlm.plots import pyplot, save_figure
 
     p = argparse.ArgumentParser()

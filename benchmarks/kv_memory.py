@@ -20,7 +20,8 @@ from common import save
 def main() -> None:
     import torch
 
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
 
     p = argparse.ArgumentParser()
     p.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "kv_memory.png"))

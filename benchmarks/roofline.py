@@ -38,7 +38,8 @@ def main() -> None:
     import torch
 
     from scratchlm.generate import KVCache
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.models.inspect import inference_costs
     from scratchlm.plots import pyplot, save_figure
 

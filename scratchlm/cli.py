@@ -171,7 +171,7 @@ def cmd_tokenizer_compare(args) -> None:
 
 # --- bigram ---------------------------------------------------------------------------------------
 def cmd_bigram(args) -> None:
-    from scratchlm.models.bigram_run import run_bigram
+    from scratchlm.models.bigram import run_bigram
 
     report = run_bigram(args.dataset, _load_tokenizer(args.tokenizer), models=args.model.split(","),
                         smoothing=args.smoothing, fit_split=args.fit_split, steps=args.steps, lr=args.lr,
@@ -228,7 +228,7 @@ def cmd_model_info(args) -> None:
 def _model_config(args):
     """A model config from --preset or --config, with every --set model.key=value applied."""
     from scratchlm.config import load_config
-    from scratchlm.models.gpt import config_from_section
+    from scratchlm.models.presets import config_from_section
 
     section = load_config(args.config, args.set).get("model", {})
     if args.preset:

@@ -67,7 +67,8 @@ def task_base(tmp_path_factory):
     checkpoint with a character tokenizer (``root/tasks``, ``root/base``)."""
     import torch
 
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.data import write_task_data
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.train.checkpoint import save_model_only

@@ -11,7 +11,7 @@ import pytest
 
 from scratchlm.cli import interpret_escapes, main
 from scratchlm.config import ConfigError, apply_overrides, load_config
-from scratchlm.models.gpt import GPTConfig
+from scratchlm.models.config import GPTConfig
 from scratchlm.train.config import TrainConfig
 
 # A value of the wrong type for each annotation.
@@ -26,10 +26,10 @@ def _base_type(cls, name):
 
 def _out_of_range(cls, name):
     """A value of the right type that the field's rule refuses (None if the field has no rule)."""
-    import scratchlm.models.gpt as gpt
+    import scratchlm.models.config as model_config
     import scratchlm.train.config as train_config
 
-    rules = train_config._TRAIN_RULES if cls is TrainConfig else gpt._MODEL_RULES
+    rules = train_config._TRAIN_RULES if cls is TrainConfig else model_config._MODEL_RULES
     rule = rules.get(name)
     if rule is None:
         return None
@@ -139,10 +139,10 @@ def test_an_incomplete_escape_is_a_clear_error():
 @pytest.mark.parametrize("cls", [TrainConfig, GPTConfig])
 def test_every_bound_is_where_its_rule_says(cls):
     """Each inclusive bound is allowed and the next value past it refused; exclusive bounds refuse the bound."""
-    import scratchlm.models.gpt as gpt
+    import scratchlm.models.config as model_config
     import scratchlm.train.config as train_config
 
-    rules = train_config._TRAIN_RULES if cls is TrainConfig else gpt._MODEL_RULES
+    rules = train_config._TRAIN_RULES if cls is TrainConfig else model_config._MODEL_RULES
     base = {"d_model": 8, "n_head": 1} if cls is GPTConfig else {"lr": 1.0, "min_lr": 0.0, "max_steps": 10**6, "warmup_steps": 0}
     checked = 0
     for name, rule in rules.items():

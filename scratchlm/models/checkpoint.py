@@ -120,7 +120,8 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
 
 
 def _load_model(folder: Path, device):
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
 
     state = read_state(folder)
     try:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scratchlm.models.gpt import GPT, GPTConfig, _context_flops
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT, context_flops
 
 
 def trace_shapes(config: GPTConfig, batch: int = 2, seq: int | None = None, layers: int = 1) -> list[dict]:
@@ -99,7 +100,7 @@ def inference_costs(model: GPT, batch: int = 1, context: int | None = None, byte
     prefill_flops = batch * T * model.flops_per_token(max(T // 2, 1))["forward"]
     # A decode step's mixers may work differently from prefill (MLA attends over its latent).
     decode_flops = batch * (model.flops_per_token(T)["forward"]
-                            + sum(block.mixer.decode_context_flops(T) - _context_flops(block.mixer, T)
+                            + sum(block.mixer.decode_context_flops(T) - context_flops(block.mixer, T)
                                   for block in model.blocks if hasattr(block.mixer, "decode_context_flops")))
     return {
         "batch": batch, "context": T, "bytes_per_value": bytes_per_value, "kv_cache_bytes": kv,

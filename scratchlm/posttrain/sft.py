@@ -29,7 +29,8 @@ import torch
 from scratchlm.config import ConfigError, Rule, validate
 from scratchlm.models.checkpoint import (load_checkpoint_tokenizer, load_model_from_checkpoint, load_tensors,
                                          read_state)
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 from scratchlm.models.loss import masked_token_loss, masked_token_loss_sum
 from scratchlm.posttrain.data import load_sft
 from scratchlm.posttrain.lora import DEFAULT_TARGETS, adapter_bytes, apply_lora, lora_modules

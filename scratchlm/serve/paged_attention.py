@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scratchlm.models.layers import attention_bias
+from scratchlm.models.blocks.attention import attention_bias
 
 
 class KVPool:

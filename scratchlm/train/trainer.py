@@ -46,7 +46,9 @@ import torch
 from scratchlm.data.loader import BatchLoader
 from scratchlm.data.shards import open_shard, verify_shards
 from scratchlm.device import pick_device
-from scratchlm.models.gpt import GPT, GPTConfig, config_from_section
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.presets import config_from_section
 from scratchlm.models.loss import token_nll
 from scratchlm.tokenizers import load_tokenizer
 from scratchlm.train.config import TrainConfig

@@ -64,7 +64,8 @@ def test_one_document_per_line_splits_only_at_newlines(tmp_path):
 # --- defect 3: bits per byte does not count special tokens as text ----------------------------
 def test_bits_per_byte_counts_special_tokens_as_zero_bytes():
     from scratchlm.eval.perplexity import evaluate_ids
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
 
     tok = ByteTokenizer.train([""], [ENDOFTEXT])
     eot = tok.eot_token
@@ -83,7 +84,8 @@ def test_bits_per_byte_counts_special_tokens_as_zero_bytes():
 def test_cross_entropy_without_full_log_softmax_matches_reference():
     """Defect 13 (eval half): per-token NLL from F.cross_entropy equals the log_softmax reference."""
     from scratchlm.eval.perplexity import evaluate_ids
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
 
     torch.manual_seed(0)
     tok = ByteTokenizer.train([""], [])

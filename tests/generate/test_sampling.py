@@ -9,7 +9,8 @@ import torch
 
 from scratchlm.generate import SamplingConfig, beam_search, generate, generate_text, process_logits
 from scratchlm.generate.sampling import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 from scratchlm.tokenizers import CharTokenizer
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 
 from scratchlm.config import ConfigError, apply_overrides, load_config
-from scratchlm.models.gpt import GPTConfig, config_from_section
-from scratchlm.models.moe import MoEConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.presets import config_from_section
+from scratchlm.models.blocks.moe import MoEConfig
 
 
 def test_the_pattern_repeats_to_every_layer():
@@ -89,7 +90,8 @@ PUBLISHED = {
 def _meta_model(name):
     import torch
 
-    from scratchlm.models.gpt import GPT, preset
+    from scratchlm.models.gpt import GPT
+    from scratchlm.models.presets import preset
 
     with torch.device("meta"):
         return GPT(preset(name))

@@ -19,7 +19,9 @@ import torch
 from scratchlm.config import ConfigError
 from scratchlm.generate import KVCache, SamplingConfig
 from scratchlm.generate.generate import generate
-from scratchlm.models.gpt import GPT, GPTConfig, preset
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.presets import preset
 
 GREEDY = SamplingConfig(temperature=0)
 SWITCHES = ("d_head", "attn_scale", "attn_softcap", "final_softcap", "sandwich_norm", "embed_scale")
@@ -68,10 +70,10 @@ def test_head_width_is_its_own_field():
     assert m.rope_cos.shape[-1] == 12 and KVCache.for_model(m, 1).k.shape[-1] == 12
     assert attn.cache_values_per_token() == 2 * 2 * 12
     # context FLOPs use the heads' own width: 4·H·D per key, not 4·d_model
-    from scratchlm.models.gpt import _context_flops
+    from scratchlm.models.gpt import context_flops
 
-    assert _context_flops(m.blocks[1].attn, 16) == 4 * 4 * 12 * 16
-    assert _context_flops(GPT(gemma_tiny(d_head=None)).blocks[1].attn, 16) == 4 * 4 * 8 * 16
+    assert context_flops(m.blocks[1].attn, 16) == 4 * 4 * 12 * 16
+    assert context_flops(GPT(gemma_tiny(d_head=None)).blocks[1].attn, 16) == 4 * 4 * 8 * 16
     # d_model need not divide by n_head once the head width is given
     assert GPTConfig(d_model=30, n_head=4, d_head=8, position="rope").head_dim == 8
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from scratchlm.generate import KVCache, SamplingConfig, generate
-from scratchlm.models.gpt import GPT, GPTConfig, preset
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.presets import preset
 
 VARIANTS = [
     dict(position=p, n_kv_head=kv, prenorm=pre, mlp=mlp, norm=norm)

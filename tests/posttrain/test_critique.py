@@ -144,7 +144,8 @@ def assistant(tmp_path_factory):
     every principle) and, a quarter of the time, to follow the loop's revision prompt (a system
     message naming the broken principles): a model that follows principles when asked but not by
     default, as Constitutional AI assumes. Its context holds the revision prompts. And prompts."""
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.sft import sft
     from scratchlm.posttrain.tasks import make_problems
     from scratchlm.posttrain.critique import revision_prompt
@@ -282,7 +283,8 @@ def test_the_model_as_critic_writes_the_critiques_and_dpo_trains_on_the_pairs(as
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random tiny chat model (no training: fast) with a few prompts, for the loop's plumbing."""
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.train.checkpoint import save_model_only
 
@@ -475,7 +477,8 @@ def test_a_byte_level_model_sampling_special_token_text_does_not_crash_the_loop(
     """Byte-level and BPE tokenizers spell '<|endoftext|>' as ordinary bytes, and generation ignores
     end of text: such replies must reach neither the revision prompt, the model critic nor a scorer."""
     import scratchlm.posttrain.sft as sft_module
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.tokenizers import ByteTokenizer
     from scratchlm.train.checkpoint import save_model_only
 

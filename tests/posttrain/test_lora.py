@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from scratchlm.io import FormatError
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 from scratchlm.posttrain.lora import apply_lora, load_adapters, lora_modules, merge_lora, save_adapters
 
 

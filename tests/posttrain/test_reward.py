@@ -154,7 +154,8 @@ torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=0, world_size=1)
 from torch.distributed.fsdp import fully_shard
 from scratchlm.models.checkpoint import FormatError
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 from scratchlm.train.checkpoint import _split_optimizer_states, load_optimizers, optimizer_states
 from safetensors.torch import save_file
 
@@ -224,7 +225,8 @@ def test_reward_model_under_fsdp_equals_ddp_and_resumes_exactly(task_base, tmp_p
     from safetensors.torch import load_file
 
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.train.checkpoint import save_model_only
 
     tok = load_checkpoint_tokenizer(task_base / "base", read_state(task_base / "base"))

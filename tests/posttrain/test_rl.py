@@ -114,7 +114,8 @@ def test_the_engine_copy_is_written_whole_or_the_difference_is_named():
     import copy
     from types import SimpleNamespace
 
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.reward import add_scalar_head
     from scratchlm.posttrain.rl import RLTrainer
 
@@ -276,7 +277,8 @@ def test_grpo_and_ppo_commands_report_and_resume(bandit, tmp_path, capsys):
 def test_ratio_is_1_on_the_first_epoch_with_dropout_in_the_model(tmp_path):
     """A base trained with dropout 0.1: RL switches every dropout off (attention's too), or the
     policy that sampled and the policy trained would differ by a random mask."""
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.grpo import grpo
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.train.checkpoint import save_model_only
@@ -376,7 +378,8 @@ def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
     assert result.returncode != 0
     assert "rank 1 stopped the run, a rollout failed" in result.stderr and "failed on rank 1" in result.stderr
 
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state
     from scratchlm.train.checkpoint import save_model_only
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from scratchlm.models.checkpoint import load_model_from_checkpoint
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 from scratchlm.posttrain.data import load_prompts
 from scratchlm.posttrain.sft import collate, exact_match, sft
 from scratchlm.tokenizers import CharTokenizer

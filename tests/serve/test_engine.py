@@ -15,7 +15,8 @@ import torch
 
 from scratchlm.generate import generate
 from scratchlm.generate.sampling import SamplingConfig
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 from scratchlm.serve import LLM, LLMEngine, SamplingParams
 from scratchlm.serve.async_engine import AsyncLLMEngine
 

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 from scratchlm.models.loss import masked_token_loss
 from scratchlm.tokenizers import CharTokenizer
 from scratchlm.tokenizers.chat import IM_END, IM_START, ChatTemplate, add_chat_tokens

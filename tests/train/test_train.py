@@ -220,7 +220,8 @@ def test_training_step_does_not_wait_for_the_device(char_shards, tmp_path, monke
 
 
 def test_muon_applies_decoupled_weight_decay_to_hidden_matrices():
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.train.config import TrainConfig
     from scratchlm.train.optim import build_optimizers
 

@@ -21,13 +21,9 @@ from scratchlm.config import ConfigError
 from scratchlm.generate import generate
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig
-from scratchlm.models.diff_attention import (
-    DiffAttention,
-    DiffConfig,
-    lambda_init,
-    permute_heads,
-)
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.blocks.diff_attention import DiffAttention, DiffConfig, lambda_init, permute_heads
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 
 GREEDY = SamplingConfig(temperature=0)
 

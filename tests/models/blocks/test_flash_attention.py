@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scratchlm.models.flash_attention import attention_bytes, naive_attention, tiled_attention
+from scratchlm.models.blocks.flash_attention import attention_bytes, naive_attention, tiled_attention
 from scratchlm.models.layers import alibi_slopes
 
 
@@ -52,7 +52,8 @@ def test_autograd_through_the_tiles_gives_sdpas_gradients():
 
 def test_model_with_tiled_attention_matches_sdpa_and_cached_decoding():
     from scratchlm.generate import KVCache
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
 
     for position in ("rope", "alibi"):
         torch.manual_seed(3)

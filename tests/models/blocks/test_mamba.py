@@ -14,12 +14,9 @@ from scratchlm.generate import generate
 from scratchlm.generate.generate import beam_search
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig
-from scratchlm.models.gpt import GPT, GPTConfig
-from scratchlm.models.mamba import (
-    MambaConfig,
-    selective_scan_chunked,
-    selective_scan_sequential,
-)
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.blocks.mamba import MambaConfig, selective_scan_chunked, selective_scan_sequential
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -232,7 +229,8 @@ def test_the_ssm_vectors_get_no_weight_decay_and_no_muon():
     every A toward -1 and Muon would orthogonalise the rates. Both optimizers leave them out."""
     from types import SimpleNamespace
 
-    from scratchlm.models.gpt import GPT, GPTConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
     from scratchlm.train.optim import build_optimizers
 
     model = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, position="none", layers=["mamba", "attention"]))
@@ -248,7 +246,7 @@ def test_the_ssm_vectors_get_no_weight_decay_and_no_muon():
 
 
 def test_the_chunked_scan_stays_float32_under_autocast_and_agrees_with_the_sequential_one():
-    from scratchlm.models.mamba import selective_scan_chunked, selective_scan_sequential
+    from scratchlm.models.blocks.mamba import selective_scan_chunked, selective_scan_sequential
 
     g = torch.Generator().manual_seed(0)
     x, dt = torch.randn(2, 40, 8, generator=g), torch.rand(2, 40, 8, generator=g)
@@ -263,7 +261,7 @@ def test_the_chunked_scan_stays_float32_under_autocast_and_agrees_with_the_seque
 def test_the_chunked_scan_recomputes_chunks_in_backward():
     """What autograd keeps for backward is the inputs and one state per chunk, not every
     position's (batch, D, N) state log2(chunk) times over: measured with saved-tensor hooks."""
-    from scratchlm.models.mamba import selective_scan_chunked
+    from scratchlm.models.blocks.mamba import selective_scan_chunked
 
     g = torch.Generator().manual_seed(0)
     T, D, N = 128, 16, 8

@@ -1,5 +1,5 @@
-"""Multi-head latent attention (scratchlm/models/mla.py) and DeepSeek-V2/V3 interchange
-(scratchlm/models/hf_deepseek.py).
+"""Multi-head latent attention (scratchlm/models/blocks/mla.py) and DeepSeek-V2/V3 interchange
+(scratchlm/models/hf/deepseek.py).
 
 Proves: the cache holds only the latent and the shared RoPE key (kv_lora_rank + rope dim values
 per token: 576 x 61 layers for DeepSeek-V3 at full shape, built on the meta device); the readable
@@ -23,8 +23,9 @@ from scratchlm.config import ConfigError
 from scratchlm.generate.generate import generate
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig
-from scratchlm.models.gpt import GPT, GPTConfig
-from scratchlm.models.mla import MLA, MLAConfig, mla_rope
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.blocks.mla import MLA, MLAConfig, mla_rope
 
 
 def _config(q_lora_rank=None, **overrides) -> GPTConfig:
@@ -63,7 +64,7 @@ def test_the_cache_holds_only_the_latent():
 
 def test_deepseek_v3_shape_on_meta_device():
     """DeepSeek-V3 at published shape (no memory): 576 cached values per token in each of 61 layers."""
-    from scratchlm.models.moe import MoEConfig
+    from scratchlm.models.blocks.moe import MoEConfig
 
     config = GPTConfig(vocab_size=129280, n_layer=61, n_head=128, d_model=7168, d_ff=18432, block_size=4096,
                        position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False,

@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from scratchlm.config import ConfigError
-from scratchlm.models.gpt import GPT, GPTConfig
-from scratchlm.models.moe import MoE, MoEConfig, expert_load
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.blocks.moe import MoE, MoEConfig, expert_load
 
 
 def _config(**moe) -> GPTConfig:
@@ -487,8 +488,8 @@ def test_aux_coefficient_converts_to_and_from_transformers():
     pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from scratchlm.models.hf import config_from_hf
-    from scratchlm.models.hf_moe import EXPORT, aux_weight_from_hf
+    from scratchlm.models.hf import FAMILIES, config_from_hf
+    from scratchlm.models.hf.moe import aux_weight_from_hf
 
     coef, k, E = 0.02, 2, 4
     x = torch.randn(2, 10, 32)
@@ -509,7 +510,7 @@ def test_aux_coefficient_converts_to_and_from_transformers():
     for hf, moe_layers in ((mixtral, 4), (qwen2, 2)):
         config = config_from_hf(hf)
         assert config.moe.aux_weight == pytest.approx(0.02 * hf["num_experts_per_tok"] / moe_layers)
-        _, exported = EXPORT[hf["model_type"]](GPT(config))
+        _, exported = FAMILIES[hf["model_type"]].to_hf(GPT(config))
         assert exported["router_aux_loss_coef"] == pytest.approx(0.02)
 
 
@@ -540,7 +541,8 @@ import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -1,4 +1,4 @@
-"""Multi-token prediction (scratchlm/models/mtp.py): the sequential (DeepSeek-V3) modules give the
+"""Multi-token prediction (scratchlm/models/blocks/mtp.py): the sequential (DeepSeek-V3) modules give the
 same logits as Hugging Face's ``MtpModel`` — teacher-forced and in its drafting loop; the training
 loss is the plain cross-entropy plus λ times the mean of each depth's cross-entropy (checked against
 a spelled-out depth), only in training; gradients reach the modules and the shared embedding and
@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from scratchlm.config import ConfigError
 from scratchlm.generate import generate
 from scratchlm.generate.sampling import SamplingConfig
-from scratchlm.models.gpt import GPT, Block, GPTConfig
-from scratchlm.models.mtp import MTPConfig, mtp_acceptance
+from scratchlm.models.block import Block
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.blocks.mtp import MTPConfig, mtp_acceptance
 
 
 def _config(kind="sequential", depth=2, weight=0.3, **overrides) -> GPTConfig:

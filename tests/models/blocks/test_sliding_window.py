@@ -13,9 +13,10 @@ import torch
 
 from scratchlm.generate import KVCache, SamplingConfig
 from scratchlm.generate.generate import beam_search, generate
-from scratchlm.models.flash_attention import naive_attention, tiled_attention
-from scratchlm.models.gpt import GPT, GPTConfig
-from scratchlm.models.layers import Attention, attention_bias
+from scratchlm.models.blocks.flash_attention import naive_attention, tiled_attention
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.blocks.attention import Attention, attention_bias
 
 GREEDY = SamplingConfig(temperature=0)
 

@@ -26,14 +26,15 @@ from scratchlm.config import ConfigError
 from scratchlm.generate import generate
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig
-from scratchlm.models import sparse_attention
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.blocks import sparse_attention
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
 from scratchlm.models.layers import rope_tables
-from scratchlm.models.mtp import mtp_acceptance
-from scratchlm.models.sparse_attention import (
+from scratchlm.models.blocks.mtp import mtp_acceptance
+from scratchlm.models.blocks.sparse_attention import (
     BRANCHES,
-    NativeSparseAttention,
     NSAConfig,
+    NativeSparseAttention,
     overlap_matrix,
     selection_scores,
 )

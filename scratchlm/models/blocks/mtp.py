@@ -2,7 +2,7 @@
 
 Two layouts, chosen by ``[model.mtp] kind``:
 
-**sequential** (DeepSeek-V3 technical report, §2.2, eq. 21–25). Depth ``k = 1 … D`` predicts
+**sequential** (DeepSeek-V3 technical report, section 2.2, eq. 21–25). Depth ``k = 1 … D`` predicts
 token ``t_{i+k+1}`` from position ``i``. It combines the previous depth's representation of
 position ``i`` with the embedding of the token ``k`` places ahead, which is known while training:
 
@@ -25,7 +25,7 @@ each depth's sum by T; we divide by the positions that have a target (the main l
 and Hugging Face's): the two differ by the factor (T − k) / T.
 
 **parallel** (Gloeckle et al. 2024, "Better & Faster Large Language Models via Multi-token
-Prediction", §2): ``n`` independent heads on a shared trunk, ``P(t_{i+k+1} | t_{≤i}) =
+Prediction", section 2): ``n`` independent heads on a shared trunk, ``P(t_{i+k+1} | t_{≤i}) =
 softmax(f_u(f_{h_k}(z_i)))``, each head ``f_{h_k}`` one Transformer block, ``f_u`` the shared
 unembedding. Here the whole main model is the trunk *and* the next-token head (so its loss and its
 generations are unchanged); head ``k`` reads the main model's final representation ``z = h^0``
@@ -49,8 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.config import ConfigError, Rule, validate
+from scratchlm.models.block import KIND_TABLES, Block
+from scratchlm.models.blocks.moe import MoE
 from scratchlm.models.layers import make_norm
-from scratchlm.models.moe import MoE
 
 KINDS = ("sequential", "parallel")
 
@@ -72,8 +73,6 @@ class MTPModule(nn.Module):
 
     def __init__(self, config, kind: str):
         super().__init__()
-        from scratchlm.models.gpt import Block  # gpt.py imports this module
-
         c = config
         if kind == "sequential":
             self.embed_norm = make_norm(c.norm, c.d_model, c.norm_eps, c.bias)
@@ -95,11 +94,9 @@ class MTP(nn.Module):
         mtp = config.mtp
         self.kind, self.weight = mtp.kind, mtp.weight
         block = mtp.block or "+".join(k for k in config.layer_kinds()[-1] if k != "dense")
-        from scratchlm.models.gpt import _KIND_TABLES  # gpt.py imports this module
-
         try:  # the block's config: the main model's settings, one layer of the chosen kind
             kinds = set(block.split("+"))  # the block keeps only the settings tables its kinds read
-            unused = {name: None for kind, (name, _) in _KIND_TABLES.items() if kind not in kinds}
+            unused = {name: None for kind, (name, _) in KIND_TABLES.items() if kind not in kinds}
             window = config.sliding_window if "sliding" in kinds else None
             block_config = dataclasses.replace(config, n_layer=1, layers=[block], mtp=None, sliding_window=window, **unused)
         except ConfigError as e:

@@ -1,4 +1,4 @@
-"""Hugging Face interchange for differential attention: ``DiffLlamaForCausalLM`` (issue 9).
+"""Hugging Face interchange for differential attention: ``DiffLlamaForCausalLM``.
 
 DiffLlama is Llama with every attention replaced by differential attention V1
 (:mod:`scratchlm.models.diff_attention`), so its config and tensors are Llama's plus four λ
@@ -7,26 +7,24 @@ vectors per layer (``self_attn.lambda_q1/k1/q2/k2``). It pairs query head ``i`` 
 needs no permutation; a model stored in the official code's ``"adjacent"`` layout is permuted
 back to halves on export. Differential attention V2 has no Hugging Face class: exporting it is
 refused.
-
-``IMPORT`` maps a ``model_type`` to (config reader, tensor renamer) and ``EXPORT`` an architecture
-name to an exporter, as in :mod:`scratchlm.models.hf`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from scratchlm.models.diff_attention import DiffConfig, permute_heads
-from scratchlm.models.gpt import GPT, GPTConfig
-from scratchlm.models.hf import _llama_config, _llama_from_hf, _llama_to_hf
+from scratchlm.models.blocks.diff_attention import DiffConfig, permute_heads
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.hf import llama
 
 _LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
-def _diffllama_config(hf: dict) -> GPTConfig:
+def config_from_hf(hf: dict) -> GPTConfig:
     if hf.get("attention_dropout"):
         raise ValueError("DiffLlama with attention_dropout > 0 is not supported (transformers refuses it too)")
-    base = _llama_config(hf)  # the Llama checks: no biases, default RoPE, head_dim × heads = hidden
+    base = llama.config_from_hf(hf)  # the Llama checks: no biases, default RoPE, head_dim × heads = hidden
     if base.n_head % 2 or base.kv_heads % 2:
         raise ValueError(f"DiffLlama pairs heads: num_attention_heads = {base.n_head} and num_key_value_heads = "
                          f"{base.kv_heads} must both be even")
@@ -34,15 +32,15 @@ def _diffllama_config(hf: dict) -> GPTConfig:
                                diff=DiffConfig(version=1, layout="halves", lambda_std=hf.get("lambda_std_dev") or 0.1))
 
 
-def _diffllama_from_hf(t: dict, c: GPTConfig) -> dict:
-    out = _llama_from_hf(t, c)
+def from_hf(t: dict, c: GPTConfig) -> dict:
+    out = llama.from_hf(t, c)
     for i in range(c.n_layer):
         for name in _LAMBDAS:
             out[f"blocks.{i}.attn.{name}"] = t[f"model.layers.{i}.self_attn.{name}"]
     return out
 
 
-def _diffllama_to_hf(model: GPT) -> tuple[dict, dict]:
+def to_hf(model: GPT) -> tuple[dict, dict]:
     c = model.config
     if any(kind != ("diff", "dense") for kind in c.layer_kinds()):
         raise ValueError("DiffLlama export needs every layer to be differential attention ('diff') + a dense MLP")
@@ -53,7 +51,7 @@ def _diffllama_to_hf(model: GPT) -> tuple[dict, dict]:
         halves = GPT(dataclasses.replace(c, diff=dataclasses.replace(c.diff, layout="halves")))
         halves.load_state_dict(permute_heads(model.state_dict(), c, "halves"))
         model = halves
-    tensors, hf = _llama_to_hf(model)  # checks RoPE, pre-RMSNorm, SwiGLU, no biases
+    tensors, hf = llama.to_hf(model)  # checks RoPE, pre-RMSNorm, SwiGLU, no biases
     sd = model.state_dict()
     for i in range(c.n_layer):
         for name in _LAMBDAS:
@@ -68,6 +66,3 @@ def default_architecture(config: GPTConfig) -> str | None:
     """A model with differential-attention layers exports as DiffLlama (or explains why not)."""
     return "diffllama" if any(mixer == "diff" for mixer, _ in config.layer_kinds()) else None
 
-
-IMPORT: dict = {"diffllama": (_diffllama_config, _diffllama_from_hf)}
-EXPORT: dict = {"diffllama": _diffllama_to_hf}

@@ -1,4 +1,4 @@
-"""Hugging Face interchange for the state-space family (issue 9): ``MambaForCausalLM`` and
+"""Hugging Face interchange for the state-space family: ``MambaForCausalLM`` and
 ``JambaForCausalLM``, onto the one model of :mod:`scratchlm.models.gpt` with the Mamba mixer of
 :mod:`scratchlm.models.mamba`.
 
@@ -13,7 +13,6 @@
 
 HF saves Jamba's experts one by one (``experts.{e}.gate_proj`` ...); in memory it fuses them. Both
 layouts are read; ours are three stacked tensors (``experts_gate``, ``experts_up``, ``experts_down``).
-``IMPORT`` and ``EXPORT`` are the tables :mod:`scratchlm.models.hf` dispatches through.
 """
 
 from __future__ import annotations
@@ -22,9 +21,11 @@ import math
 
 import torch
 
-from scratchlm.models.gpt import GPTConfig
-from scratchlm.models.hf_moe import aux_weight_from_hf, aux_weight_to_hf
-from scratchlm.models.mamba import MambaConfig
+from scratchlm.models.blocks.mamba import MambaConfig
+from scratchlm.models.blocks.moe import MoEConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.hf.common import cpu_state
+from scratchlm.models.hf.moe import aux_weight_from_hf, aux_weight_to_hf
 
 # A pure Mamba model has no context limit (nothing is stored per position); block_size only caps
 # what our forward accepts.
@@ -58,7 +59,7 @@ def _mixer_to_hf(sd: dict, ours: str, theirs: str) -> dict:
 
 
 # --- Mamba -------------------------------------------------------------------------------------
-def _mamba_config(hf: dict) -> GPTConfig:
+def mamba_config(hf: dict) -> GPTConfig:
     _check_silu(hf)
     hidden = hf["hidden_size"]
     mamba = MambaConfig(d_state=hf.get("state_size", 16), d_conv=hf.get("conv_kernel", 4), expand=hf.get("expand", 2),
@@ -69,7 +70,7 @@ def _mamba_config(hf: dict) -> GPTConfig:
                      bias=False, tie_embeddings=hf.get("tie_word_embeddings", True), layers=["mamba+none"], mamba=mamba)
 
 
-def _mamba_from_hf(t: dict, c: GPTConfig) -> dict:
+def mamba_from_hf(t: dict, c: GPTConfig) -> dict:
     t = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in t.items()}  # older checkpoints
     out = {"tok_emb.weight": t["backbone.embeddings.weight"], "norm_f.weight": t["backbone.norm_f.weight"]}
     if not c.tie_embeddings:
@@ -81,14 +82,14 @@ def _mamba_from_hf(t: dict, c: GPTConfig) -> dict:
     return out
 
 
-def _mamba_to_hf(model) -> tuple[dict, dict]:
+def mamba_to_hf(model) -> tuple[dict, dict]:
     c = model.config
     m = c.mamba
     if (any(kind != ("mamba", "none") for kind in c.layer_kinds()) or c.norm != "rmsnorm" or not c.prenorm
             or c.position != "none" or m.dt_bc_norm):
         raise ValueError("Mamba export needs every layer to be 'mamba+none', pre-RMSNorm, no position encoding and "
                          "no dt/B/C norms (that is Jamba's mixer)")
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = cpu_state(model)
     tensors = {"backbone.embeddings.weight": sd["tok_emb.weight"], "backbone.norm_f.weight": sd["norm_f.weight"]}
     if not c.tie_embeddings:
         tensors["lm_head.weight"] = sd["lm_head.weight"]
@@ -117,9 +118,7 @@ def _jamba_layers(hf: dict) -> list[str]:
     return layers[:period]
 
 
-def _jamba_config(hf: dict) -> GPTConfig:
-    from scratchlm.models.moe import MoEConfig
-
+def jamba_config(hf: dict) -> GPTConfig:
     _check_silu(hf)
     hidden = hf["hidden_size"]
     heads = hf["num_attention_heads"]
@@ -144,7 +143,7 @@ def _jamba_config(hf: dict) -> GPTConfig:
                      tie_embeddings=hf.get("tie_word_embeddings", False), layers=layers, mamba=mamba, moe=moe)
 
 
-def _jamba_from_hf(t: dict, c: GPTConfig) -> dict:
+def jamba_from_hf(t: dict, c: GPTConfig) -> dict:
     out = {"tok_emb.weight": t["model.embed_tokens.weight"], "norm_f.weight": t["model.final_layernorm.weight"]}
     if not c.tie_embeddings:
         out["lm_head.weight"] = t["lm_head.weight"]
@@ -184,7 +183,7 @@ def _period(flags: list[bool]) -> tuple[int, int] | None:
     return None
 
 
-def _jamba_to_hf(model) -> tuple[dict, dict]:
+def jamba_to_hf(model) -> tuple[dict, dict]:
     c = model.config
     kinds = c.layer_kinds()
     m = c.mamba
@@ -202,7 +201,7 @@ def _jamba_to_hf(model) -> tuple[dict, dict]:
                             or moe.n_shared or moe.n_groups > 1 or moe.routed_scale != 1.0):
         raise ValueError("Jamba export needs its router: softmax, top-k, no renormalisation, no shared experts, no "
                          "groups, routed_scale 1, and experts as wide as the dense MLP")
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = cpu_state(model)
     tensors = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.final_layernorm.weight": sd["norm_f.weight"]}
     if not c.tie_embeddings:
         tensors["lm_head.weight"] = sd["lm_head.weight"]
@@ -252,6 +251,3 @@ def default_architecture(config: GPTConfig) -> str | None:
         return "jamba"
     return None
 
-
-IMPORT: dict = {"mamba": (_mamba_config, _mamba_from_hf), "jamba": (_jamba_config, _jamba_from_hf)}
-EXPORT: dict = {"mamba": _mamba_to_hf, "jamba": _jamba_to_hf}

@@ -1,5 +1,5 @@
-"""Multi-head Latent Attention (MLA): DeepSeek-V2 (arXiv:2405.04434, §2.1, eqs. 9–19), used
-unchanged by DeepSeek-V3 (arXiv:2412.19437, §2.1.1, eqs. 1–11).
+"""Multi-head Latent Attention (MLA): DeepSeek-V2 (arXiv:2405.04434, section 2.1, eqs. 9–19), used
+unchanged by DeepSeek-V3 (arXiv:2412.19437, section 2.1.1, eqs. 1–11).
 
 Standard multi-head attention caches a key and a value per head: ``2 · n_h · d_h`` values per
 token per layer. MLA caches one small *latent* per token instead and rebuilds the heads' keys and
@@ -20,7 +20,7 @@ would block folding ``W_UK`` into the query (below). So position goes through a 
 Cache per token per layer: ``d_c + d_h^R`` values (DeepSeek-V3: 512 + 64 = 576, vs 2 · 128 · 128
 = 32768 for full MHA of the same heads).
 
-**Weight absorption** (V2 §2.1.2, end): ``q_C,i · k_C,i = q_C,i · (W_UK,i c) = (W_UK,i^T q_C,i) · c``,
+**Weight absorption** (V2 section 2.1.2, end): ``q_C,i · k_C,i = q_C,i · (W_UK,i c) = (W_UK,i^T q_C,i) · c``,
 so the query can be mapped into the latent space once and attend directly over the cached latents,
 and ``o_i = W_UV,i (Σ_j p_ij c_j)``: the weighted sum of latents is taken first and ``W_UV`` applied
 once per query. The keys and values are never rebuilt — decoding becomes multi-query attention
@@ -35,7 +35,7 @@ Layout (as Hugging Face and DeepSeek's reference code, so weights map one to one
 makes ``[c_KV (d_c) ; k_R (d_h^R)]`` in one matmul (W_DKV and W_KR fused), ``kv_up`` makes each
 head's ``[k_C (d_h) ; v_C (d_v)]`` (W_UK and W_UV fused), and each head's query is
 ``[q_C (d_h) ; q_R (d_h^R)]``. Our RoPE rotates halves (dimension i with i + d/2); DeepSeek's
-checkpoints rotate interleaved pairs (2i, 2i+1): :mod:`scratchlm.models.hf_deepseek` permutes the
+checkpoints rotate interleaved pairs (2i, 2i+1): :mod:`scratchlm.models.hf.deepseek` permutes the
 rope rows of the query and ``kv_down`` weights at import, which leaves every q·k unchanged.
 """
 
@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.config import ConfigError, Rule, validate
-from scratchlm.models.layers import RMSNorm, apply_rope, attention_bias
+from scratchlm.models.blocks.attention import attention_bias
+from scratchlm.models.layers import RMSNorm, apply_rope
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's latent RMSNorms use 1e-6 whatever the model's own norm eps
 

@@ -1,6 +1,6 @@
-"""Differential attention: the mixer kind ``"diff"`` (issue 9; learning path: modern architectures).
+"""Differential attention: the mixer kind ``"diff"`` (learning path: modern architectures).
 
-**V1** — Ye et al. 2024, "Differential Transformer" (arXiv:2410.05258), eq. (1)–(3) and §2.1.
+**V1** — Ye et al. 2024, "Differential Transformer" (arXiv:2410.05258), eq. (1)–(3) and section 2.1.
 A differential head splits its query and key into two halves, makes two softmax maps and
 subtracts them, so attention that both maps give to irrelevant context ("noise") cancels:
 
@@ -8,7 +8,7 @@ subtracts them, so attention that both maps give to irrelevant context ("noise")
     DiffAttn(X) = (A1 − λ A2) V                                               (eq. 1)
     λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init                                   (eq. 2)
     λ_init = 0.8 − 0.6 · exp(−0.3 · (l − 1)),  l = 1 … L                        (eq. 3)
-    head_i = (1 − λ_init) · RMSNorm(DiffAttn_i(X)),  out = concat(head_i) W_O   (§2.1, "GroupNorm")
+    head_i = (1 − λ_init) · RMSNorm(DiffAttn_i(X)),  out = concat(head_i) W_O   (section 2.1, "GroupNorm")
 
 λ is one scalar per layer, re-parameterised through four learned d-vectors so its learning
 dynamics match the attention weights'; ``l − 1`` is our 0-based ``layer`` index (as in Hugging
@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.config import Rule, validate
-from scratchlm.models.layers import apply_rope, attention_bias
+from scratchlm.models.blocks.attention import attention_bias
+from scratchlm.models.layers import apply_rope
 
 LAYOUTS = ("halves", "adjacent")
 

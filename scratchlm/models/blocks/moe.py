@@ -1,4 +1,4 @@
-"""Mixture-of-Experts MLP (issue 9): top-k routing, shared experts, load balancing.
+"""Mixture-of-Experts MLP: top-k routing, shared experts, load balancing.
 
 A dense MLP runs every token through one wide feed-forward network. A Mixture-of-Experts layer
 keeps ``E`` narrower SwiGLU networks (the *experts*) and a *router* that sends each token to ``k``
@@ -39,7 +39,7 @@ Load balancing (without it a router collapses onto a few experts):
   the fraction of the N·k assignments that went to expert i and ``P_i`` the mean router
   probability of i. Without α it is 1 for a uniform router and E/k when every token picks the
   same k experts with all the probability.
-* ``balance = "bias"``: DeepSeek-V3's auxiliary-loss-free balancing (report §2.1.2, eq. 16): after
+* ``balance = "bias"``: DeepSeek-V3's auxiliary-loss-free balancing (report section 2.1.2, eq. 16): after
   each optimizer step, ``b_i += γ · sign(mean load − load_i)`` (an underloaded expert becomes
   easier to choose), with the loads counted over every training forward since the last step (all
   micro-batches of a gradient-accumulation step, all-reduced across DDP ranks).

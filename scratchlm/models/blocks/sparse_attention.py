@@ -1,4 +1,4 @@
-"""Native Sparse Attention: three cheap views of the past, gated (issue 9: sparse attention and long context).
+"""Native Sparse Attention: three cheap views of the past, gated (sparse attention for long context).
 
 Yuan et al. 2025 (DeepSeek), "Native Sparse Attention: Hardware-Aligned and Natively Trainable
 Sparse Attention". Each query ``q_t`` reads the past through three branches and mixes them with

@@ -1,5 +1,5 @@
 """Hugging Face interchange for DeepSeek-V2 and DeepSeek-V3: ``DeepseekV2ForCausalLM`` and
-``DeepseekV3ForCausalLM`` (issue 9).
+``DeepseekV3ForCausalLM``.
 
 Both are a stack of multi-head latent attention layers (:mod:`scratchlm.models.mla`) whose first
 ``first_k_dense_replace`` layers have a dense SwiGLU MLP and the rest a DeepSeekMoE layer
@@ -42,9 +42,11 @@ import warnings
 
 import torch
 
-from scratchlm.models.gpt import GPT, GPTConfig
-from scratchlm.models.mla import MLAConfig
-from scratchlm.models.moe import MoEConfig
+from scratchlm.models.blocks.mla import MLAConfig
+from scratchlm.models.blocks.moe import MoEConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.hf.common import cpu_state
 
 _FAMILY = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
@@ -121,7 +123,7 @@ def _moe_config(hf: dict) -> MoEConfig:
         balance="bias" if v3 else "aux", aux_weight=0.003, bias_speed=0.001, seq_aux_weight=1e-4 if v3 else 0.0)
 
 
-def _deepseek_config(hf: dict) -> GPTConfig:
+def config_from_hf(hf: dict) -> GPTConfig:
     theta = _check_supported(hf)
     L = hf["num_hidden_layers"]
     k = min(hf.get("first_k_dense_replace") or 0, L)
@@ -141,7 +143,7 @@ _ATTN = [("q", "q_proj"), ("q_down", "q_a_proj"), ("q_norm", "q_a_layernorm"), (
          ("kv_down", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("kv_up", "kv_b_proj"), ("proj", "o_proj")]
 
 
-def _deepseek_from_hf(t: dict, c: GPTConfig) -> dict:
+def from_hf(t: dict, c: GPTConfig) -> dict:
     t = dict(t)
     m, H = c.mla, c.n_head
     out = {"tok_emb.weight": t.pop("model.embed_tokens.weight"), "norm_f.weight": t.pop("model.norm.weight")}
@@ -200,62 +202,59 @@ def _split_pattern(c: GPTConfig) -> int:
     return k
 
 
-def _exporter(model_type: str):
+def to_hf(model: GPT, model_type: str) -> tuple[dict, dict]:
+    """Our MLA model -> DeepSeek-V2's or V3's (``model_type``) tensors and config.json."""
     v3 = model_type == "deepseek_v3"
-
-    def export(model: GPT) -> tuple[dict, dict]:
-        c = model.config
-        k = _split_pattern(c)
-        if (c.norm, c.bias, c.mlp, c.prenorm) != ("rmsnorm", False, "swiglu", True) or c.position not in ("rope", "none"):
-            raise ValueError("DeepSeek export needs pre-RMSNorm, SwiGLU, no biases and no learned/sinusoidal/ALiBi positions")
-        m, H = c.mla, c.n_head
-        sd = {key: v.detach().cpu().contiguous() for key, v in model.state_dict().items()}
-        hf = {"architectures": [_FAMILY[model_type]], "model_type": model_type, "vocab_size": c.vocab_size,
-              "hidden_size": c.d_model, "intermediate_size": c.ff_width, "num_hidden_layers": c.n_layer,
-              "num_attention_heads": H, "num_key_value_heads": H, "max_position_embeddings": c.block_size,
-              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-              "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-              "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "hidden_act": "silu",
-              "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
-              "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "first_k_dense_replace": k}
-        hf.update({"rope_interleave": True} if v3 else {"mlp_bias": False})
-        if k < c.n_layer:
-            hf.update(_moe_hf(model, k, v3))
-        elif v3:
-            hf.update({"n_routed_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
-                       "n_shared_experts": 1, "moe_intermediate_size": 1})  # unused: no MoE layer
-        else:
-            hf.update({"n_routed_experts": 1, "num_experts_per_tok": 1, "topk_method": "greedy", "n_shared_experts": 1,
-                       "moe_intermediate_size": 1})
-        tensors = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
-        if not c.tie_embeddings:
-            tensors["lm_head.weight"] = sd["lm_head.weight"]
-        for i, (_, mlp) in enumerate(c.layer_kinds()):
-            h, b = f"model.layers.{i}.", f"blocks.{i}."
-            tensors[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
-            tensors[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
-            for ours, theirs in _ATTN:
-                if b + f"attn.{ours}.weight" in sd:
-                    w = sd[b + f"attn.{ours}.weight"]
-                    if ours in ("q", "q_up"):
-                        w = _permute_rope_rows(w, H, m.qk_nope_head_dim, m.qk_rope_head_dim, inverse=True)
-                    if ours == "kv_down":
-                        w = _permute_rope_rows(w, 1, m.kv_lora_rank, m.qk_rope_head_dim, inverse=True)
-                    tensors[h + f"self_attn.{theirs}.weight"] = w
-            if mlp == "dense":
-                for p in ("gate", "up", "down"):
-                    tensors[h + f"mlp.{p}_proj.weight"] = sd[b + f"mlp.{p}.weight"]
-                continue
-            tensors[h + "mlp.gate.weight"] = sd[b + "mlp.router.weight"]
-            if v3:
-                tensors[h + "mlp.gate.e_score_correction_bias"] = sd[b + "mlp.router_bias"]
+    c = model.config
+    k = _split_pattern(c)
+    if (c.norm, c.bias, c.mlp, c.prenorm) != ("rmsnorm", False, "swiglu", True) or c.position not in ("rope", "none"):
+        raise ValueError("DeepSeek export needs pre-RMSNorm, SwiGLU, no biases and no learned/sinusoidal/ALiBi positions")
+    m, H = c.mla, c.n_head
+    sd = cpu_state(model)
+    hf = {"architectures": [_FAMILY[model_type]], "model_type": model_type, "vocab_size": c.vocab_size,
+          "hidden_size": c.d_model, "intermediate_size": c.ff_width, "num_hidden_layers": c.n_layer,
+          "num_attention_heads": H, "num_key_value_heads": H, "max_position_embeddings": c.block_size,
+          "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+          "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+          "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "hidden_act": "silu",
+          "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+          "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "first_k_dense_replace": k}
+    hf.update({"rope_interleave": True} if v3 else {"mlp_bias": False})
+    if k < c.n_layer:
+        hf.update(_moe_hf(model, k, v3))
+    elif v3:
+        hf.update({"n_routed_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
+                   "n_shared_experts": 1, "moe_intermediate_size": 1})  # unused: no MoE layer
+    else:
+        hf.update({"n_routed_experts": 1, "num_experts_per_tok": 1, "topk_method": "greedy", "n_shared_experts": 1,
+                   "moe_intermediate_size": 1})
+    tensors = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
+    if not c.tie_embeddings:
+        tensors["lm_head.weight"] = sd["lm_head.weight"]
+    for i, (_, mlp) in enumerate(c.layer_kinds()):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        tensors[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
+        tensors[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
+        for ours, theirs in _ATTN:
+            if b + f"attn.{ours}.weight" in sd:
+                w = sd[b + f"attn.{ours}.weight"]
+                if ours in ("q", "q_up"):
+                    w = _permute_rope_rows(w, H, m.qk_nope_head_dim, m.qk_rope_head_dim, inverse=True)
+                if ours == "kv_down":
+                    w = _permute_rope_rows(w, 1, m.kv_lora_rank, m.qk_rope_head_dim, inverse=True)
+                tensors[h + f"self_attn.{theirs}.weight"] = w
+        if mlp == "dense":
             for p in ("gate", "up", "down"):
-                for e, w in enumerate(sd[b + f"mlp.experts_{p}"]):
-                    tensors[h + f"mlp.experts.{e}.{p}_proj.weight"] = w.contiguous()
-                tensors[h + f"mlp.shared_experts.{p}_proj.weight"] = sd[b + f"mlp.shared.{p}.weight"]
-        return tensors, hf
-
-    return export
+                tensors[h + f"mlp.{p}_proj.weight"] = sd[b + f"mlp.{p}.weight"]
+            continue
+        tensors[h + "mlp.gate.weight"] = sd[b + "mlp.router.weight"]
+        if v3:
+            tensors[h + "mlp.gate.e_score_correction_bias"] = sd[b + "mlp.router_bias"]
+        for p in ("gate", "up", "down"):
+            for e, w in enumerate(sd[b + f"mlp.experts_{p}"]):
+                tensors[h + f"mlp.experts.{e}.{p}_proj.weight"] = w.contiguous()
+            tensors[h + f"mlp.shared_experts.{p}_proj.weight"] = sd[b + f"mlp.shared.{p}.weight"]
+    return tensors, hf
 
 
 def _moe_hf(model: GPT, k: int, v3: bool) -> dict:
@@ -287,6 +286,3 @@ def default_architecture(config: GPTConfig) -> str | None:
         return None
     return "deepseek_v3" if config.moe is not None and config.moe.router == "sigmoid" else "deepseek_v2"
 
-
-IMPORT: dict = {name: (_deepseek_config, _deepseek_from_hf) for name in _FAMILY}
-EXPORT: dict = {name: _exporter(name) for name in _FAMILY}

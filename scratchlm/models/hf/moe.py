@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import torch
 
-from scratchlm.models.gpt import GPT, GPTConfig
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.hf import llama
+from scratchlm.models.hf.common import cpu_state
 
 # Per-expert tensor names of each family: (gate, up, down) under ``<mlp>.experts.{i}.``.
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
@@ -50,8 +53,6 @@ _MLP_NAME = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "ml
 # --- import ---------------------------------------------------------------------------------------
 def _base_config(hf: dict) -> dict:
     """The Llama part of the config (embeddings, attention, RoPE, norms) as a GPTConfig dict."""
-    from scratchlm.models.hf import _llama_config
-
     llama_fields = {k: v for k, v in hf.items() if k not in ("attention_bias", "mlp_bias", "head_dim")}
     head_dim = hf.get("head_dim")
     if head_dim and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
@@ -59,7 +60,7 @@ def _base_config(hf: dict) -> dict:
                          f"{hf['hidden_size']}; scratchlm's heads split d_model")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{hf['model_type']}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
-    return _llama_config(llama_fields).to_dict()
+    return llama.config_from_hf(llama_fields).to_dict()
 
 
 def _n_experts(hf: dict) -> int:
@@ -75,7 +76,7 @@ def _moe_layers(hf: dict) -> list[bool]:
     return [i not in dense and _n_experts(hf) > 0 and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"])]
 
 
-def _config(hf: dict) -> GPTConfig:
+def config_from_hf(hf: dict) -> GPTConfig:
     kind = hf["model_type"]
     base = _base_config(hf)
     mixer = "attention"
@@ -107,7 +108,7 @@ def _config(hf: dict) -> GPTConfig:
     return GPTConfig.from_dict(base)
 
 
-def _tensors(t: dict, c: GPTConfig, kind: str) -> dict:
+def from_hf(t: dict, c: GPTConfig, kind: str) -> dict:
     """Their tensors -> our state dict."""
     out = {"tok_emb.weight": t["model.embed_tokens.weight"], "norm_f.weight": t["model.norm.weight"]}
     if not c.tie_embeddings:
@@ -193,73 +194,67 @@ def _check_exportable(model: GPT, kind: str) -> None:
         raise ValueError(f"{kind} export needs " + "; ".join(problems))
 
 
-def _exporter(kind: str):
-    def export(model: GPT) -> tuple[dict, dict]:
-        _check_exportable(model, kind)
-        c, m = model.config, model.config.moe
-        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        D, H, Hkv = c.head_dim, c.n_head, c.kv_heads
-        tensors = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
-        if not c.tie_embeddings:
-            tensors["lm_head.weight"] = sd["lm_head.weight"]
-        gate_name, up_name, down_name = _EXPERT_NAMES[kind]
-        dense_layers = []
-        for i, (_, mlp_kind) in enumerate(c.layer_kinds()):
-            h, b = f"model.layers.{i}.", f"blocks.{i}."
-            a = h + "self_attn."
-            tensors[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
-            tensors[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
-            for p, part in zip("qkv", sd[b + "attn.qkv.weight"].split([H * D, Hkv * D, Hkv * D], dim=0)):
-                tensors[a + f"{p}_proj.weight"] = part.contiguous()
-            if b + "attn.qkv.bias" in sd:
-                for p, part in zip("qkv", sd[b + "attn.qkv.bias"].split([H * D, Hkv * D, Hkv * D])):
-                    tensors[a + f"{p}_proj.bias"] = part.contiguous()
-            tensors[a + "o_proj.weight"] = sd[b + "attn.proj.weight"]
-            if c.qk_norm:
-                tensors[a + "q_norm.weight"] = sd[b + "attn.q_norm.weight"]
-                tensors[a + "k_norm.weight"] = sd[b + "attn.k_norm.weight"]
-            if mlp_kind == "dense":
-                dense_layers.append(i)
-                for p in ("gate", "up", "down"):
-                    tensors[h + f"mlp.{p}_proj.weight"] = sd[b + f"mlp.{p}.weight"]
-                continue
-            mh = h + _MLP_NAME[kind] + "."
-            tensors[mh + "gate.weight"] = sd[b + "mlp.router.weight"]
-            for ours, theirs in (("gate", gate_name), ("up", up_name), ("down", down_name)):
-                for e, weight in enumerate(sd[b + f"mlp.experts_{ours}"]):
-                    tensors[mh + f"experts.{e}.{theirs}.weight"] = weight.contiguous()
-            if kind == "qwen2_moe":
-                for p in ("gate", "up", "down"):
-                    tensors[mh + f"shared_expert.{p}_proj.weight"] = sd[b + f"mlp.shared.{p}.weight"]
-                tensors[mh + "shared_expert_gate.weight"] = sd[b + "mlp.shared_gate.weight"]
-        width = m.d_expert or c.ff_width
-        architecture = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                        "qwen3_moe": "Qwen3MoeForCausalLM"}[kind]
-        hf = {"architectures": [architecture], "model_type": kind, "vocab_size": c.vocab_size,
-              "hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "num_attention_heads": H,
-              "num_key_value_heads": Hkv, "head_dim": D, "max_position_embeddings": c.block_size,
-              "rms_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-              "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "num_experts_per_tok": m.top_k,
-              "router_aux_loss_coef": aux_weight_to_hf(m.aux_weight, m.top_k, c.n_layer - len(dense_layers)),
-              "attention_dropout": 0.0}
-        if kind == "mixtral":
-            hf.update(intermediate_size=width, num_local_experts=m.n_experts, router_jitter_noise=0.0,
-                      sliding_window=c.sliding_window if c.layer_kinds()[0][0] == "sliding" else None)
-        else:
-            hf.update(intermediate_size=c.ff_width, moe_intermediate_size=width, num_experts=m.n_experts,
-                      norm_topk_prob=m.normalize, decoder_sparse_step=1, mlp_only_layers=dense_layers,
-                      use_sliding_window=False)
+def to_hf(model: GPT, kind: str) -> tuple[dict, dict]:
+    """Our MoE model -> the ``kind`` family's tensors and config.json."""
+    _check_exportable(model, kind)
+    c, m = model.config, model.config.moe
+    sd = cpu_state(model)
+    D, H, Hkv = c.head_dim, c.n_head, c.kv_heads
+    tensors = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
+    if not c.tie_embeddings:
+        tensors["lm_head.weight"] = sd["lm_head.weight"]
+    gate_name, up_name, down_name = _EXPERT_NAMES[kind]
+    dense_layers = []
+    for i, (_, mlp_kind) in enumerate(c.layer_kinds()):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        a = h + "self_attn."
+        tensors[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
+        tensors[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
+        for p, part in zip("qkv", sd[b + "attn.qkv.weight"].split([H * D, Hkv * D, Hkv * D], dim=0)):
+            tensors[a + f"{p}_proj.weight"] = part.contiguous()
+        if b + "attn.qkv.bias" in sd:
+            for p, part in zip("qkv", sd[b + "attn.qkv.bias"].split([H * D, Hkv * D, Hkv * D])):
+                tensors[a + f"{p}_proj.bias"] = part.contiguous()
+        tensors[a + "o_proj.weight"] = sd[b + "attn.proj.weight"]
+        if c.qk_norm:
+            tensors[a + "q_norm.weight"] = sd[b + "attn.q_norm.weight"]
+            tensors[a + "k_norm.weight"] = sd[b + "attn.k_norm.weight"]
+        if mlp_kind == "dense":
+            dense_layers.append(i)
+            for p in ("gate", "up", "down"):
+                tensors[h + f"mlp.{p}_proj.weight"] = sd[b + f"mlp.{p}.weight"]
+            continue
+        mh = h + _MLP_NAME[kind] + "."
+        tensors[mh + "gate.weight"] = sd[b + "mlp.router.weight"]
+        for ours, theirs in (("gate", gate_name), ("up", up_name), ("down", down_name)):
+            for e, weight in enumerate(sd[b + f"mlp.experts_{ours}"]):
+                tensors[mh + f"experts.{e}.{theirs}.weight"] = weight.contiguous()
         if kind == "qwen2_moe":
-            hf.update(shared_expert_intermediate_size=m.d_shared or m.n_shared * width, qkv_bias=bool(c.qkv_bias))
-        if kind == "qwen3_moe":
-            hf["attention_bias"] = False
-        return tensors, hf
-
-    return export
-
-
-IMPORT = {kind: (_config, lambda t, c, kind=kind: _tensors(t, c, kind)) for kind in _EXPERT_NAMES}
-EXPORT = {kind: _exporter(kind) for kind in _EXPERT_NAMES}
+            for p in ("gate", "up", "down"):
+                tensors[mh + f"shared_expert.{p}_proj.weight"] = sd[b + f"mlp.shared.{p}.weight"]
+            tensors[mh + "shared_expert_gate.weight"] = sd[b + "mlp.shared_gate.weight"]
+    width = m.d_expert or c.ff_width
+    architecture = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM"}[kind]
+    hf = {"architectures": [architecture], "model_type": kind, "vocab_size": c.vocab_size,
+          "hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "num_attention_heads": H,
+          "num_key_value_heads": Hkv, "head_dim": D, "max_position_embeddings": c.block_size,
+          "rms_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+          "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "num_experts_per_tok": m.top_k,
+          "router_aux_loss_coef": aux_weight_to_hf(m.aux_weight, m.top_k, c.n_layer - len(dense_layers)),
+          "attention_dropout": 0.0}
+    if kind == "mixtral":
+        hf.update(intermediate_size=width, num_local_experts=m.n_experts, router_jitter_noise=0.0,
+                  sliding_window=c.sliding_window if c.layer_kinds()[0][0] == "sliding" else None)
+    else:
+        hf.update(intermediate_size=c.ff_width, moe_intermediate_size=width, num_experts=m.n_experts,
+                  norm_topk_prob=m.normalize, decoder_sparse_step=1, mlp_only_layers=dense_layers,
+                  use_sliding_window=False)
+    if kind == "qwen2_moe":
+        hf.update(shared_expert_intermediate_size=m.d_shared or m.n_shared * width, qkv_bias=bool(c.qkv_bias))
+    if kind == "qwen3_moe":
+        hf["attention_bias"] = False
+    return tensors, hf
 
 
 def default_architecture(config: GPTConfig) -> str | None:

@@ -1,5 +1,5 @@
 """A selective state-space mixer: Mamba (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with
-Selective State Spaces"), the mixer of Mamba and of Jamba's SSM layers (issue 9).
+Selective State Spaces"), the mixer of Mamba and of Jamba's SSM layers.
 
 A state-space model carries a hidden state ``h`` of ``N = d_state`` numbers per channel through
 time. The continuous system (eq. 1a–1b) is ``h'(t) = A h(t) + B x(t)``, ``y(t) = C h(t)``. With a
