@@ -66,7 +66,10 @@ def imports(module: str) -> set[str]:
             if node.level:  # relative: from .x import y
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            # ``from package import submodule`` depends on the submodule; a name defined in the
+            # package's __init__ depends on the package (a parent package's __init__ runs on any
+            # import of its submodules, so it is not counted as an edge of its own)
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
         else:
             continue
         for name in names:
