@@ -70,10 +70,12 @@ class Rule:
             return value in self.choices
         if isinstance(value, float) and not math.isfinite(value):
             return False
-        if (self.min, self.max, self.above, self.below) != (None,) * 4 and not isinstance(value, (int, float)):
+        bounds = (self.min, self.max, self.above, self.below)
+        if bounds != (None,) * 4 and not isinstance(value, (int, float)):
             return False
         if not ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
-                and (self.above is None or value > self.above) and (self.below is None or value < self.below)):
+                and (self.above is None or value > self.above)
+                and (self.below is None or value < self.below)):
             return False
         return self.test is None or bool(self.test(value))
 

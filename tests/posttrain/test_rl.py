@@ -66,7 +66,7 @@ def test_ppo_rewards_score_at_the_last_token_and_pay_kl_on_every_token():
 
     from scratchlm.posttrain.rl.ppo import PPOConfig, PPOTrainer
 
-    me = SimpleNamespace(sft=PPOConfig(base="b", data="d", kl_coef=0.1, lam=1.0, whiten_advantages=False))
+    me = SimpleNamespace(settings=PPOConfig(base="b", data="d", kl_coef=0.1, lam=1.0, whiten_advantages=False))
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
     old = torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0]])
     ref = torch.tensor([[0.0, -1.5, -2.0, -1.5, 0.0]])  # the policy is likelier than the reference: KL 0.5 + 0 + 0.5
@@ -81,7 +81,7 @@ def test_grpo_k3_kl_by_hand_and_finite_beyond_the_reply():
 
     from scratchlm.posttrain.rl.grpo import GRPOConfig, GRPOTrainer
 
-    me = SimpleNamespace(sft=GRPOConfig(base="b", data="d", kl_coef=1.0), reference=object())
+    me = SimpleNamespace(settings=GRPOConfig(base="b", data="d", kl_coef=1.0), reference=object())
     logits = torch.zeros(1, 3, 4)
     logits[0, 2, 0] = -200.0  # padding position: log p(id 0) = −200, exp(ref − logp) would overflow there
     y = torch.tensor([[1, 2, -1]])

@@ -30,8 +30,8 @@ as a pipeline, one round at a time::
   here: the path is real and tested, but useful critiques need a capable model.
 * ``scorer`` — any ``Callable[[list[dict], str], float]`` (the prompt messages, the reply) under a
   name; the reply passes if the score reaches ``threshold``. A reward model's scalar score fits
-  here (:class:`~scratchlm.posttrain.critique.critics.RewardScorer`, batched over :mod:`scratchlm.posttrain.reward`; the CLI's
-  ``--reward-model``), as do heuristics, classifiers, or a call to a larger model.
+  here (:class:`~scratchlm.posttrain.critique.critics.RewardScorer`, batched over
+  :mod:`scratchlm.posttrain.reward`; the CLI's ``--reward-model``), as do heuristics, classifiers, or a call to a larger model.
 
 **Which reply is better.** Every constitution has one unwritten rule: a reply ends its turn with
 ``<|im_end|>`` (one cut off by the token budget complies with nothing as a whole, and is never
@@ -49,6 +49,11 @@ was trained on that format, and one that never saw a system message writes noise
 no forbidden word), which the loop then teaches. ``instruct=False`` samples the candidates from
 the plain prompt instead: best-of-k rejection sampling (expert iteration, ReST), the critic doing
 the work the model cannot. ``docs/critique-revise.md`` measures all three cases.
+
+The principles and their checks are :mod:`~scratchlm.posttrain.critique.principles`, the critics
+:mod:`~scratchlm.posttrain.critique.critics`. This module runs past 400 lines (an eighth of them
+this description) because one round — generate, critique, revise, collect, train, measure — and
+the run folder's claim and resume read best in one place.
 
     scratchlm critique-revise --checkpoint runs/sft/best --prompts prompts.jsonl --principles principles.json \\
         --out runs/cai [--rounds 3] [--samples 8] [--method sft|dpo]

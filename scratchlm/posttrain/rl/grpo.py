@@ -15,8 +15,16 @@ with the per-token estimator ``exp(ref − logp) − (ref − logp) − 1`` (≥
 the policy equals the reference). Losses are averaged over all reply tokens of an optimizer step
 (every micro-batch and rank), each token weighing the same.
 
-``scale_rewards = false`` drops the division by the group's std (Dr. GRPO, Liu et al., 2025:
-it over-weights groups that are nearly all right or all wrong).
+Where this departs from the paper, on purpose:
+
+1. **Token-level loss average.** DeepSeekMath averages each reply's token losses, then the replies
+   (a token of a short reply weighs more than one of a long reply); here every reply token of an
+   optimizer step weighs the same, across micro-batches and ranks (as DAPO, Yu et al., 2025, and
+   Dr. GRPO do), so the result does not depend on how a rollout is split.
+2. **Optional std scaling.** ``scale_rewards = false`` drops the division by the group's std
+   (Dr. GRPO, Liu et al., 2025: it over-weights groups that are nearly all right or all wrong).
+3. **Verifiable rewards by default.** The paper scores with a reward model; here a verifier (or
+   any ``reward_fn``) pays 1 for the exact answer.
 
     scratchlm grpo --checkpoint runs/sft/best --data tasks/prompts-train.jsonl --out runs/grpo
 """

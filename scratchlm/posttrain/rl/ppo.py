@@ -8,8 +8,8 @@ KL penalty for straying from the reference (the SFT model)::
     r_t = −β · (log π_old(a_t) − log π_ref(a_t))         (+ score at the reply's last token)
 
 A **value head** (a scalar on the policy's own final hidden state) learns to predict the return
-from each position; **GAE** (Schulman et al., 2016; :func:`~scratchlm.posttrain.rl.losses.gae`) turns rewards and values into advantages with
-a bias–variance knob λ (0.95)::
+from each position; **GAE** (Schulman et al., 2016; :func:`~scratchlm.posttrain.rl.losses.gae`)
+turns rewards and values into advantages with a bias–variance knob λ (0.95)::
 
     δ_t = r_t + γ·V(t+1) − V(t),      A_t = δ_t + γλ·A_{t+1}       (γ = 1: the episode is short)
 
@@ -19,6 +19,15 @@ micro-batch is the clipped policy loss plus ``vf_coef`` × the value loss, itsel
 the rollout-time values (a value estimate cannot jump further than ``value_clip`` per rollout)::
 
     loss = mean_t max(−A·ratio, −A·clip(ratio, 1±ε)) + vf_coef · ½ mean_t max((V − R)², (V_clipped − R)²)
+
+Where this departs from InstructGPT, on purpose:
+
+1. **One network.** The value head sits on the policy's own trunk (its loss weighted by
+   ``vf_coef``) instead of a separate value model started from the reward model: half the memory,
+   at the price of the two objectives sharing features.
+2. **Token-level loss average.** Every reply token of an optimizer step weighs the same, across
+   micro-batches and ranks, whatever the split.
+3. **No pretraining mix** (InstructGPT's PPO-ptx term), and a verifier may stand in for the reward model.
 
 Metrics as TRL names them: ``objective/scores``, ``objective/kl``, ``objective/rlhf_reward``,
 ``policy/entropy_avg``, ``policy/clipfrac_avg``, ``policy/approxkl_avg``, ``val/ratio``,

@@ -27,6 +27,10 @@ checkpoint keeps the rollout being trained on (``rollouts.safetensors``) with th
 state, so a resumed run continues with the same rollout and the same next one: exact resume.
 The "validation loss" that picks ``best`` is minus the mean reward of *greedy* replies to
 held-out prompts (so ``best`` is the most rewarded checkpoint).
+
+The module is about 400 lines because the loop carries FSDP's share of RL with it: the engine
+samples from a plain copy of the sharded policy, and a failure on one rank during a rollout is
+agreed on by all before the next collective.
 """
 
 from __future__ import annotations
