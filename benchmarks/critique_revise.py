@@ -44,7 +44,9 @@ def assistant_data(problems, tokenizer, rng: random.Random, instruct_fraction: f
     """SFT conversations: each problem answered in a style drawn by STYLES' weights; a fraction
     opens with a revision-format system message naming some principles the earlier reply broke,
     and the reply is a style that follows those (any of them, at random)."""
-    from scratchlm.posttrain.critique import Constitution, parse_principles, revision_prompt
+    from scratchlm.posttrain.critique.critics import Constitution
+    from scratchlm.posttrain.critique.loop import revision_prompt
+    from scratchlm.posttrain.critique.principles import parse_principles
 
     principles = parse_principles(PRINCIPLES)
     constitution = Constitution(principles)
@@ -74,7 +76,7 @@ def main() -> None:
 
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
-    from scratchlm.posttrain.critique import critique_revise
+    from scratchlm.posttrain.critique.loop import critique_revise
     from scratchlm.posttrain.data import write_task_data
     from scratchlm.posttrain.sft import sft
     from scratchlm.posttrain.tasks import make_problems

@@ -26,9 +26,10 @@ def main() -> None:
 
     from scratchlm.data import prepare_dataset
     from scratchlm.data.shards import tokenize_dataset
-    from scratchlm.posttrain.sft import load_chat_model
     from scratchlm.posttrain.data import load_prompts, write_task_data
-    from scratchlm.posttrain.sft import exact_match, sft
+    from scratchlm.posttrain.evaluate import exact_match
+    from scratchlm.posttrain.sft import sft
+    from scratchlm.serve.chat import load_chat_model
     from scratchlm.tokenizers import train_tokenizer
     from scratchlm.train import train
 
@@ -159,7 +160,7 @@ def plot_rl_curves(work: Path, path: str) -> Path:
 def sampled_exact_match(model, tokenizer, prompts, samples: int = 4, max_tokens: int = 8) -> float:
     """Exact match of replies *sampled* at temperature 1 (seeded), the rollouts' own statistic:
     how much of its probability the model puts on the right answer, not only whether it is the mode."""
-    from scratchlm.posttrain.sft import generate_replies
+    from scratchlm.serve.chat import generate_replies
 
     answers = [p for p in prompts for _ in range(samples)]
     replies = generate_replies(model, tokenizer, [p.prompt for p in answers], max_tokens, temperature=1.0,
@@ -171,11 +172,11 @@ def rl_section(work: Path, results: dict, prompts, finished, rl_steps: int) -> N
     """Reward model, GRPO and PPO from the full-SFT model (issue 8, sections 4 and 6)."""
     import json
 
-    from scratchlm.posttrain.sft import load_chat_model
-    from scratchlm.posttrain.grpo import grpo
-    from scratchlm.posttrain.ppo import ppo
+    from scratchlm.posttrain.evaluate import exact_match
     from scratchlm.posttrain.reward import train_reward_model
-    from scratchlm.posttrain.sft import exact_match
+    from scratchlm.posttrain.rl.grpo import grpo
+    from scratchlm.posttrain.rl.ppo import ppo
+    from scratchlm.serve.chat import load_chat_model
 
     tasks, sft_best = work / "tasks", str(work / "sft-full" / "best")
     records = lambda run: [json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
@@ -248,12 +249,13 @@ def format_section(work: Path, results: dict, prompts, finished, sft_steps: int,
     import hashlib
     import json
 
-    from scratchlm.posttrain.sft import load_chat_model
     from scratchlm.posttrain.dpo import dpo
-    from scratchlm.posttrain.grpo import grpo
-    from scratchlm.posttrain.ppo import ppo
+    from scratchlm.posttrain.evaluate import exact_match
     from scratchlm.posttrain.reward import load_reward_model, train_reward_model
-    from scratchlm.posttrain.sft import exact_match, generate_replies, sft
+    from scratchlm.posttrain.rl.grpo import grpo
+    from scratchlm.posttrain.rl.ppo import ppo
+    from scratchlm.posttrain.sft import sft
+    from scratchlm.serve.chat import generate_replies, load_chat_model
 
     tasks = work / "tasks"
     mixed = work / "mixed"

@@ -353,8 +353,8 @@ def cmd_reward_model(args) -> None:
 
 def cmd_rl(args) -> None:
     """``scratchlm ppo`` and ``scratchlm grpo``."""
-    from scratchlm.posttrain.grpo import grpo
-    from scratchlm.posttrain.ppo import ppo
+    from scratchlm.posttrain.rl.grpo import grpo
+    from scratchlm.posttrain.rl.ppo import ppo
     from scratchlm.train.metrics import read_evaluations
 
     method, train = _posttrain_sections(args, args.command)
@@ -374,7 +374,8 @@ def cmd_rl(args) -> None:
 
 
 def cmd_sft(args) -> None:
-    from scratchlm.posttrain.sft import exact_match_before_after, sft
+    from scratchlm.posttrain.evaluate import exact_match_before_after
+    from scratchlm.posttrain.sft import sft
 
     method, train = _posttrain_sections(args, "sft")
     summary = sft(method, train, resume=args.resume, progress=not args.json, overwrite=args.overwrite)
@@ -467,7 +468,8 @@ def cmd_tasks(args) -> None:
 
 def cmd_critique_revise(args) -> None:
     from scratchlm.config import apply_overrides
-    from scratchlm.posttrain.critique import RewardScorer, critique_revise, load_scorer
+    from scratchlm.posttrain.critique.critics import RewardScorer, load_scorer
+    from scratchlm.posttrain.critique.loop import critique_revise
 
     sections = apply_overrides({args.method: {}, "train": {}}, args.set)
     if set(sections) - {args.method, "train"}:

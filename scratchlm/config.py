@@ -18,8 +18,10 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -28,7 +30,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """What a numeric or string field allows, beyond its type."""
+    """What a value allows: the one validation helper of config fields, sampling parameters and
+    principles' checks. A config field's type comes from its annotation (``validate``); a value
+    checked on its own names its ``type``. ``test`` checks what bounds cannot say (a pattern that
+    compiles), and ``expected`` then says it in words."""
 
     min: float | None = None  # inclusive
     max: float | None = None  # inclusive
@@ -36,8 +41,13 @@ class Rule:
     below: float | None = None  # exclusive upper bound
     choices: tuple | None = None
     why: str = ""  # a few words on what the field means, for the message
+    type: type | None = None  # int (never a bool), float (any real number, never NaN), bool, str or list
+    test: Callable[[Any], bool] | None = None  # anything else the value must pass
+    expected: str = ""  # what the value must be, in words, where the bounds cannot say it
 
     def describe(self) -> str:
+        if self.expected:
+            return self.expected
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         parts = []
@@ -49,15 +59,47 @@ class Rule:
             parts.append(f"<= {self.max:g}")
         if self.below is not None:
             parts.append(f"< {self.below:g}")
-        return " and ".join(parts)
+        bounds = " and ".join(parts)
+        kind = _VALUE_NAMES.get(self.type, "")
+        return f"{kind} {bounds}".strip()
 
     def allows(self, value) -> bool:
+        if self.type is not None and not _has_type(value, self.type):
+            return False
         if self.choices is not None:
             return value in self.choices
         if isinstance(value, float) and not math.isfinite(value):
             return False
-        return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
-                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+        bounds = (self.min, self.max, self.above, self.below)
+        if bounds != (None,) * 4 and not isinstance(value, (int, float)):
+            return False
+        if not ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.above is None or value > self.above)
+                and (self.below is None or value < self.below)):
+            return False
+        return self.test is None or bool(self.test(value))
+
+    def require(self, value, name: str, *, show=repr) -> None:
+        """Raise ``ValueError("<name> must be <what the rule allows> (<why>), got <value>")`` unless
+        the rule allows ``value``: the message of a value checked on its own (a sampling parameter,
+        a field of a principle), where :func:`validate` words a config table's."""
+        if not self.allows(value):
+            why = f" ({self.why})" if self.why else ""
+            raise ValueError(f"{name} must be {self.describe()}{why}, got {show(value)}")
+
+
+_VALUE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+
+
+def _has_type(value, kind: type) -> bool:
+    """Whether ``value`` is a ``kind``, strictly: a bool is no integer and no number, NaN is no number."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and value == value
+    return isinstance(value, kind)
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

@@ -8,6 +8,9 @@
 * **Prompts with a verifier** (:func:`load_prompts`): ``{"prompt", "answer"}`` (and optionally
   ``"task"``): RL rewards a completion that matches ``answer`` exactly.
 
+:func:`split_held_out` sets a fraction of any of these aside for evaluation, by hash (the same
+items in every run).
+
 A bad record raises an error naming the file and line and what was expected; with
 ``skip_invalid=True`` bad lines are skipped and counted instead (``Loaded.skipped``).
 
@@ -156,6 +159,20 @@ def load_prompts(path: str | Path, skip_invalid: bool = False, require_answer: b
     """Prompts with their answers; ``require_answer=False`` also takes bare ``{"prompt"}`` lines
     (PPO with a reward model needs no answer)."""
     return load_records(path, lambda record: _prompt(record, require_answer), skip_invalid)
+
+
+def split_held_out(items: list, key, fraction: float) -> tuple[list, list]:
+    """(train, held out): ``fraction`` of ``items`` set aside by the hash of ``key(item)``, the same
+    way in every run (conversations by their stripped text, pairs and prompts by their prompt)."""
+    out = [_held_out(key(item), fraction) for item in items]
+    return [i for i, o in zip(items, out) if not o], [i for i, o in zip(items, out) if o]
+
+
+def _held_out(messages: list[dict], fraction: float) -> bool:
+    import hashlib
+
+    key = repr([(m["role"], m["content"].strip()) for m in messages]).encode()  # as rendered
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 10_000 < fraction * 10_000
 
 
 def write_task_data(out: str | Path, tasks: list[str], *, train: int = 2000, test: int = 200, difficulty: int = 2,

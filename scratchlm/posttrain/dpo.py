@@ -31,22 +31,20 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.config import Rule
-from scratchlm.posttrain.data import Pair, load_pairs
-from scratchlm.posttrain.sft import _RULES as SFT_RULES
-from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig, SFTTrainer, collate, split_held_out
-from scratchlm.tokenizers.chat import ChatTemplate
+from scratchlm.posttrain.base import CHAT_RULES, CHAT_TRAIN_DEFAULTS, ChatConfig, ChatTrainer, collate
+from scratchlm.posttrain.pairs import PairBatches, prepare_pairs
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.trainer import run_trainer
 
 
 @dataclass
-class DPOConfig(SFTConfig):
+class DPOConfig(ChatConfig):
     beta: float = 0.1  # how far the policy may move from the reference (larger: less far)
     disable_dropout: bool = True  # dropout would make the policy's log-probs noisy and biased against the reference's
     rpo_alpha: float = 0.0  # > 0: add alpha x the chosen replies' per-token NLL (RPO; TRL's rpo_alpha)
 
     SECTION: ClassVar[str] = "dpo"
-    RULES: ClassVar[dict] = {**SFT_RULES, "beta": Rule(above=0)}
+    RULES: ClassVar[dict] = {**CHAT_RULES, "beta": Rule(above=0)}
     DATA: ClassVar[str] = "a JSONL file of pairs"
 
 
@@ -73,83 +71,30 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return loss, metrics
 
 
-def render_pair(template: ChatTemplate, pair: Pair) -> tuple[tuple, tuple]:
-    """(ids, mask) of prompt + chosen and of prompt + rejected; the mask covers the final reply
-    (and its end of turn) only, not any earlier assistant turn of the prompt."""
-    prefix = len(template.render(pair.prompt).ids)
-    rows = []
-    for reply in (pair.chosen, pair.rejected):
-        r = template.render(pair.prompt + [{"role": "assistant", "content": reply}])
-        rows.append((r.ids, [0] * prefix + r.mask[prefix:]))
-    return rows[0], rows[1]
+class DPOTrainer(ChatTrainer):
+    """Pairs against a frozen reference: the model as training starts."""
 
-
-class PairBatches:
-    """Random batches of pairs: (x, y, mask) with the B chosen rows first, then the B rejected,
-    and the reference log-probabilities of both."""
-
-    def __init__(self, rows, refs: torch.Tensor, batch_size: int, pad_id: int, seed: int, device, rank=0,
-                 world_size=1):
-        self.rows, self.refs, self.batch_size, self.pad_id = rows, refs, batch_size, pad_id
-        self.device, self.rank, self.world_size = device, rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def get_batch(self):
-        picks = torch.randint(len(self.rows), (self.batch_size * self.world_size,), generator=self.generator)
-        mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
-        return batch_of(self.rows, self.refs, mine, self.pad_id, self.device)
-
-
-def batch_of(rows, refs, index: list[int], pad_id: int, device):
-    x, y, mask = collate([rows[i][0] for i in index] + [rows[i][1] for i in index], pad_id, device)
-    return x, y, mask, refs[index].to(device)
-
-
-class DPOTrainer(SFTTrainer):
     method = "dpo"
 
     def _prepare_data(self, model_section: dict) -> None:
         self._prepare_tokenizer()
-        cfg, dpo = self.cfg, self.sft
-        if dpo.packing:
-            raise ValueError(f"{dpo.SECTION}.packing is an SFT option (pairs are compared row by row)")
-        loaded = load_pairs(dpo.data, dpo.skip_invalid)
-        if loaded.skipped:
-            self.log(f"skipped {loaded.skipped} invalid line(s) of {dpo.data}; first: {loaded.errors[0]}")
-        if dpo.val_data:
-            train, val = loaded.items, load_pairs(dpo.val_data, dpo.skip_invalid).items
-        else:  # by prompt: every pair of one prompt falls on the same side
-            train, val = split_held_out(loaded.items, lambda p: p.prompt, dpo.val_fraction)
-        context = self.model_config.block_size + 1
-        fits = lambda rows: max(len(rows[0][0]), len(rows[1][0])) <= context  # noqa: E731
-        self.train_rows = [r for r in self._render(train) if fits(r)]
-        if len(self.train_rows) < len(train):
-            self.log(f"dropped {len(train) - len(self.train_rows)} pairs longer than the context or refused")
-        val = val[: cfg.eval_windows]
-        self.val_rows = [r for r in self._render(val) if fits(r)]
-        if not self.train_rows or not self.val_rows:
-            raise ValueError(f"no training or no held-out pair fits the context: give {dpo.SECTION}.val_data, or "
-                             "shorter pairs")
-        self.val_conversations = [p.prompt + [{"role": "assistant", "content": p.chosen}] for p in val]
-
-    def _render(self, pairs: list[Pair]):
-        for p in pairs:
-            try:
-                yield render_pair(self.template, p)
-            except ValueError as e:  # a special token in the text, a character the tokenizer lacks
-                if not self.sft.skip_invalid:
-                    raise ValueError(f"{p.where}: {e} (or pass --skip-invalid to skip it)") from None
-                self.log(f"skipped {p.where}: {e}")
+        self.train_rows, self.val_rows, self.val_conversations = prepare_pairs(self)
 
     def _initial_model(self):
-        model = super()._initial_model().to(self.device)
-        if self.sft.disable_dropout:  # as TRL does: the reference runs without dropout, so must the policy
+        model = self._load_base_model().to(self.device)
+        if self.settings.disable_dropout:  # as TRL does: the reference runs without dropout, so must the policy
             model.set_dropout(0.0)
         # The reference is the model as it starts, frozen: its log-probabilities once, now.
         self.train_refs = self._logps_of(model, self.train_rows)
         self.val_refs = self._logps_of(model, self.val_rows)
-        self.train_loader = PairBatches(self.train_rows, self.train_refs, self.cfg.batch_size, self.template.pad_id,
-                                        self.cfg.seed, self.device, self.rank, self.world_size)
+        rows, refs, pad = self.train_rows, self.train_refs, self.template.pad_id
+
+        def batch(index: list[int]):  # x, y, mask of the chosen rows then the rejected, and their references
+            x, y, mask = collate([rows[i][0] for i in index] + [rows[i][1] for i in index], pad, self.device)
+            return x, y, mask, refs[index].to(self.device)
+
+        self.train_loader = PairBatches(len(rows), self.cfg.batch_size, self.cfg.seed, batch, self.rank,
+                                        self.world_size)
         return model
 
     @torch.no_grad()
@@ -181,14 +126,14 @@ class DPOTrainer(SFTTrainer):
         x, y, mask, refs = batch
         logps = sequence_logps(self.step_model(x)[0], y, mask)
         B = refs.shape[0]
-        loss, self.step_extras = dpo_loss(logps[:B], logps[B:], refs[:, 0], refs[:, 1], self.sft.beta)
-        if self.sft.rpo_alpha:
+        loss, self.step_extras = dpo_loss(logps[:B], logps[B:], refs[:, 0], refs[:, 1], self.settings.beta)
+        if self.settings.rpo_alpha:
             # DPO only asks the chosen reply to gain on the rejected one; both may lose likelihood,
             # and greedy decoding then drifts to a third answer. An SFT term on the chosen replies
             # (Pang et al., 2024, "RPO") keeps them likely.
             nll = (-logps[:B] / mask[:B].sum(dim=-1).clamp_min(1)).mean()
             self.step_extras["nll"] = nll.detach()
-            loss = loss + self.sft.rpo_alpha * nll
+            loss = loss + self.settings.rpo_alpha * nll
         return loss
 
     @torch.no_grad()
@@ -196,7 +141,7 @@ class DPOTrainer(SFTTrainer):
         """The DPO loss on the held-out pairs; its reward metrics go to the log (rank 0's values)."""
         self.model.eval()
         logps = self._logps_of(self.model, self.val_rows)
-        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], self.val_refs[:, 0], self.val_refs[:, 1], self.sft.beta)
+        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], self.val_refs[:, 0], self.val_refs[:, 1], self.settings.beta)
         # TRL's rewards/accuracies is relative to the reference (0 at the start, where every margin
         # is 0); the preference accuracy is absolute: how often the model itself finds the chosen
         # reply likelier than the rejected one, against the reference's.
@@ -209,10 +154,7 @@ class DPOTrainer(SFTTrainer):
 
     def _check_resumable(self) -> dict:
         state = super()._check_resumable()
-        recorded = (state.get(self.method) or {}).get("base_sha256")
-        if recorded and recorded != self.base_sha256:  # the reference is recomputed from the base
-            raise ValueError(f"{self.sft.base} is not the model this {self.method} run started from (its weights' "
-                             "sha256 differs): resume with the same --checkpoint")
+        self._require_same_base(state)  # the reference is recomputed from the base
         return state
 
 
@@ -221,6 +163,6 @@ def dpo(dpo_config: dict, train_config: dict, *, resume: bool = False, progress:
     """DPO on ``dpo_config["data"]`` (pairs) from ``dpo_config["base"]`` (usually an SFT checkpoint)."""
     dcfg = DPOConfig.from_dict(dpo_config)
     # TRL's default is 1e-6 for large models; these small ones move little below 1e-5.
-    cfg = TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": 1e-5 if not dcfg.lora_rank else 1e-4, "warmup_steps": 10,
+    cfg = TrainConfig.from_dict({**CHAT_TRAIN_DEFAULTS, "lr": 1e-5 if not dcfg.lora_rank else 1e-4, "warmup_steps": 10,
                                  **train_config})
     return run_trainer(lambda: DPOTrainer(dcfg, cfg, resume=resume, progress=progress, overwrite=overwrite))

@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint, load_tensors, read_state
-from scratchlm.posttrain.dpo import DPOTrainer
-from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS, SFTConfig
+from scratchlm.posttrain.base import CHAT_TRAIN_DEFAULTS, ChatConfig, ChatTrainer
+from scratchlm.posttrain.pairs import PairBatches, prepare_pairs
 from scratchlm.tokenizers.chat import ChatTemplate
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.trainer import run_trainer
@@ -44,7 +44,7 @@ HEAD_FORMAT = "scratchlm.reward-head"
 
 
 @dataclass
-class RewardConfig(SFTConfig):
+class RewardConfig(ChatConfig):
     """The reward model's settings: the base checkpoint and pairs, as for DPO."""
 
     SECTION: ClassVar[str] = "reward_model"
@@ -105,18 +105,20 @@ def _ends(rows, end_id: int) -> list[list[int]]:
     return out
 
 
-class RewardTrainer(DPOTrainer):
+class RewardTrainer(ChatTrainer):
     """Pairs in, a scalar head out. The data side (loading, rendering, the held-out split) is
-    DPO's; the model gets a head and the loss is Bradley–Terry's."""
+    DPO's too (:mod:`scratchlm.posttrain.pairs`); the model gets a head and the loss is Bradley–Terry's."""
 
     method = "reward_model"
 
-    def _initial_model(self):
-        from scratchlm.posttrain.sft import SFTTrainer
+    def _prepare_data(self, model_section: dict) -> None:
+        self._prepare_tokenizer()
+        self.train_rows, self.val_rows, self.val_conversations = prepare_pairs(self)
 
-        if self.sft.lora_rank:
+    def _initial_model(self):
+        if self.settings.lora_rank:
             raise ValueError("a reward model trains its whole network and head (lora_rank must be 0)")
-        model = SFTTrainer._initial_model(self).to(self.device)  # the base (grown for the chat tokens)
+        model = self._load_base_model().to(self.device)  # the base (grown for the chat tokens)
         if not model.config.tie_embeddings:
             # The language-model head does not take part in a score: frozen, it is not a parameter
             # DDP would wait for a gradient of.
@@ -127,9 +129,20 @@ class RewardTrainer(DPOTrainer):
         end = self.template.end_id
         self.train_ends = [_ends(r, end) for r in self.train_rows]
         self.val_ends = [_ends(r, end) for r in self.val_rows]
-        self.train_loader = _PairIds(self.train_ends, self.cfg.batch_size, self.template.pad_id, self.cfg.seed,
-                                     self.device, self.rank, self.world_size)
+        pairs, pad = self.train_ends, self.template.pad_id
+
+        def batch(index: list[int]):  # (x, last) of the chosen rows, then the rejected
+            mine = [pairs[i] for i in index]
+            return collate_full([c for c, _ in mine] + [r for _, r in mine], pad, self.device)
+
+        self.train_loader = PairBatches(len(pairs), self.cfg.batch_size, self.cfg.seed, batch, self.rank,
+                                        self.world_size)
         return model
+
+    def _check_resumable(self) -> dict:
+        state = super()._check_resumable()
+        self._require_same_base(state)
+        return state
 
     def _fsdp_units(self) -> list[nn.Module]:
         # The head runs after the model's forward (on the hidden states it returns): sharded as a
@@ -241,22 +254,6 @@ def load_head(folder: Path, head: nn.Linear, file: str = HEAD_FILE, fmt: str = H
         head.bias.copy_(tensors["bias"])
 
 
-class _PairIds:
-    """Random batches of pairs as (x, last): the B chosen rows, then the B rejected."""
-
-    def __init__(self, pairs, batch_size: int, pad_id: int, seed: int, device, rank=0, world_size=1):
-        if not pairs:
-            raise ValueError("no pairs to train on")
-        self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
-        self.device, self.rank, self.world_size = device, rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def get_batch(self):
-        picks = torch.randint(len(self.pairs), (self.batch_size * self.world_size,), generator=self.generator)
-        mine = [self.pairs[i] for i in picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()]
-        return collate_full([c for c, _ in mine] + [r for _, r in mine], self.pad_id, self.device)
-
-
 class RewardModel:
     """A trained reward model, ready to score replies: ``rm([prompt, ...], [reply, ...])`` -> (N,).
 
@@ -311,6 +308,6 @@ def train_reward_model(rm_config: dict, train_config: dict, *, resume: bool = Fa
                        overwrite: bool = False) -> dict:
     """Train a reward model on ``rm_config["data"]`` (pairs) from ``rm_config["base"]`` (an SFT model)."""
     rcfg = RewardConfig.from_dict(rm_config)
-    cfg = TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": 1e-4, "warmup_steps": 10, "sample_tokens": 0,
+    cfg = TrainConfig.from_dict({**CHAT_TRAIN_DEFAULTS, "lr": 1e-4, "warmup_steps": 10, "sample_tokens": 0,
                                  **train_config})
     return run_trainer(lambda: RewardTrainer(rcfg, cfg, resume=resume, progress=progress, overwrite=overwrite))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from scratchlm.config import Rule
 from scratchlm.generate.sampling import SamplingConfig
 
 
@@ -28,29 +29,18 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check(isinstance(self.stop, (list, tuple)), "stop", self.stop, "a string or a list of strings")
-        _check(isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids", self.stop_token_ids,
-               "a list of token ids")
+        _RULES["stop"].require(self.stop, "stop")
+        _RULES["stop_token_ids"].require(self.stop_token_ids, "stop_token_ids")
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        _check(_integer(self.max_tokens) and self.max_tokens >= 1,
-               "max_tokens", self.max_tokens, "an integer >= 1")
-        _check(_number(self.temperature) and 0 <= self.temperature < float("inf"), "temperature", self.temperature,
-               "a number >= 0 (0 = greedy)")
-        _check(_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _check(_integer(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
-        _check(_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
-        _check(_number(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"), "repetition_penalty",
-               self.repetition_penalty, "a number > 0 (1 = off)")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "a list of non-empty strings")
-        _check(all(_integer(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, "a list of token ids >= 0")
-        _check(self.seed is None or (_integer(self.seed) and 0 <= self.seed < 2**63), "seed", self.seed,
-               "an integer in [0, 2**63)")
-        _check(self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
-               self.logprobs, "an integer in [0, 20]")
-
-        _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            _RULES[name].require(getattr(self, name), name)
+        _RULES["stop strings"].require(self.stop, "stop")
+        _RULES["stop ids"].require(self.stop_token_ids, "stop_token_ids")
+        for name in ("seed", "logprobs"):
+            if getattr(self, name) is not None:
+                _RULES[name].require(getattr(self, name), name)
+        _RULES["ignore_eos"].require(self.ignore_eos, "ignore_eos")
 
     @property
     def greedy(self) -> bool:
@@ -81,10 +71,19 @@ def _integer(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # and not NaN
-
-
-def _check(ok: bool, name: str, value, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+# What each field allows (scratchlm.config.Rule: the one validation helper); checked in this order.
+_RULES = {
+    "stop": Rule(type=(list, tuple), expected="a string or a list of strings"),
+    "stop_token_ids": Rule(type=(list, tuple), expected="a list of token ids"),
+    "max_tokens": Rule(type=int, min=1),
+    "temperature": Rule(type=float, min=0, why="0 = greedy"),
+    "top_p": Rule(type=float, above=0, max=1),
+    "top_k": Rule(type=int, min=0, why="0 = off"),
+    "min_p": Rule(type=float, min=0, max=1),
+    "repetition_penalty": Rule(type=float, above=0, why="1 = off"),
+    "stop strings": Rule(test=lambda v: all(isinstance(s, str) and s for s in v), expected="a list of non-empty strings"),
+    "stop ids": Rule(test=lambda v: all(_integer(t) and t >= 0 for t in v), expected="a list of token ids >= 0"),
+    "seed": Rule(type=int, min=0, below=2**63, expected="an integer in [0, 2**63)"),
+    "logprobs": Rule(type=int, min=0, max=20),
+    "ignore_eos": Rule(type=bool),
+}

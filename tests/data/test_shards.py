@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from scratchlm.data import BatchLoader, ShardError, open_shard, prepare_dataset, read_shard_header, tokenize_dataset, write_shard
 from scratchlm.data.shards import encode_documents

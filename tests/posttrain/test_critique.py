@@ -12,8 +12,10 @@ import re
 import pytest
 import torch
 
-from scratchlm.posttrain.critique import (Constitution, Critique, Evaluation, check_reply, critique_revise,
-                                          load_principles, load_scorer, parse_principles)
+from scratchlm.posttrain.critique.critics import Constitution, load_scorer
+from scratchlm.posttrain.critique.loop import critique_revise
+from scratchlm.posttrain.critique.principles import (Critique, Evaluation, check_reply, load_principles,
+                                                     parse_principles)
 
 PRINCIPLES = [
     {"name": "concise", "text": "at most 10 characters", "check": {"kind": "max_chars", "limit": 10}},
@@ -148,7 +150,7 @@ def assistant(tmp_path_factory):
     from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.sft import sft
     from scratchlm.posttrain.tasks import make_problems
-    from scratchlm.posttrain.critique import revision_prompt
+    from scratchlm.posttrain.critique.loop import revision_prompt
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.tokenizers.chat import add_chat_tokens
     from scratchlm.train.checkpoint import save_model_only
@@ -234,9 +236,9 @@ def test_the_model_as_critic_writes_the_critiques_and_dpo_trains_on_the_pairs(as
     """The model critic's words are the critique (its greedy reply to the critique request); a
     reply passes when they start with the pass word. This tiny model answers every request like an
     addition ("answer 10"): it cannot judge anything, but the path runs end to end."""
-    from scratchlm.posttrain.critique import critique_request
-    from scratchlm.posttrain.sft import load_chat_model
-    from scratchlm.posttrain.sft import generate_replies
+    from scratchlm.posttrain.critique.critics import critique_request
+    from scratchlm.serve.chat import load_chat_model
+    from scratchlm.serve.chat import generate_replies
 
     root = assistant
     model, tok = load_chat_model(root / "sft" / "last")
@@ -319,7 +321,7 @@ def _fake_round(revised=0, pairs=0, fail=False):
 
 
 def test_a_run_interrupted_in_round_1_resumes(tiny, tmp_path, monkeypatch):
-    import scratchlm.posttrain.critique as critique
+    import scratchlm.posttrain.critique.loop as critique
 
     out = tmp_path / "run"
     monkeypatch.setattr(critique, "_one_round", _fake_round(fail=True))
@@ -338,7 +340,7 @@ def test_a_run_interrupted_in_round_1_resumes(tiny, tmp_path, monkeypatch):
 
 
 def test_an_early_stop_stays_stopped_and_the_dpo_message_says_why(tiny, tmp_path, monkeypatch):
-    import scratchlm.posttrain.critique as critique
+    import scratchlm.posttrain.critique.loop as critique
 
     said = []
     monkeypatch.setattr(critique, "_one_round", _fake_round(revised=3, pairs=0))
@@ -358,7 +360,7 @@ def _one(prompt, reply):
 
 
 def test_resume_identity_covers_scorers_and_prompt_contents_but_not_the_device(tiny, tmp_path, monkeypatch):
-    import scratchlm.posttrain.critique as critique
+    import scratchlm.posttrain.critique.loop as critique
 
     monkeypatch.setattr(critique, "_one_round", _fake_round(revised=0))
     principles = PRINCIPLES + [{"name": "s", "text": "t", "check": {"kind": "scorer", "name": "len"}}]
@@ -408,9 +410,10 @@ def test_overwrite_validates_everything_before_deleting_the_previous_run(tiny, t
 
 
 def test_special_token_text_in_a_reply_reaches_no_critic_or_revision_prompt(tiny, monkeypatch):
-    import scratchlm.posttrain.sft as sft_module
-    from scratchlm.posttrain.critique import revision_prompt, without_special_tokens
-    from scratchlm.posttrain.sft import load_chat_model
+    import scratchlm.serve.chat as chat_module
+    from scratchlm.posttrain.critique.critics import without_special_tokens
+    from scratchlm.posttrain.critique.loop import revision_prompt
+    from scratchlm.serve.chat import load_chat_model
     from scratchlm.tokenizers.chat import ChatTemplate
 
     model, tok = load_chat_model(tiny / "init")
@@ -428,22 +431,22 @@ def test_special_token_text_in_a_reply_reaches_no_critic_or_revision_prompt(tiny
     problems = [(p, c) for p, c in zip(principles, evals[0].critiques) if not c.satisfied]
     ChatTemplate(tok).prompt_ids(revision_prompt(prompt, reply, problems, tok))  # renders
     # The whole loop, with the model sampling such text: it runs, and never learns a reply with it.
-    real = sft_module.generate_replies
+    real = chat_module.generate_replies
 
     def with_specials(model, tokenizer, prompts, max_tokens=32, **kw):
         out = real(model, tokenizer, prompts, max_tokens, **kw)
         return [{**r, "text": r["text"] + "<|endoftext|>"} for r in out]
 
-    monkeypatch.setattr(sft_module, "generate_replies", with_specials)
-    from scratchlm.posttrain.critique import compliance
+    monkeypatch.setattr(chat_module, "generate_replies", with_specials)
+    from scratchlm.posttrain.critique.loop import compliance
 
     result = compliance(model, tok, constitution, [type("P", (), {"prompt": prompt, "answer": None})()], max_tokens=3)
     assert result["n"] == 1
 
 
 def test_model_critic_pass_word_is_one_word_and_the_critic_sees_the_conversation(tiny, monkeypatch):
-    import scratchlm.posttrain.sft as sft_module
-    from scratchlm.posttrain.sft import load_chat_model
+    import scratchlm.serve.chat as chat_module
+    from scratchlm.serve.chat import load_chat_model
 
     with pytest.raises(ValueError, match="check.pass must be one word"):
         parse_principles([{"name": "j", "text": "t", "check": {"kind": "model", "pass": "Yes."}}])
@@ -456,7 +459,7 @@ def test_model_critic_pass_word_is_one_word_and_the_critic_sees_the_conversation
         asked.extend(requests)
         return [{"text": t, "ended": True} for t in [", Yes it does", "yesterday", "no.", ""]]
 
-    monkeypatch.setattr(sft_module, "generate_replies", says)
+    monkeypatch.setattr(chat_module, "generate_replies", says)
     principles = parse_principles([{"name": "j", "text": "never say maybe", "check": {"kind": "model"}}])
     evals = Constitution(principles, model=model, tokenizer=tok).evaluate(
         [[{"role": "user", "content": f"{i}+1="}] for i in range(4)], ["a", "b", "c", "d"])
@@ -476,7 +479,7 @@ def test_scorers_must_return_finite_numbers():
 def test_a_byte_level_model_sampling_special_token_text_does_not_crash_the_loop(tmp_path, monkeypatch):
     """Byte-level and BPE tokenizers spell '<|endoftext|>' as ordinary bytes, and generation ignores
     end of text: such replies must reach neither the revision prompt, the model critic nor a scorer."""
-    import scratchlm.posttrain.sft as sft_module
+    import scratchlm.serve.chat as chat_module
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
     from scratchlm.tokenizers import ByteTokenizer
@@ -489,13 +492,13 @@ def test_a_byte_level_model_sampling_special_token_text_does_not_crash_the_loop(
     save_model_only(tmp_path / "init", model, tokenizer=tok)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{a}+1="}) + "\n" for a in range(3)))
     (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "1+1="}) + "\n")
-    real, seen = sft_module.generate_replies, []
+    real, seen = chat_module.generate_replies, []
 
     def with_specials(model, tokenizer, prompts, max_tokens=32, **kw):
         return [{**r, "text": "maybe <|endoftext|>" + r["text"] + "<|im_start|>"}
                 for r in real(model, tokenizer, prompts, max_tokens, **kw)]
 
-    monkeypatch.setattr(sft_module, "generate_replies", with_specials)
+    monkeypatch.setattr(chat_module, "generate_replies", with_specials)
     principles = PRINCIPLES + [{"name": "judge", "text": "be kind", "check": {"kind": "model", "max_tokens": 2}},
                                {"name": "s", "text": "t", "check": {"kind": "scorer", "name": "s"}}]
     results = critique_revise(tmp_path / "init", tmp_path / "prompts.jsonl", principles, tmp_path / "run", rounds=1,
@@ -517,7 +520,7 @@ def test_forbidden_phrases_and_symbols_match_across_spacing_case_and_unicode_for
 
 
 def test_the_cli_refuses_reserved_set_keys_and_takes_epochs(tiny, tmp_path, capsys, monkeypatch):
-    import scratchlm.posttrain.critique as critique
+    import scratchlm.posttrain.critique.loop as critique
     from scratchlm.cli import main
 
     args = ["critique-revise", "--checkpoint", str(tiny / "init"), "--prompts", str(tiny / "prompts.jsonl"),
@@ -532,7 +535,7 @@ def test_the_cli_refuses_reserved_set_keys_and_takes_epochs(tiny, tmp_path, caps
 
 
 def test_a_reward_model_scorer_is_batched_and_known_by_its_weights(tiny, tmp_path):
-    from scratchlm.posttrain.critique import RewardScorer, scorer_identity
+    from scratchlm.posttrain.critique.critics import RewardScorer, scorer_identity
     from scratchlm.posttrain.reward import load_reward_model, train_reward_model
 
     pairs = tmp_path / "pairs.jsonl"
@@ -555,7 +558,7 @@ def test_a_reward_model_scorer_is_batched_and_known_by_its_weights(tiny, tmp_pat
 
 
 def test_the_starting_model_is_kept_as_critic_only_when_a_principle_asks_it(tiny, tmp_path, monkeypatch):
-    import scratchlm.posttrain.critique as critique
+    import scratchlm.posttrain.critique.loop as critique
 
     given = []
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from scratchlm.posttrain.data import Pair
-from scratchlm.posttrain.dpo import dpo_loss, render_pair, sequence_logps
+from scratchlm.posttrain.dpo import dpo_loss, sequence_logps
+from scratchlm.posttrain.pairs import render_pair
 from scratchlm.posttrain.sft import sft
 from scratchlm.tokenizers import CharTokenizer
 from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens

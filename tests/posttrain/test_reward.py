@@ -106,7 +106,7 @@ def test_a_checkpoint_saved_while_the_head_bias_was_trained_resumes(task_base, t
 
     from scratchlm.models.checkpoint import FormatError, load_model_from_checkpoint, read_state
     from scratchlm.posttrain.reward import HEAD_FILE, RewardConfig, RewardTrainer, add_scalar_head, train_reward_model
-    from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS
+    from scratchlm.posttrain.base import CHAT_TRAIN_DEFAULTS
     from scratchlm.train.checkpoint import load_optimizers
     from scratchlm.train.config import TrainConfig
     from scratchlm.train.optim import param_groups
@@ -123,7 +123,7 @@ def test_a_checkpoint_saved_while_the_head_bias_was_trained_resumes(task_base, t
     _pairs(tmp_path / "train.jsonl", 40, 0)
     cfg = {"base": str(task_base / "base"), "data": str(tmp_path / "train.jsonl"), "val_fraction": 0.2}
     train = {"max_steps": 2, "eval_interval": 2, "lr": 3e-3, "batch_size": 4, "out_dir": str(tmp_path / "rm")}
-    run_trainer(lambda: BiasTrained(RewardConfig.from_dict(cfg), TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, **train}),
+    run_trainer(lambda: BiasTrained(RewardConfig.from_dict(cfg), TrainConfig.from_dict({**CHAT_TRAIN_DEFAULTS, **train}),
                                     progress=False))
     old = tmp_path / "rm" / "last"
     state = read_state(old)

@@ -11,9 +11,7 @@ import math
 import pytest
 import torch
 
-from scratchlm.posttrain.grpo import group_advantages
-from scratchlm.posttrain.ppo import gae, whiten
-from scratchlm.posttrain.rl import clipped_surrogate, token_entropy, token_logps
+from scratchlm.posttrain.rl.losses import clipped_surrogate, gae, group_advantages, token_entropy, token_logps, whiten
 
 
 def test_group_advantages_by_hand():
@@ -66,9 +64,9 @@ def test_ppo_rewards_score_at_the_last_token_and_pay_kl_on_every_token():
     token, the score on the last; with γ = λ = 1 and zero values the advantage is reward-to-go."""
     from types import SimpleNamespace
 
-    from scratchlm.posttrain.ppo import PPOConfig, PPOTrainer
+    from scratchlm.posttrain.rl.ppo import PPOConfig, PPOTrainer
 
-    me = SimpleNamespace(sft=PPOConfig(base="b", data="d", kl_coef=0.1, lam=1.0, whiten_advantages=False))
+    me = SimpleNamespace(settings=PPOConfig(base="b", data="d", kl_coef=0.1, lam=1.0, whiten_advantages=False))
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
     old = torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0]])
     ref = torch.tensor([[0.0, -1.5, -2.0, -1.5, 0.0]])  # the policy is likelier than the reference: KL 0.5 + 0 + 0.5
@@ -81,9 +79,9 @@ def test_ppo_rewards_score_at_the_last_token_and_pay_kl_on_every_token():
 def test_grpo_k3_kl_by_hand_and_finite_beyond_the_reply():
     from types import SimpleNamespace
 
-    from scratchlm.posttrain.grpo import GRPOConfig, GRPOTrainer
+    from scratchlm.posttrain.rl.grpo import GRPOConfig, GRPOTrainer
 
-    me = SimpleNamespace(sft=GRPOConfig(base="b", data="d", kl_coef=1.0), reference=object())
+    me = SimpleNamespace(settings=GRPOConfig(base="b", data="d", kl_coef=1.0), reference=object())
     logits = torch.zeros(1, 3, 4)
     logits[0, 2, 0] = -200.0  # padding position: log p(id 0) = −200, exp(ref − logp) would overflow there
     y = torch.tensor([[1, 2, -1]])
@@ -117,7 +115,7 @@ def test_the_engine_copy_is_written_whole_or_the_difference_is_named():
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.reward import add_scalar_head
-    from scratchlm.posttrain.rl import RLTrainer
+    from scratchlm.posttrain.rl.trainer import RLTrainer
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, block_size=8, norm="layernorm"))
@@ -162,8 +160,8 @@ def _records(out):
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_rl_raises_the_bandit_reward_with_ratio_1_on_the_first_epoch_and_kl_0_at_the_start(bandit, tmp_path, method):
-    from scratchlm.posttrain.grpo import grpo
-    from scratchlm.posttrain.ppo import ppo
+    from scratchlm.posttrain.rl.grpo import grpo
+    from scratchlm.posttrain.rl.ppo import ppo
 
     root, prompts = bandit
     # Rollouts of 8 prompts x 4 replies = one micro-batch of 32; 2 epochs: steps alternate
@@ -201,7 +199,7 @@ def test_ppo_with_a_reward_model_and_exact_resume_mid_rollout(bandit, tmp_path):
     (step 3 is in the middle of a rollout used for 4 epochs)."""
     import random
 
-    from scratchlm.posttrain.ppo import ppo
+    from scratchlm.posttrain.rl.ppo import ppo
     from scratchlm.posttrain.reward import train_reward_model
 
     root, prompts = bandit
@@ -232,7 +230,7 @@ def test_ppo_with_a_reward_model_and_exact_resume_mid_rollout(bandit, tmp_path):
 
 def test_rl_refuses_what_it_cannot_do(bandit, tmp_path):
     from scratchlm.config import ConfigError
-    from scratchlm.posttrain.grpo import grpo
+    from scratchlm.posttrain.rl.grpo import grpo
 
     root, prompts = bandit
     base = {"base": str(root / "base"), "data": str(prompts)}
@@ -279,7 +277,7 @@ def test_ratio_is_1_on_the_first_epoch_with_dropout_in_the_model(tmp_path):
     policy that sampled and the policy trained would differ by a random mask."""
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
-    from scratchlm.posttrain.grpo import grpo
+    from scratchlm.posttrain.rl.grpo import grpo
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.train.checkpoint import save_model_only
 
@@ -301,7 +299,7 @@ def test_ratio_is_1_on_the_first_epoch_with_dropout_in_the_model(tmp_path):
 def test_the_step_objective_does_not_depend_on_the_micro_batch_split(bandit, tmp_path):
     """16 replies per step as one micro-batch of 16 or two of 8 (grad_accum 2): every reply token
     weighs the same either way, so the losses and gradient norms agree."""
-    from scratchlm.posttrain.grpo import grpo
+    from scratchlm.posttrain.rl.grpo import grpo
 
     root, prompts = bandit
     cfg = {"base": str(root / "base"), "data": str(prompts), "max_new_tokens": 3, "prompts_per_rollout": 4,
@@ -322,8 +320,8 @@ sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
 RANK = int(os.environ["RANK"])
-from scratchlm.posttrain.grpo import grpo
-from scratchlm.posttrain.ppo import ppo
+from scratchlm.posttrain.rl.grpo import grpo
+from scratchlm.posttrain.rl.ppo import ppo
 from scratchlm.posttrain.reward import train_reward_model
 
 def reward(prompt, text):
@@ -401,18 +399,19 @@ sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
 RANK = int(os.environ["RANK"])
-import scratchlm.posttrain.rl as rl
-from scratchlm.posttrain.grpo import grpo
-from scratchlm.posttrain.ppo import ppo
+import scratchlm.posttrain.rl.trainer as rl
+import scratchlm.serve.chat as chat
+from scratchlm.posttrain.rl.grpo import grpo
+from scratchlm.posttrain.rl.ppo import ppo
 
 # The weights of every model the engine samples from (rollouts, evaluations), as one checksum:
 # under DDP the policy itself, under FSDP its plain copy, which must hold the same weights.
-real_generate, engine_weights = rl.generate_replies, []
+real_generate, engine_weights = chat.generate_replies, []
 def generate_replies(model, *args, **kwargs):
     engine_weights.append(sum(p.double().sum().item() for n, p in model.named_parameters()
                               if not n.startswith("value_head.")))
     return real_generate(model, *args, **kwargs)
-rl.generate_replies = generate_replies
+chat.generate_replies = generate_replies
 
 # After each rollout's log-probs: the reference's parameters that are not shards (none, under FSDP).
 from torch.distributed.tensor import DTensor

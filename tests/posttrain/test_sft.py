@@ -12,7 +12,9 @@ from scratchlm.models.checkpoint import load_model_from_checkpoint
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.posttrain.data import load_prompts
-from scratchlm.posttrain.sft import collate, exact_match, sft
+from scratchlm.posttrain.base import collate
+from scratchlm.posttrain.evaluate import exact_match
+from scratchlm.posttrain.sft import sft
 from scratchlm.tokenizers import CharTokenizer
 from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
 from scratchlm.train.checkpoint import save_model_only

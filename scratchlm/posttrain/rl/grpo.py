@@ -1,4 +1,4 @@
-"""GRPO: Group Relative Policy Optimization (Shao et al., 2024, DeepSeekMath §4.1), with verifiable rewards.
+"""GRPO: Group Relative Policy Optimization (Shao et al., 2024, DeepSeekMath), with verifiable rewards.
 
 PPO needs a value model to say what reward a prompt usually earns; GRPO asks the policy itself.
 For each prompt it samples a *group* of G replies, scores each with a verifier (1 for the exact
@@ -15,8 +15,16 @@ with the per-token estimator ``exp(ref − logp) − (ref − logp) − 1`` (≥
 the policy equals the reference). Losses are averaged over all reply tokens of an optimizer step
 (every micro-batch and rank), each token weighing the same.
 
-``scale_rewards = false`` drops the division by the group's std (Dr. GRPO, Liu et al., 2025:
-it over-weights groups that are nearly all right or all wrong).
+Where this departs from the paper, on purpose:
+
+1. **Token-level loss average.** DeepSeekMath averages each reply's token losses, then the replies
+   (a token of a short reply weighs more than one of a long reply); here every reply token of an
+   optimizer step weighs the same, across micro-batches and ranks (as DAPO, Yu et al., 2025, and
+   Dr. GRPO do), so the result does not depend on how a rollout is split.
+2. **Optional std scaling.** ``scale_rewards = false`` drops the division by the group's std
+   (Dr. GRPO, Liu et al., 2025: it over-weights groups that are nearly all right or all wrong).
+3. **Verifiable rewards by default.** The paper scores with a reward model; here a verifier (or
+   any ``reward_fn``) pays 1 for the exact answer.
 
     scratchlm grpo --checkpoint runs/sft/best --data tasks/prompts-train.jsonl --out runs/grpo
 """
@@ -29,8 +37,9 @@ from typing import ClassVar
 import torch
 
 from scratchlm.config import Rule
-from scratchlm.posttrain.rl import (_RL_RULES, RLConfig, RLTrainer, clipped_surrogate, masked_mean,
-                                    rl_train_config, token_entropy, token_logps)
+from scratchlm.posttrain.rl.losses import (clipped_surrogate, group_advantages, kl_k3, masked_mean, token_entropy,
+                                           token_logps)
+from scratchlm.posttrain.rl.trainer import RL_RULES, RLConfig, RLTrainer, rl_train_config
 from scratchlm.train.trainer import run_trainer
 
 
@@ -41,39 +50,24 @@ class GRPOConfig(RLConfig):
     scale_rewards: bool = True  # divide by the group's reward std (False: Dr. GRPO)
 
     SECTION: ClassVar[str] = "grpo"
-    RULES: ClassVar[dict] = {**_RL_RULES, "samples_per_prompt": Rule(min=2, why="a group needs 2 replies to compare")}
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, dict]:
-    """(N,) rewards in groups of ``group_size`` consecutive replies -> (N,) advantages, and stats."""
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    r = rewards.view(-1, group_size).float()
-    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-    advantages = r - r.mean(dim=1, keepdim=True)
-    if scale:
-        advantages = advantages / (std + 1e-4)
-    stats = {"reward": r.mean().item(), "reward_std": std.mean().item(),
-             "frac_reward_zero_std": (std < 1e-6).float().mean().item()}
-    return advantages.view(-1), stats
+    RULES: ClassVar[dict] = {**RL_RULES, "samples_per_prompt": Rule(min=2, why="a group needs 2 replies to compare")}
 
 
 class GRPOTrainer(RLTrainer):
     method = "grpo"
 
     def _advantages(self, rewards, mask, old_logps, ref_logps, values):
-        advantages, stats = group_advantages(rewards, self.sft.samples_per_prompt, self.sft.scale_rewards)
+        advantages, stats = group_advantages(rewards, self.settings.samples_per_prompt, self.settings.scale_rewards)
         zeros = torch.zeros_like(mask)
         return advantages[:, None] * mask, zeros, stats
 
     def _objective(self, logits, hidden, batch):
         _, y, mask, old_logps, ref_logps, advantages, _, _ = batch
         logps = token_logps(logits, y)
-        losses, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.sft.clip)
+        losses, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.settings.clip)
         if self.reference is not None:
-            d = torch.where(mask.bool(), ref_logps - logps, 0.0)  # outside the reply exp(d) could overflow
-            kl = (torch.exp(d) - d - 1) * mask
-            losses = losses + self.sft.kl_coef * kl
+            kl = kl_k3(logps, ref_logps, mask)
+            losses = losses + self.settings.kl_coef * kl
         else:
             kl = torch.zeros_like(losses)
         with torch.no_grad():

@@ -8,8 +8,8 @@ KL penalty for straying from the reference (the SFT model)::
     r_t = −β · (log π_old(a_t) − log π_ref(a_t))         (+ score at the reply's last token)
 
 A **value head** (a scalar on the policy's own final hidden state) learns to predict the return
-from each position; **GAE** (Schulman et al., 2016) turns rewards and values into advantages with
-a bias–variance knob λ (0.95)::
+from each position; **GAE** (Schulman et al., 2016; :func:`~scratchlm.posttrain.rl.losses.gae`)
+turns rewards and values into advantages with a bias–variance knob λ (0.95)::
 
     δ_t = r_t + γ·V(t+1) − V(t),      A_t = δ_t + γλ·A_{t+1}       (γ = 1: the episode is short)
 
@@ -19,6 +19,15 @@ micro-batch is the clipped policy loss plus ``vf_coef`` × the value loss, itsel
 the rollout-time values (a value estimate cannot jump further than ``value_clip`` per rollout)::
 
     loss = mean_t max(−A·ratio, −A·clip(ratio, 1±ε)) + vf_coef · ½ mean_t max((V − R)², (V_clipped − R)²)
+
+Where this departs from InstructGPT, on purpose:
+
+1. **One network.** The value head sits on the policy's own trunk (its loss weighted by
+   ``vf_coef``) instead of a separate value model started from the reward model: half the memory,
+   at the price of the two objectives sharing features.
+2. **Token-level loss average.** Every reply token of an optimizer step weighs the same, across
+   micro-batches and ranks, whatever the split.
+3. **No pretraining mix** (InstructGPT's PPO-ptx term), and a verifier may stand in for the reward model.
 
 Metrics as TRL names them: ``objective/scores``, ``objective/kl``, ``objective/rlhf_reward``,
 ``policy/entropy_avg``, ``policy/clipfrac_avg``, ``policy/approxkl_avg``, ``val/ratio``,
@@ -36,8 +45,8 @@ from typing import ClassVar
 import torch
 
 from scratchlm.config import Rule
-from scratchlm.posttrain.rl import (_RL_RULES, RLConfig, RLTrainer, clipped_surrogate, masked_mean,
-                                    rl_train_config, token_entropy, token_logps)
+from scratchlm.posttrain.rl.losses import clipped_surrogate, gae, kl_k1, masked_mean, token_entropy, token_logps, whiten
+from scratchlm.posttrain.rl.trainer import RL_RULES, RLConfig, RLTrainer, rl_train_config
 from scratchlm.train.trainer import run_trainer
 
 
@@ -52,30 +61,8 @@ class PPOConfig(RLConfig):
     whiten_advantages: bool = True
 
     SECTION: ClassVar[str] = "ppo"
-    RULES: ClassVar[dict] = {**_RL_RULES, "gamma": Rule(min=0, max=1), "lam": Rule(min=0, max=1),
+    RULES: ClassVar[dict] = {**RL_RULES, "gamma": Rule(min=0, max=1), "lam": Rule(min=0, max=1),
                              "vf_coef": Rule(min=0), "value_clip": Rule(above=0)}
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimates over each row's reply tokens (mask 1, contiguous):
-    (B, T) rewards, values, mask -> (advantages, returns), 0 outside the reply."""
-    T = rewards.shape[1]
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(T)):
-        going_on = mask[:, t + 1] if t + 1 < T else torch.zeros_like(running)  # does the episode continue?
-        next_value = values[:, t + 1] * going_on if t + 1 < T else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * going_on * running
-        advantages[:, t] = running
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 class PPOTrainer(RLTrainer):
@@ -91,17 +78,17 @@ class PPOTrainer(RLTrainer):
 
     @property
     def needs_answers(self) -> bool:
-        return self.reward_fn is None and self.sft.reward_model is None
+        return self.reward_fn is None and self.settings.reward_model is None
 
     @property
     def reply_reserve(self) -> int:
         """A reward model reads a cut reply closed by one more token, <|im_end|>: keep room for it."""
-        return 1 if self.sft.reward_model else 0
+        return 1 if self.settings.reward_model else 0
 
     def _prepare_data(self, model_section: dict) -> None:
         super()._prepare_data(model_section)
         self.reward_model, self.reward_model_sha256 = None, None
-        if self.sft.reward_model is None:
+        if self.settings.reward_model is None:
             return
         from scratchlm.models.checkpoint import read_state
         from scratchlm.posttrain.reward import HEAD_FILE, load_reward_model
@@ -109,9 +96,9 @@ class PPOTrainer(RLTrainer):
         # Loaded and checked before training starts, on every rank (a rank that cannot read it
         # stops them all here, not in a rollout).
         def load():
-            rm = load_reward_model(self.sft.reward_model, device=self.device)
+            rm = load_reward_model(self.settings.reward_model, device=self.device)
             if rm.tokenizer.fingerprint != self.tokenizer.fingerprint:
-                raise ValueError(f"the reward model {self.sft.reward_model} reads another tokenizer than the policy: "
+                raise ValueError(f"the reward model {self.settings.reward_model} reads another tokenizer than the policy: "
                                  "train it from the same base (or SFT model) as the policy")
             if rm.model.config.block_size < self.model_config.block_size:
                 raise ValueError(f"the reward model's context ({rm.model.config.block_size}) is shorter than the "
@@ -119,14 +106,14 @@ class PPOTrainer(RLTrainer):
             return rm
 
         self.reward_model = self._on_every_rank_then_agree(load, "the reward model cannot be used")
-        files = read_state(self.sft.reward_model)["files"]  # the network and its head, both pinned
+        files = read_state(self.settings.reward_model)["files"]  # the network and its head, both pinned
         self.reward_model_sha256 = "+".join(files[name]["sha256"] for name in ("model.safetensors", HEAD_FILE))
 
     def _check_resumable(self) -> dict:
         state = super()._check_resumable()
         recorded = (state.get(self.method) or {}).get("reward_model_sha256")
         if recorded != self.reward_model_sha256:
-            raise ValueError(f"the reward model {self.sft.reward_model} is not the one this run started with (its "
+            raise ValueError(f"the reward model {self.settings.reward_model} is not the one this run started with (its "
                              "weights' sha256 differs): resume with the same --reward-model")
         return state
 
@@ -144,8 +131,8 @@ class PPOTrainer(RLTrainer):
         return self.reward_model.score_ids([row if row[-1] == end else row + [end] for row in ids])
 
     def _advantages(self, rewards, mask, old_logps, ref_logps, values):
-        rl = self.sft
-        kl = (old_logps - ref_logps) * mask
+        rl = self.settings
+        kl = kl_k1(old_logps, ref_logps, mask)
         per_token = -rl.kl_coef * kl
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=-1)  # each reply's final token
         per_token[torch.arange(mask.shape[0], device=mask.device), last] += rewards
@@ -160,9 +147,9 @@ class PPOTrainer(RLTrainer):
     def _objective(self, logits, hidden, batch):
         _, y, mask, old_logps, _, advantages, returns, old_values = batch
         logps = token_logps(logits, y)
-        policy_losses, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.sft.clip)
+        policy_losses, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.settings.clip)
         values = self._value(hidden)
-        clipped = old_values + torch.clamp(values - old_values, -self.sft.value_clip, self.sft.value_clip)
+        clipped = old_values + torch.clamp(values - old_values, -self.settings.value_clip, self.settings.value_clip)
         losses, losses_clipped = (values - returns) ** 2, (clipped - returns) ** 2
         value_losses = 0.5 * torch.maximum(losses, losses_clipped) * mask
         with torch.no_grad():  # as TRL names them
@@ -171,7 +158,7 @@ class PPOTrainer(RLTrainer):
                    "policy/entropy_avg": masked_mean(token_entropy(logits), mask),
                    "loss/policy_avg": masked_mean(policy_losses, mask), "loss/value_avg": masked_mean(value_losses, mask),
                    "val/clipfrac_avg": masked_mean((losses_clipped > losses).float(), mask)}
-        return policy_losses + self.sft.vf_coef * value_losses, out
+        return policy_losses + self.settings.vf_coef * value_losses, out
 
 
 def ppo(ppo_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,

@@ -30,8 +30,8 @@ as a pipeline, one round at a time::
   here: the path is real and tested, but useful critiques need a capable model.
 * ``scorer`` — any ``Callable[[list[dict], str], float]`` (the prompt messages, the reply) under a
   name; the reply passes if the score reaches ``threshold``. A reward model's scalar score fits
-  here (:class:`RewardScorer`, batched over :mod:`scratchlm.posttrain.reward`; the CLI's
-  ``--reward-model``), as do heuristics, classifiers, or a call to a larger model.
+  here (:class:`~scratchlm.posttrain.critique.critics.RewardScorer`, batched over
+  :mod:`scratchlm.posttrain.reward`; the CLI's ``--reward-model``), as do heuristics, classifiers, or a call to a larger model.
 
 **Which reply is better.** Every constitution has one unwritten rule: a reply ends its turn with
 ``<|im_end|>`` (one cut off by the token budget complies with nothing as a whole, and is never
@@ -50,6 +50,11 @@ no forbidden word), which the loop then teaches. ``instruct=False`` samples the 
 the plain prompt instead: best-of-k rejection sampling (expert iteration, ReST), the critic doing
 the work the model cannot. ``docs/critique-revise.md`` measures all three cases.
 
+The principles and their checks are :mod:`~scratchlm.posttrain.critique.principles`, the critics
+:mod:`~scratchlm.posttrain.critique.critics`. This module runs past 400 lines (an eighth of them
+this description) because one round — generate, critique, revise, collect, train, measure — and
+the run folder's claim and resume read best in one place.
+
     scratchlm critique-revise --checkpoint runs/sft/best --prompts prompts.jsonl --principles principles.json \\
         --out runs/cai [--rounds 3] [--samples 8] [--method sft|dpo]
 """
@@ -57,323 +62,29 @@ the work the model cannot. ``docs/critique-revise.md`` measures all three cases.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import re
 import shutil
 import sys
 import time
-import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scratchlm.config import Rule
 from scratchlm.io import atomic_write, read_json, sha256_file, write_json
-from scratchlm.posttrain.sft import load_chat_model
+from scratchlm.posttrain.critique.critics import Constitution, Scorer, scorer_identity, speakable, without_special_tokens
+from scratchlm.posttrain.critique.principles import Critique, Evaluation, Principle, load_principles, parse_principles
+from scratchlm.serve.chat import load_chat_model
 
 if TYPE_CHECKING:
     from scratchlm.posttrain.data import PromptWithAnswer
 
 RESULTS_FORMAT = "scratchlm.critique-revise"
-Scorer = Callable[[list, str], float]  # (prompt messages, reply) -> score; higher is better
 
-# What the model reads. Plain lowercase words: a character-level model knows few symbols (any
-# character its tokenizer cannot spell is left out of what it reads, see `speakable`).
-# The principle comes last: a request longer than the context loses its start (the conversation),
-# never the principle it asks about.
-CRITIQUE_REQUEST = "{conversation}\nreply: {reply}\n{principle}\ndoes the reply follow this? answer yes or no and why"
+# What the model reads when it revises (plain lowercase words, like the critique request).
 REVISION_REQUEST = "your reply: {reply}\n{problems}\nwrite a better one"
-
-_LENGTH_KINDS = {"max_chars": "characters", "min_chars": "characters", "max_words": "words", "min_words": "words"}
-# kind -> {field: (expected, test, default)}; a default of ... means required.
-_FIELDS = {
-    **{kind: {"limit": ("an integer >= 0", lambda v: _int(v) and v >= 0, ...)} for kind in _LENGTH_KINDS},
-    "forbidden_words": {"words": ("a non-empty list of non-empty strings",
-                                  lambda v: isinstance(v, list) and v and all(isinstance(w, str) and w.strip() for w in v), ...),
-                        "case_sensitive": ("true or false", lambda v: isinstance(v, bool), False)},
-    "regex": {"pattern": ("a regular expression (a string)", lambda v: isinstance(v, str) and _compiles(v), ...),
-              "mode": ('"fullmatch" (the whole reply), "search" (somewhere in it) or "absent" (nowhere in it)',
-                       lambda v: v in ("fullmatch", "search", "absent"), "fullmatch"),
-              "hint": ("a string (the critique when the reply does not conform)", lambda v: isinstance(v, str), None)},
-    "model": {"checkpoint": ("a checkpoint folder (default: the starting checkpoint)", lambda v: isinstance(v, str), None),
-              "pass": ("one word (letters, digits, _) the critique must start with to pass",
-                       lambda v: isinstance(v, str) and re.fullmatch(r"\w+", v) is not None, "yes"),
-              "max_tokens": ("an integer >= 1", lambda v: _int(v) and v >= 1, 16)},
-    "scorer": {"name": ("the name of a scorer given to the run", lambda v: isinstance(v, str) and v, ...),
-               "threshold": ("a number (the reply passes at a score >= threshold)", lambda v: _number(v), 0.0)},
-}
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-
-
-def _compiles(pattern: str) -> bool:
-    try:
-        re.compile(pattern)
-    except re.error:
-        return False
-    return True
-
-
-# --- principles ---------------------------------------------------------------------------------
-@dataclass
-class Principle:
-    name: str
-    text: str  # the principle in words: what the model reads when it critiques or revises
-    check: dict  # {"kind": ..., the kind's fields}, defaults filled in
-
-
-def parse_principles(data, where: str = "principles") -> list[Principle]:
-    """Validate a list of ``{"name", "text", "check": {"kind", ...}}`` and fill in defaults.
-
-    Errors say which principle, which field, what was expected and what was found."""
-    shape = '[{"name": ..., "text": ..., "check": {"kind": ..., ...}}, ...]'
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{where}: expected a non-empty JSON list of principles {shape}, got {_short(data)}")
-    out, names = [], set()
-    for i, p in enumerate(data):
-        at = f"{where}: principle {i}"
-        if not isinstance(p, dict):
-            raise ValueError(f"{at}: expected an object {{\"name\", \"text\", \"check\"}}, got {_short(p)}")
-        if set(p) - {"name", "text", "check"} or not {"name", "text", "check"} <= set(p):
-            raise ValueError(f"{at}: expected exactly the keys name, text and check, got {sorted(p)}")
-        name, text, check = p["name"], p["text"], p["check"]
-        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-            raise ValueError(f"{at}: name must be a word (letters, digits, _ . -), got {_short(name)}")
-        at = f"{where}: principle {i} ({name!r})"
-        if name in names:
-            raise ValueError(f"{at}: the name is used twice; names must be unique (results are reported by name)")
-        names.add(name)
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{at}: text must be a non-empty string (the principle in words), got {_short(text)}")
-        if not isinstance(check, dict) or check.get("kind") not in _FIELDS:
-            kind = check.get("kind") if isinstance(check, dict) else check
-            raise ValueError(f"{at}: check must be an object with a kind among {sorted(_FIELDS)}, got kind {_short(kind)}")
-        fields = _FIELDS[check["kind"]]
-        unknown = sorted(set(check) - set(fields) - {"kind"})
-        if unknown:
-            raise ValueError(f"{at}: check kind {check['kind']!r} has no field(s) {unknown}; its fields: {sorted(fields)}")
-        filled = {"kind": check["kind"]}
-        for key, (expected, ok, default) in fields.items():
-            if key not in check:
-                if default is ...:
-                    raise ValueError(f"{at}: check kind {check['kind']!r} needs {key!r}: {expected}")
-                filled[key] = default
-            elif not ok(check[key]):
-                raise ValueError(f"{at}: check.{key} must be {expected}, got {_short(check[key])}")
-            else:
-                filled[key] = check[key]
-        out.append(Principle(name, text.strip(), filled))
-    return out
-
-
-def load_principles(path: str | Path) -> list[Principle]:
-    """Principles from a JSON file (a list of ``{"name", "text", "check"}``); see :func:`parse_principles`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such principles file (a JSON list of {{name, text, check}})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected a list of {{name, text, check}}") from None
-    return parse_principles(data, str(path))
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-# --- critiques ----------------------------------------------------------------------------------
-@dataclass
-class Critique:
-    satisfied: bool
-    score: float  # higher is better; 1.0 for a satisfied programmatic or model check
-    text: str = ""  # what is wrong (empty when satisfied); a model critic's own words
-
-
-@dataclass
-class Evaluation:
-    """One reply against every principle. ``ended``: the reply closed its turn with <|im_end|>;
-    a reply cut off by the token budget is unfinished, and complies with nothing as a whole
-    (every constitution has this one unwritten rule)."""
-
-    critiques: list[Critique]
-    ended: bool = True
-
-    @property
-    def complies(self) -> bool:
-        return self.ended and all(c.satisfied for c in self.critiques)
-
-    @property
-    def key(self) -> tuple[int, float]:
-        """Larger is better: (rules satisfied, the end of turn counting as one; total score)."""
-        return sum(c.satisfied for c in self.critiques) + self.ended, round(sum(c.score for c in self.critiques), 9)
-
-
-def _word_pattern(word: str) -> str:
-    """A forbidden word or phrase as a whole: bounded where it starts or ends with a word character
-    ("c++" is found in "c++, not", "maybe" not in "maybelline"), its words apart by any whitespace."""
-    parts = word.split()
-    body = r"\s+".join(re.escape(p) for p in parts)
-    start = r"(?<!\w)" if re.match(r"\w", parts[0]) else ""
-    end = r"(?!\w)" if re.search(r"\w$", parts[-1]) else ""
-    return start + body + end
-
-
-def check_reply(check: dict, reply: str) -> Critique:
-    """A programmatic check of one reply (surrounding whitespace ignored, as the chat template does)."""
-    kind, reply = check["kind"], reply.strip()
-    if kind in _LENGTH_KINDS:
-        unit = _LENGTH_KINDS[kind]
-        n, limit = (len(reply) if unit == "characters" else len(reply.split())), check["limit"]
-        if kind.startswith("max"):
-            ok, score, text = n <= limit, (limit / n if n else 1.0), f"it has {n} {unit}, more than {limit}"
-        else:
-            ok, score, text = n >= limit, (n / limit if limit else 1.0), f"it has {n} {unit}, fewer than {limit}"
-        return Critique(ok, 1.0 if ok else score, "" if ok else text)
-    if kind == "forbidden_words":
-        fold = (lambda t: unicodedata.normalize("NFC", t)) if check["case_sensitive"] else \
-            (lambda t: unicodedata.normalize("NFC", t).casefold())  # noqa: E731
-        text = fold(reply)
-        hits = {w: len(re.findall(_word_pattern(fold(w)), text)) for w in check["words"]}
-        found = [w for w, n in hits.items() if n]
-        count = sum(hits.values())
-        return Critique(not found, 1.0 / (1 + count), f"it says {' and '.join(found)}" if found else "")
-    if kind == "regex":
-        pattern, mode = check["pattern"], check["mode"]
-        hit = re.fullmatch(pattern, reply) if mode == "fullmatch" else re.search(pattern, reply)
-        ok = bool(hit) if mode != "absent" else not hit
-        why = check["hint"] or ("its form is wrong" if mode == "fullmatch" else
-                                "it lacks what it must have" if mode == "search" else "it has what it must not")
-        return Critique(ok, float(ok), "" if ok else why)
-    raise ValueError(f"check kind {kind!r} is not programmatic (model and scorer checks need a Constitution)")
-
-
-class Constitution:
-    """Principles with their critics: :meth:`evaluate` judges replies against all of them.
-
-    ``model``/``tokenizer``: the model a ``model`` check asks by default (the starting
-    checkpoint); a check with its own ``checkpoint`` loads that one. ``scorers``: the callables a
-    ``scorer`` check names."""
-
-    def __init__(self, principles: list[Principle], *, model=None, tokenizer=None,
-                 scorers: dict[str, Scorer] | None = None, device=None):
-        self.principles, self.scorers = principles, dict(scorers or {})
-        self._models: dict[str | None, tuple] = {None: (model, tokenizer)}
-        self.device = device
-        for p in principles:
-            if p.check["kind"] == "scorer" and p.check["name"] not in self.scorers:
-                raise ValueError(f"principle {p.name!r} asks for the scorer {p.check['name']!r}, but none of that name "
-                                 f"was given (given: {sorted(self.scorers) or 'none'}): pass scorers={{name: function}} "
-                                 "to the API, or --scorer NAME=MODULE:FUNCTION on the command line")
-            if p.check["kind"] == "model" and p.check["checkpoint"] is None and model is None:
-                raise ValueError(f"principle {p.name!r} asks the model for a critique, but no model was given")
-
-    def evaluate(self, prompts: list[list[dict]], replies: list[str], ended: list[bool] | None = None) -> list[Evaluation]:
-        """One :class:`Evaluation` per (prompt, reply); model critics run batched, one pass per principle.
-        ``ended``: whether each reply closed its turn (default: all did)."""
-        # A sampled special token's text (ignore_eos lets <|endoftext|> through) would be refused by the
-        # chat template of a model critic or a scorer: the critics read the reply without it.
-        replies = [without_special_tokens(r, self._models[None][1]) for r in replies]
-        columns = [self._critique(p, prompts, replies) for p in self.principles]
-        ended = ended if ended is not None else [True] * len(replies)
-        return [Evaluation([column[i] for column in columns], ended[i]) for i in range(len(replies))]
-
-    def _critique(self, principle: Principle, prompts: list[list[dict]], replies: list[str]) -> list[Critique]:
-        check = principle.check
-        if check["kind"] == "scorer":
-            fn = self.scorers[check["name"]]
-            batch = getattr(fn, "batch", None)  # a scorer that scores many replies at once (a reward model)
-            scores = ([float(v) for v in batch(prompts, replies)] if batch is not None and replies else
-                      [float(fn(prompt, reply)) for prompt, reply in zip(prompts, replies)])
-            bad = [v for v in scores if not math.isfinite(v)]
-            if bad:
-                raise ValueError(f"the scorer {check['name']!r} (principle {principle.name!r}) returned {bad[0]}: a "
-                                 "score must be a finite number")
-            return [Critique(s >= check["threshold"], s, "" if s >= check["threshold"] else
-                             f"it scores {s:.3g}, below {check['threshold']:g}") for s in scores]
-        if check["kind"] == "model":
-            return self._model_critiques(principle, prompts, replies)
-        return [check_reply(check, reply) for reply in replies]
-
-    def _model_critiques(self, principle: Principle, prompts: list[list[dict]], replies: list[str]) -> list[Critique]:
-        """The model writes a critique of each reply; the reply passes if it starts with the pass word."""
-        from scratchlm.posttrain.sft import generate_replies
-
-        check = principle.check
-        if check["checkpoint"] not in self._models:
-            self._models[check["checkpoint"]] = load_chat_model(check["checkpoint"], device=self.device)
-        model, tokenizer = self._models[check["checkpoint"]]
-        requests = [critique_request(principle, prompt, reply, tokenizer) for prompt, reply in zip(prompts, replies)]
-        if not requests:
-            return []
-        max_tokens = min(check["max_tokens"], model.config.block_size - 1)
-        texts = [without_special_tokens(r["text"], tokenizer).strip()
-                 for r in generate_replies(model, tokenizer, requests, max_tokens)]
-        word = check["pass"].lower()
-        firsts = [re.search(r"\w+", t) for t in texts]  # the first word, after any punctuation
-        verdicts = [m is not None and m.group().lower() == word for m in firsts]
-        return [Critique(ok, float(ok), "" if ok else t) for ok, t in zip(verdicts, texts)]
-
-
-def without_special_tokens(text: str, tokenizer=None) -> str:
-    """``text`` without any special token's text (the tokenizer's, and always the chat tokens):
-    a model samples them as ordinary tokens where the chat template refuses them as content."""
-    from scratchlm.tokenizers.chat import CHAT_TOKENS, ENDOFTEXT
-
-    for name in sorted({*CHAT_TOKENS, ENDOFTEXT, *(getattr(tokenizer, "special_tokens", None) or ())}, key=len,
-                       reverse=True):
-        text = text.replace(name, "")
-    return text
-
-
-def critique_request(principle: Principle, prompt: list[dict], reply: str, tokenizer) -> list[dict]:
-    """What a model critic is asked: the conversation, the reply, then the principle (one user message)."""
-    conversation = "\n".join(f"{m['role']}: {without_special_tokens(m['content'], tokenizer)}" for m in prompt)
-    text = CRITIQUE_REQUEST.format(conversation=conversation, reply=without_special_tokens(reply, tokenizer),
-                                   principle=principle.text)
-    return [{"role": "user", "content": speakable(text, tokenizer)}]
-
-
-def speakable(text: str, tokenizer) -> str:
-    """``text`` without the characters the tokenizer cannot encode (a character-level model
-    trained on digits cannot read a period; byte-level and BPE tokenizers encode everything)."""
-    try:
-        tokenizer.encode_ordinary(text)
-        return text
-    except ValueError:
-        return "".join(c for c in text if _encodes(tokenizer, c))
-
-
-def _encodes(tokenizer, c: str) -> bool:
-    try:
-        tokenizer.encode_ordinary(c)
-        return True
-    except ValueError:
-        return False
-
-
-def load_scorer(spec: str) -> Scorer:
-    """``"package.module:function"`` -> the function (the command line's ``--scorer NAME=SPEC``)."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"a scorer is given as MODULE:FUNCTION (e.g. my_rewards:score), got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"scorer {spec!r}: cannot import it ({e}); the module must be importable (on PYTHONPATH)") from None
-    if not callable(fn):
-        raise ValueError(f"scorer {spec!r} is not a function (expected (prompt messages, reply) -> float)")
-    return fn
-
 
 # --- the model: sampling seeds -------------------------------------------------------------------
 def seed_for(*parts: int) -> int:
@@ -406,7 +117,7 @@ def compliance(model, tokenizer, constitution: Constitution, items: list[PromptW
     same for one seeded sample per prompt (``sampled_all``: it moves smoothly where the greedy
     reply flips at once); the fraction of replies ending with <|im_end|>; their mean length; and,
     where prompts have answers, how often the greedy reply contains the answer (``contains_answer``)."""
-    from scratchlm.posttrain.sft import generate_replies
+    from scratchlm.serve.chat import generate_replies
 
     prompts = [it.prompt for it in items]
     greedy = generate_replies(model, tokenizer, prompts, max_tokens)
@@ -452,15 +163,14 @@ class Settings:
     train_config: dict = field(default_factory=dict)  # [train] fields for every round (max_steps, lr, ...)
 
     def __post_init__(self):
-        for name, ok, expected in (("rounds", _int(self.rounds) and self.rounds >= 1, "an integer >= 1"),
-                                   ("samples", _int(self.samples) and self.samples >= 1, "an integer >= 1"),
-                                   ("method", self.method in ("sft", "dpo"), "'sft' or 'dpo'"),
-                                   ("temperature", _number(self.temperature) and self.temperature > 0, "a number > 0"),
-                                   ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
-                                   ("held_out", _number(self.held_out) and 0 <= self.held_out < 1, "a number in [0, 1)"),
-                                   ("epochs", _number(self.epochs) and self.epochs > 0, "a number > 0")):
-            if not ok:
-                raise ValueError(f"critique-revise {name} must be {expected}, got {getattr(self, name)!r}")
+        for name, rule in _SETTINGS_RULES.items():
+            rule.require(getattr(self, name), f"critique-revise {name}")
+
+
+_SETTINGS_RULES = {"rounds": Rule(type=int, min=1), "samples": Rule(type=int, min=1),
+                   "method": Rule(choices=("sft", "dpo"), expected="'sft' or 'dpo'"),
+                   "temperature": Rule(type=float, above=0), "max_tokens": Rule(type=int, min=1),
+                   "held_out": Rule(type=float, min=0, below=1), "epochs": Rule(type=float, above=0)}
 
 
 RESERVED_METHOD_KEYS = ("base", "data", "val_data", "tokenizer")  # set by the loop for each round
@@ -482,8 +192,7 @@ def critique_revise(checkpoint: str | Path, prompts: str | Path, principles: str
     interrupted run with the same inputs (``rounds`` may grow, never shrink); an unfinished round is
     redone from its start. A scorer is known by its ``identity`` attribute if it has one, else by
     its module and name. Returns the results (also ``results.json``)."""
-    from scratchlm.posttrain.data import load_prompts
-    from scratchlm.posttrain.sft import split_held_out
+    from scratchlm.posttrain.data import load_prompts, split_held_out
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     s = Settings(**settings)
@@ -579,44 +288,10 @@ def critique_revise(checkpoint: str | Path, prompts: str | Path, principles: str
     return results
 
 
-def scorer_identity(fn) -> object:
-    """What a resumed run compares a scorer by: its ``identity`` attribute (a reward model's folder
-    and weights' sha256), else ``module:qualified name``."""
-    identity = getattr(fn, "identity", None)
-    if identity is not None:
-        return json.loads(json.dumps(identity))
-    target = getattr(fn, "__func__", fn)  # a bound method: its function
-    if not hasattr(target, "__qualname__"):  # a callable object: its class
-        target = type(fn)
-    return f"{target.__module__}:{target.__qualname__}"
-
-
-class RewardScorer:
-    """A reward model as a scorer: batched through :class:`~scratchlm.posttrain.reward.RewardModel`
-    (``batch``), and known on resume by its folder and its weights' sha256 (``identity``)."""
-
-    def __init__(self, path: str | Path, device=None):
-        from scratchlm.device import pick_device
-        from scratchlm.posttrain.reward import load_reward_model
-
-        folder = Path(path).resolve()
-        self.reward_model = load_reward_model(folder, pick_device(device))
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        weights = ((state.get("files") or {}).get("model.safetensors") or {}).get("sha256")
-        self.identity = {"reward_model": str(folder),
-                         "model_sha256": weights or sha256_file(folder / "model.safetensors")}
-
-    def batch(self, prompts: list[list[dict]], replies: list[str]) -> list[float]:
-        return [float(v) for v in self.reward_model(prompts, replies)]
-
-    def __call__(self, prompt: list[dict], reply: str) -> float:
-        return self.batch([prompt], [reply])[0]
-
-
 def _check_training_fields(s: Settings, checkpoint, prompts) -> None:
     """The [sft]/[dpo] and [train] fields, checked as the trainer will check them (a typo fails now,
     not after round 1's generation); the keys the loop sets itself are refused."""
-    from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS
+    from scratchlm.posttrain.base import CHAT_TRAIN_DEFAULTS
     from scratchlm.train.config import TrainConfig
 
     if s.method == "sft":
@@ -635,7 +310,7 @@ def _check_training_fields(s: Settings, checkpoint, prompts) -> None:
     # Merged as the trainer will merge it (sft() and dpo() pick lr by method and LoRA).
     lr = {("sft", False): 3e-4, ("sft", True): 2e-3, ("dpo", False): 1e-5, ("dpo", True): 1e-4}[
         s.method, bool(method.lora_rank)]
-    TrainConfig.from_dict({**SFT_TRAIN_DEFAULTS, "lr": lr, **ROUND_TRAIN_DEFAULTS, "max_steps": 1, **s.train_config,
+    TrainConfig.from_dict({**CHAT_TRAIN_DEFAULTS, "lr": lr, **ROUND_TRAIN_DEFAULTS, "max_steps": 1, **s.train_config,
                            "out_dir": "unused"})
 
 
@@ -693,7 +368,7 @@ def _claim(out: Path, record: dict, resume: bool, overwrite: bool) -> dict:
 def _one_round(model, tokenizer, constitution: Constitution, items: list[PromptWithAnswer], s: Settings, number: int,
                folder: Path, progress: bool, log) -> dict:
     """Generate, critique, revise, collect; write the round's JSONL files."""
-    from scratchlm.posttrain.sft import generate_replies
+    from scratchlm.serve.chat import generate_replies
     from scratchlm.tokenizers.chat import ChatTemplate
 
     prompts = [it.prompt for it in items]
@@ -762,7 +437,7 @@ def _critiques(constitution: Constitution, evaluation: Evaluation) -> dict:
 
 def _train(s: Settings, number: int, base: str, folder: Path, rows: int, tokenizer: str | None, progress: bool) -> dict:
     """One round's training, by the existing trainers: SFT on the revisions, or DPO on the pairs."""
-    from scratchlm.posttrain.sft import SFT_TRAIN_DEFAULTS
+    from scratchlm.posttrain.base import CHAT_TRAIN_DEFAULTS
 
     data = str(folder / ("sft.jsonl" if s.method == "sft" else "pairs.jsonl"))
     # The round's own data as the trainer's "held-out" set: too few rows to split, and the held-out
@@ -770,7 +445,7 @@ def _train(s: Settings, number: int, base: str, folder: Path, rows: int, tokeniz
     method = {"base": base, "data": data, "val_data": data, **({"tokenizer": tokenizer} if tokenizer else {}),
               **s.method_config}
     train = {**ROUND_TRAIN_DEFAULTS, "seed": s.seed + number, **s.train_config, "out_dir": str(folder / "train")}
-    batch = train.get("batch_size", SFT_TRAIN_DEFAULTS["batch_size"])
+    batch = train.get("batch_size", CHAT_TRAIN_DEFAULTS["batch_size"])
     train.setdefault("max_steps", max(1, math.ceil(s.epochs * rows / batch)))
     train.setdefault("warmup_steps", train["max_steps"] // 10)
     train.setdefault("eval_interval", train["max_steps"])  # one evaluation, at the end

@@ -1,7 +1,8 @@
-"""Reinforcement learning on a language model: what PPO and GRPO share.
+"""Reinforcement learning on a language model: the loop PPO and GRPO share.
 
-Both repeat one loop (:mod:`scratchlm.posttrain.ppo`, :mod:`scratchlm.posttrain.grpo` fill in
-the two method-specific steps):
+Both repeat one loop (:mod:`scratchlm.posttrain.rl.ppo`, :mod:`scratchlm.posttrain.rl.grpo` fill
+in the two method-specific steps; the pure losses are in :mod:`scratchlm.posttrain.rl.losses`,
+the rollouts and their loader in :mod:`scratchlm.posttrain.rl.rollout`):
 
 1. **Roll out.** Draw prompts, let the current policy *sample* replies (temperature 1, through the
    inference engine's batched generation), and score each reply: a verifier (1 for the exact
@@ -26,35 +27,40 @@ checkpoint keeps the rollout being trained on (``rollouts.safetensors``) with th
 state, so a resumed run continues with the same rollout and the same next one: exact resume.
 The "validation loss" that picks ``best`` is minus the mean reward of *greedy* replies to
 held-out prompts (so ``best`` is the most rewarded checkpoint).
+
+The module is about 400 lines because the loop carries FSDP's share of RL with it: the engine
+samples from a plain copy of the sharded policy, and a failure on one rank during a rollout is
+agreed on by all before the next collective.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from scratchlm.config import Rule
-from scratchlm.models.checkpoint import load_tensors
+from scratchlm.posttrain.base import CHAT_RULES, ChatConfig, ChatTrainer, collate
 from scratchlm.posttrain.data import load_prompts
-from scratchlm.posttrain.sft import _RULES as SFT_RULES
-from scratchlm.posttrain.sft import SFTConfig, SFTTrainer, collate, generate_replies, split_held_out
+from scratchlm.posttrain.rl.losses import sampling_logits, token_logps
+from scratchlm.posttrain.rl.rollout import (ROLLOUT_FILE, Rollout, RolloutLoader, read_rollout_file, rollout_file,
+                                            sample_replies)
+from scratchlm.serve import chat
 
-ROLLOUT_FILE = "rollouts.safetensors"
-
-_RL_RULES = {**SFT_RULES, "prompts_per_rollout": Rule(min=1), "samples_per_prompt": Rule(min=1),
-             "max_new_tokens": Rule(min=1), "temperature": Rule(min=1e-5, why="RL must sample (the engine is greedy below 1e-5)"),
-             "epochs": Rule(min=1), "clip": Rule(above=0, below=1), "kl_coef": Rule(min=0),
-             "missing_end_penalty": Rule(min=0)}
+RL_RULES = {**CHAT_RULES, "prompts_per_rollout": Rule(min=1), "samples_per_prompt": Rule(min=1),
+            "max_new_tokens": Rule(min=1),
+            "temperature": Rule(min=1e-5, why="RL must sample (the engine is greedy below 1e-5)"),
+            "epochs": Rule(min=1), "clip": Rule(above=0, below=1), "kl_coef": Rule(min=0),
+            "missing_end_penalty": Rule(min=0)}
 
 
 @dataclass
-class RLConfig(SFTConfig):
+class RLConfig(ChatConfig):
+    """The settings PPO and GRPO share; each method's config sets its section and defaults."""
+
     prompts_per_rollout: int = 16  # prompts drawn per rollout (per process)
     samples_per_prompt: int = 1  # replies sampled per prompt (GRPO's group size)
     max_new_tokens: int = 16  # reply length at most (also for the held-out evaluation)
@@ -65,114 +71,13 @@ class RLConfig(SFTConfig):
     missing_end_penalty: float = 0.0  # subtracted from the reward of a reply cut off by max_new_tokens
     disable_dropout: bool = True  # dropout would make ratios != 1 where the policy did not change
 
-    RULES: ClassVar[dict] = _RL_RULES
+    SECTION: ClassVar[str] = "rl"  # PPO and GRPO set their own
+    RULES: ClassVar[dict] = RL_RULES
     DATA: ClassVar[str] = 'a JSONL file of prompts, {"prompt", "answer"}'
 
     @property
     def rollout_size(self) -> int:
         return self.prompts_per_rollout * self.samples_per_prompt
-
-
-def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, vocab: int | None = None) -> torch.Tensor:
-    """The logits of the distribution the rollouts sample from: the tokenizer's ids only (the
-    engine never samples a padding row of the model's table) and divided by the temperature,
-    float32. Every log-probability of the loop (old, new, reference) is taken from these."""
-    return logits[..., :vocab].float() / temperature
-
-
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log π(target) at every position: (B, T, V), (B, T) -> (B, T) float32."""
-    z = logits.float()
-    return z.gather(-1, targets.clamp_min(0)[..., None])[..., 0] - torch.logsumexp(z, dim=-1)
-
-
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at every position: (B, T, V) -> (B, T)."""
-    z = logits.float()
-    return torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the reply tokens (mask 1)."""
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def clipped_surrogate(logps, old_logps, advantages, mask, clip: float) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped policy loss per token (to minimise: minus the objective; 0 outside the
-    reply), and the micro-batch's ratio statistics: how often the clip was active."""
-    ratio = torch.exp(torch.where(mask.bool(), logps - old_logps, 0.0))
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    losses = torch.maximum(unclipped, clipped) * mask
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "ratio": masked_mean(ratio, mask),
-                 "ratio_max_deviation": ((ratio - 1).abs() * mask).max(),
-                 "approxkl": masked_mean(0.5 * (logps - old_logps) ** 2, mask)}
-    return losses, stats
-
-
-@dataclass
-class Rollout:
-    """One batch of sampled replies, everything the optimizer steps need, as (N, T) tensors."""
-
-    x: torch.Tensor  # input ids (prompt + reply, right-padded)
-    y: torch.Tensor  # next ids (-1 at padding)
-    mask: torch.Tensor  # 1 at reply tokens (y is a token the policy sampled)
-    old_logps: torch.Tensor
-    ref_logps: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor  # PPO's value targets (zeros for GRPO)
-    values: torch.Tensor  # PPO's value estimates at rollout time (zeros for GRPO)
-    metrics: dict  # floats: reward, KL, lengths ... of this rollout
-
-    FIELDS: ClassVar[tuple] = ("x", "y", "mask", "old_logps", "ref_logps", "advantages", "returns", "values")
-
-    def rows(self, index: torch.Tensor) -> tuple:
-        return tuple(getattr(self, f)[index] for f in self.FIELDS)
-
-
-class RolloutLoader:
-    """The trainer's ``train_loader``: micro-batches of the current rollout, ``epochs`` shuffled
-    passes over it, then a fresh rollout from ``make_rollout()``. Its ``generator`` draws the
-    prompts, the samples' seeds and the shuffles, so its saved state plus the saved rollout
-    make resume exact."""
-
-    def __init__(self, make_rollout, size: int, batch_size: int, epochs: int, seed: int, device):
-        self.make_rollout, self.size, self.batch_size, self.epochs = make_rollout, size, batch_size, epochs
-        self.device = device
-        self.generator = torch.Generator().manual_seed(seed)
-        self.rollout: Rollout | None = None
-        self.order = torch.zeros(0, dtype=torch.long)
-        self.cursor = 0
-        self.epoch = 0  # which pass over the current rollout the last micro-batch belonged to
-
-    def get_batch(self):
-        if self.rollout is None or self.cursor >= len(self.order):
-            self.rollout = self.make_rollout(self.generator)
-            self.order = torch.cat([torch.randperm(self.size, generator=self.generator) for _ in range(self.epochs)])
-            self.cursor = 0
-        index = self.order[self.cursor : self.cursor + self.batch_size]
-        self.epoch = self.cursor // self.size
-        self.cursor += self.batch_size
-        return tuple(t.to(self.device) for t in self.rollout.rows(index))
-
-    def state(self) -> dict[str, torch.Tensor] | None:
-        if self.rollout is None:
-            return None
-        r = self.rollout
-        tensors = {f: getattr(r, f).detach().cpu().contiguous() for f in Rollout.FIELDS}
-        tensors["order"] = self.order.clone()
-        tensors["position"] = torch.tensor([self.cursor])
-        tensors["metric_values"] = torch.tensor([r.metrics[k] for k in sorted(r.metrics)], dtype=torch.float64)
-        return {"tensors": tensors, "metric_names": sorted(r.metrics)}
-
-    def load(self, saved: dict) -> None:
-        t = saved["tensors"]
-        metrics = dict(zip(saved["metric_names"], t["metric_values"].tolist()))
-        self.rollout = Rollout(**{f: t[f] for f in Rollout.FIELDS}, metrics=metrics)
-        self.order = t["order"]
-        self.cursor = int(t["position"][0])
 
 
 def _shard_frozen(model) -> None:
@@ -190,7 +95,7 @@ def _shard_frozen(model) -> None:
     fully_shard(model, reshard_after_forward=True)
 
 
-class RLTrainer(SFTTrainer):
+class RLTrainer(ChatTrainer):
     """The shared loop; subclasses define ``_advantages`` (from rewards to per-token advantages)
     and ``_objective`` (the loss of one micro-batch)."""
 
@@ -212,7 +117,7 @@ class RLTrainer(SFTTrainer):
     # --- data -------------------------------------------------------------------------------
     def _prepare_data(self, model_section: dict) -> None:
         self._prepare_tokenizer()
-        rl, cfg = self.sft, self.cfg
+        rl, cfg = self.settings, self.cfg
         if rl.packing:
             raise ValueError(f"{rl.SECTION}.packing is an SFT option")
         if (rl.rollout_size % (cfg.batch_size * cfg.grad_accum)) != 0:
@@ -220,13 +125,8 @@ class RLTrainer(SFTTrainer):
                              f"{rl.rollout_size} replies must split into optimizer steps of batch_size x grad_accum "
                              f"= {cfg.batch_size * cfg.grad_accum}: change one of them")
         need = self.needs_answers
-        loaded = load_prompts(rl.data, rl.skip_invalid, require_answer=need)
-        if loaded.skipped:
-            self.log(f"skipped {loaded.skipped} invalid line(s) of {rl.data}; first: {loaded.errors[0]}")
-        if rl.val_data:
-            train, val = loaded.items, load_prompts(rl.val_data, rl.skip_invalid, require_answer=need).items
-        else:
-            train, val = split_held_out(loaded.items, lambda p: p.prompt, rl.val_fraction)
+        train, val = self._load_items(lambda path, skip: load_prompts(path, skip, require_answer=need),
+                                      lambda p: p.prompt)
         context = self.model_config.block_size
         self.eval_max_tokens = rl.max_new_tokens
         if rl.max_new_tokens >= context:
@@ -248,24 +148,22 @@ class RLTrainer(SFTTrainer):
         try:
             n = len(self.template.prompt_ids(prompt.prompt))
         except ValueError as e:
-            if not self.sft.skip_invalid:
-                raise ValueError(f"{prompt.where}: {e} (or pass --skip-invalid to skip it)") from None
-            self.log(f"skipped {prompt.where}: {e}")
+            self._refused(prompt.where, e)
             return False
-        return n + self.sft.max_new_tokens + self.reply_reserve <= self.model_config.block_size
+        return n + self.settings.max_new_tokens + self.reply_reserve <= self.model_config.block_size
 
     # --- model ------------------------------------------------------------------------------
     def _initial_model(self):
         from scratchlm.posttrain.reward import add_scalar_head
 
-        if self.sft.lora_rank:
+        if self.settings.lora_rank:
             raise ValueError(f"{self.method} trains the whole policy here (lora_rank must be 0)")
         sharded = self.world_size > 1 and self.cfg.strategy == "fsdp"
-        model = super()._initial_model().to(self.device)
-        if self.sft.disable_dropout:
+        model = self._load_base_model().to(self.device)
+        if self.settings.disable_dropout:
             model.set_dropout(0.0)
         self.reference = None
-        if self.sft.kl_coef > 0:  # the model as training starts, frozen
+        if self.settings.kl_coef > 0:  # the model as training starts, frozen
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
             if sharded:  # sharded like the policy; its forwards run in lockstep on every rank
                 _shard_frozen(self.reference)
@@ -276,17 +174,14 @@ class RLTrainer(SFTTrainer):
         self.rollout_policy = copy.deepcopy(model).eval().requires_grad_(False) if sharded else None
         if self.has_value_head:
             add_scalar_head(model, "value_head", zero=True)
-        self.train_loader = RolloutLoader(self._make_rollout, self.sft.rollout_size, self.cfg.batch_size, self.sft.epochs,
-                                          self.cfg.seed + self.rank, self.device)
+        self.train_loader = RolloutLoader(self._make_rollout, self.settings.rollout_size, self.cfg.batch_size,
+                                          self.settings.epochs, self.cfg.seed + self.rank, self.device)
         return model
 
     def _check_resumable(self) -> dict:
         state = super()._check_resumable()
-        recorded = (state.get(self.method) or {}).get("base_sha256")
-        if recorded and recorded != self.base_sha256:  # the reference and the KL anchor come from the base
-            raise ValueError(f"{self.sft.base} is not the model this {self.method} run started from (its weights' "
-                             "sha256 differs): the reference would change under the run; resume with the same "
-                             "--checkpoint")
+        # the reference and the KL anchor come from the base
+        self._require_same_base(state, "the reference would change under the run; ")
         return state
 
     def _fsdp_units(self) -> list:
@@ -329,20 +224,10 @@ class RLTrainer(SFTTrainer):
     def _logits(self, model, x: torch.Tensor, hidden: bool = False):
         """The sampling distribution's logits (and the final hidden states)."""
         logits, _, h = model(x, return_hidden=True)
-        z = sampling_logits(logits, self.sft.temperature, self.tokenizer.vocab_size)
+        z = sampling_logits(logits, self.settings.temperature, self.tokenizer.vocab_size)
         return (z, h) if hidden else z
 
     # --- rollouts ---------------------------------------------------------------------------
-    def _sample(self, prompts: list, generator: torch.Generator) -> tuple[list, list]:
-        """``samples_per_prompt`` sampled replies per prompt through the inference engine, each
-        with its own seed: [(token ids, text, ended)], and the prompts' ids."""
-        rl = self.sft
-        messages = [p.prompt for p in prompts for _ in range(rl.samples_per_prompt)]
-        seeds = torch.randint(2**62, (len(messages),), generator=generator).tolist()
-        outs = generate_replies(self.engine_policy, self.tokenizer, messages, rl.max_new_tokens, temperature=rl.temperature,
-                                seeds=seeds)
-        return [(o["token_ids"], o["text"], o["ended"]) for o in outs], [o["prompt_ids"] for o in outs]
-
     def _make_rollout(self, generator: torch.Generator) -> Rollout:
         """Sample and score replies, then take the policy's and the reference's log-probabilities
         of them, then the advantages.
@@ -367,10 +252,11 @@ class RLTrainer(SFTTrainer):
     def _sample_and_score(self, generator: torch.Generator):
         """(prompts' ids, sampled replies, rewards): ``samples_per_prompt`` replies to each of
         ``prompts_per_rollout`` prompts drawn with ``generator``, and their rewards."""
-        rl = self.sft
+        rl = self.settings
         picks = torch.randint(len(self.train_prompts), (rl.prompts_per_rollout,), generator=generator).tolist()
         prompts = [self.train_prompts[i] for i in picks]
-        replies, prompt_ids = self._sample(prompts, generator)
+        replies, prompt_ids = sample_replies(self.engine_policy, self.tokenizer, prompts, rl.samples_per_prompt,
+                                             rl.max_new_tokens, rl.temperature, generator)
         expanded = [p for p in prompts for _ in range(rl.samples_per_prompt)]
         rewards = self._rewards(expanded, [t for _, t, _ in replies],
                                 [p + r for p, (r, _, _) in zip(prompt_ids, replies)])
@@ -384,7 +270,7 @@ class RLTrainer(SFTTrainer):
         """(x, y, mask, rewards, ended): the rollout's rows, right-padded to the longest, and each
         reply's reward less the missing-end penalty of one cut off by max_new_tokens."""
         ended = torch.tensor([e for _, _, e in replies], dtype=torch.float32)
-        rewards = rewards - self.sft.missing_end_penalty * (1 - ended)
+        rewards = rewards - self.settings.missing_end_penalty * (1 - ended)
         rows = [(p + r, [0] * len(p) + [1] * len(r)) for p, (r, _, _) in zip(prompt_ids, replies)]
         x, y, mask = collate(rows, self.template.pad_id, self.device)
         return x, y, mask, rewards, ended
@@ -449,12 +335,7 @@ class RLTrainer(SFTTrainer):
 
     # --- a step -----------------------------------------------------------------------------
     def _begin_step(self, batches: list) -> None:
-        """Count the step's reply tokens over every micro-batch and rank: each token weighs the
-        same however the rollout is split into micro-batches (grad_accum) and ranks."""
-        total = sum(batch[2].sum() for batch in batches).float()
-        if self.world_size > 1:
-            torch.distributed.all_reduce(total)
-        self._step_tokens = total.clamp_min(1)
+        self._count_step_tokens(batches)  # each reply token weighs the same, however the rollout is split
 
     def _loss(self, batch) -> torch.Tensor:
         z, hidden = self._logits(self.step_model, batch[0], hidden=True)
@@ -463,9 +344,7 @@ class RLTrainer(SFTTrainer):
         device = z.device
         self.step_extras = {**stats, **{k: torch.tensor(v, device=device) for k, v in rollout.metrics.items()},
                             "epoch": torch.tensor(float(self.train_loader.epoch), device=device)}
-        # The trainer divides by grad_accum and DDP averages over ranks: undo both, then take the
-        # mean over the step's reply tokens.
-        return token_losses.sum() * (self.cfg.grad_accum * self.world_size) / self._step_tokens
+        return self._per_token_mean(token_losses.sum())
 
     # --- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -481,7 +360,7 @@ class RLTrainer(SFTTrainer):
         self._gather_policy()  # every rank (a collective under FSDP); rank 0 then generates alone
 
         def work():
-            replies = generate_replies(self.engine_policy, self.tokenizer, [p.prompt for p in self.val_prompts],
+            replies = chat.generate_replies(self.engine_policy, self.tokenizer, [p.prompt for p in self.val_prompts],
                                        self.eval_max_tokens)
             texts = [r["text"] for r in replies]
             rewards = self._rewards(self.val_prompts, texts, [r["prompt_ids"] + r["token_ids"] for r in replies])
@@ -507,12 +386,9 @@ class RLTrainer(SFTTrainer):
         if self.has_value_head:  # whole tensors (gathered under FSDP: every rank is here)
             extras["files"]["value_head.safetensors"] = save(head_state(self.model.value_head),
                                                              metadata={"format": "scratchlm.value-head", "version": "1"})
-        states = self._gather(self.train_loader.state())  # every rank's rollout, in rank order
-        if all(s is not None for s in states):
-            tensors = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s["tensors"].items()}
-            meta = {"format": "scratchlm.rollouts", "version": "1", "world_size": str(len(states)),
-                    "metric_names": json.dumps(states[0]["metric_names"])}
-            extras["files"][ROLLOUT_FILE] = save(tensors, metadata=meta)
+        rollouts = rollout_file(self._gather(self.train_loader.state()))  # every rank's rollout, in rank order
+        if rollouts is not None:
+            extras["files"][ROLLOUT_FILE] = rollouts
         return extras
 
     def _load_resume_weights(self, folder: Path) -> None:
@@ -526,22 +402,9 @@ class RLTrainer(SFTTrainer):
 
     def _resume(self, state: dict) -> None:
         super()._resume(state)
-        folder = self.out / "last"
-        if not (folder / ROLLOUT_FILE).exists():
-            return  # saved before the first rollout: the next step makes one
-        from safetensors import safe_open
-
-        tensors = load_tensors(folder, ROLLOUT_FILE)
-        with safe_open(str(folder / ROLLOUT_FILE), "pt") as f:
-            meta = f.metadata()
-        if int(meta["world_size"]) != self.world_size:
-            self.log(f"warning: {folder} holds the rollouts of {meta['world_size']} process(es), this run has "
-                     f"{self.world_size}: the current rollout is dropped and a new one made")
-            return
-        prefix = f"rank{self.rank}."
-        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        self.train_loader.load({"tensors": mine, "metric_names": json.loads(meta["metric_names"])})
-
+        saved = read_rollout_file(self.out / "last", self.rank, self.world_size, self.log)
+        if saved is not None:
+            self.train_loader.load(saved)
 
 
 # The [train] defaults for RL where they differ from SFT's: no warmup (the policy starts trained),
