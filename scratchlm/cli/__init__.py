@@ -20,22 +20,40 @@ from scratchlm.cli.flags import HelpFormatter
 # group -> (what it is for, its commands), in the order of the pipeline.
 GROUPS: dict[str, tuple[str, list[Command]]] = {
     "data": ("prepare corpora and token shards", [data.Prepare(), data.Tokenize(), data.Sources()]),
-    "tokenizer": ("train, use and compare tokenizers",
-                  [tokenizer.Train(), tokenizer.Encode(), tokenizer.Decode(), tokenizer.Compare()]),
-    "model": ("describe models, move them to and from Hugging Face; bigram baselines",
-              [model.Info(), model.Shapes(), model.Import(), model.Export(), model.Bigram()]),
+    "tokenizer": (
+        "train, use and compare tokenizers",
+        [tokenizer.Train(), tokenizer.Encode(), tokenizer.Decode(), tokenizer.Compare()],
+    ),
+    "model": (
+        "describe models, move them to and from Hugging Face; bigram baselines",
+        [model.Info(), model.Shapes(), model.Import(), model.Export(), model.Bigram()],
+    ),
     "train": ("pretrain a GPT", [train.Train()]),
     "infer": ("generate text from a checkpoint", [infer.Sample(), infer.Generate()]),
     "eval": ("measure a checkpoint", [evaluate.Eval()]),
-    "posttrain": ("chat models: fine-tuning, preferences, RL, the critique loop",
-                  [posttrain.SFT(), posttrain.DPO(), posttrain.RewardModel(), posttrain.PPO(), posttrain.GRPO(),
-                   critique.CritiqueRevise(), critique.Tasks(), posttrain.LoraMerge()]),
+    "posttrain": (
+        "chat models: fine-tuning, preferences, RL, the critique loop",
+        [
+            posttrain.SFT(),
+            posttrain.DPO(),
+            posttrain.RewardModel(),
+            posttrain.PPO(),
+            posttrain.GRPO(),
+            critique.CritiqueRevise(),
+            critique.Tasks(),
+            posttrain.LoraMerge(),
+        ],
+    ),
     "parallel": ("parallel training, simulated", [parallel.Simulate()]),
 }
 # Commands typed as two words ("data prepare"): what the first word's help says.
-NAMESPACES = {"data": "prepare corpora and token shards", "tokenizer": "train, use and compare tokenizers",
-              "model": "describe models; import and export Hugging Face folders", "lora": "LoRA adapters",
-              "parallel": "parallel training, simulated"}
+NAMESPACES = {
+    "data": "prepare corpora and token shards",
+    "tokenizer": "train, use and compare tokenizers",
+    "model": "describe models; import and export Hugging Face folders",
+    "lora": "LoRA adapters",
+    "parallel": "parallel training, simulated",
+}
 
 
 def commands() -> list[Command]:
@@ -47,12 +65,19 @@ def _groups_text() -> str:
     for name, (what, group) in GROUPS.items():
         lines.append(f"  {name:<10} {what}")
         lines.append(f"  {'':<10}   {', '.join(' '.join(c.path) for c in group)}")
-    return "\n".join(lines) + "\n\nEvery command's --help lists its flags; shared flags mean the same everywhere."
+    return (
+        "\n".join(lines)
+        + "\n\nEvery command's --help lists its flags; shared flags mean the same everywhere."
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scratchlm", description="Build a GPT from scratch: data, tokenizers, models.",
-                                epilog=_groups_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scratchlm",
+        description="Build a GPT from scratch: data, tokenizers, models.",
+        epilog=_groups_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"scratchlm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     nested: dict[str, argparse._SubParsersAction] = {}
@@ -62,9 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
             first = command.path[0]
             if first not in nested:
                 nested[first] = sub.add_parser(first, help=NAMESPACES[first]).add_subparsers(
-                    dest=f"{first}_command", required=True, metavar="ACTION")
+                    dest=f"{first}_command", required=True, metavar="ACTION"
+                )
             parent = nested[first]
-        q = parent.add_parser(name, help=command.help, description=command.help, formatter_class=HelpFormatter)
+        q = parent.add_parser(
+            name, help=command.help, description=command.help, formatter_class=HelpFormatter
+        )
         command.register(q)
         q.set_defaults(func=command.run)
     return p

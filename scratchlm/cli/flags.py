@@ -115,8 +115,10 @@ class _Deprecated:
 
     def __call__(self, parser, namespace, values, option_string=None):
         if option_string in self.deprecated and os.environ.get("RANK", "0") == "0":
-            print(f"scratchlm: warning: {option_string} is deprecated; use {self.option_strings[0]}",
-                  file=sys.stderr)
+            print(
+                f"scratchlm: warning: {option_string} is deprecated; use {self.option_strings[0]}",
+                file=sys.stderr,
+            )
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -146,21 +148,29 @@ def _help(name: str, what: str | None) -> str:
 
 _checkpoint = _shared("--checkpoint", "checkpoint folder (e.g. runs/x/best)")
 _tokenizer = _shared("--tokenizer", "tokenizer JSON file, or gpt2")
-_device = _shared("--device", "where the model runs: cuda, cuda:N, mps or cpu (default: auto, the best available)")
-_dtype = _shared("--dtype", "weights and KV cache: %(registry)s (bfloat16 halves the bytes each decode step reads)")
+_device = _shared(
+    "--device", "where the model runs: cuda, cuda:N, mps or cpu (default: auto, the best available)"
+)
+_dtype = _shared(
+    "--dtype", "weights and KV cache: %(registry)s (bfloat16 halves the bytes each decode step reads)"
+)
 _out = _shared("--out", "where to write")
 _seed = _shared("--seed", f"seed of every random choice the command makes (default {SEED})")
 _config = _shared("--config", "a TOML config (configs/<name>.toml)")
 _set = _shared("--set", "override one config value, section.key=value (repeatable)")
 _resume = _shared("--resume", "continue the run in the output folder where it stopped")
-_overwrite = _shared("--overwrite", "start over in an output folder that holds another run (deletes its checkpoints)")
+_overwrite = _shared(
+    "--overwrite", "start over in an output folder that holds another run (deletes its checkpoints)"
+)
 _json = _shared("--json", "print one JSON object instead of text")
 _quiet = _shared("--quiet", "no progress bars (the report is still printed)")
 _dataset = _shared("--dataset", "a prepared dataset folder (scratchlm data prepare)")
 _text_file = _shared("--text-file", "a plain UTF-8 text file")
 _shards = _shared("--shards", "token-shards folder (scratchlm data tokenize)")
 _data = _shared("--data", "JSONL training records")
-_val_data = _shared("--val-data", "held-out JSONL records like --data (default: 5%% of --data, set aside by hash)")
+_val_data = _shared(
+    "--val-data", "held-out JSONL records like --data (default: 5%% of --data, set aside by hash)"
+)
 _prompts = _shared("--prompts", "JSONL, one prompt per line")
 _eval_prompts = _shared("--eval-prompts", "held-out JSONL prompts with answers")
 _preset = _shared("--preset", "a model preset: %(registry)s")
@@ -201,8 +211,9 @@ def _presets():
 
 
 def dtype(p):
-    action = add(p, "--dtype", default="float32", choices=Registry(_dtypes), metavar="DTYPE",
-                 help=HELP["--dtype"])
+    action = add(
+        p, "--dtype", default="float32", choices=Registry(_dtypes), metavar="DTYPE", help=HELP["--dtype"]
+    )
     action.registry = action.choices
     return _dtype(action)
 
@@ -220,7 +231,9 @@ def config(p, what: str | None = None):
 
 
 def overrides(p, what: str | None = None):
-    return _set(add(p, "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=_help("--set", what)))
+    return _set(
+        add(p, "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=_help("--set", what))
+    )
 
 
 def resume_or_overwrite(p):
@@ -275,28 +288,66 @@ def preset(p):
 
 
 def max_new_tokens(p, default: int):
-    return _max_new_tokens(add(p, "--max-new-tokens", type=int, default=default,
-                               help=HELP["--max-new-tokens"] + f" (default {default})"))
+    return _max_new_tokens(
+        add(
+            p,
+            "--max-new-tokens",
+            type=int,
+            default=default,
+            help=HELP["--max-new-tokens"] + f" (default {default})",
+        )
+    )
 
 
 def num_samples(p, default: int):
-    return _num_samples(add(p, "--num-samples", type=int, default=default,
-                            help=HELP["--num-samples"] + f" (default {default})"))
+    return _num_samples(
+        add(
+            p,
+            "--num-samples",
+            type=int,
+            default=default,
+            help=HELP["--num-samples"] + f" (default {default})",
+        )
+    )
 
 
 def temperature(p, default: float, what: str | None = None):
-    return _temperature(add(p, "--temperature", type=float, default=default,
-                            help=_help("--temperature", what) + f" (default {default:g})"))
+    return _temperature(
+        add(
+            p,
+            "--temperature",
+            type=float,
+            default=default,
+            help=_help("--temperature", what) + f" (default {default:g})",
+        )
+    )
 
 
 def batch_size(p, default: int, what: str | None = None, old: tuple[str, ...] = ()):
-    return _batch_size(add(p, "--batch-size", *old, type=int, default=default,
-                           help=_help("--batch-size", what) + f" (default {default})"))
+    return _batch_size(
+        add(
+            p,
+            "--batch-size",
+            *old,
+            type=int,
+            default=default,
+            help=_help("--batch-size", what) + f" (default {default})",
+        )
+    )
 
 
 def context(p, default: int | None, what: str | None = None, old: tuple[str, ...] = ()):
-    return _context(add(p, "--context", *old, type=int, default=default, help=_help("--context", what)
-                        + (f" (default {default})" if default is not None else " (default: the model's context)")))
+    return _context(
+        add(
+            p,
+            "--context",
+            *old,
+            type=int,
+            default=default,
+            help=_help("--context", what)
+            + (f" (default {default})" if default is not None else " (default: the model's context)"),
+        )
+    )
 
 
 def lora_rank(p):
@@ -312,5 +363,6 @@ def skip_invalid(p):
 
 
 def plot(p, default: str | None = None):
-    return _plot(add(p, "--plot", default=default, help=HELP["--plot"]
-                     + (f" (default {default})" if default else "")))
+    return _plot(
+        add(p, "--plot", default=default, help=HELP["--plot"] + (f" (default {default})" if default else ""))
+    )

@@ -49,19 +49,25 @@ class Info(Command):
         r = describe_model(config, args.batch_size, args.context)
         counts, flops, costs = r["parameters"], r["flops_per_token"], r["inference_bf16"]
         values, state = r["kv_cache_values_per_token_per_layer"], r["state_bytes_per_sequence"]["bf16"]
-        lines = [f"{k:<11} {v:>15,}" + (f"  ({v / 1e9:,.2f}B)" if v >= 1e9 else "")
-                 for k, v in counts.items() if v or k not in ("ssm", "mtp")]
-        lines += ["layers: " + ", ".join(f"{n} x {kind}" for kind, n in r["layers"].items()),
-                  f"FLOPs/token: training {flops['train']:,.0f}, forward {flops['forward']:,.0f} "
-                  f"(at context {args.context or config.block_size})",
-                  f"KV cache per token: {r['kv_cache_bytes_per_token']['bf16']:,} bytes (bf16) = "
-                  f"{sum(values):,} values over {sum(v > 0 for v in values)} layers "
-                  f"({', '.join(sorted({str(v) for v in values if v}))} per layer)",
-                  *([f"recurrent state per sequence: {state:,} bytes (bf16), any length"] if state else []),
-                  f"KV cache of {costs['batch']} sequence(s) x {costs['context']:,} positions: "
-                  f"{costs['kv_cache_bytes'] / 2**20:,.1f} MiB (bf16)",
-                  f"arithmetic intensity (FLOPs per byte moved, bf16): prefill {costs['prefill']['intensity']:,.0f}, "
-                  f"one decode step {costs['decode_step']['intensity']:,.1f}"]
+        lines = [
+            f"{k:<11} {v:>15,}" + (f"  ({v / 1e9:,.2f}B)" if v >= 1e9 else "")
+            for k, v in counts.items()
+            if v or k not in ("ssm", "mtp")
+        ]
+        lines += [
+            "layers: " + ", ".join(f"{n} x {kind}" for kind, n in r["layers"].items()),
+            f"FLOPs/token: training {flops['train']:,.0f}, forward {flops['forward']:,.0f} "
+            f"(at context {args.context or config.block_size})",
+            f"KV cache per token: {r['kv_cache_bytes_per_token']['bf16']:,} bytes (bf16) = "
+            f"{sum(values):,} values over {sum(v > 0 for v in values)} layers "
+            f"({', '.join(sorted({str(v) for v in values if v}))} per layer)",
+            *([f"recurrent state per sequence: {state:,} bytes (bf16), any length"] if state else []),
+            f"KV cache of {costs['batch']} sequence(s) x {costs['context']:,} positions: "
+            f"{costs['kv_cache_bytes'] / 2**20:,.1f} MiB (bf16)",
+            "arithmetic intensity (FLOPs per byte moved, bf16): "
+            f"prefill {costs['prefill']['intensity']:,.0f}, "
+            f"one decode step {costs['decode_step']['intensity']:,.1f}",
+        ]
         emit(args, r, "\n".join(lines))
 
 
@@ -79,7 +85,11 @@ class Shapes(Command):
 
         config = _model_config(args)
         rows = trace_shapes(config, args.batch_size, args.context)
-        emit(args, {"config": config.to_dict(), "batch": args.batch_size, "rows": rows}, format_shapes(rows, config))
+        emit(
+            args,
+            {"config": config.to_dict(), "batch": args.batch_size, "rows": rows},
+            format_shapes(rows, config),
+        )
 
 
 class Import(Command):
@@ -98,8 +108,11 @@ class Import(Command):
         model = import_hf(args.hf)
         save_model_only(args.out, model, source=str(args.hf))
         counts = model.parameter_counts()
-        emit(args, {"out": args.out, "config": model.config.to_dict(), "parameters": counts},
-             f"imported {args.hf} ({counts['total']:,} parameters) -> checkpoint {args.out}")
+        emit(
+            args,
+            {"out": args.out, "config": model.config.to_dict(), "parameters": counts},
+            f"imported {args.hf} ({counts['total']:,} parameters) -> checkpoint {args.out}",
+        )
 
 
 class Export(Command):
@@ -109,8 +122,12 @@ class Export(Command):
     def register(self, q):
         flags.checkpoint(q)
         flags.out(q, "the Hugging Face folder")
-        q.add_argument("--arch", choices=flags.Registry(_export_architectures), metavar="ARCH",
-                       help="%(choices)s (default: picked from the model, llama for other RoPE models, else gpt2)")
+        q.add_argument(
+            "--arch",
+            choices=flags.Registry(_export_architectures),
+            metavar="ARCH",
+            help="%(choices)s (default: picked from the model, llama for other RoPE models, else gpt2)",
+        )
         flags.tokenizer(q)
         flags.output(q, progress=False)
 
@@ -127,10 +144,16 @@ class Export(Command):
             except (ValueError, FileNotFoundError):  # an imported model: its tokenizer is not ours to write
                 tokenizer = None
         out = export_hf(model, args.out, args.arch, tokenizer=tokenizer)
-        wrote = "config.json + model.safetensors" + (" + tokenizer.json + tokenizer_config.json" if tokenizer else
-                                                     " (no tokenizer: pass --tokenizer to include one)")
-        emit(args, {"out": str(out), "tokenizer": tokenizer is not None},
-             f"exported {args.checkpoint} -> {out} ({wrote})")
+        wrote = "config.json + model.safetensors" + (
+            " + tokenizer.json + tokenizer_config.json"
+            if tokenizer
+            else " (no tokenizer: pass --tokenizer to include one)"
+        )
+        emit(
+            args,
+            {"out": str(out), "tokenizer": tokenizer is not None},
+            f"exported {args.checkpoint} -> {out} ({wrote})",
+        )
 
 
 class Bigram(Command):
@@ -142,9 +165,15 @@ class Bigram(Command):
         flags.dataset(q)
         flags.tokenizer(q, required=True)
         q.add_argument("--model", default="count,neural", help="count, neural, or both (comma-separated)")
-        q.add_argument("--smoothing", type=float, default=1.0,
-                       help="add-k smoothing of the count model (0 = maximum likelihood)")
-        q.add_argument("--fit-split", choices=["train", "all"], default="train", help="fit on train, or on all splits")
+        q.add_argument(
+            "--smoothing",
+            type=float,
+            default=1.0,
+            help="add-k smoothing of the count model (0 = maximum likelihood)",
+        )
+        q.add_argument(
+            "--fit-split", choices=["train", "all"], default="train", help="fit on train, or on all splits"
+        )
         q.add_argument("--steps", type=int, default=300, help="neural bigram optimizer steps")
         q.add_argument("--lr", type=float, default=0.3, help="neural bigram learning rate (Adam)")
         flags.num_samples(q, 10)
@@ -156,10 +185,20 @@ class Bigram(Command):
     def run(self, args):
         from scratchlm.models.bigram_run import run_bigram
 
-        report = run_bigram(args.dataset, load_tokenizer(args.tokenizer), models=args.model.split(","),
-                            smoothing=args.smoothing, fit_split=args.fit_split, steps=args.steps, lr=args.lr,
-                            n_samples=args.num_samples, max_tokens=args.max_new_tokens, seed=args.seed,
-                            progress=flags.show_progress(args), device=args.device)
+        report = run_bigram(
+            args.dataset,
+            load_tokenizer(args.tokenizer),
+            models=args.model.split(","),
+            smoothing=args.smoothing,
+            fit_split=args.fit_split,
+            steps=args.steps,
+            lr=args.lr,
+            n_samples=args.num_samples,
+            max_tokens=args.max_new_tokens,
+            seed=args.seed,
+            progress=flags.show_progress(args),
+            device=args.device,
+        )
         lines = []
         for name, r in report["models"].items():
             nll = "  ".join(f"{s} {v:.4f}" for s, v in r["nll"].items())

@@ -18,8 +18,10 @@ def sections(args, method: str, hint: str = "") -> tuple[dict, dict]:
 
     sections = apply_overrides({method: {}, "train": {}}, args.set)
     if set(sections) - {method, "train"}:
-        raise ValueError(f"--set takes {method}.key=value or train.key=value{hint}, got sections "
-                         f"{sorted(set(sections) - {method, 'train'})}")
+        raise ValueError(
+            f"--set takes {method}.key=value or train.key=value{hint}, got sections "
+            f"{sorted(set(sections) - {method, 'train'})}"
+        )
     if args.device:
         sections["train"]["device"] = args.device
     if args.lora_rank is not None:
@@ -50,16 +52,24 @@ class _Method(Command):
 
     def sections(self, args) -> tuple[dict, dict]:
         method, train = sections(args, self.method)
-        method.update({"base": args.checkpoint, "data": args.data, "skip_invalid": args.skip_invalid,
-                       **({"tokenizer": args.tokenizer} if args.tokenizer else {}),
-                       **({"val_data": args.val_data} if args.val_data else {})})
+        method.update(
+            {
+                "base": args.checkpoint,
+                "data": args.data,
+                "skip_invalid": args.skip_invalid,
+                **({"tokenizer": args.tokenizer} if args.tokenizer else {}),
+                **({"val_data": args.val_data} if args.val_data else {}),
+            }
+        )
         train["out_dir"] = args.out
         return method, train
 
     def train(self, args, fit) -> dict:
         method, train = self.sections(args)
         self.configure(args, method)
-        return fit(method, train, resume=args.resume, progress=flags.show_progress(args), overwrite=args.overwrite)
+        return fit(
+            method, train, resume=args.resume, progress=flags.show_progress(args), overwrite=args.overwrite
+        )
 
     def configure(self, args, method: dict) -> None:
         """Method flags into the method's section."""
@@ -78,15 +88,21 @@ class SFT(_Method):
         from scratchlm.posttrain.sft import exact_match_before_after, sft
 
         summary = self.train(args, sft)
-        text = (f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out loss "
-                f"{summary['best_val_loss']:.4f}, {summary['seconds']:.0f}s\n"
-                f"checkpoints: {args.out}/best, {args.out}/last")
+        text = (
+            f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out loss "
+            f"{summary['best_val_loss']:.4f}, {summary['seconds']:.0f}s\n"
+            f"checkpoints: {args.out}/best, {args.out}/last"
+        )
         if args.eval_prompts:
-            em = summary["exact_match"] = exact_match_before_after(args.checkpoint, Path(args.out) / "best",
-                                                                   args.eval_prompts, args.tokenizer)
-            text += (f"\nexact match on {em['after']['n']} held-out prompts: {em['before']['exact_match']:.1%} before, "
-                     f"{em['after']['exact_match']:.1%} after; replies ending with <|im_end|>: "
-                     f"{em['after']['ended_with_end_of_turn']:.1%}")
+            em = summary["exact_match"] = exact_match_before_after(
+                args.checkpoint, Path(args.out) / "best", args.eval_prompts, args.tokenizer
+            )
+            text += (
+                f"\nexact match on {em['after']['n']} held-out prompts: "
+                f"{em['before']['exact_match']:.1%} before, "
+                f"{em['after']['exact_match']:.1%} after; replies ending with <|im_end|>: "
+                f"{em['after']['ended_with_end_of_turn']:.1%}"
+            )
         emit(args, summary, text)
 
 
@@ -109,13 +125,18 @@ class DPO(_Method):
 
         summary = self.train(args, dpo)
         evals = summary["eval"] = read_evaluations(args.out, "val_rewards/accuracies")
-        text = (f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out DPO loss "
-                f"{summary['best_val_loss']:.4f}")
+        text = (
+            f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out DPO loss "
+            f"{summary['best_val_loss']:.4f}"
+        )
         if evals:
-            text += (f"\nheld-out preference accuracy: reference {evals[0]['val_reference_preference_accuracy']:.1%}, "
-                     f"after {evals[-1]['val_preference_accuracy']:.1%} (step {evals[-1]['step']}); "
-                     f"rewards/accuracies {evals[-1]['val_rewards/accuracies']:.1%}, "
-                     f"margin {evals[-1]['val_rewards/margins']:.3f}")
+            text += (
+                "\nheld-out preference accuracy: "
+                f"reference {evals[0]['val_reference_preference_accuracy']:.1%}, "
+                f"after {evals[-1]['val_preference_accuracy']:.1%} (step {evals[-1]['step']}); "
+                f"rewards/accuracies {evals[-1]['val_rewards/accuracies']:.1%}, "
+                f"margin {evals[-1]['val_rewards/margins']:.3f}"
+            )
         emit(args, summary, text + f"\ncheckpoints: {args.out}/best, {args.out}/last")
 
 
@@ -130,12 +151,21 @@ class RewardModel(_Method):
 
         summary = self.train(args, train_reward_model)
         evals = summary["eval"] = read_evaluations(args.out, "val_accuracy")
-        text = (f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out loss "
-                f"{summary['best_val_loss']:.4f}")
+        text = (
+            f"done: {summary['steps']} steps ({summary['stop_reason']}), best held-out loss "
+            f"{summary['best_val_loss']:.4f}"
+        )
         if evals:
-            text += (f"\nheld-out pair accuracy {evals[0]['val_accuracy']:.1%} (step {evals[0]['step']}) -> "
-                     f"{evals[-1]['val_accuracy']:.1%} (step {evals[-1]['step']}), margin {evals[-1]['val_margin']:.3f}")
-        emit(args, summary, text + f"\ncheckpoints: {args.out}/best, {args.out}/last (model + reward_head.safetensors)")
+            text += (
+                f"\nheld-out pair accuracy {evals[0]['val_accuracy']:.1%} (step {evals[0]['step']}) -> "
+                f"{evals[-1]['val_accuracy']:.1%} (step {evals[-1]['step']}), "
+                f"margin {evals[-1]['val_margin']:.3f}"
+            )
+        emit(
+            args,
+            summary,
+            text + f"\ncheckpoints: {args.out}/best, {args.out}/last (model + reward_head.safetensors)",
+        )
 
 
 class _RL(_Method):
@@ -149,11 +179,15 @@ class _RL(_Method):
         text = f"done: {summary['steps']} steps ({summary['stop_reason']}), {summary['seconds']:.0f}s"
         if evals:
             first, last = evals[0], evals[-1]
-            text += (f"\nheld-out reward (greedy) {first['val_reward']:.3f} (step {first['step']}) -> "
-                     f"{last['val_reward']:.3f} (step {last['step']})")
+            text += (
+                f"\nheld-out reward (greedy) {first['val_reward']:.3f} (step {first['step']}) -> "
+                f"{last['val_reward']:.3f} (step {last['step']})"
+            )
             if "val_exact_match" in last:
                 text += f", exact match {first['val_exact_match']:.1%} -> {last['val_exact_match']:.1%}"
-        emit(args, summary, text + f"\ncheckpoints: {args.out}/best (highest held-out reward), {args.out}/last")
+        emit(
+            args, summary, text + f"\ncheckpoints: {args.out}/best (highest held-out reward), {args.out}/last"
+        )
 
 
 class PPO(_RL):
@@ -182,8 +216,12 @@ class LoraMerge(Command):
 
     def register(self, q):
         flags.checkpoint(q, "the base the adapters were trained on")
-        q.add_argument("--adapters", required=True, help="adapters .safetensors (saved by save_adapters, or a LoRA "
-                       "SFT run's checkpoint/adapters.safetensors)")
+        q.add_argument(
+            "--adapters",
+            required=True,
+            help="adapters .safetensors (saved by save_adapters, or a LoRA "
+            "SFT run's checkpoint/adapters.safetensors)",
+        )
         flags.tokenizer(q)
         flags.out(q, "the merged checkpoint folder")
         flags.output(q, progress=False)
@@ -192,5 +230,8 @@ class LoraMerge(Command):
         from scratchlm.posttrain.lora import merge_adapters
 
         meta = merge_adapters(args.checkpoint, args.adapters, args.out, args.tokenizer)
-        emit(args, {"out": args.out, "rank": int(meta["rank"]), "alpha": float(meta["alpha"])},
-             f"merged {args.adapters} (rank {meta['rank']}) into {args.checkpoint} -> {args.out}")
+        emit(
+            args,
+            {"out": args.out, "rank": int(meta["rank"]), "alpha": float(meta["alpha"])},
+            f"merged {args.adapters} (rank {meta['rank']}) into {args.checkpoint} -> {args.out}",
+        )

@@ -30,7 +30,9 @@ def _source(q, dataset: str, text_file: str) -> None:
 
 
 def _pattern(q) -> None:
-    action = q.add_argument("--pattern", default="gpt2", help="BPE pre-tokenization: %(registry)s, or a regex")
+    action = q.add_argument(
+        "--pattern", default="gpt2", help="BPE pre-tokenization: %(registry)s, or a regex"
+    )
     action.registry = flags.Registry(_patterns)
 
 
@@ -49,17 +51,31 @@ class Train(Command):
 
     def register(self, q):
         _source(q, "its train split is used", "train on it")
-        q.add_argument("--kind", choices=flags.Registry(_kinds), metavar="KIND", default="bpe",
-                       help="%(choices)s (default bpe)")
+        q.add_argument(
+            "--kind",
+            choices=flags.Registry(_kinds),
+            metavar="KIND",
+            default="bpe",
+            help="%(choices)s (default bpe)",
+        )
         q.add_argument("--vocab-size", type=int, help="BPE: total vocabulary size, special tokens included")
         _pattern(q)
         specials = q.add_mutually_exclusive_group()
-        specials.add_argument("--special", action="append", help="a special token (repeatable); replaces the default "
-                              "'<|endoftext|>', which separates documents in token shards")
-        specials.add_argument("--no-special", action="store_true",
-                              help="no special tokens at all (single-document data only)")
-        q.add_argument("--unknown", choices=["error", "replace"], default="error",
-                       help="char: unseen characters fail, or map to <|unk|>")
+        specials.add_argument(
+            "--special",
+            action="append",
+            help="a special token (repeatable); replaces the default "
+            "'<|endoftext|>', which separates documents in token shards",
+        )
+        specials.add_argument(
+            "--no-special", action="store_true", help="no special tokens at all (single-document data only)"
+        )
+        q.add_argument(
+            "--unknown",
+            choices=["error", "replace"],
+            default="error",
+            help="char: unseen characters fail, or map to <|unk|>",
+        )
         flags.out(q, "the tokenizer JSON")
         flags.output(q)
 
@@ -68,16 +84,32 @@ class Train(Command):
 
         texts = _texts(args, "train")
         start = time.perf_counter()
-        tokenizer = train_tokenizer(args.kind, texts, vocab_size=args.vocab_size, pattern=args.pattern,
-                                    special_tokens=[] if args.no_special else args.special, unknown=args.unknown,
-                                    progress=flags.show_progress(args))
+        tokenizer = train_tokenizer(
+            args.kind,
+            texts,
+            vocab_size=args.vocab_size,
+            pattern=args.pattern,
+            special_tokens=[] if args.no_special else args.special,
+            unknown=args.unknown,
+            progress=flags.show_progress(args),
+        )
         seconds = time.perf_counter() - start
         tokenizer.save(args.out)
-        payload = {"path": args.out, "kind": args.kind, "vocab_size": tokenizer.vocab_size,
-                   "special_tokens": tokenizer.special_tokens, "fingerprint": tokenizer.fingerprint,
-                   "train_seconds": seconds, "train_characters": sum(len(t) for t in texts)}
-        emit(args, payload, f"{args.kind} tokenizer, vocabulary {tokenizer.vocab_size}, trained in {seconds:.2f}s "
-                            f"-> {args.out}")
+        payload = {
+            "path": args.out,
+            "kind": args.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "special_tokens": tokenizer.special_tokens,
+            "fingerprint": tokenizer.fingerprint,
+            "train_seconds": seconds,
+            "train_characters": sum(len(t) for t in texts),
+        }
+        emit(
+            args,
+            payload,
+            f"{args.kind} tokenizer, vocabulary {tokenizer.vocab_size}, trained in {seconds:.2f}s "
+            f"-> {args.out}",
+        )
 
 
 class Encode(Command):
@@ -88,7 +120,9 @@ class Encode(Command):
         flags.tokenizer(q, required=True)
         q.add_argument("--text", help="the text to encode (default: --text-file, else stdin)")
         flags.text_file(q, "encode it", old=("--file",))
-        q.add_argument("--allow-special", action="store_true", help="encode special-token spellings as special ids")
+        q.add_argument(
+            "--allow-special", action="store_true", help="encode special-token spellings as special ids"
+        )
         flags.output(q, progress=False)
 
     def run(self, args):
@@ -133,7 +167,9 @@ class Compare(Command):
 
     def register(self, q):
         _source(q, "train on train, measure on val", "train and measure on it")
-        q.add_argument("--vocab-sizes", default="512,1024,2048,4096", help="BPE vocabulary sizes, comma-separated")
+        q.add_argument(
+            "--vocab-sizes", default="512,1024,2048,4096", help="BPE vocabulary sizes, comma-separated"
+        )
         _pattern(q)
         q.add_argument("--d-model", type=int, default=384, help="model width for the embedding-cost column")
         flags.plot(q, default="tokenizer_compare.png")
@@ -143,7 +179,15 @@ class Compare(Command):
         from scratchlm.tokenizers.compare import compare_tokenizers, format_table, plot_comparison
 
         sizes = [int(v) for v in args.vocab_sizes.split(",")]
-        rows = compare_tokenizers(_texts(args, "train"), _texts(args, "val"), bpe_vocab_sizes=sizes,
-                                  pattern=args.pattern, d_model=args.d_model, progress=flags.show_progress(args))
-        plot = plot_comparison(rows, args.plot, title=f"Tokenizers on {args.dataset or args.text_file} (held-out split)")
+        rows = compare_tokenizers(
+            _texts(args, "train"),
+            _texts(args, "val"),
+            bpe_vocab_sizes=sizes,
+            pattern=args.pattern,
+            d_model=args.d_model,
+            progress=flags.show_progress(args),
+        )
+        plot = plot_comparison(
+            rows, args.plot, title=f"Tokenizers on {args.dataset or args.text_file} (held-out split)"
+        )
         emit(args, {"rows": rows, "plot": str(plot)}, format_table(rows) + f"\nplot: {plot}")

@@ -23,9 +23,17 @@ class Train(Command):
         from scratchlm.train import train
 
         overrides = [*args.set, *([f"train.device={args.device}"] if args.device else [])]
-        summary = train(load_config(args.config, overrides), resume=args.resume, progress=flags.show_progress(args),
-                        overwrite=args.overwrite)
-        emit(args, summary, f"done: {summary['steps']} steps ({summary['stop_reason']}), best val loss "
-                            f"{summary['best_val_loss']:.4f}, {summary['seconds']:.0f}s\n"
-                            f"checkpoints: {summary['out_dir']}/best, {summary['out_dir']}/last\n"
-                            f"loss plot: {summary['loss_plot']}")
+        summary = train(
+            load_config(args.config, overrides),
+            resume=args.resume,
+            progress=flags.show_progress(args),
+            overwrite=args.overwrite,
+        )
+        emit(
+            args,
+            summary,
+            f"done: {summary['steps']} steps ({summary['stop_reason']}), best val loss "
+            f"{summary['best_val_loss']:.4f}, {summary['seconds']:.0f}s\n"
+            f"checkpoints: {summary['out_dir']}/best, {summary['out_dir']}/last\n"
+            f"loss plot: {summary['loss_plot']}",
+        )

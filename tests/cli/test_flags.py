@@ -32,7 +32,9 @@ def test_every_command_is_listed_once_in_a_group():
     listed = [" ".join(c.path) for c in commands()]
     assert len(listed) == len(set(listed)) == 25
     assert set(listed) == set(command_parsers())
-    out = subprocess.run([sys.executable, "-m", "scratchlm", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "scratchlm", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for group in GROUPS:
         assert f"  {group} " in out
 
@@ -53,8 +55,19 @@ def test_shared_names_come_from_flags_py(name):
 def test_model_running_commands_take_device():
     parsers = command_parsers()
     running = {" ".join(c.path) for c in commands() if c.runs_model}
-    assert running == {"bigram", "train", "eval", "sample", "generate", "sft", "dpo", "reward-model", "ppo", "grpo",
-                       "critique-revise"}
+    assert running == {
+        "bigram",
+        "train",
+        "eval",
+        "sample",
+        "generate",
+        "sft",
+        "dpo",
+        "reward-model",
+        "ppo",
+        "grpo",
+        "critique-revise",
+    }
     for name, parser in parsers.items():
         options = {o for a in parser._actions for o in a.option_strings}
         assert ("--device" in options) == (name in running), name
@@ -84,12 +97,29 @@ def test_old_spellings_still_work_and_warn(tmp_path, capsys):
     assert captured.err.strip() == "scratchlm: warning: --file is deprecated; use --text-file"
     assert main(["tokenizer", "encode", "--tokenizer", "gpt2", "--text-file", str(text), "--json"]) == 0
     assert capsys.readouterr().err == ""
-    args = build_parser().parse_args(["generate", "--checkpoint", "c", "--input", "p.jsonl", "--output", "o.jsonl",
-                                      "--block-size", "8", "--num-blocks", "4"])
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--checkpoint",
+            "c",
+            "--input",
+            "p.jsonl",
+            "--output",
+            "o.jsonl",
+            "--block-size",
+            "8",
+            "--num-blocks",
+            "4",
+        ]
+    )
     assert (args.prompts, args.out, args.kv_block_size, args.kv_blocks) == ("p.jsonl", "o.jsonl", 8, 4)
     err = capsys.readouterr().err
-    for old, new in [("--input", "--prompts"), ("--output", "--out"), ("--block-size", "--kv-block-size"),
-                     ("--num-blocks", "--kv-blocks")]:
+    for old, new in [
+        ("--input", "--prompts"),
+        ("--output", "--out"),
+        ("--block-size", "--kv-block-size"),
+        ("--num-blocks", "--kv-blocks"),
+    ]:
         assert f"{old} is deprecated; use {new}" in err
     help_text = command_parsers()["generate"].format_help()
     assert "--block-size" not in help_text.replace("--kv-block-size", "") and "--output" not in help_text
