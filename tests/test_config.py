@@ -9,7 +9,8 @@ from dataclasses import fields, is_dataclass
 
 import pytest
 
-from scratchlm.cli import interpret_escapes, main
+from scratchlm.cli import main
+from scratchlm.cli.infer import interpret_escapes
 from scratchlm.config import ConfigError, apply_overrides, load_config
 from scratchlm.models.config import GPTConfig
 from scratchlm.train.config import TrainConfig

@@ -108,3 +108,22 @@ def inference_costs(model: GPT, batch: int = 1, context: int | None = None, byte
         "prefill": {"flops": prefill_flops, "bytes": weight_bytes + kv, "intensity": prefill_flops / (weight_bytes + kv)},
         "decode_step": {"flops": decode_flops, "bytes": step_bytes + kv, "intensity": decode_flops / (step_bytes + kv)},
     }
+
+
+def describe_model(config: GPTConfig, batch: int = 1, context: int | None = None) -> dict:
+    """What ``scratchlm model info`` reports: parameter counts, layer kinds, FLOPs per token, the KV
+    cache and recurrent state per token and per sequence, and :func:`inference_costs` in bf16.
+    The model is built on the meta device: describing a 1.5B model costs no memory."""
+    with torch.device("meta"):
+        model = GPT(config)
+    kinds: dict[str, int] = {}
+    for mixer, mlp in config.layer_kinds():
+        kinds[f"{mixer}+{mlp}"] = kinds.get(f"{mixer}+{mlp}", 0) + 1
+    return {"config": config.to_dict(), "layers": kinds, "parameters": model.parameter_counts(),
+            "flops_per_token": model.flops_per_token(context),
+            "kv_cache_bytes_per_token": {"bf16": model.kv_cache_bytes_per_token(2),
+                                         "fp32": model.kv_cache_bytes_per_token(4)},
+            "kv_cache_values_per_token_per_layer": [block.mixer.cache_values_per_token() for block in model.blocks],
+            "state_bytes_per_sequence": {"bf16": model.state_bytes_per_sequence(2),
+                                         "fp32": model.state_bytes_per_sequence(4)},
+            "inference_bf16": inference_costs(model, batch, context, bytes_per_value=2)}

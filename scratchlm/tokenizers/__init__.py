@@ -63,7 +63,24 @@ def gpt2_tokenizer(download: bool = True) -> BPETokenizer:
     return BPETokenizer.from_gpt2_files(fetch("gpt2-encoder", download), fetch("gpt2-vocab", download))
 
 
+def resolve_tokenizer_path(spec: str | Path) -> Path:
+    """A tokenizer JSON path, or ``gpt2`` for GPT-2's tokenizer (built once from OpenAI's files
+    into the cache folder)."""
+    if str(spec) == "gpt2":
+        from scratchlm.downloads import cache_dir
+
+        path = cache_dir() / "gpt2-tokenizer.json"
+        if not path.exists():
+            gpt2_tokenizer().save(path)
+        return path
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer file {str(spec)!r} does not exist (train one with "
+                                "`scratchlm tokenizer train`, or use 'gpt2')")
+    return path
+
+
 __all__ = [
     "DEFAULT_SPECIAL_TOKENS", "ENDOFTEXT", "KINDS", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "Tokenizer", "gpt2_tokenizer",
-    "load_tokenizer", "train_bpe", "train_tokenizer",
+    "load_tokenizer", "resolve_tokenizer_path", "train_bpe", "train_tokenizer",
 ]

@@ -66,11 +66,11 @@ def test_model_info_reports_kv_memory_and_arithmetic_intensity(capsys):
     """GPT-2 small, 8 sequences of 1,024 positions: 36,864 bytes per token of bf16 KV cache."""
     from scratchlm.cli import main
 
-    assert main(["model", "info", "--preset", "gpt2", "--batch", "8", "--context", "1024", "--json"]) == 0
+    assert main(["model", "info", "--preset", "gpt2", "--batch-size", "8", "--context", "1024", "--json"]) == 0
     costs = json.loads(capsys.readouterr().out)["inference_bf16"]
     assert costs["kv_cache_bytes"] == 8 * 1024 * 36_864
     # Prefill does thousands of FLOPs per byte (compute-bound); a decode step about one per sequence
     # per parameter byte pair (memory-bound): 2 FLOPs per weight per sequence over 2 bytes per weight.
     assert costs["prefill"]["intensity"] > 1000
     assert 2 < costs["decode_step"]["intensity"] < 8
-    assert main(["model", "info", "--preset", "gpt2", "--batch", "0"]) == 2
+    assert main(["model", "info", "--preset", "gpt2", "--batch-size", "0"]) == 2

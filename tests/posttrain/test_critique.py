@@ -189,7 +189,7 @@ def test_the_loop_through_the_cli_collects_better_revisions_and_trains_on_them(a
 
     root, out = assistant, tmp_path / "cai"
     args = ["critique-revise", "--checkpoint", str(root / "sft" / "last"), "--prompts", str(root / "prompts.jsonl"),
-            "--principles", str(root / "principles.json"), "--out", str(out), "--rounds", "2", "--num-samples", "4",
+            "--principles", str(root / "principles.json"), "--out", str(out), "--rounds", "2", "--candidates", "4", "--seed", "0",
             "--max-new-tokens", "16", "--held-out", "0.25", "--set", "train.max_steps=30", "--set", "train.lr=1e-3"]
     assert main(args + ["--json"]) == 0
     results = json.loads(capsys.readouterr().out)

@@ -712,7 +712,7 @@ def test_cli_generate_writes_outputs_in_order_with_errors_per_line_and_never_imp
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
     out = tmp_path / "out.jsonl"
     code = ("import sys\nfrom scratchlm.cli import main\n"
-            f"rc = main(['generate', '--checkpoint', {str(char_model)!r}, '--input', {str(src)!r}, '--output', "
+            f"rc = main(['generate', '--checkpoint', {str(char_model)!r}, '--prompts', {str(src)!r}, '--out', "
             f"{str(out)!r}, '--json'])\n"
             "loaded = sorted(m for m in sys.modules if m.startswith('scratchlm.train'))\n"
             "assert not loaded, loaded\nsys.exit(rc)\n")

@@ -1,0 +1,56 @@
+"""What every command shares: the ``Command`` shape (register its flags, run) and the report.
+
+Every command that reports numbers takes ``--json`` and then prints exactly one JSON object on
+stdout (progress bars go to stderr); under torchrun only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+
+class Command:
+    """One command. ``path`` is how it is typed after ``scratchlm`` (``("data", "prepare")``),
+    ``register`` adds its flags (shared ones from :mod:`scratchlm.cli.flags`), ``run`` calls the
+    API and prints. ``runs_model``: the command runs a model forward, so it takes ``--device``."""
+
+    path: tuple[str, ...] = ()
+    help: str = ""
+    runs_model: bool = False
+
+    def register(self, parser: argparse.ArgumentParser) -> None:
+        """Add this command's flags to its parser."""
+
+    def run(self, args: argparse.Namespace) -> None:
+        raise NotImplementedError
+
+
+def emit(args, payload: dict, text: str) -> None:
+    """Print the report: ``payload`` as one JSON object with ``--json``, else ``text``."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one report: rank 0's
+        return
+    if getattr(args, "json", False):
+        print(json.dumps(finite(payload), indent=1, default=str))
+    else:
+        print(text)
+
+
+def finite(obj):
+    """JSON has no inf/nan: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer a ``--tokenizer`` names (a JSON file, or gpt2)."""
+    from scratchlm.tokenizers import load_tokenizer, resolve_tokenizer_path
+
+    return load_tokenizer(resolve_tokenizer_path(spec))
