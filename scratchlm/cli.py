@@ -246,7 +246,7 @@ def cmd_model_shapes(args) -> None:
 
 def cmd_model_import(args) -> None:
     from scratchlm.models.hf import import_hf
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     model = import_hf(args.hf)
     save_model_only(args.out, model, source=str(args.hf))
