@@ -250,8 +250,8 @@ def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_stat
     fsync_dir(folder)
 
 
-def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
-                    tokenizer=None) -> Path:
+def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict],
+                    state: dict, tokenizer=None) -> Path:
     """Write a stand-alone checkpoint folder (an imported model, say) that must not exist yet.
 
     It is written under a temporary name and renamed when complete, so ``path`` either does not

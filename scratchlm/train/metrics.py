@@ -1,4 +1,4 @@
-"""The training log: buffered step metrics, ``metrics.jsonl``, TensorBoard, the loss plot, and reading it back.
+"""The training log: buffered step metrics, ``metrics.jsonl``, TensorBoard, the loss plot, reading it back.
 
 ``metrics.jsonl`` holds one JSON record per logged step (loss, learning rate, gradient norm,
 throughput, a method's own numbers) or evaluation (validation loss, best so far). Rank 0 writes it.
@@ -41,7 +41,8 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 self.file.close()
-                raise RuntimeError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+                raise RuntimeError("train.tensorboard needs the tensorboard package: "
+                                   "pip install tensorboard") from None
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def record(self, entry: dict) -> None:
@@ -98,8 +99,9 @@ class StepMetrics:
                 pending.clear()
                 raise non_finite(entry["step"], entry["lr"], loss, grad_norm)
             self.log.record({"step": entry["step"], "loss": loss, "lr": entry["lr"], "grad_norm": grad_norm,
-                             **dict(zip(names, extras)), "tokens_per_second": tokens_per_second, "tflops": achieved,
-                             "mfu": achieved / self.peak if self.peak else None, "seconds": entry["seconds"]})
+                             **dict(zip(names, extras)), "tokens_per_second": tokens_per_second,
+                             "tflops": achieved, "mfu": achieved / self.peak if self.peak else None,
+                             "seconds": entry["seconds"]})
         last = {"loss": values[-1][0], "lr": pending[-1]["lr"], "tokens_per_second": tokens_per_second}
         pending.clear()
         self.interval_start = now
@@ -112,7 +114,8 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
         return configured
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("4090", 165.0)):
+        known = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("4090", 165.0))
+        for key, tflops in known:
             if key in name:
                 return tflops
     return None
@@ -137,8 +140,8 @@ def truncate_metrics(metrics: Path, step: int, log) -> None:
             if number >= len(lines) - 1:  # the final line (possibly without its newline): torn by a kill
                 log(f"{metrics}: dropped a torn last line (line {number}) left by an interrupted run")
                 continue
-            raise FormatError(f"{metrics}, line {number}: not a JSON record ({line[:60]!r}); the log is damaged: "
-                              "delete that line (or the file) and resume again") from None
+            raise FormatError(f"{metrics}, line {number}: not a JSON record ({line[:60]!r}); the log is "
+                              "damaged: delete that line (or the file) and resume again") from None
         if record.get("step", 0) <= step:
             kept.append(line)
     with atomic_write(metrics, "w") as f:

@@ -106,6 +106,11 @@ STOP_REASONS = ("", "max_minutes", "signal", "early_stopping", "target_loss")
 
 
 class Trainer:
+    """Pretraining on a shards folder; post-training methods subclass it and override its hooks:
+    ``_prepare_data``, ``_initial_model``, ``_load_resume_weights``, ``_begin_step``, ``_fsdp_units``,
+    ``_loss``, ``evaluate``, ``sample``, ``_checkpoint_weights``, ``_checkpoint_extras``,
+    ``_state_dict``, ``_check_resumable``, ``_resume``. :meth:`train` runs the loop."""
+
     def __init__(self, model_section: dict, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                  log=None, overwrite: bool = False):
         cfg.data = str(Path(cfg.data).resolve())  # checkpoints then find their data from any directory
@@ -122,7 +127,8 @@ class Trainer:
         self.lock = None
         self._prepare_data(model_section)
         try:
-            self._on_rank0_then_all(lambda: self._claim_run(resume, overwrite), "the output folder cannot be used")
+            self._on_rank0_then_all(lambda: self._claim_run(resume, overwrite),
+                                    "the output folder cannot be used")
             self._build(resume)
         except BaseException:
             if self.lock:
@@ -247,8 +253,8 @@ class Trainer:
         if self.sharded and cfg.optimizer != "adamw":
             raise ValueError("train.strategy = 'fsdp' supports optimizer = 'adamw' (Muon needs whole matrices)")
         # Every rank reads the files itself; if one cannot, all stop here, not in a later collective.
-        resume_state = self._on_every_rank_then_agree(lambda: self._read_resume_checkpoint() if resume else None,
-                                                      "the checkpoint cannot be read")
+        read = self._read_resume_checkpoint if resume else lambda: None
+        resume_state = self._on_every_rank_then_agree(read, "the checkpoint cannot be read")
         if self.sharded:
             from torch.distributed.fsdp import fully_shard
 
@@ -380,8 +386,8 @@ class Trainer:
         in every forward (each gathers the shards), in lockstep: see
         :func:`~scratchlm.train.distributed.sample_in_lockstep`."""
         if self.sharded:
-            return sample_in_lockstep(self.model, self.tokenizer, self.model_config.block_size, self.cfg.sample_tokens,
-                                      self.device)
+            return sample_in_lockstep(self.model, self.tokenizer, self.model_config.block_size,
+                                      self.cfg.sample_tokens, self.device)
         if not self.is_main:
             return ""
         from scratchlm.generate import SamplingConfig, generate_text
@@ -410,7 +416,8 @@ class Trainer:
         self._started = time.perf_counter()
         self._trained = [p for p in self.model.parameters() if p.requires_grad]
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size * self.world_size
-        self._step_metrics = StepMetrics(self._metrics, self.device, tokens_per_step, self.flops_per_token, self.peak)
+        self._step_metrics = StepMetrics(self._metrics, self.device, tokens_per_step, self.flops_per_token,
+                                         self.peak)
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
@@ -524,7 +531,8 @@ class Trainer:
         self._flush()  # raises NonFiniteLoss before anything is saved
         self.state.eval_pending = scheduled or self.state.step == self.cfg.max_steps
         self._save(["last"])
-        self.log(f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: resume with --resume")
+        self.log(f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: "
+                 "resume with --resume")
 
     def _flush(self) -> float | None:
         """Log the pending steps (see :class:`~scratchlm.train.metrics.StepMetrics`); the last loss."""
@@ -541,8 +549,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         val = self.evaluate()
         improved = st.add_evaluation(val, scheduled)
-        self._metrics.record({"step": st.step, "val_loss": val, "best_val_loss": st.best_val, **self.eval_extras,
-                              "seconds": time.perf_counter() - self._started})
+        self._metrics.record({"step": st.step, "val_loss": val, "best_val_loss": st.best_val,
+                              **self.eval_extras, "seconds": time.perf_counter() - self._started})
         self._save(["best", "last"] if improved else ["last"])
         train_part = f"train {loss_now:.4f}  " if loss_now is not None else ""
         message = f"step {st.step}: {train_part}val {val:.4f}{'  (best)' if improved else ''}"

@@ -203,7 +203,7 @@ def test_training_step_does_not_wait_for_the_device(char_shards, tmp_path, monke
     """Losses and gradient norms are read from the device once per log interval, not every step."""
     from scratchlm.train import distributed, metrics, trainer
 
-    loop_files = {trainer.__file__, metrics.__file__, distributed.__file__}  # the loop, its log, its agreement
+    loop_files = {trainer.__file__, metrics.__file__, distributed.__file__}  # the loop, its log, agreement
     reads = []
     for name in ("item", "tolist"):
         real = getattr(torch.Tensor, name)
