@@ -82,7 +82,7 @@ def main() -> None:
     from scratchlm.posttrain.tasks import make_problems
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.tokenizers.chat import add_chat_tokens
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer steps and prompts: a smoke run")

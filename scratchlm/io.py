@@ -3,7 +3,8 @@
 Two promises hold for every file scratchlm writes:
 
 * writes are atomic: a temporary file in the same folder is written, flushed, fsynced and then
-  renamed over the target, so a crash never leaves a half-written file behind;
+  renamed over the target, so a crash never leaves a half-written file behind (and
+  :func:`fsync_dir` makes a rename itself durable);
 * every JSON file carries a ``format`` name and a ``version``, and :func:`read_json` checks both
   and says what was expected, what was found and what to do.
 """
@@ -92,6 +93,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a folder's entries durable (a file renamed into it, created or removed): fsync the folder
+    itself. Without it a rename can be lost by a power cut even though the file's data was synced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, obj: dict, *, indent: int | None = 1) -> None:

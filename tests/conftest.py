@@ -71,7 +71,7 @@ def task_base(tmp_path_factory):
     from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.data import write_task_data
     from scratchlm.tokenizers import CharTokenizer
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     root = tmp_path_factory.mktemp("posttrain")
     write_task_data(root / "tasks", ["addition"], train=80, test=6, difficulty=1)

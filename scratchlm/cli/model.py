@@ -103,7 +103,7 @@ class Import(Command):
 
     def run(self, args):
         from scratchlm.models.hf import import_hf
-        from scratchlm.train.checkpoint import save_model_only
+        from scratchlm.models.checkpoint import save_model_only
 
         model = import_hf(args.hf)
         save_model_only(args.out, model, source=str(args.hf))

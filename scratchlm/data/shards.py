@@ -32,7 +32,7 @@ import numpy as np
 import regex
 
 from scratchlm.data.prepare import SPLITS, Dataset
-from scratchlm.io import atomic_write, read_json, sha256_file, write_json
+from scratchlm.io import atomic_write, fsync_dir, read_json, sha256_file, write_json
 from scratchlm.tokenizers import ENDOFTEXT, Tokenizer, load_tokenizer
 from scratchlm.tokenizers.patterns import PATTERNS
 
@@ -265,21 +265,13 @@ def tokenize_dataset(
             path.unlink(missing_ok=True)
         raise
     (out / "shards.json").unlink(missing_ok=True)
-    _fsync_dir(out)
+    fsync_dir(out)
     for name, path in pending.items():
         os.replace(path, out / name)
-    _fsync_dir(out)
+    fsync_dir(out)
     write_json(out / "shards.json", summary)  # last: it only ever describes a complete set
     summary["path"] = str(out)
     return summary
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify_shards(folder: str | Path, tokenizer: Tokenizer | None = None, splits=None) -> dict:

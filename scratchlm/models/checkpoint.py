@@ -1,23 +1,35 @@
-"""Reading a checkpoint folder: what sampling, evaluation and serving need, and nothing of training.
+"""The checkpoint format, read and write: one folder that sampling, evaluation and serving load.
 
-A checkpoint folder holds ``model.safetensors`` (the weights), ``optimizer.safetensors`` and
-``state.json`` (format, version, model config, training state, and the size and sha256 of both
-tensor files). Everything here checks what it reads and names the file when something is wrong:
-a missing key, a wrong version, a truncated or bit-flipped tensor file. Loading a model for
-inference imports this module, never :mod:`scratchlm.train` (which writes checkpoints; see
-``scratchlm/train/checkpoint.py`` for how a save stays atomic).
+A checkpoint is a folder:
+
+* ``model.safetensors``: the weights (a tied output matrix stored once);
+* ``optimizer.safetensors``: every optimizer's state tensors (Adam moments, Muon momentum), keyed
+  ``optimizer-index/parameter-name/field``; their scalars and parameter groups sit in state.json;
+* ``state.json``: format and version, model config, training config, tokenizer fingerprint, step,
+  every rank's RNG states, the data loader's position, best validation loss, optimizer
+  hyperparameters, and the size and sha256 of the tensor files (checked on load, so a truncated
+  or bit-flipped file is refused by name instead of loading garbage);
+* optionally ``tokenizer.json`` (a chat model's own tokenizer) and extra files (LoRA adapters).
+
+A folder is written under a hidden temporary name and renamed when complete (:func:`publish_folder`),
+so a folder under its real name is always whole. Everything here checks what it reads and names the
+file when something is wrong: a missing key, a wrong version, a truncated or bit-flipped tensor file.
+Loading or saving a plain model imports this module, never :mod:`scratchlm.train`; a training run's
+store of checkpoints (step folders, ``last``/``best`` links, lock, recovery) is
+``scratchlm/train/checkpoint.py``. No pickle anywhere.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from scratchlm.io import FormatError, read_json, sha256_file
+from scratchlm.io import FormatError, fsync_dir, read_json, sha256_file, write_json
 
 CHECKPOINT_FORMAT = "scratchlm.checkpoint"
 CHECKPOINT_VERSION = 2  # 2: tensor-file checksums, per-rank RNG states
@@ -26,7 +38,6 @@ TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 # Keys every checkpoint's state.json has (a resumable one has more: see RESUME_KEYS).
 REQUIRED_KEYS = ("model", "step", "tokenizer_fingerprint", "train", "vocab_size")
 RESUME_KEYS = ("rng", "best_val", "evals_without_improvement", "optimizers")
-
 
 
 def is_complete(folder: Path) -> bool:
@@ -161,3 +172,104 @@ def load_checkpoint_tokenizer(checkpoint: str | Path, state: dict, name: str | P
         raise ValueError(f"{path} is not the tokenizer {checkpoint} was trained with (fingerprints differ); "
                          "pass a tokenizer")
     return tokenizer
+
+
+# --- writing ---------------------------------------------------------------------------------
+def model_state(model: torch.nn.Module, sharded: bool = False) -> dict[str, torch.Tensor]:
+    """Full weights on the CPU; a tied output matrix is stored once (as ``tok_emb.weight``).
+
+    With FSDP (``sharded``) this gathers the shards: every rank must call it.
+    """
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _split_optimizer_states(states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors, meta = {}, []
+    for i, sd in enumerate(states):
+        scalars: dict[str, dict] = {}
+        for name, state in sd["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{i}/{name}/{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(name, {})[key] = value
+        meta.append({"param_groups": sd["param_groups"], "scalars": scalars})
+    return tensors, meta
+
+
+def publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
+                    tokenizer=None, extra_files: dict[str, bytes] | None = None) -> None:
+    """Write the checkpoint into a hidden temporary sibling ``.NAME.tmp-PID``, then rename it to
+    ``target`` (which must not exist): a folder under its real name is always complete. (A run's
+    store knows that temporary name, and removes one that a kill left behind.)"""
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_folder(tmp, weights, optimizer_state, state, tokenizer, extra_files)
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
+                  tokenizer=None, extra_files: dict[str, bytes] | None = None) -> None:
+    """Fill a new folder with the three files (and the tokenizer, when it is not the training
+    data's: a chat model's, say), each fsynced, then the folder itself."""
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tensors, meta = _split_optimizer_states(optimizer_state)
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    names = list(TENSOR_FILES)
+    if tokenizer is not None:
+        tokenizer.save(folder / "tokenizer.json")
+        names.append("tokenizer.json")
+        state = {**state, "tokenizer_fingerprint": tokenizer.fingerprint}
+    for name, data in (extra_files or {}).items():  # e.g. LoRA adapters
+        if name in names or name == "state.json" or "/" in name:
+            raise ValueError(f"{name!r} cannot be an extra checkpoint file")
+        (folder / name).write_bytes(data)
+        names.append(name)
+    files = {}
+    for name in names:
+        with open(folder / name, "rb") as handle:
+            os.fsync(handle.fileno())
+        # Hashing reads the file back once: ~1-2 s for GPT-2 small's 0.5 GB of weights, a small price
+        # next to loading garbage from a bit-flipped or truncated file without knowing it.
+        files[name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+    write_json(folder / "state.json", {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                                       **state, "optimizers": meta, "files": files})
+    fsync_dir(folder)
+
+
+def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict],
+                    state: dict, tokenizer=None) -> Path:
+    """Write a stand-alone checkpoint folder (an imported model, say) that must not exist yet.
+
+    It is written under a temporary name and renamed when complete, so ``path`` either does not
+    exist or is whole. Training runs use ``scratchlm.train.checkpoint.CheckpointStore``, which also
+    replaces checkpoints.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path} already exists; remove it or choose another output folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    publish_folder(path, weights, optimizer_state, state, tokenizer)
+    return path
+
+
+def save_model_only(path: str | Path, model: torch.nn.Module, tokenizer=None, **info) -> Path:
+    """A checkpoint with weights and config but no optimizer (imported or exported models); with
+    ``tokenizer``, it is saved inside the folder and is the checkpoint's tokenizer."""
+    state = {"model": model.config.to_dict(), "step": 0, "tokenizer_fingerprint": None, "train": None,
+             "vocab_size": model.config.vocab_size, **info}
+    return save_checkpoint(path, model_state(model), [], state, tokenizer)

@@ -215,7 +215,7 @@ def merge_adapters(checkpoint: str | Path, adapters: str | Path, out: str | Path
     differs): merging them would give a wrong model. Returns the adapters' metadata."""
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint, read_state
     from scratchlm.tokenizers.chat import add_chat_tokens
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     model, state = load_model_from_checkpoint(checkpoint)
     meta = load_adapters(model, adapters)  # grows the vocabulary if the adapters brought new tokens

@@ -1,15 +1,7 @@
-"""Checkpoints: weights and optimizer state in safetensors, everything else in JSON, crash-safe.
+"""A training run's store of checkpoints: step folders, the ``last``/``best`` links, the run lock, recovery.
 
-A checkpoint is a folder:
-
-* ``model.safetensors``: the weights (a tied output matrix stored once);
-* ``optimizer.safetensors``: every optimizer's state tensors (Adam moments, Muon momentum);
-* ``state.json``: format and version, model config, training config, tokenizer fingerprint, step,
-  every rank's RNG states, the data loader's position, best validation loss, optimizer
-  hyperparameters, and the size and sha256 of the two tensor files (checked on load, so a
-  truncated or bit-flipped file is refused by name instead of loading garbage).
-
-A training run's ``out_dir`` holds them so that a kill at *any* moment leaves a complete
+Each checkpoint is a folder in the format of :mod:`scratchlm.models.checkpoint` (which writes and
+reads one). A run's ``out_dir`` holds them so that a kill at *any* moment leaves a complete
 checkpoint to resume from (atomic by construction, see :class:`CheckpointStore`)::
 
     out_dir/.lock                      held (flock) while a run writes here; dies with the process
@@ -17,12 +9,12 @@ checkpoint to resume from (atomic by construction, see :class:`CheckpointStore`)
     out_dir/last -> checkpoints/step-00000500     symbolic links, each replaced atomically
     out_dir/best -> checkpoints/step-00000250
 
-No pickle anywhere.
+Optimizer state travels keyed by parameter *name* (:func:`optimizer_states`, :func:`load_optimizers`),
+the form FSDP uses too, so a checkpoint resumes sharded or not.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import os
@@ -31,35 +23,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from scratchlm.io import FormatError, sha256_file, write_json
-from scratchlm.models.checkpoint import (  # noqa: F401  (re-exported: the trainer and old imports)
-    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, READABLE_VERSIONS, REQUIRED_KEYS, RESUME_KEYS, TENSOR_FILES, is_complete,
-    load_model_from_checkpoint, load_tensors, load_weights, read_state)
-
-def rng_to_json(state: torch.Tensor) -> str:
-    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
-
-
-def rng_from_json(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def model_state(model: torch.nn.Module, sharded: bool = False) -> dict[str, torch.Tensor]:
-    """Full weights on the CPU; a tied output matrix is stored once (as ``tok_emb.weight``).
-
-    With FSDP (``sharded``) this gathers the shards: every rank must call it.
-    """
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if getattr(getattr(model, "config", None), "tie_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return {k: v.contiguous() for k, v in sd.items()}
+from scratchlm.io import FormatError, fsync_dir
+from scratchlm.models.checkpoint import is_complete, load_tensors, publish_folder, read_state
 
 
 def optimizer_states(model: torch.nn.Module, optimizers, sharded: bool = False) -> list[dict]:
@@ -77,88 +43,6 @@ def optimizer_states(model: torch.nn.Module, optimizers, sharded: bool = False) 
         groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
         out.append({"state": {order[i]: st for i, st in sd["state"].items()}, "param_groups": groups})
     return out
-
-
-def _split_optimizer_states(states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    tensors, meta = {}, []
-    for i, sd in enumerate(states):
-        scalars: dict[str, dict] = {}
-        for name, state in sd["state"].items():
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    tensors[f"{i}/{name}/{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars.setdefault(name, {})[key] = value
-        meta.append({"param_groups": sd["param_groups"], "scalars": scalars})
-    return tensors, meta
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
-                    tokenizer=None, extra_files: dict[str, bytes] | None = None) -> None:
-    """Write the checkpoint into a hidden temporary sibling, then rename it to ``target`` (which must
-    not exist): a folder under its real name is always complete."""
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write_folder(tmp, weights, optimizer_state, state, tokenizer, extra_files)
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
-                  tokenizer=None, extra_files: dict[str, bytes] | None = None) -> None:
-    """Fill a new folder with the three files (and the tokenizer, when it is not the training
-    data's: a chat model's, say), each fsynced, then the folder itself."""
-    folder.mkdir(parents=True)
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    tensors, meta = _split_optimizer_states(optimizer_state)
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    names = list(TENSOR_FILES)
-    if tokenizer is not None:
-        tokenizer.save(folder / "tokenizer.json")
-        names.append("tokenizer.json")
-        state = {**state, "tokenizer_fingerprint": tokenizer.fingerprint}
-    for name, data in (extra_files or {}).items():  # e.g. LoRA adapters
-        if name in names or name == "state.json" or "/" in name:
-            raise ValueError(f"{name!r} cannot be an extra checkpoint file")
-        (folder / name).write_bytes(data)
-        names.append(name)
-    files = {}
-    for name in names:
-        with open(folder / name, "rb") as handle:
-            os.fsync(handle.fileno())
-        # Hashing reads the file back once: ~1-2 s for GPT-2 small's 0.5 GB of weights, a small price
-        # next to loading garbage from a bit-flipped or truncated file without knowing it.
-        files[name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-    write_json(folder / "state.json", {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                                       **state, "optimizers": meta, "files": files})
-    _fsync_dir(folder)
-
-
-def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
-                    tokenizer=None) -> Path:
-    """Write a stand-alone checkpoint folder (an imported model, say) that must not exist yet.
-
-    It is written under a temporary name and renamed when complete, so ``path`` either does not
-    exist or is whole. Training runs use :class:`CheckpointStore`, which also replaces checkpoints.
-    """
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        raise FileExistsError(f"{path} already exists; remove it or choose another output folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _publish_folder(path, weights, optimizer_state, state, tokenizer)
-    return path
 
 
 class RunLock:
@@ -249,10 +133,10 @@ class CheckpointStore:
         """Write one checkpoint and point each of ``names`` (``last``, ``best``) at it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self._free_name(f"step-{int(state['step']):08d}")
-        _publish_folder(target, weights, optimizer_state, state, tokenizer, extra_files)
+        publish_folder(target, weights, optimizer_state, state, tokenizer, extra_files)
         for name in names:
             self._point(name, target)
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         self.collect_garbage()
         return target
 
@@ -318,7 +202,7 @@ class CheckpointStore:
         for name in self.POINTERS:
             if self.pointer(name).is_symlink():
                 self.pointer(name).unlink()
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         self.collect_garbage()
 
     def _adopt_legacy(self, name: str) -> Path | None:
@@ -405,21 +289,13 @@ class CheckpointStore:
             if complete:
                 self._point("last", complete[-1])
                 done.append(f"pointed last at {complete[-1].name}, the newest complete checkpoint")
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         self.collect_garbage()
         for bad in self.unreadable():
             done.append(f"warning: {bad} does not read as a checkpoint of this version; it is kept, not deleted")
         for message in done:
             (log or (lambda m: None))(f"checkpoint recovery in {self.out}: {message}")
         return done
-
-
-def save_model_only(path: str | Path, model: torch.nn.Module, tokenizer=None, **info) -> Path:
-    """A checkpoint with weights and config but no optimizer (imported or exported models); with
-    ``tokenizer``, it is saved inside the folder and is the checkpoint's tokenizer."""
-    state = {"model": model.config.to_dict(), "step": 0, "tokenizer_fingerprint": None, "train": None,
-             "vocab_size": model.config.vocab_size, **info}
-    return save_checkpoint(path, model_state(model), [], state, tokenizer)
 
 
 def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state: dict, sharded: bool = False) -> None:

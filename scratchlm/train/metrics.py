@@ -1,9 +1,181 @@
-"""The training log read back: ``metrics.jsonl`` holds one JSON record per logged step or evaluation."""
+"""The training log: buffered step metrics, ``metrics.jsonl``, TensorBoard, the loss plot, reading it back.
+
+``metrics.jsonl`` holds one JSON record per logged step (loss, learning rate, gradient norm,
+throughput, a method's own numbers) or evaluation (validation loss, best so far). Rank 0 writes it.
+
+The host never waits for the device inside a step: each step's loss and gradient norm stay on the
+device (:class:`StepMetrics`) and are read in one transfer every log interval, and before any
+evaluation or save. A non-finite value is found there, before any checkpoint is written.
+
+A resumed run first cuts the log back to its checkpoint's step (:func:`truncate_metrics`), then
+writes the later steps again, so the log of a resumed run equals an uninterrupted run's.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from scratchlm.io import FormatError, atomic_write
+
+
+class MetricsLog:
+    """``out/metrics.jsonl`` and, with ``tensorboard``, ``out/tensorboard``: open on rank 0 only
+    (``enabled``); elsewhere :meth:`record` drops every record. ``fresh`` starts an empty log."""
+
+    def __init__(self, out: Path, *, fresh: bool, tensorboard: bool, enabled: bool):
+        self.file = self.writer = None
+        if not enabled:
+            return
+        if fresh:
+            with atomic_write(out / "metrics.jsonl", "w"):
+                pass
+        self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.file.close()
+                raise RuntimeError("train.tensorboard needs the tensorboard package: "
+                                   "pip install tensorboard") from None
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def record(self, entry: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        if self.writer:
+            for k, v in entry.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None:
+                    self.writer.add_scalar(k, v, entry["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+class StepMetrics:
+    """The steps whose numbers are still on the device, logged by :meth:`flush` in one transfer."""
+
+    def __init__(self, log: MetricsLog, device: torch.device, tokens_per_step: int, flops_per_token: float,
+                 peak_tflops: float | None):
+        self.log, self.device = log, device
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_tflops
+        self.pending: list[dict] = []
+        self.interval_start = time.perf_counter()
+
+    def add(self, step: int, lr: float, seconds: float, loss: torch.Tensor, grad_norm: torch.Tensor,
+            extras: dict[str, torch.Tensor]) -> None:
+        self.pending.append({"step": step, "loss": loss, "grad_norm": grad_norm.detach().float(), "lr": lr,
+                             "seconds": seconds, "extras": {k: v.detach().float().reshape(()).to(self.device)
+                                                            for k, v in extras.items()}})
+
+    def flush(self, non_finite) -> dict | None:
+        """Read the pending steps' numbers from the device in one transfer, check them, log them.
+
+        At the first step whose loss or gradient norm is not finite, raises
+        ``non_finite(step, lr, loss, grad_norm)`` (an exception). Returns the last step's
+        ``{"loss", "lr", "tokens_per_second"}``, or None when no step was pending.
+        """
+        pending = self.pending
+        if not pending:
+            return None
+        names = sorted(pending[0]["extras"])  # a method's own per-step numbers (DPO's rewards, ...)
+        values = torch.stack([torch.stack([p["loss"], p["grad_norm"], *(p["extras"][k] for k in names)])
+                              for p in pending]).double().tolist()
+        now = time.perf_counter()
+        tokens_per_second = self.tokens_per_step * len(pending) / max(now - self.interval_start, 1e-9)
+        achieved = self.flops_per_token * tokens_per_second / 1e12
+        for entry, (loss, grad_norm, *extras) in zip(pending, values):
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                pending.clear()
+                raise non_finite(entry["step"], entry["lr"], loss, grad_norm)
+            self.log.record({"step": entry["step"], "loss": loss, "lr": entry["lr"], "grad_norm": grad_norm,
+                             **dict(zip(names, extras)), "tokens_per_second": tokens_per_second,
+                             "tflops": achieved, "mfu": achieved / self.peak if self.peak else None,
+                             "seconds": entry["seconds"]})
+        last = {"loss": values[-1][0], "lr": pending[-1]["lr"], "tokens_per_second": tokens_per_second}
+        pending.clear()
+        self.interval_start = now
+        return last
+
+
+def peak_tflops(device: torch.device, configured: float | None) -> float | None:
+    """The device's peak bf16 dense TFLOP/s, for the MFU estimate: ``configured``, or known GPUs'."""
+    if configured:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        known = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("4090", 165.0))
+        for key, tflops in known:
+            if key in name:
+                return tflops
+    return None
+
+
+def truncate_metrics(metrics: Path, step: int, log) -> None:
+    """Keep the log lines up to ``step``: the resumed run writes the later ones again.
+
+    A kill (or a full disk) can tear the *last* line; it is dropped. A damaged line anywhere
+    else is not a crash artefact but corruption, and is reported with its line number.
+    """
+    if not metrics.exists():
+        return
+    lines = metrics.read_text(encoding="utf-8", errors="replace").split("\n")
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number >= len(lines) - 1:  # the final line (possibly without its newline): torn by a kill
+                log(f"{metrics}: dropped a torn last line (line {number}) left by an interrupted run")
+                continue
+            raise FormatError(f"{metrics}, line {number}: not a JSON record ({line[:60]!r}); the log is "
+                              "damaged: delete that line (or the file) and resume again") from None
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    with atomic_write(metrics, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+
+
+def plot_losses(metrics: Path, path: Path) -> Path:
+    """Training loss per step (and its running mean) with the validation losses, saved as an image."""
+    from scratchlm.plots import pyplot, save_figure
+
+    records = []
+    for line in metrics.read_text(encoding="utf-8", errors="replace").split("\n"):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill is left out of the picture
+                continue
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, lw=0.6, alpha=0.5, label="train (per step)")
+        k = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"train (mean of {k})")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
 
 
 def read_evaluations(out_dir: str | Path, key: str) -> list[dict]:

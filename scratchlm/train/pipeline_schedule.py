@@ -153,7 +153,7 @@ def one_f_one_b(stages: int, chunks: int, rank: int, split_w: bool = False) -> l
 
 
 def dualpipe(stages: int, chunks: int, rank: int) -> list:
-    """DualPipe (DeepSeek-V3 report §3.2.1, Figure 5): the eight phases of the reference schedule.
+    """DualPipe (DeepSeek-V3 report, section 3.2.1 and Figure 5): the eight phases of the reference schedule.
 
     Half the micro-batches enter at rank 0 and half at the last rank, so rank r holds stage r of
     one copy of the model and stage P-1-r of the other. "near" is the direction whose entry is the

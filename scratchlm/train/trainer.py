@@ -18,18 +18,22 @@ Data parallel: launched with ``torchrun --nproc_per_node N -m scratchlm train ..
 trains on its slice of the global batch and DDP averages the gradients (gloo on CPU, NCCL on GPU);
 only rank 0 writes logs and checkpoints. Every decision to stop (time limit, SIGTERM, early
 stopping, target loss, non-finite loss) is taken from values all ranks share, so every rank stops
-at the same step and none is left waiting in a collective.
+at the same step and none is left waiting in a collective (:mod:`scratchlm.train.distributed`).
 
 Resuming (``resume=True``) restores weights, optimizer state, step, every rank's RNG states and the
 loader's position, so the resumed run produces the same per-step losses as one never interrupted.
 SIGTERM (a scheduler's "please stop") finishes the current step, saves ``last`` and returns.
+
+The log is :mod:`scratchlm.train.metrics`, the run's checkpoints :mod:`scratchlm.train.checkpoint`.
+This file stays over 400 lines on purpose: :class:`Trainer` is the one set of hooks that every
+post-training method overrides (data, model, loss, evaluation, checkpoint contents, resume), and
+a reader finds them, and the loop that calls them, in one place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import shutil
@@ -45,16 +49,18 @@ import torch
 
 from scratchlm.data.loader import BatchLoader
 from scratchlm.data.shards import open_shard, verify_shards
-from scratchlm.device import pick_device
+from scratchlm.io import FormatError
+from scratchlm.models.checkpoint import load_weights, model_state, read_state
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.presets import config_from_section
 from scratchlm.models.loss import token_nll
 from scratchlm.tokenizers import load_tokenizer
+from scratchlm.train.checkpoint import CheckpointStore, RunLock, load_optimizers, optimizer_states
 from scratchlm.train.config import TrainConfig
-from scratchlm.io import FormatError, atomic_write
-from scratchlm.train.checkpoint import (CheckpointStore, RunLock, load_optimizers, load_weights, model_state,
-                                        optimizer_states, read_state, rng_from_json, rng_to_json)
+from scratchlm.train.distributed import (Ranks, block_units, init_distributed, rng_state, rng_states_by_rank,
+                                         sample_in_lockstep, set_rng_state)
+from scratchlm.train.metrics import MetricsLog, StepMetrics, peak_tflops, plot_losses, truncate_metrics
 from scratchlm.train.optim import build_optimizers
 from scratchlm.train.schedule import lr_at
 
@@ -73,14 +79,18 @@ class _Progress:
     evals_without_improvement: int = 0
     eval_pending: bool = False  # stopped by a signal on a scheduled-eval step: the resumed run evaluates first
 
-
-def block_units(model) -> list:
-    """The modules FSDP shards as units of their own, before the root: every block of the model
-    and of its multi-token-prediction modules (one all-gather per block in the forward)."""
-    blocks = list(model.blocks)
-    if getattr(model, "mtp", None) is not None:
-        blocks += [m for m in model.mtp.modules() if isinstance(m, type(model.blocks[0]))]
-    return blocks
+    def add_evaluation(self, val: float, scheduled: bool) -> bool:
+        """Count one validation loss; True when it is the best so far."""
+        improved = val < self.best_val
+        if improved:
+            self.best_val = val
+        if scheduled:
+            if val < self.patience_best:
+                self.patience_best, self.evals_without_improvement = val, 0
+            else:
+                self.evals_without_improvement += 1
+        self.eval_pending = False
+        return improved
 
 
 def build_model_config(model_section: dict, vocab_size: int) -> GPTConfig:
@@ -93,40 +103,16 @@ def build_model_config(model_section: dict, vocab_size: int) -> GPTConfig:
     return config_from_section({**section, "vocab_size": vocab_size})
 
 
-def init_distributed(device_preference: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under ``torchrun`` (WORLD_SIZE > 1) this joins the process group:
-    NCCL with one GPU per process when CUDA is there, gloo on CPUs."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, pick_device(device_preference)
-    import torch.distributed as dist
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_preference)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
-
-def _peak_tflops(device: torch.device, configured: float | None) -> float | None:
-    if configured:
-        return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("4090", 165.0)):
-            if key in name:
-                return tflops
-    return None
-
-
 # Why a run stopped early; the code travels between ranks in the per-step control message.
 STOP_REASONS = ("", "max_minutes", "signal", "early_stopping", "target_loss")
 
 
 class Trainer:
+    """Pretraining on a shards folder; post-training methods subclass it and override its hooks:
+    ``_prepare_data``, ``_initial_model``, ``_load_resume_weights``, ``_begin_step``, ``_fsdp_units``,
+    ``_loss``, ``evaluate``, ``sample``, ``_checkpoint_weights``, ``_checkpoint_extras``,
+    ``_state_dict``, ``_check_resumable``, ``_resume``. :meth:`train` runs the loop."""
+
     def __init__(self, model_section: dict, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                  log=None, overwrite: bool = False):
         cfg.data = str(Path(cfg.data).resolve())  # checkpoints then find their data from any directory
@@ -134,13 +120,7 @@ class Trainer:
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.rank, self.world_size, self.device = init_distributed(cfg.device)
         self.is_main = self.rank == 0
-        # Small control messages (stop flags, RNG states) go over gloo on the CPU, so they never
-        # make the host wait for the GPU; on a CPU run the default group is gloo already.
-        self.control_group = None
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            self.control_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else dist.group.WORLD
+        self.ranks = Ranks(self.rank, self.world_size, self.device)
         self.out = Path(cfg.out_dir)
         if cfg.warmup_steps > cfg.max_steps and self.is_main:  # fine for a smoke run, a mistake otherwise
             self.log(f"warning: train.warmup_steps = {cfg.warmup_steps} is more than train.max_steps = "
@@ -148,15 +128,9 @@ class Trainer:
         self.store = CheckpointStore(self.out)
         self.lock = None
         self._prepare_data(model_section)
-
-        def claim() -> None:  # one run per out_dir at a time; then clean up what an interrupted save left
-            self.lock = RunLock(self.out).acquire()
-            self.store.recover(self.log)
-            if not resume:
-                self._claim_out_dir(overwrite)
-
         try:
-            self._on_rank0_then_all(claim, "the output folder cannot be used")
+            self._on_rank0_then_all(lambda: self._claim_run(resume, overwrite),
+                                    "the output folder cannot be used")
             self._build(resume)
         except BaseException:
             if self.lock:
@@ -222,40 +196,31 @@ class Trainer:
         """Extra files for a checkpoint folder (name -> bytes) and its own tokenizer, if any."""
         return {"tokenizer": None, "files": {}}
 
+    # --- several processes agree (see scratchlm.train.distributed) ------------------------------
     def _on_rank0_then_all(self, work, what: str) -> None:
-        """Run ``work`` on rank 0 only; if it fails (whatever the exception, Ctrl-C included), every
-        rank raises (none is left waiting in a collective for a rank that gave up), rank 0 with the
-        original error."""
-        problem = None
-        if self.is_main:
-            try:
-                work()
-            except BaseException as e:  # noqa: B036 - told to every rank, then raised again
-                problem = e
-        if self.world_size > 1:
-            message = [None if problem is None else f"{type(problem).__name__}: {problem}"]
-            torch.distributed.broadcast_object_list(message, src=0, group=self.control_group)
-            if message[0] is not None and problem is None:
-                raise RuntimeError(f"rank 0 stopped the run, {what}: {message[0]}")
-        if problem is not None:
-            raise problem
+        """Run ``work`` on rank 0; if it fails, every rank raises (rank 0 with the original error)."""
+        self.ranks.rank0_then_all(work, what)
 
     def _on_every_rank_then_agree(self, work, what: str):
-        """Run ``work`` on every rank; if it fails on any, every rank raises before the next
-        collective (the failing ranks with their own error). Returns ``work()``'s result."""
-        problem, result = None, None
-        try:
-            result = work()
-        except BaseException as e:  # noqa: B036 - told to every rank, then raised again
-            problem = e
-        if self.world_size > 1:
-            reports = self._gather(None if problem is None else f"{type(problem).__name__}: {problem}")
-            failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-            if failed and problem is None:
-                raise RuntimeError(f"rank {failed[0][0]} stopped the run, {what}: {failed[0][1]}")
-        if problem is not None:
-            raise problem
-        return result
+        """Run ``work`` on every rank; if it fails on any, every rank raises. Returns its result."""
+        return self.ranks.every_rank_then_agree(work, what)
+
+    def _shared(self, values: list[float], op: str = "max") -> list[float]:
+        """Values every rank agrees on: the max over ranks, or rank 0's (``op="rank0"``)."""
+        return self.ranks.shared(values, op)
+
+    def _gather(self, obj):
+        """Every rank's ``obj``, in rank order (on every rank)."""
+        return self.ranks.gather(obj)
+
+    # --- the run folder and the model -------------------------------------------------------------
+    def _claim_run(self, resume: bool, overwrite: bool) -> None:
+        """On rank 0: one run per out_dir at a time (the lock); then clean up what an interrupted
+        save left, and a fresh run makes sure it replaces no other run's checkpoints by accident."""
+        self.lock = RunLock(self.out).acquire()
+        self.store.recover(self.log)
+        if not resume:
+            self._claim_out_dir(overwrite)
 
     def _claim_out_dir(self, overwrite: bool) -> None:
         """A fresh run must not silently replace another run's checkpoints (``best`` above all)."""
@@ -289,15 +254,9 @@ class Trainer:
         self.sharded = self.world_size > 1 and cfg.strategy == "fsdp"
         if self.sharded and cfg.optimizer != "adamw":
             raise ValueError("train.strategy = 'fsdp' supports optimizer = 'adamw' (Muon needs whole matrices)")
-        def read_checkpoint() -> dict | None:
-            if not resume:
-                return None
-            state = self._check_resumable()
-            self._load_resume_weights(self.out / "last")
-            return state
-
         # Every rank reads the files itself; if one cannot, all stop here, not in a later collective.
-        resume_state = self._on_every_rank_then_agree(read_checkpoint, "the checkpoint cannot be read")
+        read = self._read_resume_checkpoint if resume else lambda: None
+        resume_state = self._on_every_rank_then_agree(read, "the checkpoint cannot be read")
         if self.sharded:
             from torch.distributed.fsdp import fully_shard
 
@@ -320,37 +279,19 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         self.flops_per_token = self.model.flops_per_token()["train"]
-        self.peak = _peak_tflops(self.device, cfg.peak_tflops)
+        self.peak = peak_tflops(self.device, cfg.peak_tflops)
         self._signalled = threading.Event()
 
-    # --- several processes ----------------------------------------------------------------------
-    def _shared(self, values: list[float], op: str = "max") -> list[float]:
-        """Values every rank agrees on: the max over ranks, or rank 0's (``op="rank0"``)."""
-        if self.world_size == 1:
-            return values
-        import torch.distributed as dist
+    def _read_resume_checkpoint(self) -> dict:
+        """``last``'s state, checked against this run, and its weights loaded (on every rank)."""
+        state = self._check_resumable()
+        self._load_resume_weights(self.out / "last")
+        return state
 
-        t = torch.tensor(values, dtype=torch.float64)
-        if op == "rank0":
-            dist.broadcast(t, src=0, group=self.control_group)
-        else:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
-        return t.tolist()
-
-    def _gather(self, obj):
-        """Every rank's ``obj``, in rank order (on every rank)."""
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj, group=self.control_group)
-        return out
-
-    # --- state --------------------------------------------------------------------------------
+    # --- state ------------------------------------------------------------------------------------
     def _rng_state(self) -> dict:
         """This rank's random streams: CPU (dropout on CPU), its own GPU's, and the loader's."""
-        return {"torch": rng_to_json(torch.get_rng_state()),
-                "loader": rng_to_json(self.train_loader.generator.get_state()),
-                "cuda": rng_to_json(torch.cuda.get_rng_state(self.device)) if self.device.type == "cuda" else None}
+        return rng_state(self.device, self.train_loader.generator)
 
     def _state_dict(self, rng_by_rank: list[dict]) -> dict:
         return {
@@ -412,41 +353,10 @@ class Trainer:
                      "and dropout masks now start from another process's saved state, so the batches and losses "
                      "will not match an uninterrupted run. Resume with the same number of processes to continue "
                      "exactly.")
-        mine = ranks[self.rank % len(ranks)]
-        torch.set_rng_state(rng_from_json(mine["torch"]))
-        self.train_loader.generator.set_state(rng_from_json(mine["loader"]))
-        if mine.get("cuda") and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng_from_json(mine["cuda"]), self.device)
+        set_rng_state(ranks[self.rank % len(ranks)], self.device, self.train_loader.generator)
         if self.is_main:
-            self._truncate_metrics(self.state.step)
+            truncate_metrics(self.out / "metrics.jsonl", self.state.step, self.log)
         self.log(f"resumed from {last} ({os.path.realpath(last)}) at step {self.state.step}")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Keep the log lines up to ``step``: the resumed run writes the later ones again.
-
-        A kill (or a full disk) can tear the *last* line; it is dropped. A damaged line anywhere
-        else is not a crash artefact but corruption, and is reported with its line number.
-        """
-        metrics = self.out / "metrics.jsonl"
-        if not metrics.exists():
-            return
-        lines = metrics.read_text(encoding="utf-8", errors="replace").split("\n")
-        kept = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number >= len(lines) - 1:  # the final line (possibly without its newline): torn by a kill
-                    self.log(f"{metrics}: dropped a torn last line (line {number}) left by an interrupted run")
-                    continue
-                raise FormatError(f"{metrics}, line {number}: not a JSON record ({line[:60]!r}); the log is damaged: "
-                                  "delete that line (or the file) and resume again") from None
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        with atomic_write(metrics, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
 
     def _fixed_val_windows(self) -> torch.Tensor:
         """The same validation windows at every evaluation, so successive losses compare."""
@@ -475,9 +385,11 @@ class Trainer:
 
     def sample(self) -> str:
         """A short sample, on rank 0 (other ranks return ""). Under FSDP every rank must take part
-        in every forward (each gathers the shards), in lockstep: see :meth:`_sample_sharded`."""
+        in every forward (each gathers the shards), in lockstep: see
+        :func:`~scratchlm.train.distributed.sample_in_lockstep`."""
         if self.sharded:
-            return self._sample_sharded()
+            return sample_in_lockstep(self.model, self.tokenizer, self.model_config.block_size,
+                                      self.cfg.sample_tokens, self.device)
         if not self.is_main:
             return ""
         from scratchlm.generate import SamplingConfig, generate_text
@@ -485,33 +397,175 @@ class Trainer:
         return generate_text(self.model, self.tokenizer, "\n" if self.tokenizer.kind == "char" else "",
                              self.cfg.sample_tokens, SamplingConfig(temperature=0.8, top_k=50), seed=0)
 
-    @torch.no_grad()
-    def _sample_sharded(self) -> str:
-        """Every rank runs each forward; rank 0's choice of token is broadcast, so all ranks take the
-        same number of steps even if their logits ever differed (a rank that stopped early would
-        leave the others waiting for its shards forever). No KV cache: a short sample, rarely."""
-        from scratchlm.generate.sampling import SamplingConfig, choose
-
-        tok = self.tokenizer
-        ids = tok.encode("\n") if tok.kind == "char" else [tok.eot_token or 0]
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        config = SamplingConfig(temperature=0.8, top_k=50)
-        T, out = self.model_config.block_size, []
-        self.model.eval()
+    # --- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict:
         try:
-            for _ in range(self.cfg.sample_tokens):
-                logits, _ = self.model(torch.tensor([ids[-T:]], device=self.device), last_only=True)
-                token = choose(logits[:, -1], config, generator=generator)  # (1, 1)
-                torch.distributed.broadcast(token, src=0)
-                if int(token) == tok.eot_token:
-                    break
-                ids.append(int(token))
-                out.append(int(token))
+            return self._train()
         finally:
-            self.model.train()
-        return tok.decode(out)
+            if self.lock:
+                self.lock.release()
 
-    # --- the loop ----------------------------------------------------------------------------------
+    def _train(self) -> dict:
+        """Open the log and the progress bar, take over SIGTERM, run the steps; the run's summary."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._metrics = MetricsLog(self.out, fresh=self.state.step == 0, tensorboard=cfg.tensorboard,
+                                   enabled=self.is_main)
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="training", unit="step",
+                         disable=not (self.progress_bar and self.is_main))
+        self._started = time.perf_counter()
+        self._trained = [p for p in self.model.parameters() if p.requires_grad]
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size * self.world_size
+        self._step_metrics = StepMetrics(self._metrics, self.device, tokens_per_step, self.flops_per_token,
+                                         self.peak)
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        self.model.train()
+        try:
+            stop_reason = self._run()
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+            self._bar.close()
+            self._metrics.close()
+        plot = plot_losses(self.out / "metrics.jsonl", self.out / "loss.png") if self.is_main else None
+        return {"out_dir": str(self.out), "steps": self.state.step, "stop_reason": stop_reason,
+                "best_val_loss": self.state.best_val, "seconds": time.perf_counter() - self._started,
+                "loss_plot": str(plot), "parameters": self.model.parameter_counts()["total"],
+                "device": str(self.device), "world_size": self.world_size}
+
+    def _run(self) -> str:
+        """Steps until ``max_steps`` or a reason to stop, which it returns."""
+        cfg = self.cfg
+        if self.state.eval_pending:  # the evaluation a signal skipped, before anything else
+            decided = self._evaluate_and_save(True, None)
+            if decided:
+                return decided
+        while self.state.step < cfg.max_steps:
+            self._step()
+            stop = self._stop_requested()
+            final = self.state.step == cfg.max_steps or stop != ""
+            scheduled = self.state.step % cfg.eval_interval == 0
+            if stop == "signal":
+                self._save_on_signal(scheduled)
+                return "signal"
+            # A final evaluation off the schedule (time limit, max_steps) reports the end state
+            # and may update best, but early stopping never sees it.
+            evaluate_now = scheduled or final
+            loss_now = None
+            if self.state.step % cfg.log_interval == 0 or evaluate_now:
+                loss_now = self._flush()  # raises NonFiniteLoss before anything is saved
+            if evaluate_now:
+                decided = self._evaluate_and_save(scheduled, loss_now)
+                if decided:
+                    return decided
+            if stop:
+                return stop
+        return "max_steps"
+
+    def _step(self) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches; its numbers stay on the device."""
+        step = self.state.step
+        lr = self._set_lr(step)
+        batches = [self.train_loader.get_batch() for _ in range(self.cfg.grad_accum)]
+        self._begin_step(batches)
+        loss = self._forward_backward(batches)
+        grad_norm = self._optimizer_step()
+        self.state.step = step + 1
+        self._step_metrics.add(self.state.step, lr, time.perf_counter() - self._started, loss, grad_norm,
+                               self.step_extras)
+        self._bar.update(1)
+
+    def _forward_backward(self, batches: list) -> torch.Tensor:
+        """Gradients of the step's mean loss over its micro-batches (and over ranks); that loss."""
+        accum = self.cfg.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for micro, batch in enumerate(batches):
+            # DDP/FSDP average gradients across processes on the last micro-batch only.
+            sync = self.world_size == 1 or micro == accum - 1
+            if self.sharded:
+                self.model.set_requires_gradient_sync(sync)
+            no_sync = self.step_model.no_sync() if not (sync or self.sharded) else contextlib.nullcontext()
+            with self.autocast, no_sync:
+                loss = self._loss(batch)
+                if not self.model_adds_auxiliary:  # the last forward's MoE balancing losses
+                    loss = loss + self.model.auxiliary_loss()
+                (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        if self.world_size > 1:
+            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+        return loss_sum
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip (or only measure) the gradient norm, step every optimizer, zero the gradients; the norm."""
+        if self.cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._trained, self.cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._trained if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded scalar
+            grad_norm = grad_norm.full_tensor()
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        after_step = getattr(self.model, "after_optimizer_step", None)
+        if after_step is not None:  # state trained without gradients (MoE's balancing bias)
+            self.step_extras = {**self.step_extras, **(after_step() or {})}
+        return grad_norm
+
+    def _stop_requested(self) -> str:
+        """Why every rank stops after this step ("" to go on). One small message per step carries
+        every rank's request: rank 0's clock decides the time limit, and a SIGTERM on any rank
+        stops them all at this step."""
+        cfg = self.cfg
+        out_of_time = (self.is_main and cfg.max_minutes is not None
+                       and (time.perf_counter() - self._started) / 60 >= cfg.max_minutes)
+        request = 2.0 if self._signalled.is_set() else 1.0 if out_of_time else 0.0
+        return STOP_REASONS[int(self._shared([request])[0])]
+
+    def _save_on_signal(self, scheduled: bool) -> None:
+        """Stop fast (a scheduler's grace period is short): save, no evaluation. If this step's
+        evaluation was scheduled, the resumed run runs it before its first step, so it sees exactly
+        the evaluations an uninterrupted run would."""
+        self._flush()  # raises NonFiniteLoss before anything is saved
+        self.state.eval_pending = scheduled or self.state.step == self.cfg.max_steps
+        self._save(["last"])
+        self.log(f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: "
+                 "resume with --resume")
+
+    def _flush(self) -> float | None:
+        """Log the pending steps (see :class:`~scratchlm.train.metrics.StepMetrics`); the last loss."""
+        last = self._step_metrics.flush(self._diagnose)
+        if last is None:
+            return None
+        self._bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                              tok_s=f"{last['tokens_per_second']:,.0f}")
+        return last["loss"]
+
+    def _evaluate_and_save(self, scheduled: bool, loss_now: float | None) -> str | None:
+        """Evaluate, log, save ``last`` (and ``best`` if it improved); return a reason to stop, if any.
+        ``val`` is rank 0's value on every rank, so every rank takes the same decision."""
+        cfg, st = self.cfg, self.state
+        val = self.evaluate()
+        improved = st.add_evaluation(val, scheduled)
+        self._metrics.record({"step": st.step, "val_loss": val, "best_val_loss": st.best_val,
+                              **self.eval_extras, "seconds": time.perf_counter() - self._started})
+        self._save(["best", "last"] if improved else ["last"])
+        train_part = f"train {loss_now:.4f}  " if loss_now is not None else ""
+        message = f"step {st.step}: {train_part}val {val:.4f}{'  (best)' if improved else ''}"
+        if cfg.sample_tokens:
+            message += "\n" + self.sample().strip()[:400]  # every rank samples: FSDP gathers shards
+        if self.is_main:
+            self._bar.write(message) if self.progress_bar else self.log(message)
+        if scheduled and cfg.patience is not None and st.evals_without_improvement >= cfg.patience:
+            return "early_stopping"
+        if cfg.target_loss is not None and val <= cfg.target_loss:
+            return "target_loss"
+        return None
+
     def _set_lr(self, step: int) -> float:
         cfg = self.cfg
         lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps)
@@ -543,237 +597,6 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._signalled.set()
-
-    def train(self) -> dict:
-        try:
-            return self._train()
-        finally:
-            if self.lock:
-                self.lock.release()
-
-    def _train(self) -> dict:
-        cfg, model = self.cfg, self.model
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics_file = None
-        if self.is_main:
-            if self.state.step == 0:  # a fresh run starts a fresh log
-                with atomic_write(self.out / "metrics.jsonl", "w"):
-                    pass
-            metrics_file = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
-        writer = None
-        if cfg.tensorboard and self.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise RuntimeError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            writer = SummaryWriter(str(self.out / "tensorboard"))
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="training", unit="step",
-                   disable=not (self.progress_bar and self.is_main))
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size * self.world_size
-        started = time.perf_counter()
-        stop_reason = "max_steps"
-        params = [p for p in model.parameters() if p.requires_grad]
-        pending: list[dict] = []  # steps whose loss and grad norm are still on the device
-        interval_start = time.perf_counter()
-
-        def record(entry: dict) -> None:
-            if not self.is_main:
-                return
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
-            if writer:
-                for k, v in entry.items():
-                    if isinstance(v, (int, float)) and k != "step" and v is not None:
-                        writer.add_scalar(k, v, entry["step"])
-
-        def flush() -> float | None:
-            """Read the pending steps' numbers from the device in one transfer, check them, log them."""
-            nonlocal interval_start
-            if not pending:
-                return None
-            names = sorted(pending[0]["extras"])  # a method's own per-step numbers (DPO's rewards, ...)
-            values = torch.stack([torch.stack([p["loss"], p["grad_norm"], *(p["extras"][k] for k in names)])
-                                  for p in pending]).double().tolist()
-            now = time.perf_counter()
-            tokens_per_second = tokens_per_step * len(pending) / max(now - interval_start, 1e-9)
-            achieved = self.flops_per_token * tokens_per_second / 1e12
-            for entry, (loss, grad_norm, *extras) in zip(pending, values):
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    pending.clear()
-                    raise self._diagnose(entry["step"], entry["lr"], loss, grad_norm)
-                record({"step": entry["step"], "loss": loss, "lr": entry["lr"], "grad_norm": grad_norm,
-                        **dict(zip(names, extras)), "tokens_per_second": tokens_per_second, "tflops": achieved,
-                        "mfu": achieved / self.peak if self.peak else None, "seconds": entry["seconds"]})
-            bar.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{pending[-1]['lr']:.2e}", tok_s=f"{tokens_per_second:,.0f}")
-            pending.clear()
-            interval_start = now
-            return values[-1][0]
-
-        def evaluate_and_save(scheduled: bool, loss_now: float | None) -> str | None:
-            """Evaluate, log, save ``last`` (and ``best`` if it improved); return a reason to stop, if any.
-            ``val`` is rank 0's value on every rank, so every rank takes the same decision."""
-            st = self.state
-            val = self.evaluate()
-            improved = val < st.best_val
-            if improved:
-                st.best_val = val
-            if scheduled:
-                if val < st.patience_best:
-                    st.patience_best, st.evals_without_improvement = val, 0
-                else:
-                    st.evals_without_improvement += 1
-            st.eval_pending = False
-            record({"step": st.step, "val_loss": val, "best_val_loss": st.best_val, **self.eval_extras,
-                    "seconds": time.perf_counter() - started})
-            self._save(["best", "last"] if improved else ["last"])
-            train_part = f"train {loss_now:.4f}  " if loss_now is not None else ""
-            message = f"step {st.step}: {train_part}val {val:.4f}{'  (best)' if improved else ''}"
-            if cfg.sample_tokens:
-                message += "\n" + self.sample().strip()[:400]
-            if self.is_main:
-                bar.write(message) if self.progress_bar else self.log(message)
-            if scheduled and cfg.patience is not None and st.evals_without_improvement >= cfg.patience:
-                return "early_stopping"
-            if cfg.target_loss is not None and val <= cfg.target_loss:
-                return "target_loss"
-            return None
-
-        previous_handler = None
-        if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
-        model.train()
-        try:
-            decided = None
-            if self.state.eval_pending:  # the evaluation a signal skipped, before anything else
-                decided = evaluate_and_save(True, None)
-                stop_reason = decided or stop_reason
-            while decided is None and self.state.step < cfg.max_steps:
-                step = self.state.step
-                lr = self._set_lr(step)
-                loss_sum = torch.zeros((), device=self.device)
-                batches = [self.train_loader.get_batch() for _ in range(cfg.grad_accum)]
-                self._begin_step(batches)
-                for micro, batch in enumerate(batches):
-                    # DDP/FSDP average gradients across processes on the last micro-batch only.
-                    sync = self.world_size == 1 or micro == cfg.grad_accum - 1
-                    if self.sharded:
-                        self.model.set_requires_gradient_sync(sync)
-                    no_sync = self.step_model.no_sync() if not (sync or self.sharded) else contextlib.nullcontext()
-                    with self.autocast, no_sync:
-                        loss = self._loss(batch)
-                        if not self.model_adds_auxiliary:  # the last forward's MoE balancing losses
-                            loss = loss + self.model.auxiliary_loss()
-                        (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.detach() / cfg.grad_accum
-                if self.world_size > 1:
-                    torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded scalar
-                    grad_norm = grad_norm.full_tensor()
-                for opt in self.optimizers:
-                    opt.step()
-                for opt in self.optimizers:
-                    opt.zero_grad(set_to_none=True)
-                after_step = getattr(self.model, "after_optimizer_step", None)
-                if after_step is not None:  # state trained without gradients (MoE's balancing bias)
-                    self.step_extras = {**self.step_extras, **(after_step() or {})}
-                self.state.step = step + 1
-                pending.append({"step": self.state.step, "loss": loss_sum, "grad_norm": grad_norm.detach().float(),
-                                "lr": lr, "seconds": time.perf_counter() - started,
-                                "extras": {k: v.detach().float().reshape(()).to(self.device)
-                                           for k, v in self.step_extras.items()}})
-                bar.update(1)
-                # One small message per step carries every rank's stop request: rank 0's clock
-                # decides the time limit, and a SIGTERM on any rank stops them all at this step.
-                out_of_time = (self.is_main and cfg.max_minutes is not None
-                               and (time.perf_counter() - started) / 60 >= cfg.max_minutes)
-                request = 2.0 if self._signalled.is_set() else 1.0 if out_of_time else 0.0
-                stop = STOP_REASONS[int(self._shared([request])[0])]
-                final = self.state.step == cfg.max_steps or stop != ""
-                scheduled = self.state.step % cfg.eval_interval == 0
-                if stop == "signal":
-                    # Stop fast (a scheduler's grace period is short): save, no evaluation. If this
-                    # step's evaluation was scheduled, the resumed run runs it before its first step,
-                    # so it sees exactly the evaluations an uninterrupted run would.
-                    flush()  # raises NonFiniteLoss before anything is saved
-                    self.state.eval_pending = scheduled or self.state.step == cfg.max_steps
-                    self._save(["last"])
-                    self.log(f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: "
-                             "resume with --resume")
-                    stop_reason = "signal"
-                    break
-                # A final evaluation off the schedule (time limit, max_steps) reports the end state
-                # and may update best, but early stopping never sees it.
-                evaluate_now = scheduled or final
-                loss_now = None
-                if self.state.step % cfg.log_interval == 0 or evaluate_now or final:
-                    loss_now = flush()  # raises NonFiniteLoss before anything is saved
-                if evaluate_now:
-                    decided = evaluate_and_save(scheduled, loss_now)
-                    if decided:
-                        stop_reason = decided
-                        break
-                if stop:
-                    stop_reason = stop
-                    break
-        finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
-            bar.close()
-            if metrics_file:
-                metrics_file.close()
-            if writer:
-                writer.close()
-        plot = plot_losses(self.out / "metrics.jsonl", self.out / "loss.png") if self.is_main else None
-        return {"out_dir": str(self.out), "steps": self.state.step, "stop_reason": stop_reason,
-                "best_val_loss": self.state.best_val, "seconds": time.perf_counter() - started,
-                "loss_plot": str(plot), "parameters": self.model.parameter_counts()["total"],
-                "device": str(self.device), "world_size": self.world_size}
-
-
-def rng_states_by_rank(rng: dict, device: torch.device) -> list[dict]:
-    """Each saved rank's {torch, loader, cuda} states. Version 1 saved rank 0's CPU and loader states
-    and *every* GPU's state (``get_rng_state_all``): the one for this process's device is kept."""
-    if "ranks" in rng:
-        return rng["ranks"]
-    cuda_states = rng.get("cuda") or []
-    index = device.index or 0 if device.type == "cuda" else None
-    cuda = cuda_states[index] if index is not None and index < len(cuda_states) else None
-    return [{"torch": rng["torch"], "loader": rng["loader"], "cuda": cuda}]
-
-
-def plot_losses(metrics: Path, path: Path) -> Path:
-    from scratchlm.plots import pyplot, save_figure
-
-    records = []
-    for line in metrics.read_text(encoding="utf-8", errors="replace").split("\n"):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a kill is left out of the picture
-                continue
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, lw=0.6, alpha=0.5, label="train (per step)")
-        k = max(1, len(losses) // 50)
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"train (mean of {k})")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save_figure(fig, path)
 
 
 def train(config: dict, *, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:

@@ -153,7 +153,7 @@ def assistant(tmp_path_factory):
     from scratchlm.posttrain.critique.loop import revision_prompt
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.tokenizers.chat import add_chat_tokens
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     root = tmp_path_factory.mktemp("critique")
     problems = make_problems("addition", 80, "train", 1)
@@ -288,7 +288,7 @@ def tiny(tmp_path_factory):
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
     from scratchlm.tokenizers import CharTokenizer
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     root = tmp_path_factory.mktemp("tiny")
     tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz:", ["<|endoftext|>"])
@@ -483,7 +483,7 @@ def test_a_byte_level_model_sampling_special_token_text_does_not_crash_the_loop(
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
     from scratchlm.tokenizers import ByteTokenizer
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     tok = ByteTokenizer()
     torch.manual_seed(0)

@@ -96,7 +96,7 @@ def test_cli_merge_writes_a_checkpoint_with_the_adapted_outputs(tmp_path, capsys
 
     from scratchlm.cli import main
     from scratchlm.models.checkpoint import load_model_from_checkpoint
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     base = model()
     save_model_only(tmp_path / "base", base)

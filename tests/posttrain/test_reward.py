@@ -156,7 +156,8 @@ from torch.distributed.fsdp import fully_shard
 from scratchlm.models.checkpoint import FormatError
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.train.checkpoint import _split_optimizer_states, load_optimizers, optimizer_states
+from scratchlm.models.checkpoint import _split_optimizer_states
+from scratchlm.train.checkpoint import load_optimizers, optimizer_states
 from safetensors.torch import save_file
 
 torch.manual_seed(0)
@@ -227,7 +228,7 @@ def test_reward_model_under_fsdp_equals_ddp_and_resumes_exactly(task_base, tmp_p
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     tok = load_checkpoint_tokenizer(task_base / "base", read_state(task_base / "base"))
     torch.manual_seed(0)

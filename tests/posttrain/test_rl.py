@@ -279,7 +279,7 @@ def test_ratio_is_1_on_the_first_epoch_with_dropout_in_the_model(tmp_path):
     from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.rl.grpo import grpo
     from scratchlm.tokenizers import CharTokenizer
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
     torch.manual_seed(0)
@@ -379,7 +379,7 @@ def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     tok = load_checkpoint_tokenizer(root / "base", read_state(root / "base"))
     torch.manual_seed(0)

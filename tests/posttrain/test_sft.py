@@ -17,7 +17,7 @@ from scratchlm.posttrain.evaluate import exact_match
 from scratchlm.posttrain.sft import sft
 from scratchlm.tokenizers import CharTokenizer
 from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
-from scratchlm.train.checkpoint import save_model_only
+from scratchlm.models.checkpoint import save_model_only
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def test_sft_of_a_mixture_of_experts_keeps_its_balancing_loss(setup, tmp_path):
     """SFT builds its loss from logits (no targets to GPT.forward), so the trainer adds the blocks'
     auxiliary losses itself: with a large balancing weight the first logged loss exceeds the same
     run's without it by the weight times the (positive) balance loss, and the router trains."""
-    from scratchlm.train.checkpoint import save_model_only as save
+    from scratchlm.models.checkpoint import save_model_only as save
 
     tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
     first = {}

@@ -180,7 +180,7 @@ def test_a_chat_checkpoint_carries_its_tokenizer_to_the_engine_and_the_export(ch
 
     from scratchlm.cli import main
     from scratchlm.serve import LLM, SamplingParams
-    from scratchlm.train.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import save_model_only
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=chat_gpt2.vocab_size - 2, n_layer=1, n_head=2, d_model=16, block_size=64))

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from scratchlm.io import FormatError
 from scratchlm.train import train
-from scratchlm.train.checkpoint import CheckpointStore, is_complete, load_model_from_checkpoint, read_state
+from scratchlm.models.checkpoint import is_complete, load_model_from_checkpoint, read_state
+from scratchlm.train.checkpoint import CheckpointStore
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32, "position": "rope", "norm": "rmsnorm",
@@ -57,6 +58,7 @@ def reference(char_shards, tmp_path_factory):
 KILLER = r"""
 import json, os, signal, sys
 sys.path.insert(0, {repo!r})
+import scratchlm.models.checkpoint as fmt
 import scratchlm.train.checkpoint as ck
 from scratchlm.train import train
 
@@ -76,7 +78,7 @@ def counted(module, name):
 # Every call that changes the file system, or makes a change durable, during a save.
 for name in ("mkdir", "open", "fchmod", "fsync", "rename", "replace", "symlink", "unlink", "rmdir"):
     counted(os, name)
-counted(ck, "save_file")  # safetensors writes each tensor file in one call
+counted(fmt, "save_file")  # safetensors writes each tensor file in one call
 
 real_save = ck.CheckpointStore.save
 def save(self, *args, **kwargs):
@@ -256,7 +258,7 @@ def test_bit_flip_in_optimizer_state_is_refused_on_resume(char_shards, tmp_path)
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(char_shards, tmp_path, monkeypatch):
-    import scratchlm.train.checkpoint as ck
+    import scratchlm.models.checkpoint as ck  # the checkpoint format writes the tensor files
 
     out = tmp_path / "run"
     train(config(char_shards, out, max_steps=2), progress=False)
@@ -455,7 +457,7 @@ def test_an_improving_eval_off_the_schedule_does_not_reset_patience(char_shards,
 
 
 def test_version_1_cuda_rng_states_map_to_this_process_device():
-    from scratchlm.train.trainer import rng_states_by_rank
+    from scratchlm.train.distributed import rng_states_by_rank
 
     v1 = {"torch": "t", "loader": "l", "cuda": ["gpu0", "gpu1"]}
     assert rng_states_by_rank(v1, torch.device("cuda", 1))[0]["cuda"] == "gpu1"

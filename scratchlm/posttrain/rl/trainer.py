@@ -82,13 +82,13 @@ class RLConfig(ChatConfig):
 
 def _shard_frozen(model) -> None:
     """FSDP units for a frozen model (RL's reference), the trained model's units
-    (:func:`~scratchlm.train.trainer.block_units`, then the root). Every unit, the root included,
+    (:func:`~scratchlm.train.distributed.block_units`, then the root). Every unit, the root included,
     frees its gathered weights after each forward: FSDP keeps a root's whole after its forward, for
     the backward that comes next, and a frozen model never runs one (its embeddings and head would
     otherwise stay whole on every rank from its first forward on)."""
     from torch.distributed.fsdp import fully_shard
 
-    from scratchlm.train.trainer import block_units
+    from scratchlm.train.distributed import block_units
 
     for block in block_units(model):
         fully_shard(block, reshard_after_forward=True)

@@ -270,7 +270,7 @@ def test_the_trainer_adds_the_mtp_term_and_evaluates_plain(char_shards, tmp_path
     import json
 
     from scratchlm.train import train
-    from scratchlm.train.checkpoint import load_model_from_checkpoint
+    from scratchlm.models.checkpoint import load_model_from_checkpoint
 
     def run(weight: float) -> tuple[list[float], list[float]]:
         model = {"n_layer": 1, "n_head": 2, "d_model": 32, "block_size": 16, "position": "rope", "norm": "rmsnorm",
