@@ -1,6 +1,6 @@
 # scratchlm: two commands for a new user.
 #   make quickstart   set up .venv and run the main job (data -> tokenizers -> baselines -> a GPT)
-#   make test         set up .venv and run the test suite
+#   make test         set up .venv, lint, and run the test suite (the slow tests: make test-slow; CI runs both)
 # Both work on a fresh machine with only Python >= 3.11, and are safe to run again.
 
 PYTHON ?= python3
@@ -13,7 +13,7 @@ SLM    := $(VENV)/bin/scratchlm
 # Offline mirror of the canonical data files, when the project sits beside ../shared.
 export SCRATCHLM_LOCAL_DATA ?= $(if $(wildcard $(SHARED)/tinyshakespeare.txt),$(SHARED),)
 
-.PHONY: setup quickstart lint test test-all bench clean
+.PHONY: setup quickstart lint test test-slow test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,10 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
-test-all: setup
+test-slow: setup
+	$(PY) -m pytest -q -n 2 -m slow
+
+test-all: setup lint
 	$(PY) -m pytest -q -n 2
 
 bench: setup
