@@ -58,9 +58,10 @@ STUDIES = {
     ],
     "long": [
         ("full attention, context 256", {"block_size": 256}),
-        ("sliding window 64, context 256", {"block_size": 256, "layers": ["sliding"], "sliding_window": 64}),
+        ("sliding window 64, context 256",
+         {"block_size": 256, "layers": ["sliding"], "attn": {"window": 64}}),
         ("sliding 64 / full alternating, context 256", {"block_size": 256, "layers": ["sliding", "attention"],
-                                                        "sliding_window": 64}),
+                                                        "attn": {"window": 64}}),
         ("NSA (blocks 16/8, 4 selected of 32, window 64), context 256",
          {"block_size": 256, "layers": ["nsa"], "nsa": {"compress_block": 16, "compress_stride": 8, "select_block": 32,
                                                         "select_count": 4, "window": 64}}),

@@ -4,6 +4,8 @@
 "mamba+moe", ...]``, DeepSeek's ``["mla"] * 3 + ["mla+moe"] * 58``). The tables below are the one
 place those names are defined: ``MIXERS`` and ``LAYER_MLPS`` build a kind's module, and
 ``KIND_TABLES`` names the settings table (``[model.moe]``, ``[model.mla]``, ...) each kind reads.
+"attention" and "sliding" layers read ``[model.attn]``, which every config has (it is not created
+on first use, so it is not listed there).
 ``models/config.py`` validates a pattern against them; each kind's module under ``models/blocks/``
 owns its code and its settings dataclass.
 """
@@ -23,7 +25,7 @@ from scratchlm.models.layers import MLP, make_norm
 # The block kinds a layer can pick (``GPTConfig.layers``): "mixer" or "mixer+mlp".
 MIXERS = {
     "attention": lambda c, layer: Attention(c),  # full causal attention (MHA / GQA / MQA)
-    "sliding": lambda c, layer: Attention(c, window=c.sliding_window),  # Mistral, Gemma-2's local layers
+    "sliding": lambda c, layer: Attention(c, window=c.attn.window),  # Mistral, Gemma-2's local layers
     "diff": DiffAttention,  # differential attention
     "mla": MLA,  # multi-head latent attention (DeepSeek-V2/V3)
     "nsa": NativeSparseAttention,  # native sparse attention

@@ -7,8 +7,8 @@ and fused (SDPA), spelled-out or tiled attention. One model, not copies.
 
 Modern architectures change what a layer is made of, not the stack: ``layers`` is a short pattern
 of block kinds (see ``models/block.py``, the registry this module validates against), and each
-kind owns its few settings in its own table (``[model.moe]``, ``[model.mla]``, ...), so the config
-does not grow a flag for every switch. Checks that involve several values run in
+kind owns its few settings in its own table (``[model.attn]``, ``[model.moe]``, ``[model.mla]``,
+...), so the config does not grow a flag for every switch. Checks that involve several values run in
 ``__post_init__`` and name the keys to change. Presets and the ``[model]`` table reader are in
 ``models/presets.py``.
 """
@@ -16,10 +16,11 @@ does not grow a flag for every switch. Checks that involve several values run in
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from scratchlm.config import ConfigError, Rule, validate
 from scratchlm.models.block import KIND_TABLES, LAYER_MLPS, MIXERS
+from scratchlm.models.blocks.attention import AttentionConfig, move_legacy_keys
 from scratchlm.models.blocks.diff_attention import DiffConfig
 from scratchlm.models.blocks.mamba import MambaConfig
 from scratchlm.models.blocks.mla import MLAConfig
@@ -36,14 +37,12 @@ _MODEL_RULES = {
     "position": Rule(choices=POSITIONS), "rope_theta": Rule(above=0), "norm": Rule(choices=NORMS),
     "norm_eps": Rule(above=0), "mlp": Rule(choices=MLPS), "dropout": Rule(min=0, below=1),
     "attention": Rule(choices=("sdpa", "manual", "tiled")), "init_std": Rule(above=0),
-    "sliding_window": Rule(min=1, why="keys each query sees in a sliding layer, itself included"),
-    "d_head": Rule(min=1, why="attention head width"), "attn_scale": Rule(above=0),
-    "attn_softcap": Rule(above=0), "final_softcap": Rule(above=0),
+    "final_softcap": Rule(above=0),
 }
-# Fields added for the block kinds: left out of a config's dict while unset, so configs and
-# checkpoints written before them read (and write) exactly as they did.
-_LAYER_FIELDS = ("layers", "sliding_window", "moe", "mla", "diff", "nsa", "mamba", "mtp", "qkv_bias", "qk_norm",
-                 "d_head", "attn_scale", "attn_softcap", "final_softcap", "sandwich_norm", "embed_scale")
+# Fields added for the block kinds: left out of a config's dict while unset (``attn``: while every
+# setting in it is), so configs and checkpoints written before them read (and write) as they did.
+_LAYER_FIELDS = ("layers", "attn", "moe", "mla", "diff", "nsa", "mamba", "mtp", "final_softcap",
+                 "sandwich_norm", "embed_scale")
 
 
 @dataclass
@@ -68,25 +67,25 @@ class GPTConfig:
     init_std: float = 0.02
     # --- the layer pattern and the block kinds' own settings ---
     layers: list[str] | None = None  # e.g. ["sliding", "attention"], repeated to n_layer; None: all "attention"
-    sliding_window: int | None = None  # for "sliding" layers
+    # [model.attn], read by "attention" and "sliding" layers: the window, head width, Qwen's q/k/v
+    # biases and q/k norms, Gemma-2's score scale and soft cap. Named ``attn`` (the layers' module
+    # name, ``blocks.{i}.attn``) because ``attention`` above already names the kernel.
+    attn: AttentionConfig | None = field(default_factory=AttentionConfig)
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None
     diff: DiffConfig | None = None
     nsa: NSAConfig | None = None
     mamba: MambaConfig | None = None
     mtp: MTPConfig | None = None  # multi-token prediction modules after the last layer
-    qkv_bias: bool | None = None  # biases on q, k, v but not the output projection (Qwen2); None: as bias
-    qk_norm: bool | None = None  # RMSNorm each query and key head before RoPE (Qwen3); None: off
-    # --- Gemma-style switches (docs/sliding-window-attention.md, "Gemma-2") ---
-    d_head: int | None = None  # attention head width, free of d_model (Gemma-2: 256); None: d_model / n_head
-    attn_scale: float | None = None  # multiplies q·k before the softmax (Gemma-2: query_pre_attn_scalar^-1/2); None: head width^-1/2
-    attn_softcap: float | None = None  # attention scores -> c·tanh(scores / c) before the mask (Gemma-2: 50); None: off
+    # --- Gemma-style switches of the stack (docs/sliding-window-attention.md, "Gemma-2") ---
     final_softcap: float | None = None  # logits -> c·tanh(logits / c) (Gemma-2: 30); None: off
     sandwich_norm: bool | None = None  # also norm each mixer's and MLP's output before the residual add (Gemma-2/3)
     embed_scale: bool | None = None  # multiply token embeddings by sqrt(d_model) (Gemma), which a tied head cannot absorb
 
     def __post_init__(self):
         validate(self, "model", _MODEL_RULES)  # each value's type and range, naming the key
+        if self.attn is None:
+            self.attn = AttentionConfig()
         kinds = self.layer_kinds()  # checks the pattern
         used = {k for pair in kinds for k in pair}
         for kind, (name, table) in KIND_TABLES.items():
@@ -95,18 +94,16 @@ class GPTConfig:
             elif kind not in used and getattr(self, name) is not None:  # e.g. [model.moe] but no "+moe" layer
                 raise ConfigError(f"model.{name} is set but no layer uses '{kind}': add it to model.layers "
                                   f"(now {self.layers or ['attention']}), or remove model.{name}")
-        if "sliding" in used and self.sliding_window is None:
-            raise ConfigError("model.layers has 'sliding' layers: set model.sliding_window (keys each query sees)")
-        if "sliding" not in used and self.sliding_window is not None:
-            raise ConfigError(f"model.sliding_window = {self.sliding_window} but no layer is 'sliding': add 'sliding' to "
-                              "model.layers (e.g. [\"sliding\"] or [\"sliding\", \"attention\"]), or remove it")
-        if self.d_head is None and self.d_model % self.n_head:
+        if self.attn.head_dim is None and self.d_model % self.n_head:
             raise ConfigError(f"model.d_model = {self.d_model} must be divisible by model.n_head = {self.n_head}")
         if self.n_head % self.kv_heads:
             raise ConfigError(f"model.n_head = {self.n_head} must be divisible by model.n_kv_head = {self.kv_heads}")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.position = 'rope' needs an even head width; it is {self.head_dim}")
-        self._check_gemma_switches({mixer for mixer, _ in kinds})
+        self.attn.check({mixer for mixer, _ in kinds}, self.attention)  # [model.attn]: read, and computable
+        if self.sandwich_norm and not self.prenorm:
+            raise ConfigError("model.sandwich_norm adds output norms to pre-norm blocks: "
+                              "it needs model.prenorm = true")
 
     def layer_kinds(self) -> list[tuple[str, str]]:
         """(mixer, mlp) of every layer: ``layers`` repeated to ``n_layer`` (its length must divide
@@ -117,29 +114,10 @@ class GPTConfig:
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
 
-    def _check_gemma_switches(self, mixers: set[str]) -> None:
-        """Refuse the Gemma switches where nothing would read them (so none is silently ignored)."""
-        scoring = [f"model.{name}" for name in ("attn_scale", "attn_softcap") if getattr(self, name) is not None]
-        if scoring and not mixers & {"attention", "sliding"}:
-            raise ConfigError(f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; model.layers has none")
-        if scoring and mixers - {"attention", "sliding", "mamba"}:
-            raise ConfigError(f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; "
-                              f"model.layers also has {sorted(mixers - {'attention', 'sliding', 'mamba'})}")
-        if self.attn_softcap is not None and self.attention == "tiled":
-            raise ConfigError("model.attn_softcap needs every score at once: use model.attention = 'manual' or 'sdpa' "
-                              "(which then runs the manual path), not 'tiled'")
-        projections = [f"model.{name}" for name in ("qkv_bias", "qk_norm") if getattr(self, name)]
-        if projections and mixers - {"attention", "sliding", "mamba"}:  # the Qwen switches live in Attention
-            raise ConfigError(f"{' and '.join(projections)} apply to 'attention' and 'sliding' layers only; "
-                              f"model.layers also has {sorted(mixers - {'attention', 'sliding', 'mamba'})}")
-        if self.d_head is not None and "mla" in mixers:
-            raise ConfigError("model.d_head does not apply to 'mla' layers: set the head widths in [model.mla]")
-        if self.sandwich_norm and not self.prenorm:
-            raise ConfigError("model.sandwich_norm adds output norms to pre-norm blocks: it needs model.prenorm = true")
-
     @property
     def head_dim(self) -> int:
-        return self.d_head if self.d_head is not None else self.d_model // self.n_head
+        """Each attention head's width: ``[model.attn] head_dim``, else d_model / n_head."""
+        return self.attn.head_dim if self.attn.head_dim is not None else self.d_model // self.n_head
 
     @property
     def ff_width(self) -> int:
@@ -151,13 +129,19 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if self.attn.is_default():
+            d["attn"] = None
         return {k: v for k, v in d.items() if not (k in _LAYER_FIELDS and v is None)}
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
+        """A config from its dict (a checkpoint's ``model``, a ``[model]`` table). Dicts written
+        before ``[model.attn]`` existed carry its settings at the top level
+        (``sliding_window``, ``d_head``, ...): they are moved into the table, silently (see
+        ``presets.config_from_section`` for the notice a hand-written table gets)."""
         from scratchlm.config import dataclass_from_dict
 
-        return dataclass_from_dict(cls, d, "model")
+        return dataclass_from_dict(cls, move_legacy_keys(d)[0], "model")
 
 
 def expand_layers(layers: list[str] | None, n_layer: int) -> list[tuple[str, str]]:

@@ -8,7 +8,10 @@ CPU models of the learning path. A ``[model]`` table may name a preset and overr
 
 from __future__ import annotations
 
+import warnings
+
 from scratchlm.models.block import KIND_TABLES
+from scratchlm.models.blocks.attention import LEGACY_KEYS, move_legacy_keys
 from scratchlm.models.config import GPTConfig, expand_layers
 
 PRESETS: dict[str, dict] = {
@@ -71,8 +74,14 @@ def preset(name: str, **overrides) -> GPTConfig:
 def config_from_section(section: dict) -> GPTConfig:
     """A ``[model]`` table: an optional ``preset``, then the table's keys over the preset's. A block
     kind's own table (``[model.moe]``, ``--set model.moe.top_k=4``) updates the preset's table key
-    by key rather than replacing it."""
-    section = dict(section)
+    by key rather than replacing it. The attention settings' old top-level spellings
+    (``sliding_window``, ``d_head``, ``qkv_bias``, ``qk_norm``, ``attn_scale``, ``attn_softcap``)
+    still work, with a notice naming their keys in ``[model.attn]``."""
+    section, legacy = move_legacy_keys(dict(section))
+    if legacy:
+        moves = ", ".join(f"model.{key} -> model.attn.{LEGACY_KEYS[key]}" for key in legacy)
+        warnings.warn(f"deprecated [model] keys, now in the [model.attn] table: {moves}", FutureWarning,
+                      stacklevel=2)
     name = section.pop("preset", None)
     merged = preset(name).to_dict() if name else {}
     for key, value in section.items():
@@ -84,6 +93,6 @@ def config_from_section(section: dict) -> GPTConfig:
         for kind, (table, _) in KIND_TABLES.items():
             if kind not in used and table not in section:
                 merged.pop(table, None)
-        if "sliding" not in used and "sliding_window" not in section:
-            merged.pop("sliding_window", None)
+        if "sliding" not in used and "window" not in section.get("attn", {}) and merged.get("attn"):
+            merged["attn"] = {**merged["attn"], "window": None}
     return GPTConfig.from_dict(merged)

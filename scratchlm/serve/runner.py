@@ -28,9 +28,9 @@ class ModelRunner:
         if mixers:  # the paged cache stores full k, v per token; other mixers keep other state
             raise ValueError(f"the engine serves models whose mixers are all full attention; this one has {mixers} "
                              "layers: generate with `scratchlm sample` (the one-request path with a KV cache)")
-        if getattr(c, "attn_softcap", None) is not None:  # fail when the engine is built, not at every request
-            raise ValueError("the engine's fused attention cannot soft-cap scores (model.attn_softcap): generate with "
-                             "`scratchlm sample` (the one-request path with a KV cache)")
+        if c.attn.softcap is not None:  # fail when the engine is built, not at every request
+            raise ValueError("the engine's fused attention cannot soft-cap scores (model.attn.softcap): "
+                             "generate with `scratchlm sample` (the one-request path with a KV cache)")
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.pool = KVPool(c.n_layer, num_blocks, block_size, c.kv_heads, c.head_dim, self.device, self.dtype)

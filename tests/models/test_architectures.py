@@ -15,7 +15,7 @@ from scratchlm.models.blocks.moe import MoEConfig
 
 
 def test_the_pattern_repeats_to_every_layer():
-    c = GPTConfig(n_layer=4, layers=["sliding", "attention+moe"], sliding_window=8)
+    c = GPTConfig(n_layer=4, layers=["sliding", "attention+moe"], attn={"window": 8})
     assert c.layer_kinds() == [("sliding", "dense"), ("attention", "moe")] * 2
     assert GPTConfig(n_layer=3).layer_kinds() == [("attention", "dense")] * 3
     explicit = ["attention"] * 1 + ["attention+moe"] * 2
@@ -34,7 +34,7 @@ def test_a_bad_pattern_is_refused_naming_what_is_allowed(layers, message):
 
 
 def test_sliding_layers_need_a_window():
-    with pytest.raises(ConfigError, match="set model.sliding_window"):
+    with pytest.raises(ConfigError, match="set model.attn.window"):
         GPTConfig(n_layer=2, layers=["sliding"])
 
 
@@ -69,7 +69,7 @@ def test_the_config_round_trips_through_its_dict_and_old_dicts_read_unchanged():
     c = GPTConfig(n_layer=2, layers=["attention+moe"], moe={"n_experts": 4})
     assert GPTConfig.from_dict(c.to_dict()) == c
     plain = GPTConfig().to_dict()
-    assert not {"layers", "sliding_window", "moe", "mla", "diff", "nsa", "mamba", "mtp"} & set(plain)
+    assert not {"layers", "attn", "moe", "mla", "diff", "nsa", "mamba", "mtp"} & set(plain)
     assert GPTConfig.from_dict(plain) == GPTConfig()
 
 
@@ -125,8 +125,8 @@ def test_settings_no_layer_reads_are_refused_not_ignored():
     would silently build a plain model: refused, naming what to add."""
     with pytest.raises(ConfigError, match=r"model.moe is set but no layer uses 'moe'"):
         GPTConfig(n_layer=2, moe={"n_experts": 4})
-    with pytest.raises(ConfigError, match=r"model.sliding_window = 4 but no layer is 'sliding'"):
-        GPTConfig(n_layer=2, sliding_window=4)
+    with pytest.raises(ConfigError, match=r"model.attn.window = 4 but no layer is 'sliding'"):
+        GPTConfig(n_layer=2, attn={"window": 4})
     with pytest.raises(ConfigError, match=r"model.mamba is set but no layer uses 'mamba'"):
         GPTConfig(n_layer=2, layers=["attention"], mamba={"d_state": 8})
 
@@ -160,12 +160,14 @@ def test_training_flops_count_the_mtp_modules():
     assert extra == 6 * mtp_weights + 3 * 4 * 32 * 16  # its block's attention over the context, x3 for training
 
 
-@pytest.mark.parametrize("switch", ["qkv_bias", "qk_norm", "attn_softcap"])
+@pytest.mark.parametrize("switch", ["qkv_bias", "qk_norm", "softcap", "scale"])
 def test_attention_switches_are_refused_on_mixers_that_do_not_read_them(switch):
-    value = 5.0 if switch == "attn_softcap" else True
-    with pytest.raises(ConfigError, match=f"model.{switch} appl"):
-        GPTConfig(n_layer=2, layers=["attention", "mla"], **{switch: value})
-    GPTConfig(n_layer=2, layers=["attention", "sliding"], sliding_window=4, **{switch: value})  # read by both
+    value = 5.0 if switch in ("softcap", "scale") else True
+    with pytest.raises(ConfigError, match=f"model.attn.{switch} appl"):
+        GPTConfig(n_layer=2, layers=["attention", "mla"], attn={switch: value})
+    GPTConfig(n_layer=2, layers=["attention", "sliding"], attn={"window": 4, switch: value})  # read by both
+    with pytest.raises(ConfigError, match="model.attn.head_dim does not apply to 'mla' layers"):
+        GPTConfig(n_layer=2, layers=["attention", "mla"], attn={"head_dim": 16})
 
 
 def test_a_preset_can_change_its_layer_pattern():
@@ -197,5 +199,5 @@ def test_auxiliary_losses_are_taken_once_and_a_trained_model_can_be_copied():
 
 
 def test_a_preset_can_become_sliding():
-    c = config_from_section({"preset": "shakespeare-char", "layers": ["sliding"], "sliding_window": 16})
-    assert c.sliding_window == 16 and c.layer_kinds()[0] == ("sliding", "dense")
+    c = config_from_section({"preset": "shakespeare-char", "layers": ["sliding"], "attn": {"window": 16}})
+    assert c.attn.window == 16 and c.layer_kinds()[0] == ("sliding", "dense")

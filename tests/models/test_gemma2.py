@@ -4,8 +4,8 @@ Proves that a Hugging Face Gemma-2 built from a config (4 layers, window 4 < 24 
 head_dim 24 != d_model / n_head = 16, query_pre_attn_scalar 20 != head_dim, both soft-caps on,
 norm weights randomised) imports with logits equal within 1e-4, decodes greedily through our
 ring-buffer cache exactly as ``generate`` does over 5x the window, and exports back to a folder
-``transformers`` loads with the same logits; that every Gemma switch (d_head, attn_scale,
-attn_softcap, final_softcap, sandwich_norm, embed_scale, the "geglu" MLP) changes the logits when
+``transformers`` loads with the same logits; that every Gemma switch ([model.attn]'s head_dim,
+scale and softcap; final_softcap, sandwich_norm, embed_scale, the "geglu" MLP) changes the logits when
 flipped, so none is silently ignored; that soft-capped attention computes the same function on
 every path (sdpa falls back to manual, packed rows, the cache); that configs without the switches
 serialise exactly as before; and that what cannot be expressed is refused with a clear message.
@@ -24,14 +24,16 @@ from scratchlm.models.gpt import GPT
 from scratchlm.models.presets import preset
 
 GREEDY = SamplingConfig(temperature=0)
-SWITCHES = ("d_head", "attn_scale", "attn_softcap", "final_softcap", "sandwich_norm", "embed_scale")
+SWITCHES = ("attn", "final_softcap", "sandwich_norm", "embed_scale")  # left out of a plain config's dict
+ATTN = {"window": 4, "head_dim": 12, "scale": 0.3, "softcap": 8.0}  # gemma_tiny's [model.attn]
 
 
-def gemma_tiny(**kw) -> GPTConfig:
+def gemma_tiny(attn: dict | None = None, **kw) -> GPTConfig:
+    """The tiny Gemma config; ``attn`` updates its [model.attn] table key by key."""
     base = {"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "block_size": 32,
             "init_std": 0.3, "position": "rope", "norm": "rmsnorm", "mlp": "geglu", "bias": False,
-            "tie_embeddings": False, "layers": ["sliding", "attention"], "sliding_window": 4, "d_head": 12,
-            "attn_scale": 0.3, "attn_softcap": 8.0, "final_softcap": 5.0, "sandwich_norm": True, "embed_scale": True}
+            "tie_embeddings": False, "layers": ["sliding", "attention"], "attn": {**ATTN, **(attn or {})},
+            "final_softcap": 5.0, "sandwich_norm": True, "embed_scale": True}
     return GPTConfig(**{**base, **kw})
 
 
@@ -45,15 +47,18 @@ def gemma_model(**kw) -> GPT:
     return m
 
 
-def twin(source: GPT, **kw) -> GPT:
-    """The same weights under another config; tensors the other config lacks are dropped."""
-    other = GPT(GPTConfig.from_dict({**source.config.to_dict(), **kw})).eval()
+def twin(source: GPT, attn: dict | None = None, **kw) -> GPT:
+    """The same weights under another config (``attn`` updates [model.attn] key by key); tensors
+    the other config lacks are dropped."""
+    d = source.config.to_dict()
+    other = GPT(GPTConfig.from_dict({**d, "attn": {**d.get("attn", {}), **(attn or {})}, **kw})).eval()
     other.load_state_dict(source.state_dict(), strict=False)
     return other
 
 
 # --- every switch is read ---------------------------------------------------------------------
-@pytest.mark.parametrize("flip", [{"attn_scale": None}, {"attn_softcap": None}, {"final_softcap": None},
+@pytest.mark.parametrize("flip", [{"attn": {"scale": None}}, {"attn": {"softcap": None}},
+                                  {"final_softcap": None},
                                   {"sandwich_norm": None}, {"embed_scale": None}, {"mlp": "swiglu"}])
 def test_each_switch_changes_the_logits(flip):
     m = gemma_model()
@@ -73,9 +78,9 @@ def test_head_width_is_its_own_field():
     from scratchlm.models.gpt import context_flops
 
     assert context_flops(m.blocks[1].attn, 16) == 4 * 4 * 12 * 16
-    assert context_flops(GPT(gemma_tiny(d_head=None)).blocks[1].attn, 16) == 4 * 4 * 8 * 16
+    assert context_flops(GPT(gemma_tiny(attn={"head_dim": None})).blocks[1].attn, 16) == 4 * 4 * 8 * 16
     # d_model need not divide by n_head once the head width is given
-    assert GPTConfig(d_model=30, n_head=4, d_head=8, position="rope").head_dim == 8
+    assert GPTConfig(d_model=30, n_head=4, attn={"head_dim": 8}, position="rope").head_dim == 8
 
 
 def test_softcap_bounds_the_logits():
@@ -92,7 +97,7 @@ def test_sdpa_falls_back_to_manual_and_tiled_takes_the_scale():
     with torch.no_grad():
         torch.testing.assert_close(twin(m, attention="manual")(x)[0], m(x)[0], atol=1e-5, rtol=0)
         # without the cap, sdpa (scale=...) and tiled (q pre-scaled) agree with manual
-        uncapped = twin(m, attn_softcap=None, attention="manual")
+        uncapped = twin(m, attn={"softcap": None}, attention="manual")
         for impl in ("sdpa", "tiled"):
             torch.testing.assert_close(twin(uncapped, attention=impl)(x)[0], uncapped(x)[0], atol=1e-5, rtol=0)
 
@@ -126,8 +131,8 @@ def test_configs_without_the_switches_serialise_as_before():
         assert not set(SWITCHES) & set(d)
         assert GPTConfig.from_dict(d) == config
     d = gemma_tiny().to_dict()
-    assert {k: d[k] for k in SWITCHES} == {"d_head": 12, "attn_scale": 0.3, "attn_softcap": 8.0, "final_softcap": 5.0,
-                                           "sandwich_norm": True, "embed_scale": True}
+    assert {k: d[k] for k in SWITCHES} == {"attn": {**ATTN, "qkv_bias": None, "qk_norm": None},
+                                           "final_softcap": 5.0, "sandwich_norm": True, "embed_scale": True}
     assert GPTConfig.from_dict(d) == gemma_tiny()
     # a plain model's tensors are unchanged: no post norms appear
     assert not any("post_norm" in k for k in GPT(GPTConfig(n_layer=1)).state_dict())
@@ -136,28 +141,30 @@ def test_configs_without_the_switches_serialise_as_before():
 def test_refusals(tmp_path):
     from scratchlm.models.hf import export_hf
 
-    with pytest.raises(ConfigError, match="attn_softcap needs every score"):
+    with pytest.raises(ConfigError, match="model.attn.softcap needs every score"):
         gemma_tiny(attention="tiled")
     with pytest.raises(ConfigError, match="apply to 'attention' and 'sliding' layers only"):
-        gemma_tiny(layers=["diff"], mlp="swiglu", sliding_window=None)
+        gemma_tiny(layers=["diff"], mlp="swiglu", attn={"window": None})
     with pytest.raises(ConfigError, match="needs model.prenorm"):
         gemma_tiny(prenorm=False)
-    with pytest.raises(ConfigError, match="model.attn_softcap"):
-        gemma_tiny(attn_softcap=0.0)
+    with pytest.raises(ConfigError, match=r"model.attn.softcap = 0.0: must be > 0"):
+        gemma_tiny(attn={"softcap": 0.0})
 
     class Paged:
         paged = True
 
     with pytest.raises(ValueError, match="paged cache"):
-        gemma_model(layers=["attention"], sliding_window=None).blocks[0].attn(torch.zeros(1, 1, 32), cache=Paged())
+        full = gemma_model(layers=["attention"], attn={"window": None})
+        full.blocks[0].attn(torch.zeros(1, 1, 32), cache=Paged())
     # Llama blocks with a Gemma switch: the Llama format has no field for it, so no silent export
-    llama_capped = GPT(GPTConfig(n_layer=1, position="rope", norm="rmsnorm", mlp="swiglu", bias=False, attn_softcap=5.0))
-    with pytest.raises(ValueError, match="llama export cannot express model.attn_softcap"):
+    llama_capped = GPT(GPTConfig(n_layer=1, position="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                                 attn={"softcap": 5.0}))
+    with pytest.raises(ValueError, match="llama export cannot express model.attn.softcap"):
         export_hf(llama_capped, tmp_path / "a", "llama")
     with pytest.raises(ValueError, match="integer query_pre_attn_scalar"):
-        export_hf(gemma_model(), tmp_path / "b")  # attn_scale 0.3 = 1/sqrt(11.1)
+        export_hf(gemma_model(), tmp_path / "b")  # scale 0.3 = 1/sqrt(11.1)
     with pytest.raises(ValueError, match="Gemma-2 export needs"):
-        export_hf(gemma_model(mlp="swiglu", attn_scale=0.25), tmp_path / "c", "gemma2")
+        export_hf(gemma_model(mlp="swiglu", attn={"scale": 0.25}), tmp_path / "c", "gemma2")
 
 
 # --- Hugging Face -------------------------------------------------------------------------------------
@@ -188,8 +195,9 @@ def test_hf_import_logits_greedy_and_export(tmp_path, tie):
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     ours = import_hf(tmp_path / "hf")
     c = ours.config
-    assert (c.layers, c.sliding_window, c.d_head, c.mlp, c.tie_embeddings) == (["sliding", "attention"], 4, 24, "geglu", tie)
-    assert (c.attn_scale, c.attn_softcap, c.final_softcap, c.sandwich_norm, c.embed_scale) == (20**-0.5, 10.0, 5.0, True, True)
+    assert (c.layers, c.mlp, c.tie_embeddings) == (["sliding", "attention"], "geglu", tie)
+    assert (c.attn.window, c.attn.head_dim, c.attn.scale, c.attn.softcap) == (4, 24, 20**-0.5, 10.0)
+    assert (c.final_softcap, c.sandwich_norm, c.embed_scale) == (5.0, True, True)
     x = torch.randint(0, 101, (2, 24))
     with torch.no_grad():
         expected = hf(x).logits
@@ -225,9 +233,9 @@ def test_hf_config_refusals():
         config_from_hf({**base, "layer_types": ["chunked_attention"] * 4})
     # a head width that matches d_model / n_head and a scalar equal to it need no switch
     plain = config_from_hf({**base, "head_dim": 16, "query_pre_attn_scalar": 16})
-    assert plain.d_head is None and plain.attn_scale is None
+    assert plain.attn.head_dim is None and plain.attn.scale is None
     caps_off = config_from_hf({**base, "attn_logit_softcapping": None, "final_logit_softcapping": None})
-    assert caps_off.attn_softcap is None and caps_off.final_softcap is None
+    assert caps_off.attn.softcap is None and caps_off.final_softcap is None
 
 
 def test_the_engine_serves_a_model_with_a_score_scale_and_refuses_soft_capping_when_built():
@@ -235,14 +243,14 @@ def test_the_engine_serves_a_model_with_a_score_scale_and_refuses_soft_capping_w
     from scratchlm.serve import LLM, SamplingParams
 
     torch.manual_seed(0)
-    model = gemma_model(layers=["attention"], sliding_window=None, attn_softcap=None, attn_scale=1.0).eval()
+    model = gemma_model(layers=["attention"], attn={"window": None, "softcap": None, "scale": 1.0}).eval()
     prompts = [[1, 5, 9, 2], [3, 3, 7, 11, 13, 2, 4]]
     outs = LLM(model, block_size=4).generate(prompts, SamplingParams(max_tokens=8, temperature=0))
     for prompt, out in zip(prompts, outs):
         expected = generate(model, prompt, 8, SamplingConfig(temperature=0))[0]
         assert out.token_ids == expected
     with pytest.raises(ValueError, match="cannot soft-cap"):
-        LLM(gemma_model(layers=["attention"], sliding_window=None), block_size=4)
+        LLM(gemma_model(layers=["attention"], attn={"window": None}), block_size=4)
 
 
 def test_the_training_loss_is_computed_on_the_capped_logits():

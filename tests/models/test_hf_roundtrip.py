@@ -169,10 +169,10 @@ def test_export_refuses_what_the_target_cannot_express(tmp_path):
         export_hf(model, tmp_path / "y", "llama")
 
 
-@pytest.mark.parametrize("switch,value,can", [("attn_softcap", 30.0, "gemma2"), ("qkv_bias", True, "qwen2_moe"),
+@pytest.mark.parametrize("switch,value,can", [("softcap", 30.0, "gemma2"), ("qkv_bias", True, "qwen2_moe"),
                                               ("qk_norm", True, "qwen3_moe")])
 def test_export_refuses_a_switch_its_format_cannot_hold(tmp_path, switch, value, can):
     model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, block_size=8, position="rope",
-                          norm="rmsnorm", mlp="swiglu", bias=False, **{switch: value}))
-    with pytest.raises(ValueError, match=f"llama export cannot express model.{switch}; formats that can: {can}"):
+                          norm="rmsnorm", mlp="swiglu", bias=False, attn={switch: value}))
+    with pytest.raises(ValueError, match=f"cannot express model.attn.{switch}; formats that can: {can}"):
         export_hf(model, tmp_path / "x", "llama")

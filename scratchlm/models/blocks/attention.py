@@ -3,8 +3,11 @@
 The one attention mixer of the plain stack ("attention" and "sliding" layers): a fused q, k, v
 projection, RoPE or ALiBi positions, the KV cache (a ring buffer for a sliding window), and three
 implementations of the same product (spelled out, PyTorch's fused SDPA, and FlashAttention's tiled
-online softmax in ``flash_attention.py``). Its switches (``qkv_bias``, ``qk_norm``, ``d_head``,
-``attn_scale``, ``attn_softcap``) sit at the top of ``GPTConfig``, where checkpoints keep them.
+online softmax in ``flash_attention.py``). Its settings are the ``[model.attn]`` table,
+:class:`AttentionConfig` (``GPTConfig.attn``): the sliding window, the head width, q/k/v biases
+(Qwen2), q/k norms (Qwen3), the score scale and soft cap (Gemma-2). Configs and checkpoints written
+before the table kept these six at the top of ``[model]`` (``sliding_window``, ``d_head``,
+``qkv_bias``, ``qk_norm``, ``attn_scale``, ``attn_softcap``); :func:`move_legacy_keys` reads them.
 
 Shapes used throughout: ``B`` batch, ``T`` new positions, ``S`` positions attended to (``T`` plus
 whatever the KV cache already holds), ``H`` query heads, ``Hkv`` key/value heads, ``D`` head width,
@@ -14,13 +17,97 @@ whatever the KV cache already holds), ``H`` query heads, ``Hkv`` key/value heads
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scratchlm.config import ConfigError, Rule, validate
 from scratchlm.models.blocks.flash_attention import tiled_attention
 from scratchlm.models.layers import RMSNorm, apply_rope
+
+# The mixers that read [model.attn]: ``Attention`` is the mixer of both ("mamba" layers read
+# nothing of it, and a Jamba-style stack mixes them with attention layers, so they are let be).
+READERS = {"attention", "sliding"}
+_INDIFFERENT = {"mamba"}
+
+
+@dataclass
+class AttentionConfig:
+    """``[model.attn]``: the settings of "attention" and "sliding" layers. Every one unset (the
+    default) is plain causal attention with ``d_model / n_head`` wide heads scaled by
+    ``1/sqrt(head width)``; a config with nothing set here writes no table at all."""
+
+    window: int | None = None  # keys each query of a "sliding" layer sees, its own included (Mistral: 4096)
+    head_dim: int | None = None  # head width, free of d_model (Gemma-2: 256); None: d_model / n_head
+    qkv_bias: bool | None = None  # biases on q, k, v, not the output projection (Qwen2); None: as model.bias
+    qk_norm: bool | None = None  # RMSNorm each query and key head before RoPE (Qwen3, OLMo-2); None: off
+    scale: float | None = None  # multiplies q·k (Gemma-2: query_pre_attn_scalar^-1/2); None: head width^-1/2
+    softcap: float | None = None  # scores -> c·tanh(scores / c) before the mask (Gemma-2: 50); None: off
+
+    def __post_init__(self):
+        validate(self, "model.attn", {
+            "window": Rule(min=1, why="keys each query sees in a sliding layer, itself included"),
+            "head_dim": Rule(min=1, why="attention head width"), "scale": Rule(above=0),
+            "softcap": Rule(above=0)})
+
+    def is_default(self) -> bool:
+        return self == AttentionConfig()
+
+    def check(self, mixers: set[str], kernel: str) -> None:
+        """Refuse a setting that no layer of ``mixers`` would read (so none is silently ignored),
+        and ones the attention ``kernel`` (``GPTConfig.attention``) cannot compute."""
+        if "sliding" in mixers and self.window is None:
+            raise ConfigError("model.layers has 'sliding' layers: set model.attn.window "
+                              "(keys each query sees)")
+        if "sliding" not in mixers and self.window is not None:
+            raise ConfigError(f"model.attn.window = {self.window} but no layer is 'sliding': add 'sliding' "
+                              "to model.layers (e.g. [\"sliding\"] or [\"sliding\", \"attention\"]), "
+                              "or remove it")
+        others = sorted(mixers - READERS - _INDIFFERENT)
+        scoring = [f"model.attn.{name}" for name in ("scale", "softcap") if getattr(self, name) is not None]
+        if scoring and not mixers & READERS:
+            raise ConfigError(f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; "
+                              "model.layers has none")
+        if scoring and others:
+            raise ConfigError(f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; "
+                              f"model.layers also has {others}")
+        if self.softcap is not None and kernel == "tiled":
+            raise ConfigError("model.attn.softcap needs every score at once: use model.attention = "
+                              "'manual' or 'sdpa' (which then runs the manual path), not 'tiled'")
+        projections = [f"model.attn.{name}" for name in ("qkv_bias", "qk_norm") if getattr(self, name)]
+        if projections and others:
+            raise ConfigError(f"{' and '.join(projections)} apply to 'attention' and 'sliding' layers only; "
+                              f"model.layers also has {others}")
+        if self.head_dim is not None and "mla" in mixers:
+            raise ConfigError("model.attn.head_dim does not apply to 'mla' layers: set the head widths "
+                              "in [model.mla]")
+
+
+# The top-level [model] keys these settings had before the table, and their names in it.
+LEGACY_KEYS = {"sliding_window": "window", "d_head": "head_dim", "qkv_bias": "qkv_bias", "qk_norm": "qk_norm",
+               "attn_scale": "scale", "attn_softcap": "softcap"}
+
+
+def move_legacy_keys(model: dict) -> tuple[dict, list[str]]:
+    """A ``[model]`` dict with the old top-level attention keys moved into its ``attn`` table, and
+    the old keys it had. Giving one setting under both spellings is refused (which would win?)."""
+    found = [key for key in LEGACY_KEYS if key in model]
+    if not found:
+        return model, []
+    model = dict(model)
+    table = model.get("attn")
+    table = asdict(table) if isinstance(table, AttentionConfig) else dict(table or {})
+    for key in found:
+        new = LEGACY_KEYS[key]
+        value = model.pop(key)
+        if new in table:
+            raise ConfigError(f"model.{key} is the old spelling of model.attn.{new}, and both are set: keep "
+                              f"model.attn.{new}")
+        table[new] = value
+    model["attn"] = table
+    return model, found
 
 
 class Attention(nn.Module):
@@ -50,15 +137,16 @@ class Attention(nn.Module):
         if window is not None:
             self.kv_cache = False  # KVCache.for_model gives it no rows: it keeps a ring buffer in cache.state
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
-        self.head_dim = config.head_dim  # d_model / n_head unless the config sets its own (Gemma: d_head)
+        settings = config.attn
+        self.head_dim = config.head_dim  # d_model / n_head unless [model.attn] sets its own (Gemma: 256)
         self.impl = config.attention
-        self.scale = getattr(config, "attn_scale", None)  # None: 1/sqrt(head_dim)
-        self.softcap = getattr(config, "attn_softcap", None)  # Gemma-2's tanh cap on the scores; None: off
-        qkv_bias = config.bias if getattr(config, "qkv_bias", None) is None else config.qkv_bias
+        self.scale = settings.scale  # None: 1/sqrt(head_dim)
+        self.softcap = settings.softcap  # Gemma-2's tanh cap on the scores; None: off
+        qkv_bias = config.bias if settings.qkv_bias is None else settings.qkv_bias
         self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
         # Qwen3 / OLMo-2: each head's query and key rescaled to unit RMS, so q·k cannot grow without bound.
-        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if getattr(config, "qk_norm", None) else None
-        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if getattr(config, "qk_norm", None) else None
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if settings.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if settings.qk_norm else None
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
@@ -81,7 +169,7 @@ class Attention(nn.Module):
                                  "generate with scratchlm.generate (a ring buffer per sliding layer)")
             if self.softcap is not None:
                 raise ValueError("the engine's paged cache attends with fused kernels, which cannot soft-cap scores; "
-                                 "generate with scratchlm.generate for models with attn_softcap")
+                                 "generate with scratchlm.generate for models with model.attn.softcap")
             y = cache.attend(layer, q, k, v, alibi=alibi, scale=self.scale)  # (1, H, N, D) for N packed tokens
             return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
         start = 0  # the first new query's position, counted from the first key in k, v
@@ -104,7 +192,7 @@ class Attention(nn.Module):
                 raise ValueError("attention = 'tiled' has no dropout; set model.dropout = 0 or use 'sdpa'")
             if self.softcap is not None:
                 raise ValueError("attention = 'tiled' does not soft-cap scores; use 'manual' or 'sdpa'")
-            if self.scale is not None:  # the kernel divides by sqrt(D): pre-scale q so the product is attn_scale
+            if self.scale is not None:  # the kernel divides by sqrt(D): pre-scale q so the product is scale
                 q = q * (self.scale * math.sqrt(D))
             y = tiled_attention(q, k, v, start=start, alibi=alibi, window=self.window)
         else:
@@ -160,7 +248,7 @@ class Attention(nn.Module):
         return keys, values, held
 
     def _scores(self, q, k):
-        """q·kᵀ scaled by 1/sqrt(D) (or ``attn_scale``), and with ``attn_softcap = c`` squashed to
+        """q·kᵀ scaled by 1/sqrt(D) (or ``[model.attn] scale``), and with ``softcap = c`` squashed to
         c·tanh(scores / c) — Gemma-2's soft cap, applied before the mask as Hugging Face does: close
         to the identity for small scores, it keeps any one score from exceeding ±c."""
         scores = q @ k.transpose(-2, -1)

@@ -97,8 +97,9 @@ class MTP(nn.Module):
         try:  # the block's config: the main model's settings, one layer of the chosen kind
             kinds = set(block.split("+"))  # the block keeps only the settings tables its kinds read
             unused = {name: None for kind, (name, _) in KIND_TABLES.items() if kind not in kinds}
-            window = config.sliding_window if "sliding" in kinds else None
-            block_config = dataclasses.replace(config, n_layer=1, layers=[block], mtp=None, sliding_window=window, **unused)
+            attn = config.attn if "sliding" in kinds else dataclasses.replace(config.attn, window=None)
+            block_config = dataclasses.replace(config, n_layer=1, layers=[block], mtp=None, attn=attn,
+                                               **unused)
         except ConfigError as e:
             raise ConfigError(f"model.mtp.block = {block!r}: {e}") from None
         self.depths = nn.ModuleList(MTPModule(block_config, mtp.kind) for _ in range(mtp.depth))

@@ -32,12 +32,14 @@ class Family(NamedTuple):
     config_from_hf: Callable[[dict], GPTConfig]  # config.json (a dict) -> our config
     from_hf: Callable[[dict, GPTConfig], dict]  # their tensors -> our state dict
     to_hf: Callable[[GPT], tuple[dict, dict]]  # our model -> their tensors and config.json
-    switches: tuple[str, ...] = ()  # GPTConfig's attention switches the format can hold
+    switches: tuple[str, ...] = ()  # of SWITCHES, those the format can hold
 
 
-_GEMMA_SWITCHES = ("d_head", "attn_scale", "attn_softcap", "final_softcap", "sandwich_norm", "embed_scale")
-# GPTConfig's top-level switches that only some formats can hold; export refuses the others.
-SWITCHES = _GEMMA_SWITCHES + ("qkv_bias", "qk_norm")
+_GEMMA_SWITCHES = ("attn.head_dim", "attn.scale", "attn.softcap", "final_softcap", "sandwich_norm",
+                   "embed_scale")
+# Switches (GPTConfig fields, "attn.x" for [model.attn]'s) that only some formats can hold; export
+# refuses the others. The window is not one: the families that hold it check the layer pattern.
+SWITCHES = _GEMMA_SWITCHES + ("attn.qkv_bias", "attn.qk_norm")
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(gpt2.config_from_hf, gpt2.from_hf, gpt2.to_hf),
@@ -47,9 +49,9 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(gemma.config_from_hf, gemma.from_hf, gemma.to_hf, _GEMMA_SWITCHES),
     "mixtral": Family(moe.config_from_hf, partial(moe.from_hf, kind="mixtral"), partial(moe.to_hf, kind="mixtral")),
     "qwen2_moe": Family(moe.config_from_hf, partial(moe.from_hf, kind="qwen2_moe"),
-                        partial(moe.to_hf, kind="qwen2_moe"), ("qkv_bias",)),
+                        partial(moe.to_hf, kind="qwen2_moe"), ("attn.qkv_bias",)),
     "qwen3_moe": Family(moe.config_from_hf, partial(moe.from_hf, kind="qwen3_moe"),
-                        partial(moe.to_hf, kind="qwen3_moe"), ("qk_norm",)),
+                        partial(moe.to_hf, kind="qwen3_moe"), ("attn.qk_norm",)),
     "deepseek_v2": Family(deepseek.config_from_hf, deepseek.from_hf, partial(deepseek.to_hf, model_type="deepseek_v2")),
     "deepseek_v3": Family(deepseek.config_from_hf, deepseek.from_hf, partial(deepseek.to_hf, model_type="deepseek_v3")),
     "diffllama": Family(diff.config_from_hf, diff.from_hf, diff.to_hf),
@@ -107,13 +109,19 @@ def default_family(config: GPTConfig) -> str:
 def check_switches(config: GPTConfig, architecture: str) -> None:
     """Refuse a switch the format cannot hold, never drop one silently."""
     holds = FAMILIES[architecture].switches
-    found = [name for name in SWITCHES if name not in holds and getattr(config, name)]
-    if "d_head" in found and config.d_head * config.n_head == config.d_model:
-        found.remove("d_head")  # heads that split d_model: every format holds that
+    found = [name for name in SWITCHES if name not in holds and _switch(config, name)]
+    if "attn.head_dim" in found and config.head_dim * config.n_head == config.d_model:
+        found.remove("attn.head_dim")  # heads that split d_model: every format holds that
     if found:
         can = [name for name, family in FAMILIES.items() if set(found) <= set(family.switches)]
         where = f"; formats that can: {', '.join(can)}" if can else "; no single format holds them all"
         raise ValueError(f"{architecture} export cannot express model.{', model.'.join(found)}{where}")
+
+
+def _switch(config: GPTConfig, name: str):
+    """A switch's value: ``"attn.softcap"`` is ``config.attn.softcap``."""
+    table, _, field = name.rpartition(".")
+    return getattr(getattr(config, table) if table else config, field)
 
 
 def export_hf(model: GPT, folder: str | Path, architecture: str | None = None, tokenizer=None) -> Path:

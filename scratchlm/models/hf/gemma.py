@@ -2,9 +2,9 @@
 
 Gemma Team 2024, "Gemma 2: Improving Open Language Models at a Practical Size": Ministral's
 alternation of sliding and full layers (``layer_types``, local first) on other blocks, expressed by
-the Gemma switches of :class:`GPTConfig` — ``d_head``, ``attn_scale`` (=
-``query_pre_attn_scalar^-1/2``), ``attn_softcap``, ``final_softcap``, ``sandwich_norm``,
-``embed_scale`` — and the ``"geglu"`` MLP. Its RMSNorms multiply by ``1 + w``; ours by ``w``: the
+the Gemma switches — ``[model.attn]``'s ``head_dim``, ``scale`` (= ``query_pre_attn_scalar^-1/2``)
+and ``softcap``; :class:`GPTConfig`'s ``final_softcap``, ``sandwich_norm`` and ``embed_scale`` —
+and the ``"geglu"`` MLP. Its RMSNorms multiply by ``1 + w``; ours by ``w``: the
 import folds ``w' = 1 + w`` (in float32, as Hugging Face adds the 1 in float32) and the export
 unfolds ``w = w' - 1``. The tensor names are Llama's (:data:`NAMES` adds the four norms per layer).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from scratchlm.models.blocks.attention import AttentionConfig
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.hf import llama
@@ -60,11 +61,12 @@ def config_from_hf(hf: dict) -> GPTConfig:
                      rope_theta=theta, norm="rmsnorm",
                      norm_eps=hf["rms_norm_eps"], mlp="geglu", bias=False, tie_embeddings=hf["tie_word_embeddings"],
                      layers=None if layers == ["attention"] else layers,
-                     sliding_window=hf["sliding_window"] if sliding else None,
-                     d_head=None if head_dim * heads == hf["hidden_size"] else head_dim,
-                     attn_scale=None if scalar == head_dim else scalar**-0.5,  # HF's scaling, to the bit
-                     attn_softcap=hf["attn_logit_softcapping"], final_softcap=hf["final_logit_softcapping"],
-                     sandwich_norm=True, embed_scale=True)
+                     attn=AttentionConfig(
+                         window=hf["sliding_window"] if sliding else None,
+                         head_dim=None if head_dim * heads == hf["hidden_size"] else head_dim,
+                         scale=None if scalar == head_dim else scalar**-0.5,  # HF's scaling, to the bit
+                         softcap=hf["attn_logit_softcapping"]),
+                     final_softcap=hf["final_logit_softcapping"], sandwich_norm=True, embed_scale=True)
 
 
 def _is_norm(name: str) -> bool:
@@ -81,18 +83,18 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
     c = model.config
     needs = {"position": ("rope", c.position), "norm": ("rmsnorm", c.norm), "mlp": ("geglu", c.mlp),
              "bias": (False, c.bias), "prenorm": (True, c.prenorm), "sandwich_norm": (True, bool(c.sandwich_norm)),
-             "embed_scale": (True, bool(c.embed_scale)), "qkv_bias": (False, bool(c.qkv_bias)),
-             "qk_norm": (False, bool(c.qk_norm))}
+             "embed_scale": (True, bool(c.embed_scale)), "attn.qkv_bias": (False, bool(c.attn.qkv_bias)),
+             "attn.qk_norm": (False, bool(c.attn.qk_norm))}
     wrong = [f"{k} = {found!r} (needs {want!r})" for k, (want, found) in needs.items() if want != found]
     if wrong or any(mlp != "dense" or mixer not in HF_LAYER_TYPES for mixer, mlp in c.layer_kinds()):
         raise ValueError("Gemma-2 export needs RoPE, pre- and post-RMSNorms (sandwich_norm), GeGLU, scaled embeddings, "
                          "no biases and 'sliding' / 'attention' layers with dense MLPs; "
                          + ("; ".join(wrong) or "model.layers has other kinds"))
     D, H, Hkv = c.head_dim, c.n_head, c.kv_heads
-    scalar = D if c.attn_scale is None else c.attn_scale**-2
+    scalar = D if c.attn.scale is None else c.attn.scale**-2
     if abs(scalar - round(scalar)) > 1e-6 * scalar:  # Gemma2Config types query_pre_attn_scalar as an int
         raise ValueError(f"Gemma-2 stores the score scale as 1/sqrt(query_pre_attn_scalar) with an integer "
-                         f"query_pre_attn_scalar; attn_scale = {c.attn_scale} is 1/sqrt({scalar:g})")
+                         f"query_pre_attn_scalar; model.attn.scale = {c.attn.scale} is 1/sqrt({scalar:g})")
     sd = cpu_state(model)
     if c.tie_embeddings:
         sd.pop("lm_head.weight")
@@ -106,8 +108,8 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
           "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps,
           "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
           "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
-          "query_pre_attn_scalar": round(scalar), "attn_logit_softcapping": c.attn_softcap,
-          "final_logit_softcapping": c.final_softcap, "sliding_window": c.sliding_window,
+          "query_pre_attn_scalar": round(scalar), "attn_logit_softcapping": c.attn.softcap,
+          "final_logit_softcapping": c.final_softcap, "sliding_window": c.attn.window,
           "layer_types": [HF_LAYER_TYPES[mixer] for mixer, _ in c.layer_kinds()],
           "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}  # Gemma's ids belong to its tokenizer
     return tensors, hf

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from scratchlm.models.blocks.attention import AttentionConfig
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.hf.common import cpu_state, inverse, rename, rope_theta
@@ -36,8 +37,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
         raise ValueError("Llama models with attention_bias or mlp_bias are not supported")
     theta = rope_theta(hf)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    d_head = head_dim if head_dim * hf["num_attention_heads"] != hf["hidden_size"] else None  # heads wider or narrower
-    return GPTConfig(d_head=d_head, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+    own_width = head_dim * hf["num_attention_heads"] != hf["hidden_size"]  # heads wider or narrower
+    return GPTConfig(attn=AttentionConfig(head_dim=head_dim if own_width else None),
+                     vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
                      n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                      d_model=hf["hidden_size"], d_ff=hf["intermediate_size"], block_size=hf["max_position_embeddings"],
                      position="rope", rope_theta=theta, norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),

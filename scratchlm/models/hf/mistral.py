@@ -41,8 +41,8 @@ def _with_layers(hf: dict, layer_types: list[str]) -> GPTConfig:
     sliding = "sliding" in layers
     if sliding and not hf.get("sliding_window"):
         raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
-    return GPTConfig.from_dict({**base, "layers": None if layers == ["attention"] else layers,
-                                "sliding_window": hf["sliding_window"] if sliding else None})
+    attn = {**base.get("attn", {}), "window": hf["sliding_window"] if sliding else None}
+    return GPTConfig.from_dict({**base, "layers": None if layers == ["attention"] else layers, "attn": attn})
 
 
 def mistral_config(hf: dict) -> GPTConfig:
@@ -78,14 +78,14 @@ def mistral_to_hf(model: GPT) -> tuple[dict, dict]:
         raise ValueError("Mistral applies one window to every layer; a model mixing 'sliding' and 'attention' "
                          "layers exports as 'ministral'")
     tensors, hf = _base_hf(model, "MistralForCausalLM", "mistral")
-    hf["sliding_window"] = model.config.sliding_window if layer_types[0] == "sliding_attention" else None
+    hf["sliding_window"] = model.config.attn.window if layer_types[0] == "sliding_attention" else None
     return tensors, hf
 
 
 def ministral_to_hf(model: GPT) -> tuple[dict, dict]:
     layer_types = _layer_types(model)
     tensors, hf = _base_hf(model, "MinistralForCausalLM", "ministral")
-    hf.update({"layer_types": layer_types, "sliding_window": model.config.sliding_window})
+    hf.update({"layer_types": layer_types, "sliding_window": model.config.attn.window})
     return tensors, hf
 
 

@@ -9,11 +9,11 @@ All three are Llama with some MLPs replaced by a softmax top-k router over SwiGL
   (gate, up, down).
 * **Qwen2-MoE** (``Qwen2MoeForCausalLM``): one shared expert of its own width, scaled by
   ``sigmoid(shared_expert_gate · u)``; ``norm_topk_prob`` chooses whether to renormalise; biases on
-  q, k, v only (``qkv_bias``, our ``GPTConfig.qkv_bias``); layer ``i`` is MoE when
+  q, k, v only (``qkv_bias``, our ``[model.attn] qkv_bias``); layer ``i`` is MoE when
   ``(i + 1) % decoder_sparse_step == 0`` and ``i`` is not in ``mlp_only_layers``, else a dense MLP
   of ``intermediate_size`` (our per-layer pattern ``GPTConfig.layers``).
 * **Qwen3-MoE** (``Qwen3MoeForCausalLM``): no shared expert; an RMSNorm on each query and key
-  head before RoPE (``q_norm``, ``k_norm``; our ``GPTConfig.qk_norm``).
+  head before RoPE (``q_norm``, ``k_norm``; our ``[model.attn] qk_norm``).
 
 ``transformers`` 5.x holds the experts fused in memory (``experts.gate_up_proj`` (E, 2F, C),
 ``experts.down_proj`` (E, C, F)), but ``save_pretrained`` writes them one expert at a time, in the
@@ -79,13 +79,14 @@ def _moe_layers(hf: dict) -> list[bool]:
 def config_from_hf(hf: dict) -> GPTConfig:
     kind = hf["model_type"]
     base = _base_config(hf)
+    attn = base.setdefault("attn", {})  # [model.attn]: the head width Llama's reader found, and what follows
     mixer = "attention"
     if kind == "mixtral":
         experts, width = hf["num_local_experts"], hf["intermediate_size"]
         moe = dict(normalize=True)
         window = hf.get("sliding_window")
         if window is not None and window < hf["max_position_embeddings"]:
-            mixer, base["sliding_window"] = "sliding", window  # Mistral's window: W keys, the query's own included
+            mixer, attn["window"] = "sliding", window  # Mistral's window: W keys, the query's own included
     else:
         if hf.get("use_sliding_window"):
             raise ValueError(f"{kind}: use_sliding_window is not supported")
@@ -93,11 +94,11 @@ def config_from_hf(hf: dict) -> GPTConfig:
         moe = dict(normalize=bool(hf.get("norm_topk_prob", False)))
     if kind == "qwen2_moe":
         moe.update(n_shared=1, d_shared=hf["shared_expert_intermediate_size"], shared_gate=True)
-        base["qkv_bias"] = bool(hf.get("qkv_bias", True))
+        attn["qkv_bias"] = bool(hf.get("qkv_bias", True))
     if kind == "qwen3_moe":
         if hf.get("attention_bias"):
             raise ValueError("qwen3_moe: attention_bias (on q, k, v and o) is not supported")
-        base["qk_norm"] = True
+        attn["qk_norm"] = True
     layers = [f"{mixer}+moe" if sparse else mixer for sparse in _moe_layers(hf)]
     coef = float(hf.get("router_aux_loss_coef", 0.001))  # transformers' default for all three families
     moe.update(n_experts=experts, top_k=hf["num_experts_per_tok"], d_expert=width,
@@ -123,7 +124,7 @@ def from_hf(t: dict, c: GPTConfig, kind: str) -> dict:
         if a + "q_proj.bias" in t:
             out[b + "attn.qkv.bias"] = torch.cat([t[a + f"{p}_proj.bias"] for p in "qkv"], dim=0)
         out[b + "attn.proj.weight"] = t[a + "o_proj.weight"]
-        if c.qk_norm:
+        if c.attn.qk_norm:
             out[b + "attn.q_norm.weight"] = t[a + "q_norm.weight"]
             out[b + "attn.k_norm.weight"] = t[a + "k_norm.weight"]
         if mlp_kind == "dense":
@@ -186,10 +187,10 @@ def _check_exportable(model: GPT, kind: str) -> None:
         if any(block.mlp.router_bias.abs().max() > 0 for block in model.blocks if hasattr(block.mlp, "router_bias")):
             problems.append("a zero router_bias (a loss-free-balanced model needs a format with "
                             "e_score_correction_bias, e.g. DeepSeek-V3)")
-    if bool(c.qk_norm) != (kind == "qwen3_moe"):
-        problems.append("qk_norm" if kind == "qwen3_moe" else "no qk_norm")
-    if c.qkv_bias and kind != "qwen2_moe":
-        problems.append("no qkv_bias")
+    if bool(c.attn.qk_norm) != (kind == "qwen3_moe"):
+        problems.append("attn.qk_norm" if kind == "qwen3_moe" else "no attn.qk_norm")
+    if c.attn.qkv_bias and kind != "qwen2_moe":
+        problems.append("no attn.qkv_bias")
     if problems:
         raise ValueError(f"{kind} export needs " + "; ".join(problems))
 
@@ -216,7 +217,7 @@ def to_hf(model: GPT, kind: str) -> tuple[dict, dict]:
             for p, part in zip("qkv", sd[b + "attn.qkv.bias"].split([H * D, Hkv * D, Hkv * D])):
                 tensors[a + f"{p}_proj.bias"] = part.contiguous()
         tensors[a + "o_proj.weight"] = sd[b + "attn.proj.weight"]
-        if c.qk_norm:
+        if c.attn.qk_norm:
             tensors[a + "q_norm.weight"] = sd[b + "attn.q_norm.weight"]
             tensors[a + "k_norm.weight"] = sd[b + "attn.k_norm.weight"]
         if mlp_kind == "dense":
@@ -245,13 +246,14 @@ def to_hf(model: GPT, kind: str) -> tuple[dict, dict]:
           "attention_dropout": 0.0}
     if kind == "mixtral":
         hf.update(intermediate_size=width, num_local_experts=m.n_experts, router_jitter_noise=0.0,
-                  sliding_window=c.sliding_window if c.layer_kinds()[0][0] == "sliding" else None)
+                  sliding_window=c.attn.window if c.layer_kinds()[0][0] == "sliding" else None)
     else:
         hf.update(intermediate_size=c.ff_width, moe_intermediate_size=width, num_experts=m.n_experts,
                   norm_topk_prob=m.normalize, decoder_sparse_step=1, mlp_only_layers=dense_layers,
                   use_sliding_window=False)
     if kind == "qwen2_moe":
-        hf.update(shared_expert_intermediate_size=m.d_shared or m.n_shared * width, qkv_bias=bool(c.qkv_bias))
+        hf.update(shared_expert_intermediate_size=m.d_shared or m.n_shared * width,
+                  qkv_bias=bool(c.attn.qkv_bias))
     if kind == "qwen3_moe":
         hf["attention_bias"] = False
     return tensors, hf
@@ -267,6 +269,6 @@ def default_architecture(config: GPTConfig) -> str | None:
         return None
     if m.shared_gate:
         return "qwen2_moe"
-    if config.qk_norm:
+    if config.attn.qk_norm:
         return "qwen3_moe"
     return "mixtral"

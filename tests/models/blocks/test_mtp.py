@@ -51,7 +51,7 @@ def test_config_is_checked_and_round_trips():
 
 
 def test_block_kind_defaults_to_the_last_layer():
-    sliding = {"layers": ["attention", "sliding"], "sliding_window": 4}
+    sliding = {"layers": ["attention", "sliding"], "attn": {"window": 4}}
     assert _model(**sliding).mtp.depths[0].block.attn.window == 4  # as HF's MtpModel copies the last layer's class
     assert _model(**sliding, mtp=MTPConfig(block="attention")).mtp.depths[0].block.attn.window is None
 

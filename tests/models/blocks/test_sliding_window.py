@@ -21,10 +21,11 @@ from scratchlm.models.blocks.attention import Attention, attention_bias
 GREEDY = SamplingConfig(temperature=0)
 
 
-def tiny(**kw) -> GPTConfig:
+def tiny(window: int | None = 4, **kw) -> GPTConfig:
+    """A tiny Llama-block model whose layers are sliding with ``window`` ([model.attn] window)."""
     base = {"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "block_size": 32,
             "init_std": 0.2, "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
-            "layers": ["sliding"], "sliding_window": 4}
+            "layers": ["sliding"], "attn": {"window": window}}
     return GPTConfig(**{**base, **kw})
 
 
@@ -33,9 +34,11 @@ def model(**kw) -> GPT:
     return GPT(tiny(**kw)).eval()
 
 
-def twin(source: GPT, **kw) -> GPT:
-    """The same weights under another config (attention implementation, window, layers)."""
-    other = GPT(GPTConfig.from_dict({**source.config.to_dict(), **kw})).eval()
+def twin(source: GPT, window=..., **kw) -> GPT:
+    """The same weights under another config (attention implementation, ``window`` if given, layers)."""
+    d = source.config.to_dict()
+    attn = d.get("attn", {}) if window is ... else {**d.get("attn", {}), "window": window}
+    other = GPT(GPTConfig.from_dict({**d, "attn": attn, **kw})).eval()
     other.load_state_dict(source.state_dict())
     return other
 
@@ -69,7 +72,7 @@ def test_manual_sdpa_and_tiled_agree(position):
         for impl in ("manual", "tiled"):
             torch.testing.assert_close(twin(sdpa, attention=impl)(x)[0], expected, atol=1e-5, rtol=0)
         # the window matters: full attention everywhere gives other logits
-        assert (twin(sdpa, layers=None, sliding_window=None)(x)[0] - expected).abs().max() > 1e-2
+        assert (twin(sdpa, layers=None, window=None)(x)[0] - expected).abs().max() > 1e-2
 
 
 def test_tiled_kernel_skips_old_tiles_and_equals_the_reference():
@@ -84,18 +87,18 @@ def test_tiled_kernel_skips_old_tiles_and_equals_the_reference():
 
 
 def test_window_as_long_as_the_context_is_causal_attention():
-    full = model(layers=None, sliding_window=None)
+    full = model(layers=None, window=None)
     x = torch.randint(0, 97, (2, 32))
     with torch.no_grad():
         for impl in ("sdpa", "manual"):
-            wide = twin(full, layers=["sliding"], sliding_window=32, attention=impl)
+            wide = twin(full, layers=["sliding"], window=32, attention=impl)
             torch.testing.assert_close(wide(x)[0], full(x)[0], atol=1e-5, rtol=0)
 
 
 def test_receptive_field_grows_by_window_minus_one_per_layer():
     # L layers of window W: the output at position i reads tokens i - L(W - 1) ... i, no earlier.
     for n_layer, window in ((1, 4), (3, 4), (2, 6)):
-        m = model(n_layer=n_layer, sliding_window=window)
+        m = model(n_layer=n_layer, window=window)
         reach = n_layer * (window - 1)
         x = torch.randint(0, 97, (1, 32))
         with torch.no_grad():
@@ -147,7 +150,7 @@ def test_ring_buffer_equals_full_cache_equals_parallel(layers, impl, position):
 
 
 def test_ring_memory_stops_at_window_minus_one_positions():
-    m = model(n_layer=2, sliding_window=5)
+    m = model(n_layer=2, window=5)
     ring = KVCache.for_model(m, 3)
     assert ring.k.numel() == 0  # every layer sliding: no growing rows at all
     sizes = []
@@ -159,11 +162,11 @@ def test_ring_memory_stops_at_window_minus_one_positions():
     assert attn.max_cache_positions() == 4 and attn.cache_values_per_token() == 2 * 2 * 8
     bound = 2 * 3 * 4 * attn.cache_values_per_token() * 4  # layers x batch x (W - 1) x values x fp32 bytes
     assert sizes[3:] == [bound] * 17  # full after W - 1 tokens, then constant
-    assert model(layers=None, sliding_window=None).blocks[0].attn.max_cache_positions() is None
+    assert model(layers=None, window=None).blocks[0].attn.max_cache_positions() is None
 
 
 def test_window_of_one_sees_only_itself_and_keeps_nothing():
-    m = model(sliding_window=1)
+    m = model(window=1)
     ids = torch.randint(0, 97, (1, 12))
     ring = KVCache.for_model(m, 1)
     with torch.no_grad():
@@ -220,7 +223,7 @@ def test_hf_import_logits_greedy_and_export(tmp_path, kind, layers):
     hf = _hf(kind)
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     ours = import_hf(tmp_path / "hf")
-    assert ours.config.layers == layers and ours.config.sliding_window == 4
+    assert ours.config.layers == layers and ours.config.attn.window == 4
     x = torch.randint(0, 101, (2, 24))
     with torch.no_grad():
         expected = hf(x).logits
