@@ -49,8 +49,13 @@ def main() -> None:
         tok = CharTokenizer.train(ds.text("train")).save(tmp / "char.json")
         data = tokenize_dataset(ds, tok, tmp / "char")["path"]
         for i, change in enumerate(STUDIES[args.study]):
-            sets = [f"train.data={json.dumps(data)}", f"train.out_dir={json.dumps(str(tmp / f'run{i}'))}",
-                    f"train.max_steps={args.steps}", f"train.eval_interval={args.steps}", "train.sample_tokens=0"]
+            sets = [
+                f"train.data={json.dumps(data)}",
+                f"train.out_dir={json.dumps(str(tmp / f'run{i}'))}",
+                f"train.max_steps={args.steps}",
+                f"train.eval_interval={args.steps}",
+                "train.sample_tokens=0",
+            ]
             sets += [f"model.{k}={json.dumps(v)}" for k, v in change.items()]
             config = load_config(config_path, sets)
             start = time.perf_counter()
@@ -59,12 +64,22 @@ def main() -> None:
             report = evaluate_checkpoint(tmp / f"run{i}" / "last", splits=["val+test"])["splits"]["val+test"]
             model_config = GPTConfig(**{**preset("shakespeare-char").to_dict(), **change})
             model = GPT(model_config)
-            rows.append({"change": change, "val_test_loss": report["loss"], "bits_per_byte": report["bits_per_byte"],
-                         "parameters": model.parameter_counts()["total"],
-                         "kv_bytes_per_token_bf16": model.kv_cache_bytes_per_token(2),
-                         "seconds": seconds, "steps": summary["steps"]})
-            print(f"{json.dumps(change):<45} val+test {report['loss']:.4f}  params {rows[-1]['parameters']:,}  "
-                  f"KV {rows[-1]['kv_bytes_per_token_bf16']} B/token  {seconds:.0f}s", flush=True)
+            rows.append(
+                {
+                    "change": change,
+                    "val_test_loss": report["loss"],
+                    "bits_per_byte": report["bits_per_byte"],
+                    "parameters": model.parameter_counts()["total"],
+                    "kv_bytes_per_token_bf16": model.kv_cache_bytes_per_token(2),
+                    "seconds": seconds,
+                    "steps": summary["steps"],
+                }
+            )
+            print(
+                f"{json.dumps(change):<45} val+test {report['loss']:.4f}  params {rows[-1]['parameters']:,}  "
+                f"KV {rows[-1]['kv_bytes_per_token_bf16']} B/token  {seconds:.0f}s",
+                flush=True,
+            )
     path = save(f"ablation_{args.study}", {"study": args.study, "steps": args.steps, "rows": rows})
     print(f"-> {path}")
 

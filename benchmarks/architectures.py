@@ -38,18 +38,27 @@ MOE = {"layers": ["attention+moe"]}
 STUDIES = {
     "mlp": [
         ("dense SwiGLU, width 384", {}),
-        ("MoE 4 experts, top-1, width 384", {**MOE, "moe": {"n_experts": 4, "top_k": 1, "d_expert": 384,
-                                                              "normalize": False}}),
+        (
+            "MoE 4 experts, top-1, width 384",
+            {**MOE, "moe": {"n_experts": 4, "top_k": 1, "d_expert": 384, "normalize": False}},
+        ),
         ("MoE 8 experts, top-2, width 192", {**MOE, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 192}}),
-        ("MoE 8 top-2 (128) + shared (128), width 384", {**MOE, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 128,
-                                                                          "n_shared": 1, "d_shared": 128}}),
+        (
+            "MoE 8 top-2 (128) + shared (128), width 384",
+            {**MOE, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 128, "n_shared": 1, "d_shared": 128}},
+        ),
     ],
     "attention": [
         ("MHA (4 KV heads)", {}),
         ("GQA (2 KV heads)", {"n_kv_head": 2}),
         ("MQA (1 KV head)", {"n_kv_head": 1}),
-        ("MLA (latent 32 + RoPE key 16)", {"layers": ["mla"], "mla": {"kv_lora_rank": 32, "qk_nope_head_dim": 32,
-                                                                       "qk_rope_head_dim": 16, "v_head_dim": 32}}),
+        (
+            "MLA (latent 32 + RoPE key 16)",
+            {
+                "layers": ["mla"],
+                "mla": {"kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32},
+            },
+        ),
     ],
     "diff": [
         ("standard attention", {}),
@@ -58,13 +67,28 @@ STUDIES = {
     ],
     "long": [
         ("full attention, context 256", {"block_size": 256}),
-        ("sliding window 64, context 256",
-         {"block_size": 256, "layers": ["sliding"], "attn": {"window": 64}}),
-        ("sliding 64 / full alternating, context 256", {"block_size": 256, "layers": ["sliding", "attention"],
-                                                        "attn": {"window": 64}}),
-        ("NSA (blocks 16/8, 4 selected of 32, window 64), context 256",
-         {"block_size": 256, "layers": ["nsa"], "nsa": {"compress_block": 16, "compress_stride": 8, "select_block": 32,
-                                                        "select_count": 4, "window": 64}}),
+        (
+            "sliding window 64, context 256",
+            {"block_size": 256, "layers": ["sliding"], "attn": {"window": 64}},
+        ),
+        (
+            "sliding 64 / full alternating, context 256",
+            {"block_size": 256, "layers": ["sliding", "attention"], "attn": {"window": 64}},
+        ),
+        (
+            "NSA (blocks 16/8, 4 selected of 32, window 64), context 256",
+            {
+                "block_size": 256,
+                "layers": ["nsa"],
+                "nsa": {
+                    "compress_block": 16,
+                    "compress_stride": 8,
+                    "select_block": 32,
+                    "select_count": 4,
+                    "window": 64,
+                },
+            },
+        ),
     ],
     "mtp": [
         ("no MTP", {}),
@@ -72,11 +96,17 @@ STUDIES = {
     ],
     "hybrid": [
         ("Transformer (RoPE)", {}),
-        ("Jamba-style: Mamba / attention alternating, no positions", {"layers": ["mamba", "attention"], "position": "none"}),
+        (
+            "Jamba-style: Mamba / attention alternating, no positions",
+            {"layers": ["mamba", "attention"], "position": "none"},
+        ),
         ("Mamba only, no positions", {"layers": ["mamba"], "position": "none"}),
     ],
     "balance": [
-        (f"MoE 8 top-2, balance={b}", {**MOE, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 192, "balance": b}})
+        (
+            f"MoE 8 top-2, balance={b}",
+            {**MOE, "moe": {"n_experts": 8, "top_k": 2, "d_expert": 192, "balance": b}},
+        )
         for b in ("aux", "bias", "none")
     ],
     "seeds": [(f"baseline, seed {s}", {"_seed": s}) for s in (1337, 1, 2)],
@@ -120,10 +150,17 @@ def main() -> None:
             change = copy.deepcopy(change)
             seed = change.pop("_seed", None)
             run = work / f"{study}-{i}"
-            config = load_config(config_path, [f"train.data={json.dumps(str(data))}",
-                                               f"train.out_dir={json.dumps(str(run))}",
-                                               f"train.max_steps={args.steps}", f"train.eval_interval={args.steps}",
-                                               "train.sample_tokens=0", "train.log_interval=10"])
+            config = load_config(
+                config_path,
+                [
+                    f"train.data={json.dumps(str(data))}",
+                    f"train.out_dir={json.dumps(str(run))}",
+                    f"train.max_steps={args.steps}",
+                    f"train.eval_interval={args.steps}",
+                    "train.sample_tokens=0",
+                    "train.log_interval=10",
+                ],
+            )
             model_section = {**config["model"], **BASE, **change}
             config["model"] = model_section
             if seed is not None:
@@ -139,32 +176,54 @@ def main() -> None:
             model_config = config_from_section({**model_section, "vocab_size": 65})
             model = GPT(model_config)
             counts = model.parameter_counts()
-            row = {"study": study, "variant": label, "change": change, "seed": seed,
-                   "model_section": {**model_section, "vocab_size": 65},
-                   "val_test_loss": report["loss"], "bits_per_byte": report["bits_per_byte"],
-                   "parameters": counts["total"], "active_parameters": counts["active"],
-                   "kv_values_per_token": sum(b.mixer.cache_values_per_token() for b in model.blocks),
-                   "state_values_per_sequence": model.state_bytes_per_sequence(1),
-                   "tokens_per_second": speeds[len(speeds) // 2] if speeds else None,
-                   "load": [{k: v for k, v in r.items() if k.startswith("moe/")} | {"step": r["step"]}
-                            for r in steps if any(k.startswith("moe/") for k in r)]}
+            row = {
+                "study": study,
+                "variant": label,
+                "change": change,
+                "seed": seed,
+                "model_section": {**model_section, "vocab_size": 65},
+                "val_test_loss": report["loss"],
+                "bits_per_byte": report["bits_per_byte"],
+                "parameters": counts["total"],
+                "active_parameters": counts["active"],
+                "kv_values_per_token": sum(b.mixer.cache_values_per_token() for b in model.blocks),
+                "state_values_per_sequence": model.state_bytes_per_sequence(1),
+                "tokens_per_second": speeds[len(speeds) // 2] if speeds else None,
+                "load": [
+                    {k: v for k, v in r.items() if k.startswith("moe/")} | {"step": r["step"]}
+                    for r in steps
+                    if any(k.startswith("moe/") for k in r)
+                ],
+            }
             if study == "mtp" and model_config.mtp is not None:
                 row["mtp_acceptance"] = _mtp_acceptance(run, ds)
             rows.append(row)
-            print(f"{study:<9} {label:<55} val+test {row['val_test_loss']:.4f}  "
-                  f"params {row['parameters']:>9,} (active {row['active_parameters']:,})  "
-                  f"KV {row['kv_values_per_token']} values/token  {row['tokens_per_second'] or 0:,.0f} tok/s", flush=True)
+            print(
+                f"{study:<9} {label:<55} val+test {row['val_test_loss']:.4f}  "
+                f"params {row['parameters']:>9,} (active {row['active_parameters']:,})  "
+                f"KV {row['kv_values_per_token']} values/token  {row['tokens_per_second'] or 0:,.0f} tok/s",
+                flush=True,
+            )
     # Speed, measured apart from training (which may share the machine with other work): each
     # variant's training step (forward, backward, AdamW) on the same batch shape, one after another.
     for row in rows:
         row["tokens_per_second_in_training"] = row.pop("tokens_per_second")
         row["tokens_per_second"] = _step_speed(row["model_section"])
-        print(f"{row['study']:<9} {row['variant']:<55} {row['tokens_per_second']:,.0f} tokens/s (timed apart)", flush=True)
-    result = {"steps": args.steps, "base": "configs/shakespeare-char.toml with mlp=swiglu", "rows": rows,
-              "threads": torch.get_num_threads(),
-              "tokens_per_second": "median of 10 timed training steps (batch x context = 2048 tokens), after 3 warm-up "
-                                   "steps, each variant alone on the machine's threads"}
-    path = save("architectures" if set(studies) == set(STUDIES) else "architectures_" + "_".join(studies), result)
+        print(
+            f"{row['study']:<9} {row['variant']:<55} {row['tokens_per_second']:,.0f} tokens/s (timed apart)",
+            flush=True,
+        )
+    result = {
+        "steps": args.steps,
+        "base": "configs/shakespeare-char.toml with mlp=swiglu",
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "tokens_per_second": "median of 10 timed training steps (batch x context = 2048 tokens), after 3 warm-up "
+        "steps, each variant alone on the machine's threads",
+    }
+    path = save(
+        "architectures" if set(studies) == set(STUDIES) else "architectures_" + "_".join(studies), result
+    )
     print(f"-> {path}")
     if args.plot:
         _plot(rows, Path(args.plot))
@@ -201,8 +260,8 @@ def _mtp_acceptance(run: Path, ds) -> dict:
     """How often the MTP head's guess of the token after next is what greedy decoding then picks."""
     import torch
 
-    from scratchlm.models.checkpoint import load_model_from_checkpoint
     from scratchlm.models.blocks.mtp import mtp_acceptance
+    from scratchlm.models.checkpoint import load_model_from_checkpoint
     from scratchlm.tokenizers import load_tokenizer
 
     model, _ = load_model_from_checkpoint(run / "last", torch.device("cpu"))
@@ -225,8 +284,13 @@ def _plot(rows: list[dict], path: Path) -> None:
         low = min(r["val_test_loss"] for r in mine)
         ax.set_xlim(low - 0.15, max(r["val_test_loss"] for r in mine) + 0.05)
         for y, r in enumerate(mine):
-            ax.text(r["val_test_loss"], y, f" {r['val_test_loss']:.3f}  ({r['tokens_per_second'] or 0:,.0f} tok/s)",
-                    va="center", fontsize=8)
+            ax.text(
+                r["val_test_loss"],
+                y,
+                f" {r['val_test_loss']:.3f}  ({r['tokens_per_second'] or 0:,.0f} tok/s)",
+                va="center",
+                fontsize=8,
+            )
         ax.invert_yaxis()
         ax.set_title(study, fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("val+test loss (nats per character), same steps and data")

@@ -50,8 +50,19 @@ def main() -> None:
     p.add_argument("--width", type=int, default=256)
     args = p.parse_args()
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=256, n_layer=args.layers, n_head=args.width // 32, d_model=args.width,
-                          block_size=4096, position="rope", norm="rmsnorm", mlp="relu2", bias=False)).eval()
+    model = GPT(
+        GPTConfig(
+            vocab_size=256,
+            n_layer=args.layers,
+            n_head=args.width // 32,
+            d_model=args.width,
+            block_size=4096,
+            position="rope",
+            norm="rmsnorm",
+            mlp="relu2",
+            bias=False,
+        )
+    ).eval()
 
     def timed(prompt, use_cache, cache_cls):
         generation.KVCache = cache_cls
@@ -65,24 +76,44 @@ def main() -> None:
         finally:
             generation.KVCache = KVCache
 
-    generation = sys.modules["scratchlm.generate.generate"]  # the module (the package's `generate` is the function)
+    generation = sys.modules[
+        "scratchlm.generate.generate"
+    ]  # the module (the package's `generate` is the function)
     rows = []
     for n in (int(v) for v in args.prompts.split(",")):
         prompt = torch.randint(0, 256, (n,)).tolist()
         uncached, reference = timed(prompt, False, KVCache)
         before, out_before = timed(prompt, True, BlockSizedCache)
         after, out_after = timed(prompt, True, KVCache)
-        same = [ids for ids, _ in out_before] == [ids for ids, _ in out_after] == [ids for ids, _ in reference]
-        rows.append({"prompt": n, "new_tokens": args.new, "beams": args.beams, "uncached_s": uncached,
-                     "cached_before_s": before, "cached_after_s": after, "same_beams": same,
-                     "before_cached_over_uncached": before / uncached, "after_cached_over_uncached": after / uncached})
-    print(f"beam search, {args.beams} beams, {args.new} new tokens, {args.layers} layers x width {args.width}, "
-          f"context 4096; median of {args.repeats}")
-    print(f"{'prompt':>6} {'uncached':>9} {'cached before':>14} {'cached after':>13} {'before/uncached':>16} "
-          f"{'after/uncached':>15} {'same beams':>10}")
+        same = (
+            [ids for ids, _ in out_before] == [ids for ids, _ in out_after] == [ids for ids, _ in reference]
+        )
+        rows.append(
+            {
+                "prompt": n,
+                "new_tokens": args.new,
+                "beams": args.beams,
+                "uncached_s": uncached,
+                "cached_before_s": before,
+                "cached_after_s": after,
+                "same_beams": same,
+                "before_cached_over_uncached": before / uncached,
+                "after_cached_over_uncached": after / uncached,
+            }
+        )
+    print(
+        f"beam search, {args.beams} beams, {args.new} new tokens, {args.layers} layers x width {args.width}, "
+        f"context 4096; median of {args.repeats}"
+    )
+    print(
+        f"{'prompt':>6} {'uncached':>9} {'cached before':>14} {'cached after':>13} {'before/uncached':>16} "
+        f"{'after/uncached':>15} {'same beams':>10}"
+    )
     for r in rows:
-        print(f"{r['prompt']:>6} {r['uncached_s']:>8.2f}s {r['cached_before_s']:>13.2f}s {r['cached_after_s']:>12.2f}s "
-              f"{r['before_cached_over_uncached']:>15.2f}x {r['after_cached_over_uncached']:>14.2f}x {str(r['same_beams']):>10}")
+        print(
+            f"{r['prompt']:>6} {r['uncached_s']:>8.2f}s {r['cached_before_s']:>13.2f}s {r['cached_after_s']:>12.2f}s "
+            f"{r['before_cached_over_uncached']:>15.2f}x {r['after_cached_over_uncached']:>14.2f}x {str(r['same_beams']):>10}"
+        )
     print(f"results: {save('beam', {'layers': args.layers, 'width': args.width, 'rows': rows})}")
 
 

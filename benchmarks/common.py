@@ -36,8 +36,12 @@ def best_of(fn, repeats: int = 3) -> float:
 def machine() -> dict:
     import torch
 
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "torch": torch.__version__}
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
 
 
 def save(name: str, payload: dict) -> Path:

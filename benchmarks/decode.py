@@ -27,11 +27,22 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=256)
-    p.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "decode_latency.png"))
+    p.add_argument(
+        "--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "decode_latency.png")
+    )
     args = p.parse_args()
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=65, n_layer=6, n_head=6, d_model=384, block_size=1024, position="rope",
-                       norm="rmsnorm", mlp="gelu", bias=False)
+    config = GPTConfig(
+        vocab_size=65,
+        n_layer=6,
+        n_head=6,
+        d_model=384,
+        block_size=1024,
+        position="rope",
+        norm="rmsnorm",
+        mlp="gelu",
+        bias=False,
+    )
     model = GPT(config).eval()
     prompt = torch.randint(0, 65, (1, args.prompt))
     rows = {}
@@ -44,9 +55,13 @@ def main() -> None:
             tokens.append(int(token))
             last = now
         total = time.perf_counter() - start
-        rows["cache" if use_cache else "no_cache"] = {"seconds": total, "tokens_per_second": args.new / total,
-                                                      "first_token_seconds": times[0], "per_token_seconds": times,
-                                                      "tokens": tokens}
+        rows["cache" if use_cache else "no_cache"] = {
+            "seconds": total,
+            "tokens_per_second": args.new / total,
+            "first_token_seconds": times[0],
+            "per_token_seconds": times,
+            "tokens": tokens,
+        }
     assert rows["cache"]["tokens"] == rows["no_cache"]["tokens"], "cached and uncached greedy outputs differ"
     speedup = rows["cache"]["tokens_per_second"] / rows["no_cache"]["tokens_per_second"]
     from scratchlm.plots import pyplot, save_figure
@@ -54,7 +69,10 @@ def main() -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     positions = list(range(args.prompt, args.prompt + args.new))
-    for name, label in (("no_cache", "no cache: rerun the whole context"), ("cache", "KV cache: one position per step")):
+    for name, label in (
+        ("no_cache", "no cache: rerun the whole context"),
+        ("cache", "KV cache: one position per step"),
+    ):
         ax.plot(positions[1:], [t * 1000 for t in rows[name]["per_token_seconds"][1:]], label=label)
     ax.set_xlabel("position of the generated token")
     ax.set_ylabel("milliseconds per token")
@@ -64,11 +82,22 @@ def main() -> None:
     save_figure(fig, args.plot)
     for r in rows.values():
         del r["tokens"]
-    path = save("decode", {"prompt_tokens": args.prompt, "new_tokens": args.new, "config": config.to_dict(),
-                           "rows": rows, "speedup": speedup, "plot": args.plot})
+    path = save(
+        "decode",
+        {
+            "prompt_tokens": args.prompt,
+            "new_tokens": args.new,
+            "config": config.to_dict(),
+            "rows": rows,
+            "speedup": speedup,
+            "plot": args.plot,
+        },
+    )
     print(f"prompt {args.prompt} + {args.new} new tokens, greedy, {config.n_layer}x{config.d_model} model")
     for name, r in rows.items():
-        print(f"  {name:<9} {r['tokens_per_second']:8.1f} tokens/s   prefill+first token {r['first_token_seconds'] * 1000:7.1f} ms")
+        print(
+            f"  {name:<9} {r['tokens_per_second']:8.1f} tokens/s   prefill+first token {r['first_token_seconds'] * 1000:7.1f} ms"
+        )
     print(f"  KV cache speed-up: {speedup:.1f}x (identical greedy output)")
     print(f"  plot: {args.plot}\n-> {path}")
 

@@ -45,8 +45,8 @@ def main() -> None:
     import torch
 
     from scratchlm.generate import SamplingConfig, beam_search, generate
-    from scratchlm.tokenizers import load_tokenizer
     from scratchlm.models.checkpoint import load_model_from_checkpoint
+    from scratchlm.tokenizers import load_tokenizer
 
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", required=True)
@@ -75,16 +75,31 @@ def main() -> None:
             for prompt, out in zip(prompts, outs):
                 seq = torch.tensor([prompt + out])[:, -model.config.block_size - 1 :]
                 logits, _ = model(seq[:, :-1])
-                lp = torch.log_softmax(logits, -1).gather(-1, seq[:, 1:, None])[0, -len(out):, 0]
+                lp = torch.log_softmax(logits, -1).gather(-1, seq[:, 1:, None])[0, -len(out) :, 0]
                 nll.append(-lp.mean().item())
         words = [w for out in outs for w in re.findall(r"[a-z]+", tokenizer.decode(out).lower())]
-        rows.append({"strategy": name, "settings": settings, "distinct_1": distinct(outs, 1), "distinct_2": distinct(outs, 2),
-                     "distinct_4": distinct(outs, 4), "real_words": sum(w in vocabulary for w in words) / max(len(words), 1),
-                     "model_nll": sum(nll) / len(nll), "example": tokenizer.decode(prompts[0] + outs[0])[:160]})
+        rows.append(
+            {
+                "strategy": name,
+                "settings": settings,
+                "distinct_1": distinct(outs, 1),
+                "distinct_2": distinct(outs, 2),
+                "distinct_4": distinct(outs, 4),
+                "real_words": sum(w in vocabulary for w in words) / max(len(words), 1),
+                "model_nll": sum(nll) / len(nll),
+                "example": tokenizer.decode(prompts[0] + outs[0])[:160],
+            }
+        )
         r = rows[-1]
-        print(f"{name:<16} distinct-2 {r['distinct_2']:.3f}  distinct-4 {r['distinct_4']:.3f}  real words "
-              f"{r['real_words']:.1%}  model NLL {r['model_nll']:.3f}", flush=True)
-    path = save("decoding", {"checkpoint": args.checkpoint, "samples": args.samples, "tokens": args.tokens, "rows": rows})
+        print(
+            f"{name:<16} distinct-2 {r['distinct_2']:.3f}  distinct-4 {r['distinct_4']:.3f}  real words "
+            f"{r['real_words']:.1%}  model NLL {r['model_nll']:.3f}",
+            flush=True,
+        )
+    path = save(
+        "decoding",
+        {"checkpoint": args.checkpoint, "samples": args.samples, "tokens": args.tokens, "rows": rows},
+    )
     print(f"-> {path}")
 
 

@@ -33,12 +33,21 @@ def measure(name: str, tok, text: str, repeats: int = 3) -> dict:
     warm = best_of(lambda: tok.encode_ordinary(text), 1)
     tok.backend = "tiktoken"
     fast = best_of(lambda: tok.encode_ordinary(text), repeats)
-    peer = tiktoken.Encoding("peer", pat_str=tok.pattern, mergeable_ranks=tok.ranks, special_tokens=tok.special_tokens)
+    peer = tiktoken.Encoding(
+        "peer", pat_str=tok.pattern, mergeable_ranks=tok.ranks, special_tokens=tok.special_tokens
+    )
     peer_s = best_of(lambda: peer.encode_ordinary(text), repeats)
     assert tok.encode_ordinary(text) == reference_ids == peer.encode_ordinary(text), "encoders disagree"
-    return {"corpus": name, "bytes": n, "tokens": len(reference_ids),
-            "reference_cold_MBps": n / cold / 1e6, "reference_warm_MBps": n / warm / 1e6,
-            "fast_path_MBps": n / fast / 1e6, "tiktoken_MBps": n / peer_s / 1e6, "fast_vs_tiktoken": peer_s / fast}
+    return {
+        "corpus": name,
+        "bytes": n,
+        "tokens": len(reference_ids),
+        "reference_cold_MBps": n / cold / 1e6,
+        "reference_warm_MBps": n / warm / 1e6,
+        "fast_path_MBps": n / fast / 1e6,
+        "tiktoken_MBps": n / peer_s / 1e6,
+        "fast_vs_tiktoken": peer_s / fast,
+    }
 
 
 def main() -> None:
@@ -64,11 +73,18 @@ def main() -> None:
             shards[workers] = n / seconds / 1e6
     result = {"rows": rows, "shards_MBps": {str(k): v for k, v in shards.items()}}
     path = save("encode", result)
-    print(f"{'corpus':<26} {'ref cold':>9} {'ref warm':>9} {'fast':>8} {'tiktoken':>9} {'fast/tt':>8}   (MB/s)")
+    print(
+        f"{'corpus':<26} {'ref cold':>9} {'ref warm':>9} {'fast':>8} {'tiktoken':>9} {'fast/tt':>8}   (MB/s)"
+    )
     for r in rows:
-        print(f"{r['corpus']:<26} {r['reference_cold_MBps']:>9.2f} {r['reference_warm_MBps']:>9.2f} "
-              f"{r['fast_path_MBps']:>8.2f} {r['tiktoken_MBps']:>9.2f} {r['fast_vs_tiktoken']:>8.2f}")
-    print("corpus-to-shards (stdlib 5MB, BPE-8192): " + ", ".join(f"{k} worker(s) {v:.2f} MB/s" for k, v in shards.items()))
+        print(
+            f"{r['corpus']:<26} {r['reference_cold_MBps']:>9.2f} {r['reference_warm_MBps']:>9.2f} "
+            f"{r['fast_path_MBps']:>8.2f} {r['tiktoken_MBps']:>9.2f} {r['fast_vs_tiktoken']:>8.2f}"
+        )
+    print(
+        "corpus-to-shards (stdlib 5MB, BPE-8192): "
+        + ", ".join(f"{k} worker(s) {v:.2f} MB/s" for k, v in shards.items())
+    )
     print(f"-> {path}")
 
 

@@ -71,18 +71,24 @@ def hf_generate(hf, prompts, max_new, pad_id=0):
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                          do_sample=False, pad_token_id=pad_id)
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
     return out[:, width:].tolist()
 
 
 def batch1(name, model, hf_dir, dtype, repeats, prompt_len=128, new=64) -> dict:
+    import copy
+
     import torch
     import transformers
 
     from scratchlm.serve import LLM, SamplingParams
-
-    import copy
 
     torch_dtype = getattr(torch, dtype)
     ours = copy.deepcopy(model).to(torch_dtype)  # a copy: later sections must keep the float32 weights
@@ -102,9 +108,15 @@ def batch1(name, model, hf_dir, dtype, repeats, prompt_len=128, new=64) -> dict:
         tn = time.perf_counter() - start
         hf_tps.append((new - 1) / (tn - t1))
     same = sum(a == b for a, b in zip(out.token_ids, hf_tokens))
-    row = {"model": name, "dtype": dtype, "weight_format": llm.engine.stats()["weight_format"],
-           "engine_decode_tokens_per_s": median(ours_tps), "hf_decode_tokens_per_s": median(hf_tps),
-           "weight_bytes_per_token": weight_bytes_per_token(ours), "same_greedy_tokens": f"{same}/{new}"}
+    row = {
+        "model": name,
+        "dtype": dtype,
+        "weight_format": llm.engine.stats()["weight_format"],
+        "engine_decode_tokens_per_s": median(ours_tps),
+        "hf_decode_tokens_per_s": median(hf_tps),
+        "weight_bytes_per_token": weight_bytes_per_token(ours),
+        "same_greedy_tokens": f"{same}/{new}",
+    }
     row["ratio_vs_hf"] = row["engine_decode_tokens_per_s"] / row["hf_decode_tokens_per_s"]
     return row
 
@@ -142,9 +154,15 @@ def throughput(model, hf_dir, repeats, peer_repeats, n) -> dict:
             group = requests[i : i + 16]
             hf_generate(hf, [p for p, _ in group], max(m for _, m in group))
         static_s.append(time.perf_counter() - start)
-    row = {"requests": len(requests), "output_tokens": total, "prompt_tokens": sum(len(p) for p in prompts),
-           "engine_tokens_per_s": total / median(engine_s), "hf_sequential_tokens_per_s": total / median(seq_s),
-           "hf_static16_tokens_per_s": total / median(static_s), "engine_preemptions": llm.engine.stats()["preemptions"]}
+    row = {
+        "requests": len(requests),
+        "output_tokens": total,
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "engine_tokens_per_s": total / median(engine_s),
+        "hf_sequential_tokens_per_s": total / median(seq_s),
+        "hf_static16_tokens_per_s": total / median(static_s),
+        "engine_preemptions": llm.engine.stats()["preemptions"],
+    }
     row["ratio_vs_hf_sequential"] = row["engine_tokens_per_s"] / row["hf_sequential_tokens_per_s"]
     row["ratio_vs_hf_static16"] = row["engine_tokens_per_s"] / row["hf_static16_tokens_per_s"]
     return row
@@ -201,7 +219,9 @@ def under_load(model, rates, n, seed=2) -> list[dict]:
             now = time.perf_counter() - start
             while pending and pending[0][0] <= now:
                 arrival, (p, m) = pending.pop(0)
-                rid = engine.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True), str(index))
+                rid = engine.add_request(
+                    p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True), str(index)
+                )
                 index += 1
                 engine.requests[rid].timing.arrival = start + arrival  # when the client sent it
             if not engine.has_unfinished():
@@ -209,8 +229,10 @@ def under_load(model, rates, n, seed=2) -> list[dict]:
                 continue
             done += [o for o in engine.step() if o.finished]
         end = max(start + a for a in arrivals)
-        last = max(o.metrics["e2e_s"] + start + a for o, a in zip(sorted(done, key=lambda o: int(o.request_id)),
-                                                                  arrivals))
+        last = max(
+            o.metrics["e2e_s"] + start + a
+            for o, a in zip(sorted(done, key=lambda o: int(o.request_id)), arrivals)
+        )
         end = max(end, last)
         metrics = [o.metrics for o in done]
         ttft = [m["ttft_s"] for m in metrics]
@@ -220,10 +242,16 @@ def under_load(model, rates, n, seed=2) -> list[dict]:
         tokens = sum(m["output_tokens"] for m in metrics)
         row = {"rate_per_s": rate, "requests": len(done), "output_tokens_per_s": tokens / (end - start)}
         for label, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
-            row[f"{label}_mean_s"], row[f"{label}_median_s"], row[f"{label}_p99_s"] = statistics.mean(xs), median(xs), p99(xs)
+            row[f"{label}_mean_s"], row[f"{label}_median_s"], row[f"{label}_p99_s"] = (
+                statistics.mean(xs),
+                median(xs),
+                p99(xs),
+            )
         rows.append(row)
-        print(f"  rate {rate}/s: {row['output_tokens_per_s']:.1f} tokens/s, TTFT mean {row['ttft_mean_s']:.2f} s "
-              f"p99 {row['ttft_p99_s']:.2f} s, TPOT median {row['tpot_median_s'] * 1e3:.0f} ms")
+        print(
+            f"  rate {rate}/s: {row['output_tokens_per_s']:.1f} tokens/s, TTFT mean {row['ttft_mean_s']:.2f} s "
+            f"p99 {row['ttft_p99_s']:.2f} s, TPOT median {row['tpot_median_s'] * 1e3:.0f} ms"
+        )
     return rows
 
 
@@ -231,14 +259,16 @@ def main() -> None:
     import torch
 
     from scratchlm.models.gpt import GPT
-    from scratchlm.models.presets import preset
     from scratchlm.models.hf import export_hf
+    from scratchlm.models.presets import preset
 
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peer-repeats", type=int, default=1, help="repeats of the slow HF throughput runs")
-    p.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "engine_load.png"))
+    p.add_argument(
+        "--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "engine_load.png")
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     bandwidth = measure_bandwidth()
@@ -255,22 +285,28 @@ def main() -> None:
             row["bound_tokens_per_s"] = bandwidth / row["weight_bytes_per_token"]
             row["fraction_of_bound"] = row["engine_decode_tokens_per_s"] / row["bound_tokens_per_s"]
             results["batch1"].append(row)
-            print(f"batch-1 decode {name} {dtype}: engine {row['engine_decode_tokens_per_s']:.1f} tokens/s, HF "
-                  f"{row['hf_decode_tokens_per_s']:.1f} ({row['ratio_vs_hf']:.2f}x), bound "
-                  f"{row['bound_tokens_per_s']:.1f} ({row['fraction_of_bound']:.2f}), same tokens {row['same_greedy_tokens']}")
+            print(
+                f"batch-1 decode {name} {dtype}: engine {row['engine_decode_tokens_per_s']:.1f} tokens/s, HF "
+                f"{row['hf_decode_tokens_per_s']:.1f} ({row['ratio_vs_hf']:.2f}x), bound "
+                f"{row['bound_tokens_per_s']:.1f} ({row['fraction_of_bound']:.2f}), same tokens {row['same_greedy_tokens']}"
+            )
 
     gpt2 = models["gpt2-124M"]
     n = 16 if args.quick else 64
     results["throughput"] = throughput(gpt2, tmp / "gpt2-124M", args.repeats, args.peer_repeats, n)
     t = results["throughput"]
-    print(f"throughput, {t['requests']} mixed requests: engine {t['engine_tokens_per_s']:.1f} tokens/s, HF one at a "
-          f"time {t['hf_sequential_tokens_per_s']:.1f} ({t['ratio_vs_hf_sequential']:.1f}x), HF static batches of 16 "
-          f"{t['hf_static16_tokens_per_s']:.1f} ({t['ratio_vs_hf_static16']:.2f}x)")
+    print(
+        f"throughput, {t['requests']} mixed requests: engine {t['engine_tokens_per_s']:.1f} tokens/s, HF one at a "
+        f"time {t['hf_sequential_tokens_per_s']:.1f} ({t['ratio_vs_hf_sequential']:.1f}x), HF static batches of 16 "
+        f"{t['hf_static16_tokens_per_s']:.1f} ({t['ratio_vs_hf_static16']:.2f}x)"
+    )
 
     results["prefix_caching"] = prefix_caching(gpt2, args.repeats, 128 if args.quick else 512)
     pc = results["prefix_caching"]
-    print(f"prefix caching: mean TTFT of requests 2-16 {pc['on']['mean_ttft_s'] * 1e3:.0f} ms on vs "
-          f"{pc['off']['mean_ttft_s'] * 1e3:.0f} ms off (ratio {pc['ttft_ratio_on_off']:.2f}), hit rate {pc['on']['hit_rate']:.0%}")
+    print(
+        f"prefix caching: mean TTFT of requests 2-16 {pc['on']['mean_ttft_s'] * 1e3:.0f} ms on vs "
+        f"{pc['off']['mean_ttft_s'] * 1e3:.0f} ms off (ratio {pc['ttft_ratio_on_off']:.2f}), hit rate {pc['on']['hit_rate']:.0%}"
+    )
 
     rates = [0.5, 1.0, 2.0] if args.quick else [2.0, 4.0, 8.0]
     results["load"] = under_load(gpt2, rates, 12 if args.quick else 48)
@@ -284,8 +320,12 @@ def main() -> None:
         rows = results["load"]
         ax.plot([r["ttft_p99_s"] for r in rows], [r["output_tokens_per_s"] for r in rows], "o-")
         for r in rows:
-            ax.annotate(f"{r['rate_per_s']:g} req/s", (r["ttft_p99_s"], r["output_tokens_per_s"]),
-                        textcoords="offset points", xytext=(5, -10))
+            ax.annotate(
+                f"{r['rate_per_s']:g} req/s",
+                (r["ttft_p99_s"], r["output_tokens_per_s"]),
+                textcoords="offset points",
+                xytext=(5, -10),
+            )
         ax.set_xlabel("p99 time to first token (s)")
         ax.set_ylabel("output tokens/s")
         ax.set_title("GPT-2 small on this CPU: throughput vs tail latency")

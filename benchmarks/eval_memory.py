@@ -72,17 +72,27 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     logits_gb = args.batch * 1024 * 50257 * 4 / 1e9
-    print(f"GPT-2 shape (V 50,257, T 1,024, width 768, {args.layers} layer(s)), batch {args.batch}; "
-          f"the float32 logits alone are {logits_gb:.2f} GB")
-    print(f"{'variant':<20} {'peak above baseline':>20} {'of which logits':>16} {'mean NLL':>10} {'seconds':>8}")
+    print(
+        f"GPT-2 shape (V 50,257, T 1,024, width 768, {args.layers} layer(s)), batch {args.batch}; "
+        f"the float32 logits alone are {logits_gb:.2f} GB"
+    )
+    print(
+        f"{'variant':<20} {'peak above baseline':>20} {'of which logits':>16} {'mean NLL':>10} {'seconds':>8}"
+    )
     for r in rows:
-        print(f"{r['variant']:<20} {r['peak_bytes'] / 1e9:>17.2f} GB {r['logits_bytes'] / 1e9:>13.2f} GB "
-              f"{r['mean_nll']:>10.5f} {r['seconds']:>8.2f}")
+        print(
+            f"{r['variant']:<20} {r['peak_bytes'] / 1e9:>17.2f} GB {r['logits_bytes'] / 1e9:>13.2f} GB "
+            f"{r['mean_nll']:>10.5f} {r['seconds']:>8.2f}"
+        )
     before, after = rows[0]["peak_bytes"], rows[1]["peak_bytes"]
-    print(f"evaluation peak memory: {before / 1e9:.2f} GB -> {after / 1e9:.2f} GB ({before / after:.2f}x less); "
-          f"same NLL: {abs(rows[0]['mean_nll'] - rows[1]['mean_nll']) < 1e-4}")
-    path = save("eval_memory", {"batch": args.batch, "layers": args.layers, "rows": rows,
-                                "ratio_before_over_after": before / after})
+    print(
+        f"evaluation peak memory: {before / 1e9:.2f} GB -> {after / 1e9:.2f} GB ({before / after:.2f}x less); "
+        f"same NLL: {abs(rows[0]['mean_nll'] - rows[1]['mean_nll']) < 1e-4}"
+    )
+    path = save(
+        "eval_memory",
+        {"batch": args.batch, "layers": args.layers, "rows": rows, "ratio_before_over_after": before / after},
+    )
     print(f"results: {path}")
 
 

@@ -50,7 +50,10 @@ def main() -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "flash_attention_bytes.png"))
+    p.add_argument(
+        "--plot",
+        default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "flash_attention_bytes.png"),
+    )
     args = p.parse_args()
     repo = str(Path(__file__).resolve().parents[1])
     rows = []
@@ -59,17 +62,23 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     scores_mb = 8 * args.context * args.context * 4 / 2**20
-    print(f"causal attention, batch 1, 8 heads, head width 64, context {args.context:,}, fp32 "
-          f"(one T x T score matrix: {scores_mb:,.0f} MiB)")
+    print(
+        f"causal attention, batch 1, 8 heads, head width 64, context {args.context:,}, fp32 "
+        f"(one T x T score matrix: {scores_mb:,.0f} MiB)"
+    )
     print(f"{'variant':<22} {'peak above Q,K,V':>17} {'seconds':>8} {'max |diff| vs SDPA':>19}")
     for r in rows:
-        print(f"{r['variant']:<22} {r['peak_bytes'] / 2**20:>13,.0f} MiB {r['seconds']:>8.2f} {r['max_abs_diff_vs_sdpa']:>19.1e}")
+        print(
+            f"{r['variant']:<22} {r['peak_bytes'] / 2**20:>13,.0f} MiB {r['seconds']:>8.2f} {r['max_abs_diff_vs_sdpa']:>19.1e}"
+        )
 
-    contexts = [2 ** i for i in range(8, 16)]
+    contexts = [2**i for i in range(8, 16)]
     traffic = [attention_bytes(t, head_dim=64, heads=12, bytes_per_value=2, block_q=128) for t in contexts]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.loglog(contexts, [b["standard"] / 2**20 for b in traffic], "o-", label="standard (writes and re-reads T×T)")
+    ax.loglog(
+        contexts, [b["standard"] / 2**20 for b in traffic], "o-", label="standard (writes and re-reads T×T)"
+    )
     ax.loglog(contexts, [b["tiled"] / 2**20 for b in traffic], "s-", label="tiled, query block 128")
     ax.set_xlabel("context length T")
     ax.set_ylabel("MiB moved per layer (12 heads, d=64, bf16)")
@@ -78,8 +87,14 @@ def main() -> None:
     ax.legend()
     plot = save_figure(fig, args.plot)
     print(f"plot: {plot}")
-    path = save("flash_attention", {"context": args.context, "rows": rows,
-                                    "bytes_moved": [{"context": t, **b} for t, b in zip(contexts, traffic)]})
+    path = save(
+        "flash_attention",
+        {
+            "context": args.context,
+            "rows": rows,
+            "bytes_moved": [{"context": t, **b} for t, b in zip(contexts, traffic)],
+        },
+    )
     print(f"results: {path}")
 
 

@@ -24,28 +24,53 @@ def main() -> None:
     from scratchlm.models.gpt import GPT
 
     p = argparse.ArgumentParser()
-    p.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "kv_memory.png"))
+    p.add_argument(
+        "--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "kv_memory.png")
+    )
     args = p.parse_args()
     contexts = [1024, 4096, 16384, 32768, 131072]
     heads = {"MHA (32 KV heads)": 32, "GQA (8 KV heads)": 8, "MQA (1 KV head)": 1}
     formats = {"bf16": 2, "int8": 1, "int4": 0.5}
     rows = []
     for label, kv in heads.items():
-        config = GPTConfig(vocab_size=128256, n_layer=32, n_head=32, n_kv_head=kv, d_model=4096, d_ff=14336,
-                           block_size=131072, position="rope", norm="rmsnorm", mlp="swiglu", bias=False,
-                           tie_embeddings=False)
+        config = GPTConfig(
+            vocab_size=128256,
+            n_layer=32,
+            n_head=32,
+            n_kv_head=kv,
+            d_model=4096,
+            d_ff=14336,
+            block_size=131072,
+            position="rope",
+            norm="rmsnorm",
+            mlp="swiglu",
+            bias=False,
+            tie_embeddings=False,
+        )
         with torch.device("meta"):
             model = GPT(config)
         for fmt, width in formats.items():
             per_token = model.kv_cache_bytes_per_token(2) * width / 2
-            rows.append({"layout": label, "format": fmt, "bytes_per_token": per_token,
-                         **{f"GiB_at_{c}": per_token * c / 2**30 for c in contexts},
-                         "GiB_batch32_at_8192": 32 * 8192 * per_token / 2**30})
-    print(f"{'layout':20} {'format':6} {'bytes/token':>12} " + " ".join(f"{c // 1024:>6}k" for c in contexts)
-          + "  batch 32 x 8k")
+            rows.append(
+                {
+                    "layout": label,
+                    "format": fmt,
+                    "bytes_per_token": per_token,
+                    **{f"GiB_at_{c}": per_token * c / 2**30 for c in contexts},
+                    "GiB_batch32_at_8192": 32 * 8192 * per_token / 2**30,
+                }
+            )
+    print(
+        f"{'layout':20} {'format':6} {'bytes/token':>12} "
+        + " ".join(f"{c // 1024:>6}k" for c in contexts)
+        + "  batch 32 x 8k"
+    )
     for r in rows:
-        print(f"{r['layout']:20} {r['format']:6} {r['bytes_per_token']:>12,.0f} "
-              + " ".join(f"{r[f'GiB_at_{c}']:>7.2f}" for c in contexts) + f"  {r['GiB_batch32_at_8192']:>8.1f} GiB")
+        print(
+            f"{r['layout']:20} {r['format']:6} {r['bytes_per_token']:>12,.0f} "
+            + " ".join(f"{r[f'GiB_at_{c}']:>7.2f}" for c in contexts)
+            + f"  {r['GiB_batch32_at_8192']:>8.1f} GiB"
+        )
     print(f"wrote {save('kv_memory', {'model': 'Llama-3-8B shape', 'contexts': contexts, 'rows': rows})}")
     if args.plot:
         from scratchlm.plots import pyplot, save_figure
@@ -55,8 +80,15 @@ def main() -> None:
         styles = {"bf16": "-", "int8": "--", "int4": ":"}
         colors = dict(zip(heads, ["tab:red", "tab:blue", "tab:green"]))
         for r in rows:
-            ax.plot(contexts, [r[f"GiB_at_{c}"] for c in contexts], styles[r["format"]], color=colors[r["layout"]],
-                    marker="o", markersize=3, label=f"{r['layout']}, {r['format']}")
+            ax.plot(
+                contexts,
+                [r[f"GiB_at_{c}"] for c in contexts],
+                styles[r["format"]],
+                color=colors[r["layout"]],
+                marker="o",
+                markersize=3,
+                label=f"{r['layout']}, {r['format']}",
+            )
         ax.axhline(15, color="gray", lw=0.8)
         ax.text(contexts[0], 16.5, "the weights themselves (8B in bf16: 15 GiB)", color="gray", fontsize=8)
         ax.set_xscale("log", base=2)

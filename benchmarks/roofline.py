@@ -44,7 +44,9 @@ def main() -> None:
     from scratchlm.plots import pyplot, save_figure
 
     p = argparse.ArgumentParser()
-    p.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "roofline.png"))
+    p.add_argument(
+        "--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "roofline.png")
+    )
     args = p.parse_args()
     torch.manual_seed(0)
 
@@ -55,17 +57,30 @@ def main() -> None:
     big = torch.rand(256 * 2**20 // 4)  # 256 MiB of real pages (never-written pages all map one zero page)
     dst = torch.empty_like(big)
     bandwidth = 2 * big.numel() * 4 / best_of(lambda: dst.copy_(big), repeats=10)  # bytes read + written
-    print(f"machine: peak matmul {peak_flops / 1e9:,.1f} GFLOP/s (fp32), memory bandwidth {bandwidth / 1e9:,.1f} GB/s, "
-          f"balance point {peak_flops / bandwidth:,.1f} FLOPs/byte")
+    print(
+        f"machine: peak matmul {peak_flops / 1e9:,.1f} GFLOP/s (fp32), memory bandwidth {bandwidth / 1e9:,.1f} GB/s, "
+        f"balance point {peak_flops / bandwidth:,.1f} FLOPs/byte"
+    )
 
-    config = GPTConfig(vocab_size=8192, n_layer=12, n_head=12, d_model=768, block_size=1024, position="rope",
-                       norm="rmsnorm", mlp="gelu", bias=False)
+    config = GPTConfig(
+        vocab_size=8192,
+        n_layer=12,
+        n_head=12,
+        d_model=768,
+        block_size=1024,
+        position="rope",
+        norm="rmsnorm",
+        mlp="gelu",
+        bias=False,
+    )
     model = GPT(config).eval()
     rows = []
     with torch.no_grad():
         for prompt in (16, 64, 256, 1024):
             ids = torch.randint(0, 8192, (1, prompt))
-            seconds = median_time(lambda ids=ids, n=prompt: model(ids, cache=KVCache.for_model(model, 1, n), last_only=True), 3)
+            seconds = median_time(
+                lambda ids=ids, n=prompt: model(ids, cache=KVCache.for_model(model, 1, n), last_only=True), 3
+            )
             costs = inference_costs(model, 1, prompt, bytes_per_value=4)["prefill"]
             rows.append({"phase": "prefill", "batch": 1, "tokens": prompt, "seconds": seconds, **costs})
         context = 512
@@ -81,25 +96,39 @@ def main() -> None:
             seconds = median_time(decode_step, 5)
             costs = inference_costs(model, batch, context, bytes_per_value=4)["decode_step"]
             rows.append({"phase": "decode", "batch": batch, "tokens": batch, "seconds": seconds, **costs})
-    print(f"{'phase':<8} {'batch':>5} {'tokens':>6} {'FLOPs/byte':>10} {'GFLOP/s':>9} {'GB/s':>7} {'of roof':>8}")
+    print(
+        f"{'phase':<8} {'batch':>5} {'tokens':>6} {'FLOPs/byte':>10} {'GFLOP/s':>9} {'GB/s':>7} {'of roof':>8}"
+    )
     for r in rows:
         r["flops_per_second"] = r["flops"] / r["seconds"]
         r["bytes_per_second"] = r["bytes"] / r["seconds"]
         r["roof"] = min(peak_flops, bandwidth * r["intensity"])
-        print(f"{r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} {r['intensity']:>10.1f} "
-              f"{r['flops_per_second'] / 1e9:>9.1f} {r['bytes_per_second'] / 1e9:>7.1f} "
-              f"{r['flops_per_second'] / r['roof']:>7.0%}")
+        print(
+            f"{r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} {r['intensity']:>10.1f} "
+            f"{r['flops_per_second'] / 1e9:>9.1f} {r['bytes_per_second'] / 1e9:>7.1f} "
+            f"{r['flops_per_second'] / r['roof']:>7.0%}"
+        )
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ridge = peak_flops / bandwidth
-    ax.loglog([0.5, ridge, 20_000], [bandwidth * 0.5 / 1e9, peak_flops / 1e9, peak_flops / 1e9], "k-", lw=1.5,
-              label=f"roofline: {bandwidth / 1e9:.0f} GB/s, {peak_flops / 1e9:.0f} GFLOP/s")
+    ax.loglog(
+        [0.5, ridge, 20_000],
+        [bandwidth * 0.5 / 1e9, peak_flops / 1e9, peak_flops / 1e9],
+        "k-",
+        lw=1.5,
+        label=f"roofline: {bandwidth / 1e9:.0f} GB/s, {peak_flops / 1e9:.0f} GFLOP/s",
+    )
     for phase, marker in (("prefill", "o"), ("decode", "s")):
         pts = [r for r in rows if r["phase"] == phase]
-        ax.loglog([r["intensity"] for r in pts], [r["flops_per_second"] / 1e9 for r in pts], marker, ms=7,
-                  label=f"{phase} ({'prompt' if phase == 'prefill' else 'batch'} "
-                        f"{', '.join(str(r['tokens'] if phase == 'prefill' else r['batch']) for r in pts)})")
+        ax.loglog(
+            [r["intensity"] for r in pts],
+            [r["flops_per_second"] / 1e9 for r in pts],
+            marker,
+            ms=7,
+            label=f"{phase} ({'prompt' if phase == 'prefill' else 'batch'} "
+            f"{', '.join(str(r['tokens'] if phase == 'prefill' else r['batch']) for r in pts)})",
+        )
     ax.set_xlabel("arithmetic intensity (FLOPs per byte moved)")
     ax.set_ylabel("achieved GFLOP/s")
     ax.set_title("Prefill vs decode on this machine's roofline (12 x 768, fp32)", fontsize=10)

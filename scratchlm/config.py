@@ -73,9 +73,12 @@ class Rule:
         bounds = (self.min, self.max, self.above, self.below)
         if bounds != (None,) * 4 and not isinstance(value, (int, float)):
             return False
-        if not ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
-                and (self.above is None or value > self.above)
-                and (self.below is None or value < self.below)):
+        if not (
+            (self.min is None or value >= self.min)
+            and (self.max is None or value <= self.max)
+            and (self.above is None or value > self.above)
+            and (self.below is None or value < self.below)
+        ):
             return False
         return self.test is None or bool(self.test(value))
 
@@ -118,7 +121,9 @@ def _coerce(value, allowed: tuple[type, ...]):
     for t in allowed:
         if typing.get_origin(t) is list:  # list[str]: a list whose items all have that type
             (item,) = typing.get_args(t)
-            if isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            if isinstance(value, list) and all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value
+            ):
                 return list(value)
     allowed = tuple(t for t in allowed if typing.get_origin(t) is None)
     if isinstance(value, bool):
@@ -156,9 +161,15 @@ def validate(obj, section: str, rules: dict[str, Rule]) -> None:
         try:
             value = _coerce(value, allowed)
         except TypeError:
-            expected = " or ".join(_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in allowed) + (" (or absent)" if optional else "")
+            expected = " or ".join(_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in allowed) + (
+                " (or absent)" if optional else ""
+            )
             found = type(value).__name__
-            hint = " (TOML read it as a date: quote it)" if isinstance(value, (datetime.date, datetime.time)) else ""
+            hint = (
+                " (TOML read it as a date: quote it)"
+                if isinstance(value, (datetime.date, datetime.time))
+                else ""
+            )
             raise ConfigError(f"{key} = {value!r}: expected {expected}, found {found}{hint}") from None
         if rule is not None and not rule.allows(value):
             why = f" ({rule.why})" if rule.why else ""

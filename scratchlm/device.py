@@ -14,7 +14,9 @@ def pick_device(preference: str | None = None) -> torch.device:
             raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {preference!r}")
         device = torch.device(preference)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+            raise ValueError(
+                "--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu"
+            )
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise ValueError("--device mps was asked for, but MPS is not available here; use --device cpu")
         return device

@@ -67,18 +67,30 @@ def task_base(tmp_path_factory):
     checkpoint with a character tokenizer (``root/tasks``, ``root/base``)."""
     import torch
 
+    from scratchlm.models.checkpoint import save_model_only
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.data import write_task_data
     from scratchlm.tokenizers import CharTokenizer
-    from scratchlm.models.checkpoint import save_model_only
 
     root = tmp_path_factory.mktemp("posttrain")
     write_task_data(root / "tasks", ["addition"], train=80, test=6, difficulty=1)
     tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
     torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, block_size=48, position="rope",
-                         norm="rmsnorm", mlp="swiglu", bias=False, dropout=0.0))
+    base = GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            n_head=4,
+            d_model=64,
+            block_size=48,
+            position="rope",
+            norm="rmsnorm",
+            mlp="swiglu",
+            bias=False,
+            dropout=0.0,
+        )
+    )
     save_model_only(root / "base", base, tokenizer=tok)
     return root
 

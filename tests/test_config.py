@@ -48,7 +48,9 @@ def test_every_field_refuses_a_wrong_type_naming_the_key(cls, section):
     for f in fields(cls):
         base = _base_type(cls, f.name)
         # a list of names given one bare name; a block kind's table given a number
-        value = "attention" if typing.get_origin(base) is list else 3 if is_dataclass(base) else WRONG_TYPE[base]
+        value = (
+            "attention" if typing.get_origin(base) is list else 3 if is_dataclass(base) else WRONG_TYPE[base]
+        )
         with pytest.raises(ConfigError, match=rf"^{section}\.{f.name} = .*expected"):
             cls(**{f.name: value})
 
@@ -83,7 +85,9 @@ def test_set_keeps_a_date_like_value_as_text_and_a_toml_date_is_refused(tmp_path
     assert TrainConfig.from_dict(config["train"]).out_dir == "2024-06-01"
     toml = tmp_path / "run.toml"
     toml.write_text("[train]\nout_dir = 2024-06-01\n")
-    with pytest.raises(ConfigError, match=r"train.out_dir = .*expected a string, found date \(TOML read it as a date"):
+    with pytest.raises(
+        ConfigError, match=r"train.out_dir = .*expected a string, found date \(TOML read it as a date"
+    ):
         TrainConfig.from_dict(load_config(toml)["train"])
 
 
@@ -100,9 +104,15 @@ def test_model_info_applies_set_to_a_preset(capsys):
     assert "model.n_layer = 0: must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("typed,meant", [
-    ("café\\n", "café\n"), ("日本語\\tok", "日本語\tok"), ("emoji 🙂\\\\n", "emoji 🙂\\n"), ("\\u00e9t\\u00e9", "été"),
-])
+@pytest.mark.parametrize(
+    "typed,meant",
+    [
+        ("café\\n", "café\n"),
+        ("日本語\\tok", "日本語\tok"),
+        ("emoji 🙂\\\\n", "emoji 🙂\\n"),
+        ("\\u00e9t\\u00e9", "été"),
+    ],
+)
 def test_escapes_keep_non_ascii_text(typed, meant):
     assert interpret_escapes(typed) == meant
 
@@ -129,7 +139,9 @@ def test_flags_are_named_alike_across_commands():
     walk(parser, [])
     for old in ("--samples", "--max-tokens", "--split"):
         assert old not in options, f"{old} is still used by {options[old]}"
-    assert {"bigram", "sample"} <= set(options["--num-samples"]) and {"bigram", "sample"} <= set(options["--max-new-tokens"])
+    assert {"bigram", "sample"} <= set(options["--num-samples"]) and {"bigram", "sample"} <= set(
+        options["--max-new-tokens"]
+    )
 
 
 def test_an_incomplete_escape_is_a_clear_error():
@@ -144,14 +156,22 @@ def test_every_bound_is_where_its_rule_says(cls):
     import scratchlm.train.config as train_config
 
     rules = train_config._TRAIN_RULES if cls is TrainConfig else model_config._MODEL_RULES
-    base = {"d_model": 8, "n_head": 1} if cls is GPTConfig else {"lr": 1.0, "min_lr": 0.0, "max_steps": 10**6, "warmup_steps": 0}
+    base = (
+        {"d_model": 8, "n_head": 1}
+        if cls is GPTConfig
+        else {"lr": 1.0, "min_lr": 0.0, "max_steps": 10**6, "warmup_steps": 0}
+    )
     checked = 0
     for name, rule in rules.items():
         is_float = _base_type(cls, name) is float
         step = 1e-9 if is_float else 1
         cases = []
-        for bound, allowed_at, direction in ((rule.min, True, -1), (rule.max, True, +1),
-                                             (rule.above, False, -1), (rule.below, False, +1)):
+        for bound, allowed_at, direction in (
+            (rule.min, True, -1),
+            (rule.max, True, +1),
+            (rule.above, False, -1),
+            (rule.below, False, +1),
+        ):
             if bound is None:
                 continue
             at = float(bound) if is_float else int(bound)
@@ -174,13 +194,16 @@ def test_every_bound_is_where_its_rule_says(cls):
     assert checked >= 20
 
 
-@pytest.mark.parametrize("fields_,message", [
-    ({"device": "gpu"}, "train.device must be auto, cpu, mps, cuda or cuda:N"),
-    ({"device": "cuda:x"}, "train.device must be"),
-    ({"seed": 2**64}, "train.seed"),
-    ({"out_dir": " "}, "train.out_dir must name a folder"),
-    ({"lr": 1e-4, "min_lr": 1e-3}, "train.min_lr = 0.001 is above train.lr"),
-])
+@pytest.mark.parametrize(
+    "fields_,message",
+    [
+        ({"device": "gpu"}, "train.device must be auto, cpu, mps, cuda or cuda:N"),
+        ({"device": "cuda:x"}, "train.device must be"),
+        ({"seed": 2**64}, "train.seed"),
+        ({"out_dir": " "}, "train.out_dir must name a folder"),
+        ({"lr": 1e-4, "min_lr": 1e-3}, "train.min_lr = 0.001 is above train.lr"),
+    ],
+)
 def test_train_config_cross_checks(fields_, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**fields_)
@@ -188,8 +211,15 @@ def test_train_config_cross_checks(fields_, message):
         TrainConfig(device=good)
 
 
-@pytest.mark.parametrize("typed,meant", [
-    ("a\\€b", "a\\€b"), ("\\q", "\\q"), ("\\N{BULLET}", "•"), ("\\101", "A"), ("x\\\\y", "x\\y"),
-])
+@pytest.mark.parametrize(
+    "typed,meant",
+    [
+        ("a\\€b", "a\\€b"),
+        ("\\q", "\\q"),
+        ("\\N{BULLET}", "•"),
+        ("\\101", "A"),
+        ("x\\\\y", "x\\y"),
+    ],
+)
 def test_a_backslash_before_anything_but_an_escape_stays(typed, meant):
     assert interpret_escapes(typed) == meant

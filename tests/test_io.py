@@ -10,10 +10,9 @@ from scratchlm.io import atomic_write, read_json, write_json
 def test_atomic_write_failure_keeps_old_file(tmp_path):
     target = tmp_path / "file.bin"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_write(target) as f:
-            f.write(b"half of the new")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_write(target) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("crash mid-write")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 

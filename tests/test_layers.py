@@ -90,12 +90,18 @@ GRAPH = {module: imports(module) for module in MODULES}
 
 def test_every_module_belongs_to_a_stage():
     unknown = sorted({m.split(".")[1] for m in MODULES if "." in m and m.split(".")[1] not in STAGE})
-    assert not unknown, f"modules outside every stage of ORDER (add them to the stage they belong to): {unknown}"
+    assert not unknown, (
+        f"modules outside every stage of ORDER (add them to the stage they belong to): {unknown}"
+    )
 
 
 def test_no_import_points_up_the_stages():
-    wrong = [f"{m} (stage {stage(m)}) imports {t} (stage {stage(t)})"
-             for m, targets in sorted(GRAPH.items()) for t in sorted(targets) if stage(t) > stage(m)]
+    wrong = [
+        f"{m} (stage {stage(m)}) imports {t} (stage {stage(t)})"
+        for m, targets in sorted(GRAPH.items())
+        for t in sorted(targets)
+        if stage(t) > stage(m)
+    ]
     assert not wrong, "imports against the order in DESIGN.md:\n" + "\n".join(wrong)
 
 
@@ -160,5 +166,6 @@ def test_no_import_cycles():
 def test_the_checker_sees_what_it_must():
     """The reader is not blind: a function-level import and a relative import are found."""
     assert "scratchlm.models.checkpoint" in GRAPH["scratchlm.posttrain.lora"] or any(
-        t.startswith("scratchlm.models") for t in GRAPH["scratchlm.posttrain.lora"])
+        t.startswith("scratchlm.models") for t in GRAPH["scratchlm.posttrain.lora"]
+    )
     assert any(t.startswith("scratchlm.cli.") or t == "scratchlm.cli" for t in GRAPH["scratchlm.__main__"])

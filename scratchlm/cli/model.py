@@ -102,8 +102,8 @@ class Import(Command):
         flags.output(q, progress=False)
 
     def run(self, args):
-        from scratchlm.models.hf import import_hf
         from scratchlm.models.checkpoint import save_model_only
+        from scratchlm.models.hf import import_hf
 
         model = import_hf(args.hf)
         save_model_only(args.out, model, source=str(args.hf))

@@ -11,16 +11,26 @@
 from scratchlm.data.loader import BatchLoader
 from scratchlm.data.prepare import Dataset, LeakageError, check_leakage, prepare_dataset
 from scratchlm.data.shards import (
-                                   ShardError,
-                                   open_shard,
-                                   read_shard_header,
-                                   tokenize_dataset,
-                                   verify_shards,
-                                   write_shard,
+    ShardError,
+    open_shard,
+    read_shard_header,
+    tokenize_dataset,
+    verify_shards,
+    write_shard,
 )
 from scratchlm.data.sources import read_source
 
 __all__ = [
-    "BatchLoader", "Dataset", "LeakageError", "ShardError", "check_leakage", "open_shard", "prepare_dataset", "read_shard_header", "read_source", "tokenize_dataset", "verify_shards",
+    "BatchLoader",
+    "Dataset",
+    "LeakageError",
+    "ShardError",
+    "check_leakage",
+    "open_shard",
+    "prepare_dataset",
+    "read_shard_header",
+    "read_source",
+    "tokenize_dataset",
+    "verify_shards",
     "write_shard",
 ]

@@ -25,8 +25,16 @@ from scratchlm.tokenizers.base import Tokenizer
 
 class BatchLoader:
     def __init__(
-        self, shard: str | Path, block_size: int, batch_size: int, *, tokenizer: Tokenizer | None = None,
-        seed: int = 0, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+        self,
+        shard: str | Path,
+        block_size: int,
+        batch_size: int,
+        *,
+        tokenizer: Tokenizer | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.ids = open_shard(shard, tokenizer)
         if len(self.ids) < block_size + 1:
@@ -41,13 +49,17 @@ class BatchLoader:
 
     def get_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch: ``x`` and ``y`` of shape (batch_size, block_size), int64, ``y`` shifted by one."""
-        starts = torch.randint(len(self.ids) - self.block_size, (self.batch_size * self.world_size,), generator=self.generator)
+        starts = torch.randint(
+            len(self.ids) - self.block_size, (self.batch_size * self.world_size,), generator=self.generator
+        )
         starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         windows = np.stack([self.ids[s : s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
         batch = torch.from_numpy(windows)
         x, y = batch[:, :-1], batch[:, 1:]
         if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(
+                self.device, non_blocking=True
+            )
         return x.to(self.device), y.to(self.device)
 
     def __iter__(self):

@@ -40,7 +40,7 @@ def decode_utf8(data: bytes, name: str, errors: str = "strict") -> tuple[str, in
     except UnicodeDecodeError as e:
         if errors == "strict":
             raise InvalidUTF8(
-                f"{name}: invalid UTF-8 at byte offset {e.start} (bytes {data[e.start:e.end + 3]!r}); "
+                f"{name}: invalid UTF-8 at byte offset {e.start} (bytes {data[e.start : e.end + 3]!r}); "
                 "fix the file, or pass --errors replace to substitute U+FFFD and count the replacements"
             ) from None
         text = data.decode("utf-8", errors="replace")
@@ -69,7 +69,9 @@ class NormalizationReport:
         return asdict(self)
 
 
-def normalize_text(text: str, report: NormalizationReport, *, nfc: bool = True, clean_whitespace: bool = False) -> str:
+def normalize_text(
+    text: str, report: NormalizationReport, *, nfc: bool = True, clean_whitespace: bool = False
+) -> str:
     """Normalize one document, adding what changed to ``report``."""
     report.characters_in += len(text)
     if "\r" in text:

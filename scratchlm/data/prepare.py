@@ -167,15 +167,33 @@ def prepare_dataset(
     download: bool = True,
 ) -> tuple[Dataset, bool]:
     """Prepare ``source`` into ``out_dir``. Returns (dataset, whether anything was written)."""
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9 or fractions[0] <= 0:
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1 with train > 0, got {fractions}")
+    if (
+        len(fractions) != 3
+        or any(f < 0 for f in fractions)
+        or abs(sum(fractions) - 1) > 1e-9
+        or fractions[0] <= 0
+    ):
+        raise ValueError(
+            f"split fractions must be three non-negative numbers summing to 1 with train > 0, got {fractions}"
+        )
     out_dir = Path(out_dir)
     info, docs, decode_counts = read_source(
-        source, documents=documents, text_field=text_field, errors=errors, max_bytes=max_bytes, download=download
+        source,
+        documents=documents,
+        text_field=text_field,
+        errors=errors,
+        max_bytes=max_bytes,
+        download=download,
     )
     options = {
-        "fractions": list(fractions), "seed": seed, "documents": documents, "text_field": text_field,
-        "errors": errors, "nfc": nfc, "clean_whitespace": clean_whitespace, "max_bytes": max_bytes,
+        "fractions": list(fractions),
+        "seed": seed,
+        "documents": documents,
+        "text_field": text_field,
+        "errors": errors,
+        "nfc": nfc,
+        "clean_whitespace": clean_whitespace,
+        "max_bytes": max_bytes,
     }
     if not force and _up_to_date(out_dir, info.sha256, options):
         return Dataset.load(out_dir), False
@@ -190,7 +208,9 @@ def prepare_dataset(
             report.empty_documents_skipped += 1
     report.documents_out = len(texts)
     if not texts:
-        raise ValueError(f"{source}: no text left after normalization ({report.documents_in} empty documents)")
+        raise ValueError(
+            f"{source}: no text left after normalization ({report.documents_in} empty documents)"
+        )
     distinct = len({doc_hash(t) for t in texts})
     splits = split_documents(texts, fractions, seed)
     leakage = check_leakage(splits)
@@ -203,7 +223,11 @@ def prepare_dataset(
         "options": options,
         "decoding": decode_counts,
         "normalization": report.to_dict(),
-        "duplicates": {"documents": len(texts), "distinct": distinct, "duplicate_copies": len(texts) - distinct},
+        "duplicates": {
+            "documents": len(texts),
+            "distinct": distinct,
+            "duplicate_copies": len(texts) - distinct,
+        },
         "leakage": leakage,
         "splits": {},
     }
@@ -212,7 +236,9 @@ def prepare_dataset(
         with atomic_write(out_dir / f"{split}.jsonl") as f:
             f.write(data)
         manifest["splits"][split] = {
-            "file": f"{split}.jsonl", "sha256": hashlib.sha256(data).hexdigest(), **_split_stats(splits[split])
+            "file": f"{split}.jsonl",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            **_split_stats(splits[split]),
         }
     write_json(out_dir / "manifest.json", manifest)  # last: a manifest only ever describes complete files
     return Dataset(out_dir, manifest), True

@@ -56,8 +56,14 @@ def write_shard(path: str | Path, ids: np.ndarray, tokenizer: Tokenizer) -> Path
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
         raise ValueError(f"ids outside 0..{tokenizer.vocab_size - 1} cannot be written for this tokenizer")
-    header = HEADER.pack(MAGIC, SHARD_VERSION, dtype.itemsize, ids.size, tokenizer.vocab_size,
-                         bytes.fromhex(tokenizer.fingerprint))
+    header = HEADER.pack(
+        MAGIC,
+        SHARD_VERSION,
+        dtype.itemsize,
+        ids.size,
+        tokenizer.vocab_size,
+        bytes.fromhex(tokenizer.fingerprint),
+    )
     with atomic_write(path) as f:
         f.write(header)
         f.write(ids.astype(dtype.newbyteorder("<"), copy=False).tobytes())
@@ -70,12 +76,16 @@ def read_shard_header(path: str | Path) -> dict:
     with open(path, "rb") as f:
         raw = f.read(HEADER.size)
     if len(raw) < HEADER.size:
-        raise ShardError(f"{path}: {size} bytes is too short for a token shard header ({HEADER.size} bytes); the file is truncated")
+        raise ShardError(
+            f"{path}: {size} bytes is too short for a token shard header ({HEADER.size} bytes); the file is truncated"
+        )
     magic, version, itemsize, count, vocab_size, fingerprint = HEADER.unpack(raw)
     if magic != MAGIC:
         raise ShardError(f"{path}: not a scratchlm token shard (magic {magic!r}, expected {MAGIC!r})")
     if version != SHARD_VERSION:
-        raise ShardError(f"{path}: shard format version {version}, this scratchlm reads {SHARD_VERSION}; re-tokenize")
+        raise ShardError(
+            f"{path}: shard format version {version}, this scratchlm reads {SHARD_VERSION}; re-tokenize"
+        )
     if itemsize not in (2, 4):
         raise ShardError(f"{path}: {itemsize} bytes per id is not 2 or 4; the header is corrupt")
     expected = HEADER.size + count * itemsize
@@ -84,8 +94,13 @@ def read_shard_header(path: str | Path) -> dict:
             f"{path}: header says {count} ids ({expected} bytes) but the file has {size} bytes; "
             "the shard is truncated or corrupt: run `scratchlm data tokenize` again"
         )
-    return {"version": version, "itemsize": itemsize, "count": count, "vocab_size": vocab_size,
-            "fingerprint": fingerprint.hex()}
+    return {
+        "version": version,
+        "itemsize": itemsize,
+        "count": count,
+        "vocab_size": vocab_size,
+        "fingerprint": fingerprint.hex(),
+    }
 
 
 def open_shard(path: str | Path, tokenizer: Tokenizer | None = None) -> np.memmap:
@@ -143,8 +158,12 @@ def _encode_pieces(pieces: list[str]) -> list[np.ndarray]:
 
 
 def encode_documents(
-    docs: list[str], tokenizer: Tokenizer, tokenizer_path: str | Path | None = None,
-    num_workers: int | None = None, progress: bool = False, piece_chars: int = 1 << 18,
+    docs: list[str],
+    tokenizer: Tokenizer,
+    tokenizer_path: str | Path | None = None,
+    num_workers: int | None = None,
+    progress: bool = False,
+    piece_chars: int = 1 << 18,
 ) -> np.ndarray:
     """Encode documents (joined by ``<|endoftext|>`` where the tokenizer has it) into one id array.
 
@@ -166,7 +185,9 @@ def encode_documents(
     workers = min(num_workers or os.cpu_count() or 1, len(batches))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(len(d) for d in docs), unit="char", unit_scale=True, desc="tokenizing", disable=not progress)
+    bar = tqdm(
+        total=sum(len(d) for d in docs), unit="char", unit_scale=True, desc="tokenizing", disable=not progress
+    )
     per_doc: list[list[np.ndarray]] = [[] for _ in docs]
 
     def collect(batch: list[tuple[int, str]], arrays: list[np.ndarray]) -> None:
@@ -208,8 +229,11 @@ SHARDS_FORMAT = "scratchlm.shards"
 
 
 def tokenize_dataset(
-    dataset: str | Path | Dataset, tokenizer_path: str | Path, out_dir: str | Path | None = None,
-    num_workers: int | None = None, progress: bool = False,
+    dataset: str | Path | Dataset,
+    tokenizer_path: str | Path,
+    out_dir: str | Path | None = None,
+    num_workers: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Encode every split of a prepared dataset into ``train.bin`` / ``val.bin`` / ``test.bin``.
 
@@ -233,9 +257,15 @@ def tokenize_dataset(
             )
     out.mkdir(parents=True, exist_ok=True)
     summary = {
-        "format": SHARDS_FORMAT, "version": 1, "dataset": str(ds.path), "dataset_source_sha256": ds.manifest["source"]["sha256"],
-        "tokenizer": "tokenizer.json", "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype_for_vocab(tokenizer.vocab_size).name, "splits": {},
+        "format": SHARDS_FORMAT,
+        "version": 1,
+        "dataset": str(ds.path),
+        "dataset_source_sha256": ds.manifest["source"]["sha256"],
+        "tokenizer": "tokenizer.json",
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype_for_vocab(tokenizer.vocab_size).name,
+        "splits": {},
     }
     # The shards form a set: every new file is first written under a pending name, and only when all
     # exist is the set switched: the old shards.json withdrawn (durably), the files renamed in, the
@@ -254,8 +284,11 @@ def tokenize_dataset(
             write_shard(pending[f"{split}.bin"], ids, tokenizer)
             n_bytes = ds.manifest["splits"][split]["bytes"]
             summary["splits"][split] = {
-                "file": f"{split}.bin", "tokens": int(ids.size), "bytes": n_bytes,
-                "bytes_per_token": n_bytes / max(ids.size, 1), "seconds": seconds,
+                "file": f"{split}.bin",
+                "tokens": int(ids.size),
+                "bytes": n_bytes,
+                "bytes_per_token": n_bytes / max(ids.size, 1),
+                "seconds": seconds,
                 "sha256": sha256_file(pending[f"{split}.bin"]),
             }
         with open(tokenizer_path, "rb") as src, atomic_write(pending["tokenizer.json"]) as dst:
@@ -285,22 +318,30 @@ def verify_shards(folder: str | Path, tokenizer: Tokenizer | None = None, splits
     """
     folder = Path(folder)
     if not (folder / "shards.json").exists():
-        raise ShardError(f"{folder}: no shards.json, so tokenizing did not finish (or this is not a shards folder); "
-                         "run `scratchlm data tokenize` again")
+        raise ShardError(
+            f"{folder}: no shards.json, so tokenizing did not finish (or this is not a shards folder); "
+            "run `scratchlm data tokenize` again"
+        )
     summary = read_json(folder / "shards.json", SHARDS_FORMAT)
     unknown = sorted(set(splits or ()) - set(summary["splits"]))
     if unknown:
-        raise ShardError(f"{folder}: no split(s) {unknown} in shards.json (it has {sorted(summary['splits'])})")
+        raise ShardError(
+            f"{folder}: no split(s) {unknown} in shards.json (it has {sorted(summary['splits'])})"
+        )
     for split, entry in summary["splits"].items():
         if splits is not None and split not in splits:
             continue
         path = folder / entry["file"]
         if not path.exists():
-            raise ShardError(f"{path}: missing (listed in {folder / 'shards.json'}); run `scratchlm data tokenize` again")
+            raise ShardError(
+                f"{path}: missing (listed in {folder / 'shards.json'}); run `scratchlm data tokenize` again"
+            )
         header = read_shard_header(path)
         if tokenizer is not None and header["fingerprint"] != tokenizer.fingerprint:
             open_shard(path, tokenizer)  # raises, naming both tokenizers
         if "sha256" in entry and sha256_file(path) != entry["sha256"]:
-            raise ShardError(f"{path}: sha256 differs from the one recorded in shards.json; the file changed or is "
-                             "corrupt: run `scratchlm data tokenize` again")
+            raise ShardError(
+                f"{path}: sha256 differs from the one recorded in shards.json; the file changed or is "
+                "corrupt: run `scratchlm data tokenize` again"
+            )
     return summary

@@ -84,7 +84,11 @@ def read_source(
         path = fetch(spec, download=download)
         data = path.read_bytes()
         info = SourceInfo("named", spec, remote.sha256, [str(path)], remote.url, len(data))
-        return info, _split_documents(decode(data, str(path)), str(path), documents or remote.documents), counts
+        return (
+            info,
+            _split_documents(decode(data, str(path)), str(path), documents or remote.documents),
+            counts,
+        )
     if spec == "stdlib":
         files = stdlib_files(max_bytes)
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -95,8 +99,13 @@ def read_source(
             f"{spec!r} is neither a named source ({', '.join(sorted(SOURCES))}), nor 'stdlib', nor an existing path"
         )
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in TEXT_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise ValueError(f"{path}: folder has no text files (looked for {sorted(TEXT_SUFFIXES - {''})})")
         return _read_files("folder", path.name, files, path, decode, counts)

@@ -39,9 +39,16 @@ def _token_classes(tokenizer) -> dict[str, np.ndarray]:
             texts.append("")
     starts_letter = np.array([bool(t) and t[0].isalpha() for t in texts])
     ends_letter = np.array([bool(t) and t[-1].isalpha() for t in texts])
-    punctuation = np.array([bool(t.strip()) and all(unicodedata.category(c).startswith("P") for c in t.strip()) for t in texts])
+    punctuation = np.array(
+        [bool(t.strip()) and all(unicodedata.category(c).startswith("P") for c in t.strip()) for t in texts]
+    )
     newline = np.array(["\n" in t for t in texts])
-    return {"starts_letter": starts_letter, "ends_letter": ends_letter, "punctuation": punctuation, "newline": newline}
+    return {
+        "starts_letter": starts_letter,
+        "ends_letter": ends_letter,
+        "punctuation": punctuation,
+        "newline": newline,
+    }
 
 
 @torch.no_grad()
@@ -55,13 +62,15 @@ def evaluate_ids(model, ids: np.ndarray, tokenizer, *, batch_size: int = 32, pro
         raise ValueError(f"{len(ids)} tokens are fewer than one context window of {T} + 1")
     classes = _token_classes(tokenizer)
     loss_sum = np.zeros(T)
-    correct = {k: 0 for k in ("all", "word_completion", "punctuation", "line_break")}
-    counted = {k: 0 for k in correct}
+    correct = dict.fromkeys(("all", "word_completion", "punctuation", "line_break"), 0)
+    counted = dict.fromkeys(correct, 0)
     was_training = model.training
     model.eval()
     for first in tqdm(range(0, n_windows, batch_size), desc="evaluating", disable=not progress):
         rows = range(first, min(first + batch_size, n_windows))
-        windows = torch.from_numpy(np.stack([ids[r * T : r * T + T + 1] for r in rows]).astype(np.int64)).to(device)
+        windows = torch.from_numpy(np.stack([ids[r * T : r * T + T + 1] for r in rows]).astype(np.int64)).to(
+            device
+        )
         x, y = windows[:, :-1], windows[:, 1:]
         logits, _ = model(x)
         nll = token_nll(logits, y)  # (B, T)
@@ -84,7 +93,9 @@ def evaluate_ids(model, ids: np.ndarray, tokenizer, *, batch_size: int = 32, pro
     # The bytes of the predicted text: special tokens (document separators) are not text, 0 bytes.
     n_bytes = len(tokenizer.decode_bytes(ids[1 : n_tokens + 1], skip_special=True))
     if n_bytes == 0:
-        raise ValueError("the evaluated tokens hold no text bytes (only special tokens): bits per byte is undefined")
+        raise ValueError(
+            "the evaluated tokens hold no text bytes (only special tokens): bits per byte is undefined"
+        )
     return {
         "tokens": n_tokens,
         "bytes": n_bytes,
@@ -92,31 +103,49 @@ def evaluate_ids(model, ids: np.ndarray, tokenizer, *, batch_size: int = 32, pro
         "perplexity": math.exp(mean),
         "bits_per_byte": float(loss_sum.sum()) / math.log(2) / n_bytes,
         "loss_by_position": (loss_sum / n_windows).tolist(),
-        "probes": {k: {"accuracy": correct[k] / counted[k] if counted[k] else None, "count": counted[k]} for k in correct},
+        "probes": {
+            k: {"accuracy": correct[k] / counted[k] if counted[k] else None, "count": counted[k]}
+            for k in correct
+        },
     }
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *, splits=("val", "test"),
-                        device: str | None = None, batch_size: int = 32, progress: bool = False) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path | None = None,
+    *,
+    splits=("val", "test"),
+    device: str | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
     """Evaluate a checkpoint on splits of a shards folder; ``"val+test"`` joins two splits into one text."""
     from scratchlm.device import pick_device
-    from scratchlm.tokenizers import load_tokenizer
     from scratchlm.models.checkpoint import load_model_from_checkpoint
+    from scratchlm.tokenizers import load_tokenizer
 
     model, state = load_model_from_checkpoint(checkpoint, pick_device(device))
     if data is None and not state.get("train"):
-        raise ValueError(f"{checkpoint} was imported, not trained here: pass the shards folder to evaluate on (--data)")
+        raise ValueError(
+            f"{checkpoint} was imported, not trained here: pass the shards folder to evaluate on (--data)"
+        )
     data = Path(data or state["train"]["data"])
     tokenizer = load_tokenizer(data / "tokenizer.json")
     if state["tokenizer_fingerprint"] and tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise ValueError(f"{data} was tokenized with {tokenizer.fingerprint[:16]}, but {checkpoint} was trained "
-                         f"with {state['tokenizer_fingerprint'][:16]}: evaluate on data made with the model's tokenizer")
+        raise ValueError(
+            f"{data} was tokenized with {tokenizer.fingerprint[:16]}, but {checkpoint} was trained "
+            f"with {state['tokenizer_fingerprint'][:16]}: evaluate on data made with the model's tokenizer"
+        )
     report = {"checkpoint": str(checkpoint), "data": str(data), "step": state["step"], "splits": {}}
     # A complete shards set (shards.json written last) whose files are as they were written.
     verify_shards(data, tokenizer, splits={part for split in splits for part in split.split("+")})
     for split in splits:
-        ids = np.concatenate([np.asarray(open_shard(data / f"{part}.bin", tokenizer)) for part in split.split("+")])
-        report["splits"][split] = evaluate_ids(model, ids, tokenizer, batch_size=batch_size, progress=progress)
+        ids = np.concatenate(
+            [np.asarray(open_shard(data / f"{part}.bin", tokenizer)) for part in split.split("+")]
+        )
+        report["splits"][split] = evaluate_ids(
+            model, ids, tokenizer, batch_size=batch_size, progress=progress
+        )
     return report
 
 
@@ -124,10 +153,14 @@ def format_report(report: dict) -> str:
     lines = [f"{report['checkpoint']} (step {report['step']}) on {report['data']}"]
     for split, r in report["splits"].items():
         by_pos = r["loss_by_position"]
-        probes = "  ".join(f"{k} {v['accuracy']:.1%}" for k, v in r["probes"].items() if v["accuracy"] is not None)
-        lines += [f"  {split}: loss {r['loss']:.4f} nats/token  perplexity {r['perplexity']:.2f}  "
-                  f"bits/byte {r['bits_per_byte']:.4f}  ({r['tokens']:,} tokens)",
-                  f"    loss at position 0 / {len(by_pos) // 2} / {len(by_pos) - 1}: "
-                  f"{by_pos[0]:.3f} / {by_pos[len(by_pos) // 2]:.3f} / {by_pos[-1]:.3f}",
-                  f"    top-1 accuracy: {probes}"]
+        probes = "  ".join(
+            f"{k} {v['accuracy']:.1%}" for k, v in r["probes"].items() if v["accuracy"] is not None
+        )
+        lines += [
+            f"  {split}: loss {r['loss']:.4f} nats/token  perplexity {r['perplexity']:.2f}  "
+            f"bits/byte {r['bits_per_byte']:.4f}  ({r['tokens']:,} tokens)",
+            f"    loss at position 0 / {len(by_pos) // 2} / {len(by_pos) - 1}: "
+            f"{by_pos[0]:.3f} / {by_pos[len(by_pos) // 2]:.3f} / {by_pos[-1]:.3f}",
+            f"    top-1 accuracy: {probes}",
+        ]
     return "\n".join(lines)

@@ -71,8 +71,14 @@ def _as_batch(prompt, device) -> torch.Tensor:
 
 @torch.no_grad()
 def stream(
-    model, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None,
-    *, use_cache: bool = True, seed: int | None = None, stop_ids: Sequence[int] = (),
+    model,
+    prompt: Sequence[int] | torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    *,
+    use_cache: bool = True,
+    seed: int | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time. Stops early when every row hit a stop id."""
     sampling = sampling or SamplingConfig()
@@ -100,7 +106,9 @@ def stream(
         model.train(was_training)
 
 
-def generate(model, prompt, max_new_tokens: int, sampling: SamplingConfig | None = None, **kwargs) -> list[list[int]]:
+def generate(
+    model, prompt, max_new_tokens: int, sampling: SamplingConfig | None = None, **kwargs
+) -> list[list[int]]:
     """The generated ids for each prompt row (the prompt itself not included)."""
     steps = list(stream(model, prompt, max_new_tokens, sampling, **kwargs))
     if not steps:
@@ -109,9 +117,17 @@ def generate(model, prompt, max_new_tokens: int, sampling: SamplingConfig | None
 
 
 def generate_text(
-    model, tokenizer, prompt: str, max_new_tokens: int = 200, sampling: SamplingConfig | None = None, *,
-    stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None, use_cache: bool = True,
-    seed: int | None = None, stats: GenerationStats | None = None,
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    sampling: SamplingConfig | None = None,
+    *,
+    stop: Sequence[str] = (),
+    on_text: Callable[[str], None] | None = None,
+    use_cache: bool = True,
+    seed: int | None = None,
+    stats: GenerationStats | None = None,
 ) -> str:
     """Generate from a text prompt; stop at any of the ``stop`` strings (which are cut off).
 
@@ -124,7 +140,9 @@ def generate_text(
     text = TextStream(tokenizer, stop)
     if stats is not None:
         stats.start(min(len(ids), model.config.block_size))  # what prefill processes: the visible window
-    for next_ids in stream(model, ids, max_new_tokens, sampling, use_cache=use_cache, seed=seed, stop_ids=stop_ids):
+    for next_ids in stream(
+        model, ids, max_new_tokens, sampling, use_cache=use_cache, seed=seed, stop_ids=stop_ids
+    ):
         token = int(next_ids[0])  # waits for the device: the token exists now
         if stats is not None:
             stats.token()
@@ -222,8 +240,14 @@ class TextStream:
 
 @torch.no_grad()
 def beam_search(
-    model, prompt: Sequence[int], max_new_tokens: int, beam_width: int = 4, *, length_penalty: float = 1.0,
-    eos_id: int | None = None, use_cache: bool = True,
+    model,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    beam_width: int = 4,
+    *,
+    length_penalty: float = 1.0,
+    eos_id: int | None = None,
+    use_cache: bool = True,
 ) -> list[tuple[list[int], float]]:
     """Keep the ``beam_width`` most likely continuations; return them best first as (ids, score).
 
@@ -260,10 +284,16 @@ def beam_search(
             window.reorder(torch.tensor(beams, device=device))
             window.append(torch.tensor(tokens, device=device)[:, None])
             scores = torch.tensor(new_scores, device=device)
-            if len(finished) >= beam_width and max(f[1] for f in finished) >= scores.max().item() / (step + 1) ** length_penalty:
+            if (
+                len(finished) >= beam_width
+                and max(f[1] for f in finished) >= scores.max().item() / (step + 1) ** length_penalty
+            ):
                 break  # no live beam can beat the best finished one (log-probs only fall)
     finally:
         model.train(was_training)
     length = window.tokens.shape[1] - prompt_len
-    live = [(window.tokens[i, prompt_len:].tolist(), s / max(length, 1) ** length_penalty) for i, s in enumerate(scores.tolist())]
+    live = [
+        (window.tokens[i, prompt_len:].tolist(), s / max(length, 1) ** length_penalty)
+        for i, s in enumerate(scores.tolist())
+    ]
     return sorted(finished + live, key=lambda pair: pair[1], reverse=True)[:beam_width]

@@ -22,9 +22,17 @@ class KVCache:
 
     paged = False  # contiguous rows; the engine's cache (scratchlm.serve.paged_attention) is paged
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 layers: list[int] | None = None):
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        layers: list[int] | None = None,
+    ):
         shape = (n_layer, batch, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -39,7 +47,9 @@ class KVCache:
         c = model.config
         p = next(model.parameters())
         layers = [i for i, block in enumerate(model.blocks) if getattr(block.mixer, "kv_cache", False)]
-        return cls(len(layers), batch, c.kv_heads, max_len or c.block_size, c.head_dim, p.device, p.dtype, layers)
+        return cls(
+            len(layers), batch, c.kv_heads, max_len or c.block_size, c.head_dim, p.device, p.dtype, layers
+        )
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' k, v (B, Hkv, T, D) for ``layer``; return all positions so far."""

@@ -70,7 +70,9 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, config: SamplingConfig, previous: torch.Tensor | None = None) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, config: SamplingConfig, previous: torch.Tensor | None = None
+) -> torch.Tensor:
     """All processors in order; with ``temperature == 0`` the caller takes the argmax instead."""
     logits = logits.float()
     if previous is not None:
@@ -86,8 +88,12 @@ def process_logits(logits: torch.Tensor, config: SamplingConfig, previous: torch
     return logits
 
 
-def choose(logits: torch.Tensor, config: SamplingConfig, previous: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def choose(
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    previous: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Pick one next token per row: (B, V) logits -> (B, 1) ids."""
     logits = process_logits(logits, config, previous)
     if config.temperature == 0:

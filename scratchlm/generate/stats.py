@@ -42,7 +42,11 @@ class GenerationStats:
         gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
         tpot = (e2e - ttft) / (n - 1) if n > 1 else None
         return {
-            "prompt_tokens": self.prompt_tokens, "output_tokens": n, "ttft_s": ttft, "e2e_s": e2e, "tpot_s": tpot,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": n,
+            "ttft_s": ttft,
+            "e2e_s": e2e,
+            "tpot_s": tpot,
             "itl_median_s": statistics.median(gaps) if gaps else None,
             "itl_max_s": max(gaps) if gaps else None,
             "prefill_tokens_per_second": self.prompt_tokens / ttft if ttft > 0 else None,
@@ -53,9 +57,13 @@ class GenerationStats:
         s = self.summary()
         if not s["output_tokens"]:
             return "no tokens generated"
-        line = (f"{s['prompt_tokens']} prompt + {s['output_tokens']} generated tokens: TTFT {s['ttft_s'] * 1e3:.1f} ms "
-                f"(prefill {s['prefill_tokens_per_second']:,.0f} tokens/s), end-to-end {s['e2e_s']:.2f} s")
+        line = (
+            f"{s['prompt_tokens']} prompt + {s['output_tokens']} generated tokens: TTFT {s['ttft_s'] * 1e3:.1f} ms "
+            f"(prefill {s['prefill_tokens_per_second']:,.0f} tokens/s), end-to-end {s['e2e_s']:.2f} s"
+        )
         if s["tpot_s"]:
-            line += (f", TPOT {s['tpot_s'] * 1e3:.1f} ms (decode {s['decode_tokens_per_second']:,.1f} tokens/s), "
-                     f"ITL median {s['itl_median_s'] * 1e3:.1f} ms, max {s['itl_max_s'] * 1e3:.1f} ms")
+            line += (
+                f", TPOT {s['tpot_s'] * 1e3:.1f} ms (decode {s['decode_tokens_per_second']:,.1f} tokens/s), "
+                f"ITL median {s['itl_median_s'] * 1e3:.1f} ms, max {s['itl_max_s'] * 1e3:.1f} ms"
+            )
         return line

@@ -91,8 +91,15 @@ class NeuralBigram(nn.Module):
         return logits, loss
 
     def fit(
-        self, x: np.ndarray, y: np.ndarray, *, steps: int = 300, lr: float = 0.3, batch_size: int = 1 << 16,
-        seed: int = 0, progress: bool = False,
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        steps: int = 300,
+        lr: float = 0.3,
+        batch_size: int = 1 << 16,
+        seed: int = 0,
+        progress: bool = False,
     ) -> list[float]:
         """Adam on cross-entropy; minibatches of ``batch_size`` pairs (all pairs if fewer).
 
@@ -147,9 +154,19 @@ def sample_bigram(
 
 
 def run_bigram(
-    dataset: str | Path, tokenizer: Tokenizer, *, models=("count", "neural"), smoothing: float = 1.0,
-    fit_split: str = "train", steps: int = 300, lr: float = 0.3, n_samples: int = 10, max_tokens: int = 60,
-    seed: int = 0, progress: bool = False, device: str | None = None,
+    dataset: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    models=("count", "neural"),
+    smoothing: float = 1.0,
+    fit_split: str = "train",
+    steps: int = 300,
+    lr: float = 0.3,
+    n_samples: int = 10,
+    max_tokens: int = 60,
+    seed: int = 0,
+    progress: bool = False,
+    device: str | None = None,
 ) -> dict:
     """Fit the requested bigram models; report NLL and perplexity per split, and samples.
 
@@ -169,11 +186,19 @@ def run_bigram(
     fit_x, fit_y = pairs[fit_split]
     V = tokenizer.vocab_size
     if V > 20_000:
-        raise ValueError(f"a bigram table over {V} ids needs {V * V * 8 / 1e9:.1f} GB; use a tokenizer with a smaller vocabulary")
+        raise ValueError(
+            f"a bigram table over {V} ids needs {V * V * 8 / 1e9:.1f} GB; use a tokenizer with a smaller vocabulary"
+        )
     start_token = boundary if boundary is not None else int(fit_x[0])
-    report = {"dataset": str(dataset), "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": V,
-              "boundary_token": boundary, "fit_split": fit_split, "pairs": {s: int(len(p[0])) for s, p in pairs.items()},
-              "models": {}}
+    report = {
+        "dataset": str(dataset),
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": V,
+        "boundary_token": boundary,
+        "fit_split": fit_split,
+        "pairs": {s: int(len(p[0])) for s, p in pairs.items()},
+        "models": {},
+    }
     for name in models:
         start = time.perf_counter()
         if name == "count":
@@ -182,12 +207,21 @@ def run_bigram(
         else:
             model = NeuralBigram(V).to(pick_device(device))
             history = model.fit(fit_x, fit_y, steps=steps, lr=lr, seed=seed, progress=progress)
-            extra = {"steps": steps, "lr": lr, "final_train_loss": history[-1], "device": str(model.logits.device)}
+            extra = {
+                "steps": steps,
+                "lr": lr,
+                "final_train_loss": history[-1],
+                "device": str(model.logits.device),
+            }
         seconds = time.perf_counter() - start
         nll = {s: model.nll(*pairs[s]) for s in ("train", "val", "test", "all")}
-        samples = sample_bigram(model.log_probs(), n_samples, start=start_token, stop=boundary, max_tokens=max_tokens, seed=seed)
+        samples = sample_bigram(
+            model.log_probs(), n_samples, start=start_token, stop=boundary, max_tokens=max_tokens, seed=seed
+        )
         report["models"][name] = {
-            **extra, "fit_seconds": seconds, "nll": nll,
+            **extra,
+            "fit_seconds": seconds,
+            "nll": nll,
             "perplexity": {s: math.exp(v) if math.isfinite(v) else float("inf") for s, v in nll.items()},
             "samples": [tokenizer.decode(s) for s in samples],
         }

@@ -19,7 +19,7 @@ from scratchlm.models.blocks.diff_attention import DiffAttention, DiffConfig
 from scratchlm.models.blocks.mamba import Mamba, MambaConfig
 from scratchlm.models.blocks.mla import MLA, MLAConfig
 from scratchlm.models.blocks.moe import MoE, MoEConfig
-from scratchlm.models.blocks.sparse_attention import NSAConfig, NativeSparseAttention
+from scratchlm.models.blocks.sparse_attention import NativeSparseAttention, NSAConfig
 from scratchlm.models.layers import MLP, make_norm
 
 # The block kinds a layer can pick (``GPTConfig.layers``): "mixer" or "mixer+mlp".
@@ -31,12 +31,20 @@ MIXERS = {
     "nsa": NativeSparseAttention,  # native sparse attention
     "mamba": Mamba,  # selective state-space model
 }
-LAYER_MLPS = {"dense": lambda c, layer: MLP(c), "moe": MoE,
-              "none": lambda c, layer: None}  # no MLP: the block is norm → mixer → residual (Mamba)
+LAYER_MLPS = {
+    "dense": lambda c, layer: MLP(c),
+    "moe": MoE,
+    "none": lambda c, layer: None,
+}  # no MLP: the block is norm → mixer → residual (Mamba)
 # The settings table each kind reads (kind -> (GPTConfig field, dataclass)), created with its
 # defaults when a layer uses the kind.
-KIND_TABLES = {"mla": ("mla", MLAConfig), "diff": ("diff", DiffConfig), "nsa": ("nsa", NSAConfig),
-               "mamba": ("mamba", MambaConfig), "moe": ("moe", MoEConfig)}
+KIND_TABLES = {
+    "mla": ("mla", MLAConfig),
+    "diff": ("diff", DiffConfig),
+    "nsa": ("nsa", NSAConfig),
+    "mamba": ("mamba", MambaConfig),
+    "moe": ("moe", MoEConfig),
+}
 
 
 class Block(nn.Module):
@@ -55,13 +63,22 @@ class Block(nn.Module):
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
         self.mixer_name = "mamba" if mixer_kind == "mamba" else "attn"
         self.add_module(self.mixer_name, MIXERS[mixer_kind](config, layer))
-        self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias) if mlp_kind != "none" else None
+        self.norm2 = (
+            make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+            if mlp_kind != "none"
+            else None
+        )
         self.mlp = LAYER_MLPS[mlp_kind](config, layer)
         # Gemma-2's "sandwich": each sublayer's output is normalized too before it joins the residual stream
         sandwich = bool(config.sandwich_norm)
-        self.post_norm1 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias) if sandwich else None
-        self.post_norm2 = make_norm(config.norm, config.d_model, config.norm_eps, config.bias) \
-            if sandwich and self.mlp is not None else None
+        self.post_norm1 = (
+            make_norm(config.norm, config.d_model, config.norm_eps, config.bias) if sandwich else None
+        )
+        self.post_norm2 = (
+            make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+            if sandwich and self.mlp is not None
+            else None
+        )
         self.resid_dropout = nn.Dropout(config.dropout)
 
     @property

@@ -60,17 +60,23 @@ def read_state(path: str | Path, *, resumable: bool = False) -> dict:
     """The checkpoint's ``state.json``, checked: format, version, and the keys a reader needs."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
-        raise FileNotFoundError(f"{path} points at {os.readlink(path)}, which does not exist. If {path.name} was copied "
-                                "out of its run folder, copy the folder it points to instead (cp -rL); otherwise pass "
-                                "one of the complete folders under checkpoints/ itself (`scratchlm train --resume` "
-                                "would repoint last at the newest of them, and continue training)")
+        raise FileNotFoundError(
+            f"{path} points at {os.readlink(path)}, which does not exist. If {path.name} was copied "
+            "out of its run folder, copy the folder it points to instead (cp -rL); otherwise pass "
+            "one of the complete folders under checkpoints/ itself (`scratchlm train --resume` "
+            "would repoint last at the newest of them, and continue training)"
+        )
     if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json); train one with `scratchlm train`")
+        raise FileNotFoundError(
+            f"{path}: not a checkpoint folder (no state.json); train one with `scratchlm train`"
+        )
     state = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS)
     missing = [k for k in REQUIRED_KEYS + (RESUME_KEYS if resumable else ()) if k not in state]
     if missing:
-        raise FormatError(f"{path / 'state.json'}: missing {missing}; the file is damaged or was not written by "
-                          "`scratchlm train`: use another checkpoint (e.g. best instead of last)")
+        raise FormatError(
+            f"{path / 'state.json'}: missing {missing}; the file is damaged or was not written by "
+            "`scratchlm train`: use another checkpoint (e.g. best instead of last)"
+        )
     return state
 
 
@@ -83,11 +89,15 @@ def _verified(path: Path, name: str) -> Path:
     if info is not None:
         size = file.stat().st_size
         if size != info["bytes"]:
-            raise FormatError(f"{file}: {size} bytes, but the checkpoint recorded {info['bytes']}; the file is "
-                              "truncated or was replaced: use another checkpoint (e.g. best instead of last)")
+            raise FormatError(
+                f"{file}: {size} bytes, but the checkpoint recorded {info['bytes']}; the file is "
+                "truncated or was replaced: use another checkpoint (e.g. best instead of last)"
+            )
         if sha256_file(file) != info["sha256"]:
-            raise FormatError(f"{file}: sha256 differs from the one recorded at save time; the file is corrupt "
-                              "(disk or copy error): use another checkpoint (e.g. best instead of last)")
+            raise FormatError(
+                f"{file}: sha256 differs from the one recorded at save time; the file is corrupt "
+                "(disk or copy error): use another checkpoint (e.g. best instead of last)"
+            )
     return file
 
 
@@ -96,8 +106,10 @@ def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as e:
-        raise FormatError(f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt: "
-                          "use another checkpoint") from None
+        raise FormatError(
+            f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt: "
+            "use another checkpoint"
+        ) from None
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
@@ -107,7 +119,9 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
         weights["lm_head.weight"] = weights["tok_emb.weight"]
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise FormatError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise FormatError(
+            f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
@@ -154,23 +168,33 @@ def load_checkpoint_tokenizer(checkpoint: str | Path, state: dict, name: str | P
         if str(name) == "gpt2":
             return gpt2_tokenizer()
         if not Path(name).exists():
-            raise FileNotFoundError(f"tokenizer file {str(name)!r} does not exist (a tokenizer JSON file, or 'gpt2')")
+            raise FileNotFoundError(
+                f"tokenizer file {str(name)!r} does not exist (a tokenizer JSON file, or 'gpt2')"
+            )
         return load_tokenizer(Path(name))
     own = Path(checkpoint) / "tokenizer.json"
     if own.exists():
         tokenizer = load_tokenizer(own)
         if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-            raise FormatError(f"{own} is not the tokenizer recorded in {checkpoint}'s state.json (fingerprints differ)")
+            raise FormatError(
+                f"{own} is not the tokenizer recorded in {checkpoint}'s state.json (fingerprints differ)"
+            )
         return tokenizer
     if not state.get("train"):
-        raise ValueError(f"{checkpoint} was imported, not trained here: pass a tokenizer (a JSON file, or gpt2)")
+        raise ValueError(
+            f"{checkpoint} was imported, not trained here: pass a tokenizer (a JSON file, or gpt2)"
+        )
     path = Path(state["train"]["data"]) / "tokenizer.json"
     if not path.exists():
-        raise FileNotFoundError(f"the tokenizer of {checkpoint} was {path}, which no longer exists; pass a tokenizer")
+        raise FileNotFoundError(
+            f"the tokenizer of {checkpoint} was {path}, which no longer exists; pass a tokenizer"
+        )
     tokenizer = load_tokenizer(path)
     if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise ValueError(f"{path} is not the tokenizer {checkpoint} was trained with (fingerprints differ); "
-                         "pass a tokenizer")
+        raise ValueError(
+            f"{path} is not the tokenizer {checkpoint} was trained with (fingerprints differ); "
+            "pass a tokenizer"
+        )
     return tokenizer
 
 
@@ -205,8 +229,14 @@ def _split_optimizer_states(states: list[dict]) -> tuple[dict[str, torch.Tensor]
     return tensors, meta
 
 
-def publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
-                    tokenizer=None, extra_files: dict[str, bytes] | None = None) -> None:
+def publish_folder(
+    target: Path,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: list[dict],
+    state: dict,
+    tokenizer=None,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
     """Write the checkpoint into a hidden temporary sibling ``.NAME.tmp-PID``, then rename it to
     ``target`` (which must not exist): a folder under its real name is always complete. (A run's
     store knows that temporary name, and removes one that a kill left behind.)"""
@@ -221,8 +251,14 @@ def publish_folder(target: Path, weights: dict[str, torch.Tensor], optimizer_sta
         raise
 
 
-def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict], state: dict,
-                  tokenizer=None, extra_files: dict[str, bytes] | None = None) -> None:
+def _write_folder(
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: list[dict],
+    state: dict,
+    tokenizer=None,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
     """Fill a new folder with the three files (and the tokenizer, when it is not the training
     data's: a chat model's, say), each fsynced, then the folder itself."""
     folder.mkdir(parents=True)
@@ -246,13 +282,26 @@ def _write_folder(folder: Path, weights: dict[str, torch.Tensor], optimizer_stat
         # Hashing reads the file back once: ~1-2 s for GPT-2 small's 0.5 GB of weights, a small price
         # next to loading garbage from a bit-flipped or truncated file without knowing it.
         files[name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-    write_json(folder / "state.json", {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                                       **state, "optimizers": meta, "files": files})
+    write_json(
+        folder / "state.json",
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            **state,
+            "optimizers": meta,
+            "files": files,
+        },
+    )
     fsync_dir(folder)
 
 
-def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimizer_state: list[dict],
-                    state: dict, tokenizer=None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: list[dict],
+    state: dict,
+    tokenizer=None,
+) -> Path:
     """Write a stand-alone checkpoint folder (an imported model, say) that must not exist yet.
 
     It is written under a temporary name and renamed when complete, so ``path`` either does not
@@ -270,6 +319,12 @@ def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], optimize
 def save_model_only(path: str | Path, model: torch.nn.Module, tokenizer=None, **info) -> Path:
     """A checkpoint with weights and config but no optimizer (imported or exported models); with
     ``tokenizer``, it is saved inside the folder and is the checkpoint's tokenizer."""
-    state = {"model": model.config.to_dict(), "step": 0, "tokenizer_fingerprint": None, "train": None,
-             "vocab_size": model.config.vocab_size, **info}
+    state = {
+        "model": model.config.to_dict(),
+        "step": 0,
+        "tokenizer_fingerprint": None,
+        "train": None,
+        "vocab_size": model.config.vocab_size,
+        **info,
+    }
     return save_checkpoint(path, model_state(model), [], state, tokenizer)

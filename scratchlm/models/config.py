@@ -32,17 +32,38 @@ POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "swiglu", "geglu", "relu2")
 _MODEL_RULES = {
-    "vocab_size": Rule(min=1), "n_layer": Rule(min=1), "n_head": Rule(min=1), "n_kv_head": Rule(min=1),
-    "d_model": Rule(min=1), "d_ff": Rule(min=1), "block_size": Rule(min=1, why="context length"),
-    "position": Rule(choices=POSITIONS), "rope_theta": Rule(above=0), "norm": Rule(choices=NORMS),
-    "norm_eps": Rule(above=0), "mlp": Rule(choices=MLPS), "dropout": Rule(min=0, below=1),
-    "attention": Rule(choices=("sdpa", "manual", "tiled")), "init_std": Rule(above=0),
+    "vocab_size": Rule(min=1),
+    "n_layer": Rule(min=1),
+    "n_head": Rule(min=1),
+    "n_kv_head": Rule(min=1),
+    "d_model": Rule(min=1),
+    "d_ff": Rule(min=1),
+    "block_size": Rule(min=1, why="context length"),
+    "position": Rule(choices=POSITIONS),
+    "rope_theta": Rule(above=0),
+    "norm": Rule(choices=NORMS),
+    "norm_eps": Rule(above=0),
+    "mlp": Rule(choices=MLPS),
+    "dropout": Rule(min=0, below=1),
+    "attention": Rule(choices=("sdpa", "manual", "tiled")),
+    "init_std": Rule(above=0),
     "final_softcap": Rule(above=0),
 }
 # Fields added for the block kinds: left out of a config's dict while unset (``attn``: while every
 # setting in it is), so configs and checkpoints written before them read (and write) as they did.
-_LAYER_FIELDS = ("layers", "attn", "moe", "mla", "diff", "nsa", "mamba", "mtp", "final_softcap",
-                 "sandwich_norm", "embed_scale")
+_LAYER_FIELDS = (
+    "layers",
+    "attn",
+    "moe",
+    "mla",
+    "diff",
+    "nsa",
+    "mamba",
+    "mtp",
+    "final_softcap",
+    "sandwich_norm",
+    "embed_scale",
+)
 
 
 @dataclass
@@ -66,7 +87,9 @@ class GPTConfig:
     attention: str = "sdpa"  # sdpa | manual | tiled (FlashAttention's online softmax, in PyTorch)
     init_std: float = 0.02
     # --- the layer pattern and the block kinds' own settings ---
-    layers: list[str] | None = None  # e.g. ["sliding", "attention"], repeated to n_layer; None: all "attention"
+    layers: list[str] | None = (
+        None  # e.g. ["sliding", "attention"], repeated to n_layer; None: all "attention"
+    )
     # [model.attn], read by "attention" and "sliding" layers: the window, head width, Qwen's q/k/v
     # biases and q/k norms, Gemma-2's score scale and soft cap. Named ``attn`` (the layers' module
     # name, ``blocks.{i}.attn``) because ``attention`` above already names the kernel.
@@ -79,8 +102,12 @@ class GPTConfig:
     mtp: MTPConfig | None = None  # multi-token prediction modules after the last layer
     # --- Gemma-style switches of the stack (docs/sliding-window-attention.md, "Gemma-2") ---
     final_softcap: float | None = None  # logits -> c·tanh(logits / c) (Gemma-2: 30); None: off
-    sandwich_norm: bool | None = None  # also norm each mixer's and MLP's output before the residual add (Gemma-2/3)
-    embed_scale: bool | None = None  # multiply token embeddings by sqrt(d_model) (Gemma), which a tied head cannot absorb
+    sandwich_norm: bool | None = (
+        None  # also norm each mixer's and MLP's output before the residual add (Gemma-2/3)
+    )
+    embed_scale: bool | None = (
+        None  # multiply token embeddings by sqrt(d_model) (Gemma), which a tied head cannot absorb
+    )
 
     def __post_init__(self):
         validate(self, "model", _MODEL_RULES)  # each value's type and range, naming the key
@@ -92,18 +119,25 @@ class GPTConfig:
             if kind in used and getattr(self, name) is None:
                 setattr(self, name, table())  # a kind used without its table gets the defaults
             elif kind not in used and getattr(self, name) is not None:  # e.g. [model.moe] but no "+moe" layer
-                raise ConfigError(f"model.{name} is set but no layer uses '{kind}': add it to model.layers "
-                                  f"(now {self.layers or ['attention']}), or remove model.{name}")
+                raise ConfigError(
+                    f"model.{name} is set but no layer uses '{kind}': add it to model.layers "
+                    f"(now {self.layers or ['attention']}), or remove model.{name}"
+                )
         if self.attn.head_dim is None and self.d_model % self.n_head:
-            raise ConfigError(f"model.d_model = {self.d_model} must be divisible by model.n_head = {self.n_head}")
+            raise ConfigError(
+                f"model.d_model = {self.d_model} must be divisible by model.n_head = {self.n_head}"
+            )
         if self.n_head % self.kv_heads:
-            raise ConfigError(f"model.n_head = {self.n_head} must be divisible by model.n_kv_head = {self.kv_heads}")
+            raise ConfigError(
+                f"model.n_head = {self.n_head} must be divisible by model.n_kv_head = {self.kv_heads}"
+            )
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.position = 'rope' needs an even head width; it is {self.head_dim}")
         self.attn.check({mixer for mixer, _ in kinds}, self.attention)  # [model.attn]: read, and computable
         if self.sandwich_norm and not self.prenorm:
-            raise ConfigError("model.sandwich_norm adds output norms to pre-norm blocks: "
-                              "it needs model.prenorm = true")
+            raise ConfigError(
+                "model.sandwich_norm adds output norms to pre-norm blocks: it needs model.prenorm = true"
+            )
 
     def layer_kinds(self) -> list[tuple[str, str]]:
         """(mixer, mlp) of every layer: ``layers`` repeated to ``n_layer`` (its length must divide
@@ -148,14 +182,18 @@ def expand_layers(layers: list[str] | None, n_layer: int) -> list[tuple[str, str
     """The (mixer, mlp) of each of ``n_layer`` layers for a ``layers`` pattern (see GPTConfig.layers)."""
     pattern = layers if layers is not None else ["attention"]
     if not pattern or n_layer % len(pattern):
-        raise ConfigError(f"model.layers has {len(pattern)} items; it must be non-empty and its length must divide "
-                          f"model.n_layer = {n_layer} (it repeats), or list every layer")
+        raise ConfigError(
+            f"model.layers has {len(pattern)} items; it must be non-empty and its length must divide "
+            f"model.n_layer = {n_layer} (it repeats), or list every layer"
+        )
     kinds = []
     for item in pattern:
         mixer, _, mlp = item.partition("+")
         mlp = mlp or "dense"
         if mixer not in MIXERS or mlp not in LAYER_MLPS:
-            raise ConfigError(f"model.layers item {item!r}: expected 'mixer' or 'mixer+mlp' with mixer one of "
-                              f"{', '.join(MIXERS)} and mlp one of {', '.join(LAYER_MLPS)}")
+            raise ConfigError(
+                f"model.layers item {item!r}: expected 'mixer' or 'mixer+mlp' with mixer one of "
+                f"{', '.join(MIXERS)} and mlp one of {', '.join(LAYER_MLPS)}"
+            )
         kinds.append((mixer, mlp))
     return kinds * (n_layer // len(kinds))

@@ -67,9 +67,17 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, self.config.init_std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False,
-                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                return_hidden: bool = False, documents: torch.Tensor | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache=None,
+        last_only: bool = False,
+        positions: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        documents: torch.Tensor | None = None,
+    ):
         """Logits (B, T, V) for ids (B, T), and the mean cross-entropy if ``targets`` are given.
 
         With a :class:`~scratchlm.generate.kv_cache.KVCache` the ids are the *new* positions, after
@@ -91,14 +99,22 @@ class GPT(nn.Module):
         packed_mask = None
         if documents is not None:
             if cache is not None or positions is not None:
-                raise ValueError("documents (packed rows) are for training: no cache and no positions with them")
-            if T > self.config.block_size:
-                raise ValueError(f"a packed row of {T} positions exceeds the context length {self.config.block_size}")
-            positions, packed_mask = packing(documents, self.alibi if self.config.position == "alibi" else None)
+                raise ValueError(
+                    "documents (packed rows) are for training: no cache and no positions with them"
+                )
+            if self.config.block_size < T:
+                raise ValueError(
+                    f"a packed row of {T} positions exceeds the context length {self.config.block_size}"
+                )
+            positions, packed_mask = packing(
+                documents, self.alibi if self.config.position == "alibi" else None
+            )
         elif positions is None:
             start = cache.length if cache is not None else 0
             if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} positions exceeds the context length {self.config.block_size}")
+                raise ValueError(
+                    f"sequence of {start + T} positions exceeds the context length {self.config.block_size}"
+                )
             positions = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.embed_scale:  # Gemma: rows of unit-ish size; the tied head reads the unscaled matrix
@@ -112,7 +128,10 @@ class GPT(nn.Module):
         if packed_mask is not None:
             attn_kwargs["packed_mask"] = packed_mask  # built once, used by every layer
         if self.config.position == "rope":
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D) each, or (B, T, D) if packed
+            cos, sin = (
+                self.rope_cos[positions],
+                self.rope_sin[positions],
+            )  # (T, D) each, or (B, T, D) if packed
             attn_kwargs["rope"] = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         if self.config.position == "alibi":
             attn_kwargs["alibi"] = self.alibi
@@ -134,8 +153,12 @@ class GPT(nn.Module):
             self.mtp.aux_loss = self.mtp.loss(self, hidden, idx, targets, documents) if training else None
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            if self.training:  # auxiliary losses (MoE load balancing) train the model; evaluation reports plain CE
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+            if (
+                self.training
+            ):  # auxiliary losses (MoE load balancing) train the model; evaluation reports plain CE
                 loss = loss + self.auxiliary_loss()
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
@@ -200,7 +223,9 @@ class GPT(nn.Module):
         old = self.config.vocab_size
         known = old if known is None else known
         if vocab_size < old or not 0 < known <= old:
-            raise ValueError(f"can only grow the vocabulary: it has {old} rows ({known} known ids), asked for {vocab_size}")
+            raise ValueError(
+                f"can only grow the vocabulary: it has {old} rows ({known} known ids), asked for {vocab_size}"
+            )
         if vocab_size == known:
             return
         generator = torch.Generator().manual_seed(vocab_size * 7919 + known)
@@ -230,7 +255,16 @@ class GPT(nn.Module):
         ``active`` is what one token passes through: an MoE layer counts only ``top_k`` of its
         routed experts (and all of its shared experts and router).
         """
-        parts = {"embeddings": 0, "positions": 0, "attention": 0, "ssm": 0, "mlp": 0, "norms": 0, "lm_head": 0, "mtp": 0}
+        parts = {
+            "embeddings": 0,
+            "positions": 0,
+            "attention": 0,
+            "ssm": 0,
+            "mlp": 0,
+            "norms": 0,
+            "lm_head": 0,
+            "mtp": 0,
+        }
         seen = set()
         for name, p in self.named_parameters():
             if id(p) in seen:
@@ -270,7 +304,9 @@ class GPT(nn.Module):
         T = context or self.config.block_size
         counts = self.parameter_counts()
         n = counts["active"] - counts["positions"]
-        if not self.config.tie_embeddings:  # the input embedding is a lookup; a tied one is also the output matmul
+        if (
+            not self.config.tie_embeddings
+        ):  # the input embedding is a lookup; a tied one is also the output matmul
             n -= self.tok_emb.weight.numel()
         mixing = sum(context_flops(block.mixer, T) for block in self.blocks)
         flops = {"train": 6 * n + 3 * mixing, "forward": 2 * n + mixing}
@@ -282,7 +318,9 @@ class GPT(nn.Module):
 
     def state_bytes_per_sequence(self, bytes_per_value: int = 2) -> int:
         """Cache bytes a sequence holds whatever its length: a state-space layer's recurrent state."""
-        return bytes_per_value * sum(getattr(block.mixer, "state_values_per_sequence", lambda: 0)() for block in self.blocks)
+        return bytes_per_value * sum(
+            getattr(block.mixer, "state_values_per_sequence", lambda: 0)() for block in self.blocks
+        )
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Cache bytes each token adds, summed over layers (each mixer says what it keeps: k and v,

@@ -108,7 +108,9 @@ class MLP(nn.Module):
             raise ValueError(f"mlp must be gelu | gelu_tanh | swiglu | geglu | relu2, got {self.kind!r}")
         hidden = config.ff_width
         self.up = nn.Linear(config.d_model, hidden, bias=config.bias)
-        self.gate = nn.Linear(config.d_model, hidden, bias=config.bias) if self.kind in ("swiglu", "geglu") else None
+        self.gate = (
+            nn.Linear(config.d_model, hidden, bias=config.bias) if self.kind in ("swiglu", "geglu") else None
+        )
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over the positions where ``mask`` is 1 (fine-tuning: the assistant's
     tokens only); returns (loss, number of positions counted).
 
@@ -21,13 +23,16 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
     return total / count.clamp_min(1), count
 
 
-def masked_token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_token_loss_sum(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the masked positions, and their number (to divide by a count
     taken over a whole step: every micro-batch and every rank)."""
     V = logits.shape[-1]
     weights = mask.reshape(-1).to(torch.float32)
-    losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1).clamp_min(0),
-                                               reduction="none")  # masked targets may be -1 (padding)
+    losses = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, V), targets.reshape(-1).clamp_min(0), reduction="none"
+    )  # masked targets may be -1 (padding)
     return (losses * weights).sum(), weights.sum()
 
 

@@ -30,7 +30,12 @@ from typing import ClassVar
 import torch
 
 from scratchlm.config import ConfigError, Rule, validate
-from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint, load_tensors, read_state
+from scratchlm.models.checkpoint import (
+    load_checkpoint_tokenizer,
+    load_model_from_checkpoint,
+    load_tensors,
+    read_state,
+)
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.posttrain.data import split_held_out
@@ -40,9 +45,13 @@ from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.trainer import Trainer
 
-CHAT_RULES = {"lora_rank": Rule(min=0, why="0 = full fine-tuning"), "lora_alpha": Rule(above=0),
-              "lora_dropout": Rule(min=0, below=1), "val_fraction": Rule(min=0, below=1),
-              "eval_max_tokens": Rule(min=1)}
+CHAT_RULES = {
+    "lora_rank": Rule(min=0, why="0 = full fine-tuning"),
+    "lora_alpha": Rule(above=0),
+    "lora_dropout": Rule(min=0, below=1),
+    "val_fraction": Rule(min=0, below=1),
+    "eval_max_tokens": Rule(min=1),
+}
 
 
 @dataclass
@@ -61,8 +70,12 @@ class ChatConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     skip_invalid: bool = False
     eval_max_tokens: int = 32  # reply length at most, for the exact-match evaluation
-    learn_end_of_turn: bool = True  # False: leave <|im_end|> out of the mask (the classic bug, for the docs' demo)
-    packing: bool = False  # several conversations per row, attention kept within each (SFT only; others refuse it)
+    learn_end_of_turn: bool = (
+        True  # False: leave <|im_end|> out of the mask (the classic bug, for the docs' demo)
+    )
+    packing: bool = (
+        False  # several conversations per row, attention kept within each (SFT only; others refuse it)
+    )
 
     SECTION: ClassVar[str] = ""
     RULES: ClassVar[dict] = CHAT_RULES
@@ -71,7 +84,9 @@ class ChatConfig:
     def __post_init__(self):
         validate(self, self.SECTION, self.RULES)
         if not self.base or not self.data:
-            raise ConfigError(f"{self.SECTION}.base (a checkpoint) and {self.SECTION}.data ({self.DATA}) are required")
+            raise ConfigError(
+                f"{self.SECTION}.base (a checkpoint) and {self.SECTION}.data ({self.DATA}) are required"
+            )
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -83,8 +98,16 @@ class ChatConfig:
 # The [train] defaults for fine-tuning where they differ from pretraining's: a short warmup, decay
 # to 0, no weight decay (it would pull the pretrained weights towards 0), up to 64 held-out
 # conversations, and a sample reply at each evaluation (sample_tokens > 0 turns it on).
-CHAT_TRAIN_DEFAULTS = {"warmup_steps": 20, "min_lr": 0.0, "weight_decay": 0.0, "eval_windows": 64, "sample_tokens": 1,
-                       "max_steps": 500, "eval_interval": 100, "batch_size": 16}
+CHAT_TRAIN_DEFAULTS = {
+    "warmup_steps": 20,
+    "min_lr": 0.0,
+    "weight_decay": 0.0,
+    "eval_windows": 64,
+    "sample_tokens": 1,
+    "max_steps": 500,
+    "eval_interval": 100,
+    "batch_size": 16,
+}
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu"):
@@ -126,8 +149,9 @@ class ChatTrainer(Trainer):
         self.known_ids = base_tokenizer.vocab_size  # ids that meant something before the chat tokens
         self.tokenizer = add_chat_tokens(base_tokenizer)
         self.template = ChatTemplate(self.tokenizer, learn_end_of_turn=s.learn_end_of_turn)
-        self.model_config = GPTConfig.from_dict({**state["model"], "vocab_size": max(state["model"]["vocab_size"],
-                                                                                     self.tokenizer.vocab_size)})
+        self.model_config = GPTConfig.from_dict(
+            {**state["model"], "vocab_size": max(state["model"]["vocab_size"], self.tokenizer.vocab_size)}
+        )
         self.eval_max_tokens = min(s.eval_max_tokens, self.model_config.block_size // 2)
 
     def _load_items(self, load, key) -> tuple[list, list]:
@@ -161,9 +185,13 @@ class ChatTrainer(Trainer):
                 raise ValueError("LoRA fine-tuning supports optimizer = 'adamw' and strategy = 'ddp'")
             new_rows = self.known_ids if self.known_ids < self.tokenizer.vocab_size else None
             if new_rows is not None and self.cfg.weight_decay:
-                raise ValueError("LoRA fine-tuning trains the new chat tokens' embedding rows, and weight decay would "
-                                 "shrink every other row too: set train.weight_decay = 0")
-            apply_lora(model, s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_dropout, new_rows_from=new_rows)
+                raise ValueError(
+                    "LoRA fine-tuning trains the new chat tokens' embedding rows, and weight decay would "
+                    "shrink every other row too: set train.weight_decay = 0"
+                )
+            apply_lora(
+                model, s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_dropout, new_rows_from=new_rows
+            )
         return model
 
     # --- a step -----------------------------------------------------------------------------
@@ -186,12 +214,16 @@ class ChatTrainer(Trainer):
     def _check_resumable(self) -> dict:
         state = super()._check_resumable()
         if state.get("method", "pretraining") != self.method:
-            raise ValueError(f"{self.out / 'last'} is a {state.get('method', 'pretraining')} run's checkpoint, not "
-                             f"{self.method}'s: resume it with its own command, or start a new run")
+            raise ValueError(
+                f"{self.out / 'last'} is a {state.get('method', 'pretraining')} run's checkpoint, not "
+                f"{self.method}'s: resume it with its own command, or start a new run"
+            )
         recorded = (state.get(self.method) or {}).get("base_sha256")
         if self.settings.lora_rank and recorded and recorded != self.base_sha256:
-            raise ValueError(f"the base checkpoint {self.settings.base} is not the one this run started from (its "
-                             "weights' sha256 differs): LoRA adapters only make sense on their own base")
+            raise ValueError(
+                f"the base checkpoint {self.settings.base} is not the one this run started from (its "
+                "weights' sha256 differs): LoRA adapters only make sense on their own base"
+            )
         return state
 
     def _require_same_base(self, state: dict, why: str = "") -> None:
@@ -199,8 +231,10 @@ class ChatTrainer(Trainer):
         to resume from another base than the run started with."""
         recorded = (state.get(self.method) or {}).get("base_sha256")
         if recorded and recorded != self.base_sha256:
-            raise ValueError(f"{self.settings.base} is not the model this {self.method} run started from (its weights' "
-                             f"sha256 differs): {why}resume with the same --checkpoint")
+            raise ValueError(
+                f"{self.settings.base} is not the model this {self.method} run started from (its weights' "
+                f"sha256 differs): {why}resume with the same --checkpoint"
+            )
 
     def _load_resume_weights(self, folder: Path) -> None:
         if not self.settings.lora_rank:
@@ -236,13 +270,17 @@ class ChatTrainer(Trainer):
     def _checkpoint_extras(self) -> dict:
         files = {}
         if self.settings.lora_rank:
-            files["adapters.safetensors"] = adapter_bytes(self.model, base=self.settings.base,
-                                                          base_sha256=self.base_sha256)
+            files["adapters.safetensors"] = adapter_bytes(
+                self.model, base=self.settings.base, base_sha256=self.base_sha256
+            )
         return {"tokenizer": self.tokenizer, "files": files}
 
     def _state_dict(self, rng_by_rank: list[dict]) -> dict:
-        return {**super()._state_dict(rng_by_rank),
-                self.method: {**asdict(self.settings), "base_sha256": self.base_sha256}, "method": self.method}
+        return {
+            **super()._state_dict(rng_by_rank),
+            self.method: {**asdict(self.settings), "base_sha256": self.base_sha256},
+            "method": self.method,
+        }
 
     # --- what the log shows -----------------------------------------------------------------
     def sample(self) -> str:

@@ -87,9 +87,13 @@ def _sft(record: dict) -> list[dict]:
         user = _text(record, "instruction") + (f"\n\n{extra}" if extra else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record, "output")}]
     if "prompt" in record and "completion" in record:
-        return as_messages(record["prompt"], "prompt") + [{"role": "assistant", "content": _text(record, "completion")}]
-    raise ValueError('expected {"messages": [...]}, {"instruction", "input", "output"} (Alpaca) or '
-                     '{"prompt", "completion"}')
+        return as_messages(record["prompt"], "prompt") + [
+            {"role": "assistant", "content": _text(record, "completion")}
+        ]
+    raise ValueError(
+        'expected {"messages": [...]}, {"instruction", "input", "output"} (Alpaca) or '
+        '{"prompt", "completion"}'
+    )
 
 
 def _pair(record: dict) -> Pair:
@@ -143,7 +147,9 @@ def load_records(path: str | Path, parse, skip_invalid: bool) -> Loaded:
                 if len(loaded.errors) < 5:
                     loaded.errors.append(message)
     if not loaded.items:
-        raise ValueError(f"{path}: no valid records" + (f" ({loaded.skipped} skipped)" if loaded.skipped else ""))
+        raise ValueError(
+            f"{path}: no valid records" + (f" ({loaded.skipped} skipped)" if loaded.skipped else "")
+        )
     return loaded
 
 
@@ -175,8 +181,15 @@ def _held_out(messages: list[dict], fraction: float) -> bool:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 10_000 < fraction * 10_000
 
 
-def write_task_data(out: str | Path, tasks: list[str], *, train: int = 2000, test: int = 200, difficulty: int = 2,
-                    seed: int = 0) -> dict:
+def write_task_data(
+    out: str | Path,
+    tasks: list[str],
+    *,
+    train: int = 2000,
+    test: int = 200,
+    difficulty: int = 2,
+    seed: int = 0,
+) -> dict:
     """Write ``{sft,pairs,prompts}-{train,test}.jsonl``, ``corpus-train.txt`` and ``manifest.json``.
 
     ``train`` and ``test`` are problems *per task*. The corpus is the training problems written
@@ -188,16 +201,32 @@ def write_task_data(out: str | Path, tasks: list[str], *, train: int = 2000, tes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    manifest = {"format": TASK_DATA_FORMAT, "version": 1, "tasks": tasks, "difficulty": difficulty, "seed": seed,
-                "files": {}}
+    manifest = {
+        "format": TASK_DATA_FORMAT,
+        "version": 1,
+        "tasks": tasks,
+        "difficulty": difficulty,
+        "seed": seed,
+        "files": {},
+    }
     for split, n in (("train", train), ("test", test)):
         problems = [p for task in tasks for p in make_problems(task, n, split, difficulty, seed)]
         rng.shuffle(problems)
         rows = {
-            "sft": [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}],
-                     "task": p.task} for p in problems],
-            "pairs": [{"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng), "task": p.task}
-                      for p in problems],
+            "sft": [
+                {
+                    "messages": [
+                        {"role": "user", "content": p.prompt},
+                        {"role": "assistant", "content": p.answer},
+                    ],
+                    "task": p.task,
+                }
+                for p in problems
+            ],
+            "pairs": [
+                {"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng), "task": p.task}
+                for p in problems
+            ],
             "prompts": [{"prompt": p.prompt, "answer": p.answer, "task": p.task} for p in problems],
         }
         for kind, records in rows.items():
@@ -208,6 +237,9 @@ def write_task_data(out: str | Path, tasks: list[str], *, train: int = 2000, tes
         if split == "train":
             with atomic_write(out / "corpus-train.txt", "w") as f:
                 f.writelines(f"{p.prompt}{p.answer}\n" for p in problems)
-            manifest["files"]["corpus-train.txt"] = {"records": len(problems), "sha256": sha256_file(out / "corpus-train.txt")}
+            manifest["files"]["corpus-train.txt"] = {
+                "records": len(problems),
+                "sha256": sha256_file(out / "corpus-train.txt"),
+            }
     write_json(out / "manifest.json", manifest)
     return manifest

@@ -40,7 +40,9 @@ from scratchlm.train.trainer import run_trainer
 @dataclass
 class DPOConfig(ChatConfig):
     beta: float = 0.1  # how far the policy may move from the reference (larger: less far)
-    disable_dropout: bool = True  # dropout would make the policy's log-probs noisy and biased against the reference's
+    disable_dropout: bool = (
+        True  # dropout would make the policy's log-probs noisy and biased against the reference's
+    )
     rpo_alpha: float = 0.0  # > 0: add alpha x the chosen replies' per-token NLL (RPO; TRL's rpo_alpha)
 
     SECTION: ClassVar[str] = "dpo"
@@ -66,8 +68,12 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     rejected = beta * (policy_rejected - ref_rejected)
     margins = chosen - rejected
     loss = -F.logsigmoid(margins).mean()
-    metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-               "rewards/margins": margins.mean(), "rewards/accuracies": (margins > 0).float().mean()}
+    metrics = {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": margins.mean(),
+        "rewards/accuracies": (margins > 0).float().mean(),
+    }
     return loss, metrics
 
 
@@ -82,7 +88,9 @@ class DPOTrainer(ChatTrainer):
 
     def _initial_model(self):
         model = self._load_base_model().to(self.device)
-        if self.settings.disable_dropout:  # as TRL does: the reference runs without dropout, so must the policy
+        if (
+            self.settings.disable_dropout
+        ):  # as TRL does: the reference runs without dropout, so must the policy
             model.set_dropout(0.0)
         # The reference is the model as it starts, frozen: its log-probabilities once, now.
         self.train_refs = self._logps_of(model, self.train_rows)
@@ -93,8 +101,9 @@ class DPOTrainer(ChatTrainer):
             x, y, mask = collate([rows[i][0] for i in index] + [rows[i][1] for i in index], pad, self.device)
             return x, y, mask, refs[index].to(self.device)
 
-        self.train_loader = PairBatches(len(rows), self.cfg.batch_size, self.cfg.seed, batch, self.rank,
-                                        self.world_size)
+        self.train_loader = PairBatches(
+            len(rows), self.cfg.batch_size, self.cfg.seed, batch, self.rank, self.world_size
+        )
         return model
 
     @torch.no_grad()
@@ -106,12 +115,16 @@ class DPOTrainer(ChatTrainer):
         model.eval()
         # The same precision as the training steps (bf16 autocast on a GPU): a reference in fp32
         # against a bf16 policy would start with margins that are not 0.
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        )
         out = []
         step = self.cfg.batch_size
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
-            x, y, mask = collate([r[0] for r in chunk] + [r[1] for r in chunk], self.template.pad_id, self.device)
+            x, y, mask = collate(
+                [r[0] for r in chunk] + [r[1] for r in chunk], self.template.pad_id, self.device
+            )
             with autocast:
                 logits = model(x)[0]
             logps = sequence_logps(logits, y, mask)
@@ -141,7 +154,9 @@ class DPOTrainer(ChatTrainer):
         """The DPO loss on the held-out pairs; its reward metrics go to the log (rank 0's values)."""
         self.model.eval()
         logps = self._logps_of(self.model, self.val_rows)
-        loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], self.val_refs[:, 0], self.val_refs[:, 1], self.settings.beta)
+        loss, metrics = dpo_loss(
+            logps[:, 0], logps[:, 1], self.val_refs[:, 0], self.val_refs[:, 1], self.settings.beta
+        )
         # TRL's rewards/accuracies is relative to the reference (0 at the start, where every margin
         # is 0); the preference accuracy is absolute: how often the model itself finds the chosen
         # reply likelier than the rejected one, against the reference's.
@@ -158,11 +173,23 @@ class DPOTrainer(ChatTrainer):
         return state
 
 
-def dpo(dpo_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
-        overwrite: bool = False) -> dict:
+def dpo(
+    dpo_config: dict,
+    train_config: dict,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """DPO on ``dpo_config["data"]`` (pairs) from ``dpo_config["base"]`` (usually an SFT checkpoint)."""
     dcfg = DPOConfig.from_dict(dpo_config)
     # TRL's default is 1e-6 for large models; these small ones move little below 1e-5.
-    cfg = TrainConfig.from_dict({**CHAT_TRAIN_DEFAULTS, "lr": 1e-5 if not dcfg.lora_rank else 1e-4, "warmup_steps": 10,
-                                 **train_config})
+    cfg = TrainConfig.from_dict(
+        {
+            **CHAT_TRAIN_DEFAULTS,
+            "lr": 1e-5 if not dcfg.lora_rank else 1e-4,
+            "warmup_steps": 10,
+            **train_config,
+        }
+    )
     return run_trainer(lambda: DPOTrainer(dcfg, cfg, resume=resume, progress=progress, overwrite=overwrite))

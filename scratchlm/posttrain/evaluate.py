@@ -18,12 +18,16 @@ def exact_match(model, tokenizer, prompts, max_tokens: int = 32) -> dict:
     fraction of replies that end with the end-of-turn token."""
     replies = generate_replies(model, tokenizer, [p.prompt for p in prompts], max_tokens)
     correct = [p.reward(r["text"]) for p, r in zip(prompts, replies)]
-    return {"exact_match": sum(correct) / len(prompts), "ended_with_end_of_turn": sum(r["ended"] for r in replies) /
-            len(prompts), "n": len(prompts)}
+    return {
+        "exact_match": sum(correct) / len(prompts),
+        "ended_with_end_of_turn": sum(r["ended"] for r in replies) / len(prompts),
+        "n": len(prompts),
+    }
 
 
-def exact_match_before_after(base: str | Path, tuned: str | Path, prompts_path: str | Path,
-                             base_tokenizer: str | None = None) -> dict:
+def exact_match_before_after(
+    base: str | Path, tuned: str | Path, prompts_path: str | Path, base_tokenizer: str | None = None
+) -> dict:
     """Exact match of the base and the fine-tuned checkpoint on the same held-out prompts (greedy)."""
     from scratchlm.posttrain.data import load_prompts
 

@@ -95,8 +95,14 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEFAULT_TARGETS,
-               dropout: float = 0.0, new_rows_from: int | None = None) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets=DEFAULT_TARGETS,
+    dropout: float = 0.0,
+    new_rows_from: int | None = None,
+) -> list[str]:
     """Freeze every parameter of ``model`` and wrap each ``nn.Linear`` whose own name is in
     ``targets`` with :class:`LoRALinear`; return the wrapped modules' full names. With
     ``new_rows_from``, the embedding (and output) rows of ids from there on stay trainable."""
@@ -158,9 +164,16 @@ def adapter_bytes(model: nn.Module, **info) -> bytes:
         tensors["new_rows.tok_emb"] = model.tok_emb.weight[start:].detach().cpu().contiguous()
         if not model.config.tie_embeddings:
             tensors["new_rows.lm_head"] = model.lm_head.weight[start:].detach().cpu().contiguous()
-    meta = {"format": ADAPTER_FORMAT, "version": "1", "rank": str(first.rank), "alpha": str(first.alpha),
-            "targets": json.dumps(sorted({n.rsplit(".", 1)[-1] for n in modules})), "vocab_size": str(vocab),
-            "new_rows_from": str(start if start is not None else vocab), "info": json.dumps(info)}
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "version": "1",
+        "rank": str(first.rank),
+        "alpha": str(first.alpha),
+        "targets": json.dumps(sorted({n.rsplit(".", 1)[-1] for n in modules})),
+        "vocab_size": str(vocab),
+        "new_rows_from": str(start if start is not None else vocab),
+        "info": json.dumps(info),
+    }
     return save(tensors, metadata=meta)
 
 
@@ -179,7 +192,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != ADAPTER_FORMAT:
@@ -189,15 +202,24 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
     if vocab > model.config.vocab_size:  # the adapters were trained with new tokens (chat): grow first
         model.grow_vocab(vocab, known=min(start, model.config.vocab_size))
     if vocab != model.config.vocab_size:
-        raise FormatError(f"{path}: adapters for a vocabulary of {vocab} ids; this model has {model.config.vocab_size}")
-    wrapped = apply_lora(model, int(meta["rank"]), float(meta["alpha"]), json.loads(meta["targets"]),
-                         new_rows_from=start if start < vocab else None)
+        raise FormatError(
+            f"{path}: adapters for a vocabulary of {vocab} ids; this model has {model.config.vocab_size}"
+        )
+    wrapped = apply_lora(
+        model,
+        int(meta["rank"]),
+        float(meta["alpha"]),
+        json.loads(meta["targets"]),
+        new_rows_from=start if start < vocab else None,
+    )
     rows = {k: v for k, v in tensors.items() if k.startswith("new_rows.")}
     lora = {k: v for k, v in tensors.items() if not k.startswith("new_rows.")}
     expected = {f"{n}.lora_{x}" for n in wrapped for x in "AB"}
     if set(lora) != expected:
-        raise FormatError(f"{path}: adapters for {sorted(set(lora) - expected)[:3]} / missing "
-                          f"{sorted(expected - set(lora))[:3]}: they were trained on another model shape")
+        raise FormatError(
+            f"{path}: adapters for {sorted(set(lora) - expected)[:3]} / missing "
+            f"{sorted(expected - set(lora))[:3]}: they were trained on another model shape"
+        )
     modules = lora_modules(model)
     with torch.no_grad():
         for key, value in lora.items():
@@ -208,23 +230,31 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
     return {**meta, "info": json.loads(meta.get("info", "{}"))}
 
 
-def merge_adapters(checkpoint: str | Path, adapters: str | Path, out: str | Path, tokenizer_spec: str | None = None) -> dict:
+def merge_adapters(
+    checkpoint: str | Path, adapters: str | Path, out: str | Path, tokenizer_spec: str | None = None
+) -> dict:
     """Fold ``adapters`` into the base ``checkpoint``'s weights and save an ordinary checkpoint at ``out``.
 
     Refused when the adapters were trained on another base (the base weights' sha256 they recorded
     differs): merging them would give a wrong model. Returns the adapters' metadata."""
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint, read_state
+    from scratchlm.models.checkpoint import (
+        load_checkpoint_tokenizer,
+        load_model_from_checkpoint,
+        read_state,
+        save_model_only,
+    )
     from scratchlm.tokenizers.chat import add_chat_tokens
-    from scratchlm.models.checkpoint import save_model_only
 
     model, state = load_model_from_checkpoint(checkpoint)
     meta = load_adapters(model, adapters)  # grows the vocabulary if the adapters brought new tokens
     expected = meta["info"].get("base_sha256")
     actual = (read_state(checkpoint).get("files") or {}).get("model.safetensors", {}).get("sha256")
     if expected and actual != expected:
-        raise ValueError(f"{adapters} were trained on another base (its weights' sha256 differs from "
-                         f"{checkpoint}'s); merging them here would give a wrong model. Their base was "
-                         f"{meta['info'].get('base')}")
+        raise ValueError(
+            f"{adapters} were trained on another base (its weights' sha256 differs from "
+            f"{checkpoint}'s); merging them here would give a wrong model. Their base was "
+            f"{meta['info'].get('base')}"
+        )
     merge_lora(model)
     try:
         tokenizer = load_checkpoint_tokenizer(checkpoint, state, tokenizer_spec)
@@ -233,7 +263,9 @@ def merge_adapters(checkpoint: str | Path, adapters: str | Path, out: str | Path
     if tokenizer is not None and int(meta.get("new_rows_from", 0)) < int(meta.get("vocab_size", 0)):
         tokenizer = add_chat_tokens(tokenizer)  # the new rows are the chat tokens'
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the adapters' vocabulary ({model.config.vocab_size}) does not fit the chat tokenizer "
-                             f"({tokenizer.vocab_size} ids)")
+            raise ValueError(
+                f"the adapters' vocabulary ({model.config.vocab_size}) does not fit the chat tokenizer "
+                f"({tokenizer.vocab_size} ids)"
+            )
     save_model_only(out, model, tokenizer=tokenizer, source=str(checkpoint), adapters=str(adapters))
     return meta

@@ -56,8 +56,9 @@ def prepare_pairs(trainer) -> tuple[list, list, list]:
     val = val[: trainer.cfg.eval_windows]
     val_rows = [r for r in render(val) if fits(r)]
     if not train_rows or not val_rows:
-        raise ValueError(f"no training or no held-out pair fits the context: give {s.SECTION}.val_data, or "
-                         "shorter pairs")
+        raise ValueError(
+            f"no training or no held-out pair fits the context: give {s.SECTION}.val_data, or shorter pairs"
+        )
     return train_rows, val_rows, [p.prompt + [{"role": "assistant", "content": p.chosen}] for p in val]
 
 
@@ -66,8 +67,15 @@ class PairBatches:
     method's tensors. Sampling with replacement from a ``torch.Generator`` (the state a checkpoint
     keeps, for an exact resume); with several processes each takes its own slice of one global draw."""
 
-    def __init__(self, n_pairs: int, batch_size: int, seed: int, make_batch: Callable[[list[int]], tuple], rank=0,
-                 world_size=1):
+    def __init__(
+        self,
+        n_pairs: int,
+        batch_size: int,
+        seed: int,
+        make_batch: Callable[[list[int]], tuple],
+        rank=0,
+        world_size=1,
+    ):
         if not n_pairs:
             raise ValueError("no pairs to train on")
         self.n_pairs, self.batch_size, self.make_batch = n_pairs, batch_size, make_batch
@@ -76,4 +84,6 @@ class PairBatches:
 
     def get_batch(self):
         picks = torch.randint(self.n_pairs, (self.batch_size * self.world_size,), generator=self.generator)
-        return self.make_batch(picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist())
+        return self.make_batch(
+            picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+        )

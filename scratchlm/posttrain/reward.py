@@ -32,7 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint, load_tensors, read_state
+from scratchlm.models.checkpoint import (
+    load_checkpoint_tokenizer,
+    load_model_from_checkpoint,
+    load_tensors,
+    read_state,
+)
 from scratchlm.posttrain.base import CHAT_TRAIN_DEFAULTS, ChatConfig, ChatTrainer
 from scratchlm.posttrain.pairs import PairBatches, prepare_pairs
 from scratchlm.tokenizers.chat import ChatTemplate
@@ -91,8 +96,12 @@ def scores(model, head: nn.Module, x: torch.Tensor, last: torch.Tensor, forward=
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Bradley–Terry loss (mean over pairs) and the metrics TRL's RewardTrainer logs."""
     margin = chosen - rejected
-    return -F.logsigmoid(margin).mean(), {"accuracy": (margin > 0).float().mean(), "margin": margin.mean(),
-                                          "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean()}
+    return -F.logsigmoid(margin).mean(), {
+        "accuracy": (margin > 0).float().mean(),
+        "margin": margin.mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+    }
 
 
 def _ends(rows, end_id: int) -> list[list[int]]:
@@ -135,8 +144,9 @@ class RewardTrainer(ChatTrainer):
             mine = [pairs[i] for i in index]
             return collate_full([c for c, _ in mine] + [r for _, r in mine], pad, self.device)
 
-        self.train_loader = PairBatches(len(pairs), self.cfg.batch_size, self.cfg.seed, batch, self.rank,
-                                        self.world_size)
+        self.train_loader = PairBatches(
+            len(pairs), self.cfg.batch_size, self.cfg.seed, batch, self.rank, self.world_size
+        )
         return model
 
     def _check_resumable(self) -> dict:
@@ -171,7 +181,9 @@ class RewardTrainer(ChatTrainer):
         out = []
         for start in range(0, len(pairs), self.cfg.batch_size):
             chunk = pairs[start : start + self.cfg.batch_size]
-            x, last = collate_full([c for c, _ in chunk] + [r for _, r in chunk], self.template.pad_id, self.device)
+            x, last = collate_full(
+                [c for c, _ in chunk] + [r for _, r in chunk], self.template.pad_id, self.device
+            )
             with self.autocast:
                 r = scores(self.model, self.model.score, x, last)
             out.append(torch.stack([r[: len(chunk)], r[len(chunk) :]], dim=1))
@@ -189,7 +201,9 @@ class RewardTrainer(ChatTrainer):
         from safetensors.torch import save
 
         extras = super()._checkpoint_extras()
-        extras["files"][HEAD_FILE] = save(head_state(self.model.score), metadata={"format": HEAD_FORMAT, "version": "1"})
+        extras["files"][HEAD_FILE] = save(
+            head_state(self.model.score), metadata={"format": HEAD_FORMAT, "version": "1"}
+        )
         return extras
 
     def _load_resume_weights(self, folder: Path) -> None:
@@ -199,14 +213,20 @@ class RewardTrainer(ChatTrainer):
         # A checkpoint written before the head's bias was frozen holds the bias's optimizer state:
         # it is dropped (FSDP would skip it silently, one process would refuse the checkpoint), and
         # the bias keeps the value its head file holds, frozen from now on.
-        legacy = [meta for meta in state["optimizers"] if any("score.bias" in g["params"] for g in meta["param_groups"])]
+        legacy = [
+            meta
+            for meta in state["optimizers"]
+            if any("score.bias" in g["params"] for g in meta["param_groups"])
+        ]
         for meta in legacy:
             meta["dropped"] = [*meta.get("dropped", []), "score.bias"]
         if legacy:
             bias = head_state(self.model.score)["bias"].item()  # every rank (a gather under FSDP)
             if self.is_main:
-                self.log(f"{self.out / 'last'} was saved while the reward head's bias was still trained: its optimizer "
-                         f"state is dropped, and the bias stays frozen at its saved value {bias:g}")
+                self.log(
+                    f"{self.out / 'last'} was saved while the reward head's bias was still trained: its optimizer "
+                    f"state is dropped, and the bias stays frozen at its saved value {bias:g}"
+                )
         super()._resume(state)
 
 
@@ -221,8 +241,9 @@ def head_state(head: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_with_head(folder: Path, model: nn.Module, name: str, file: str = HEAD_FILE,
-                    fmt: str = HEAD_FORMAT) -> None:
+def _load_with_head(
+    folder: Path, model: nn.Module, name: str, file: str = HEAD_FILE, fmt: str = HEAD_FORMAT
+) -> None:
     """Load a GPT's weights and a head saved beside them (``file``) into ``model.<name>``."""
     from scratchlm.models.checkpoint import load_weights
 
@@ -247,8 +268,10 @@ def load_head(folder: Path, head: nn.Linear, file: str = HEAD_FILE, fmt: str = H
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     expected = {"weight": tuple(head.weight.shape), "bias": tuple(head.bias.shape)}
     if found != fmt or shapes != expected:
-        raise FormatError(f"{folder / file}: not a {fmt} file for this model (format {found!r}, tensors {shapes}; "
-                          f"expected {expected})")
+        raise FormatError(
+            f"{folder / file}: not a {fmt} file for this model (format {found!r}, tensors {shapes}; "
+            f"expected {expected})"
+        )
     with torch.no_grad():
         head.weight.copy_(tensors["weight"])
         head.bias.copy_(tensors["bias"])
@@ -280,8 +303,9 @@ class RewardModel:
         context = self.model.config.block_size
         too_long = [len(r) for r in rows if len(r) > context]
         if too_long:
-            raise ValueError(f"a conversation of {too_long[0]} tokens does not fit the reward model's context "
-                             f"({context})")
+            raise ValueError(
+                f"a conversation of {too_long[0]} tokens does not fit the reward model's context ({context})"
+            )
         out = []
         for start in range(0, len(rows), self.batch_size):
             x, last = collate_full(rows[start : start + self.batch_size], self.template.pad_id, self.device)
@@ -297,17 +321,28 @@ def load_reward_model(path: str | Path, device="cpu") -> RewardModel:
     folder = Path(path).resolve()
     state = read_state(folder)
     if state.get("method") != "reward_model" or not (folder / HEAD_FILE).exists():
-        raise ValueError(f"{folder} is not a reward model checkpoint (method {state.get('method', 'pretraining')!r}, "
-                         f"no {HEAD_FILE}): train one with `scratchlm reward-model`")
+        raise ValueError(
+            f"{folder} is not a reward model checkpoint (method {state.get('method', 'pretraining')!r}, "
+            f"no {HEAD_FILE}): train one with `scratchlm reward-model`"
+        )
     model, state = load_model_from_checkpoint(folder)
     load_head(folder, add_scalar_head(model))
     return RewardModel(model, load_checkpoint_tokenizer(folder, state), device)
 
 
-def train_reward_model(rm_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
-                       overwrite: bool = False) -> dict:
+def train_reward_model(
+    rm_config: dict,
+    train_config: dict,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Train a reward model on ``rm_config["data"]`` (pairs) from ``rm_config["base"]`` (an SFT model)."""
     rcfg = RewardConfig.from_dict(rm_config)
-    cfg = TrainConfig.from_dict({**CHAT_TRAIN_DEFAULTS, "lr": 1e-4, "warmup_steps": 10, "sample_tokens": 0,
-                                 **train_config})
-    return run_trainer(lambda: RewardTrainer(rcfg, cfg, resume=resume, progress=progress, overwrite=overwrite))
+    cfg = TrainConfig.from_dict(
+        {**CHAT_TRAIN_DEFAULTS, "lr": 1e-4, "warmup_steps": 10, "sample_tokens": 0, **train_config}
+    )
+    return run_trainer(
+        lambda: RewardTrainer(rcfg, cfg, resume=resume, progress=progress, overwrite=overwrite)
+    )

@@ -55,8 +55,17 @@ class ConversationBatches:
     which conversation each position belongs to (the model keeps attention within it and restarts
     positions at each). Short conversations then fill the windows instead of padding."""
 
-    def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int,
-                 device, rank: int = 0, world_size: int = 1, pack: int | None = None):
+    def __init__(
+        self,
+        rows: list[tuple[list[int], list[int]]],
+        batch_size: int,
+        pad_id: int,
+        seed: int,
+        device,
+        rank: int = 0,
+        world_size: int = 1,
+        pack: int | None = None,
+    ):
         if not rows:
             raise ValueError("no conversations to train on")
         self.rows, self.batch_size, self.pad_id, self.pack = rows, batch_size, pad_id, pack
@@ -66,8 +75,11 @@ class ConversationBatches:
     def get_batch(self):
         if self.pack:
             packed = self._pack(self.batch_size * self.world_size)
-            return collate_packed(packed[self.rank * self.batch_size : (self.rank + 1) * self.batch_size],
-                                  self.pad_id, self.device)
+            return collate_packed(
+                packed[self.rank * self.batch_size : (self.rank + 1) * self.batch_size],
+                self.pad_id,
+                self.device,
+            )
         picks = torch.randint(len(self.rows), (self.batch_size * self.world_size,), generator=self.generator)
         mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
         return collate([self.rows[i] for i in mine], self.pad_id, self.device)
@@ -113,8 +125,13 @@ def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int, d
     return out_x.to(device), out_y.to(device), out_m.to(device), out_d.to(device)
 
 
-def render_all(conversations: list[list[dict]], template: ChatTemplate, context: int, skip_invalid: bool = False,
-               log=None) -> tuple[list, int]:
+def render_all(
+    conversations: list[list[dict]],
+    template: ChatTemplate,
+    context: int,
+    skip_invalid: bool = False,
+    log=None,
+) -> tuple[list, int]:
     """Rendered (ids, mask) rows that fit the context (+1: the last token is only a target), and
     how many were too long (dropped: a cut conversation would teach replies that stop mid-way).
     A conversation the template refuses (a special token in its text, a character the tokenizer
@@ -149,14 +166,28 @@ class SFTTrainer(ChatTrainer):
         context = self.model_config.block_size
         rows, dropped = render_all(train, self.template, context, s.skip_invalid, self.log)
         if dropped:
-            self.log(f"dropped {dropped} of {len(train)} training conversations longer than the context ({context})")
+            self.log(
+                f"dropped {dropped} of {len(train)} training conversations longer than the context ({context})"
+            )
         self.val_conversations = val[: cfg.eval_windows]
-        self.val_rows, _ = render_all(self.val_conversations, self.template, context, s.skip_invalid, self.log)
+        self.val_rows, _ = render_all(
+            self.val_conversations, self.template, context, s.skip_invalid, self.log
+        )
         if not self.val_rows:
-            raise ValueError(f"no held-out conversation fits the context: give sft.val_data, or raise sft.val_fraction "
-                             f"(now {s.val_fraction})")
-        self.train_loader = ConversationBatches(rows, cfg.batch_size, self.template.pad_id, cfg.seed, self.device,
-                                                self.rank, self.world_size, pack=context if s.packing else None)
+            raise ValueError(
+                f"no held-out conversation fits the context: give sft.val_data, or raise sft.val_fraction "
+                f"(now {s.val_fraction})"
+            )
+        self.train_loader = ConversationBatches(
+            rows,
+            cfg.batch_size,
+            self.template.pad_id,
+            cfg.seed,
+            self.device,
+            self.rank,
+            self.world_size,
+            pack=context if s.packing else None,
+        )
 
     def _initial_model(self) -> GPT:
         return self._load_base_model()
@@ -176,7 +207,9 @@ class SFTTrainer(ChatTrainer):
         self.model.eval()
         total, count = 0.0, 0.0
         for start in range(0, len(self.val_rows), self.cfg.batch_size):
-            x, y, mask = collate(self.val_rows[start : start + self.cfg.batch_size], self.template.pad_id, self.device)
+            x, y, mask = collate(
+                self.val_rows[start : start + self.cfg.batch_size], self.template.pad_id, self.device
+            )
             with self.autocast:
                 logits, _ = self.model(x)
             loss, n = masked_token_loss(logits, y, mask)
@@ -186,9 +219,17 @@ class SFTTrainer(ChatTrainer):
         return self._shared([total / max(count, 1)], op="rank0")[0]
 
 
-def sft(sft_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
-        overwrite: bool = False) -> dict:
+def sft(
+    sft_config: dict,
+    train_config: dict,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Fine-tune ``sft_config["base"]`` on ``sft_config["data"]``; returns the trainer's summary."""
     scfg = SFTConfig.from_dict(sft_config)
-    cfg = TrainConfig.from_dict({**CHAT_TRAIN_DEFAULTS, "lr": 3e-4 if not scfg.lora_rank else 2e-3, **train_config})
+    cfg = TrainConfig.from_dict(
+        {**CHAT_TRAIN_DEFAULTS, "lr": 3e-4 if not scfg.lora_rank else 2e-3, **train_config}
+    )
     return run_trainer(lambda: SFTTrainer(scfg, cfg, resume=resume, progress=progress, overwrite=overwrite))

@@ -124,8 +124,9 @@ def wrong_answer(problem: Problem, rng: random.Random) -> str:
     return wrong
 
 
-def make_problems(task: str, n: int, split: str, difficulty: int = 2, seed: int = 0,
-                  test_percent: int = 10) -> list[Problem]:
+def make_problems(
+    task: str, n: int, split: str, difficulty: int = 2, seed: int = 0, test_percent: int = 10
+) -> list[Problem]:
     """``n`` distinct problems of one task from one split (raises if the split has fewer)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {sorted(TASKS)}")
@@ -141,8 +142,10 @@ def make_problems(task: str, n: int, split: str, difficulty: int = 2, seed: int 
     while len(out) < n:
         tries += 1
         if tries > 50 * n + 1000:
-            raise ValueError(f"only {len(out)} distinct {split} problems of {task!r} at difficulty {difficulty} "
-                             f"were found, {n} asked: raise the difficulty or ask for fewer")
+            raise ValueError(
+                f"only {len(out)} distinct {split} problems of {task!r} at difficulty {difficulty} "
+                f"were found, {n} asked: raise the difficulty or ask for fewer"
+            )
         p = make(rng, difficulty)
         if p.prompt in seen or split_of(task, p.prompt, test_percent) != split:
             continue

@@ -35,10 +35,13 @@ class AsyncLLMEngine:
         self._closed = False
         self._lock = threading.Lock()  # orders "closed" against puts: no request is put after the last drain
         self.error: BaseException | None = None  # the exception that stopped the engine thread, if any
-        self.last_step_error: BaseException | None = None  # a failed step (its requests failed; the engine went on)
+        self.last_step_error: BaseException | None = (
+            None  # a failed step (its requests failed; the engine went on)
+        )
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changes it; the last one has ``finished``.
 
         A bad request raises ``ValueError`` here. If the engine fails, the requests in flight get a
@@ -124,8 +127,11 @@ class AsyncLLMEngine:
                 future.set_exception(error)
 
     def _why_closed(self) -> str:
-        return ("the engine is shut down" if self.error is None else
-                f"the engine stopped after an error: {self.error!r}")
+        return (
+            "the engine is shut down"
+            if self.error is None
+            else f"the engine stopped after an error: {self.error!r}"
+        )
 
     def _loop(self) -> None:
         engine = self.engine

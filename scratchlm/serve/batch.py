@@ -44,7 +44,9 @@ def read_requests(path: str | Path) -> list[dict]:
     return requests
 
 
-def run_batch(engine: LLMEngine, input_path: str | Path, output_path: str | Path, *, progress: bool = True) -> dict:
+def run_batch(
+    engine: LLMEngine, input_path: str | Path, output_path: str | Path, *, progress: bool = True
+) -> dict:
     """Serve every request of ``input_path``; write ``output_path``; return a summary."""
     requests = read_requests(input_path)
     ids: dict[str, int] = {}
@@ -68,11 +70,18 @@ def run_batch(engine: LLMEngine, input_path: str | Path, output_path: str | Path
                 continue
             m = out.metrics
             results[ids[out.request_id]] = {
-                "text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": m["prompt_tokens"],
-                "completion_tokens": m["output_tokens"], "cached_tokens": m["cached_tokens"],
+                "text": out.text,
+                "finish_reason": out.finish_reason,
+                "prompt_tokens": m["prompt_tokens"],
+                "completion_tokens": m["output_tokens"],
+                "cached_tokens": m["cached_tokens"],
                 **({"token_ids": out.token_ids} if out.text is None else {}),
                 **({"logprobs": out.logprobs} if out.logprobs is not None else {}),
-                **({"error": f"line {requests[ids[out.request_id]]['line']}: {out.error}"} if out.error else {}),
+                **(
+                    {"error": f"line {requests[ids[out.request_id]]['line']}: {out.error}"}
+                    if out.error
+                    else {}
+                ),
             }
             if bar is not None:
                 bar.update(1)
@@ -86,6 +95,12 @@ def run_batch(engine: LLMEngine, input_path: str | Path, output_path: str | Path
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     generated = sum(r["completion_tokens"] for r in results.values())
     errors = sum("error" in r for r in requests) + sum("error" in r for r in results.values())
-    return {"requests": len(requests), "errors": errors, "seconds": seconds,
-            "output_tokens": generated, "output_tokens_per_second": generated / seconds if seconds else None,
-            "output": str(output_path), **{k: v for k, v in engine.stats().items() if k.startswith(("prefix", "preempt"))}}
+    return {
+        "requests": len(requests),
+        "errors": errors,
+        "seconds": seconds,
+        "output_tokens": generated,
+        "output_tokens_per_second": generated / seconds if seconds else None,
+        "output": str(output_path),
+        **{k: v for k, v in engine.stats().items() if k.startswith(("prefix", "preempt"))},
+    }

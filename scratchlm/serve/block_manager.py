@@ -107,7 +107,9 @@ class BlockManager:
         digests, bs = seq.digests, self.block_size
         while len(digests) <= i:
             k = len(digests)
-            digests.append(chain_hash(digests[-1] if digests else None, tuple(seq.tokens(k * bs, (k + 1) * bs))))
+            digests.append(
+                chain_hash(digests[-1] if digests else None, tuple(seq.tokens(k * bs, (k + 1) * bs)))
+            )
         return digests[i]
 
     # --- growth ---------------------------------------------------------------------------------
@@ -173,14 +175,17 @@ class BlockManager:
         for seq, n in chunks:
             for i in range(seq.num_computed // bs, self.blocks_for(seq.num_computed + n)):
                 block = self.blocks[seq.block_table[i]]
-                assert block.ref_count == 1 and block.hash is None, \
+                assert block.ref_count == 1 and block.hash is None, (
                     f"{seq} writes into block {block.block_id} (ref_count {block.ref_count}, hash {block.hash})"
+                )
 
     def check(self, sequences: list[Sequence]) -> None:
         owners: dict[int, int] = {}
         for seq in sequences:
             assert len(set(seq.block_table)) == len(seq.block_table), f"{seq} lists a block twice"
-            assert len(seq.block_table) * self.block_size >= seq.num_computed, f"{seq} computed past its blocks"
+            assert len(seq.block_table) * self.block_size >= seq.num_computed, (
+                f"{seq} computed past its blocks"
+            )
             for block_id in seq.block_table:
                 owners[block_id] = owners.get(block_id, 0) + 1
         for block in self.blocks:
@@ -188,7 +193,11 @@ class BlockManager:
             assert block.ref_count == n, f"block {block.block_id}: ref_count {block.ref_count}, in {n} tables"
             assert (n == 0) == (block.block_id in self.free), f"block {block.block_id}: free list disagrees"
             if n > 1:
-                assert block.hash is not None, f"block {block.block_id} shared by {n} sequences but not a cached block"
+                assert block.hash is not None, (
+                    f"block {block.block_id} shared by {n} sequences but not a cached block"
+                )
         for h, block_id in self.cached.items():
-            assert self.blocks[block_id].hash == h, f"cache entry {h} points at block {block_id} with another hash"
+            assert self.blocks[block_id].hash == h, (
+                f"cache entry {h} points at block {block_id} with another hash"
+            )
         assert len(self.free) + len(owners) == self.num_blocks

@@ -25,13 +25,24 @@ def load_chat_model(path: str | Path, tokenizer_spec: str | None = None, device=
     model, state = load_model_from_checkpoint(path, pick_device(device))
     plain = load_checkpoint_tokenizer(path, state, tokenizer_spec)
     tokenizer = add_chat_tokens(plain)
-    model.grow_vocab(max(model.config.vocab_size, tokenizer.vocab_size),
-                     known=min(plain.vocab_size, model.config.vocab_size))
+    model.grow_vocab(
+        max(model.config.vocab_size, tokenizer.vocab_size),
+        known=min(plain.vocab_size, model.config.vocab_size),
+    )
     return model.eval(), tokenizer
 
 
-def generate_replies(model, tokenizer, prompts: list[list[dict]], max_tokens: int = 32, *, temperature: float = 0.0,
-                     seeds: list[int] | None = None, progress: bool = False, **engine_options) -> list[dict]:
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_tokens: int = 32,
+    *,
+    temperature: float = 0.0,
+    seeds: list[int] | None = None,
+    progress: bool = False,
+    **engine_options,
+) -> list[dict]:
     """Assistant replies, batched through the inference engine — greedy by default, or sampled at
     ``temperature`` with one seed per prompt (a seeded request draws the same tokens alone or in
     any batch, so a run is reproducible). Each reply: ``text``, whether it ended with
@@ -49,18 +60,35 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_tokens: in
     context = model.config.block_size
     if not 0 < max_tokens < context:
         raise ValueError(f"max_tokens must be in (0, {context}) for this model's context, got {max_tokens}")
-    ids = [template.prompt_ids(p)[-(context - max_tokens):] for p in prompts]
+    ids = [template.prompt_ids(p)[-(context - max_tokens) :] for p in prompts]
     # Only <|im_end|> ends a reply (ignore_eos: a stop on <|endoftext|> must not count as one).
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=[template.end_id],
-                             ignore_eos=True, seed=None if seeds is None else seeds[i]) for i in range(len(ids))]
+    params = [
+        SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop_token_ids=[template.end_id],
+            ignore_eos=True,
+            seed=None if seeds is None else seeds[i],
+        )
+        for i in range(len(ids))
+    ]
     seqs = min(len(ids), 64)  # a KV pool for this batch, not for 64 full contexts on a training GPU
     options = {"max_num_seqs": seqs, "num_blocks": seqs * -(-context // 16), **engine_options}
     try:
-        outs = LLM(model, tokenizer, weight_format="dense", **options).generate(ids, params, progress=progress)
+        outs = LLM(model, tokenizer, weight_format="dense", **options).generate(
+            ids, params, progress=progress
+        )
     finally:
         model.train(was_training)
     failed = [o for o in outs if o.finish_reason == "error"]
     if failed:
         raise RuntimeError(f"the engine could not finish a reply: {failed[0].error}")
-    return [{"text": o.text, "ended": bool(o.token_ids) and o.token_ids[-1] == template.end_id,
-             "prompt_ids": o.prompt_token_ids, "token_ids": o.token_ids} for o in outs]
+    return [
+        {
+            "text": o.text,
+            "ended": bool(o.token_ids) and o.token_ids[-1] == template.end_id,
+            "prompt_ids": o.prompt_token_ids,
+            "token_ids": o.token_ids,
+        }
+        for o in outs
+    ]

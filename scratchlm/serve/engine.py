@@ -74,8 +74,10 @@ class LLMEngine:
             wanted = running * math.ceil(c.block_size / config.block_size)
             num_blocks = max(1, min(wanted, int(config.kv_cache_gb * 2**30 // per_block)))
         if tokenizer is not None and tokenizer.vocab_size > c.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {c.vocab_size}: "
-                             "it is not this model's tokenizer")
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model only {c.vocab_size}: "
+                "it is not this model's tokenizer"
+            )
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.context = c.block_size
         # Ids a request may contain and the sampler may choose: the tokenizer's (a model's embedding
@@ -88,13 +90,22 @@ class LLMEngine:
         # End of sequence: <|endoftext|>, and for a chat model the end of a turn, <|im_end|> (what its
         # exported generation_config says too).
         specials = tokenizer.special_tokens if tokenizer is not None else {}
-        self.eos_ids = {i for i in (specials.get("<|endoftext|>"), specials.get("<|im_end|>")) if i is not None}
+        self.eos_ids = {
+            i for i in (specials.get("<|endoftext|>"), specials.get("<|im_end|>")) if i is not None
+        }
         self.num_steps = 0
         self.num_generated = 0
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, tokenizer=None, device: str | None = None, dtype: str = "float32",
-                        **engine_options) -> LLMEngine:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        tokenizer=None,
+        device: str | None = None,
+        dtype: str = "float32",
+        **engine_options,
+    ) -> LLMEngine:
         """Load a checkpoint folder (trained or imported) for inference; ``tokenizer``: a tokenizer
         object, a JSON path or ``"gpt2"`` (default: the one the checkpoint was trained with)."""
         from scratchlm.device import pick_device
@@ -109,20 +120,25 @@ class LLMEngine:
         return cls(model, tokenizer, **engine_options)
 
     # --- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         """Queue one request; return its id. A bad request raises ``ValueError`` and changes nothing."""
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
         if len(ids) + params.max_tokens > self.context:
-            raise ValueError(f"this model's context is {self.context} tokens; the request asks for {len(ids)} prompt + "
-                             f"{params.max_tokens} max_tokens = {len(ids) + params.max_tokens}: shorten the prompt or "
-                             "lower max_tokens")
+            raise ValueError(
+                f"this model's context is {self.context} tokens; the request asks for {len(ids)} prompt + "
+                f"{params.max_tokens} max_tokens = {len(ids) + params.max_tokens}: shorten the prompt or "
+                "lower max_tokens"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: give the engine one, or use stop_token_ids")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
-            raise ValueError(f"stop_token_ids {bad[:5]} are not in the vocabulary (0 ... {self.vocab_size - 1})")
+            raise ValueError(
+                f"stop_token_ids {bad[:5]} are not in the vocabulary (0 ... {self.vocab_size - 1})"
+            )
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(ids, params, request_id)
@@ -143,9 +159,13 @@ class LLMEngine:
                 raise ValueError("a prompt is a string or a list of integer token ids")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (0 ... {self.vocab_size - 1})")
+                raise ValueError(
+                    f"prompt token ids {bad[:5]} are outside the vocabulary (0 ... {self.vocab_size - 1})"
+                )
         else:
-            raise ValueError(f"a prompt is a string or a list of integer token ids, got {type(prompt).__name__}")
+            raise ValueError(
+                f"a prompt is a string or a list of integer token ids, got {type(prompt).__name__}"
+            )
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         return ids
@@ -231,22 +251,35 @@ class LLMEngine:
     def _output(self, seq: Sequence, new_ids: list[int], delta: str) -> RequestOutput:
         finished = seq.status is Status.FINISHED
         return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=list(seq.output_ids),
-            text=seq.text_stream.text if seq.text_stream is not None else None, finished=finished,
-            finish_reason=seq.finish_reason, delta_token_ids=new_ids, delta_text=delta,
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=list(seq.output_ids),
+            text=seq.text_stream.text if seq.text_stream is not None else None,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            delta_token_ids=new_ids,
+            delta_text=delta,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             metrics={**seq.timing.summary(seq.num_prompt, seq.num_cached), "preemptions": seq.num_preemptions}
-            if finished else None,
+            if finished
+            else None,
         )
 
     def stats(self) -> dict:
         b = self.blocks
         return {
-            "steps": self.num_steps, "generated_tokens": self.num_generated,
-            "preemptions": self.scheduler.num_preemptions, "prefix_cache_hit_rate": b.hit_rate,
-            "prefix_cache_hit_tokens": b.hit_tokens, "prefix_cache_query_tokens": b.query_tokens,
-            "weight_format": self.runner.weight_format, "num_blocks": b.num_blocks, "free_blocks": b.num_free, "block_size": b.block_size,
-            "kv_cache_bytes": self.runner.pool.bytes, "max_num_seqs": self.scheduler.max_num_seqs,
+            "steps": self.num_steps,
+            "generated_tokens": self.num_generated,
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": b.hit_rate,
+            "prefix_cache_hit_tokens": b.hit_tokens,
+            "prefix_cache_query_tokens": b.query_tokens,
+            "weight_format": self.runner.weight_format,
+            "num_blocks": b.num_blocks,
+            "free_blocks": b.num_free,
+            "block_size": b.block_size,
+            "kv_cache_bytes": self.runner.pool.bytes,
+            "max_num_seqs": self.scheduler.max_num_seqs,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }
@@ -255,16 +288,29 @@ class LLMEngine:
 class LLM:
     """Offline batches: ``LLM(checkpoint).generate(prompts, SamplingParams(...))`` -> outputs in order."""
 
-    def __init__(self, model_or_checkpoint, tokenizer=None, *, device: str | None = None, dtype: str = "float32",
-                 **engine_options):
+    def __init__(
+        self,
+        model_or_checkpoint,
+        tokenizer=None,
+        *,
+        device: str | None = None,
+        dtype: str = "float32",
+        **engine_options,
+    ):
         if isinstance(model_or_checkpoint, (str, Path)):
-            self.engine = LLMEngine.from_checkpoint(model_or_checkpoint, tokenizer=tokenizer, device=device,
-                                                    dtype=dtype, **engine_options)
+            self.engine = LLMEngine.from_checkpoint(
+                model_or_checkpoint, tokenizer=tokenizer, device=device, dtype=dtype, **engine_options
+            )
         else:
             self.engine = LLMEngine(model_or_checkpoint, tokenizer, **engine_options)
 
-    def generate(self, prompts: list[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None,
-                 *, progress: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: list[str | list[int]] | str,
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[RequestOutput]:
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(params, list):

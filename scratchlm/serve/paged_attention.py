@@ -43,8 +43,16 @@ class KVPool:
     is NaN, so padding must never read a block that another sequence may have filled with garbage.
     """
 
-    def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n_layer: int,
+        num_blocks: int,
+        block_size: int,
+        n_kv_head: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         shape = (n_layer, n_kv_head, num_blocks + 1, block_size, head_dim)
         self.null_block = num_blocks
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -75,13 +83,17 @@ class PagedBatch:
 
     paged = True
 
-    def __init__(self, pool: KVPool, chunks: list[tuple[list[int], int, int]], device: torch.device | str = "cpu"):
+    def __init__(
+        self, pool: KVPool, chunks: list[tuple[list[int], int, int]], device: torch.device | str = "cpu"
+    ):
         # The metadata is built on the CPU and copied to the device once per tensor: on a GPU, small
         # tensors made one by one on the device would each cost a host-to-device transfer.
         self.pool = pool
         bs = pool.block_size
         positions, slots, ends, decodes = [], [], [], []
-        self.prefills: list[tuple[int, int, int, torch.Tensor | None]] = []  # (first row, n, start, its blocks)
+        self.prefills: list[
+            tuple[int, int, int, torch.Tensor | None]
+        ] = []  # (first row, n, start, its blocks)
         row = 0
         for table, start, n in chunks:
             pos = torch.arange(start, start + n)
@@ -117,8 +129,15 @@ class PagedBatch:
             self._masks[key] = make(*args)
         return self._masks[key]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi=None,
-               scale: float | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        alibi=None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """Store this step's k, v (1, Hkv, N, D) in the pool, then attend: q (1, H, N, D) -> (1, H, N, D).
         ``scale`` multiplies the scores (None: 1/sqrt(D))."""
         pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]  # (Hkv, blocks, block_size, D)
@@ -130,14 +149,28 @@ class PagedBatch:
         for row, n, start, blocks in self.prefills:
             qi = q[:, :, row : row + n]  # (1, H, n, D)
             if blocks is None:
-                mask = None if alibi is None else self._mask(("prefill", row), attention_bias,
-                                                             n, n, 0, alibi, q.device, q.dtype)
-                y = F.scaled_dot_product_attention(qi, k[:, :, row : row + n], v[:, :, row : row + n],
-                                                   is_causal=alibi is None, enable_gqa=gqa, attn_mask=mask, scale=scale)
+                mask = (
+                    None
+                    if alibi is None
+                    else self._mask(("prefill", row), attention_bias, n, n, 0, alibi, q.device, q.dtype)
+                )
+                y = F.scaled_dot_product_attention(
+                    qi,
+                    k[:, :, row : row + n],
+                    v[:, :, row : row + n],
+                    is_causal=alibi is None,
+                    enable_gqa=gqa,
+                    attn_mask=mask,
+                    scale=scale,
+                )
             else:  # after cached tokens: gather this sequence's blocks
-                ki = pool_k.index_select(1, blocks).view(1, Hkv, -1, D)[:, :, : start + n]  # (1, Hkv, start + n, D)
+                ki = pool_k.index_select(1, blocks).view(1, Hkv, -1, D)[
+                    :, :, : start + n
+                ]  # (1, Hkv, start + n, D)
                 vi = pool_v.index_select(1, blocks).view(1, Hkv, -1, D)[:, :, : start + n]
-                mask = self._mask(("prefill", row), attention_bias, n, start + n, start, alibi, q.device, q.dtype)
+                mask = self._mask(
+                    ("prefill", row), attention_bias, n, start + n, start, alibi, q.device, q.dtype
+                )
                 y = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=gqa, scale=scale)
             out[:, :, row : row + n] = y
         for gi, g in enumerate(self.decode_groups):
@@ -154,7 +187,9 @@ class PagedBatch:
                 mask = g.valid[:, None, None, :]  # (Bd, 1, 1, keys), True = attend
             else:
                 mask = None  # every sequence fills all its blocks: nothing to hide
-            y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa, scale=scale)  # (Bd, H, 1, D)
+            y = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=mask, enable_gqa=gqa, scale=scale
+            )  # (Bd, H, 1, D)
             out[0][:, g.rows] = y[:, :, 0].transpose(0, 1)
         return out
 
@@ -167,8 +202,9 @@ class _DecodeGroup:
         width = -(-max(lengths) // bs)  # blocks of the longest sequence
         # Small lists go to the device in one copy each; the (Bd, keys) masks are made there.
         self.rows = torch.tensor([r for r, _, _ in items], dtype=torch.long).to(device)
-        self.blocks = torch.tensor([t[:width] + [null] * (width - len(t[:width])) for _, t, _ in items]
-                                   ).to(device)  # (Bd, width), padded with the pool's zero block
+        self.blocks = torch.tensor([t[:width] + [null] * (width - len(t[:width])) for _, t, _ in items]).to(
+            device
+        )  # (Bd, width), padded with the pool's zero block
         self.padded = any(n != width * bs for n in lengths)
         self.lengths = torch.tensor(lengths).to(device)
         self.key_pos = torch.arange(width * bs, device=device)

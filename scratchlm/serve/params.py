@@ -48,8 +48,13 @@ class SamplingParams:
 
     def processors(self) -> SamplingConfig:
         """The logit processors of :mod:`scratchlm.generate.sampling` (the one-request path's own)."""
-        return SamplingConfig(0.0 if self.greedy else self.temperature, self.top_k or None, self.top_p if self.top_p < 1 else None,
-                              self.min_p or None, self.repetition_penalty)
+        return SamplingConfig(
+            0.0 if self.greedy else self.temperature,
+            self.top_k or None,
+            self.top_p if self.top_p < 1 else None,
+            self.min_p or None,
+            self.repetition_penalty,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingParams:
@@ -81,8 +86,12 @@ _RULES = {
     "top_k": Rule(type=int, min=0, why="0 = off"),
     "min_p": Rule(type=float, min=0, max=1),
     "repetition_penalty": Rule(type=float, above=0, why="1 = off"),
-    "stop strings": Rule(test=lambda v: all(isinstance(s, str) and s for s in v), expected="a list of non-empty strings"),
-    "stop ids": Rule(test=lambda v: all(_integer(t) and t >= 0 for t in v), expected="a list of token ids >= 0"),
+    "stop strings": Rule(
+        test=lambda v: all(isinstance(s, str) and s for s in v), expected="a list of non-empty strings"
+    ),
+    "stop ids": Rule(
+        test=lambda v: all(_integer(t) and t >= 0 for t in v), expected="a list of token ids >= 0"
+    ),
     "seed": Rule(type=int, min=0, below=2**63, expected="an integer in [0, 2**63)"),
     "logprobs": Rule(type=int, min=0, max=20),
     "ignore_eos": Rule(type=bool),

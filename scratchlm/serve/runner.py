@@ -17,8 +17,14 @@ from scratchlm.serve.weights import for_inference, resolve
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, weight_format: str = "auto",
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        model,
+        num_blocks: int,
+        block_size: int,
+        weight_format: str = "auto",
+        vocab_size: int | None = None,
+    ):
         model.eval()
         self.vocab_size = vocab_size  # sample only ids below this (the tokenizer's; a model's may be padded)
         self.weight_format = resolve(weight_format, model)
@@ -26,11 +32,15 @@ class ModelRunner:
         c = model.config
         mixers = sorted({mixer for mixer, _ in c.layer_kinds()} - {"attention"})
         if mixers:  # the paged cache stores full k, v per token; other mixers keep other state
-            raise ValueError(f"the engine serves models whose mixers are all full attention; this one has {mixers} "
-                             "layers: generate with `scratchlm sample` (the one-request path with a KV cache)")
+            raise ValueError(
+                f"the engine serves models whose mixers are all full attention; this one has {mixers} "
+                "layers: generate with `scratchlm sample` (the one-request path with a KV cache)"
+            )
         if c.attn.softcap is not None:  # fail when the engine is built, not at every request
-            raise ValueError("the engine's fused attention cannot soft-cap scores (model.attn.softcap): "
-                             "generate with `scratchlm sample` (the one-request path with a KV cache)")
+            raise ValueError(
+                "the engine's fused attention cannot soft-cap scores (model.attn.softcap): "
+                "generate with `scratchlm sample` (the one-request path with a KV cache)"
+            )
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.pool = KVPool(c.n_layer, num_blocks, block_size, c.kv_heads, c.head_dim, self.device, self.dtype)
@@ -42,15 +52,25 @@ class ModelRunner:
         ids: list[int] = []
         for seq, n in chunks:
             ids.extend(seq.tokens(seq.num_computed, seq.num_computed + n))
-        batch = PagedBatch(self.pool, [(seq.block_table, seq.num_computed, n) for seq, n in chunks], self.device)
+        batch = PagedBatch(
+            self.pool, [(seq.block_table, seq.num_computed, n) for seq, n in chunks], self.device
+        )
         done = [i for i, (seq, n) in enumerate(chunks) if seq.num_computed + n == seq.num_tokens]
         sampled = [chunks[i][0] for i in done]
         if not done:  # only middle chunks of long prompts: fill the cache, no logits needed
-            self.model(torch.tensor([ids], device=self.device), cache=batch, positions=batch.positions,
-                       logits_at=batch.last_rows[:0])
+            self.model(
+                torch.tensor([ids], device=self.device),
+                cache=batch,
+                positions=batch.positions,
+                logits_at=batch.last_rows[:0],
+            )
             return [], [], [], []
-        logits, _ = self.model(torch.tensor([ids], device=self.device), cache=batch, positions=batch.positions,
-                               logits_at=batch.last_rows[torch.tensor(done, device=self.device)])
+        logits, _ = self.model(
+            torch.tensor([ids], device=self.device),
+            cache=batch,
+            positions=batch.positions,
+            logits_at=batch.last_rows[torch.tensor(done, device=self.device)],
+        )
         tokens, logprobs, errors = sample(logits[0, :, : self.vocab_size], sampled)
         return sampled, tokens, logprobs, errors
 

@@ -26,7 +26,9 @@ from scratchlm.generate.sampling import choose, process_logits
 from scratchlm.serve.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int | None], list[dict | None], list[str | None]]:
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence]
+) -> tuple[list[int | None], list[dict | None], list[str | None]]:
     """(M, V) logits, one row per sequence -> (next token ids, logprob records, errors).
 
     A row with an error has token ``None`` and its message in ``errors``."""
@@ -40,7 +42,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int | None]
     for i, seq in enumerate(seqs):
         p = seq.params
         if broken[i]:
-            errors[i] = "the model produced NaN or infinite logits for this request (an overflow: try float32 weights)"
+            errors[i] = (
+                "the model produced NaN or infinite logits for this request (an overflow: try float32 weights)"
+            )
         elif p.repetition_penalty != 1.0:
             groups.setdefault(("alone", i), []).append(i)
         elif p.greedy:
@@ -60,7 +64,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int | None]
                 i = rows[0]
                 seq = seqs[i]
                 previous = torch.tensor([seq.output_ids], dtype=torch.long, device=logits.device)
-                tokens[i] = int(choose(logits[i : i + 1], seq.params.processors(), previous, _generator(seq, logits))[0, 0])
+                tokens[i] = int(
+                    choose(logits[i : i + 1], seq.params.processors(), previous, _generator(seq, logits))[
+                        0, 0
+                    ]
+                )
                 continue
             probs = torch.softmax(process_logits(logits[index], configs[key]), dim=-1)
             ok = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
@@ -74,7 +82,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int | None]
                     tokens[rows[j]] = t
             for j, i in enumerate(rows):
                 if seqs[i].generator is not None and ok[j]:
-                    tokens[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=_generator(seqs[i], logits))[0, 0])
+                    tokens[i] = int(
+                        torch.multinomial(probs[j : j + 1], 1, generator=_generator(seqs[i], logits))[0, 0]
+                    )
         except RuntimeError as e:  # e.g. an inf logit made the probabilities NaN
             for i in rows:
                 if tokens[i] is None and errors[i] is None:

@@ -58,10 +58,14 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512):
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512
+    ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
-                             f"{max_num_batched_tokens}")
+            raise ValueError(
+                f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
+                f"{max_num_batched_tokens}"
+            )
         self.blocks = block_manager
         # Every running sequence's decode must fit in one step's budget, or the ones at the back
         # would never be scheduled: no more sequences run at once than the budget has tokens.
@@ -70,14 +74,18 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.watermark = max(1, block_manager.num_blocks // 100)  # blocks admission leaves to running sequences
+        self.watermark = max(
+            1, block_manager.num_blocks // 100
+        )  # blocks admission leaves to running sequences
 
     def add(self, seq: Sequence) -> None:
         need = self.blocks.blocks_for(seq.num_prompt + seq.params.max_tokens)
         if need > self.blocks.num_blocks:
-            raise ValueError(f"this request needs up to {need} KV blocks ({seq.num_prompt} prompt + "
-                             f"{seq.params.max_tokens} max_tokens) but the cache has {self.blocks.num_blocks}: "
-                             "lower max_tokens or give the engine more KV cache memory")
+            raise ValueError(
+                f"this request needs up to {need} KV blocks ({seq.num_prompt} prompt + "
+                f"{seq.params.max_tokens} max_tokens) but the cache has {self.blocks.num_blocks}: "
+                "lower max_tokens or give the engine more KV cache memory"
+            )
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -98,7 +106,9 @@ class Scheduler:
             self.blocks.allocate(seq, seq.num_computed + n)
             step.add(seq, n)
         # Admit new requests, unless this step had to preempt: memory is short already.
-        while self.waiting and step.budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted:
+        while (
+            self.waiting and step.budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted
+        ):
             seq = self.waiting[0]
             cached = self.blocks.match_prefix(seq)
             seq.num_computed = cached

@@ -44,8 +44,12 @@ class Timing:
             gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
             out["itl_s"] = gaps
             out["tpot_s"] = (out["e2e_s"] - out["ttft_s"]) / (n - 1) if n > 1 else None
-            prefill_s = self.token_times[0] - (self.first_scheduled or self.arrival)  # from admission: no queueing
-            out["prefill_tokens_per_second"] = (prompt_tokens - cached_tokens) / prefill_s if prefill_s > 0 else None
+            prefill_s = self.token_times[0] - (
+                self.first_scheduled or self.arrival
+            )  # from admission: no queueing
+            out["prefill_tokens_per_second"] = (
+                (prompt_tokens - cached_tokens) / prefill_s if prefill_s > 0 else None
+            )
             out["decode_tokens_per_second"] = 1 / out["tpot_s"] if out["tpot_s"] else None
         return out
 
@@ -103,5 +107,7 @@ class Sequence:
         return self.status is Status.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id}, {self.status.value}, prompt {self.num_prompt}, out {len(self.output_ids)}, "
-                f"computed {self.num_computed}, blocks {self.block_table})")
+        return (
+            f"Sequence({self.request_id}, {self.status.value}, prompt {self.num_prompt}, out {len(self.output_ids)}, "
+            f"computed {self.num_computed}, blocks {self.block_table})"
+        )

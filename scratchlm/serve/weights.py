@@ -32,7 +32,9 @@ class OneDNNLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # tuned for decode (1 row)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(
+            linear.weight.detach(), 1
+        )  # tuned for decode (1 row)
         self.bias = linear.bias.detach() if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,9 @@ def _onednn_works(dtype: torch.dtype) -> bool:
             linear = nn.Linear(64, 48).to(dtype)
             x = torch.randn(3, 5, 64, dtype=dtype)
             tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-            ok = torch.allclose(OneDNNLinear(linear)(x).float(), linear(x).float(), atol=tolerance, rtol=tolerance)
+            ok = torch.allclose(
+                OneDNNLinear(linear)(x).float(), linear(x).float(), atol=tolerance, rtol=tolerance
+            )
         except (RuntimeError, AttributeError, NotImplementedError):
             ok = False
         _CHECKED[dtype] = ok
@@ -60,11 +64,17 @@ def resolve(fmt: str, model: nn.Module) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"weight format must be one of {FORMATS}, got {fmt!r}")
     p = next(model.parameters())
-    usable = (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
-              and torch.backends.mkldnn.is_available() and _onednn_works(p.dtype))
+    usable = (
+        p.device.type == "cpu"
+        and p.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and _onednn_works(p.dtype)
+    )
     if fmt == "onednn" and not usable:
-        raise ValueError(f"the onednn weight format needs float32 or bfloat16 weights on a CPU whose PyTorch has "
-                         f"working oneDNN linear ops; these are {p.dtype} on {p.device}: use 'dense'")
+        raise ValueError(
+            f"the onednn weight format needs float32 or bfloat16 weights on a CPU whose PyTorch has "
+            f"working oneDNN linear ops; these are {p.dtype} on {p.device}: use 'dense'"
+        )
     if fmt == "auto":
         return "onednn" if usable else "dense"
     return fmt
@@ -79,6 +89,8 @@ def for_inference(model: nn.Module, fmt: str = "auto") -> nn.Module:
 
 def _replace_linears(module: nn.Module) -> nn.Module:
     clone = copy.copy(module)  # shares parameters and buffers; gets its own table of children
-    clone._modules = {name: (OneDNNLinear(child) if isinstance(child, nn.Linear) else _replace_linears(child))
-                      for name, child in module._modules.items()}
+    clone._modules = {
+        name: (OneDNNLinear(child) if isinstance(child, nn.Linear) else _replace_linears(child))
+        for name, child in module._modules.items()
+    }
     return clone

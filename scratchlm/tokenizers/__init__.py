@@ -22,8 +22,14 @@ KINDS = ("char", "byte", "bpe")
 
 
 def train_tokenizer(
-    kind: str, texts: Iterable[str], *, vocab_size: int | None = None, pattern: str = "gpt2",
-    special_tokens: Iterable[str] | None = None, unknown: str = "error", progress: bool = False,
+    kind: str,
+    texts: Iterable[str],
+    *,
+    vocab_size: int | None = None,
+    pattern: str = "gpt2",
+    special_tokens: Iterable[str] | None = None,
+    unknown: str = "error",
+    progress: bool = False,
 ) -> Tokenizer:
     """Train (or, for ``byte``, just build) a tokenizer of the given kind on ``texts``.
 
@@ -53,7 +59,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, FormatError):
             raise FormatError(f"{path}: {e}") from None
-        raise FormatError(f"{path}: corrupt {d['type']} tokenizer definition ({type(e).__name__}: {e}); retrain or re-save it") from None
+        raise FormatError(
+            f"{path}: corrupt {d['type']} tokenizer definition ({type(e).__name__}: {e}); retrain or re-save it"
+        ) from None
 
 
 def gpt2_tokenizer(download: bool = True) -> BPETokenizer:
@@ -75,12 +83,24 @@ def resolve_tokenizer_path(spec: str | Path) -> Path:
         return path
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer file {str(spec)!r} does not exist (train one with "
-                                "`scratchlm tokenizer train`, or use 'gpt2')")
+        raise FileNotFoundError(
+            f"tokenizer file {str(spec)!r} does not exist (train one with "
+            "`scratchlm tokenizer train`, or use 'gpt2')"
+        )
     return path
 
 
 __all__ = [
-    "DEFAULT_SPECIAL_TOKENS", "ENDOFTEXT", "KINDS", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "Tokenizer", "gpt2_tokenizer",
-    "load_tokenizer", "resolve_tokenizer_path", "train_bpe", "train_tokenizer",
+    "DEFAULT_SPECIAL_TOKENS",
+    "ENDOFTEXT",
+    "KINDS",
+    "BPETokenizer",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "Tokenizer",
+    "gpt2_tokenizer",
+    "load_tokenizer",
+    "resolve_tokenizer_path",
+    "train_bpe",
+    "train_tokenizer",
 ]

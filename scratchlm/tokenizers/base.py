@@ -66,8 +66,7 @@ class Tokenizer(ABC):
 
     @classmethod
     @abstractmethod
-    def _from_definition(cls, d: dict) -> Tokenizer:
-        ...
+    def _from_definition(cls, d: dict) -> Tokenizer: ...
 
     # --- special tokens, the tiktoken way ----------------------------------------------
     @property
@@ -128,7 +127,9 @@ class Tokenizer(ABC):
                     out.append(self._special_by_id[i])
             else:
                 if not 0 <= i < self.vocab_size:
-                    raise ValueError(f"token id {i} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1})")
+                    raise ValueError(
+                        f"token id {i} is outside this tokenizer's vocabulary (0..{self.vocab_size - 1})"
+                    )
                 run.append(i)
         if run:
             out.append(self._decode_ordinary(run))

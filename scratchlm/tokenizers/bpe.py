@@ -46,7 +46,11 @@ def _gpt2_byte_order() -> tuple[list[int], dict[int, str]]:
     Printable Latin-1 bytes stand for themselves; the other 68 (control characters, space, ...)
     are shifted to U+0100 and up so that every byte has a visible, unambiguous character.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     order = printable + [b for b in range(256) if b not in printable]
     to_char = {b: chr(b) for b in printable}
     shifted = [b for b in range(256) if b not in printable]

@@ -92,7 +92,9 @@ def train_bpe(
     pattern = resolve_pattern(pattern)
     if special_tokens:
         # Text that spells a special token is cut there, so its spelling is never learned as merges.
-        splitter = regex.compile("|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)))
+        splitter = regex.compile(
+            "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True))
+        )
         texts = [piece for text in texts for piece in splitter.split(text)]
     counts = count_chunks(texts, pattern, num_workers)
 

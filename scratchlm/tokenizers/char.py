@@ -18,7 +18,9 @@ UNK = "<|unk|>"
 class CharTokenizer(Tokenizer):
     kind = "char"
 
-    def __init__(self, chars: Sequence[str], special_tokens: dict[str, int] | None = None, unknown: str = "error"):
+    def __init__(
+        self, chars: Sequence[str], special_tokens: dict[str, int] | None = None, unknown: str = "error"
+    ):
         if unknown not in ("error", "replace"):
             raise ValueError(f"unknown must be 'error' or 'replace', got {unknown!r}")
         chars = list(chars)
@@ -33,7 +35,9 @@ class CharTokenizer(Tokenizer):
         self.stoi = {c: i for i, c in enumerate(chars)}
 
     @classmethod
-    def train(cls, texts: Iterable[str] | str, special_tokens: Iterable[str] = (), unknown: str = "error") -> CharTokenizer:
+    def train(
+        cls, texts: Iterable[str] | str, special_tokens: Iterable[str] = (), unknown: str = "error"
+    ) -> CharTokenizer:
         """Vocabulary = the sorted characters of ``texts`` (special tokens get ids after them)."""
         if isinstance(texts, str):
             texts = [texts]

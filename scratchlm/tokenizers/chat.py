@@ -70,8 +70,10 @@ class ChatTemplate:
         self.learn_end_of_turn = learn_end_of_turn
         missing = [t for t in (*CHAT_TOKENS, ENDOFTEXT) if t not in tokenizer.special_tokens]
         if missing:
-            raise ValueError(f"the tokenizer has no {missing} special token(s); add them with add_chat_tokens() "
-                             "(and grow the model's vocabulary to match)")
+            raise ValueError(
+                f"the tokenizer has no {missing} special token(s); add them with add_chat_tokens() "
+                "(and grow the model's vocabulary to match)"
+            )
         self.tokenizer = tokenizer
         self.start_id = tokenizer.special_tokens[IM_START]
         self.end_id = tokenizer.special_tokens[IM_END]  # end of turn: what generation stops on
@@ -81,8 +83,10 @@ class ChatTemplate:
             for role in ROLES:
                 tokenizer.encode_ordinary(role + "\n")
         except ValueError as e:  # a character vocabulary without these letters
-            raise ValueError(f"this tokenizer cannot spell the template's role names and newline ({e}); train it on "
-                             "text that contains them") from None
+            raise ValueError(
+                f"this tokenizer cannot spell the template's role names and newline ({e}); train it on "
+                "text that contains them"
+            ) from None
         self._check_piecewise_encoding()
         self.jinja = JINJA_TEMPLATE
 
@@ -131,7 +135,9 @@ class ChatTemplate:
                 raise ValueError(f"token {i}: a turn that never ends (no {IM_END})") from None
             role, sep, content = self.tokenizer.decode(ids[i + 1 : end]).partition("\n")
             if not sep or role not in ROLES:
-                raise ValueError(f"token {i}: a turn must start with a role ({', '.join(ROLES)}) and a newline")
+                raise ValueError(
+                    f"token {i}: a turn must start with a role ({', '.join(ROLES)}) and a newline"
+                )
             messages.append({"role": role, "content": content})
             i = end + 1
             if ids[i : i + len(self._newline)] == self._newline:
@@ -142,31 +148,44 @@ class ChatTemplate:
         """The pieces must meet where the tokenizer cuts anyway (true for the GPT-2, cl100k and o200k
         patterns and for characters); a custom pattern that glues a newline to the next word would
         make our ids differ from the whole string's (Hugging Face's), so it is refused."""
-        samples = [[{"role": "user", "content": content}, {"role": "assistant", "content": content}]
-                   for content in ("x", "The cat, 12 mice", "def f():\n    return 1", "«quoted» ok?", "```py")]
+        samples = [
+            [{"role": "user", "content": content}, {"role": "assistant", "content": content}]
+            for content in ("x", "The cat, 12 mice", "def f():\n    return 1", "«quoted» ok?", "```py")
+        ]
         for messages in samples:
             try:
                 ids = self.render(messages).ids
             except ValueError:  # a character vocabulary without these characters: nothing to compare
                 continue
             if self.tokenizer.encode(self.tokenizer.decode(ids), allowed_special="all") != ids:
-                raise ValueError("this tokenizer's pre-tokenizer joins text across the template's boundaries (a "
-                                 "newline with the next word), so rendering piece by piece would not give the ids of "
-                                 "the whole conversation: use the GPT-2, cl100k or o200k pattern")
+                raise ValueError(
+                    "this tokenizer's pre-tokenizer joins text across the template's boundaries (a "
+                    "newline with the next word), so rendering piece by piece would not give the ids of "
+                    "the whole conversation: use the GPT-2, cl100k or o200k pattern"
+                )
 
     def _refuse_special(self, content: str) -> None:
         for name in self.tokenizer.special_tokens:
             if name in content:
-                raise ValueError(f"message content contains the special token {name!r} as text; it would act as a "
-                                 "turn boundary. Remove it (or escape it) before rendering")
+                raise ValueError(
+                    f"message content contains the special token {name!r} as text; it would act as a "
+                    "turn boundary. Remove it (or escape it) before rendering"
+                )
 
 
 def check_messages(messages) -> None:
     """A conversation is a non-empty list of {"role": system|user|assistant, "content": str}."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}}, got {messages!r:.80}")
+        raise ValueError(
+            f"messages must be a non-empty list of {{'role': ..., 'content': ...}}, got {messages!r:.80}"
+        )
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
+        if (
+            not isinstance(m, dict)
+            or set(m) - {"role", "content", "name"}
+            or "role" not in m
+            or "content" not in m
+        ):
             raise ValueError(f"message {i} must be a {{'role': ..., 'content': ...}} object, got {m!r:.80}")
         if m["role"] not in ROLES:
             raise ValueError(f"message {i}: role must be one of {ROLES}, got {m['role']!r}")

@@ -22,8 +22,13 @@ from scratchlm.tokenizers import train_tokenizer
 
 
 def compare_tokenizers(
-    train_texts: Sequence[str], eval_texts: Sequence[str], *, bpe_vocab_sizes: Sequence[int] = (512, 1024, 2048, 4096),
-    pattern: str = "gpt2", d_model: int = 384, progress: bool = False,
+    train_texts: Sequence[str],
+    eval_texts: Sequence[str],
+    *,
+    bpe_vocab_sizes: Sequence[int] = (512, 1024, 2048, 4096),
+    pattern: str = "gpt2",
+    d_model: int = 384,
+    progress: bool = False,
 ) -> list[dict]:
     """Train char, byte and BPE (one per vocabulary size) tokenizers; measure them on ``eval_texts``."""
     eval_bytes = sum(len(t.encode("utf-8")) for t in eval_texts)
@@ -31,27 +36,35 @@ def compare_tokenizers(
     rows = []
     for kind, vocab_size in specs:
         start = time.perf_counter()
-        tokenizer = train_tokenizer(kind, train_texts, vocab_size=vocab_size, pattern=pattern, unknown="replace"
-                                    if kind == "char" else "error", progress=progress)
+        tokenizer = train_tokenizer(
+            kind,
+            train_texts,
+            vocab_size=vocab_size,
+            pattern=pattern,
+            unknown="replace" if kind == "char" else "error",
+            progress=progress,
+        )
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         ids = [i for text in eval_texts for i in tokenizer.encode_ordinary(text)]
         encode_seconds = time.perf_counter() - start
         unk = tokenizer.special_tokens.get("<|unk|>")
-        rows.append({
-            "tokenizer": kind if kind != "bpe" else f"bpe-{vocab_size}",
-            "kind": kind,
-            "vocab_size": tokenizer.vocab_size,
-            "eval_bytes": eval_bytes,
-            "tokens": len(ids),
-            "bytes_per_token": eval_bytes / max(len(ids), 1),
-            "unknown_tokens": sum(i == unk for i in ids) if unk is not None else 0,
-            "embedding_params": tokenizer.vocab_size * d_model,
-            "embedding_params_untied": 2 * tokenizer.vocab_size * d_model,
-            "d_model": d_model,
-            "train_seconds": train_seconds,
-            "encode_seconds": encode_seconds,
-        })
+        rows.append(
+            {
+                "tokenizer": kind if kind != "bpe" else f"bpe-{vocab_size}",
+                "kind": kind,
+                "vocab_size": tokenizer.vocab_size,
+                "eval_bytes": eval_bytes,
+                "tokens": len(ids),
+                "bytes_per_token": eval_bytes / max(len(ids), 1),
+                "unknown_tokens": sum(i == unk for i in ids) if unk is not None else 0,
+                "embedding_params": tokenizer.vocab_size * d_model,
+                "embedding_params_untied": 2 * tokenizer.vocab_size * d_model,
+                "d_model": d_model,
+                "train_seconds": train_seconds,
+                "encode_seconds": encode_seconds,
+            }
+        )
     return rows
 
 
@@ -59,8 +72,10 @@ def format_table(rows: list[dict]) -> str:
     header = f"{'tokenizer':<11} {'vocab':>6} {'tokens':>9} {'bytes/tok':>9} {'embed params':>13} {'unk':>5}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['tokenizer']:<11} {r['vocab_size']:>6} {r['tokens']:>9,} {r['bytes_per_token']:>9.3f} "
-                     f"{r['embedding_params']:>13,} {r['unknown_tokens']:>5}")
+        lines.append(
+            f"{r['tokenizer']:<11} {r['vocab_size']:>6} {r['tokens']:>9,} {r['bytes_per_token']:>9.3f} "
+            f"{r['embedding_params']:>13,} {r['unknown_tokens']:>5}"
+        )
     return "\n".join(lines)
 
 
@@ -73,8 +88,13 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str = "") -> Path
     vocab = [r["vocab_size"] for r in rows]
     ax.plot(vocab, [r["bytes_per_token"] for r in rows], "o-", color="tab:blue")
     for r in rows:
-        ax.annotate(r["tokenizer"], (r["vocab_size"], r["bytes_per_token"]), textcoords="offset points",
-                    xytext=(4, -12), fontsize=8)
+        ax.annotate(
+            r["tokenizer"],
+            (r["vocab_size"], r["bytes_per_token"]),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("vocabulary size")
     ax.set_ylabel("bytes per token (held-out text)", color="tab:blue")

@@ -32,7 +32,11 @@ from scratchlm.tokenizers.chat import CHAT_TOKENS, IM_END, JINJA_TEMPLATE
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's table: every byte as a printable character (printable ASCII and Latin-1 as
     themselves, the rest shifted past 255), so a byte string becomes a readable string."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -59,7 +63,9 @@ def to_hf_tokenizer(tokenizer: Tokenizer):
         from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError:
-        raise RuntimeError("writing a Hugging Face tokenizer needs the tokenizers package: pip install tokenizers") from None
+        raise RuntimeError(
+            "writing a Hugging Face tokenizer needs the tokenizers package: pip install tokenizers"
+        ) from None
     kind = tokenizer.kind
     if kind in ("bpe", "byte"):
         table = bytes_to_unicode()
@@ -69,11 +75,19 @@ def to_hf_tokenizer(tokenizer: Tokenizer):
         else:
             vocab_bytes, merges = [bytes([b]) for b in range(256)], []
         vocab = {spell(t): i for i, t in enumerate(vocab_bytes)}
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(spell(vocab_bytes[a]), spell(vocab_bytes[b])) for a, b in merges]))
+        hf = HFTokenizer(
+            models.BPE(
+                vocab=vocab, merges=[(spell(vocab_bytes[a]), spell(vocab_bytes[b])) for a, b in merges]
+            )
+        )
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         if kind == "bpe":
-            hf.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(oniguruma_pattern(tokenizer.pattern)), behavior="isolated"), byte_level])
+            hf.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(oniguruma_pattern(tokenizer.pattern)), behavior="isolated"),
+                    byte_level,
+                ]
+            )
         else:
             hf.pre_tokenizer = byte_level
         hf.decoder = decoders.ByteLevel()
@@ -89,11 +103,15 @@ def to_hf_tokenizer(tokenizer: Tokenizer):
     hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in specials])
     for name, i in specials:  # added tokens take the next free ids: ours must be exactly those
         if hf.token_to_id(name) != i:
-            raise ValueError(f"special token {name!r} would get id {hf.token_to_id(name)} in Hugging Face form, not {i}")
+            raise ValueError(
+                f"special token {name!r} would get id {hf.token_to_id(name)} in Hugging Face form, not {i}"
+            )
     return hf
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path, *, model_max_length: int | None = None) -> Path:
+def save_hf_tokenizer(
+    tokenizer: Tokenizer, folder: str | Path, *, model_max_length: int | None = None
+) -> Path:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder`` (with the chat template
     and <|im_end|> as end of sequence when the tokenizer has the chat tokens)."""
     folder = Path(folder)
@@ -109,8 +127,17 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path, *, model_max_len
         "pad_token": ENDOFTEXT if ENDOFTEXT in specials else None,
         "unk_token": "<|unk|>" if getattr(tokenizer, "unknown", None) == "replace" else None,
         "model_max_length": model_max_length or 10**30,
-        "added_tokens_decoder": {str(i): {"content": name, "special": True, "lstrip": False, "rstrip": False,
-                                          "normalized": False, "single_word": False} for name, i in specials.items()},
+        "added_tokens_decoder": {
+            str(i): {
+                "content": name,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for name, i in specials.items()
+        },
     }
     if chat:
         config["chat_template"] = JINJA_TEMPLATE

@@ -60,7 +60,7 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open: the flock lives as long as the run
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -123,13 +123,24 @@ class CheckpointStore:
     def _ours(self, folder: Path) -> bool:
         """A folder this store may delete: one of its names, a real folder (never a link to somewhere
         else), holding a checkpoint that reads."""
-        return not folder.is_symlink() and bool(self.STEP.fullmatch(folder.name) or self.LEGACY.fullmatch(folder.name)) and is_complete(folder)
+        return (
+            not folder.is_symlink()
+            and bool(self.STEP.fullmatch(folder.name) or self.LEGACY.fullmatch(folder.name))
+            and is_complete(folder)
+        )
 
     def pointer(self, name: str) -> Path:
         return self.out / name
 
-    def save(self, names: list[str], weights: dict[str, torch.Tensor], optimizer_state: list[dict],
-             state: dict, tokenizer=None, extra_files: dict[str, bytes] | None = None) -> Path:
+    def save(
+        self,
+        names: list[str],
+        weights: dict[str, torch.Tensor],
+        optimizer_state: list[dict],
+        state: dict,
+        tokenizer=None,
+        extra_files: dict[str, bytes] | None = None,
+    ) -> Path:
         """Write one checkpoint and point each of ``names`` (``last``, ``best``) at it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self._free_name(f"step-{int(state['step']):08d}")
@@ -164,7 +175,9 @@ class CheckpointStore:
 
     def _referenced(self) -> set[str]:
         """Names of the folders under ``checkpoints/`` that a pointer names."""
-        return {Path(os.readlink(self.pointer(n))).name for n in self.POINTERS if self.pointer(n).is_symlink()}
+        return {
+            Path(os.readlink(self.pointer(n))).name for n in self.POINTERS if self.pointer(n).is_symlink()
+        }
 
     def _delete(self, folder: Path) -> None:
         trash = self.folder / f".trash-{folder.name}-{os.getpid()}"
@@ -187,13 +200,22 @@ class CheckpointStore:
         """Folders under checkpoints/ with a checkpoint name that do not read as a checkpoint."""
         if not self.folder.is_dir():
             return []
-        return sorted(f for f in self.folder.iterdir()
-                      if (self.STEP.fullmatch(f.name) or self.LEGACY.fullmatch(f.name)) and not is_complete(f))
+        return sorted(
+            f
+            for f in self.folder.iterdir()
+            if (self.STEP.fullmatch(f.name) or self.LEGACY.fullmatch(f.name)) and not is_complete(f)
+        )
 
     def run_summary(self) -> str | None:
         """What a previous run left here ("last -> step-00000500, best -> ..."), or None if nothing."""
-        parts = [f"{n} -> {os.readlink(self.pointer(n))}" for n in self.POINTERS if self.pointer(n).is_symlink()]
-        if not parts and self.folder.is_dir() and any(self.STEP.fullmatch(f.name) for f in self.folder.iterdir()):
+        parts = [
+            f"{n} -> {os.readlink(self.pointer(n))}" for n in self.POINTERS if self.pointer(n).is_symlink()
+        ]
+        if (
+            not parts
+            and self.folder.is_dir()
+            and any(self.STEP.fullmatch(f.name) for f in self.folder.iterdir())
+        ):
             parts.append(f"checkpoints in {self.folder}")
         return ", ".join(parts) or None
 
@@ -245,15 +267,20 @@ class CheckpointStore:
         for leftover in sorted(self.out.iterdir()):
             name = leftover.name
             last = self.pointer("last")
-            if (self.LEGACY_OLD.fullmatch(name) or self.LEGACY_TMP.fullmatch(name)) and leftover.is_dir() \
-                    and not leftover.is_symlink():
+            if (
+                (self.LEGACY_OLD.fullmatch(name) or self.LEGACY_TMP.fullmatch(name))
+                and leftover.is_dir()
+                and not leftover.is_symlink()
+            ):
                 # scratchlm < 0.2 saved by renaming last to .last.old-PID, then .last.tmp-PID to last.
                 if not last.exists() and not last.is_symlink() and is_complete(leftover):
                     os.rename(leftover, last)  # killed between the two renames: put a complete copy back
                     done.append(f"restored {last} from {name}")
                     continue
                 if not is_complete(last):  # nothing better exists: keep it for a person to look at
-                    done.append(f"warning: kept {name}: {last.name} does not read, and this may be the only copy")
+                    done.append(
+                        f"warning: kept {name}: {last.name} does not read, and this may be the only copy"
+                    )
                     continue
                 shutil.rmtree(leftover, ignore_errors=True)
             elif self.TEMP_LINK.fullmatch(name) and leftover.is_symlink():
@@ -263,8 +290,11 @@ class CheckpointStore:
             done.append(f"removed {name}")
         if self.folder.is_dir():
             for leftover in sorted(self.folder.iterdir()):
-                if (self.TEMP_FOLDER.fullmatch(leftover.name) or self.TRASH.fullmatch(leftover.name)) \
-                        and leftover.is_dir() and not leftover.is_symlink():
+                if (
+                    (self.TEMP_FOLDER.fullmatch(leftover.name) or self.TRASH.fullmatch(leftover.name))
+                    and leftover.is_dir()
+                    and not leftover.is_symlink()
+                ):
                     shutil.rmtree(leftover, ignore_errors=True)
                     done.append(f"removed checkpoints/{leftover.name}")
         for name in self.POINTERS:
@@ -274,13 +304,20 @@ class CheckpointStore:
                 done.append(f"moved the folder {name} into checkpoints/")
             elif link.is_symlink() and not link.exists():
                 link.unlink()
-                done.append(f"removed {name}, which pointed at {os.readlink(link)}, a folder that does not exist")
+                done.append(
+                    f"removed {name}, which pointed at {os.readlink(link)}, a folder that does not exist"
+                )
             elif link.is_symlink() and not is_complete(link):
-                done.append(f"warning: {name} points at {os.readlink(link)}, which does not read as a checkpoint of "
-                            "this version; it is left untouched (resuming from it will say why)")
+                done.append(
+                    f"warning: {name} points at {os.readlink(link)}, which does not read as a checkpoint of "
+                    "this version; it is left untouched (resuming from it will say why)"
+                )
         if not self.pointer("best").is_symlink():  # killed while adopting a legacy best: finish the job
-            orphans = [f for f in self.complete_folders() if self.LEGACY.fullmatch(f.name) and "best" in f.name
-                       and f.name not in self._referenced()]
+            orphans = [
+                f
+                for f in self.complete_folders()
+                if self.LEGACY.fullmatch(f.name) and "best" in f.name and f.name not in self._referenced()
+            ]
             if orphans:
                 self._point("best", orphans[-1])
                 done.append(f"pointed best at {orphans[-1].name}")
@@ -292,13 +329,17 @@ class CheckpointStore:
         fsync_dir(self.out)
         self.collect_garbage()
         for bad in self.unreadable():
-            done.append(f"warning: {bad} does not read as a checkpoint of this version; it is kept, not deleted")
+            done.append(
+                f"warning: {bad} does not read as a checkpoint of this version; it is kept, not deleted"
+            )
         for message in done:
             (log or (lambda m: None))(f"checkpoint recovery in {self.out}: {message}")
         return done
 
 
-def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state: dict, sharded: bool = False) -> None:
+def load_optimizers(
+    path: str | Path, model: torch.nn.Module, optimizers, state: dict, sharded: bool = False
+) -> None:
     """Each optimizer's saved state into this run's optimizers, matched by parameter name.
 
     The names are checked first, on one process as under FSDP: the checkpoint's parameter groups
@@ -309,7 +350,9 @@ def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state:
     """
     tensors = load_tensors(Path(path), "optimizer.safetensors")
     if len(state["optimizers"]) != len(optimizers):
-        raise FormatError(f"{path}: checkpoint has {len(state['optimizers'])} optimizers, this run builds {len(optimizers)}")
+        raise FormatError(
+            f"{path}: checkpoint has {len(state['optimizers'])} optimizers, this run builds {len(optimizers)}"
+        )
     full = []
     for i, (meta, opt) in enumerate(zip(state["optimizers"], optimizers)):
         dropped = set(meta.get("dropped", ()))
@@ -328,18 +371,26 @@ def load_optimizers(path: str | Path, model: torch.nn.Module, optimizers, state:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         for opt, sd in zip(optimizers, full):
-            set_optimizer_state_dict(model, opt, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(
+                model, opt, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True)
+            )
         return
     for opt, sd in zip(optimizers, full):
         order = [n for g in sd["param_groups"] for n in g["params"]]
         index = {n: i for i, n in enumerate(order)}
-        opt.load_state_dict({
-            "state": {index[n]: st for n, st in sd["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]],
-        })
+        opt.load_state_dict(
+            {
+                "state": {index[n]: st for n, st in sd["state"].items()},
+                "param_groups": [
+                    {**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]
+                ],
+            }
+        )
 
 
-def _check_optimizer_names(path, i: int, model: torch.nn.Module, opt, groups: list[dict], per_param: dict) -> None:
+def _check_optimizer_names(
+    path, i: int, model: torch.nn.Module, opt, groups: list[dict], per_param: dict
+) -> None:
     """The saved groups' parameter names (``optimizer_states``'s: ``model.named_parameters()``'s,
     sharded or not) against the parameters ``opt`` holds: a clear error naming what differs."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -347,17 +398,27 @@ def _check_optimizer_names(path, i: int, model: torch.nn.Module, opt, groups: li
     saved = [list(g["params"]) for g in groups]
     stray = sorted(set(per_param) - {n for g in saved for n in g})
     if stray:
-        raise FormatError(f"{path}: optimizer {i}'s state holds parameters no parameter group of it lists: {stray[:5]}")
+        raise FormatError(
+            f"{path}: optimizer {i}'s state holds parameters no parameter group of it lists: {stray[:5]}"
+        )
     if saved == current:
         return
     have, had = {n for g in current for n in g}, {n for g in saved for n in g}
     if had - set(names.values()):
-        raise FormatError(f"{path}: optimizer state names parameters this model lacks: {sorted(had - set(names.values()))[:5]}")
+        raise FormatError(
+            f"{path}: optimizer state names parameters this model lacks: {sorted(had - set(names.values()))[:5]}"
+        )
     if had - have:
-        raise FormatError(f"{path}: optimizer {i}'s state covers parameters this run does not train (frozen now): "
-                          f"{sorted(had - have)[:5]}; resume with the settings the checkpoint was trained with")
+        raise FormatError(
+            f"{path}: optimizer {i}'s state covers parameters this run does not train (frozen now): "
+            f"{sorted(had - have)[:5]}; resume with the settings the checkpoint was trained with"
+        )
     if have - had:
-        raise FormatError(f"{path}: this run trains parameters optimizer {i}'s saved state lacks: {sorted(have - had)[:5]}; "
-                          "resume with the settings the checkpoint was trained with")
-    raise FormatError(f"{path}: optimizer {i}'s parameters are grouped or ordered differently than in the checkpoint "
-                      f"(saved group sizes {[len(g) for g in saved]}, this run's {[len(g) for g in current]})")
+        raise FormatError(
+            f"{path}: this run trains parameters optimizer {i}'s saved state lacks: {sorted(have - had)[:5]}; "
+            "resume with the settings the checkpoint was trained with"
+        )
+    raise FormatError(
+        f"{path}: optimizer {i}'s parameters are grouped or ordered differently than in the checkpoint "
+        f"(saved group sizes {[len(g) for g in saved]}, this run's {[len(g) for g in current]})"
+    )

@@ -18,14 +18,24 @@ _TRAIN_RULES = {
     "max_steps": Rule(min=1),
     "max_minutes": Rule(above=0),
     "optimizer": Rule(choices=("adamw", "muon")),
-    "lr": Rule(min=0), "min_lr": Rule(min=0), "warmup_steps": Rule(min=0), "weight_decay": Rule(min=0),
-    "beta1": _UNIT, "beta2": _UNIT, "muon_lr": Rule(min=0), "muon_momentum": _UNIT,
+    "lr": Rule(min=0),
+    "min_lr": Rule(min=0),
+    "warmup_steps": Rule(min=0),
+    "weight_decay": Rule(min=0),
+    "beta1": _UNIT,
+    "beta2": _UNIT,
+    "muon_lr": Rule(min=0),
+    "muon_momentum": _UNIT,
     "grad_clip": Rule(min=0, why="0 turns clipping off"),
     "eval_interval": Rule(min=1, why="evaluate and save every N steps"),
-    "eval_windows": Rule(min=1), "target_loss": Rule(min=0), "patience": Rule(min=1, why="evaluations"),
-    "sample_tokens": Rule(min=0, why="0 turns samples off"), "log_interval": Rule(min=1),
+    "eval_windows": Rule(min=1),
+    "target_loss": Rule(min=0),
+    "patience": Rule(min=1, why="evaluations"),
+    "sample_tokens": Rule(min=0, why="0 turns samples off"),
+    "log_interval": Rule(min=1),
     "seed": Rule(min=0, max=2**63 - 1, why="torch.manual_seed takes a 64-bit integer"),
-    "strategy": Rule(choices=("ddp", "fsdp")), "peak_tflops": Rule(above=0),
+    "strategy": Rule(choices=("ddp", "fsdp")),
+    "peak_tflops": Rule(above=0),
 }
 
 
@@ -41,7 +51,9 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW learning rate (peak)
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    weight_decay: float = 0.1  # decoupled: each step shrinks a weight by lr x weight_decay (muon_lr x it under Muon)
+    weight_decay: float = (
+        0.1  # decoupled: each step shrinks a weight by lr x weight_decay (muon_lr x it under Muon)
+    )
     beta1: float = 0.9
     beta2: float = 0.99
     muon_lr: float = 0.02  # Muon's learning rate for the hidden matrices (AdamW's lr for the rest)
@@ -55,7 +67,9 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     device: str | None = None
-    strategy: str = "ddp"  # with several processes: ddp (replicate) | fsdp (shard parameters, gradients, optimizer state)
+    strategy: str = (
+        "ddp"  # with several processes: ddp (replicate) | fsdp (shard parameters, gradients, optimizer state)
+    )
     compile: bool = False
     activation_checkpointing: bool = False
     tensorboard: bool = False
@@ -68,8 +82,10 @@ class TrainConfig:
         if self.device is not None and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
         if self.min_lr > self.lr:
-            raise ConfigError(f"train.min_lr = {self.min_lr:g} is above train.lr = {self.lr:g}: the schedule decays "
-                              "from lr down to min_lr; lower min_lr")
+            raise ConfigError(
+                f"train.min_lr = {self.min_lr:g} is above train.lr = {self.lr:g}: the schedule decays "
+                "from lr down to min_lr; lower min_lr"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

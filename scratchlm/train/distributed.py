@@ -164,9 +164,11 @@ def rng_from_json(text: str) -> torch.Tensor:
 
 def rng_state(device: torch.device, loader_generator: torch.Generator) -> dict:
     """This rank's random streams: CPU (dropout on CPU), its own GPU's, and the loader's."""
-    return {"torch": rng_to_json(torch.get_rng_state()),
-            "loader": rng_to_json(loader_generator.get_state()),
-            "cuda": rng_to_json(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None}
+    return {
+        "torch": rng_to_json(torch.get_rng_state()),
+        "loader": rng_to_json(loader_generator.get_state()),
+        "cuda": rng_to_json(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None,
+    }
 
 
 def set_rng_state(saved: dict, device: torch.device, loader_generator: torch.Generator) -> None:

@@ -35,14 +35,15 @@ class MetricsLog:
         if fresh:
             with atomic_write(out / "metrics.jsonl", "w"):
                 pass
-        self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - the log's lifetime; close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 self.file.close()
-                raise RuntimeError("train.tensorboard needs the tensorboard package: "
-                                   "pip install tensorboard") from None
+                raise RuntimeError(
+                    "train.tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def record(self, entry: dict) -> None:
@@ -65,18 +66,38 @@ class MetricsLog:
 class StepMetrics:
     """The steps whose numbers are still on the device, logged by :meth:`flush` in one transfer."""
 
-    def __init__(self, log: MetricsLog, device: torch.device, tokens_per_step: int, flops_per_token: float,
-                 peak_tflops: float | None):
+    def __init__(
+        self,
+        log: MetricsLog,
+        device: torch.device,
+        tokens_per_step: int,
+        flops_per_token: float,
+        peak_tflops: float | None,
+    ):
         self.log, self.device = log, device
         self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_tflops
         self.pending: list[dict] = []
         self.interval_start = time.perf_counter()
 
-    def add(self, step: int, lr: float, seconds: float, loss: torch.Tensor, grad_norm: torch.Tensor,
-            extras: dict[str, torch.Tensor]) -> None:
-        self.pending.append({"step": step, "loss": loss, "grad_norm": grad_norm.detach().float(), "lr": lr,
-                             "seconds": seconds, "extras": {k: v.detach().float().reshape(()).to(self.device)
-                                                            for k, v in extras.items()}})
+    def add(
+        self,
+        step: int,
+        lr: float,
+        seconds: float,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        extras: dict[str, torch.Tensor],
+    ) -> None:
+        self.pending.append(
+            {
+                "step": step,
+                "loss": loss,
+                "grad_norm": grad_norm.detach().float(),
+                "lr": lr,
+                "seconds": seconds,
+                "extras": {k: v.detach().float().reshape(()).to(self.device) for k, v in extras.items()},
+            }
+        )
 
     def flush(self, non_finite) -> dict | None:
         """Read the pending steps' numbers from the device in one transfer, check them, log them.
@@ -89,8 +110,13 @@ class StepMetrics:
         if not pending:
             return None
         names = sorted(pending[0]["extras"])  # a method's own per-step numbers (DPO's rewards, ...)
-        values = torch.stack([torch.stack([p["loss"], p["grad_norm"], *(p["extras"][k] for k in names)])
-                              for p in pending]).double().tolist()
+        values = (
+            torch.stack(
+                [torch.stack([p["loss"], p["grad_norm"], *(p["extras"][k] for k in names)]) for p in pending]
+            )
+            .double()
+            .tolist()
+        )
         now = time.perf_counter()
         tokens_per_second = self.tokens_per_step * len(pending) / max(now - self.interval_start, 1e-9)
         achieved = self.flops_per_token * tokens_per_second / 1e12
@@ -98,10 +124,19 @@ class StepMetrics:
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 pending.clear()
                 raise non_finite(entry["step"], entry["lr"], loss, grad_norm)
-            self.log.record({"step": entry["step"], "loss": loss, "lr": entry["lr"], "grad_norm": grad_norm,
-                             **dict(zip(names, extras)), "tokens_per_second": tokens_per_second,
-                             "tflops": achieved, "mfu": achieved / self.peak if self.peak else None,
-                             "seconds": entry["seconds"]})
+            self.log.record(
+                {
+                    "step": entry["step"],
+                    "loss": loss,
+                    "lr": entry["lr"],
+                    "grad_norm": grad_norm,
+                    **dict(zip(names, extras)),
+                    "tokens_per_second": tokens_per_second,
+                    "tflops": achieved,
+                    "mfu": achieved / self.peak if self.peak else None,
+                    "seconds": entry["seconds"],
+                }
+            )
         last = {"loss": values[-1][0], "lr": pending[-1]["lr"], "tokens_per_second": tokens_per_second}
         pending.clear()
         self.interval_start = now
@@ -140,8 +175,10 @@ def truncate_metrics(metrics: Path, step: int, log) -> None:
             if number >= len(lines) - 1:  # the final line (possibly without its newline): torn by a kill
                 log(f"{metrics}: dropped a torn last line (line {number}) left by an interrupted run")
                 continue
-            raise FormatError(f"{metrics}, line {number}: not a JSON record ({line[:60]!r}); the log is "
-                              "damaged: delete that line (or the file) and resume again") from None
+            raise FormatError(
+                f"{metrics}, line {number}: not a JSON record ({line[:60]!r}); the log is "
+                "damaged: delete that line (or the file) and resume again"
+            ) from None
         if record.get("step", 0) <= step:
             kept.append(line)
     with atomic_write(metrics, "w") as f:
@@ -182,5 +219,9 @@ def read_evaluations(out_dir: str | Path, key: str) -> list[dict]:
     """The evaluation records of a run's ``metrics.jsonl`` that carry ``key`` (rank 0 writes the file:
     on other machines of a multi-machine run it may not be there, and then there are none)."""
     metrics = Path(out_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    records = (
+        [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if metrics.exists()
+        else []
+    )
     return [r for r in records if key in r]

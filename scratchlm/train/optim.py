@@ -22,7 +22,9 @@ def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     # 1 x d, nothing for Muon to orthogonalise) go to AdamW, and so does an MoE router (a few
     # rows whose scale sets how peaked routing is). A stack of experts' matrices (E, rows, cols)
     # is E hidden matrices: each is orthogonalised on its own.
-    if name.endswith("router.weight") or name.startswith(("tok_emb", "pos_emb", "lm_head", "score", "value_head")):
+    if name.endswith("router.weight") or name.startswith(
+        ("tok_emb", "pos_emb", "lm_head", "score", "value_head")
+    ):
         return False
     return p.dim() == 2 or (p.dim() == 3 and ".experts_" in name)
 
@@ -68,7 +70,9 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 class Muon(torch.optim.Optimizer):
     """SGD-momentum (Nesterov) whose update is orthogonalized by :func:`newton_schulz`."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5):
+    def __init__(
+        self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5
+    ):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
 
     @torch.no_grad()
@@ -83,7 +87,9 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
-                by_shape.setdefault(tuple(p.shape), []).append((p, p.grad.lerp(buf, group["momentum"])))  # Nesterov
+                by_shape.setdefault(tuple(p.shape), []).append(
+                    (p, p.grad.lerp(buf, group["momentum"]))
+                )  # Nesterov
             for shape, items in by_shape.items():
                 # Same-shaped matrices (one per layer) are orthogonalized in one batched call.
                 updates = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"])
@@ -111,8 +117,15 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
         (hidden if _is_hidden_matrix(name, p) and id(p) not in vectors else rest).append((name, p))
     # Decoupled weight decay on the hidden matrices too (p <- p * (1 - lr * wd), as in Moonlight's
     # Muon): without it train.weight_decay would reach only the embeddings.
-    muon = Muon([p for _, p in hidden], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
-    groups = [{"params": [p for _, p in rest if p.dim() >= 2 and id(p) not in vectors], "weight_decay": cfg.weight_decay},
-              {"params": [p for _, p in rest if p.dim() < 2 or id(p) in vectors], "weight_decay": 0.0}]
+    muon = Muon(
+        [p for _, p in hidden], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay
+    )
+    groups = [
+        {
+            "params": [p for _, p in rest if p.dim() >= 2 and id(p) not in vectors],
+            "weight_decay": cfg.weight_decay,
+        },
+        {"params": [p for _, p in rest if p.dim() < 2 or id(p) in vectors], "weight_decay": 0.0},
+    ]
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
     return [adamw, muon]

@@ -36,7 +36,6 @@ uneven stages (every stage takes the same F, B and W), and the optimizer step.
 from __future__ import annotations
 
 import math
-
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -87,20 +86,43 @@ class Timeline:
         return [self.total_time - b for b in self.busy]
 
     def to_dict(self, events: bool = True) -> dict:
-        out = {"schedule": self.schedule, "stages": self.stages, "chunks": self.chunks, "times": self.times,
-               "total_time": self.total_time, "bubble": self.bubble, "max_bubble": max(self.bubble),
-               "table2_bubble": table2_bubble(self.schedule, self.stages, **self.times),
-               "table2_conditions_hold": table2_conditions_hold(self.schedule, self.stages, self.chunks, **self.times),
-               "parameter_memory": self.parameter_memory, "activation_memory": self.activation_memory}
+        out = {
+            "schedule": self.schedule,
+            "stages": self.stages,
+            "chunks": self.chunks,
+            "times": self.times,
+            "total_time": self.total_time,
+            "bubble": self.bubble,
+            "max_bubble": max(self.bubble),
+            "table2_bubble": table2_bubble(self.schedule, self.stages, **self.times),
+            "table2_conditions_hold": table2_conditions_hold(
+                self.schedule, self.stages, self.chunks, **self.times
+            ),
+            "parameter_memory": self.parameter_memory,
+            "activation_memory": self.activation_memory,
+        }
         if events:
-            out["events"] = [{"rank": e.rank, "kind": e.kind, "start": e.start, "end": e.end,
-                              "tasks": [[t.op, t.microbatch, t.stage, t.direction] for t in e.tasks]}
-                             for e in self.events]
+            out["events"] = [
+                {
+                    "rank": e.rank,
+                    "kind": e.kind,
+                    "start": e.start,
+                    "end": e.end,
+                    "tasks": [[t.op, t.microbatch, t.stage, t.direction] for t in e.tasks],
+                }
+                for e in self.events
+            ]
         return out
 
 
-def table2_bubble(schedule: str, stages: int, forward: float, backward_input: float, backward_weight: float,
-                  overlap: float | None = None) -> float:
+def table2_bubble(
+    schedule: str,
+    stages: int,
+    forward: float,
+    backward_input: float,
+    backward_weight: float,
+    overlap: float | None = None,
+) -> float:
     """The DeepSeek-V3 report's Table 2 formula (its B is the full backward), to compare with."""
     P, F, B, W = stages, forward, backward_input + backward_weight, backward_weight
     if schedule == "dualpipe":
@@ -108,8 +130,15 @@ def table2_bubble(schedule: str, stages: int, forward: float, backward_input: fl
     return (P - 1) * (F + B - (2 * W if schedule == "zb1p" else 0))
 
 
-def table2_conditions_hold(schedule: str, stages: int, chunks: int, forward: float, backward_input: float,
-                           backward_weight: float, overlap: float | None = None) -> bool:
+def table2_conditions_hold(
+    schedule: str,
+    stages: int,
+    chunks: int,
+    forward: float,
+    backward_input: float,
+    backward_weight: float,
+    overlap: float | None = None,
+) -> bool:
     """Whether the simulated schedule is one Table 2's formula describes exactly (docs: conditions):
     1F1B always; ZB1P with chunks >= P and W <= F, W <= B; DualPipe with F = B and W <= F (B: the
     backward for inputs)."""
@@ -117,12 +146,13 @@ def table2_conditions_hold(schedule: str, stages: int, chunks: int, forward: flo
     if schedule == "1f1b":
         return True
     if schedule == "zb1p":
-        return chunks >= stages and W <= F and W <= Bi
+        return chunks >= stages and W <= F and Bi >= W
     return math.isclose(F, Bi) and W <= F
 
 
 # --- the programs: what each rank runs, in order ---------------------------------------------------
 # A program is a list of slots (kind, tasks); a slot with several tasks runs them as one event.
+
 
 def one_f_one_b(stages: int, chunks: int, rank: int, split_w: bool = False) -> list:
     """1F1B: P-rank-1 warm-up forwards, then one forward and one backward in turn, then the last
@@ -214,6 +244,7 @@ def dualpipe(stages: int, chunks: int, rank: int) -> list:
 
 # --- the simulator -----------------------------------------------------------------------------------
 
+
 def dependencies(task: Task, stages: int) -> list[Task]:
     """The tasks that must have finished before ``task`` may start."""
     i, k, d = task.microbatch, task.stage, task.direction
@@ -230,25 +261,40 @@ def check_arguments(schedule: str, stages: int, chunks: int, times: dict[str, fl
     if stages < 1 or chunks < 1:
         raise ValueError(f"--stages {stages} --chunks {chunks}: expected at least 1 stage and 1 micro-batch")
     if schedule == "dualpipe" and (stages % 2 or chunks % 2 or chunks < 2 * stages):
-        raise ValueError(f"dualpipe with --stages {stages} --chunks {chunks}: expected an even number of stages "
-                         f"and an even number of chunks, at least 2 x stages = {2 * stages} (half enter at each end)")
+        raise ValueError(
+            f"dualpipe with --stages {stages} --chunks {chunks}: expected an even number of stages "
+            f"and an even number of chunks, at least 2 x stages = {2 * stages} (half enter at each end)"
+        )
     for name, value in times.items():
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"--{name.replace('_', '-')} {value}: expected a finite time >= 0")
     if not times.get("forward", 0) + times.get("backward_input", 0) + times.get("backward_weight", 0) > 0:
-        raise ValueError("--forward, --backward-input and --backward-weight are all 0: give the work some duration")
+        raise ValueError(
+            "--forward, --backward-input and --backward-weight are all 0: give the work some duration"
+        )
 
 
-def simulate(schedule: str, stages: int, chunks: int, forward: float = 1.0, backward_input: float = 1.0,
-             backward_weight: float = 1.0, overlap: float | None = None) -> Timeline:
+def simulate(
+    schedule: str,
+    stages: int,
+    chunks: int,
+    forward: float = 1.0,
+    backward_input: float = 1.0,
+    backward_weight: float = 1.0,
+    overlap: float | None = None,
+) -> Timeline:
     """Run ``schedule`` on ``stages`` ranks with ``chunks`` micro-batches and time every event.
 
     ``overlap`` is the time of DualPipe's F&B pair (a forward and a full backward). By default it
     is ``forward + backward_input + backward_weight``: the pair gains nothing from running together.
     In a real system it hides the communication of each half behind the other's computation.
     """
-    times = {"forward": forward, "backward_input": backward_input, "backward_weight": backward_weight,
-             "overlap": overlap}
+    times = {
+        "forward": forward,
+        "backward_input": backward_input,
+        "backward_weight": backward_weight,
+        "overlap": overlap,
+    }
     check_arguments(schedule, stages, chunks, times)
     if overlap is not None and schedule != "dualpipe":
         raise ValueError(f"--overlap is the time of DualPipe's F&B pair; {schedule} has none")
@@ -257,12 +303,18 @@ def simulate(schedule: str, stages: int, chunks: int, forward: float = 1.0, back
         if overlap is None:
             overlap = times["overlap"] = forward + full_backward
         if overlap < max(forward, full_backward):
-            raise ValueError(f"--overlap {overlap}: expected at least max(F, B+W) = {max(forward, full_backward)}: "
-                             "a forward and a full backward run together take at least as long as the longer one")
+            raise ValueError(
+                f"--overlap {overlap}: expected at least max(F, B+W) = {max(forward, full_backward)}: "
+                "a forward and a full backward run together take at least as long as the longer one"
+            )
     duration = {"F": forward, "B": backward_input, "W": backward_weight, "B+W": full_backward, "F&B": overlap}
 
-    todo = [dualpipe(stages, chunks, r) if schedule == "dualpipe"
-            else one_f_one_b(stages, chunks, r, split_w=schedule == "zb1p") for r in range(stages)]
+    todo = [
+        dualpipe(stages, chunks, r)
+        if schedule == "dualpipe"
+        else one_f_one_b(stages, chunks, r, split_w=schedule == "zb1p")
+        for r in range(stages)
+    ]
     finished: dict[Task, float] = {}
     rank_free, position, events = [0.0] * stages, [0] * stages, []
     while any(position[r] < len(todo[r]) for r in range(stages)):
@@ -290,14 +342,17 @@ def measure(timeline: Timeline) -> Timeline:
     timeline.total_time = max(e.end for e in timeline.events)
     timeline.busy = [sum(e.end - e.start for e in events) for events in per_rank]
     # Parameters: the distinct stages (model chunks) a rank computes, in units of one stage.
-    timeline.parameter_memory = [len({(t.stage, t.direction) for e in events for t in e.tasks})
-                                 for events in per_rank]
+    timeline.parameter_memory = [
+        len({(t.stage, t.direction) for e in events for t in e.tasks}) for events in per_rank
+    ]
     # Activations: a micro-batch's activations live from the start of its F to the end of its W.
     # At equal times a release (0) sorts before a new forward (1): freed memory is reused at once.
     timeline.activation_memory = []
     for events in per_rank:
-        changes = sorted([(e.start, 1) for e in events for t in e.tasks if t.op == "F"]
-                         + [(e.end, 0) for e in events for t in e.tasks if t.op == "W"])
+        changes = sorted(
+            [(e.start, 1) for e in events for t in e.tasks if t.op == "F"]
+            + [(e.end, 0) for e in events for t in e.tasks if t.op == "W"]
+        )
         held = peak = 0
         for _, grows in changes:
             held += 1 if grows else -1
@@ -323,7 +378,9 @@ def plot_timeline(timeline: Timeline, path) -> None:
     fig, ax = plt.subplots(figsize=(min(24.0, max(8.0, 0.22 * T)), 0.45 * timeline.stages + 1.5))
 
     def box(rank, start, length, op, label, y=0.0, height=0.84):
-        ax.barh(rank + y, length, left=start, height=height, color=COLORS[op], edgecolor="black", linewidth=0.5)
+        ax.barh(
+            rank + y, length, left=start, height=height, color=COLORS[op], edgecolor="black", linewidth=0.5
+        )
         ax.text(start + length / 2, rank + y, label, ha="center", va="center", fontsize=6)
 
     for e in timeline.events:
@@ -341,13 +398,24 @@ def plot_timeline(timeline: Timeline, path) -> None:
     ax.set_yticks(range(timeline.stages), [f"rank {r}" for r in range(timeline.stages)])
     ax.set_xlabel("time")
     overlap = f", F&B={t['overlap']:g}" if timeline.schedule == "dualpipe" else ""
-    ax.set_title(f"{timeline.schedule}: {timeline.stages} stages, {timeline.chunks} micro-batches, "
-                 f"F={t['forward']:g} B={t['backward_input']:g} W={t['backward_weight']:g}{overlap}: "
-                 f"total {T:g}, bubble per rank {max(timeline.bubble):g}", fontsize=9)
+    ax.set_title(
+        f"{timeline.schedule}: {timeline.stages} stages, {timeline.chunks} micro-batches, "
+        f"F={t['forward']:g} B={t['backward_input']:g} W={t['backward_weight']:g}{overlap}: "
+        f"total {T:g}, bubble per rank {max(timeline.bubble):g}",
+        fontsize=9,
+    )
     names = {"F": "forward F", "B": "backward for input B", "W": "backward for weights W"}
     handles = [Patch(facecolor=COLORS[k], edgecolor="black", label=names[k]) for k in names]
     if timeline.schedule == "dualpipe":
-        handles.append(Patch(facecolor="white", edgecolor="black", label="F&B: top F, bottom B+W, overlapped"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(handles), fontsize=7,
-              frameon=False)
+        handles.append(
+            Patch(facecolor="white", edgecolor="black", label="F&B: top F, bottom B+W, overlapped")
+        )
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.15),
+        ncol=len(handles),
+        fontsize=7,
+        frameon=False,
+    )
     save_figure(fig, path)

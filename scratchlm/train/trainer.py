@@ -53,13 +53,20 @@ from scratchlm.io import FormatError
 from scratchlm.models.checkpoint import load_weights, model_state, read_state
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.models.presets import config_from_section
 from scratchlm.models.loss import token_nll
+from scratchlm.models.presets import config_from_section
 from scratchlm.tokenizers import load_tokenizer
 from scratchlm.train.checkpoint import CheckpointStore, RunLock, load_optimizers, optimizer_states
 from scratchlm.train.config import TrainConfig
-from scratchlm.train.distributed import (Ranks, block_units, init_distributed, rng_state, rng_states_by_rank,
-                                         sample_in_lockstep, set_rng_state)
+from scratchlm.train.distributed import (
+    Ranks,
+    block_units,
+    init_distributed,
+    rng_state,
+    rng_states_by_rank,
+    sample_in_lockstep,
+    set_rng_state,
+)
 from scratchlm.train.metrics import MetricsLog, StepMetrics, peak_tflops, plot_losses, truncate_metrics
 from scratchlm.train.optim import build_optimizers
 from scratchlm.train.schedule import lr_at
@@ -77,7 +84,9 @@ class _Progress:
     # evaluation (at a time limit) must not change when an uninterrupted run would stop.
     patience_best: float = float("inf")
     evals_without_improvement: int = 0
-    eval_pending: bool = False  # stopped by a signal on a scheduled-eval step: the resumed run evaluates first
+    eval_pending: bool = (
+        False  # stopped by a signal on a scheduled-eval step: the resumed run evaluates first
+    )
 
     def add_evaluation(self, val: float, scheduled: bool) -> bool:
         """Count one validation loss; True when it is the best so far."""
@@ -113,8 +122,16 @@ class Trainer:
     ``_loss``, ``evaluate``, ``sample``, ``_checkpoint_weights``, ``_checkpoint_extras``,
     ``_state_dict``, ``_check_resumable``, ``_resume``. :meth:`train` runs the loop."""
 
-    def __init__(self, model_section: dict, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-                 log=None, overwrite: bool = False):
+    def __init__(
+        self,
+        model_section: dict,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        log=None,
+        overwrite: bool = False,
+    ):
         cfg.data = str(Path(cfg.data).resolve())  # checkpoints then find their data from any directory
         self.cfg, self.progress_bar = cfg, progress
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -123,14 +140,17 @@ class Trainer:
         self.ranks = Ranks(self.rank, self.world_size, self.device)
         self.out = Path(cfg.out_dir)
         if cfg.warmup_steps > cfg.max_steps and self.is_main:  # fine for a smoke run, a mistake otherwise
-            self.log(f"warning: train.warmup_steps = {cfg.warmup_steps} is more than train.max_steps = "
-                     f"{cfg.max_steps}: the learning rate never reaches train.lr = {cfg.lr:g}")
+            self.log(
+                f"warning: train.warmup_steps = {cfg.warmup_steps} is more than train.max_steps = "
+                f"{cfg.max_steps}: the learning rate never reaches train.lr = {cfg.lr:g}"
+            )
         self.store = CheckpointStore(self.out)
         self.lock = None
         self._prepare_data(model_section)
         try:
-            self._on_rank0_then_all(lambda: self._claim_run(resume, overwrite),
-                                    "the output folder cannot be used")
+            self._on_rank0_then_all(
+                lambda: self._claim_run(resume, overwrite), "the output folder cannot be used"
+            )
             self._build(resume)
         except BaseException:
             if self.lock:
@@ -143,18 +163,28 @@ class Trainer:
         whose state a checkpoint keeps) and the validation data."""
         data = Path(self.cfg.data)
         if not (data / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{data}: not a shards folder (no tokenizer.json); run `scratchlm data tokenize` first")
+            raise FileNotFoundError(
+                f"{data}: not a shards folder (no tokenizer.json); run `scratchlm data tokenize` first"
+            )
         self.tokenizer = load_tokenizer(data / "tokenizer.json")
         # Each machine's first process reads every shard once (complete, made by this tokenizer, no
         # flipped bit): machines do not share a disk, so each checks its own copy; all agree on the outcome.
         local_first = int(os.environ.get("LOCAL_RANK", self.rank)) == 0
-        self._on_every_rank_then_agree(lambda: verify_shards(data, self.tokenizer) if local_first else None,
-                                       "the shards are unusable")
+        self._on_every_rank_then_agree(
+            lambda: verify_shards(data, self.tokenizer) if local_first else None, "the shards are unusable"
+        )
         self.model_config = build_model_config(model_section, self.tokenizer.vocab_size)
         # Shards are checked against the tokenizer (fingerprint) before any training happens.
-        self.train_loader = BatchLoader(data / "train.bin", self.model_config.block_size, self.cfg.batch_size,
-                                        tokenizer=self.tokenizer, seed=self.cfg.seed, device=self.device,
-                                        rank=self.rank, world_size=self.world_size)
+        self.train_loader = BatchLoader(
+            data / "train.bin",
+            self.model_config.block_size,
+            self.cfg.batch_size,
+            tokenizer=self.tokenizer,
+            seed=self.cfg.seed,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         self.val_ids = open_shard(data / "val.bin", self.tokenizer)
         self.val_windows = self._fixed_val_windows()
 
@@ -228,9 +258,11 @@ class Trainer:
         if previous is None:
             return
         if not overwrite:
-            raise FileExistsError(f"{self.out} already holds a run ({previous}); pass --resume to continue it, "
-                                  "--overwrite to start over in this folder (its checkpoints are deleted), or choose "
-                                  "another train.out_dir")
+            raise FileExistsError(
+                f"{self.out} already holds a run ({previous}); pass --resume to continue it, "
+                "--overwrite to start over in this folder (its checkpoints are deleted), or choose "
+                "another train.out_dir"
+            )
         self.store.clear()
         removed = "checkpoints"
         if (self.out / "tensorboard").is_dir() and not (self.out / "tensorboard").is_symlink():
@@ -253,7 +285,9 @@ class Trainer:
             raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {cfg.strategy!r}")
         self.sharded = self.world_size > 1 and cfg.strategy == "fsdp"
         if self.sharded and cfg.optimizer != "adamw":
-            raise ValueError("train.strategy = 'fsdp' supports optimizer = 'adamw' (Muon needs whole matrices)")
+            raise ValueError(
+                "train.strategy = 'fsdp' supports optimizer = 'adamw' (Muon needs whole matrices)"
+            )
         # Every rank reads the files itself; if one cannot, all stop here, not in a later collective.
         read = self._read_resume_checkpoint if resume else lambda: None
         resume_state = self._on_every_rank_then_agree(read, "the checkpoint cannot be read")
@@ -276,8 +310,11 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_model = DistributedDataParallel(self.step_model, device_ids=ids)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
         self.flops_per_token = self.model.flops_per_token()["train"]
         self.peak = peak_tflops(self.device, cfg.peak_tflops)
         self._signalled = threading.Event()
@@ -301,7 +338,9 @@ class Trainer:
             "vocab_size": self.tokenizer.vocab_size,
             "step": self.state.step,
             "best_val": self.state.best_val if math.isfinite(self.state.best_val) else None,
-            "patience_best_val": self.state.patience_best if math.isfinite(self.state.patience_best) else None,
+            "patience_best_val": self.state.patience_best
+            if math.isfinite(self.state.patience_best)
+            else None,
             "evals_without_improvement": self.state.evals_without_improvement,
             "eval_pending": self.state.eval_pending,
             "world_size": self.world_size,
@@ -311,19 +350,26 @@ class Trainer:
     def _check_resumable(self) -> dict:
         last = self.out / "last"
         if not last.exists():
-            raise FileNotFoundError(f"{last}: no checkpoint to resume from (none was saved yet, or out_dir is wrong); "
-                                    "start without --resume")
+            raise FileNotFoundError(
+                f"{last}: no checkpoint to resume from (none was saved yet, or out_dir is wrong); "
+                "start without --resume"
+            )
         try:
             state = read_state(last, resumable=True)
         except (FormatError, OSError) as e:
             complete = self.store.complete_folders()
-            hint = (f" Complete checkpoints of this run: {', '.join(f.name for f in complete)}; to resume from the newest, "
-                    f"point last at it: ln -sfn checkpoints/{complete[-1].name} {last}" if complete else
-                    " No complete checkpoint is left in this run; start without --resume (and --overwrite).")
+            hint = (
+                f" Complete checkpoints of this run: {', '.join(f.name for f in complete)}; to resume from the newest, "
+                f"point last at it: ln -sfn checkpoints/{complete[-1].name} {last}"
+                if complete
+                else " No complete checkpoint is left in this run; start without --resume (and --overwrite)."
+            )
             raise FormatError(f"cannot resume: {e}.{hint}") from None
         if state["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
-            raise ValueError(f"{last} was trained with another tokenizer ({state['tokenizer_fingerprint'][:16]}); "
-                             f"the data's is {self.tokenizer.fingerprint[:16]}")
+            raise ValueError(
+                f"{last} was trained with another tokenizer ({state['tokenizer_fingerprint'][:16]}); "
+                f"the data's is {self.tokenizer.fingerprint[:16]}"
+            )
         if state["model"] != self.model_config.to_dict():
             raise ValueError(f"{last}: the model config differs from this run's; resume with the same config")
         return state
@@ -331,7 +377,10 @@ class Trainer:
     def _resume(self, state: dict) -> None:
         last = self.out / "last"
         # Optimizer *state* comes from the checkpoint; its hyperparameters from this run's config.
-        hyper = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
+        hyper = [
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            for opt in self.optimizers
+        ]
         load_optimizers(last, self.model, self.optimizers, state, self.sharded)
         for opt, groups in zip(self.optimizers, hyper):
             for group, settings in zip(opt.param_groups, groups):
@@ -344,15 +393,19 @@ class Trainer:
         self.state.eval_pending = bool(state.get("eval_pending", False))
         ranks = rng_states_by_rank(state["rng"], self.device)
         if "ranks" not in state["rng"] and self.world_size > 1:
-            self.log(f"warning: {last} was saved by an older scratchlm that kept only rank 0's random state; every "
-                     "process continues from that one state, so the batches and losses will not match an "
-                     "uninterrupted run (resuming on one process does).")
+            self.log(
+                f"warning: {last} was saved by an older scratchlm that kept only rank 0's random state; every "
+                "process continues from that one state, so the batches and losses will not match an "
+                "uninterrupted run (resuming on one process does)."
+            )
         elif len(ranks) != self.world_size:
-            self.log(f"warning: {last} was saved by {len(ranks)} process(es) and this run has {self.world_size}. "
-                     "Training continues from the same weights and optimizer state, but each process's data stream "
-                     "and dropout masks now start from another process's saved state, so the batches and losses "
-                     "will not match an uninterrupted run. Resume with the same number of processes to continue "
-                     "exactly.")
+            self.log(
+                f"warning: {last} was saved by {len(ranks)} process(es) and this run has {self.world_size}. "
+                "Training continues from the same weights and optimizer state, but each process's data stream "
+                "and dropout masks now start from another process's saved state, so the batches and losses "
+                "will not match an uninterrupted run. Resume with the same number of processes to continue "
+                "exactly."
+            )
         set_rng_state(ranks[self.rank % len(ranks)], self.device, self.train_loader.generator)
         if self.is_main:
             truncate_metrics(self.out / "metrics.jsonl", self.state.step, self.log)
@@ -364,7 +417,9 @@ class Trainer:
         n = self.cfg.eval_windows
         last = len(self.val_ids) - T - 1
         if last < 0:
-            raise ValueError(f"validation split has {len(self.val_ids)} tokens, fewer than one context of {T + 1}")
+            raise ValueError(
+                f"validation split has {len(self.val_ids)} tokens, fewer than one context of {T + 1}"
+            )
         starts = np.linspace(0, last, num=min(n, last + 1)).astype(np.int64)
         return torch.from_numpy(np.stack([self.val_ids[s : s + T + 1] for s in starts]).astype(np.int64))
 
@@ -388,14 +443,21 @@ class Trainer:
         in every forward (each gathers the shards), in lockstep: see
         :func:`~scratchlm.train.distributed.sample_in_lockstep`."""
         if self.sharded:
-            return sample_in_lockstep(self.model, self.tokenizer, self.model_config.block_size,
-                                      self.cfg.sample_tokens, self.device)
+            return sample_in_lockstep(
+                self.model, self.tokenizer, self.model_config.block_size, self.cfg.sample_tokens, self.device
+            )
         if not self.is_main:
             return ""
         from scratchlm.generate import SamplingConfig, generate_text
 
-        return generate_text(self.model, self.tokenizer, "\n" if self.tokenizer.kind == "char" else "",
-                             self.cfg.sample_tokens, SamplingConfig(temperature=0.8, top_k=50), seed=0)
+        return generate_text(
+            self.model,
+            self.tokenizer,
+            "\n" if self.tokenizer.kind == "char" else "",
+            self.cfg.sample_tokens,
+            SamplingConfig(temperature=0.8, top_k=50),
+            seed=0,
+        )
 
     # --- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -409,17 +471,24 @@ class Trainer:
         """Open the log and the progress bar, take over SIGTERM, run the steps; the run's summary."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        self._metrics = MetricsLog(self.out, fresh=self.state.step == 0, tensorboard=cfg.tensorboard,
-                                   enabled=self.is_main)
+        self._metrics = MetricsLog(
+            self.out, fresh=self.state.step == 0, tensorboard=cfg.tensorboard, enabled=self.is_main
+        )
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="training", unit="step",
-                         disable=not (self.progress_bar and self.is_main))
+        self._bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.state.step,
+            desc="training",
+            unit="step",
+            disable=not (self.progress_bar and self.is_main),
+        )
         self._started = time.perf_counter()
         self._trained = [p for p in self.model.parameters() if p.requires_grad]
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size * self.world_size
-        self._step_metrics = StepMetrics(self._metrics, self.device, tokens_per_step, self.flops_per_token,
-                                         self.peak)
+        self._step_metrics = StepMetrics(
+            self._metrics, self.device, tokens_per_step, self.flops_per_token, self.peak
+        )
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
@@ -432,10 +501,17 @@ class Trainer:
             self._bar.close()
             self._metrics.close()
         plot = plot_losses(self.out / "metrics.jsonl", self.out / "loss.png") if self.is_main else None
-        return {"out_dir": str(self.out), "steps": self.state.step, "stop_reason": stop_reason,
-                "best_val_loss": self.state.best_val, "seconds": time.perf_counter() - self._started,
-                "loss_plot": str(plot), "parameters": self.model.parameter_counts()["total"],
-                "device": str(self.device), "world_size": self.world_size}
+        return {
+            "out_dir": str(self.out),
+            "steps": self.state.step,
+            "stop_reason": stop_reason,
+            "best_val_loss": self.state.best_val,
+            "seconds": time.perf_counter() - self._started,
+            "loss_plot": str(plot),
+            "parameters": self.model.parameter_counts()["total"],
+            "device": str(self.device),
+            "world_size": self.world_size,
+        }
 
     def _run(self) -> str:
         """Steps until ``max_steps`` or a reason to stop, which it returns."""
@@ -475,8 +551,9 @@ class Trainer:
         loss = self._forward_backward(batches)
         grad_norm = self._optimizer_step()
         self.state.step = step + 1
-        self._step_metrics.add(self.state.step, lr, time.perf_counter() - self._started, loss, grad_norm,
-                               self.step_extras)
+        self._step_metrics.add(
+            self.state.step, lr, time.perf_counter() - self._started, loss, grad_norm, self.step_extras
+        )
         self._bar.update(1)
 
     def _forward_backward(self, batches: list) -> torch.Tensor:
@@ -521,8 +598,11 @@ class Trainer:
         every rank's request: rank 0's clock decides the time limit, and a SIGTERM on any rank
         stops them all at this step."""
         cfg = self.cfg
-        out_of_time = (self.is_main and cfg.max_minutes is not None
-                       and (time.perf_counter() - self._started) / 60 >= cfg.max_minutes)
+        out_of_time = (
+            self.is_main
+            and cfg.max_minutes is not None
+            and (time.perf_counter() - self._started) / 60 >= cfg.max_minutes
+        )
         request = 2.0 if self._signalled.is_set() else 1.0 if out_of_time else 0.0
         return STOP_REASONS[int(self._shared([request])[0])]
 
@@ -533,16 +613,18 @@ class Trainer:
         self._flush()  # raises NonFiniteLoss before anything is saved
         self.state.eval_pending = scheduled or self.state.step == self.cfg.max_steps
         self._save(["last"])
-        self.log(f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: "
-                 "resume with --resume")
+        self.log(
+            f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: resume with --resume"
+        )
 
     def _flush(self) -> float | None:
         """Log the pending steps (see :class:`~scratchlm.train.metrics.StepMetrics`); the last loss."""
         last = self._step_metrics.flush(self._diagnose)
         if last is None:
             return None
-        self._bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                              tok_s=f"{last['tokens_per_second']:,.0f}")
+        self._bar.set_postfix(
+            loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_second']:,.0f}"
+        )
         return last["loss"]
 
     def _evaluate_and_save(self, scheduled: bool, loss_now: float | None) -> str | None:
@@ -551,8 +633,15 @@ class Trainer:
         cfg, st = self.cfg, self.state
         val = self.evaluate()
         improved = st.add_evaluation(val, scheduled)
-        self._metrics.record({"step": st.step, "val_loss": val, "best_val_loss": st.best_val,
-                              **self.eval_extras, "seconds": time.perf_counter() - self._started})
+        self._metrics.record(
+            {
+                "step": st.step,
+                "val_loss": val,
+                "best_val_loss": st.best_val,
+                **self.eval_extras,
+                "seconds": time.perf_counter() - self._started,
+            }
+        )
         self._save(["best", "last"] if improved else ["last"])
         train_part = f"train {loss_now:.4f}  " if loss_now is not None else ""
         message = f"step {st.step}: {train_part}val {val:.4f}{'  (best)' if improved else ''}"
@@ -568,7 +657,9 @@ class Trainer:
 
     def _set_lr(self, step: int) -> float:
         cfg = self.cfg
-        lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps)
+        lr = lr_at(
+            step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps
+        )
         factor = lr / cfg.lr if cfg.lr else 0.0  # every optimizer group follows the same schedule shape
         for opt in self.optimizers:
             for group in opt.param_groups:
@@ -582,9 +673,17 @@ class Trainer:
         rng_by_rank = self._gather(self._rng_state())
         extras = self._checkpoint_extras()
         # Rank 0 writes; its outcome reaches every rank (a full disk stops them all, none waits).
-        self._on_rank0_then_all(lambda: self.store.save(names, weights, optimizer, self._state_dict(rng_by_rank),
-                                                        tokenizer=extras["tokenizer"], extra_files=extras["files"]),
-                                "the checkpoint could not be saved")
+        self._on_rank0_then_all(
+            lambda: self.store.save(
+                names,
+                weights,
+                optimizer,
+                self._state_dict(rng_by_rank),
+                tokenizer=extras["tokenizer"],
+                extra_files=extras["files"],
+            ),
+            "the checkpoint could not be saved",
+        )
 
     def _diagnose(self, step: int, lr: float, loss: float, grad_norm: float) -> NonFiniteLoss:
         last = self.out / "last"
@@ -607,8 +706,9 @@ def train(config: dict, *, resume: bool = False, progress: bool = True, overwrit
     cfg = TrainConfig.from_dict(config.get("train", {}))
     if not cfg.data:
         raise ValueError("train.data is required: a shards folder from `scratchlm data tokenize`")
-    return run_trainer(lambda: Trainer(config.get("model", {}), cfg, resume=resume, progress=progress,
-                                       overwrite=overwrite))
+    return run_trainer(
+        lambda: Trainer(config.get("model", {}), cfg, resume=resume, progress=progress, overwrite=overwrite)
+    )
 
 
 def run_trainer(make_trainer) -> dict:

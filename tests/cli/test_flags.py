@@ -77,8 +77,8 @@ def test_model_running_commands_take_device():
 
 
 def test_choices_come_from_the_registries():
-    from scratchlm.models.presets import PRESETS
     from scratchlm.models.hf import EXPORT_FAMILIES
+    from scratchlm.models.presets import PRESETS
     from scratchlm.posttrain.tasks import TASKS
 
     parsers = command_parsers()

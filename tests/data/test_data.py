@@ -74,7 +74,7 @@ def test_single_document_splits_contiguously_like_nanogpt(tmp_path, shakespeare_
     n = len(shakespeare_text)
     assert len(train) == int(0.9 * n) and len(train) + len(val) == int(0.95 * n)
     # nanoGPT's validation text (the last 10%) is our val + test, exactly.
-    assert val + test == shakespeare_text[int(0.9 * n):]
+    assert val + test == shakespeare_text[int(0.9 * n) :]
     m = json.loads((tmp_path / "shakespeare" / "manifest.json").read_text())
     assert m["format"] == "scratchlm.dataset" and m["version"] == 1
     assert m["source"]["sha256"] == SOURCES["shakespeare"].sha256

@@ -117,8 +117,23 @@ def test_cli_trained_tokenizer_separates_documents_in_shards(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"document number {i} says hello"}) + "\n" for i in range(40)))
     prepare_dataset(str(src), tmp_path / "ds")
-    assert main(["tokenizer", "train", "--dataset", str(tmp_path / "ds"), "--kind", "bpe", "--vocab-size", "300",
-                 "--out", str(tmp_path / "bpe.json")]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--dataset",
+                str(tmp_path / "ds"),
+                "--kind",
+                "bpe",
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "bpe.json"),
+            ]
+        )
+        == 0
+    )
     tok = load_tokenizer(tmp_path / "bpe.json")
     assert tok.eot_token is not None
     summary = tokenize_dataset(tmp_path / "ds", tmp_path / "bpe.json", tmp_path / "shards")
@@ -207,7 +222,9 @@ def test_kill_at_every_operation_of_data_prepare_then_rerun(tmp_path):
     """SIGKILL before each file-system operation of ``data prepare``: the folder is refused by name
     or holds the whole dataset — never a partial one — and a rerun completes."""
     src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": f"document {i}: " + "words " * (i % 7)}) + "\n" for i in range(60)))
+    src.write_text(
+        "".join(json.dumps({"text": f"document {i}: " + "words " * (i % 7)}) + "\n" for i in range(60))
+    )
     complete, _ = prepare_dataset(str(src), tmp_path / "reference")
     expected = {split: complete.documents(split) for split in ("train", "val", "test")}
     out = tmp_path / "ds"
@@ -280,12 +297,15 @@ def shards_folder(tmp_path):
     return tmp_path / "shards"
 
 
-@pytest.mark.parametrize("how,message", [
-    ("truncate", r"train\.bin: header says \d+ ids .* the shard is truncated"),
-    ("header", r"train\.bin: not a scratchlm token shard"),
-    ("version", r"train\.bin: shard format version 7"),
-    ("body", r"train\.bin: sha256 differs from the one recorded in shards\.json"),
-])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("truncate", r"train\.bin: header says \d+ ids .* the shard is truncated"),
+        ("header", r"train\.bin: not a scratchlm token shard"),
+        ("version", r"train\.bin: shard format version 7"),
+        ("body", r"train\.bin: sha256 differs from the one recorded in shards\.json"),
+    ],
+)
 def test_damaged_shards_are_refused_by_name(shards_folder, how, message):
     from scratchlm.data import verify_shards
 
@@ -307,7 +327,10 @@ def test_damaged_shards_are_refused_by_name(shards_folder, how, message):
 def test_damaged_tokenizer_and_manifest_files_are_refused_by_name(shards_folder, tmp_path):
     tokenizer = shards_folder / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text()[:50])
-    with pytest.raises(FormatError, match=r"tokenizer\.json: expected a 'scratchlm\.tokenizer' JSON file but it does not parse"):
+    with pytest.raises(
+        FormatError,
+        match=r"tokenizer\.json: expected a 'scratchlm\.tokenizer' JSON file but it does not parse",
+    ):
         load_tokenizer(tokenizer)
     manifest = tmp_path / "ds" / "manifest.json"
     content = json.loads(manifest.read_text())
@@ -352,7 +375,9 @@ def test_disk_full_while_writing_shards_keeps_the_old_ones(shards_folder, tmp_pa
     with pytest.raises(OSError, match="No space left on device"):
         tokenize_dataset(tmp_path / "ds", tmp_path / "byte.json", shards_folder)
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in shards_folder.iterdir()} == before  # old files intact, no temp left
+    assert {
+        p.name: p.read_bytes() for p in shards_folder.iterdir()
+    } == before  # old files intact, no temp left
 
 
 def test_a_failure_on_a_later_shard_leaves_the_old_set_valid(shards_folder, tmp_path, monkeypatch):
@@ -364,7 +389,10 @@ def test_a_failure_on_a_later_shard_leaves_the_old_set_valid(shards_folder, tmp_
     before = {p.name: p.read_bytes() for p in shards_folder.iterdir()}
     # another tokenizer, whose ids differ from the byte tokenizer's on this text: a new train.bin differs
     train_tokenizer("char", ["document 0123456789 says something"]).save(tmp_path / "other.json")
-    assert load_tokenizer(tmp_path / "other.json").fingerprint != load_tokenizer(shards_folder / "tokenizer.json").fingerprint
+    assert (
+        load_tokenizer(tmp_path / "other.json").fingerprint
+        != load_tokenizer(shards_folder / "tokenizer.json").fingerprint
+    )
     real = shards.write_shard
 
     def fail_on_val(path, ids, tokenizer):

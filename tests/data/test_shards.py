@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from scratchlm.data import BatchLoader, ShardError, open_shard, prepare_dataset, read_shard_header, tokenize_dataset, write_shard
+from scratchlm.data import (
+    BatchLoader,
+    ShardError,
+    open_shard,
+    prepare_dataset,
+    read_shard_header,
+    tokenize_dataset,
+    write_shard,
+)
 from scratchlm.data.shards import encode_documents
 from scratchlm.io import FormatError
 from scratchlm.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
@@ -29,7 +37,10 @@ def test_tokenize_dataset_parallel_equals_serial(tmp_path, shakespeare_ds, shake
     assert np.array_equal(np.asarray(train), expected)
     assert summary["splits"]["train"]["tokens"] == len(expected)
     assert load_tokenizer(tmp_path / "shards" / "tokenizer.json").fingerprint == shakespeare_bpe.fingerprint
-    assert json.loads((tmp_path / "shards" / "shards.json").read_text())["tokenizer_fingerprint"] == shakespeare_bpe.fingerprint
+    assert (
+        json.loads((tmp_path / "shards" / "shards.json").read_text())["tokenizer_fingerprint"]
+        == shakespeare_bpe.fingerprint
+    )
 
 
 def test_documents_are_joined_with_endoftext(shakespeare_bpe):

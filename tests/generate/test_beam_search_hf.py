@@ -20,10 +20,20 @@ from scratchlm.models.hf import import_hf  # noqa: E402
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      initializer_range=0.3, rms_norm_eps=1e-6, bos_token_id=None,
-                                      eos_token_id=None, pad_token_id=None)
+    config = transformers.LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     hf = transformers.LlamaForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("llama")
     hf.save_pretrained(folder)
@@ -36,11 +46,22 @@ def test_beam_search_equals_hugging_face(models, beams, length_penalty):
     prompt = [5, 17, 3, 42]
     new = 10
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), num_beams=beams, num_return_sequences=beams, do_sample=False,
-                          max_new_tokens=new, length_penalty=length_penalty, early_stopping=False,
-                          output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
-    theirs = [row[len(prompt):].tolist() for row in out.sequences]
+        out = hf.generate(
+            torch.tensor([prompt]),
+            num_beams=beams,
+            num_return_sequences=beams,
+            do_sample=False,
+            max_new_tokens=new,
+            length_penalty=length_penalty,
+            early_stopping=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    theirs = [row[len(prompt) :].tolist() for row in out.sequences]
     mine = beam_search(ours, prompt, new, beam_width=beams, length_penalty=length_penalty)
     assert [ids for ids, _ in mine] == theirs
-    torch.testing.assert_close(torch.tensor([score for _, score in mine]), out.sequences_scores.float(),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor([score for _, score in mine]), out.sequences_scores.float(), rtol=0, atol=1e-4
+    )

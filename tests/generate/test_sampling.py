@@ -33,7 +33,11 @@ def test_top_p_keeps_the_crossing_token():
     assert kept(apply_top_p(logits, 0.6)) == [True, True, False]  # 0.5 < 0.6: the 0.3 token crosses
     assert kept(apply_top_p(logits, 0.5)) == [True, False, False]
     assert kept(apply_top_p(logits, 0.01)) == [True, False, False]  # never empty
-    assert kept(apply_top_p(logits_of([0.2, 0.5, 0.3]), 0.7)) == [False, True, True]  # vocabulary order restored
+    assert kept(apply_top_p(logits_of([0.2, 0.5, 0.3]), 0.7)) == [
+        False,
+        True,
+        True,
+    ]  # vocabulary order restored
 
 
 def test_repetition_penalty_and_temperature():
@@ -49,7 +53,11 @@ def test_repetition_penalty_and_temperature():
 @pytest.fixture(scope="module")
 def peaked_model():
     torch.manual_seed(3)
-    return GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, block_size=32, init_std=0.4, position="rope"))
+    return GPT(
+        GPTConfig(
+            vocab_size=40, n_layer=2, n_head=2, d_model=32, block_size=32, init_std=0.4, position="rope"
+        )
+    )
 
 
 def distinct_ngrams(seqs, n=2):
@@ -122,7 +130,9 @@ def test_kv_cache_reorder_copies_rows_and_only_the_filled_part():
     cache.advance(5)
     cache.k[:, :, :, 5:] = 99.0  # beyond `length`: never read, so never worth copying
     cache.reorder(torch.tensor([2, 2, 0]))
-    assert torch.equal(cache.k[:, :, :, :5], k[:, [2, 2, 0]]) and torch.equal(cache.v[:, :, :, :5], -k[:, [2, 2, 0]])
+    assert torch.equal(cache.k[:, :, :, :5], k[:, [2, 2, 0]]) and torch.equal(
+        cache.v[:, :, :, :5], -k[:, [2, 2, 0]]
+    )
     assert (cache.k[:, :, :, 5:] == 99.0).all()  # untouched
     cache.reorder(torch.tensor([1]))  # fewer rows
     assert cache.k.shape[1] == 1 and torch.equal(cache.k[:, 0, :, :5], k[:, 2])
@@ -145,8 +155,10 @@ PIECES = ["Hello", " world", "\n\n", "User", ":", " é", "漢字", "🙂", "a", 
 
 
 @settings(max_examples=150, deadline=None)
-@given(pieces=st.lists(st.sampled_from(PIECES), max_size=25),
-       stop=st.lists(st.sampled_from(["\n\nUser:", "User", "🙂", "é", "ab", "漢字😀", "zzz"]), max_size=3))
+@given(
+    pieces=st.lists(st.sampled_from(PIECES), max_size=25),
+    stop=st.lists(st.sampled_from(["\n\nUser:", "User", "🙂", "é", "ab", "漢字😀", "zzz"]), max_size=3),
+)
 def test_streamed_text_equals_the_cut_text_and_never_shows_a_stop_string(gpt2, pieces, stop):
     ids = gpt2.encode("".join(pieces))
     expected = reference_text(gpt2, ids, stop)
@@ -181,8 +193,9 @@ def test_streaming_decodes_each_token_once(peaked_model):
 
     tok.decode_bytes = counted
     pieces = []
-    text = generate_text(peaked_model, tok, "ab", 60, SamplingConfig(temperature=0), on_text=pieces.append,
-                         stop=["zzzz"])
+    text = generate_text(
+        peaked_model, tok, "ab", 60, SamplingConfig(temperature=0), on_text=pieces.append, stop=["zzzz"]
+    )
     assert "".join(pieces) == text
     assert calls == [1] * 60
 
@@ -203,10 +216,17 @@ def test_generation_stats_measure_prefill_and_decode(peaked_model):
     assert "TTFT" in stats.format()
 
 
-@pytest.mark.parametrize("text,expected", [("Hi\n\nUser: x", "Hi"), ("Hi\n\nUser! x", "Hi\n\n"), ("Hi\n\nUser", "Hi\n\n")])
+@pytest.mark.parametrize(
+    "text,expected", [("Hi\n\nUser: x", "Hi"), ("Hi\n\nUser! x", "Hi\n\n"), ("Hi\n\nUser", "Hi\n\n")]
+)
 def test_a_longer_stop_string_that_began_earlier_wins(gpt2, text, expected):
     """Stop strings "\\n\\nUser:" and "User": when "User" arrives, "\\n\\nUser:" (which began earlier)
     may still complete, so the stream must wait for the next token before choosing the cut."""
     stream_ = TextStream(gpt2, ["\n\nUser:", "User"])
     chunks = [stream_.push(i) for i in gpt2.encode(text)] + [stream_.finish()]
-    assert "".join(chunks) == stream_.text == expected == reference_text(gpt2, gpt2.encode(text), ["\n\nUser:", "User"])
+    assert (
+        "".join(chunks)
+        == stream_.text
+        == expected
+        == reference_text(gpt2, gpt2.encode(text), ["\n\nUser:", "User"])
+    )

@@ -114,7 +114,8 @@ def test_the_engines_batched_sampler_follows_the_definitions(case):
 
 def test_the_definitions_themselves():
     """The hand-written definitions on the cases where the answer is plain arithmetic."""
-    assert [round(p, 6) for p in expected(top_k=3)] == [round(p, 6) for p in
-                                                       [0, 0.30 / 0.65, 0, 0.15 / 0.65, 0, 0.20 / 0.65, 0, 0, 0, 0]]
+    assert [round(p, 6) for p in expected(top_k=3)] == [
+        round(p, 6) for p in [0, 0.30 / 0.65, 0, 0.15 / 0.65, 0, 0.20 / 0.65, 0, 0, 0, 0]
+    ]
     assert sum(p > 0 for p in expected(top_p=0.6)) == 3  # 0.30 + 0.20 < 0.6 <= 0.30 + 0.20 + 0.15
     assert sum(p > 0 for p in expected(min_p=0.3)) == 4  # 0.30, 0.20, 0.15, 0.10 >= 0.09

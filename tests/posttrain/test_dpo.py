@@ -22,9 +22,13 @@ def test_dpo_loss_is_log_2_at_the_reference_and_matches_a_hand_computed_case():
     loss, m = dpo_loss(same, same - 1, same, same - 1, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2)) and m["rewards/margins"].item() == 0
     # policy (chosen, rejected) = (-1, -3), reference (-2, -2), beta 0.1: z = 0.1 * ((−1+2) − (−3+2)) = 0.2
-    loss, m = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.1)
+    loss, m = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.1
+    )
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.2)), rel=1e-6)
-    assert m["rewards/chosen"].item() == pytest.approx(0.1) and m["rewards/rejected"].item() == pytest.approx(-0.1)
+    assert m["rewards/chosen"].item() == pytest.approx(0.1) and m["rewards/rejected"].item() == pytest.approx(
+        -0.1
+    )
     assert m["rewards/margins"].item() == pytest.approx(0.2) and m["rewards/accuracies"].item() == 1.0
 
 
@@ -34,14 +38,19 @@ def test_sequence_logps_sum_only_the_masked_reply_tokens():
     y = torch.tensor([[2, 5, 1, -1]])
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
     logp = torch.log_softmax(logits, -1)
-    assert sequence_logps(logits, y, mask).item() == pytest.approx((logp[0, 1, 5] + logp[0, 2, 1]).item(), rel=1e-6)
+    assert sequence_logps(logits, y, mask).item() == pytest.approx(
+        (logp[0, 1, 5] + logp[0, 2, 1]).item(), rel=1e-6
+    )
 
 
 def test_the_pair_mask_covers_the_final_reply_only():
     tok = add_chat_tokens(CharTokenizer.train("abcdefghijklmnopqrstuvwxyz0123456789+=\n ", ["<|endoftext|>"]))
     t = ChatTemplate(tok)
-    prompt = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"},
-              {"role": "user", "content": "2+2="}]
+    prompt = [
+        {"role": "user", "content": "1+1="},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+2="},
+    ]
     (c_ids, c_mask), (r_ids, r_mask) = render_pair(t, Pair(prompt, "4", "5"))
     assert [i for i, m in zip(c_ids, c_mask) if m] == tok.encode_ordinary("4") + [t.end_id]
     assert [i for i, m in zip(r_ids, r_mask) if m] == tok.encode_ordinary("5") + [t.end_id]
@@ -50,8 +59,11 @@ def test_the_pair_mask_covers_the_final_reply_only():
 @pytest.fixture(scope="module")
 def sft_model(task_base):
     root = task_base
-    sft({"base": str(root / "base"), "data": str(root / "tasks" / "sft-train.jsonl")},
-        {"out_dir": str(root / "sft"), "max_steps": 300, "eval_interval": 300, "lr": 3e-3}, progress=False)
+    sft(
+        {"base": str(root / "base"), "data": str(root / "tasks" / "sft-train.jsonl")},
+        {"out_dir": str(root / "sft"), "max_steps": 300, "eval_interval": 300, "lr": 3e-3},
+        progress=False,
+    )
     return root
 
 
@@ -60,10 +72,33 @@ def test_dpo_starts_at_log_2_and_raises_held_out_preference_accuracy(sft_model, 
 
     root = sft_model
     weights = (root / "sft" / "best" / "model.safetensors").read_bytes()
-    assert main(["dpo", "--checkpoint", str(root / "sft" / "best"), "--data", str(root / "tasks" / "pairs-train.jsonl"),
-                 "--val-data", str(root / "tasks" / "pairs-train.jsonl"), "--out", str(tmp_path / "dpo"),
-                 "--set", "train.max_steps=150", "--set", "train.eval_interval=75", "--set", "train.log_interval=1",
-                 "--set", "train.lr=3e-4", "--set", "train.warmup_steps=0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                "--checkpoint",
+                str(root / "sft" / "best"),
+                "--data",
+                str(root / "tasks" / "pairs-train.jsonl"),
+                "--val-data",
+                str(root / "tasks" / "pairs-train.jsonl"),
+                "--out",
+                str(tmp_path / "dpo"),
+                "--set",
+                "train.max_steps=150",
+                "--set",
+                "train.eval_interval=75",
+                "--set",
+                "train.log_interval=1",
+                "--set",
+                "train.lr=3e-4",
+                "--set",
+                "train.warmup_steps=0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     first = records[0]
@@ -72,7 +107,9 @@ def test_dpo_starts_at_log_2_and_raises_held_out_preference_accuracy(sft_model, 
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= set(first)
     evals = summary["eval"]
     reference = evals[0]["val_reference_preference_accuracy"]
-    assert evals[-1]["val_preference_accuracy"] >= max(0.9, reference) and evals[-1]["val_rewards/margins"] > 0
+    assert (
+        evals[-1]["val_preference_accuracy"] >= max(0.9, reference) and evals[-1]["val_rewards/margins"] > 0
+    )
     assert evals[-1]["val_rewards/accuracies"] > 0.5
     assert (root / "sft" / "best" / "model.safetensors").read_bytes() == weights  # the reference is untouched
 
@@ -81,8 +118,20 @@ def test_rpo_adds_the_chosen_replies_nll_to_the_dpo_loss(sft_model, tmp_path):
     from scratchlm.posttrain.dpo import dpo
 
     root = sft_model
-    dpo({"base": str(root / "sft" / "best"), "data": str(root / "tasks" / "pairs-train.jsonl"), "rpo_alpha": 0.5},
-        {"out_dir": str(tmp_path / "rpo"), "max_steps": 1, "eval_interval": 1, "log_interval": 1, "warmup_steps": 0},
-        progress=False)
+    dpo(
+        {
+            "base": str(root / "sft" / "best"),
+            "data": str(root / "tasks" / "pairs-train.jsonl"),
+            "rpo_alpha": 0.5,
+        },
+        {
+            "out_dir": str(tmp_path / "rpo"),
+            "max_steps": 1,
+            "eval_interval": 1,
+            "log_interval": 1,
+            "warmup_steps": 0,
+        },
+        progress=False,
+    )
     first = json.loads((tmp_path / "rpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["nll"] > 0 and first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll"], abs=1e-5)

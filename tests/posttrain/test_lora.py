@@ -14,8 +14,19 @@ from scratchlm.posttrain.lora import apply_lora, load_adapters, lora_modules, me
 
 def model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=32, position="rope",
-                    norm="rmsnorm", mlp="swiglu", bias=False, **kw)
+    cfg = GPTConfig(
+        vocab_size=50,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=64,
+        block_size=32,
+        position="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        **kw,
+    )
     return GPT(cfg).eval()
 
 
@@ -80,8 +91,19 @@ def test_adapters_are_small_and_round_trip(tmp_path):
     weights = sum(p.numel() for p in model().parameters())
     adapters = sum(p.numel() for n, p in fresh.named_parameters() if "lora_" in n)
     assert adapters < 0.05 * weights and path.stat().st_size < 0.05 * weights * 4
-    other = GPT(GPTConfig(vocab_size=50, n_layer=3, n_head=4, d_model=64, block_size=32, position="rope",
-                          norm="rmsnorm", mlp="swiglu", bias=False))
+    other = GPT(
+        GPTConfig(
+            vocab_size=50,
+            n_layer=3,
+            n_head=4,
+            d_model=64,
+            block_size=32,
+            position="rope",
+            norm="rmsnorm",
+            mlp="swiglu",
+            bias=False,
+        )
+    )
     with pytest.raises(FormatError, match="another model shape"):
         load_adapters(other, path)
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
@@ -95,8 +117,7 @@ def test_cli_merge_writes_a_checkpoint_with_the_adapted_outputs(tmp_path, capsys
     import json
 
     from scratchlm.cli import main
-    from scratchlm.models.checkpoint import load_model_from_checkpoint
-    from scratchlm.models.checkpoint import save_model_only
+    from scratchlm.models.checkpoint import load_model_from_checkpoint, save_model_only
 
     base = model()
     save_model_only(tmp_path / "base", base)
@@ -106,8 +127,22 @@ def test_cli_merge_writes_a_checkpoint_with_the_adapted_outputs(tmp_path, capsys
     x = torch.randint(0, 50, (1, 16))
     with torch.no_grad():
         expected, _ = base(x)
-    assert main(["lora", "merge", "--checkpoint", str(tmp_path / "base"), "--adapters", str(tmp_path / "a.safetensors"),
-                 "--out", str(tmp_path / "merged"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "lora",
+                "merge",
+                "--checkpoint",
+                str(tmp_path / "base"),
+                "--adapters",
+                str(tmp_path / "a.safetensors"),
+                "--out",
+                str(tmp_path / "merged"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["rank"] == 4
     merged, _ = load_model_from_checkpoint(tmp_path / "merged")
     with torch.no_grad():

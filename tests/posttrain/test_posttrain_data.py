@@ -18,32 +18,46 @@ def write_lines(path, lines):
 
 
 def test_sft_loader_reads_chat_alpaca_and_prompt_completion(tmp_path):
-    path = write_lines(tmp_path / "sft.jsonl", [
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                      {"role": "assistant", "content": "a"}]},
-        {"instruction": "Add.", "input": "2+2", "output": "4"},
-        {"instruction": "Say hi.", "output": "hi"},
-        {"prompt": "1+1=", "completion": "2"},
-    ])
+    path = write_lines(
+        tmp_path / "sft.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+            {"instruction": "Add.", "input": "2+2", "output": "4"},
+            {"instruction": "Say hi.", "output": "hi"},
+            {"prompt": "1+1=", "completion": "2"},
+        ],
+    )
     items = load_sft(path).items
     assert items[1] == [{"role": "user", "content": "Add.\n\n2+2"}, {"role": "assistant", "content": "4"}]
     assert items[2][0]["content"] == "Say hi." and items[3][-1] == {"role": "assistant", "content": "2"}
     assert len(items) == 4
 
 
-@pytest.mark.parametrize("loader,line,message", [
-    (load_sft, "{not json", "line 2"),
-    (load_sft, {"messages": [{"role": "user", "content": "no answer"}]}, "no assistant message"),
-    (load_sft, {"text": "raw"}, "Alpaca"),
-    (load_sft, {"messages": [{"role": "robot", "content": "x"}]}, "role must be"),
-    (load_pairs, {"prompt": "p", "chosen": "c"}, r"missing \['rejected'\]"),
-    (load_pairs, {"prompt": "p", "chosen": 1, "rejected": "r"}, "'chosen' must be a string"),
-    (load_prompts, {"prompt": "p"}, "answer"),
-    (load_prompts, ["a", "list"], "JSON object"),
-])
+@pytest.mark.parametrize(
+    "loader,line,message",
+    [
+        (load_sft, "{not json", "line 2"),
+        (load_sft, {"messages": [{"role": "user", "content": "no answer"}]}, "no assistant message"),
+        (load_sft, {"text": "raw"}, "Alpaca"),
+        (load_sft, {"messages": [{"role": "robot", "content": "x"}]}, "role must be"),
+        (load_pairs, {"prompt": "p", "chosen": "c"}, r"missing \['rejected'\]"),
+        (load_pairs, {"prompt": "p", "chosen": 1, "rejected": "r"}, "'chosen' must be a string"),
+        (load_prompts, {"prompt": "p"}, "answer"),
+        (load_prompts, ["a", "list"], "JSON object"),
+    ],
+)
 def test_a_bad_record_names_file_and_line_or_is_skipped_and_counted(tmp_path, loader, line, message):
-    good = {"load_sft": {"prompt": "x", "completion": "y"}, "load_pairs": {"prompt": "p", "chosen": "c", "rejected": "r"},
-            "load_prompts": {"prompt": "p", "answer": "a"}}[loader.__name__]
+    good = {
+        "load_sft": {"prompt": "x", "completion": "y"},
+        "load_pairs": {"prompt": "p", "chosen": "c", "rejected": "r"},
+        "load_prompts": {"prompt": "p", "answer": "a"},
+    }[loader.__name__]
     path = write_lines(tmp_path / "data.jsonl", [good, line, good])
     with pytest.raises(ValueError, match=message) as info:
         loader(path)
@@ -80,9 +94,28 @@ def test_task_data_folder_via_the_cli(tmp_path, capsys):
     from scratchlm.cli import main
 
     out = tmp_path / "tasks"
-    assert main(["tasks", "--tasks", "addition,reverse", "--train", "50", "--test", "10", "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "tasks",
+                "--tasks",
+                "addition,reverse",
+                "--train",
+                "50",
+                "--test",
+                "10",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads(capsys.readouterr().out)
-    assert manifest["files"]["sft-train.jsonl"]["records"] == 100 and manifest["files"]["prompts-test.jsonl"]["records"] == 20
+    assert (
+        manifest["files"]["sft-train.jsonl"]["records"] == 100
+        and manifest["files"]["prompts-test.jsonl"]["records"] == 20
+    )
     sft = load_sft(out / "sft-train.jsonl").items
     pairs = load_pairs(out / "pairs-test.jsonl").items
     prompts = load_prompts(out / "prompts-test.jsonl").items
@@ -90,17 +123,23 @@ def test_task_data_folder_via_the_cli(tmp_path, capsys):
     assert all(p.chosen != p.rejected for p in pairs)
     assert all(p.reward(p.answer) == 1.0 and p.reward(p.answer + "0") == 0.0 for p in prompts)
     corpus = (out / "corpus-train.txt").read_text().splitlines()
-    assert len(corpus) == 100 and all(line.split("=")[0] + "=" in {m[0]["content"] for m in sft}
-                                      for line in corpus if "+" in line)
-    again = write_task_data(tmp_path / "again", ["addition", "reverse"], train=50, test=10, seed=1337)  # the CLI's seed
+    assert len(corpus) == 100 and all(
+        line.split("=")[0] + "=" in {m[0]["content"] for m in sft} for line in corpus if "+" in line
+    )
+    again = write_task_data(
+        tmp_path / "again", ["addition", "reverse"], train=50, test=10, seed=1337
+    )  # the CLI's seed
     assert again["files"] == manifest["files"]
 
 
-@pytest.mark.parametrize("record,message", [
-    ({"instruction": "Sum", "input": ["1", "2"], "output": "3"}, "'input' must be a string"),
-    ({"instruction": None, "output": "3"}, "'instruction' must be a string"),
-    ({"instruction": "Sum", "input": 0, "output": "3"}, "'input' must be a string"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        ({"instruction": "Sum", "input": ["1", "2"], "output": "3"}, "'input' must be a string"),
+        ({"instruction": None, "output": "3"}, "'instruction' must be a string"),
+        ({"instruction": "Sum", "input": 0, "output": "3"}, "'input' must be a string"),
+    ],
+)
 def test_alpaca_fields_are_type_checked(tmp_path, record, message):
     path = write_lines(tmp_path / "a.jsonl", [record])
     with pytest.raises(ValueError, match=message):
@@ -112,8 +151,10 @@ def test_a_conversation_the_template_refuses_names_its_line(tmp_path):
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
 
-    path = write_lines(tmp_path / "s.jsonl", [{"prompt": "hi", "completion": "ok"},
-                                             {"prompt": "hi", "completion": "<|endoftext|> sneaky"}])
+    path = write_lines(
+        tmp_path / "s.jsonl",
+        [{"prompt": "hi", "completion": "ok"}, {"prompt": "hi", "completion": "<|endoftext|> sneaky"}],
+    )
     t = ChatTemplate(add_chat_tokens(CharTokenizer.train("abcdefghijklmnopqrstuvwxyz \n", ["<|endoftext|>"])))
     with pytest.raises(ValueError, match=r"s.jsonl, line 2: .*special token"):
         render_all(load_sft(path).items, t, 64)

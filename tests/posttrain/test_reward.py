@@ -36,8 +36,12 @@ def _pairs(path, n: int, seed: int) -> None:
             word = "".join(rng.choice(letters) for _ in range(4))
             spot = rng.randrange(4)
             bad = word[:spot] + "z" + word[spot + 1 :]
-            f.write(json.dumps({"prompt": f"{rng.randrange(10)}+{rng.randrange(10)}=", "chosen": word,
-                                "rejected": bad}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": f"{rng.randrange(10)}+{rng.randrange(10)}=", "chosen": word, "rejected": bad}
+                )
+                + "\n"
+            )
 
 
 def test_reward_model_separates_held_out_pairs_and_its_checkpoint_loads(task_base, tmp_path, capsys):
@@ -46,9 +50,29 @@ def test_reward_model_separates_held_out_pairs_and_its_checkpoint_loads(task_bas
     _pairs(tmp_path / "train.jsonl", 400, 0)
     _pairs(tmp_path / "test.jsonl", 64, 1)
     out = tmp_path / "rm"
-    assert main(["reward-model", "--checkpoint", str(task_base / "base"), "--data", str(tmp_path / "train.jsonl"),
-                 "--val-data", str(tmp_path / "test.jsonl"), "--out", str(out), "--json",
-                 "--set", "train.max_steps=120", "--set", "train.eval_interval=60", "--set", "train.lr=3e-3"]) == 0
+    assert (
+        main(
+            [
+                "reward-model",
+                "--checkpoint",
+                str(task_base / "base"),
+                "--data",
+                str(tmp_path / "train.jsonl"),
+                "--val-data",
+                str(tmp_path / "test.jsonl"),
+                "--out",
+                str(out),
+                "--json",
+                "--set",
+                "train.max_steps=120",
+                "--set",
+                "train.eval_interval=60",
+                "--set",
+                "train.lr=3e-3",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     evals = report["eval"]
     assert evals[-1]["val_accuracy"] >= 0.95, evals
@@ -70,14 +94,47 @@ def test_reward_model_separates_held_out_pairs_and_its_checkpoint_loads(task_bas
         load_reward_model(task_base / "base")
 
     # Resume continues the run (the head comes back from its file, the optimizer state with it).
-    main(["reward-model", "--checkpoint", str(task_base / "base"), "--data", str(tmp_path / "train.jsonl"),
-          "--val-data", str(tmp_path / "test.jsonl"), "--out", str(out), "--resume", "--json",
-          "--set", "train.max_steps=140", "--set", "train.eval_interval=60", "--set", "train.lr=3e-3"])
+    main(
+        [
+            "reward-model",
+            "--checkpoint",
+            str(task_base / "base"),
+            "--data",
+            str(tmp_path / "train.jsonl"),
+            "--val-data",
+            str(tmp_path / "test.jsonl"),
+            "--out",
+            str(out),
+            "--resume",
+            "--json",
+            "--set",
+            "train.max_steps=140",
+            "--set",
+            "train.eval_interval=60",
+            "--set",
+            "train.lr=3e-3",
+        ]
+    )
     again = json.loads(capsys.readouterr().out)
     assert again["steps"] == 140 and again["eval"][-1]["val_accuracy"] >= 0.95
     # A resume under another method's command is refused, naming both.
-    assert main(["dpo", "--checkpoint", str(task_base / "base"), "--data", str(tmp_path / "train.jsonl"),
-                 "--out", str(out), "--resume", "--set", "train.max_steps=150"]) == 2
+    assert (
+        main(
+            [
+                "dpo",
+                "--checkpoint",
+                str(task_base / "base"),
+                "--data",
+                str(tmp_path / "train.jsonl"),
+                "--out",
+                str(out),
+                "--resume",
+                "--set",
+                "train.max_steps=150",
+            ]
+        )
+        == 2
+    )
     assert "is a reward_model run's checkpoint, not dpo's" in capsys.readouterr().err
 
 
@@ -88,12 +145,25 @@ def test_reward_model_resumes_exactly(task_base, tmp_path):
 
     _pairs(tmp_path / "train.jsonl", 100, 0)
     cfg = {"base": str(task_base / "base"), "data": str(tmp_path / "train.jsonl"), "val_fraction": 0.2}
-    train = {"max_steps": 40, "eval_interval": 20, "lr": 3e-3, "min_lr": 3e-3, "warmup_steps": 0, "batch_size": 8}  # constant lr
+    train = {
+        "max_steps": 40,
+        "eval_interval": 20,
+        "lr": 3e-3,
+        "min_lr": 3e-3,
+        "warmup_steps": 0,
+        "batch_size": 8,
+    }  # constant lr
     train_reward_model(cfg, {**train, "out_dir": str(tmp_path / "straight")}, progress=False)
     train_reward_model(cfg, {**train, "out_dir": str(tmp_path / "resumed"), "max_steps": 20}, progress=False)
     train_reward_model(cfg, {**train, "out_dir": str(tmp_path / "resumed")}, progress=False, resume=True)
-    losses = {name: [(r["loss"], r["accuracy"]) for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text()
-                                                              .splitlines()) if "loss" in r] for name in ("straight", "resumed")}
+    losses = {
+        name: [
+            (r["loss"], r["accuracy"])
+            for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
+        for name in ("straight", "resumed")
+    }
     assert len(losses["straight"]) == 40 and losses["resumed"] == losses["straight"]
 
 
@@ -105,8 +175,14 @@ def test_a_checkpoint_saved_while_the_head_bias_was_trained_resumes(task_base, t
     from safetensors.torch import load_file
 
     from scratchlm.models.checkpoint import FormatError, load_model_from_checkpoint, read_state
-    from scratchlm.posttrain.reward import HEAD_FILE, RewardConfig, RewardTrainer, add_scalar_head, train_reward_model
     from scratchlm.posttrain.base import CHAT_TRAIN_DEFAULTS
+    from scratchlm.posttrain.reward import (
+        HEAD_FILE,
+        RewardConfig,
+        RewardTrainer,
+        add_scalar_head,
+        train_reward_model,
+    )
     from scratchlm.train.checkpoint import load_optimizers
     from scratchlm.train.config import TrainConfig
     from scratchlm.train.optim import param_groups
@@ -123,8 +199,13 @@ def test_a_checkpoint_saved_while_the_head_bias_was_trained_resumes(task_base, t
     _pairs(tmp_path / "train.jsonl", 40, 0)
     cfg = {"base": str(task_base / "base"), "data": str(tmp_path / "train.jsonl"), "val_fraction": 0.2}
     train = {"max_steps": 2, "eval_interval": 2, "lr": 3e-3, "batch_size": 4, "out_dir": str(tmp_path / "rm")}
-    run_trainer(lambda: BiasTrained(RewardConfig.from_dict(cfg), TrainConfig.from_dict({**CHAT_TRAIN_DEFAULTS, **train}),
-                                    progress=False))
+    run_trainer(
+        lambda: BiasTrained(
+            RewardConfig.from_dict(cfg),
+            TrainConfig.from_dict({**CHAT_TRAIN_DEFAULTS, **train}),
+            progress=False,
+        )
+    )
     old = tmp_path / "rm" / "last"
     state = read_state(old)
     assert any("score.bias" in g["params"] for g in state["optimizers"][0]["param_groups"])  # the old kind
@@ -140,10 +221,15 @@ def test_a_checkpoint_saved_while_the_head_bias_was_trained_resumes(task_base, t
     summary = train_reward_model(cfg, {**train, "max_steps": 4}, progress=False, resume=True)
     assert summary["steps"] == 4
     log = capsys.readouterr().err
-    assert log.count("saved while the reward head's bias was still trained: its optimizer state is dropped") == 1
+    assert (
+        log.count("saved while the reward head's bias was still trained: its optimizer state is dropped") == 1
+    )
     assert f"frozen at its saved value {saved_bias.item():g}" in log
     assert torch.equal(load_file(str(tmp_path / "rm" / "last" / HEAD_FILE))["bias"], saved_bias)
-    assert not any("score.bias" in g["params"] for g in read_state(tmp_path / "rm" / "last")["optimizers"][0]["param_groups"])
+    assert not any(
+        "score.bias" in g["params"]
+        for g in read_state(tmp_path / "rm" / "last")["optimizers"][0]["param_groups"]
+    )
 
 
 SHARDED_NAMES_SCRIPT = """
@@ -189,10 +275,16 @@ def test_the_sharded_optimizer_load_refuses_a_name_the_model_lacks(tmp_path):
     from conftest import REPO
 
     script = tmp_path / "names.py"
-    script.write_text(SHARDED_NAMES_SCRIPT.format(repo=str(REPO), store=str(tmp_path / "store"), folder=str(tmp_path)))
-    result = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120)
+    script.write_text(
+        SHARDED_NAMES_SCRIPT.format(repo=str(REPO), store=str(tmp_path / "store"), folder=str(tmp_path))
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "REFUSED" in result.stdout and "names parameters this model lacks: ['score.bias']" in result.stdout, result.stdout
+    assert (
+        "REFUSED" in result.stdout and "names parameters this model lacks: ['score.bias']" in result.stdout
+    ), result.stdout
 
 
 RM_SCRIPT = """
@@ -213,8 +305,22 @@ def _torchrun(tmp_path, port: int, cfg: dict, train: dict, resume: bool = False)
 
     script = tmp_path / f"rm-{port}-{int(resume)}.py"
     script.write_text(RM_SCRIPT.format(repo=str(REPO), cfg=cfg, train=train, resume=resume))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), str(script)], check=False, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(script),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -225,39 +331,65 @@ def test_reward_model_under_fsdp_equals_ddp_and_resumes_exactly(task_base, tmp_p
     resume + 2 equal 4 straight, bit for bit; the checkpoint scores as the DDP one does."""
     from safetensors.torch import load_file
 
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state, save_model_only
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
-    from scratchlm.models.checkpoint import save_model_only
 
     tok = load_checkpoint_tokenizer(task_base / "base", read_state(task_base / "base"))
     torch.manual_seed(0)
-    untied = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, block_size=48,
-                           tie_embeddings=False))
+    untied = GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, block_size=48, tie_embeddings=False
+        )
+    )
     save_model_only(tmp_path / "untied", untied, tokenizer=tok)
     _pairs(tmp_path / "train.jsonl", 100, 0)
     cfg = {"base": str(tmp_path / "untied"), "data": str(tmp_path / "train.jsonl"), "val_fraction": 0.2}
-    train = {"max_steps": 4, "eval_interval": 2, "lr": 3e-3, "min_lr": 3e-3, "warmup_steps": 0, "batch_size": 4}
+    train = {
+        "max_steps": 4,
+        "eval_interval": 2,
+        "lr": 3e-3,
+        "min_lr": 3e-3,
+        "warmup_steps": 0,
+        "batch_size": 4,
+    }
     _torchrun(tmp_path, 29557, cfg, {**train, "out_dir": str(tmp_path / "ddp")})
     _torchrun(tmp_path, 29558, cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "fsdp")})
-    _torchrun(tmp_path, 29559, cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "resumed"), "max_steps": 2})
+    _torchrun(
+        tmp_path,
+        29559,
+        cfg,
+        {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "resumed"), "max_steps": 2},
+    )
     # (29557 again: that launch has ended, and the store's socket reuses its address.)
-    _torchrun(tmp_path, 29557, cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "resumed")}, resume=True)
+    _torchrun(
+        tmp_path, 29557, cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "resumed")}, resume=True
+    )
 
     for name in ("model.safetensors", "reward_head.safetensors"):
-        ddp, fsdp, resumed = (load_file(str(tmp_path / run / "last" / name)) for run in ("ddp", "fsdp", "resumed"))
+        ddp, fsdp, resumed = (
+            load_file(str(tmp_path / run / "last" / name)) for run in ("ddp", "fsdp", "resumed")
+        )
         assert ddp.keys() == fsdp.keys() == resumed.keys()
         for k in ddp:
             torch.testing.assert_close(fsdp[k], ddp[k], atol=1e-6, rtol=0)
             assert torch.equal(resumed[k], fsdp[k]), (name, k)
     assert fsdp["weight"].shape == (1, 32) and fsdp["bias"].tolist() == [0.0]  # whole; the bias stays 0
-    records = {run: [(r["loss"], r["grad_norm"], r["accuracy"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl")
-                                                                                .read_text().splitlines()) if "loss" in r]
-               for run in ("ddp", "fsdp", "resumed")}
+    records = {
+        run: [
+            (r["loss"], r["grad_norm"], r["accuracy"])
+            for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
+        for run in ("ddp", "fsdp", "resumed")
+    }
     assert len(records["fsdp"]) == 4 and records["resumed"] == records["fsdp"]
     for (a, ga, _), (b, gb, _) in zip(records["ddp"], records["fsdp"]):
         assert b == pytest.approx(a, abs=1e-6) and gb == pytest.approx(ga, rel=1e-5)
     assert records["fsdp"][-1][0] < records["fsdp"][0][0]  # it learns
     prompt = [{"role": "user", "content": "1+2="}]
-    scored = [load_reward_model(tmp_path / run / "last")([prompt, prompt], ["abcd", "abzd"]) for run in ("ddp", "fsdp")]
+    scored = [
+        load_reward_model(tmp_path / run / "last")([prompt, prompt], ["abcd", "abzd"])
+        for run in ("ddp", "fsdp")
+    ]
     torch.testing.assert_close(scored[1], scored[0], atol=1e-5, rtol=0)

@@ -11,14 +11,22 @@ import math
 import pytest
 import torch
 
-from scratchlm.posttrain.rl.losses import clipped_surrogate, gae, group_advantages, token_entropy, token_logps, whiten
+from scratchlm.posttrain.rl.losses import (
+    clipped_surrogate,
+    gae,
+    group_advantages,
+    token_entropy,
+    token_logps,
+    whiten,
+)
 
 
 def test_group_advantages_by_hand():
     adv, stats = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]), 4)
     std = torch.tensor([1.0, 0.0, 0.0, 0.0]).std().item()  # unbiased, as TRL
-    assert adv[:4].tolist() == pytest.approx([0.75 / (std + 1e-4), -0.25 / (std + 1e-4), -0.25 / (std + 1e-4),
-                                              -0.25 / (std + 1e-4)], rel=1e-6)
+    assert adv[:4].tolist() == pytest.approx(
+        [0.75 / (std + 1e-4), -0.25 / (std + 1e-4), -0.25 / (std + 1e-4), -0.25 / (std + 1e-4)], rel=1e-6
+    )
     assert adv[4:].tolist() == [0.0] * 4  # every reply equally good: nothing to learn
     assert stats["frac_reward_zero_std"] == 0.5 and stats["reward"] == 0.625
     unscaled, _ = group_advantages(torch.tensor([1.0, 0.0]), 2, scale=False)
@@ -66,14 +74,20 @@ def test_ppo_rewards_score_at_the_last_token_and_pay_kl_on_every_token():
 
     from scratchlm.posttrain.rl.ppo import PPOConfig, PPOTrainer
 
-    me = SimpleNamespace(settings=PPOConfig(base="b", data="d", kl_coef=0.1, lam=1.0, whiten_advantages=False))
+    me = SimpleNamespace(
+        settings=PPOConfig(base="b", data="d", kl_coef=0.1, lam=1.0, whiten_advantages=False)
+    )
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
     old = torch.tensor([[0.0, -1.0, -2.0, -1.0, 0.0]])
-    ref = torch.tensor([[0.0, -1.5, -2.0, -1.5, 0.0]])  # the policy is likelier than the reference: KL 0.5 + 0 + 0.5
+    ref = torch.tensor(
+        [[0.0, -1.5, -2.0, -1.5, 0.0]]
+    )  # the policy is likelier than the reference: KL 0.5 + 0 + 0.5
     adv, ret, stats = PPOTrainer._advantages(me, torch.tensor([2.0]), mask, old, ref, torch.zeros(1, 5))
     assert adv[0].tolist() == pytest.approx([0.0, 1.9, 1.95, 1.95, 0.0], rel=1e-6)
     assert ret[0].tolist() == pytest.approx(adv[0].tolist())
-    assert stats["objective/kl"] == pytest.approx(1.0) and stats["objective/rlhf_reward"] == pytest.approx(1.9)
+    assert stats["objective/kl"] == pytest.approx(1.0) and stats["objective/rlhf_reward"] == pytest.approx(
+        1.9
+    )
 
 
 def test_grpo_k3_kl_by_hand_and_finite_beyond_the_reply():
@@ -87,7 +101,9 @@ def test_grpo_k3_kl_by_hand_and_finite_beyond_the_reply():
     y = torch.tensor([[1, 2, -1]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     logp = torch.log_softmax(logits, -1)[0, :2].gather(-1, y[0, :2, None])[:, 0]
-    ref = torch.cat([logp - 1.0, torch.zeros(1)])[None]  # the reference finds each reply token e times less likely
+    ref = torch.cat([logp - 1.0, torch.zeros(1)])[
+        None
+    ]  # the reference finds each reply token e times less likely
     zeros = torch.zeros(1, 3)
     batch = (None, y, mask, torch.cat([logp, torch.zeros(1)])[None], ref, zeros, zeros, zeros)
     losses, stats = GRPOTrainer._objective(me, logits, None, batch)
@@ -101,7 +117,9 @@ def test_token_logps_and_entropy_match_log_softmax():
     z = torch.randn(2, 3, 7)
     y = torch.tensor([[1, 6, -1], [0, 2, 3]])
     logp = torch.log_softmax(z, -1)
-    assert torch.allclose(token_logps(z, y)[:, :2], logp.gather(-1, y.clamp_min(0)[..., None])[..., 0][:, :2], atol=1e-6)
+    assert torch.allclose(
+        token_logps(z, y)[:, :2], logp.gather(-1, y.clamp_min(0)[..., None])[..., 0][:, :2], atol=1e-6
+    )
     assert torch.allclose(token_entropy(z), -(logp.exp() * logp).sum(-1), atol=1e-6)
 
 
@@ -140,6 +158,7 @@ def test_the_engine_copy_is_written_whole_or_the_difference_is_named():
 
 # --- the real loop --------------------------------------------------------------------------
 
+
 def _digit(prompt, text: str) -> float:
     """The bandit: one token, reward 1 for a digit (10 of the ~45 ids; the optimum is 1.0)."""
     return float(len(text) == 1 and text.isdigit())
@@ -159,18 +178,38 @@ def _records(out):
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
-def test_rl_raises_the_bandit_reward_with_ratio_1_on_the_first_epoch_and_kl_0_at_the_start(bandit, tmp_path, method):
+def test_rl_raises_the_bandit_reward_with_ratio_1_on_the_first_epoch_and_kl_0_at_the_start(
+    bandit, tmp_path, method
+):
     from scratchlm.posttrain.rl.grpo import grpo
     from scratchlm.posttrain.rl.ppo import ppo
 
     root, prompts = bandit
     # Rollouts of 8 prompts x 4 replies = one micro-batch of 32; 2 epochs: steps alternate
     # first pass (policy = the one that sampled) and second pass.
-    cfg = {"base": str(root / "base"), "data": str(prompts), "max_new_tokens": 1, "prompts_per_rollout": 8,
-           "samples_per_prompt": 4, "epochs": 2, "kl_coef": 0.05}
+    cfg = {
+        "base": str(root / "base"),
+        "data": str(prompts),
+        "max_new_tokens": 1,
+        "prompts_per_rollout": 8,
+        "samples_per_prompt": 4,
+        "epochs": 2,
+        "kl_coef": 0.05,
+    }
     run = grpo if method == "grpo" else ppo
-    summary = run(cfg, {"out_dir": str(tmp_path / method), "max_steps": 24, "eval_interval": 12, "lr": 3e-3,
-                        "batch_size": 32, "sample_tokens": 0}, progress=False, reward_fn=_digit)
+    summary = run(
+        cfg,
+        {
+            "out_dir": str(tmp_path / method),
+            "max_steps": 24,
+            "eval_interval": 12,
+            "lr": 3e-3,
+            "batch_size": 32,
+            "sample_tokens": 0,
+        },
+        progress=False,
+        reward_fn=_digit,
+    )
     assert summary["steps"] == 24
     steps = [r for r in _records(tmp_path / method) if "loss" in r]
     reward = "reward" if method == "grpo" else "objective/scores"
@@ -199,22 +238,36 @@ def test_ppo_with_a_reward_model_and_exact_resume_mid_rollout(bandit, tmp_path):
     (step 3 is in the middle of a rollout used for 4 epochs)."""
     import random
 
-    from scratchlm.posttrain.rl.ppo import ppo
     from scratchlm.posttrain.reward import train_reward_model
+    from scratchlm.posttrain.rl.ppo import ppo
 
     root, prompts = bandit
     rng = random.Random(0)
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for _ in range(200):
             word = "".join(rng.choice("abcdefghijklmnopqrstuvwxy") for _ in range(2))
-            f.write(json.dumps({"prompt": f"pick {rng.randrange(120)}=", "chosen": word, "rejected": word[0] + "z"}) + "\n")
-    train_reward_model({"base": str(root / "base"), "data": str(tmp_path / "pairs.jsonl")},
-                       {"out_dir": str(tmp_path / "rm"), "max_steps": 40, "eval_interval": 40, "lr": 3e-3},
-                       progress=False)
+            f.write(
+                json.dumps(
+                    {"prompt": f"pick {rng.randrange(120)}=", "chosen": word, "rejected": word[0] + "z"}
+                )
+                + "\n"
+            )
+    train_reward_model(
+        {"base": str(root / "base"), "data": str(tmp_path / "pairs.jsonl")},
+        {"out_dir": str(tmp_path / "rm"), "max_steps": 40, "eval_interval": 40, "lr": 3e-3},
+        progress=False,
+    )
     with open(tmp_path / "bare.jsonl", "w") as f:  # PPO with a reward model needs no answers
         f.writelines(json.dumps({"prompt": f"pick {i}="}) + "\n" for i in range(60))
-    cfg = {"base": str(root / "base"), "data": str(tmp_path / "bare.jsonl"), "reward_model": str(tmp_path / "rm" / "best"),
-           "max_new_tokens": 3, "prompts_per_rollout": 8, "samples_per_prompt": 2, "epochs": 4}
+    cfg = {
+        "base": str(root / "base"),
+        "data": str(tmp_path / "bare.jsonl"),
+        "reward_model": str(tmp_path / "rm" / "best"),
+        "max_new_tokens": 3,
+        "prompts_per_rollout": 8,
+        "samples_per_prompt": 2,
+        "epochs": 4,
+    }
     train = {"max_steps": 6, "eval_interval": 3, "lr": 1e-3, "batch_size": 16, "sample_tokens": 0}
     ppo(cfg, {**train, "out_dir": str(tmp_path / "straight")}, progress=False)
     ppo(cfg, {**train, "out_dir": str(tmp_path / "resumed"), "max_steps": 3}, progress=False)
@@ -235,8 +288,11 @@ def test_rl_refuses_what_it_cannot_do(bandit, tmp_path):
     root, prompts = bandit
     base = {"base": str(root / "base"), "data": str(prompts)}
     with pytest.raises(ValueError, match="must split into optimizer steps"):
-        grpo({**base, "prompts_per_rollout": 3, "samples_per_prompt": 3}, {"out_dir": str(tmp_path / "a"),
-                                                                              "batch_size": 4}, progress=False)
+        grpo(
+            {**base, "prompts_per_rollout": 3, "samples_per_prompt": 3},
+            {"out_dir": str(tmp_path / "a"), "batch_size": 4},
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="grpo.temperature"):
         grpo({**base, "temperature": 0}, {"out_dir": str(tmp_path / "b")}, progress=False)
     with open(tmp_path / "bare.jsonl", "w") as f:
@@ -244,10 +300,17 @@ def test_rl_refuses_what_it_cannot_do(bandit, tmp_path):
     with pytest.raises(ValueError, match=r"bare\.jsonl, line 1: expected \{\"prompt\", \"answer\"\}"):
         grpo({**base, "data": str(tmp_path / "bare.jsonl")}, {"out_dir": str(tmp_path / "c")}, progress=False)
     with open(tmp_path / "odd.jsonl", "w") as f:
-        f.write(json.dumps({"prompt": "pick 1=", "answer": "1"}) + "\n" + json.dumps({"prompt": "pick §", "answer": "1"}))
+        f.write(
+            json.dumps({"prompt": "pick 1=", "answer": "1"})
+            + "\n"
+            + json.dumps({"prompt": "pick §", "answer": "1"})
+        )
     with pytest.raises(ValueError, match=r"odd\.jsonl, line 2: character '§'.*--skip-invalid"):
-        grpo({**base, "data": str(tmp_path / "odd.jsonl"), "val_data": str(prompts)}, {"out_dir": str(tmp_path / "d")},
-             progress=False)
+        grpo(
+            {**base, "data": str(tmp_path / "odd.jsonl"), "val_data": str(prompts)},
+            {"out_dir": str(tmp_path / "d")},
+            progress=False,
+        )
 
 
 def test_grpo_and_ppo_commands_report_and_resume(bandit, tmp_path, capsys):
@@ -256,41 +319,84 @@ def test_grpo_and_ppo_commands_report_and_resume(bandit, tmp_path, capsys):
     root, prompts = bandit
     for method in ("grpo", "ppo"):
         out = tmp_path / method
-        args = [method, "--checkpoint", str(root / "base"), "--data", str(prompts), "--out", str(out), "--json",
-                "--set", f"{method}.prompts_per_rollout=4", "--set", f"{method}.samples_per_prompt=4",
-                "--set", f"{method}.max_new_tokens=2", "--set", "train.batch_size=16", "--set", "train.eval_interval=2",
-                "--set", "train.sample_tokens=0"]
+        args = [
+            method,
+            "--checkpoint",
+            str(root / "base"),
+            "--data",
+            str(prompts),
+            "--out",
+            str(out),
+            "--json",
+            "--set",
+            f"{method}.prompts_per_rollout=4",
+            "--set",
+            f"{method}.samples_per_prompt=4",
+            "--set",
+            f"{method}.max_new_tokens=2",
+            "--set",
+            "train.batch_size=16",
+            "--set",
+            "train.eval_interval=2",
+            "--set",
+            "train.sample_tokens=0",
+        ]
         assert main(args + ["--set", "train.max_steps=2"]) == 0
         report = json.loads(capsys.readouterr().out)
-        assert report["steps"] == 2 and {"val_reward", "val_exact_match", "val_ended_with_end_of_turn"} <= set(report["eval"][-1])
+        assert report["steps"] == 2 and {
+            "val_reward",
+            "val_exact_match",
+            "val_ended_with_end_of_turn",
+        } <= set(report["eval"][-1])
         assert main(args + ["--set", "train.max_steps=4", "--resume"]) == 0
         assert json.loads(capsys.readouterr().out)["steps"] == 4
         # The policy checkpoint is an ordinary GPT checkpoint with the chat tokenizer.
         from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
 
         model, state = load_model_from_checkpoint(out / "last")
-        assert state["method"] == method and "<|im_end|>" in load_checkpoint_tokenizer(out / "last", state).special_tokens
+        assert (
+            state["method"] == method
+            and "<|im_end|>" in load_checkpoint_tokenizer(out / "last", state).special_tokens
+        )
 
 
 def test_ratio_is_1_on_the_first_epoch_with_dropout_in_the_model(tmp_path):
     """A base trained with dropout 0.1: RL switches every dropout off (attention's too), or the
     policy that sampled and the policy trained would differ by a random mask."""
+    from scratchlm.models.checkpoint import save_model_only
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
     from scratchlm.posttrain.rl.grpo import grpo
     from scratchlm.tokenizers import CharTokenizer
-    from scratchlm.models.checkpoint import save_model_only
 
     tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
     torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, block_size=40, dropout=0.1))
+    base = GPT(
+        GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, block_size=40, dropout=0.1)
+    )
     save_model_only(tmp_path / "base", base, tokenizer=tok)
     with open(tmp_path / "p.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": f"pick {i}=", "answer": "7"}) + "\n" for i in range(40))
-    grpo({"base": str(tmp_path / "base"), "data": str(tmp_path / "p.jsonl"), "max_new_tokens": 3, "prompts_per_rollout": 4,
-          "samples_per_prompt": 4, "epochs": 2}, {"out_dir": str(tmp_path / "run"), "max_steps": 4, "eval_interval": 4,
-                                                  "batch_size": 16, "lr": 1e-2, "sample_tokens": 0},
-         progress=False, reward_fn=lambda p, t: float(t[:1].isdigit()))
+    grpo(
+        {
+            "base": str(tmp_path / "base"),
+            "data": str(tmp_path / "p.jsonl"),
+            "max_new_tokens": 3,
+            "prompts_per_rollout": 4,
+            "samples_per_prompt": 4,
+            "epochs": 2,
+        },
+        {
+            "out_dir": str(tmp_path / "run"),
+            "max_steps": 4,
+            "eval_interval": 4,
+            "batch_size": 16,
+            "lr": 1e-2,
+            "sample_tokens": 0,
+        },
+        progress=False,
+        reward_fn=lambda p, t: float(t[:1].isdigit()),
+    )
     steps = [r for r in _records(tmp_path / "run") if "loss" in r]
     assert all(r["ratio_max_deviation"] < 1e-5 for r in steps if r["epoch"] == 0)
     assert any(r["ratio_max_deviation"] > 1e-4 for r in steps if r["epoch"] == 1)
@@ -302,12 +408,29 @@ def test_the_step_objective_does_not_depend_on_the_micro_batch_split(bandit, tmp
     from scratchlm.posttrain.rl.grpo import grpo
 
     root, prompts = bandit
-    cfg = {"base": str(root / "base"), "data": str(prompts), "max_new_tokens": 3, "prompts_per_rollout": 4,
-           "samples_per_prompt": 4, "epochs": 2}
+    cfg = {
+        "base": str(root / "base"),
+        "data": str(prompts),
+        "max_new_tokens": 3,
+        "prompts_per_rollout": 4,
+        "samples_per_prompt": 4,
+        "epochs": 2,
+    }
     runs = {}
     for name, split in (("one", {"batch_size": 16}), ("two", {"batch_size": 8, "grad_accum": 2})):
-        grpo(cfg, {"out_dir": str(tmp_path / name), "max_steps": 4, "eval_interval": 4, "lr": 1e-3, "sample_tokens": 0,
-                   **split}, progress=False, reward_fn=lambda p, t: float(t[:1].isdigit()))
+        grpo(
+            cfg,
+            {
+                "out_dir": str(tmp_path / name),
+                "max_steps": 4,
+                "eval_interval": 4,
+                "lr": 1e-3,
+                "sample_tokens": 0,
+                **split,
+            },
+            progress=False,
+            reward_fn=lambda p, t: float(t[:1].isdigit()),
+        )
         runs[name] = [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / name) if "loss" in r]
     assert len(runs["one"]) == 4
     for (a, ga), (b, gb) in zip(runs["one"], runs["two"]):
@@ -346,10 +469,33 @@ def _torchrun(tmp_path, port: int, method: str, cfg: dict, train: dict, resume=F
     out = tmp_path / f"summaries-{port}"
     out.mkdir()
     script = tmp_path / f"dist-{port}.py"
-    script.write_text(DIST_SCRIPT.format(repo=str(REPO), method=method, cfg=repr(cfg), train=repr(train), resume=resume,
-                                         fail_on_rank=fail_on_rank, out=str(out)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), str(script)], check=False, capture_output=True, text=True, timeout=240)
+    script.write_text(
+        DIST_SCRIPT.format(
+            repo=str(REPO),
+            method=method,
+            cfg=repr(cfg),
+            train=repr(train),
+            resume=resume,
+            fail_on_rank=fail_on_rank,
+            out=str(out),
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(script),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     return result, [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
@@ -358,37 +504,63 @@ def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
     both kept in the checkpoint); a reward function that fails on one rank stops both, with the
     reason, instead of leaving the other waiting; a reward model with untied embeddings trains."""
     root, prompts = bandit
-    cfg = {"base": str(root / "base"), "data": str(prompts), "max_new_tokens": 2, "prompts_per_rollout": 4,
-           "samples_per_prompt": 4, "epochs": 2}
+    cfg = {
+        "base": str(root / "base"),
+        "data": str(prompts),
+        "max_new_tokens": 2,
+        "prompts_per_rollout": 4,
+        "samples_per_prompt": 4,
+        "epochs": 2,
+    }
     train = {"max_steps": 4, "eval_interval": 3, "lr": 3e-3, "batch_size": 8, "sample_tokens": 0}
-    result, straight = _torchrun(tmp_path, 29530, "grpo", cfg, {**train, "out_dir": str(tmp_path / "straight")})
+    result, straight = _torchrun(
+        tmp_path, 29530, "grpo", cfg, {**train, "out_dir": str(tmp_path / "straight")}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(straight) == 2 and straight[0]["world_size"] == 2 and straight[0]["steps"] == 4
-    result, _ = _torchrun(tmp_path, 29531, "grpo", cfg, {**train, "out_dir": str(tmp_path / "resumed"), "max_steps": 3})
+    result, _ = _torchrun(
+        tmp_path, 29531, "grpo", cfg, {**train, "out_dir": str(tmp_path / "resumed"), "max_steps": 3}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    result, _ = _torchrun(tmp_path, 29532, "grpo", cfg, {**train, "out_dir": str(tmp_path / "resumed")}, resume=True)
+    result, _ = _torchrun(
+        tmp_path, 29532, "grpo", cfg, {**train, "out_dir": str(tmp_path / "resumed")}, resume=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = {name: [(r["loss"], r["grad_norm"], r["reward"]) for r in _records(tmp_path / name) if "loss" in r]
-              for name in ("straight", "resumed")}
+    losses = {
+        name: [(r["loss"], r["grad_norm"], r["reward"]) for r in _records(tmp_path / name) if "loss" in r]
+        for name in ("straight", "resumed")
+    }
     assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"]
 
-    result, _ = _torchrun(tmp_path, 29533, "ppo", cfg, {**train, "out_dir": str(tmp_path / "failing")}, fail_on_rank=1)
+    result, _ = _torchrun(
+        tmp_path, 29533, "ppo", cfg, {**train, "out_dir": str(tmp_path / "failing")}, fail_on_rank=1
+    )
     assert result.returncode != 0
     assert "rank 1 stopped the run, a rollout failed" in result.stderr and "failed on rank 1" in result.stderr
 
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state, save_model_only
     from scratchlm.models.config import GPTConfig
     from scratchlm.models.gpt import GPT
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, read_state
-    from scratchlm.models.checkpoint import save_model_only
 
     tok = load_checkpoint_tokenizer(root / "base", read_state(root / "base"))
     torch.manual_seed(0)
-    untied = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, block_size=48, tie_embeddings=False))
+    untied = GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, block_size=48, tie_embeddings=False
+        )
+    )
     save_model_only(tmp_path / "untied", untied, tokenizer=tok)
     with open(tmp_path / "pairs.jsonl", "w") as f:
-        f.writelines(json.dumps({"prompt": f"pick {i}=", "chosen": "ab", "rejected": "az"}) + "\n" for i in range(40))
-    result, summaries = _torchrun(tmp_path, 29534, "rm", {"base": str(tmp_path / "untied"), "data": str(tmp_path / "pairs.jsonl")},
-                                  {"out_dir": str(tmp_path / "rm"), "max_steps": 3, "eval_interval": 3, "batch_size": 4})
+        f.writelines(
+            json.dumps({"prompt": f"pick {i}=", "chosen": "ab", "rejected": "az"}) + "\n" for i in range(40)
+        )
+    result, summaries = _torchrun(
+        tmp_path,
+        29534,
+        "rm",
+        {"base": str(tmp_path / "untied"), "data": str(tmp_path / "pairs.jsonl")},
+        {"out_dir": str(tmp_path / "rm"), "max_steps": 3, "eval_interval": 3, "batch_size": 4},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert summaries[0]["steps"] == 3
 
@@ -456,8 +628,22 @@ def _torchrun_job(tmp_path, port: int, job: tuple, fail_on_rank: int = -1):
 
     script = tmp_path / f"fsdp-{port}.py"
     script.write_text(FSDP_SCRIPT.format(repo=str(REPO), job=job, fail_on_rank=fail_on_rank))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(script)], check=False, capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(script),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_path):
@@ -478,9 +664,17 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
 
     # Prompts of very different lengths: each rank's rollout is padded to its own longest row.
     with open(tmp_path / "prompts.jsonl", "w") as f:
-        f.writelines(json.dumps({"prompt": f"pick {'x' * (i % 17)}{i}=", "answer": "7"}) + "\n" for i in range(60))
-    cfg = {"base": str(task_base / "base"), "data": str(tmp_path / "prompts.jsonl"), "max_new_tokens": 3,
-           "prompts_per_rollout": 4, "samples_per_prompt": 4, "epochs": 2}
+        f.writelines(
+            json.dumps({"prompt": f"pick {'x' * (i % 17)}{i}=", "answer": "7"}) + "\n" for i in range(60)
+        )
+    cfg = {
+        "base": str(task_base / "base"),
+        "data": str(tmp_path / "prompts.jsonl"),
+        "max_new_tokens": 3,
+        "prompts_per_rollout": 4,
+        "samples_per_prompt": 4,
+        "epochs": 2,
+    }
     # 16 replies per rank, 8 per step: 4 steps per rollout; steps 5-6 train on a second rollout
     # sampled from the trained policy; the checkpoint at step 3 falls mid-rollout.
     train = {"max_steps": 6, "eval_interval": 3, "lr": 3e-3, "batch_size": 8, "sample_tokens": 0}
@@ -488,13 +682,28 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
     jobs = []
     for method in ("grpo", "ppo"):
         settings = {**train, **split[method]}
-        jobs += [(method, cfg, {**settings, "out_dir": str(tmp_path / f"{method}-ddp")}, False, None),
-                 (method, cfg, {**settings, "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-fsdp")}, False,
-                  str(tmp_path / f"{method}-step-3"))]
+        jobs += [
+            (method, cfg, {**settings, "out_dir": str(tmp_path / f"{method}-ddp")}, False, None),
+            (
+                method,
+                cfg,
+                {**settings, "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-fsdp")},
+                False,
+                str(tmp_path / f"{method}-step-3"),
+            ),
+        ]
     # Resume (PPO: the value head, its optimizer state and the reference come back too) from the
     # FSDP run's step-3 checkpoint: the straight run's first half is the resumed run's.
-    jobs += [(method, cfg, {**train, **split[method], "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-resumed")},
-              True, None) for method in ("grpo", "ppo")]
+    jobs += [
+        (
+            method,
+            cfg,
+            {**train, **split[method], "strategy": "fsdp", "out_dir": str(tmp_path / f"{method}-resumed")},
+            True,
+            None,
+        )
+        for method in ("grpo", "ppo")
+    ]
     for port, job in enumerate(jobs, start=29550):
         if job[3]:
             resumed = Path(job[2]["out_dir"])
@@ -502,7 +711,9 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
             os.symlink("checkpoints/step-00000003", resumed / "last")
         result = _torchrun_job(tmp_path, port, job)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert "/fsdp/" not in result.stderr, result.stderr[-3000:]  # no warning from FSDP (a head returning a view)
+        assert "/fsdp/" not in result.stderr, result.stderr[
+            -3000:
+        ]  # no warning from FSDP (a head returning a view)
 
     for method in ("grpo", "ppo"):
         ddp, fsdp, resumed = (tmp_path / f"{method}-{run}" for run in ("ddp", "fsdp", "resumed"))
@@ -516,8 +727,11 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
         if method == "ppo":
             assert a["weight"].shape == (1, 64) and a["weight"].abs().sum() > 0  # whole, and trained
 
-        reward, ratio_dev, kl = (("reward", "ratio_max_deviation", "kl") if method == "grpo" else
-                                 ("objective/scores", "policy/ratio_max_deviation", "objective/kl"))
+        reward, ratio_dev, kl = (
+            ("reward", "ratio_max_deviation", "kl")
+            if method == "grpo"
+            else ("objective/scores", "policy/ratio_max_deviation", "objective/kl")
+        )
         steps = {run.name: [r for r in _records(run) if "loss" in r] for run in (ddp, fsdp, resumed)}
         assert len(steps[fsdp.name]) == 6
         for a, b in zip(steps[ddp.name], steps[fsdp.name]):
@@ -525,15 +739,18 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
             assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and math.isfinite(b["loss"])
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
         keys = ("step", "loss", "grad_norm", reward, kl, ratio_dev)
-        assert ([[r[k] for k in keys] for r in steps[resumed.name]] ==
-                [[r[k] for k in keys] for r in steps[fsdp.name] if r["step"] > 3])
+        assert [[r[k] for k in keys] for r in steps[resumed.name]] == [
+            [r[k] for k in keys] for r in steps[fsdp.name] if r["step"] > 3
+        ]
         assert len(steps[resumed.name]) == 3
         first = steps[fsdp.name]
         # The first step on each rollout: the log-probs taken at rollout time (no grad, eval mode)
         # are the training forward's (ratio 1); one optimizer step later they are not.
         assert first[0][ratio_dev] < 1e-5 and first[4][ratio_dev] < 1e-5 and first[1][ratio_dev] > 1e-4
         assert first[0][kl] == pytest.approx(0.0, abs=1e-6) and first[-1][kl] > 0
-        evals = {run.name: [r["val_reward"] for r in _records(run) if "val_reward" in r] for run in (ddp, fsdp)}
+        evals = {
+            run.name: [r["val_reward"] for r in _records(run) if "val_reward" in r] for run in (ddp, fsdp)
+        }
         assert len(evals[fsdp.name]) == 2 and evals[fsdp.name] == evals[ddp.name]
 
         for rank in (0, 1):
@@ -542,7 +759,9 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
             weights = {name: summary["engine_weights"] for name, summary in seen.items()}
             assert len(weights[fsdp.name]) == (4 if rank == 0 else 2)
             assert weights[fsdp.name] == pytest.approx(weights[ddp.name], rel=1e-6, abs=1e-3)
-            assert len(set(weights[fsdp.name])) == len(weights[fsdp.name])  # a fresh copy each time, not the base
+            assert len(set(weights[fsdp.name])) == len(
+                weights[fsdp.name]
+            )  # a fresh copy each time, not the base
             # After each of the 2 rollouts' log-probs, no parameter of the reference is whole.
             assert seen[fsdp.name]["reference_whole"] == [[], []]
 

@@ -8,16 +8,15 @@ import json
 import pytest
 import torch
 
-from scratchlm.models.checkpoint import load_model_from_checkpoint
+from scratchlm.models.checkpoint import load_model_from_checkpoint, save_model_only
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.posttrain.data import load_prompts
 from scratchlm.posttrain.base import collate
+from scratchlm.posttrain.data import load_prompts
 from scratchlm.posttrain.evaluate import exact_match
 from scratchlm.posttrain.sft import sft
 from scratchlm.tokenizers import CharTokenizer
 from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
-from scratchlm.models.checkpoint import save_model_only
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +31,18 @@ def run(**train):
 def test_collate_shifts_pads_and_masks_the_predicted_tokens():
     tok = add_chat_tokens(CharTokenizer.train("abcdefghijklmnopqrstuvwxyz12+=\n", ["<|endoftext|>"]))
     t = ChatTemplate(tok)
-    rows = [(r.ids, r.mask) for r in (t.render([{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]),
-                                      t.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]))]
+    rows = [
+        (r.ids, r.mask)
+        for r in (
+            t.render([{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]),
+            t.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
+        )
+    ]
     x, y, m = collate(rows, t.pad_id)
     assert x.shape == y.shape == m.shape == (2, len(rows[0][0]) - 1)
-    assert torch.equal(y[0], torch.tensor(rows[0][0][1:])) and torch.equal(x[0], torch.tensor(rows[0][0][:-1]))
+    assert torch.equal(y[0], torch.tensor(rows[0][0][1:])) and torch.equal(
+        x[0], torch.tensor(rows[0][0][:-1])
+    )
     n = len(rows[1][0]) - 1
     assert (x[1, n:] == t.pad_id).all() and (y[1, n:] == -1).all() and (m[1, n:] == 0).all()
     learned = [int(tok_id) for tok_id, keep in zip(y[0], m[0]) if keep]
@@ -46,9 +52,15 @@ def test_collate_shifts_pads_and_masks_the_predicted_tokens():
 def test_sft_teaches_answers_that_end_with_end_of_turn(setup, tmp_path):
     # Tiny data from a random base: it can memorise, not generalise (benchmarks/posttrain.py measures
     # held-out exact match from a pretrained base); the "held-out" loss here is on training problems.
-    summary = sft({"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl"),
-                   "val_data": str(setup / "tasks" / "sft-train.jsonl")},
-                  run(out_dir=str(tmp_path / "full")), progress=False)
+    summary = sft(
+        {
+            "base": str(setup / "base"),
+            "data": str(setup / "tasks" / "sft-train.jsonl"),
+            "val_data": str(setup / "tasks" / "sft-train.jsonl"),
+        },
+        run(out_dir=str(tmp_path / "full")),
+        progress=False,
+    )
     assert summary["stop_reason"] == "max_steps"
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
@@ -66,8 +78,16 @@ def test_sft_teaches_answers_that_end_with_end_of_turn(setup, tmp_path):
 def test_without_end_of_turn_in_the_mask_replies_never_stop(setup, tmp_path):
     """The classic SFT bug, reproduced: the same run with <|im_end|> left out of the loss mask
     learns the answers but not to stop."""
-    sft({"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl"), "learn_end_of_turn": False,
-         "val_data": str(setup / "tasks" / "sft-test.jsonl")}, run(out_dir=str(tmp_path / "bug")), progress=False)
+    sft(
+        {
+            "base": str(setup / "base"),
+            "data": str(setup / "tasks" / "sft-train.jsonl"),
+            "learn_end_of_turn": False,
+            "val_data": str(setup / "tasks" / "sft-test.jsonl"),
+        },
+        run(out_dir=str(tmp_path / "bug")),
+        progress=False,
+    )
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer
 
     model, state = load_model_from_checkpoint(tmp_path / "bug" / "best")
@@ -85,37 +105,82 @@ def test_lora_sft_checkpoints_are_plain_models_and_resume_exactly(setup, tmp_pat
     sft(data, run(out_dir=str(split), max_steps=20, eval_interval=10), resume=True, progress=False)
 
     def losses(folder):
-        return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r]
+        return [
+            (r["step"], r["loss"])
+            for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
 
     assert losses(split) == losses(straight)
     assert (straight / "last" / "adapters.safetensors").stat().st_size < 0.2 * (
-        straight / "last" / "model.safetensors").stat().st_size
+        straight / "last" / "model.safetensors"
+    ).stat().st_size
     model, _ = load_model_from_checkpoint(straight / "last")  # merged weights: an ordinary GPT
     assert not any("lora" in name for name in model.state_dict())
     base, _ = load_model_from_checkpoint(setup / "base")
-    changed = [n for n, p in model.state_dict().items() if n in base.state_dict() and
-               p.shape == base.state_dict()[n].shape and not torch.equal(p, base.state_dict()[n])]
-    assert changed and all(n.endswith(("qkv.weight", "proj.weight", "up.weight", "gate.weight", "down.weight"))
-                           for n in changed)  # only the adapted matrices moved
+    changed = [
+        n
+        for n, p in model.state_dict().items()
+        if n in base.state_dict()
+        and p.shape == base.state_dict()[n].shape
+        and not torch.equal(p, base.state_dict()[n])
+    ]
+    assert changed and all(
+        n.endswith(("qkv.weight", "proj.weight", "up.weight", "gate.weight", "down.weight")) for n in changed
+    )  # only the adapted matrices moved
 
 
 def test_cli_sft_reports_exact_match_before_and_after(setup, tmp_path, capsys):
     from scratchlm.cli import main
 
     tasks = setup / "tasks"
-    assert main(["sft", "--checkpoint", str(setup / "base"), "--data", str(tasks / "sft-train.jsonl"),
-                 "--out", str(tmp_path / "run"), "--eval-prompts", str(tasks / "prompts-test.jsonl"),
-                 "--set", "train.max_steps=5", "--set", "train.eval_interval=5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--checkpoint",
+                str(setup / "base"),
+                "--data",
+                str(tasks / "sft-train.jsonl"),
+                "--out",
+                str(tmp_path / "run"),
+                "--eval-prompts",
+                str(tasks / "prompts-test.jsonl"),
+                "--set",
+                "train.max_steps=5",
+                "--set",
+                "train.eval_interval=5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     em = summary["exact_match"]
     assert em["before"]["n"] == em["after"]["n"] == 6 and summary["steps"] == 5
-    assert main(["sft", "--checkpoint", str(setup / "base"), "--data", str(tasks / "sft-train.jsonl"),
-                 "--out", str(tmp_path / "x"), "--set", "model.n_layer=3"]) == 2
+    assert (
+        main(
+            [
+                "sft",
+                "--checkpoint",
+                str(setup / "base"),
+                "--data",
+                str(tasks / "sft-train.jsonl"),
+                "--out",
+                str(tmp_path / "x"),
+                "--set",
+                "model.n_layer=3",
+            ]
+        )
+        == 2
+    )
     assert "sft.key=value or train.key=value" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text((tasks / "sft-train.jsonl").read_text() + "{broken\n")
-    assert main(["sft", "--checkpoint", str(setup / "base"), "--data", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(["sft", "--checkpoint", str(setup / "base"), "--data", str(bad), "--out", str(tmp_path / "y")])
+        == 2
+    )
     assert "bad.jsonl, line 81" in capsys.readouterr().err
 
 
@@ -126,25 +191,57 @@ def test_lora_sft_learns_to_stop_and_its_adapters_merge_into_the_base(setup, tmp
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer
 
     run_dir = tmp_path / "lora"
-    sft({"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl"), "lora_rank": 8},
-        run(out_dir=str(run_dir), lr=1e-2), progress=False)
+    sft(
+        {"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl"), "lora_rank": 8},
+        run(out_dir=str(run_dir), lr=1e-2),
+        progress=False,
+    )
     model, state = load_model_from_checkpoint(run_dir / "last")
     tok = load_checkpoint_tokenizer(run_dir / "last", state)
     prompts = load_prompts(setup / "tasks" / "prompts-train.jsonl").items[:40]
     assert exact_match(model, tok, prompts, max_tokens=6)["ended_with_end_of_turn"] >= 0.9
-    assert main(["lora", "merge", "--checkpoint", str(setup / "base"), "--adapters",
-                 str(run_dir / "last" / "adapters.safetensors"), "--out", str(tmp_path / "merged")]) == 0
+    assert (
+        main(
+            [
+                "lora",
+                "merge",
+                "--checkpoint",
+                str(setup / "base"),
+                "--adapters",
+                str(run_dir / "last" / "adapters.safetensors"),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     merged, merged_state = load_model_from_checkpoint(tmp_path / "merged")
     assert load_checkpoint_tokenizer(tmp_path / "merged", merged_state).fingerprint == tok.fingerprint
     x = torch.tensor([tok.encode_ordinary("12+3=")])
     with torch.no_grad():
         torch.testing.assert_close(merged(x)[0], model(x)[0], atol=1e-5, rtol=1e-5)
     other = GPT(GPTConfig(**{**model.config.to_dict(), "vocab_size": tok.vocab_size - 2}))
-    save_model_only(tmp_path / "other", other, tokenizer=CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz",
-                                                                            ["<|endoftext|>"]))
+    save_model_only(
+        tmp_path / "other",
+        other,
+        tokenizer=CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"]),
+    )
     capsys.readouterr()
-    assert main(["lora", "merge", "--checkpoint", str(tmp_path / "other"), "--adapters",
-                 str(run_dir / "last" / "adapters.safetensors"), "--out", str(tmp_path / "wrong")]) == 2
+    assert (
+        main(
+            [
+                "lora",
+                "merge",
+                "--checkpoint",
+                str(tmp_path / "other"),
+                "--adapters",
+                str(run_dir / "last" / "adapters.safetensors"),
+                "--out",
+                str(tmp_path / "wrong"),
+            ]
+        )
+        == 2
+    )
     assert "trained on another base" in capsys.readouterr().err
 
 
@@ -153,10 +250,23 @@ def test_the_loss_weighs_every_answer_token_alike_whatever_grad_accum(setup, tmp
     data = {"base": str(setup / "base"), "data": str(setup / "tasks" / "sft-train.jsonl")}
 
     def first_losses(name, **train):
-        sft(data, run(out_dir=str(tmp_path / name), max_steps=3, eval_interval=3, log_interval=1, warmup_steps=0,
-                      **train), progress=False)
-        return [r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r]
+        sft(
+            data,
+            run(
+                out_dir=str(tmp_path / name),
+                max_steps=3,
+                eval_interval=3,
+                log_interval=1,
+                warmup_steps=0,
+                **train,
+            ),
+            progress=False,
+        )
+        return [
+            r["loss"]
+            for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
 
     whole = first_losses("whole", batch_size=16)
     accumulated = first_losses("accumulated", batch_size=8, grad_accum=2)
@@ -174,26 +284,61 @@ def test_resuming_lora_on_another_base_is_refused(setup, tmp_path):
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight.add_(0.01)
     shutil.rmtree(base)
-    save_model_only(base, model, tokenizer=CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz",
-                                                               ["<|endoftext|>"]))
+    save_model_only(
+        base,
+        model,
+        tokenizer=CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"]),
+    )
     with pytest.raises(ValueError, match="not the one this run started from"):
-        sft(data, run(out_dir=str(tmp_path / "run"), max_steps=8, eval_interval=4), resume=True, progress=False)
+        sft(
+            data,
+            run(out_dir=str(tmp_path / "run"), max_steps=8, eval_interval=4),
+            resume=True,
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize("position,attention", [("rope", "sdpa"), ("rope", "manual"), ("learned", "sdpa"),
-                                                ("alibi", "manual"), ("alibi", "sdpa"), ("sinusoidal", "sdpa")])
+@pytest.mark.parametrize(
+    "position,attention",
+    [
+        ("rope", "sdpa"),
+        ("rope", "manual"),
+        ("learned", "sdpa"),
+        ("alibi", "manual"),
+        ("alibi", "sdpa"),
+        ("sinusoidal", "sdpa"),
+    ],
+)
 def test_a_packed_row_computes_each_conversation_as_if_alone(position, attention):
     """Packing's guarantee: attention never crosses a document boundary and positions restart,
     so the logits of packed rows (two rows, laid out differently) equal those of their documents
     run one by one, and so do the gradients of the summed loss."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=30, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=24,
-                          position=position, attention=attention))
+    model = GPT(
+        GPTConfig(
+            vocab_size=30,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=32,
+            block_size=24,
+            position=position,
+            attention=attention,
+        )
+    )
     docs = [torch.randint(30, (1, n)) for n in (5, 3, 7, 9, 6)]
-    rows = torch.cat([torch.cat(docs[:3] + [torch.zeros(1, 2, dtype=torch.long)], dim=1),
-                      torch.cat(docs[3:] + [torch.zeros(1, 2, dtype=torch.long)], dim=1)])
-    documents = torch.tensor([[0] * 5 + [1] * 3 + [2] * 7 + [-1] * 2,  # two padding positions at the end
-                              [0] * 9 + [1] * 6 + [-1] * 2])
+    rows = torch.cat(
+        [
+            torch.cat(docs[:3] + [torch.zeros(1, 2, dtype=torch.long)], dim=1),
+            torch.cat(docs[3:] + [torch.zeros(1, 2, dtype=torch.long)], dim=1),
+        ]
+    )
+    documents = torch.tensor(
+        [
+            [0] * 5 + [1] * 3 + [2] * 7 + [-1] * 2,  # two padding positions at the end
+            [0] * 9 + [1] * 6 + [-1] * 2,
+        ]
+    )
     together = model(rows, documents=documents)[0]
     alone = [model(d)[0] for d in docs]
     assert torch.allclose(together[0, :15], torch.cat(alone[:3], dim=1)[0], atol=1e-5)
@@ -227,7 +372,11 @@ def test_collate_packed_keeps_every_target_inside_its_conversation():
     x, y, m, d = collate_packed([[a, b], [b]], pad_id=9)
     assert x[0].tolist() == [1, 2, 3, 5, 6] and y[0].tolist() == [2, 3, 4, 6, 7]  # no 4 -> 5 target
     assert m[0].tolist() == [0, 1, 1, 1, 1] and d[0].tolist() == [0, 0, 0, 1, 1]
-    assert x[1].tolist() == [5, 6, 9, 9, 9] and y[1].tolist() == [6, 7, -1, -1, -1] and d[1].tolist() == [0, 0, -1, -1, -1]
+    assert (
+        x[1].tolist() == [5, 6, 9, 9, 9]
+        and y[1].tolist() == [6, 7, -1, -1, -1]
+        and d[1].tolist() == [0, 0, -1, -1, -1]
+    )
 
 
 def test_sft_with_packing_learns_and_fills_its_windows(setup, tmp_path):
@@ -238,7 +387,9 @@ def test_sft_with_packing_learns_and_fills_its_windows(setup, tmp_path):
     # A base with a 96-token context: three of these ~25-token conversations fit in a row.
     tok = load_checkpoint_tokenizer(setup / "base", read_state(setup / "base"))
     torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, block_size=96, position="rope"))
+    base = GPT(
+        GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, block_size=96, position="rope")
+    )
     save_model_only(tmp_path / "base", base, tokenizer=tok)
     data = str(setup / "tasks" / "sft-train.jsonl")
     # The same steps and rows, packed or not (packed rows carry about three times the
@@ -246,13 +397,18 @@ def test_sft_with_packing_learns_and_fills_its_windows(setup, tmp_path):
     # test above.
     best = {}
     for packing in (False, True):
-        summary = sft({"base": str(tmp_path / "base"), "data": data, "val_data": data, "packing": packing},
-                      run(out_dir=str(tmp_path / f"packed-{packing}"), max_steps=150, eval_interval=150, batch_size=8),
-                      progress=False)
+        summary = sft(
+            {"base": str(tmp_path / "base"), "data": data, "val_data": data, "packing": packing},
+            run(out_dir=str(tmp_path / f"packed-{packing}"), max_steps=150, eval_interval=150, batch_size=8),
+            progress=False,
+        )
         best[packing] = summary["best_val_loss"]
     assert summary["steps"] == 150 and best[True] < 1.02 * best[False] and best[True] < 1.0, best
-    trainer = SFTTrainer(SFTConfig(base=str(tmp_path / "base"), data=data, packing=True),
-                         TrainConfig(data="", out_dir=str(tmp_path / "look"), batch_size=4), progress=False)
+    trainer = SFTTrainer(
+        SFTConfig(base=str(tmp_path / "base"), data=data, packing=True),
+        TrainConfig(data="", out_dir=str(tmp_path / "look"), batch_size=4),
+        progress=False,
+    )
     x, y, mask, documents = trainer.train_loader.get_batch()
     trainer.lock.release()
     assert (documents.max(dim=1).values >= 2).all()  # every row holds three conversations
@@ -260,8 +416,15 @@ def test_sft_with_packing_learns_and_fills_its_windows(setup, tmp_path):
     with pytest.raises(ValueError, match="dpo.packing is an SFT option"):
         from scratchlm.posttrain.dpo import dpo
 
-        dpo({"base": str(setup / "base"), "data": str(setup / "tasks" / "pairs-train.jsonl"), "packing": True},
-            {"out_dir": str(tmp_path / "dpo")}, progress=False)
+        dpo(
+            {
+                "base": str(setup / "base"),
+                "data": str(setup / "tasks" / "pairs-train.jsonl"),
+                "packing": True,
+            },
+            {"out_dir": str(tmp_path / "dpo")},
+            progress=False,
+        )
 
 
 def test_sft_of_a_mixture_of_experts_keeps_its_balancing_loss(setup, tmp_path):
@@ -274,13 +437,28 @@ def test_sft_of_a_mixture_of_experts_keeps_its_balancing_loss(setup, tmp_path):
     first = {}
     for weight in (0.0, 5.0):
         torch.manual_seed(0)
-        base = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=32, block_size=48, position="rope",
-                             norm="rmsnorm", mlp="swiglu", bias=False, layers=["attention+moe"],
-                             moe={"n_experts": 4, "top_k": 2, "aux_weight": weight}))
+        base = GPT(
+            GPTConfig(
+                vocab_size=tok.vocab_size,
+                n_layer=2,
+                n_head=4,
+                d_model=32,
+                block_size=48,
+                position="rope",
+                norm="rmsnorm",
+                mlp="swiglu",
+                bias=False,
+                layers=["attention+moe"],
+                moe={"n_experts": 4, "top_k": 2, "aux_weight": weight},
+            )
+        )
         save(tmp_path / f"base{weight}", base, tokenizer=tok)
         out = tmp_path / f"sft{weight}"
-        sft({"base": str(tmp_path / f"base{weight}"), "data": str(setup / "tasks" / "sft-train.jsonl")},
-            run(out_dir=str(out), max_steps=2, eval_interval=2, log_interval=1), progress=False)
+        sft(
+            {"base": str(tmp_path / f"base{weight}"), "data": str(setup / "tasks" / "sft-train.jsonl")},
+            run(out_dir=str(out), max_steps=2, eval_interval=2, log_interval=1),
+            progress=False,
+        )
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         first[weight] = next(r["loss"] for r in records if "loss" in r and "val_loss" not in r)
     # the aux loss is E·Σ f·P >= 1 per MoE layer (2 layers): weight 5 adds at least 10

@@ -26,15 +26,26 @@ GREEDY = SamplingConfig(temperature=0)
 def tiny(position="rope", n_kv_head=2, vocab=97, block=96, seed=0, **kw) -> GPT:
     """Random weights with a large init: logits spread far apart, so greedy ties cannot hide bugs."""
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, block_size=block,
-                    position=position, init_std=0.3, **kw)
+    cfg = GPTConfig(
+        vocab_size=vocab,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=n_kv_head,
+        d_model=32,
+        block_size=block,
+        position=position,
+        init_std=0.3,
+        **kw,
+    )
     return GPT(cfg).eval()
 
 
 def prompts(n, low=1, high=40, vocab=97, seed=1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(0, vocab, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def oracle(model, prompt, n) -> list[int]:
@@ -50,8 +61,9 @@ def drained(engine: LLMEngine) -> None:
 
 
 # --- greedy equality with the one-request path ------------------------------------------------------
-@pytest.mark.parametrize("position,n_kv_head", [("rope", 2), ("learned", 4), ("alibi", 1), ("sinusoidal", 2),
-                                                 ("none", 2)])
+@pytest.mark.parametrize(
+    "position,n_kv_head", [("rope", 2), ("learned", 4), ("alibi", 1), ("sinusoidal", 2), ("none", 2)]
+)
 def test_batched_paged_chunked_preempted_equals_one_at_a_time(position, n_kv_head):
     model = tiny(position, n_kv_head)
     ps = prompts(12)
@@ -73,8 +85,10 @@ def test_weight_formats_agree_and_leave_the_model_unchanged(weight_format):
 
     model = tiny("learned", 4, bias=True)
     if weight_format == "onednn" and resolve("auto", model) != "onednn":
-        pytest.skip(reason="the onednn format needs a CPU PyTorch build whose oneDNN linear ops pass the self-check "
-                    "(absent on CUDA/MPS builds and some CPUs); the dense format is tested either way")
+        pytest.skip(
+            reason="the onednn format needs a CPU PyTorch build whose oneDNN linear ops pass the self-check "
+            "(absent on CUDA/MPS builds and some CPUs); the dense format is tested either way"
+        )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     llm = LLM(model, block_size=4, weight_format=weight_format)
     assert llm.engine.stats()["weight_format"] == weight_format
@@ -84,12 +98,17 @@ def test_weight_formats_agree_and_leave_the_model_unchanged(weight_format):
         assert out.token_ids == oracle(model, p, 10)
         with torch.no_grad():
             logits, _ = model(torch.tensor([p + out.token_ids]))
-        expected = torch.log_softmax(logits[0, len(p) - 1 : -1], -1).gather(1, torch.tensor(out.token_ids)[:, None])
-        torch.testing.assert_close(torch.tensor([r["logprob"] for r in out.logprobs]), expected[:, 0], atol=1e-4,
-                                   rtol=1e-4)
+        expected = torch.log_softmax(logits[0, len(p) - 1 : -1], -1).gather(
+            1, torch.tensor(out.token_ids)[:, None]
+        )
+        torch.testing.assert_close(
+            torch.tensor([r["logprob"] for r in out.logprobs]), expected[:, 0], atol=1e-4, rtol=1e-4
+        )
     from scratchlm.serve.weights import OneDNNLinear
 
-    assert not any(isinstance(m, OneDNNLinear) for m in model.modules())  # the caller's model is not converted
+    assert not any(
+        isinstance(m, OneDNNLinear) for m in model.modules()
+    )  # the caller's model is not converted
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -99,8 +118,10 @@ def test_onednn_bfloat16_weights_agree_with_dense_bfloat16():
 
     model = tiny("rope", 2, bias=True).to(torch.bfloat16)
     if resolve("auto", model) != "onednn":
-        pytest.skip(reason="bfloat16 oneDNN linears need a CPU PyTorch build whose oneDNN ops pass the self-check "
-                    "(absent on CUDA/MPS builds and CPUs without bf16 support); nothing to compare against otherwise")
+        pytest.skip(
+            reason="bfloat16 oneDNN linears need a CPU PyTorch build whose oneDNN ops pass the self-check "
+            "(absent on CUDA/MPS builds and CPUs without bf16 support); nothing to compare against otherwise"
+        )
     ps = prompts(3)
     params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
     dense = LLM(model, weight_format="dense").generate(ps, params)
@@ -113,7 +134,9 @@ def test_onednn_bfloat16_weights_agree_with_dense_bfloat16():
 def test_batched_equals_one_request_at_a_time_through_the_engine():
     model = tiny()
     ps = prompts(10, 1, 60)
-    together = LLM(model, block_size=8, max_num_seqs=10).generate(ps, SamplingParams(max_tokens=12, temperature=0))
+    together = LLM(model, block_size=8, max_num_seqs=10).generate(
+        ps, SamplingParams(max_tokens=12, temperature=0)
+    )
     one = LLM(model, block_size=8, max_num_seqs=1)
     alone = [one.generate([p], SamplingParams(max_tokens=12, temperature=0))[0] for p in ps]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
@@ -130,8 +153,18 @@ def test_logits_of_a_packed_step_equal_the_contiguous_model():
     outs, kinds = {}, set()
     while engine.has_unfinished():
         chunks = engine.scheduler.schedule()
-        kinds |= {("decode" if n == 1 else "first" if s.num_computed == 0 else
-                   "last" if s.num_computed + n == s.num_tokens else "middle") for s, n in chunks.chunks}
+        kinds |= {
+            (
+                "decode"
+                if n == 1
+                else "first"
+                if s.num_computed == 0
+                else "last"
+                if s.num_computed + n == s.num_tokens
+                else "middle"
+            )
+            for s, n in chunks.chunks
+        }
         for o in engine._run(chunks):
             outs[o.request_id] = o
     assert kinds == {"decode", "first", "middle", "last"}
@@ -167,7 +200,9 @@ def test_prefix_cache_hits_give_the_same_tokens_as_no_cache():
         got = on.generate([p], params)[0]
         assert got.token_ids == off.generate([p], params)[0].token_ids == oracle(model, p, 8), name
         cached = got.metrics["cached_tokens"]
-        expected = {"no hit": 0, "partial hit": 16, "block-aligned full hit": 16, "whole prompt cached": 32}[name]
+        expected = {"no hit": 0, "partial hit": 16, "block-aligned full hit": 16, "whole prompt cached": 32}[
+            name
+        ]
         assert cached == expected, (name, cached)
     drained(on.engine)
 
@@ -263,11 +298,34 @@ def char_model(char_shards, tmp_path_factory):
     from scratchlm.train import train
 
     out = tmp_path_factory.mktemp("engine") / "run"
-    train({"model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64, "block_size": 128,
-                     "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False},
-           "train": {"data": str(char_shards), "out_dir": str(out), "batch_size": 16, "max_steps": 150,
-                     "eval_interval": 150, "eval_windows": 8, "warmup_steps": 10, "sample_tokens": 0,
-                     "lr": 1e-2, "log_interval": 50}}, progress=False)
+    train(
+        {
+            "model": {
+                "n_layer": 2,
+                "n_head": 4,
+                "n_kv_head": 2,
+                "d_model": 64,
+                "block_size": 128,
+                "position": "rope",
+                "norm": "rmsnorm",
+                "mlp": "swiglu",
+                "bias": False,
+            },
+            "train": {
+                "data": str(char_shards),
+                "out_dir": str(out),
+                "batch_size": 16,
+                "max_steps": 150,
+                "eval_interval": 150,
+                "eval_windows": 8,
+                "warmup_steps": 10,
+                "sample_tokens": 0,
+                "lr": 1e-2,
+                "log_interval": 50,
+            },
+        },
+        progress=False,
+    )
     return out / "last"
 
 
@@ -303,19 +361,22 @@ def test_bfloat16_greedy_matches_float32_on_a_trained_model(char_model):
 
 
 # --- bad input: one request fails, the others are served ----------------------------------------------
-@pytest.mark.parametrize("prompt,fields,message", [
-    ([], {}, "prompt is empty"),
-    (list(range(90)), {"max_tokens": 10}, "context is 96 tokens"),
-    ([1, 2], {"max_tokens": 200}, "context is 96 tokens"),
-    ([1, 500], {}, "outside the vocabulary"),
-    ([1, 2], {"temperature": -1}, "temperature must be"),
-    ([1, 2], {"top_p": 0}, "top_p must be"),
-    ([1, 2], {"top_p": 1.5}, "top_p must be"),
-    ([1, 2], {"max_tokens": 0}, "max_tokens must be"),
-    ([1, 2], {"stop": ["x"]}, "stop strings need a tokenizer"),
-    ([1, 2], {"bogus": 1}, "unknown sampling field"),
-    ("text", {}, "text prompt needs a tokenizer"),
-])
+@pytest.mark.parametrize(
+    "prompt,fields,message",
+    [
+        ([], {}, "prompt is empty"),
+        (list(range(90)), {"max_tokens": 10}, "context is 96 tokens"),
+        ([1, 2], {"max_tokens": 200}, "context is 96 tokens"),
+        ([1, 500], {}, "outside the vocabulary"),
+        ([1, 2], {"temperature": -1}, "temperature must be"),
+        ([1, 2], {"top_p": 0}, "top_p must be"),
+        ([1, 2], {"top_p": 1.5}, "top_p must be"),
+        ([1, 2], {"max_tokens": 0}, "max_tokens must be"),
+        ([1, 2], {"stop": ["x"]}, "stop strings need a tokenizer"),
+        ([1, 2], {"bogus": 1}, "unknown sampling field"),
+        ("text", {}, "text prompt needs a tokenizer"),
+    ],
+)
 def test_a_bad_request_fails_alone(prompt, fields, message):
     model = tiny()
     engine = LLMEngine(model, block_size=4, check_invariants=True)
@@ -333,12 +394,18 @@ def test_a_bad_request_fails_alone(prompt, fields, message):
     drained(engine)
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"top_k": True}, "top_k must be"), ({"max_tokens": True}, "max_tokens must be"),
-    ({"stop": 5}, "stop must be"), ({"stop_token_ids": 5}, "stop_token_ids must be"),
-    ({"temperature": float("inf")}, "temperature must be"), ({"ignore_eos": "no"}, "ignore_eos must be"),
-    ({"seed": True}, "seed must be"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"top_k": True}, "top_k must be"),
+        ({"max_tokens": True}, "max_tokens must be"),
+        ({"stop": 5}, "stop must be"),
+        ({"stop_token_ids": 5}, "stop_token_ids must be"),
+        ({"temperature": float("inf")}, "temperature must be"),
+        ({"ignore_eos": "no"}, "ignore_eos must be"),
+        ({"seed": True}, "seed must be"),
+    ],
+)
 def test_sampling_params_reject_booleans_and_wrong_types(fields, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams.from_dict(fields)
@@ -387,17 +454,36 @@ def test_nan_logits_fail_that_request_only_and_never_reach_other_requests():
 
     for caching in (True, False):
         # fails at sampling
-        engine = LLMEngine(model, block_size=4, num_blocks=24, max_num_batched_tokens=32,
-                           enable_prefix_caching=caching, check_invariants=True)
+        engine = LLMEngine(
+            model,
+            block_size=4,
+            num_blocks=24,
+            max_num_batched_tokens=32,
+            enable_prefix_caching=caching,
+            check_invariants=True,
+        )
         out = run(engine, good[:3], good[3:20])
         assert out.finish_reason == "error" and "NaN" in out.error and out.token_ids == []
         # aborted after 2 chunks of its prefill: its NaN blocks go back without ever being sampled
-        engine = LLMEngine(model, block_size=4, num_blocks=10, max_num_batched_tokens=8,
-                           enable_prefix_caching=caching, check_invariants=True)
+        engine = LLMEngine(
+            model,
+            block_size=4,
+            num_blocks=10,
+            max_num_batched_tokens=8,
+            enable_prefix_caching=caching,
+            check_invariants=True,
+        )
         assert run(engine, [], good[20:30], abort_bad_after=2).finish_reason == "abort"
     # preempted in the middle of its prefill (a small pool), its blocks reused by the others
-    engine = LLMEngine(model, block_size=4, num_blocks=14, max_num_batched_tokens=8, max_num_seqs=4,
-                       enable_prefix_caching=False, check_invariants=True)
+    engine = LLMEngine(
+        model,
+        block_size=4,
+        num_blocks=14,
+        max_num_batched_tokens=8,
+        max_num_seqs=4,
+        enable_prefix_caching=False,
+        check_invariants=True,
+    )
     run(engine, good[:3], good[3:12], n=10)
     assert engine.stats()["preemptions"] > 0
 
@@ -427,9 +513,10 @@ def test_only_the_tokenizers_ids_are_sampled_from_a_padded_vocabulary(char_model
     padded = GPT(GPTConfig(**{**model.config.__dict__, "vocab_size": tok.vocab_size + 40})).eval()
     with torch.no_grad():
         padded.lm_head.weight.zero_()
-        padded.lm_head.weight[tok.vocab_size:] = 5.0  # the padding ids would win every draw
-    outs = LLM(padded, tok).generate(["ROMEO:"] * 3, [SamplingParams(max_tokens=10, temperature=t, seed=1)
-                                                     for t in (0, 1.0, 0.7)])
+        padded.lm_head.weight[tok.vocab_size :] = 5.0  # the padding ids would win every draw
+    outs = LLM(padded, tok).generate(
+        ["ROMEO:"] * 3, [SamplingParams(max_tokens=10, temperature=t, seed=1) for t in (0, 1.0, 0.7)]
+    )
     for out in outs:
         assert out.finish_reason == "length" and max(out.token_ids) < tok.vocab_size
     with pytest.raises(ValueError, match="not this model's tokenizer"):
@@ -469,18 +556,31 @@ def test_random_workloads_with_arrivals_and_aborts_match_the_oracle():
     from hypothesis import strategies as st
 
     model = tiny(block=64)
-    request = st.tuples(st.lists(st.integers(0, 96), min_size=1, max_size=30),  # prompt
-                        st.integers(1, 12),  # max_tokens
-                        st.integers(0, 6),  # arrives after this many steps
-                        st.one_of(st.none(), st.integers(0, 8)))  # aborted after this many of its steps
+    request = st.tuples(
+        st.lists(st.integers(0, 96), min_size=1, max_size=30),  # prompt
+        st.integers(1, 12),  # max_tokens
+        st.integers(0, 6),  # arrives after this many steps
+        st.one_of(st.none(), st.integers(0, 8)),
+    )  # aborted after this many of its steps
 
     @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
-    @hypothesis.given(st.lists(request, min_size=1, max_size=8), st.sampled_from([2, 4, 8]), st.integers(6, 40),
-                      st.integers(4, 40), st.booleans())
+    @hypothesis.given(
+        st.lists(request, min_size=1, max_size=8),
+        st.sampled_from([2, 4, 8]),
+        st.integers(6, 40),
+        st.integers(4, 40),
+        st.booleans(),
+    )
     def run(requests, block_size, num_blocks, budget, caching):
         needed = max(-(-(len(p) + n) // block_size) for p, n, _, _ in requests)
-        engine = LLMEngine(model, block_size=block_size, num_blocks=max(num_blocks, needed),
-                           max_num_batched_tokens=budget, enable_prefix_caching=caching, check_invariants=True)
+        engine = LLMEngine(
+            model,
+            block_size=block_size,
+            num_blocks=max(num_blocks, needed),
+            max_num_batched_tokens=budget,
+            enable_prefix_caching=caching,
+            check_invariants=True,
+        )
         pending = sorted(enumerate(requests), key=lambda r: r[1][2])
         finished, steps_seen, step = {}, {}, 0
         while pending or engine.has_unfinished():
@@ -489,7 +589,11 @@ def test_random_workloads_with_arrivals_and_aborts_match_the_oracle():
                 engine.add_request(p, SamplingParams(max_tokens=n, temperature=0), str(i))
             for i, (_p, _n, _, abort_after) in enumerate(requests):
                 rid = str(i)
-                if rid in engine.requests and abort_after is not None and steps_seen.get(rid, 0) >= abort_after:
+                if (
+                    rid in engine.requests
+                    and abort_after is not None
+                    and steps_seen.get(rid, 0) >= abort_after
+                ):
                     finished[rid] = engine.abort(rid)
             for o in engine.step():
                 steps_seen[o.request_id] = steps_seen.get(o.request_id, 0) + 1
@@ -621,8 +725,9 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
         assert not llm.requests and llm.blocks.num_free == llm.blocks.num_blocks
         # 5. shutdown with a request in flight: its consumer gets an error instead of waiting forever
         started = asyncio.Event()
-        hanging = asyncio.ensure_future(consume(ps[1], params=SamplingParams(max_tokens=70, temperature=0),
-                                                started=started))
+        hanging = asyncio.ensure_future(
+            consume(ps[1], params=SamplingParams(max_tokens=70, temperature=0), started=started)
+        )
         await asyncio.wait_for(started.wait(), 10)
         await engine.shutdown_async()
         with pytest.raises(RuntimeError, match="shut down"):
@@ -698,24 +803,30 @@ def test_a_long_prompt_does_not_stall_running_decodes():
     assert steps_until_first_token == 9  # 60 tokens at 7 a step (one of the 8 goes to the decode)
 
 
-def test_cli_generate_writes_outputs_in_order_with_errors_per_line_and_never_imports_the_trainer(char_model, tmp_path):
+def test_cli_generate_writes_outputs_in_order_with_errors_per_line_and_never_imports_the_trainer(
+    char_model, tmp_path
+):
     import json
     import subprocess
     import sys
 
-    lines = [{"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0},
-             {"prompt": "JULIET:", "max_tokens": 20, "temperature": 0.8, "seed": 3, "stop": ["\n\n"]},
-             {"prompt": "KING:", "max_tokens": 5000},  # beyond the context: an error for this line only
-             {"prompt": "QUEEN:", "max_tokens": 8, "temperatur": 0.5},  # a typo is an error, not ignored
-             {"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0, "id": "again"}]
+    lines = [
+        {"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0},
+        {"prompt": "JULIET:", "max_tokens": 20, "temperature": 0.8, "seed": 3, "stop": ["\n\n"]},
+        {"prompt": "KING:", "max_tokens": 5000},  # beyond the context: an error for this line only
+        {"prompt": "QUEEN:", "max_tokens": 8, "temperatur": 0.5},  # a typo is an error, not ignored
+        {"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0, "id": "again"},
+    ]
     src = tmp_path / "prompts.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
     out = tmp_path / "out.jsonl"
-    code = ("import sys\nfrom scratchlm.cli import main\n"
-            f"rc = main(['generate', '--checkpoint', {str(char_model)!r}, '--prompts', {str(src)!r}, '--out', "
-            f"{str(out)!r}, '--json'])\n"
-            "loaded = sorted(m for m in sys.modules if m.startswith('scratchlm.train'))\n"
-            "assert not loaded, loaded\nsys.exit(rc)\n")
+    code = (
+        "import sys\nfrom scratchlm.cli import main\n"
+        f"rc = main(['generate', '--checkpoint', {str(char_model)!r}, '--prompts', {str(src)!r}, '--out', "
+        f"{str(out)!r}, '--json'])\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('scratchlm.train'))\n"
+        "assert not loaded, loaded\nsys.exit(rc)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "3 of 6 requests failed" in done.stderr
@@ -740,15 +851,26 @@ def test_greedy_equals_hugging_face_generate_on_exported_weights(shape, tmp_path
     if shape == "gpt2":
         model = tiny("learned", 4, vocab=101, block=64, mlp="gelu_tanh", bias=True)
     else:
-        model = tiny("rope", 2, vocab=101, block=64, norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+        model = tiny(
+            "rope", 2, vocab=101, block=64, norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False
+        )
     export_hf(model, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ps = prompts(6, 3, 30, vocab=101, seed=5)
     outs = LLM(model, block_size=4, max_num_batched_tokens=16, check_invariants=True).generate(
-        ps, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        ps, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    )
     for p, out in zip(ps, outs):
         with torch.no_grad():
-            ids = torch.tensor([p])  # an explicit mask: HF would otherwise mask every token equal to pad_token_id
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                              do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+            ids = torch.tensor(
+                [p]
+            )  # an explicit mask: HF would otherwise mask every token equal to pad_token_id
+            ref = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=12,
+                min_new_tokens=12,
+                do_sample=False,
+                pad_token_id=0,
+            )[0, len(p) :].tolist()
         assert out.token_ids == ref == oracle(model, p, 12)

@@ -16,7 +16,9 @@ from scratchlm.tokenizers import train_bpe
 from scratchlm.tokenizers.bpe import token_to_str
 from scratchlm.tokenizers.patterns import CL100K_PATTERN, O200K_PATTERN
 
-unicode_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=("Cs",)), max_size=300)
+unicode_text = st.text(
+    alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=("Cs",)), max_size=300
+)
 
 
 def test_gpt2_hello(gpt2):
@@ -32,11 +34,14 @@ def test_gpt2_hello(gpt2):
 @pytest.fixture(scope="module")
 def tiktoken_gpt2():
     """tiktoken's *own* loader of OpenAI's GPT-2 files: an independent peer for our loader."""
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(fetch("gpt2-vocab")), str(fetch("gpt2-encoder")))
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        str(fetch("gpt2-vocab")), str(fetch("gpt2-encoder"))
+    )
     from scratchlm.tokenizers.patterns import GPT2_PATTERN
 
-    return tiktoken.Encoding("gpt2-peer", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256})
+    return tiktoken.Encoding(
+        "gpt2-peer", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
+    )
 
 
 def test_gpt2_reference_encoder_equals_tiktoken_on_shakespeare(gpt2, tiktoken_gpt2, shakespeare_text):
@@ -69,7 +74,9 @@ def test_trained_bpe_reference_equals_tiktoken_on_shakespeare(shakespeare_bpe, s
 @settings(max_examples=200, deadline=None)
 @given(unicode_text)
 def test_trained_bpe_reference_equals_tiktoken_on_random_unicode(shakespeare_bpe, text):
-    assert shakespeare_bpe.encode_ordinary_reference(text) == shakespeare_bpe.to_tiktoken().encode_ordinary(text)
+    assert shakespeare_bpe.encode_ordinary_reference(text) == shakespeare_bpe.to_tiktoken().encode_ordinary(
+        text
+    )
 
 
 @pytest.mark.parametrize("pattern", ["cl100k", "o200k"])
@@ -96,7 +103,9 @@ def test_special_tokens_like_tiktoken(shakespeare_bpe):
 def test_special_token_spelling_is_never_merged():
     text = ("the end<|endoftext|>" * 300) + "x"
     tok = train_bpe(text, 300, "gpt2", ["<|endoftext|>"])
-    assert not any(b"<|" in t or b"|>" in t for t in tok.vocab[256:]), "merges learned from a special token's spelling"
+    assert not any(b"<|" in t or b"|>" in t for t in tok.vocab[256:]), (
+        "merges learned from a special token's spelling"
+    )
     assert tok.encode("a<|endoftext|>", allowed_special="all")[-1] == tok.eot_token
 
 
@@ -108,12 +117,15 @@ def _hf_bpe(texts, vocab_size, pattern=None):
     if pattern is None:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     hf.train_from_iterator(texts, trainer=trainer)
     return hf
 

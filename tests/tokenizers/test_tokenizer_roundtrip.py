@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from scratchlm.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
 
 EOT = "<|endoftext|>"
-unicode_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=("Cs",)), max_size=200)
+unicode_text = st.text(
+    alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=("Cs",)), max_size=200
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -45,7 +47,11 @@ def test_bpe_roundtrip(shakespeare_bpe, gpt2, a, b):
 
 def test_saved_tokenizers_roundtrip(tmp_path, shakespeare_bpe, shakespeare_text):
     sample = shakespeare_text[:5000] + " héllo wörld 日本語 🤖"
-    for tok in (CharTokenizer.train(sample, [EOT]), ByteTokenizer.train(special_tokens=[EOT]), shakespeare_bpe):
+    for tok in (
+        CharTokenizer.train(sample, [EOT]),
+        ByteTokenizer.train(special_tokens=[EOT]),
+        shakespeare_bpe,
+    ):
         path = tok.save(tmp_path / f"{tok.kind}.json")
         loaded = load_tokenizer(path)
         assert type(loaded) is type(tok)

@@ -21,20 +21,41 @@ import torch
 from safetensors.torch import load_file
 
 from scratchlm.io import FormatError
-from scratchlm.train import train
 from scratchlm.models.checkpoint import is_complete, load_model_from_checkpoint, read_state
+from scratchlm.train import train
 from scratchlm.train.checkpoint import CheckpointStore
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32, "position": "rope", "norm": "rmsnorm",
-              "mlp": "relu2", "bias": False, "dropout": 0.1}
+TINY_MODEL = {
+    "n_layer": 2,
+    "n_head": 2,
+    "d_model": 32,
+    "block_size": 32,
+    "position": "rope",
+    "norm": "rmsnorm",
+    "mlp": "relu2",
+    "bias": False,
+    "dropout": 0.1,
+}
 
 
 def config(shards, out, **train_overrides):
-    return {"model": dict(TINY_MODEL), "train": {"data": str(shards), "out_dir": str(out), "batch_size": 4,
-                                                 "max_steps": 6, "eval_interval": 2, "eval_windows": 8,
-                                                 "warmup_steps": 2, "sample_tokens": 0, "lr": 3e-3,
-                                                 "log_interval": 5, **train_overrides}}
+    return {
+        "model": dict(TINY_MODEL),
+        "train": {
+            "data": str(shards),
+            "out_dir": str(out),
+            "batch_size": 4,
+            "max_steps": 6,
+            "eval_interval": 2,
+            "eval_windows": 8,
+            "warmup_steps": 2,
+            "sample_tokens": 0,
+            "lr": 3e-3,
+            "log_interval": 5,
+            **train_overrides,
+        },
+    }
 
 
 def losses(out) -> dict[int, float]:
@@ -97,7 +118,9 @@ print(json.dumps({{"ops_in_target_save": count["ops"]}}))
 
 def run_killer(tmp_path, cfg, kill_at: int, target_save: int) -> subprocess.CompletedProcess:
     script = tmp_path / f"killer-{kill_at}.py"
-    script.write_text(KILLER.format(repo=str(REPO), kill_at=kill_at, target_save=target_save, cfg=json.dumps(cfg)))
+    script.write_text(
+        KILLER.format(repo=str(REPO), kill_at=kill_at, target_save=target_save, cfg=json.dumps(cfg))
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
 
@@ -170,7 +193,8 @@ def test_sigterm_saves_last_and_resume_is_exact(char_shards, reference, tmp_path
         "    return real(self)\n"
         "loader.BatchLoader.get_batch = get_batch\n"
         "from scratchlm.train import train\n"
-        f"print(json.dumps(train(json.loads({json.dumps(cfg)!r}), progress=False)))\n")
+        f"print(json.dumps(train(json.loads({json.dumps(cfg)!r}), progress=False)))\n"
+    )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -186,15 +210,19 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused_until_the_first_dies(ch
     out = tmp_path / "run"
     cfg = config(char_shards, out, max_steps=100_000, eval_interval=100_000)
     script = tmp_path / "long.py"
-    script.write_text(f"import json, sys\nsys.path.insert(0, {str(REPO)!r})\nfrom scratchlm.train import train\n"
-                      f"train(json.loads({json.dumps(cfg)!r}), progress=False)\n")
+    script.write_text(
+        f"import json, sys\nsys.path.insert(0, {str(REPO)!r})\nfrom scratchlm.train import train\n"
+        f"train(json.loads({json.dumps(cfg)!r}), progress=False)\n"
+    )
     first = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
             assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
             time.sleep(0.2)
-        with pytest.raises(RuntimeError, match=rf"in use by another training run \(process {first.pid} holds"):
+        with pytest.raises(
+            RuntimeError, match=rf"in use by another training run \(process {first.pid} holds"
+        ):
             train(config(char_shards, out), progress=False)
     finally:
         first.send_signal(signal.SIGKILL)
@@ -214,11 +242,18 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("file,how,message", [
-    ("model.safetensors", "truncate", r"model\.safetensors: \d+ bytes, but the checkpoint recorded \d+"),
-    ("model.safetensors", "flip", r"model\.safetensors: sha256 differs"),
-    ("state.json", "truncate", r"state\.json: expected a 'scratchlm\.checkpoint' JSON file but it does not parse"),
-])
+@pytest.mark.parametrize(
+    "file,how,message",
+    [
+        ("model.safetensors", "truncate", r"model\.safetensors: \d+ bytes, but the checkpoint recorded \d+"),
+        ("model.safetensors", "flip", r"model\.safetensors: sha256 differs"),
+        (
+            "state.json",
+            "truncate",
+            r"state\.json: expected a 'scratchlm\.checkpoint' JSON file but it does not parse",
+        ),
+    ],
+)
 def test_damaged_checkpoint_files_are_refused_by_name(char_shards, reference, tmp_path, file, how, message):
 
     import shutil
@@ -228,8 +263,13 @@ def test_damaged_checkpoint_files_are_refused_by_name(char_shards, reference, tm
     damage(copy / file, how)
     with pytest.raises(FormatError, match=message):
         load_model_from_checkpoint(copy)
-    result = subprocess.run([sys.executable, "-m", "scratchlm", "eval", "--checkpoint", str(copy)],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "scratchlm", "eval", "--checkpoint", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(copy / file) in result.stderr
 
@@ -241,7 +281,9 @@ def test_wrong_version_and_missing_keys_in_state_json(reference, tmp_path):
     shutil.copytree((reference / "last").resolve(), copy)
     state = json.loads((copy / "state.json").read_text())
     (copy / "state.json").write_text(json.dumps({**state, "version": 99}))
-    with pytest.raises(FormatError, match=r"state\.json: 'scratchlm\.checkpoint' version 99 is not supported"):
+    with pytest.raises(
+        FormatError, match=r"state\.json: 'scratchlm\.checkpoint' version 99 is not supported"
+    ):
         read_state(copy)
     del state["model"]
     (copy / "state.json").write_text(json.dumps(state))
@@ -301,15 +343,19 @@ def test_store_points_last_and_best_at_immutable_step_folders(char_shards, tmp_p
     assert (out / "last").is_symlink() and os.readlink(out / "last").startswith("checkpoints/step-")
     store = CheckpointStore(out)
     assert all(is_complete(f) for f in store.complete_folders())
-    assert {p.name for p in (out / "checkpoints").iterdir()} == {Path(os.readlink(out / n)).name for n in ("last", "best")}
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {
+        Path(os.readlink(out / n)).name for n in ("last", "best")
+    }
 
 
 def test_sampling_from_a_checkpoint_does_not_import_the_trainer(reference):
     """Inference reads checkpoints through scratchlm.models.checkpoint; scratchlm.train stays unloaded."""
-    code = ("import sys\nfrom scratchlm.cli import main\n"
-            f"assert main(['sample', '--checkpoint', {str(reference / 'last')!r}, '--max-new-tokens', '5', '--json']) == 0\n"
-            "loaded = sorted(m for m in sys.modules if m.startswith('scratchlm.train'))\n"
-            "assert not loaded, loaded\n")
+    code = (
+        "import sys\nfrom scratchlm.cli import main\n"
+        f"assert main(['sample', '--checkpoint', {str(reference / 'last')!r}, '--max-new-tokens', '5', '--json']) == 0\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('scratchlm.train'))\n"
+        "assert not loaded, loaded\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -330,7 +376,9 @@ def test_an_unreadable_checkpoint_is_never_deleted_and_a_fresh_run_needs_overwri
         train(config(char_shards, out, max_steps=2), progress=False)
     assert folder.is_dir()
     train(config(char_shards, out, max_steps=2), progress=False, overwrite=True)
-    assert folder.is_dir() and (folder / "model.safetensors").is_file()  # still there, still not ours to delete
+    assert (
+        folder.is_dir() and (folder / "model.safetensors").is_file()
+    )  # still there, still not ours to delete
     assert (out / "last").resolve() != folder and read_state(out / "last")["step"] == 2
 
 
@@ -338,7 +386,11 @@ def test_a_fresh_run_with_overwrite_does_not_keep_the_old_runs_best(char_shards,
     out = tmp_path / "run"
     train(config(char_shards, out, max_steps=6, eval_interval=2), progress=False)
     old_best = read_state(out / "best")["best_val"]
-    train(config(char_shards, out, max_steps=2, eval_interval=2, lr=0.0, min_lr=0.0), progress=False, overwrite=True)
+    train(
+        config(char_shards, out, max_steps=2, eval_interval=2, lr=0.0, min_lr=0.0),
+        progress=False,
+        overwrite=True,
+    )
     assert read_state(out / "best")["step"] == 2  # the new run's, although the old best had a lower loss
     assert read_state(out / "best")["best_val"] > old_best
     assert len(list((out / "checkpoints").iterdir())) == 1
@@ -347,8 +399,14 @@ def test_a_fresh_run_with_overwrite_does_not_keep_the_old_runs_best(char_shards,
 def test_recovery_and_garbage_collection_touch_only_names_they_create(char_shards, tmp_path):
     out = tmp_path / "run"
     train(config(char_shards, out, max_steps=2), progress=False)
-    mine = [out / ".notes.tmp-1", out / ".cache.old-5", out / "checkpoints" / "notes.txt",
-            out / "checkpoints" / ".hidden", out / "checkpoints" / "step-final", out / "checkpoints" / "step-00000099"]
+    mine = [
+        out / ".notes.tmp-1",
+        out / ".cache.old-5",
+        out / "checkpoints" / "notes.txt",
+        out / "checkpoints" / ".hidden",
+        out / "checkpoints" / "step-final",
+        out / "checkpoints" / "step-00000099",
+    ]
     for path in mine:
         if path.suffix == ".txt" or path.name.startswith(".notes"):
             path.write_text("a user's file")
@@ -415,7 +473,8 @@ def test_sigterm_on_an_eval_step_saves_at_once_and_the_resumed_run_evaluates_fir
         "    return real(self)\n"
         "loader.BatchLoader.get_batch = get_batch\n"
         "from scratchlm.train import train\n"
-        f"print(json.dumps(train(json.loads({json.dumps(cfg)!r}), progress=False)))\n")
+        f"print(json.dumps(train(json.loads({json.dumps(cfg)!r}), progress=False)))\n"
+    )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -427,16 +486,23 @@ def test_sigterm_on_an_eval_step_saves_at_once_and_the_resumed_run_evaluates_fir
     train(config(char_shards, out, max_steps=6, eval_interval=3), resume=True, progress=False)
     straight = tmp_path / "straight"
     train(config(char_shards, straight, max_steps=6, eval_interval=3), progress=False)
-    val = lambda o: [(r["step"], r["val_loss"]) for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines())
-                     if "val_loss" in r]  # noqa: E731
+
+    def val(o):
+        records = map(json.loads, (o / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+
     assert losses(out) == losses(straight) and val(out) == val(straight)
 
 
 def test_a_time_limit_eval_off_the_schedule_does_not_count_towards_patience(char_shards, tmp_path):
     out = tmp_path / "run"
     frozen = dict(lr=0.0, min_lr=0.0, warmup_steps=0, eval_interval=100, patience=2, max_steps=20)
-    train(config(char_shards, out, max_minutes=1e-9, **frozen), progress=False)  # stops after step 1, evaluates
-    train(config(char_shards, out, max_minutes=1e-9, **frozen), resume=True, progress=False)  # step 2, same val
+    train(
+        config(char_shards, out, max_minutes=1e-9, **frozen), progress=False
+    )  # stops after step 1, evaluates
+    train(
+        config(char_shards, out, max_minutes=1e-9, **frozen), resume=True, progress=False
+    )  # step 2, same val
     state = read_state(out / "last", resumable=True)
     assert state["step"] == 2 and state["evals_without_improvement"] == 0
 

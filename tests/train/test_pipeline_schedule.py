@@ -18,8 +18,11 @@ TIMES = [(1, 1, 1), (1, 2, 1), (2, 3, 1), (1, 1, 0.5), (2, 2, 1.5), (1, 3, 2), (
 
 def table2(schedule, P, F, B, W, overlap=None):
     full = B + W
-    return {"1f1b": (P - 1) * (F + full), "zb1p": (P - 1) * (F + full - 2 * W),
-            "dualpipe": (P / 2 - 1) * ((F + full if overlap is None else overlap) + full - 3 * W)}[schedule]
+    return {
+        "1f1b": (P - 1) * (F + full),
+        "zb1p": (P - 1) * (F + full - 2 * W),
+        "dualpipe": (P / 2 - 1) * ((F + full if overlap is None else overlap) + full - 3 * W),
+    }[schedule]
 
 
 def check_valid(t):
@@ -36,8 +39,13 @@ def check_valid(t):
             assert task.direction == (task.microbatch >= C // 2 if t.schedule == "dualpipe" else 0)
         ops = sorted(task.op for task in e.tasks)
         length = {"F": times["forward"], "B": times["backward_input"], "W": times["backward_weight"]}
-        expected = {("F",): length["F"], ("B",): length["B"], ("W",): length["W"],
-                    ("B", "W"): length["B"] + length["W"], ("B", "F", "W"): times["overlap"]}[tuple(ops)]
+        expected = {
+            ("F",): length["F"],
+            ("B",): length["B"],
+            ("W",): length["W"],
+            ("B", "W"): length["B"] + length["W"],
+            ("B", "F", "W"): times["overlap"],
+        }[tuple(ops)]
         assert e.end - e.start == pytest.approx(expected)
     assert set(done) == {(op, i, k) for op in "FBW" for i in range(C) for k in range(P)}
     for r in range(P):
@@ -46,9 +54,11 @@ def check_valid(t):
         for a, b in itertools.pairwise(mine):
             assert b.start >= a.end - 1e-9, f"rank {r}: {a} overlaps {b}"
     for (op, i, k), e in done.items():
-        needs = {"F": [("F", i, k - 1)] if k > 0 else [],
-                 "B": [("F", i, k)] + ([("B", i, k + 1)] if k < P - 1 else []),
-                 "W": [("B", i, k)]}[op]
+        needs = {
+            "F": [("F", i, k - 1)] if k > 0 else [],
+            "B": [("F", i, k)] + ([("B", i, k + 1)] if k < P - 1 else []),
+            "W": [("B", i, k)],
+        }[op]
         for need in needs:
             before = done[need]
             if before is e:  # inside one event: only a fused or overlapped backward's W after its B
@@ -60,7 +70,7 @@ def check_valid(t):
 @pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "dualpipe"])
 def test_timelines_are_valid_schedules(schedule):
     for P, (F, B, W) in itertools.product([2, 4, 6, 8], TIMES):
-        for C in ([2 * P, 2 * P + 4] if schedule == "dualpipe" else [1, P - 1, P, 2 * P + 1]):
+        for C in [2 * P, 2 * P + 4] if schedule == "dualpipe" else [1, P - 1, P, 2 * P + 1]:
             check_valid(simulate(schedule, P, C, F, B, W))
     check_valid(simulate("dualpipe", 6, 14, 1, 2, 0.5, overlap=2.75))
 
@@ -79,7 +89,7 @@ def test_zb1p_matches_table2_when_w_fits_the_gaps():
     """Inside W <= F and W <= B (the gaps W fills are one F or one B long) with chunks >= P."""
     cases = 0
     for P, (F, B, W) in itertools.product([2, 3, 4, 8], TIMES):
-        if W > min(F, B):
+        if min(F, B) < W:
             continue
         for C in [P, 2 * P + 1]:
             t = simulate("zb1p", P, C, F, B, W)
@@ -100,7 +110,9 @@ def test_zb1p_outside_the_condition_a_long_w_fills_only_its_gap():
 def test_dualpipe_matches_table2_with_figure5_times():
     """F = B (as Figure 5 draws them) and W <= F: the max over ranks is Table 2's bubble; with no
     gain from overlapping (F&B = F + B + W) every rank has exactly that bubble."""
-    for P, (F, W), C in itertools.product([2, 4, 6, 8], [(1, 1), (1, 0.5), (2, 1.5), (1, 0), (3, 0.25)], [16, 20]):
+    for P, (F, W), C in itertools.product(
+        [2, 4, 6, 8], [(1, 1), (1, 0.5), (2, 1.5), (1, 0), (3, 0.25)], [16, 20]
+    ):
         B = F
         for overlap in [None, F + B + W - 0.5 * min(F, B + W)]:
             t = simulate("dualpipe", P, C, F, B, W, overlap)
@@ -128,13 +140,16 @@ def test_dualpipe_with_forward_and_backward_unequal_departs_from_table2():
     assert max(simulate("dualpipe", 8, 16, 1, 2, 1).bubble) == 11 and table2("dualpipe", 8, 1, 2, 1) == 12
 
 
-@pytest.mark.parametrize("args, message", [
-    (("dualpipe", 7, 20), "even number of stages"),
-    (("dualpipe", 8, 14), "at least 2 x stages = 16"),
-    (("dualpipe", 4, 9), "even number of chunks"),
-    (("1f1b", 4, 0), "at least 1 stage and 1 micro-batch"),
-    (("pipedream", 4, 8), "expected one of 1f1b, zb1p, dualpipe"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("dualpipe", 7, 20), "even number of stages"),
+        (("dualpipe", 8, 14), "at least 2 x stages = 16"),
+        (("dualpipe", 4, 9), "even number of chunks"),
+        (("1f1b", 4, 0), "at least 1 stage and 1 micro-batch"),
+        (("pipedream", 4, 8), "expected one of 1f1b, zb1p, dualpipe"),
+    ],
+)
 def test_bad_shapes_say_what_was_expected(args, message):
     with pytest.raises(ValueError, match=message):
         simulate(*args)
@@ -163,8 +178,28 @@ def test_to_dict_is_json_and_plot_is_a_png(tmp_path):
 
 def test_cli_parallel_simulate(tmp_path, capsys):
     plot = tmp_path / "zb1p.png"
-    assert main(["parallel", "simulate", "--schedule", "zb1p", "--stages", "4", "--chunks", "8",
-                 "--backward-input", "2", "--backward-weight", "0.5", "--plot", str(plot), "--json"]) == 0
+    assert (
+        main(
+            [
+                "parallel",
+                "simulate",
+                "--schedule",
+                "zb1p",
+                "--stages",
+                "4",
+                "--chunks",
+                "8",
+                "--backward-input",
+                "2",
+                "--backward-weight",
+                "0.5",
+                "--plot",
+                str(plot),
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["bubble"] == [7.5] * 4 == [report["table2_bubble"]] * 4  # 3 x (1 + 2.5 - 1)
     assert report["activation_memory"] == [4] * 4 and "events" not in report
@@ -173,7 +208,23 @@ def test_cli_parallel_simulate(tmp_path, capsys):
     assert "bubble per rank (max): 9; DeepSeek-V3 Table 2 formula: 9" in capsys.readouterr().out
     assert main(["parallel", "simulate", "--schedule", "dualpipe", "--stages", "5", "--chunks", "10"]) == 2
     assert "expected an even number of stages" in capsys.readouterr().err
-    assert main(["parallel", "simulate", "--schedule", "1f1b", "--stages", "4", "--chunks", "8", "--forward", "-2"]) == 2
+    assert (
+        main(
+            [
+                "parallel",
+                "simulate",
+                "--schedule",
+                "1f1b",
+                "--stages",
+                "4",
+                "--chunks",
+                "8",
+                "--forward",
+                "-2",
+            ]
+        )
+        == 2
+    )
     assert "--forward -2.0: expected a finite time >= 0" in capsys.readouterr().err
 
 
@@ -193,5 +244,7 @@ def test_dualpipe_holds_p_plus_one_activations_on_every_rank_and_says_when_table
     timeline = simulate("dualpipe", P, 2 * P + 4)
     assert timeline.activation_memory == [P + 1] * P
     assert timeline.to_dict(events=False)["table2_conditions_hold"]
-    off = simulate("dualpipe", P, 2 * P + 4, forward=1, backward_input=1, backward_weight=1.5).to_dict(events=False)
+    off = simulate("dualpipe", P, 2 * P + 4, forward=1, backward_input=1, backward_weight=1.5).to_dict(
+        events=False
+    )
     assert not off["table2_conditions_hold"] and off["max_bubble"] > off["table2_bubble"]

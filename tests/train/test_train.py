@@ -15,20 +15,41 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scratchlm.train import NonFiniteLoss, train
 from scratchlm.models.checkpoint import load_model_from_checkpoint, read_state
+from scratchlm.train import NonFiniteLoss, train
 from scratchlm.train.optim import newton_schulz
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32, "position": "rope", "norm": "rmsnorm",
-              "mlp": "relu2", "bias": False, "dropout": 0.1}
+TINY_MODEL = {
+    "n_layer": 2,
+    "n_head": 2,
+    "d_model": 32,
+    "block_size": 32,
+    "position": "rope",
+    "norm": "rmsnorm",
+    "mlp": "relu2",
+    "bias": False,
+    "dropout": 0.1,
+}
 
 
 def config(shards, out, **train_overrides):
-    return {"model": dict(TINY_MODEL), "train": {"data": str(shards), "out_dir": str(out), "batch_size": 8,
-                                                 "max_steps": 30, "eval_interval": 10, "eval_windows": 32,
-                                                 "warmup_steps": 5, "sample_tokens": 20, "lr": 3e-3,
-                                                 "log_interval": 5, **train_overrides}}
+    return {
+        "model": dict(TINY_MODEL),
+        "train": {
+            "data": str(shards),
+            "out_dir": str(out),
+            "batch_size": 8,
+            "max_steps": 30,
+            "eval_interval": 10,
+            "eval_windows": 32,
+            "warmup_steps": 5,
+            "sample_tokens": 20,
+            "lr": 3e-3,
+            "log_interval": 5,
+            **train_overrides,
+        },
+    }
 
 
 def losses(out) -> dict[int, float]:
@@ -59,8 +80,12 @@ def test_resume_after_sigkill_gives_identical_losses(char_shards, tmp_path):
     killed = tmp_path / "killed"
     cfg_path = tmp_path / "cfg.toml"
     c = config(char_shards, killed, max_steps=120, sample_tokens=0)
-    cfg_path.write_text("[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in c["model"].items())
-                        + "[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in c["train"].items()))
+    cfg_path.write_text(
+        "[model]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in c["model"].items())
+        + "[train]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in c["train"].items())
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "scratchlm", "train", "--config", str(cfg_path), "--json"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,8 +111,11 @@ def test_non_finite_loss_stops_without_touching_the_good_checkpoint(char_shards,
     train(config(char_shards, out, max_steps=20), progress=False)
     good = (out / "last" / "model.safetensors").read_bytes()
     with pytest.raises(NonFiniteLoss, match=r"non-finite .* at step 2\d.*Last good checkpoint: .*last"):
-        train(config(char_shards, out, max_steps=40, lr=1e30, min_lr=1e30, optimizer="adamw", grad_clip=0.0),
-              resume=True, progress=False)
+        train(
+            config(char_shards, out, max_steps=40, lr=1e30, min_lr=1e30, optimizer="adamw", grad_clip=0.0),
+            resume=True,
+            progress=False,
+        )
     assert (out / "last" / "model.safetensors").read_bytes() == good
 
 
@@ -125,18 +153,40 @@ def torchrun(tmp_path, cfg: dict, port: int, hook: str = "", timeout: int = 240)
     folder = tmp_path / f"summaries-{port}"
     folder.mkdir()
     script.write_text(DIST_SCRIPT.format(repo=str(REPO), cfg=json.dumps(cfg), hook=hook, folder=str(folder)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(port), str(script)], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((folder / f"summary-{rank}.json").read_text()) for rank in range(2)]
 
 
 @pytest.mark.parametrize("strategy,steps,port", [("ddp", 1, 29517), ("fsdp", 3, 29518)])
-def test_data_parallel_equals_single_process_on_concatenated_batch(char_shards, tmp_path, strategy, steps, port):
+def test_data_parallel_equals_single_process_on_concatenated_batch(
+    char_shards, tmp_path, strategy, steps, port
+):
     """2 processes x 4 windows = the same 8 windows as 1 process x 8 (the loader slices one global batch).
     Sampling is on (the default path): under FSDP every rank must take part in its forward passes."""
-    base = config(char_shards, tmp_path / "single", max_steps=steps, batch_size=8, sample_tokens=5, optimizer="adamw",
-                  eval_interval=steps)
+    base = config(
+        char_shards,
+        tmp_path / "single",
+        max_steps=steps,
+        batch_size=8,
+        sample_tokens=5,
+        optimizer="adamw",
+        eval_interval=steps,
+    )
     base["model"]["dropout"] = 0.0
     train(base, progress=False)
     parallel_cfg = json.loads(json.dumps(base))
@@ -149,7 +199,10 @@ def test_data_parallel_equals_single_process_on_concatenated_batch(char_shards, 
         torch.testing.assert_close(parallel[k], single[k], atol=1e-5, rtol=1e-4)
     for step in range(1, steps + 1):
         assert losses(tmp_path / strategy)[step] == pytest.approx(losses(tmp_path / "single")[step], abs=1e-5)
-    assert read_state(tmp_path / strategy / "last")["optimizers"][0]["param_groups"][0]["params"][0] == "tok_emb.weight"
+    assert (
+        read_state(tmp_path / strategy / "last")["optimizers"][0]["param_groups"][0]["params"][0]
+        == "tok_emb.weight"
+    )
 
 
 # Rank 1's clock runs 10,000x fast: alone, it would think max_minutes had passed after one step.
@@ -162,8 +215,16 @@ if RANK == 1:
 
 @pytest.mark.parametrize("strategy,port", [("ddp", 29521), ("fsdp", 29522)])
 def test_ranks_stop_together_when_their_clocks_disagree(char_shards, tmp_path, strategy, port):
-    cfg = config(char_shards, tmp_path / "run", max_steps=6, eval_interval=3, sample_tokens=0, max_minutes=5.0,
-                 strategy=strategy, optimizer="adamw")
+    cfg = config(
+        char_shards,
+        tmp_path / "run",
+        max_steps=6,
+        eval_interval=3,
+        sample_tokens=0,
+        max_minutes=5.0,
+        strategy=strategy,
+        optimizer="adamw",
+    )
     summaries = torchrun(tmp_path, cfg, port, FAST_CLOCK_ON_RANK_1)
     # Rank 0's clock decides for everyone: both ranks ran all 6 steps.
     assert [s["steps"] for s in summaries] == [6, 6]
@@ -191,8 +252,13 @@ def test_sigterm_on_one_rank_stops_all_and_resume_restores_every_ranks_rng(char_
     assert [(s["steps"], s["stop_reason"]) for s in summaries] == [(3, "signal"), (3, "signal")]
     ranks = read_state(tmp_path / "run" / "last")["rng"]["ranks"]
     assert len(ranks) == 2 and ranks[0]["torch"] != ranks[1]["torch"]  # each rank's own stream was saved
-    resumed = torchrun(tmp_path, cfg, 29524, "import scratchlm.train as t\nreal_train = t.train\n"
-                       "t.train = lambda c, **k: real_train(c, resume=True, **k)")
+    resumed = torchrun(
+        tmp_path,
+        cfg,
+        29524,
+        "import scratchlm.train as t\nreal_train = t.train\n"
+        "t.train = lambda c, **k: real_train(c, resume=True, **k)",
+    )
     assert [s["steps"] for s in resumed] == [6, 6]
     straight = config(char_shards, tmp_path / "straight", max_steps=6, eval_interval=100, sample_tokens=0)
     torchrun(tmp_path, straight, 29525)
@@ -214,8 +280,12 @@ def test_training_step_does_not_wait_for_the_device(char_shards, tmp_path, monke
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    train(config(char_shards, tmp_path / "run", max_steps=40, log_interval=10, eval_interval=20, sample_tokens=0),
-          progress=False)
+    train(
+        config(
+            char_shards, tmp_path / "run", max_steps=40, log_interval=10, eval_interval=20, sample_tokens=0
+        ),
+        progress=False,
+    )
     # 4 log flushes + 2 evaluations; the old loop read 2 values per step (80).
     assert len(reads) <= 6, reads
 
@@ -227,8 +297,9 @@ def test_muon_applies_decoupled_weight_decay_to_hidden_matrices():
     from scratchlm.train.optim import build_optimizers
 
     model = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, block_size=4))
-    adamw, muon = build_optimizers(model, TrainConfig(optimizer="muon", weight_decay=0.1, muon_lr=0.05),
-                                   torch.device("cpu"))
+    adamw, muon = build_optimizers(
+        model, TrainConfig(optimizer="muon", weight_decay=0.1, muon_lr=0.05), torch.device("cpu")
+    )
     hidden = muon.param_groups[0]["params"][0]
     before = hidden.detach().clone()
     for p in model.parameters():
@@ -241,7 +312,10 @@ def test_eval_and_sample_commands(char_shards, tmp_path, capsys):
     from scratchlm.cli import main
     from scratchlm.eval import evaluate_checkpoint
 
-    train(config(char_shards, tmp_path / "run", max_steps=150, optimizer="muon", eval_interval=50), progress=False)
+    train(
+        config(char_shards, tmp_path / "run", max_steps=150, optimizer="muon", eval_interval=50),
+        progress=False,
+    )
     report = evaluate_checkpoint(tmp_path / "run" / "best", splits=["val", "val+test"])
     val, both = report["splits"]["val"], report["splits"]["val+test"]
     assert both["tokens"] > val["tokens"] and len(val["loss_by_position"]) == 32
@@ -251,22 +325,79 @@ def test_eval_and_sample_commands(char_shards, tmp_path, capsys):
     assert val["loss_by_position"][0] > val["loss_by_position"][-1]  # context helps
     assert 0 <= val["probes"]["word_completion"]["accuracy"] <= 1
     capsys.readouterr()
-    assert main(["sample", "--checkpoint", str(tmp_path / "run" / "best"), "--prompt", "ROMEO:", "--max-new-tokens", "30",
-                 "--seed", "1", "--num-samples", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "run" / "best"),
+                "--prompt",
+                "ROMEO:",
+                "--max-new-tokens",
+                "30",
+                "--seed",
+                "1",
+                "--num-samples",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     samples = json.loads(capsys.readouterr().out)["samples"]
     assert len(samples) == 2 and all(len(s["text"]) == 30 for s in samples)
-    assert main(["sample", "--checkpoint", str(tmp_path / "run" / "best"), "--beam", "3", "--max-new-tokens", "10",
-                 "--prompt", "the", "--json"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "run" / "best"),
+                "--beam",
+                "3",
+                "--max-new-tokens",
+                "10",
+                "--prompt",
+                "the",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["samples"]) == 3
 
 
 def test_early_stopping_and_target_loss(char_shards, tmp_path):
-    frozen = train(config(char_shards, tmp_path / "frozen", max_steps=100, eval_interval=5, lr=0.0, min_lr=0.0,
-                          optimizer="adamw", patience=2, sample_tokens=0), progress=False)
-    assert frozen["stop_reason"] == "early_stopping" and frozen["steps"] == 15  # best at 5, then 2 without gain
-    reached = train(config(char_shards, tmp_path / "target", max_steps=200, eval_interval=10, target_loss=3.9,
-                           sample_tokens=0), progress=False)
-    assert reached["stop_reason"] == "target_loss" and reached["best_val_loss"] <= 3.9 and reached["steps"] < 200
+    frozen = train(
+        config(
+            char_shards,
+            tmp_path / "frozen",
+            max_steps=100,
+            eval_interval=5,
+            lr=0.0,
+            min_lr=0.0,
+            optimizer="adamw",
+            patience=2,
+            sample_tokens=0,
+        ),
+        progress=False,
+    )
+    assert (
+        frozen["stop_reason"] == "early_stopping" and frozen["steps"] == 15
+    )  # best at 5, then 2 without gain
+    reached = train(
+        config(
+            char_shards,
+            tmp_path / "target",
+            max_steps=200,
+            eval_interval=10,
+            target_loss=3.9,
+            sample_tokens=0,
+        ),
+        progress=False,
+    )
+    assert (
+        reached["stop_reason"] == "target_loss" and reached["best_val_loss"] <= 3.9 and reached["steps"] < 200
+    )
 
 
 def test_a_refusal_on_rank_0_stops_every_rank_instead_of_hanging(char_shards, tmp_path):
@@ -278,8 +409,21 @@ def test_a_refusal_on_rank_0_stops_every_rank_instead_of_hanging(char_shards, tm
     folder = tmp_path / "summaries-refused"
     folder.mkdir()
     script.write_text(DIST_SCRIPT.format(repo=str(REPO), cfg=json.dumps(cfg), hook="", folder=str(folder)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29526", str(script)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29526",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "already holds a run" in result.stderr
     assert "rank 0 stopped the run, the output folder cannot be used" in result.stderr
@@ -289,18 +433,33 @@ def test_a_failed_save_on_rank_0_stops_every_rank_instead_of_hanging(char_shards
     """Rank 0 alone writes checkpoints; when the disk is full there, the other rank must stop with
     rank 0's reason rather than wait forever in the barrier after the save."""
     cfg = config(char_shards, tmp_path / "run", max_steps=4, eval_interval=2)
-    hook = ("import errno\n"
-            "import scratchlm.train.checkpoint as ck\n"
-            "def full(*args, **kwargs):\n"
-            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "if RANK == 0:\n"
-            "    ck.CheckpointStore.save = full\n")
+    hook = (
+        "import errno\n"
+        "import scratchlm.train.checkpoint as ck\n"
+        "def full(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "if RANK == 0:\n"
+        "    ck.CheckpointStore.save = full\n"
+    )
     script = tmp_path / "dist-full.py"
     folder = tmp_path / "summaries-full"
     folder.mkdir()
     script.write_text(DIST_SCRIPT.format(repo=str(REPO), cfg=json.dumps(cfg), hook=hook, folder=str(folder)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29527", str(script)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29527",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "rank 0 stopped the run, the checkpoint could not be saved" in result.stderr
     assert "No space left on device" in result.stderr

@@ -47,10 +47,16 @@ class AttentionConfig:
     softcap: float | None = None  # scores -> c·tanh(scores / c) before the mask (Gemma-2: 50); None: off
 
     def __post_init__(self):
-        validate(self, "model.attn", {
-            "window": Rule(min=1, why="keys each query sees in a sliding layer, itself included"),
-            "head_dim": Rule(min=1, why="attention head width"), "scale": Rule(above=0),
-            "softcap": Rule(above=0)})
+        validate(
+            self,
+            "model.attn",
+            {
+                "window": Rule(min=1, why="keys each query sees in a sliding layer, itself included"),
+                "head_dim": Rule(min=1, why="attention head width"),
+                "scale": Rule(above=0),
+                "softcap": Rule(above=0),
+            },
+        )
 
     def is_default(self) -> bool:
         return self == AttentionConfig()
@@ -59,35 +65,53 @@ class AttentionConfig:
         """Refuse a setting that no layer of ``mixers`` would read (so none is silently ignored),
         and ones the attention ``kernel`` (``GPTConfig.attention``) cannot compute."""
         if "sliding" in mixers and self.window is None:
-            raise ConfigError("model.layers has 'sliding' layers: set model.attn.window "
-                              "(keys each query sees)")
+            raise ConfigError(
+                "model.layers has 'sliding' layers: set model.attn.window (keys each query sees)"
+            )
         if "sliding" not in mixers and self.window is not None:
-            raise ConfigError(f"model.attn.window = {self.window} but no layer is 'sliding': add 'sliding' "
-                              "to model.layers (e.g. [\"sliding\"] or [\"sliding\", \"attention\"]), "
-                              "or remove it")
+            raise ConfigError(
+                f"model.attn.window = {self.window} but no layer is 'sliding': add 'sliding' "
+                'to model.layers (e.g. ["sliding"] or ["sliding", "attention"]), '
+                "or remove it"
+            )
         others = sorted(mixers - READERS - _INDIFFERENT)
         scoring = [f"model.attn.{name}" for name in ("scale", "softcap") if getattr(self, name) is not None]
         if scoring and not mixers & READERS:
-            raise ConfigError(f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; "
-                              "model.layers has none")
+            raise ConfigError(
+                f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; "
+                "model.layers has none"
+            )
         if scoring and others:
-            raise ConfigError(f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; "
-                              f"model.layers also has {others}")
+            raise ConfigError(
+                f"{' and '.join(scoring)} apply to 'attention' and 'sliding' layers only; "
+                f"model.layers also has {others}"
+            )
         if self.softcap is not None and kernel == "tiled":
-            raise ConfigError("model.attn.softcap needs every score at once: use model.attention = "
-                              "'manual' or 'sdpa' (which then runs the manual path), not 'tiled'")
+            raise ConfigError(
+                "model.attn.softcap needs every score at once: use model.attention = "
+                "'manual' or 'sdpa' (which then runs the manual path), not 'tiled'"
+            )
         projections = [f"model.attn.{name}" for name in ("qkv_bias", "qk_norm") if getattr(self, name)]
         if projections and others:
-            raise ConfigError(f"{' and '.join(projections)} apply to 'attention' and 'sliding' layers only; "
-                              f"model.layers also has {others}")
+            raise ConfigError(
+                f"{' and '.join(projections)} apply to 'attention' and 'sliding' layers only; "
+                f"model.layers also has {others}"
+            )
         if self.head_dim is not None and "mla" in mixers:
-            raise ConfigError("model.attn.head_dim does not apply to 'mla' layers: set the head widths "
-                              "in [model.mla]")
+            raise ConfigError(
+                "model.attn.head_dim does not apply to 'mla' layers: set the head widths in [model.mla]"
+            )
 
 
 # The top-level [model] keys these settings had before the table, and their names in it.
-LEGACY_KEYS = {"sliding_window": "window", "d_head": "head_dim", "qkv_bias": "qkv_bias", "qk_norm": "qk_norm",
-               "attn_scale": "scale", "attn_softcap": "softcap"}
+LEGACY_KEYS = {
+    "sliding_window": "window",
+    "d_head": "head_dim",
+    "qkv_bias": "qkv_bias",
+    "qk_norm": "qk_norm",
+    "attn_scale": "scale",
+    "attn_softcap": "softcap",
+}
 
 
 def move_legacy_keys(model: dict) -> tuple[dict, list[str]]:
@@ -103,8 +127,10 @@ def move_legacy_keys(model: dict) -> tuple[dict, list[str]]:
         new = LEGACY_KEYS[key]
         value = model.pop(key)
         if new in table:
-            raise ConfigError(f"model.{key} is the old spelling of model.attn.{new}, and both are set: keep "
-                              f"model.attn.{new}")
+            raise ConfigError(
+                f"model.{key} is the old spelling of model.attn.{new}, and both are set: keep "
+                f"model.attn.{new}"
+            )
         table[new] = value
     model["attn"] = table
     return model, found
@@ -133,7 +159,9 @@ class Attention(nn.Module):
         super().__init__()
         if window is not None and window < 1:
             raise ValueError(f"a sliding window must hold at least 1 key (the query's own), got {window}")
-        self.window = window  # sliding-window attention: each query sees its last ``window`` keys, itself included
+        self.window = (
+            window  # sliding-window attention: each query sees its last ``window`` keys, itself included
+        )
         if window is not None:
             self.kv_cache = False  # KVCache.for_model gives it no rows: it keeps a ring buffer in cache.state
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
@@ -143,15 +171,18 @@ class Attention(nn.Module):
         self.scale = settings.scale  # None: 1/sqrt(head_dim)
         self.softcap = settings.softcap  # Gemma-2's tanh cap on the scores; None: off
         qkv_bias = config.bias if settings.qkv_bias is None else settings.qkv_bias
-        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
+        self.qkv = nn.Linear(
+            config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias
+        )
         # Qwen3 / OLMo-2: each head's query and key rescaled to unit RMS, so q·k cannot grow without bound.
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if settings.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if settings.qk_norm else None
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
-                positions=None) -> torch.Tensor:
+    def forward(
+        self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None, positions=None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -163,20 +194,30 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and cache.paged:  # the engine's paged cache stores k, v in its blocks and attends
+        if (
+            cache is not None and cache.paged
+        ):  # the engine's paged cache stores k, v in its blocks and attends
             if self.window is not None:
-                raise ValueError("sliding-window layers do not run on the engine's paged cache; "
-                                 "generate with scratchlm.generate (a ring buffer per sliding layer)")
+                raise ValueError(
+                    "sliding-window layers do not run on the engine's paged cache; "
+                    "generate with scratchlm.generate (a ring buffer per sliding layer)"
+                )
             if self.softcap is not None:
-                raise ValueError("the engine's paged cache attends with fused kernels, which cannot soft-cap scores; "
-                                 "generate with scratchlm.generate for models with model.attn.softcap")
-            y = cache.attend(layer, q, k, v, alibi=alibi, scale=self.scale)  # (1, H, N, D) for N packed tokens
+                raise ValueError(
+                    "the engine's paged cache attends with fused kernels, which cannot soft-cap scores; "
+                    "generate with scratchlm.generate for models with model.attn.softcap"
+                )
+            y = cache.attend(
+                layer, q, k, v, alibi=alibi, scale=self.scale
+            )  # (1, H, N, D) for N packed tokens
             return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
         start = 0  # the first new query's position, counted from the first key in k, v
         if cache is not None and (self.window is None or self._has_rows(cache, layer)):
             start = cache.length
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D): everything so far
-        elif cache is not None:  # a sliding layer's bounded cache: the last W - 1 positions, then the new ones
+        elif (
+            cache is not None
+        ):  # a sliding layer's bounded cache: the last W - 1 positions, then the new ones
             k, v, start = self._ring_update(cache.state(layer), cache.length, k, v)
         dropout = self.dropout if self.training else 0.0
         if packed_mask is not None:  # packed rows: causal *within* each document only
@@ -185,7 +226,9 @@ class Attention(nn.Module):
             if self.window is not None:
                 packed_mask = _window_packed(packed_mask, self.window)
             return self.proj(self._packed(q, k, v, packed_mask, dropout).transpose(1, 2).reshape(B, T, H * D))
-        if self.impl == "manual" or (self.impl == "sdpa" and self.softcap is not None):  # SDPA cannot cap scores
+        if self.impl == "manual" or (
+            self.impl == "sdpa" and self.softcap is not None
+        ):  # SDPA cannot cap scores
             y = self._manual(q, k, v, start, alibi, dropout)
         elif self.impl == "tiled":  # FlashAttention's algorithm, spelled out (blocks/flash_attention.py)
             if dropout:
@@ -238,7 +281,9 @@ class Attention(nn.Module):
             B, Hkv, _, D = k.shape
             state["k"], state["v"] = k.new_zeros(B, Hkv, slots, D), v.new_zeros(B, Hkv, slots, D)
         held = min(length, slots)
-        order = torch.arange(length - held, length, device=k.device) % slots  # the held positions' slots, oldest first
+        order = (
+            torch.arange(length - held, length, device=k.device) % slots
+        )  # the held positions' slots, oldest first
         keys = torch.cat([state["k"][:, :, order], k], dim=2)
         values = torch.cat([state["v"][:, :, order], v], dim=2)
         kept = min(T, slots)  # of the new positions only the newest W - 1 can be seen again
@@ -262,7 +307,9 @@ class Attention(nn.Module):
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D): query head h reads kv head h // groups
         v = v.repeat_interleave(groups, dim=1)
         scores = self._scores(q, k)  # (B, H, T, S)
-        scores = scores + attention_bias(q.shape[2], k.shape[2], start, alibi, q.device, scores.dtype, self.window)
+        scores = scores + attention_bias(
+            q.shape[2], k.shape[2], start, alibi, q.device, scores.dtype, self.window
+        )
         weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         weights = F.dropout(weights, dropout, self.training)
         return weights @ v  # (B, H, T, D)
@@ -288,17 +335,23 @@ class Attention(nn.Module):
         T, S = q.shape[2], k.shape[2]
         gqa = self.n_kv_head != self.n_head
         if alibi is None and start == 0 and T == S and (self.window is None or self.window >= T):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa,
-                                                  scale=self.scale)
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa, scale=self.scale
+            )
         if alibi is None and T == 1 and (self.window is None or self.window >= S):
             # one new token sees everything cached (a sliding layer's ring holds exactly its window): no mask
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, scale=self.scale)
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, enable_gqa=gqa, scale=self.scale
+            )
         mask = attention_bias(T, S, start, alibi, q.device, q.dtype, self.window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa,
-                                              scale=self.scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa, scale=self.scale
+        )
 
 
-def attention_bias(T: int, S: int, start: int, alibi, device, dtype, window: int | None = None) -> torch.Tensor:
+def attention_bias(
+    T: int, S: int, start: int, alibi, device, dtype, window: int | None = None
+) -> torch.Tensor:
     """Additive (H or 1, T, S) bias for T queries at positions ``start...start+T-1`` over S keys at
     positions 0...S-1: -inf above the causal diagonal, ALiBi's distance penalty, and with a sliding
     ``window`` -inf for keys ``window`` or more positions back (a query sees ``window`` keys, itself

@@ -62,11 +62,20 @@ LAYOUTS = ("halves", "adjacent")
 class DiffConfig:
     version: int = 1  # 1: the paper (re-parameterised λ, per-head RMSNorm, ×(1−λ_init)); 2: DIFF V2 (σ(xW) λ per token, no norm)
     layout: str = "halves"  # paired heads in the weights: "halves" (i with i + n/2, Hugging Face) or "adjacent" (2i with 2i+1, official code)
-    lambda_std: float = 0.1  # V1: standard deviation of the normal init of λq1, λk1, λq2, λk2 (HF lambda_std_dev)
+    lambda_std: float = (
+        0.1  # V1: standard deviation of the normal init of λq1, λk1, λq2, λk2 (HF lambda_std_dev)
+    )
 
     def __post_init__(self):
-        validate(self, "model.diff", {"version": Rule(choices=(1, 2)), "layout": Rule(choices=LAYOUTS),
-                                      "lambda_std": Rule(min=0, why="init spread of V1's λ vectors")})
+        validate(
+            self,
+            "model.diff",
+            {
+                "version": Rule(choices=(1, 2)),
+                "layout": Rule(choices=LAYOUTS),
+                "lambda_std": Rule(min=0, why="init spread of V1's λ vectors"),
+            },
+        )
 
 
 def lambda_init(layer: int) -> float:
@@ -100,11 +109,15 @@ class DiffAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         if config.attention not in ("manual", "sdpa"):
-            raise ValueError(f"differential attention has 'manual' and 'sdpa' paths; model.attention = "
-                             f"{config.attention!r} is not one of them")
+            raise ValueError(
+                f"differential attention has 'manual' and 'sdpa' paths; model.attention = "
+                f"{config.attention!r} is not one of them"
+            )
         if self.version == 1 and (H % 2 or Hkv % 2):
-            raise ValueError(f"differential attention V1 pairs heads: model.n_head = {H} and model.n_kv_head = {Hkv} "
-                             "must both be even")
+            raise ValueError(
+                f"differential attention V1 pairs heads: model.n_head = {H} and model.n_kv_head = {Hkv} "
+                "must both be even"
+            )
         self.impl = config.attention
         self.n_query = H if self.version == 1 else 2 * H  # V2 adds a second query per output head
         self.qkv = nn.Linear(config.d_model, (self.n_query + 2 * Hkv) * D, bias=config.bias)
@@ -136,13 +149,18 @@ class DiffAttention(nn.Module):
         return lambda_1 - lambda_2 + self.lambda_init
 
     # --- forward -----------------------------------------------------------------------------
-    def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
-                positions=None) -> torch.Tensor:
+    def forward(
+        self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None, positions=None
+    ) -> torch.Tensor:
         if alibi is not None:
-            raise ValueError("differential attention takes RoPE or no positions inside attention; ALiBi is not supported")
+            raise ValueError(
+                "differential attention takes RoPE or no positions inside attention; ALiBi is not supported"
+            )
         if cache is not None and cache.paged:
-            raise ValueError("differential attention does not run on the engine's paged cache; use generate() "
-                             "with the contiguous KVCache")
+            raise ValueError(
+                "differential attention does not run on the engine's paged cache; use generate() "
+                "with the contiguous KVCache"
+            )
         B, T, _ = x.shape
         q, k, v = self._project(x)  # (B, heads, T, D), heads in the order the attention below reads
         if rope is not None:
@@ -152,7 +170,11 @@ class DiffAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D): every position so far
-        y = self._v1(q, k, v, start, packed_mask) if self.version == 1 else self._v2(x, q, k, v, start, packed_mask)
+        y = (
+            self._v1(q, k, v, start, packed_mask)
+            if self.version == 1
+            else self._v2(x, q, k, v, start, packed_mask)
+        )
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     def _project(self, x):
@@ -166,7 +188,11 @@ class DiffAttention(nn.Module):
         q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
         q, k, v = q.view(B, T, Hq, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if self.version == 1 and self.layout == "adjacent":
-            q, k, v = adjacent_to_halves(q, Hq, 2), adjacent_to_halves(k, Hkv, 2), adjacent_to_halves(v, Hkv, 2)
+            q, k, v = (
+                adjacent_to_halves(q, Hq, 2),
+                adjacent_to_halves(k, Hkv, 2),
+                adjacent_to_halves(v, Hkv, 2),
+            )
         if self.version == 2 and self.layout == "halves":
             q = halves_to_adjacent(q, Hq, 2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -174,7 +200,9 @@ class DiffAttention(nn.Module):
     def _v1(self, q, k, v, start, packed_mask):
         """(B, H/2, T, 2D): eq. (1) per differential head, then the per-head RMSNorm and (1 − λ_init)."""
         lam = self.lambda_full().to(q.dtype)
-        values = torch.cat(v.chunk(2, dim=1), dim=-1)  # (B, Hkv/2, S, 2D): a differential head's value is 2D wide
+        values = torch.cat(
+            v.chunk(2, dim=1), dim=-1
+        )  # (B, Hkv/2, S, 2D): a differential head's value is 2D wide
         if self.impl == "manual":
             q1, q2 = q.chunk(2, dim=1)  # (B, H/2, T, D)
             k1, k2 = k.chunk(2, dim=1)  # (B, Hkv/2, S, D)

@@ -47,8 +47,16 @@ def _expand_kv(k: torch.Tensor, v: torch.Tensor, n_head: int) -> tuple[torch.Ten
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int | None = None,
-                    alibi: torch.Tensor | None = None, causal: bool = True, window: int | None = None) -> torch.Tensor:
+def naive_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    start: int | None = None,
+    alibi: torch.Tensor | None = None,
+    causal: bool = True,
+    window: int | None = None,
+) -> torch.Tensor:
     """The reference: materialise the (B, H, T, S) scores, softmax, multiply by V.
 
     q (B, H, T, D); k, v (B, Hkv, S, D). Query i sits at position ``start + i`` (default: the last
@@ -70,9 +78,18 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start:
     return torch.softmax(scores, dim=-1) @ v
 
 
-def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int | None = None,
-                    alibi: torch.Tensor | None = None, causal: bool = True, block_q: int = 64,
-                    block_k: int = 64, window: int | None = None) -> torch.Tensor:
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    start: int | None = None,
+    alibi: torch.Tensor | None = None,
+    causal: bool = True,
+    block_q: int = 64,
+    block_k: int = 64,
+    window: int | None = None,
+) -> torch.Tensor:
     """Attention computed tile by tile with an online softmax; equal to :func:`naive_attention`.
 
     Same arguments. Peak extra memory is one (B, H, block_q, block_k) tile of scores plus the
@@ -116,8 +133,15 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start:
     return out
 
 
-def attention_bytes(T: int, S: int | None = None, head_dim: int = 64, heads: int = 1, batch: int = 1,
-                    bytes_per_value: int = 2, block_q: int = 128) -> dict[str, int]:
+def attention_bytes(
+    T: int,
+    S: int | None = None,
+    head_dim: int = 64,
+    heads: int = 1,
+    batch: int = 1,
+    bytes_per_value: int = 2,
+    block_q: int = 128,
+) -> dict[str, int]:
     """Bytes standard and tiled attention move through main memory (the FlashAttention accounting).
 
     * standard: read Q, K, V; write the T x S scores, read them for the softmax, write the

@@ -37,8 +37,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from scratchlm.config import Rule, validate
@@ -58,14 +58,23 @@ class MambaConfig:
     chunk: int = 64  # positions per chunk of the chunked scan
 
     def __post_init__(self):
-        validate(self, "model.mamba", {
-            "d_state": Rule(min=1), "d_conv": Rule(min=1), "expand": Rule(min=1), "dt_rank": Rule(min=1),
-            "scan": Rule(choices=("auto", "chunked", "sequential")), "chunk": Rule(min=1, why="positions per chunk"),
-        })
+        validate(
+            self,
+            "model.mamba",
+            {
+                "d_state": Rule(min=1),
+                "d_conv": Rule(min=1),
+                "expand": Rule(min=1),
+                "dt_rank": Rule(min=1),
+                "scan": Rule(choices=("auto", "chunked", "sequential")),
+                "chunk": Rule(min=1, why="positions per chunk"),
+            },
+        )
 
 
 # --- the selective scan -----------------------------------------------------------------------
 # Shapes: x, dt (batch, T, D) with D = d_inner channels; A (D, N); B, C (batch, T, N); state (batch, D, N).
+
 
 def selective_scan_sequential(x, dt, A, B, C, state=None):
     """The recurrence of eq. 2a–2b, one position at a time. Returns y (batch, T, D) and the last state."""
@@ -145,29 +154,44 @@ class Mamba(nn.Module):
         self.dt_rank = m.dt_rank or math.ceil(config.d_model / 16)
         D, N, R = self.d_inner, m.d_state, self.dt_rank
         self.in_proj = nn.Linear(config.d_model, 2 * D, bias=m.proj_bias)  # u and the gate z
-        self.conv1d = nn.Conv1d(D, D, m.d_conv, groups=D, bias=m.conv_bias)  # depthwise: one filter per channel
+        self.conv1d = nn.Conv1d(
+            D, D, m.d_conv, groups=D, bias=m.conv_bias
+        )  # depthwise: one filter per channel
         self.x_proj = nn.Linear(D, R + 2 * N, bias=False)  # the selection: Δ_low, B, C from each token
         self.dt_proj = nn.Linear(R, D, bias=False)
         # Δ's bias is its own parameter (HF: dt_proj.bias) so the model's generic Linear init, which
         # zeroes biases, leaves it alone: it sets the initial step sizes (below).
         self.dt_bias = nn.Parameter(torch.empty(D))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))  # S4D-real: A = -(1..N)
+        self.A_log = nn.Parameter(
+            torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1)
+        )  # S4D-real: A = -(1..N)
         self.D = nn.Parameter(torch.ones(D))  # the skip connection y += D x
         self.out_proj = nn.Linear(D, config.d_model, bias=m.proj_bias)
         if m.dt_bc_norm:  # Jamba: keeps Δ, B, C in range in a deep hybrid stack
-            self.dt_norm, self.b_norm, self.c_norm = RMSNorm(R, config.norm_eps), RMSNorm(N, config.norm_eps), RMSNorm(N, config.norm_eps)
-        with torch.no_grad():  # initial Δ log-uniform in [1e-3, 1e-1]: bias = softplus⁻¹(Δ) = Δ + log(1 - e^-Δ)
+            self.dt_norm, self.b_norm, self.c_norm = (
+                RMSNorm(R, config.norm_eps),
+                RMSNorm(N, config.norm_eps),
+                RMSNorm(N, config.norm_eps),
+            )
+        with (
+            torch.no_grad()
+        ):  # initial Δ log-uniform in [1e-3, 1e-1]: bias = softplus⁻¹(Δ) = Δ + log(1 - e^-Δ)
             dt = torch.exp(torch.rand(D) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
-                positions=None) -> torch.Tensor:
+    def forward(
+        self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None, positions=None
+    ) -> torch.Tensor:
         if packed_mask is not None:
-            raise ValueError("the Mamba mixer does not take packed rows (documents): its state would carry from one "
-                             "document into the next; train it on unpacked rows")
+            raise ValueError(
+                "the Mamba mixer does not take packed rows (documents): its state would carry from one "
+                "document into the next; train it on unpacked rows"
+            )
         if cache is not None and cache.paged:
-            raise ValueError("the Mamba mixer keeps a recurrent state, not keys and values: the engine's paged cache "
-                             "cannot hold it; generate with scratchlm.generate (KVCache) instead")
+            raise ValueError(
+                "the Mamba mixer keeps a recurrent state, not keys and values: the engine's paged cache "
+                "cannot hold it; generate with scratchlm.generate (KVCache) instead"
+            )
         m, K = self.config, self.config.d_conv
         batch, T, _ = x.shape
         store = cache.state(layer) if cache is not None else {}
@@ -181,14 +205,18 @@ class Mamba(nn.Module):
             past = u.new_zeros(batch, self.d_inner, K - 1)
         u = torch.cat([past, u], dim=2)
         if cache is not None:
-            store["conv"] = u[:, :, u.shape[2] - (K - 1):].clone()  # a copy: a view would keep all of u alive
+            store["conv"] = u[
+                :, :, u.shape[2] - (K - 1) :
+            ].clone()  # a copy: a view would keep all of u alive
         u = F.silu(F.conv1d(u, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
 
         # Selection: Δ, B, C from each token (section 3.2)
         dt, B, C = self.x_proj(u).split([self.dt_rank, m.d_state, m.d_state], dim=-1)
         if m.dt_bc_norm:
             dt, B, C = self.dt_norm(dt), self.b_norm(B), self.c_norm(C)
-        work = torch.promote_types(x.dtype, torch.float32)  # the scan runs in float32 at least (bf16 training)
+        work = torch.promote_types(
+            x.dtype, torch.float32
+        )  # the scan runs in float32 at least (bf16 training)
         dt = F.softplus(self.dt_proj(dt).to(work) + self.dt_bias.to(work))  # Δ > 0: (batch, T, D)
         A = -torch.exp(self.A_log.to(work))  # (D, N), negative: Ā = exp(ΔA) in (0, 1)
 

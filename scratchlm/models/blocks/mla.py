@@ -62,14 +62,26 @@ class MLAConfig:
     qk_nope_head_dim: int = 32  # per-head query/key width without position, d_h
     qk_rope_head_dim: int = 16  # decoupled RoPE width d_h^R (query per head; one key shared by all heads)
     v_head_dim: int = 32  # per-head value width d_v
-    absorb: bool = True  # with a cache: attend over the latent (W_UK, W_UV folded in) when cheaper; False: rebuild k, v
+    absorb: bool = (
+        True  # with a cache: attend over the latent (W_UK, W_UV folded in) when cheaper; False: rebuild k, v
+    )
 
     def __post_init__(self):
-        validate(self, "model.mla", {
-            "q_lora_rank": Rule(min=1), "kv_lora_rank": Rule(min=1), "qk_nope_head_dim": Rule(min=1),
-            "qk_rope_head_dim": Rule(min=2, why="an even width: RoPE rotates pairs"), "v_head_dim": Rule(min=1)})
+        validate(
+            self,
+            "model.mla",
+            {
+                "q_lora_rank": Rule(min=1),
+                "kv_lora_rank": Rule(min=1),
+                "qk_nope_head_dim": Rule(min=1),
+                "qk_rope_head_dim": Rule(min=2, why="an even width: RoPE rotates pairs"),
+                "v_head_dim": Rule(min=1),
+            },
+        )
         if self.qk_rope_head_dim % 2:
-            raise ConfigError(f"model.mla.qk_rope_head_dim = {self.qk_rope_head_dim}: must be even (RoPE rotates pairs)")
+            raise ConfigError(
+                f"model.mla.qk_rope_head_dim = {self.qk_rope_head_dim}: must be even (RoPE rotates pairs)"
+            )
 
 
 def mla_rope(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +117,9 @@ class MLA(nn.Module):
             self.q_up = nn.Linear(self.q_rank, H * d_q, bias=False)
         self.kv_down = nn.Linear(C, self.d_c + self.d_rope, bias=config.bias)  # [W_DKV ; W_KR] (eqs. 9, 15)
         self.kv_norm = RMSNorm(self.d_c, LATENT_NORM_EPS)
-        self.kv_up = nn.Linear(self.d_c, H * (self.d_nope + self.d_v), bias=False)  # [W_UK ; W_UV] per head (eqs. 10–11)
+        self.kv_up = nn.Linear(
+            self.d_c, H * (self.d_nope + self.d_v), bias=False
+        )  # [W_UK ; W_UV] per head (eqs. 10–11)
         self.proj = nn.Linear(H * self.d_v, C, bias=config.bias)  # W_O (eq. 19)
 
     def decode_context_flops(self, context: int) -> float:
@@ -179,11 +193,14 @@ class MLA(nn.Module):
             if causal:
                 mask = attention_bias(T, S, S - T, None, q.device, scores.dtype)
             if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                scores = (
+                    scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                )
             weights = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout, self.training)
             return weights @ v
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                              scale=self.scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.scale
+        )
 
     def absorb_pays(self, T: int, S: int) -> bool:
         """Whether the absorbed path costs fewer multiply-adds (per head) for T new queries over S keys:
@@ -200,13 +217,18 @@ class MLA(nn.Module):
         return absorbed < expanded
 
     # --- forward ------------------------------------------------------------------------------
-    def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
-                positions=None) -> torch.Tensor:
+    def forward(
+        self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None, positions=None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         if alibi is not None:
-            raise ValueError("MLA carries position in its decoupled RoPE; model.position = 'alibi' does not apply")
+            raise ValueError(
+                "MLA carries position in its decoupled RoPE; model.position = 'alibi' does not apply"
+            )
         if cache is not None and cache.paged:
-            raise ValueError("MLA keeps a latent per token; the engine's paged k/v cache does not hold it yet")
+            raise ValueError(
+                "MLA keeps a latent per token; the engine's paged k/v cache does not hold it yet"
+            )
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=x.device)

@@ -80,35 +80,62 @@ class MoEConfig:
     seq_aux_weight: float = 0.0  # α of V3's sequence-wise balance loss (any balance; V3 used 1e-4)
 
     def __post_init__(self):
-        validate(self, "model.moe", {
-            "n_experts": Rule(min=1), "top_k": Rule(min=1), "d_expert": Rule(min=1), "n_shared": Rule(min=0),
-            "d_shared": Rule(min=1), "router": Rule(choices=("softmax", "sigmoid")), "n_groups": Rule(min=1),
-            "topk_groups": Rule(min=1), "group_score": Rule(choices=("max", "top2")), "routed_scale": Rule(above=0),
-            "balance": Rule(choices=("aux", "bias", "none")), "aux_weight": Rule(min=0), "bias_speed": Rule(min=0),
-            "seq_aux_weight": Rule(min=0)})
+        validate(
+            self,
+            "model.moe",
+            {
+                "n_experts": Rule(min=1),
+                "top_k": Rule(min=1),
+                "d_expert": Rule(min=1),
+                "n_shared": Rule(min=0),
+                "d_shared": Rule(min=1),
+                "router": Rule(choices=("softmax", "sigmoid")),
+                "n_groups": Rule(min=1),
+                "topk_groups": Rule(min=1),
+                "group_score": Rule(choices=("max", "top2")),
+                "routed_scale": Rule(above=0),
+                "balance": Rule(choices=("aux", "bias", "none")),
+                "aux_weight": Rule(min=0),
+                "bias_speed": Rule(min=0),
+                "seq_aux_weight": Rule(min=0),
+            },
+        )
         if self.top_k > self.n_experts:
-            raise ConfigError(f"model.moe.top_k = {self.top_k} exceeds model.moe.n_experts = {self.n_experts}")
+            raise ConfigError(
+                f"model.moe.top_k = {self.top_k} exceeds model.moe.n_experts = {self.n_experts}"
+            )
         if self.n_experts % self.n_groups:
-            raise ConfigError(f"model.moe.n_groups = {self.n_groups} must divide "
-                              f"model.moe.n_experts = {self.n_experts}")
+            raise ConfigError(
+                f"model.moe.n_groups = {self.n_groups} must divide model.moe.n_experts = {self.n_experts}"
+            )
         per_group = self.n_experts // self.n_groups
         if self.topk_groups > self.n_groups or self.top_k > self.topk_groups * per_group:
-            raise ConfigError(f"model.moe.topk_groups = {self.topk_groups} of {self.n_groups} groups of {per_group} "
-                              f"experts cannot hold top_k = {self.top_k} experts")
+            raise ConfigError(
+                f"model.moe.topk_groups = {self.topk_groups} of {self.n_groups} groups of {per_group} "
+                f"experts cannot hold top_k = {self.top_k} experts"
+            )
         if self.group_score == "top2" and self.n_groups > 1 and per_group < 2:
             raise ConfigError("model.moe.group_score = 'top2' needs at least 2 experts per group")
         if (self.shared_gate or self.d_shared) and not self.n_shared:
-            raise ConfigError("model.moe.shared_gate / d_shared need shared experts: set model.moe.n_shared >= 1")
+            raise ConfigError(
+                "model.moe.shared_gate / d_shared need shared experts: set model.moe.n_shared >= 1"
+            )
         # With one expert per token, renormalising makes its weight exactly 1 whatever the router
         # says, so the language-model loss sends the router no gradient. transformers' Mixtral and
         # Qwen do compute that (an imported model must too), and there a balancing loss is still a
         # gradient; without one the router could never learn: refused.
-        if (self.top_k == 1 and self.normalize and self.seq_aux_weight == 0
-                and not (self.balance == "aux" and self.aux_weight > 0)):
-            raise ConfigError("model.moe.top_k = 1 with normalize = true weighs the chosen expert 1 whatever the "
-                              "router says, and no balancing loss is on (balance = 'aux' with aux_weight > 0, or "
-                              "seq_aux_weight > 0): the router would get no gradient at all. Set normalize = false "
-                              "(the Switch Transformer's top-1 gate: the output scaled by the router's probability)")
+        if (
+            self.top_k == 1
+            and self.normalize
+            and self.seq_aux_weight == 0
+            and not (self.balance == "aux" and self.aux_weight > 0)
+        ):
+            raise ConfigError(
+                "model.moe.top_k = 1 with normalize = true weighs the chosen expert 1 whatever the "
+                "router says, and no balancing loss is on (balance = 'aux' with aux_weight > 0, or "
+                "seq_aux_weight > 0): the router would get no gradient at all. Set normalize = false "
+                "(the Switch Transformer's top-1 gate: the output scaled by the router's probability)"
+            )
 
 
 class SwiGLU(nn.Module):
@@ -181,7 +208,9 @@ class MoE(nn.Module):
         with _without_autocast(x.device):
             logits = F.linear(x.float(), self.router.weight.float())
             scores = logits.softmax(dim=-1) if m.router == "softmax" else logits.sigmoid()
-            with torch.no_grad():  # selection is discrete: no gradient flows through which experts were picked
+            with (
+                torch.no_grad()
+            ):  # selection is discrete: no gradient flows through which experts were picked
                 choice = scores + self.router_bias.float()
                 if m.n_groups > 1:
                     choice = self._limit_groups(choice)
@@ -206,8 +235,9 @@ class MoE(nn.Module):
         return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
     # --- dispatch -----------------------------------------------------------------------------------
-    def experts_fast(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
-                     counts: torch.Tensor) -> torch.Tensor:
+    def experts_fast(
+        self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
         """Dropless dispatch: sort the N·k (token, expert) assignments by expert, run each expert
         once on the rows that chose it, scale by the weights and add back into the tokens' rows.
         ``counts`` (E,): assignments per expert."""
@@ -220,8 +250,11 @@ class MoE(nn.Module):
         # make each expert's backward build a zero gradient of the whole (E, F, C) stack, E of
         # them per stack, O(E²·F·C); unbind's backward stacks the E gradients once.
         gate, up, down = self.experts_gate.unbind(0), self.experts_up.unbind(0), self.experts_down.unbind(0)
-        outputs = [F.linear(F.silu(F.linear(r, gate[e])) * F.linear(r, up[e]), down[e])
-                   for e, r in enumerate(rows) if r.shape[0]]  # an expert no token chose costs nothing
+        outputs = [
+            F.linear(F.silu(F.linear(r, gate[e])) * F.linear(r, up[e]), down[e])
+            for e, r in enumerate(rows)
+            if r.shape[0]
+        ]  # an expert no token chose costs nothing
         y = torch.cat(outputs) if outputs else x[:0]
         y = y * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, y)
@@ -252,7 +285,9 @@ class MoE(nn.Module):
                 shared = torch.sigmoid(self.shared_gate(tokens)) * shared
             out = out + shared
         self._count(counts)
-        self.aux_loss = self._balance_losses(scores.view(B, T, -1), chosen.view(B, T, -1)) if self.training else None
+        self.aux_loss = (
+            self._balance_losses(scores.view(B, T, -1), chosen.view(B, T, -1)) if self.training else None
+        )
         return self.dropout(out.view(B, T, C))
 
     # --- load balancing ------------------------------------------------------------------------------

@@ -61,11 +61,20 @@ class MTPConfig:
     depth: int = 1  # D: MTP modules (sequential depths or parallel heads); depth k predicts token t+k+1
     weight: float = 0.3  # λ: the MTP loss's weight in the training loss (DeepSeek-V3 eq. 25)
     kind: str = "sequential"  # "sequential" (DeepSeek-V3) or "parallel" (Gloeckle et al. 2024)
-    block: str | None = None  # each module's layer kind ("attention", "mla+moe"); None: the main model's last layer's
+    block: str | None = (
+        None  # each module's layer kind ("attention", "mla+moe"); None: the main model's last layer's
+    )
 
     def __post_init__(self):
-        validate(self, "model.mtp", {"depth": Rule(min=1), "weight": Rule(min=0, why="λ, the MTP loss weight"),
-                                     "kind": Rule(choices=KINDS)})
+        validate(
+            self,
+            "model.mtp",
+            {
+                "depth": Rule(min=1),
+                "weight": Rule(min=0, why="λ, the MTP loss weight"),
+                "kind": Rule(choices=KINDS),
+            },
+        )
 
 
 class MTPModule(nn.Module):
@@ -98,8 +107,9 @@ class MTP(nn.Module):
             kinds = set(block.split("+"))  # the block keeps only the settings tables its kinds read
             unused = {name: None for kind, (name, _) in KIND_TABLES.items() if kind not in kinds}
             attn = config.attn if "sliding" in kinds else dataclasses.replace(config.attn, window=None)
-            block_config = dataclasses.replace(config, n_layer=1, layers=[block], mtp=None, attn=attn,
-                                               **unused)
+            block_config = dataclasses.replace(
+                config, n_layer=1, layers=[block], mtp=None, attn=attn, **unused
+            )
         except ConfigError as e:
             raise ConfigError(f"model.mtp.block = {block!r}: {e}") from None
         self.depths = nn.ModuleList(MTPModule(block_config, mtp.kind) for _ in range(mtp.depth))
@@ -109,7 +119,9 @@ class MTP(nn.Module):
                 # so its metrics (moe/layer{i}/imbalance) and expert_load entry do not overwrite main layer 0's
                 module.block.mlp.layer = config.n_layer + k
         self.aux_loss: torch.Tensor | None = None  # λ · L_MTP of the last training forward (GPT adds it)
-        self.depth_losses: torch.Tensor | None = None  # (D,) each depth's cross-entropy, detached, for logging
+        self.depth_losses: torch.Tensor | None = (
+            None  # (D,) each depth's cross-entropy, detached, for logging
+        )
 
     # --- the modules, teacher-forced (training) --------------------------------------------
     def forward(self, model, hidden: torch.Tensor, idx: torch.Tensor) -> list[torch.Tensor]:
@@ -131,8 +143,14 @@ class MTP(nn.Module):
             out.append(model.logits(h))
         return out
 
-    def loss(self, model, hidden: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
-             documents: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        model,
+        hidden: torch.Tensor,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """λ · L_MTP (eq. 25): λ times the mean over depths of each depth's cross-entropy.
 
         ``targets[:, j]`` is token ``j + 1``, so depth ``k`` at position ``i`` is scored against
@@ -141,16 +159,24 @@ class MTP(nn.Module):
         Sets ``depth_losses`` for logging.
         """
         if documents is not None:
-            raise ValueError("multi-token prediction does not take packed rows (documents): a depth would read "
-                             "and predict across document boundaries; train without packing or without model.mtp")
+            raise ValueError(
+                "multi-token prediction does not take packed rows (documents): a depth would read "
+                "and predict across document boundaries; train without packing or without model.mtp"
+            )
         T = idx.shape[1]
         losses = []
         for k, logits in enumerate(self(model, hidden, idx), start=1):
             logits, wanted = logits[:, : T - k], targets[:, k:]
-            per_token = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), wanted.reshape(-1),
-                                        ignore_index=-1, reduction="sum")
+            per_token = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)),
+                wanted.reshape(-1),
+                ignore_index=-1,
+                reduction="sum",
+            )
             losses.append(per_token / (wanted != -1).sum().clamp_min(1))
-        losses += [hidden.new_zeros(())] * (len(self.depths) - len(losses))  # T <= D: nothing to predict that far
+        losses += [hidden.new_zeros(())] * (
+            len(self.depths) - len(losses)
+        )  # T <= D: nothing to predict that far
         losses = torch.stack(losses)
         self.depth_losses = losses.detach()
         return self.weight * losses.mean()
@@ -164,8 +190,9 @@ class MTP(nn.Module):
 
     # --- drafting (inference) ----------------------------------------------------------------
     @torch.no_grad()
-    def draft(self, model, hidden: torch.Tensor, idx: torch.Tensor,
-              next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def draft(
+        self, model, hidden: torch.Tensor, idx: torch.Tensor, next_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy guesses for the D tokens after ``next_ids`` — the main model's choice for
         position T — and their logits: (B, D) ids, (B, D, V).
 
@@ -189,7 +216,9 @@ class MTP(nn.Module):
         return torch.stack(guesses, dim=1), torch.stack(all_logits, dim=1)
 
     # --- one depth ----------------------------------------------------------------------------
-    def _sequential(self, model, module: MTPModule, h: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    def _sequential(
+        self, model, module: MTPModule, h: torch.Tensor, tokens: torch.Tensor, start: int
+    ) -> torch.Tensor:
         """Eq. 21–22 and the final norm: (B, L, C) states and the L tokens ``k`` places ahead."""
         combined = torch.cat([module.embed_norm(model.tok_emb(tokens)), module.hidden_norm(h)], dim=-1)
         x = module.proj(combined)
@@ -198,14 +227,18 @@ class MTP(nn.Module):
         return module.norm(module.block(x, layer=0, **_mixer_kwargs(model, start, tokens.shape[1], x.device)))
 
     def _parallel(self, model, module: MTPModule, hidden: torch.Tensor) -> torch.Tensor:
-        return module.norm(module.block(hidden, layer=0, **_mixer_kwargs(model, 0, hidden.shape[1], hidden.device)))
+        return module.norm(
+            module.block(hidden, layer=0, **_mixer_kwargs(model, 0, hidden.shape[1], hidden.device))
+        )
 
 
 def _mixer_kwargs(model, start: int, length: int, device) -> dict:
     """What a block's mixer is given (as in ``GPT.forward``) for positions ``start …`` without a cache."""
     c = model.config
     if start + length > c.block_size:
-        raise ValueError(f"an MTP depth reaches position {start + length - 1}, past the context length {c.block_size}")
+        raise ValueError(
+            f"an MTP depth reaches position {start + length - 1}, past the context length {c.block_size}"
+        )
     positions = torch.arange(start, start + length, device=device)
     kwargs = {"positions": positions}
     if c.position == "rope":
@@ -240,8 +273,10 @@ def mtp_acceptance(model, prompts, max_new_tokens: int) -> dict:
     guesses, accepted, continuations = [0] * D, [0] * D, []
     for prompt in prompts:
         if not 1 <= len(prompt) <= limit:
-            raise ValueError(f"a prompt of {len(prompt)} tokens: expected 1 to {limit} "
-                             f"(block_size {model.config.block_size} minus {D} MTP positions)")
+            raise ValueError(
+                f"a prompt of {len(prompt)} tokens: expected 1 to {limit} "
+                f"(block_size {model.config.block_size} minus {D} MTP positions)"
+            )
         seq = torch.tensor([list(prompt)], device=device)
         drafts = []  # (index of the token the guesses follow, guesses)
         for _ in range(max_new_tokens):
@@ -260,10 +295,17 @@ def mtp_acceptance(model, prompts, max_new_tokens: int) -> dict:
                 guesses[k - 1] += 1
                 if all(draft[j - 1] == tokens[n + j] for j in range(1, k + 1)):
                     accepted[k - 1] += 1
-        continuations.append(tokens[len(prompt):])
+        continuations.append(tokens[len(prompt) :])
     model.train(was_training)
     rates = [a / g if g else 0.0 for a, g in zip(accepted, guesses)]
-    return {"acceptance_rate": rates[0], "guesses": guesses[0], "accepted": accepted[0],
-            "per_depth": [{"depth": k + 1, "guesses": guesses[k], "accepted": accepted[k], "acceptance_rate": rates[k]}
-                          for k in range(D)],
-            "tokens_per_step": 1 + sum(rates), "tokens": continuations}
+    return {
+        "acceptance_rate": rates[0],
+        "guesses": guesses[0],
+        "accepted": accepted[0],
+        "per_depth": [
+            {"depth": k + 1, "guesses": guesses[k], "accepted": accepted[k], "acceptance_rate": rates[k]}
+            for k in range(D)
+        ],
+        "tokens_per_step": 1 + sum(rates),
+        "tokens": continuations,
+    }

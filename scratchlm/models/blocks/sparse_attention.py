@@ -67,7 +67,9 @@ from scratchlm.config import ConfigError, Rule, validate
 from scratchlm.models.layers import apply_rope
 
 BRANCHES = ("compressed", "selected", "window")
-_QUERY_CHUNK = 64  # queries handled together in the efficient path: they share one load of their selected blocks
+_QUERY_CHUNK = (
+    64  # queries handled together in the efficient path: they share one load of their selected blocks
+)
 # A chunk reads the union of its queries' blocks while it holds at most this many times n blocks; beyond, each
 # query gathers its own n (on a CPU a copied key costs ~50 multiply-adds, so the union wins up to several n).
 _UNION_LIMIT = 8
@@ -76,7 +78,9 @@ _UNION_LIMIT = 8
 @dataclass
 class NSAConfig:
     compress_block: int = 32  # l: tokens summarised by one compressed key (eq. 7)
-    compress_stride: int = 16  # d: tokens between the starts of consecutive compressed blocks (d < l: overlap)
+    compress_stride: int = (
+        16  # d: tokens between the starts of consecutive compressed blocks (d < l: overlap)
+    )
     select_block: int = 64  # l': tokens per selection block (eq. 11-12)
     select_count: int = 16  # n: selection blocks each GQA group reads, forced ones included (eq. 11)
     window: int = 512  # w: keys of the sliding branch, the query itself included
@@ -85,18 +89,31 @@ class NSAConfig:
     gate: str = "sigmoid"  # sigmoid: each branch gated on its own (eq. 5); softmax: the three gates sum to 1
 
     def __post_init__(self):
-        validate(self, "model.nsa", {
-            "compress_block": Rule(min=1), "compress_stride": Rule(min=1), "select_block": Rule(min=1),
-            "select_count": Rule(min=1), "window": Rule(min=1, why="keys the sliding branch sees, itself included"),
-            "initial_blocks": Rule(min=0), "local_blocks": Rule(min=0), "gate": Rule(choices=("sigmoid", "softmax")),
-        })
+        validate(
+            self,
+            "model.nsa",
+            {
+                "compress_block": Rule(min=1),
+                "compress_stride": Rule(min=1),
+                "select_block": Rule(min=1),
+                "select_count": Rule(min=1),
+                "window": Rule(min=1, why="keys the sliding branch sees, itself included"),
+                "initial_blocks": Rule(min=0),
+                "local_blocks": Rule(min=0),
+                "gate": Rule(choices=("sigmoid", "softmax")),
+            },
+        )
         l, d, ls = self.compress_block, self.compress_stride, self.select_block
         if l % d or ls % d:
-            raise ConfigError(f"model.nsa.compress_stride = {d} must divide compress_block = {l} and select_block = "
-                              f"{ls} (the paper's condition for mapping compressed scores onto selection blocks, eq. 9)")
+            raise ConfigError(
+                f"model.nsa.compress_stride = {d} must divide compress_block = {l} and select_block = "
+                f"{ls} (the paper's condition for mapping compressed scores onto selection blocks, eq. 9)"
+            )
         if self.initial_blocks + self.local_blocks > self.select_count:
-            raise ConfigError(f"model.nsa.initial_blocks + local_blocks = {self.initial_blocks + self.local_blocks} "
-                              f"exceeds select_count = {self.select_count}: the forced blocks must fit in the selection")
+            raise ConfigError(
+                f"model.nsa.initial_blocks + local_blocks = {self.initial_blocks + self.local_blocks} "
+                f"exceeds select_count = {self.select_count}: the forced blocks must fit in the selection"
+            )
 
 
 class Compressor(nn.Module):
@@ -124,7 +141,9 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(filled, dim=-1) * mask).to(scores.dtype)
 
 
-def overlap_matrix(n_compressed: int, n_selection: int, l: int, d: int, l_sel: int, device=None) -> torch.Tensor:
+def overlap_matrix(
+    n_compressed: int, n_selection: int, l: int, d: int, l_sel: int, device=None
+) -> torch.Tensor:
     """Eq. 9 as a matrix, the readable definition: (N, S) tokens compressed block ``i``
     ([i·d, i·d + l)) shares with selection block ``j`` ([j·l', (j+1)·l')), in units of ``d``, so
     that ``p_slc = p_cmp @ M``; with ``l = l' = d`` it is the identity (p_slc = p_cmp).
@@ -174,14 +193,18 @@ class NativeSparseAttention(nn.Module):
     def __init__(self, config, layer: int = 0):
         super().__init__()
         c = config.nsa if config.nsa is not None else NSAConfig()
-        useless = {"compress_block": "no compressed block could ever be complete, so the compressed branch and "
-                                    "the selection it scores would never act",
-                   "select_block": "the first selection block would hold the whole context, so nothing would "
-                                   "ever be selected (the branch would be plain causal attention)"}
+        useless = {
+            "compress_block": "no compressed block could ever be complete, so the compressed branch and "
+            "the selection it scores would never act",
+            "select_block": "the first selection block would hold the whole context, so nothing would "
+            "ever be selected (the branch would be plain causal attention)",
+        }
         for name, why in useless.items():
             if getattr(c, name) > config.block_size:
-                raise ConfigError(f"model.nsa.{name} = {getattr(c, name)} exceeds model.block_size = "
-                                  f"{config.block_size}: {why}; make it at most block_size")
+                raise ConfigError(
+                    f"model.nsa.{name} = {getattr(c, name)} exceeds model.block_size = "
+                    f"{config.block_size}: {why}; make it at most block_size"
+                )
         self.nsa = c
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_dim = config.head_dim
@@ -200,7 +223,11 @@ class NativeSparseAttention(nn.Module):
         for the keys each branch reads — the compressed keys of the finished blocks, the n
         selected blocks, the window — beyond the weight matrices (counted in the parameters)."""
         n = self.nsa
-        keys = self._complete_blocks(context) + min(context, n.select_count * n.select_block) + min(context, n.window)
+        keys = (
+            self._complete_blocks(context)
+            + min(context, n.select_count * n.select_block)
+            + min(context, n.window)
+        )
         return 4 * self.n_head * self.head_dim * keys
 
     def cache_values_per_token(self) -> int:
@@ -247,28 +274,42 @@ class NativeSparseAttention(nn.Module):
         first block starts at index 0: blocks start at 0, d, 2d, ... and need all ``l`` tokens."""
         l, d = self.nsa.compress_block, self.nsa.compress_stride
         B, Hkv, L, D = k.shape
-        if L < l:
+        if l > L:
             return k.new_zeros(B, Hkv, 0, D), v.new_zeros(B, Hkv, 0, D)
         # unfold: (B, Hkv, N, D, l) windows of l tokens, stride d -> (B, Hkv, N, l, D)
-        return (self.compress_k(k.unfold(2, l, d).transpose(-1, -2)),
-                self.compress_v(v.unfold(2, l, d).transpose(-1, -2)))
+        return (
+            self.compress_k(k.unfold(2, l, d).transpose(-1, -2)),
+            self.compress_v(v.unfold(2, l, d).transpose(-1, -2)),
+        )
 
     def _refuse(self, alibi, packed_mask, cache, positions, start: int, T: int):
         if packed_mask is not None:
-            raise ValueError("nsa layers do not take packed rows (documents): their blocks are positions of one "
-                             "sequence; train without packing")
+            raise ValueError(
+                "nsa layers do not take packed rows (documents): their blocks are positions of one "
+                "sequence; train without packing"
+            )
         if cache is not None and getattr(cache, "paged", False):
-            raise ValueError("nsa layers do not run on the engine's paged cache; generate with "
-                             "scratchlm.generate (a contiguous KVCache) instead")
+            raise ValueError(
+                "nsa layers do not run on the engine's paged cache; generate with "
+                "scratchlm.generate (a contiguous KVCache) instead"
+            )
         if alibi is not None:
             raise ValueError("nsa layers take rope or no position in attention, not alibi")
-        if positions is not None:  # the blocks are counted from the sequence's first token: see the module docstring
-            first = start if cache is not None else positions.reshape(-1)[:1]  # without a cache, any first position
-            if positions.dim() != 1 or not torch.equal(positions, first + torch.arange(T, device=positions.device)):
+        if (
+            positions is not None
+        ):  # the blocks are counted from the sequence's first token: see the module docstring
+            first = (
+                start if cache is not None else positions.reshape(-1)[:1]
+            )  # without a cache, any first position
+            if positions.dim() != 1 or not torch.equal(
+                positions, first + torch.arange(T, device=positions.device)
+            ):
                 expected = f"starting at cache.length = {start}" if cache is not None else "(any first one)"
-                raise ValueError(f"nsa layers count their blocks from the first token of the sequence, so they take "
-                                 f"{T} contiguous positions {expected}; got positions of shape "
-                                 f"{tuple(positions.shape)} beginning {positions.reshape(-1)[:4].tolist()}")
+                raise ValueError(
+                    f"nsa layers count their blocks from the first token of the sequence, so they take "
+                    f"{T} contiguous positions {expected}; got positions of shape "
+                    f"{tuple(positions.shape)} beginning {positions.reshape(-1)[:4].tolist()}"
+                )
 
     def _gated(self, outputs: dict, gates: torch.Tensor) -> torch.Tensor:
         """Eq. 5: Σ_c g_c · o_c per head, then the output projection. outputs: (B, H, T, D) each."""
@@ -277,13 +318,16 @@ class NativeSparseAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     # --- the efficient path -------------------------------------------------------------------
-    def forward(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
-                positions=None) -> torch.Tensor:
-        return self.branches(x, rope=rope, alibi=alibi, cache=cache, layer=layer, packed_mask=packed_mask,
-                             positions=positions)["output"]
+    def forward(
+        self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None, positions=None
+    ) -> torch.Tensor:
+        return self.branches(
+            x, rope=rope, alibi=alibi, cache=cache, layer=layer, packed_mask=packed_mask, positions=positions
+        )["output"]
 
-    def branches(self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None,
-                 positions=None) -> dict:
+    def branches(
+        self, x, *, rope=None, alibi=None, cache=None, layer: int = 0, packed_mask=None, positions=None
+    ) -> dict:
         """The efficient path's output and its parts: each branch (B, H, T, D), the gates
         (B, H, T, 3), and the selection: ``blocks`` (B, Hkv, T, n) indices, ``chosen`` whether each
         index is a real pick (false where fewer than n blocks exist yet)."""
@@ -313,10 +357,16 @@ class NativeSparseAttention(nn.Module):
         B, Hkv, T, D = k_new.shape
         end = start + T
         if "k_slc" not in state:  # any past block may be selected: keep every position
-            whole_blocks = math.ceil(cache.max_len / c.select_block) * c.select_block  # max_len rounded up to l'
+            whole_blocks = (
+                math.ceil(cache.max_len / c.select_block) * c.select_block
+            )  # max_len rounded up to l'
             compressed = self._complete_blocks(cache.max_len)
-            for name, length in (("k_slc", whole_blocks), ("v_slc", whole_blocks),
-                                 ("k_cmp", compressed), ("v_cmp", compressed)):
+            for name, length in (
+                ("k_slc", whole_blocks),
+                ("v_slc", whole_blocks),
+                ("k_cmp", compressed),
+                ("v_cmp", compressed),
+            ):
                 state[name] = k_new.new_zeros(B, Hkv, length, D)
             for name in ("k_win", "v_win", "k_raw", "v_raw"):
                 state[name] = k_new.new_zeros(B, Hkv, 0, D)
@@ -341,10 +391,20 @@ class NativeSparseAttention(nn.Module):
         state["v_cmp"][:, :, done:now] = v_more
         drop = k_more.shape[2] * c.compress_stride  # the next incomplete block starts here
         state["k_raw"], state["v_raw"] = k_raw[:, :, drop:], v_raw[:, :, drop:]
-        assert now == self._complete_blocks(end) and done * c.compress_stride + drop + state["k_raw"].shape[2] == end
+        assert (
+            now == self._complete_blocks(end)
+            and done * c.compress_stride + drop + state["k_raw"].shape[2] == end
+        )
         # Views, no copies: the selected store is read up to the last whole block (``_sparse`` masks past ``end``).
-        return (state["k_cmp"][:, :, :now], state["v_cmp"][:, :, :now], state["k_slc"], state["v_slc"],
-                k_win, v_win, window_start)
+        return (
+            state["k_cmp"][:, :, :now],
+            state["v_cmp"][:, :, :now],
+            state["k_slc"],
+            state["v_slc"],
+            k_win,
+            v_win,
+            window_start,
+        )
 
     def _sparse(self, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, start: int, window_start: int) -> dict:
         """The three branches for queries at positions ``start ... start + T - 1``; keys of the
@@ -368,7 +428,9 @@ class NativeSparseAttention(nn.Module):
 
         # Selection scores (eq. 9-10): compressed probabilities -> selection blocks, summed over the group.
         S = math.ceil(end / ls)
-        scores = selection_scores(p_cmp.detach().sum(dim=2), S, l, d, ls)  # (B, Hkv, T, S); a pick has no gradient
+        scores = selection_scores(
+            p_cmp.detach().sum(dim=2), S, l, d, ls
+        )  # (B, Hkv, T, S); a pick has no gradient
         blocks, chosen = self._top_blocks(scores, query_pos)
 
         # The selected branch reads whole blocks: its keys as (B, Hkv, S, l', D).
@@ -381,24 +443,37 @@ class NativeSparseAttention(nn.Module):
             pos = query_pos[a:b]
             # Selected branch (eq. 12): only blocks some query of the chunk picked are ever read.
             used = picked[:, :, a:b].any(dim=2)  # (B, Hkv, S)
-            width = min(S, (b - a) * c.select_count)  # a bound that needs no look at the picks (no host sync) ...
+            width = min(
+                S, (b - a) * c.select_count
+            )  # a bound that needs no look at the picks (no host sync) ...
             if width > c.select_count:  # ... but past n blocks (several queries), count the true union
                 width = int(used.sum(-1).max())
             if width <= _UNION_LIMIT * c.select_count:
-                o_slc[:, :, :, a:b] = self._selected_union(qg[:, :, :, a:b], pos, picked[:, :, a:b], used, width,
-                                                           k_blocks, v_blocks)
+                o_slc[:, :, :, a:b] = self._selected_union(
+                    qg[:, :, :, a:b], pos, picked[:, :, a:b], used, width, k_blocks, v_blocks
+                )
             else:
-                o_slc[:, :, :, a:b] = self._selected_per_query(qg[:, :, :, a:b], pos, blocks[:, :, a:b],
-                                                               chosen[:, :, a:b], k_blocks, v_blocks)
+                o_slc[:, :, :, a:b] = self._selected_per_query(
+                    qg[:, :, :, a:b], pos, blocks[:, :, a:b], chosen[:, :, a:b], k_blocks, v_blocks
+                )
             # Window branch: the keys t - w + 1 ... t of this chunk's queries, one dense band.
             lo = max(window_start, start + a - c.window + 1)
             key_pos = torch.arange(lo, start + b, device=q.device)
             band = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - c.window)
-            held = slice(lo - window_start, start + b - window_start)  # the window store begins at window_start
+            held = slice(
+                lo - window_start, start + b - window_start
+            )  # the window store begins at window_start
             s = torch.einsum("bgitd,bgsd->bgits", qg[:, :, :, a:b], k_win[:, :, held]) * scale
-            o_win[:, :, :, a:b] = torch.einsum("bgits,bgsd->bgitd", masked_softmax(s, band), v_win[:, :, held])
-        return {"compressed": o_cmp.reshape(B, H, T, D), "selected": o_slc.reshape(B, H, T, D),
-                "window": o_win.reshape(B, H, T, D), "blocks": blocks, "chosen": chosen}
+            o_win[:, :, :, a:b] = torch.einsum(
+                "bgits,bgsd->bgitd", masked_softmax(s, band), v_win[:, :, held]
+            )
+        return {
+            "compressed": o_cmp.reshape(B, H, T, D),
+            "selected": o_slc.reshape(B, H, T, D),
+            "window": o_win.reshape(B, H, T, D),
+            "blocks": blocks,
+            "chosen": chosen,
+        }
 
     def _selected_union(self, q, pos, mine, used, width, k_blocks, v_blocks):
         """Selected attention for a chunk of queries q (B, Hkv, G, c, D) at ``pos``: load once the
@@ -415,7 +490,9 @@ class NativeSparseAttention(nn.Module):
         token = (union[..., None] * ls + torch.arange(ls, device=q.device)).flatten(-2)  # (B, Hkv, |U|·l')
         # a group whose union is narrower than the widest is padded with blocks none of its queries picked
         mine = mine.gather(-1, union[:, :, None].expand(-1, -1, q.shape[3], -1))
-        visible = mine.repeat_interleave(ls, dim=-1) & (token[:, :, None] <= pos[:, None])  # (B, Hkv, c, |U|·l')
+        visible = mine.repeat_interleave(ls, dim=-1) & (
+            token[:, :, None] <= pos[:, None]
+        )  # (B, Hkv, c, |U|·l')
         s = torch.einsum("bgitd,bgmd->bgitm", q, k_sel) / math.sqrt(D)
         # einsum folds the G heads into the rows of one product (a broadcast matmul would copy v_sel G times)
         return torch.einsum("bgitm,bgmd->bgitd", masked_softmax(s, visible[:, :, None]), v_sel)
@@ -443,7 +520,9 @@ class NativeSparseAttention(nn.Module):
         valid = j <= current  # a block that starts after the query holds no visible token
         forced = valid & ((j < c.initial_blocks) | (j > current - c.local_blocks))
         ranked = scores.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
-        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., : min(c.select_count, S)]
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[
+            ..., : min(c.select_count, S)
+        ]
         chosen = valid.expand_as(ranked).gather(-1, order)
         return order, chosen
 
@@ -467,10 +546,19 @@ class NativeSparseAttention(nn.Module):
         # Compressed branch, one block at a time (eq. 7), usable once complete (eq. 8).
         k_raw, v_raw = kv["compressed"]
         starts = list(range(0, T - l + 1, d))
-        k_cmp = torch.stack([self.compress_k(k_raw[:, :, i : i + l]) for i in starts], dim=2) if starts else k_raw[:, :, :0]
-        v_cmp = torch.stack([self.compress_v(v_raw[:, :, i : i + l]) for i in starts], dim=2) if starts else v_raw[:, :, :0]
-        usable = torch.tensor([[i + l - 1 <= t for i in starts] for t in range(T)], dtype=torch.bool,
-                              device=x.device).reshape(1, 1, T, len(starts))
+        k_cmp = (
+            torch.stack([self.compress_k(k_raw[:, :, i : i + l]) for i in starts], dim=2)
+            if starts
+            else k_raw[:, :, :0]
+        )
+        v_cmp = (
+            torch.stack([self.compress_v(v_raw[:, :, i : i + l]) for i in starts], dim=2)
+            if starts
+            else v_raw[:, :, :0]
+        )
+        usable = torch.tensor(
+            [[i + l - 1 <= t for i in starts] for t in range(T)], dtype=torch.bool, device=x.device
+        ).reshape(1, 1, T, len(starts))
         p_cmp, o_cmp = attend(k_cmp, v_cmp, usable)
 
         # Selection scores (eq. 9): every token of compressed block i passes p_cmp[i] / d to its selection block.
@@ -483,10 +571,13 @@ class NativeSparseAttention(nn.Module):
         # Eq. 11 by counting: block j's rank = blocks scoring higher, or equal with a lower index.
         j = torch.arange(S, device=x.device)
         valid = j[None, :] <= (pos // ls)[:, None]
-        forced = valid & ((j[None, :] < c.initial_blocks) | (j[None, :] > (pos // ls)[:, None] - c.local_blocks))
+        forced = valid & (
+            (j[None, :] < c.initial_blocks) | (j[None, :] > (pos // ls)[:, None] - c.local_blocks)
+        )
         ranked = score.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
         above = (ranked[..., None, :] > ranked[..., :, None]) | (
-            (ranked[..., None, :] == ranked[..., :, None]) & (j[None, :] < j[:, None]))
+            (ranked[..., None, :] == ranked[..., :, None]) & (j[None, :] < j[:, None])
+        )
         selected = (above.sum(-1) < c.select_count) & valid  # (B, Hkv, T, S)
 
         # Selected branch (eq. 12): the T x T mask of the chosen blocks' tokens, causal.
@@ -495,6 +586,12 @@ class NativeSparseAttention(nn.Module):
         _, o_slc = attend(*kv["selected"], slc_mask)
         # Window branch: keys t - w < s <= t.
         _, o_win = attend(*kv["window"], (causal & (pos[None, :] > pos[:, None] - c.window)).view(1, 1, T, T))
-        out = {"compressed": o_cmp, "selected": o_slc, "window": o_win, "gates": gates, "selected_blocks": selected}
+        out = {
+            "compressed": o_cmp,
+            "selected": o_slc,
+            "window": o_win,
+            "gates": gates,
+            "selected_blocks": selected,
+        }
         out["output"] = self._gated(out, gates)
         return out

@@ -28,7 +28,9 @@ Scorer = Callable[[list, str], float]  # (prompt messages, reply) -> score; high
 # character its tokenizer cannot spell is left out of what it reads, see `speakable`).
 # The principle comes last: a request longer than the context loses its start (the conversation),
 # never the principle it asks about.
-CRITIQUE_REQUEST = "{conversation}\nreply: {reply}\n{principle}\ndoes the reply follow this? answer yes or no and why"
+CRITIQUE_REQUEST = (
+    "{conversation}\nreply: {reply}\n{principle}\ndoes the reply follow this? answer yes or no and why"
+)
 
 
 class Constitution:
@@ -38,20 +40,33 @@ class Constitution:
     checkpoint); a check with its own ``checkpoint`` loads that one. ``scorers``: the callables a
     ``scorer`` check names."""
 
-    def __init__(self, principles: list[Principle], *, model=None, tokenizer=None,
-                 scorers: dict[str, Scorer] | None = None, device=None):
+    def __init__(
+        self,
+        principles: list[Principle],
+        *,
+        model=None,
+        tokenizer=None,
+        scorers: dict[str, Scorer] | None = None,
+        device=None,
+    ):
         self.principles, self.scorers = principles, dict(scorers or {})
         self._models: dict[str | None, tuple] = {None: (model, tokenizer)}
         self.device = device
         for p in principles:
             if p.check["kind"] == "scorer" and p.check["name"] not in self.scorers:
-                raise ValueError(f"principle {p.name!r} asks for the scorer {p.check['name']!r}, but none of that name "
-                                 f"was given (given: {sorted(self.scorers) or 'none'}): pass scorers={{name: function}} "
-                                 "to the API, or --scorer NAME=MODULE:FUNCTION on the command line")
+                raise ValueError(
+                    f"principle {p.name!r} asks for the scorer {p.check['name']!r}, but none of that name "
+                    f"was given (given: {sorted(self.scorers) or 'none'}): pass scorers={{name: function}} "
+                    "to the API, or --scorer NAME=MODULE:FUNCTION on the command line"
+                )
             if p.check["kind"] == "model" and p.check["checkpoint"] is None and model is None:
-                raise ValueError(f"principle {p.name!r} asks the model for a critique, but no model was given")
+                raise ValueError(
+                    f"principle {p.name!r} asks the model for a critique, but no model was given"
+                )
 
-    def evaluate(self, prompts: list[list[dict]], replies: list[str], ended: list[bool] | None = None) -> list[Evaluation]:
+    def evaluate(
+        self, prompts: list[list[dict]], replies: list[str], ended: list[bool] | None = None
+    ) -> list[Evaluation]:
         """One :class:`Evaluation` per (prompt, reply); model critics run batched, one pass per principle.
         ``ended``: whether each reply closed its turn (default: all did)."""
         # A sampled special token's text (ignore_eos lets <|endoftext|> through) would be refused by the
@@ -61,24 +76,39 @@ class Constitution:
         ended = ended if ended is not None else [True] * len(replies)
         return [Evaluation([column[i] for column in columns], ended[i]) for i in range(len(replies))]
 
-    def _critique(self, principle: Principle, prompts: list[list[dict]], replies: list[str]) -> list[Critique]:
+    def _critique(
+        self, principle: Principle, prompts: list[list[dict]], replies: list[str]
+    ) -> list[Critique]:
         check = principle.check
         if check["kind"] == "scorer":
             fn = self.scorers[check["name"]]
             batch = getattr(fn, "batch", None)  # a scorer that scores many replies at once (a reward model)
-            scores = ([float(v) for v in batch(prompts, replies)] if batch is not None and replies else
-                      [float(fn(prompt, reply)) for prompt, reply in zip(prompts, replies)])
+            scores = (
+                [float(v) for v in batch(prompts, replies)]
+                if batch is not None and replies
+                else [float(fn(prompt, reply)) for prompt, reply in zip(prompts, replies)]
+            )
             bad = [v for v in scores if not math.isfinite(v)]
             if bad:
-                raise ValueError(f"the scorer {check['name']!r} (principle {principle.name!r}) returned {bad[0]}: a "
-                                 "score must be a finite number")
-            return [Critique(s >= check["threshold"], s, "" if s >= check["threshold"] else
-                             f"it scores {s:.3g}, below {check['threshold']:g}") for s in scores]
+                raise ValueError(
+                    f"the scorer {check['name']!r} (principle {principle.name!r}) returned {bad[0]}: a "
+                    "score must be a finite number"
+                )
+            return [
+                Critique(
+                    s >= check["threshold"],
+                    s,
+                    "" if s >= check["threshold"] else f"it scores {s:.3g}, below {check['threshold']:g}",
+                )
+                for s in scores
+            ]
         if check["kind"] == "model":
             return self._model_critiques(principle, prompts, replies)
         return [check_reply(check, reply) for reply in replies]
 
-    def _model_critiques(self, principle: Principle, prompts: list[list[dict]], replies: list[str]) -> list[Critique]:
+    def _model_critiques(
+        self, principle: Principle, prompts: list[list[dict]], replies: list[str]
+    ) -> list[Critique]:
         """The model writes a critique of each reply; the reply passes if it starts with the pass word."""
         from scratchlm.serve.chat import generate_replies, load_chat_model
 
@@ -86,12 +116,16 @@ class Constitution:
         if check["checkpoint"] not in self._models:
             self._models[check["checkpoint"]] = load_chat_model(check["checkpoint"], device=self.device)
         model, tokenizer = self._models[check["checkpoint"]]
-        requests = [critique_request(principle, prompt, reply, tokenizer) for prompt, reply in zip(prompts, replies)]
+        requests = [
+            critique_request(principle, prompt, reply, tokenizer) for prompt, reply in zip(prompts, replies)
+        ]
         if not requests:
             return []
         max_tokens = min(check["max_tokens"], model.config.block_size - 1)
-        texts = [without_special_tokens(r["text"], tokenizer).strip()
-                 for r in generate_replies(model, tokenizer, requests, max_tokens)]
+        texts = [
+            without_special_tokens(r["text"], tokenizer).strip()
+            for r in generate_replies(model, tokenizer, requests, max_tokens)
+        ]
         word = check["pass"].lower()
         firsts = [re.search(r"\w+", t) for t in texts]  # the first word, after any punctuation
         verdicts = [m is not None and m.group().lower() == word for m in firsts]
@@ -103,17 +137,21 @@ def without_special_tokens(text: str, tokenizer=None) -> str:
     a model samples them as ordinary tokens where the chat template refuses them as content."""
     from scratchlm.tokenizers.chat import CHAT_TOKENS, ENDOFTEXT
 
-    for name in sorted({*CHAT_TOKENS, ENDOFTEXT, *(getattr(tokenizer, "special_tokens", None) or ())}, key=len,
-                       reverse=True):
+    for name in sorted(
+        {*CHAT_TOKENS, ENDOFTEXT, *(getattr(tokenizer, "special_tokens", None) or ())}, key=len, reverse=True
+    ):
         text = text.replace(name, "")
     return text
 
 
 def critique_request(principle: Principle, prompt: list[dict], reply: str, tokenizer) -> list[dict]:
     """What a model critic is asked: the conversation, the reply, then the principle (one user message)."""
-    conversation = "\n".join(f"{m['role']}: {without_special_tokens(m['content'], tokenizer)}" for m in prompt)
-    text = CRITIQUE_REQUEST.format(conversation=conversation, reply=without_special_tokens(reply, tokenizer),
-                                   principle=principle.text)
+    conversation = "\n".join(
+        f"{m['role']}: {without_special_tokens(m['content'], tokenizer)}" for m in prompt
+    )
+    text = CRITIQUE_REQUEST.format(
+        conversation=conversation, reply=without_special_tokens(reply, tokenizer), principle=principle.text
+    )
     return [{"role": "user", "content": speakable(text, tokenizer)}]
 
 
@@ -143,7 +181,9 @@ def load_scorer(spec: str) -> Scorer:
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"scorer {spec!r}: cannot import it ({e}); the module must be importable (on PYTHONPATH)") from None
+        raise ValueError(
+            f"scorer {spec!r}: cannot import it ({e}); the module must be importable (on PYTHONPATH)"
+        ) from None
     if not callable(fn):
         raise ValueError(f"scorer {spec!r} is not a function (expected (prompt messages, reply) -> float)")
     return fn
@@ -173,8 +213,10 @@ class RewardScorer:
         self.reward_model = load_reward_model(folder, pick_device(device))
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         weights = ((state.get("files") or {}).get("model.safetensors") or {}).get("sha256")
-        self.identity = {"reward_model": str(folder),
-                         "model_sha256": weights or sha256_file(folder / "model.safetensors")}
+        self.identity = {
+            "reward_model": str(folder),
+            "model_sha256": weights or sha256_file(folder / "model.safetensors"),
+        }
 
     def batch(self, prompts: list[list[dict]], replies: list[str]) -> list[float]:
         return [float(v) for v in self.reward_model(prompts, replies)]

@@ -20,7 +20,12 @@ from pathlib import Path
 
 from scratchlm.config import Rule
 
-_LENGTH_KINDS = {"max_chars": "characters", "min_chars": "characters", "max_words": "words", "min_words": "words"}
+_LENGTH_KINDS = {
+    "max_chars": "characters",
+    "min_chars": "characters",
+    "max_words": "words",
+    "min_words": "words",
+}
 
 
 def _compiles(pattern: str) -> bool:
@@ -35,23 +40,46 @@ def _compiles(pattern: str) -> bool:
 _FIELDS = {
     **{kind: {"limit": (Rule(type=int, min=0), ...)} for kind in _LENGTH_KINDS},
     "forbidden_words": {
-        "words": (Rule(type=list, test=lambda v: bool(v) and all(isinstance(w, str) and w.strip() for w in v),
-                       expected="a non-empty list of non-empty strings"), ...),
-        "case_sensitive": (Rule(type=bool), False)},
+        "words": (
+            Rule(
+                type=list,
+                test=lambda v: bool(v) and all(isinstance(w, str) and w.strip() for w in v),
+                expected="a non-empty list of non-empty strings",
+            ),
+            ...,
+        ),
+        "case_sensitive": (Rule(type=bool), False),
+    },
     "regex": {
         "pattern": (Rule(type=str, test=_compiles, expected="a regular expression (a string)"), ...),
-        "mode": (Rule(choices=("fullmatch", "search", "absent"),
-                      expected='"fullmatch" (the whole reply), "search" (somewhere in it) or "absent" (nowhere in it)'),
-                 "fullmatch"),
-        "hint": (Rule(type=str, expected="a string (the critique when the reply does not conform)"), None)},
+        "mode": (
+            Rule(
+                choices=("fullmatch", "search", "absent"),
+                expected='"fullmatch" (the whole reply), "search" (somewhere in it) or "absent" (nowhere in it)',
+            ),
+            "fullmatch",
+        ),
+        "hint": (Rule(type=str, expected="a string (the critique when the reply does not conform)"), None),
+    },
     "model": {
-        "checkpoint": (Rule(type=str, expected="a checkpoint folder (default: the starting checkpoint)"), None),
-        "pass": (Rule(type=str, test=lambda v: re.fullmatch(r"\w+", v) is not None,
-                      expected="one word (letters, digits, _) the critique must start with to pass"), "yes"),
-        "max_tokens": (Rule(type=int, min=1), 16)},
+        "checkpoint": (
+            Rule(type=str, expected="a checkpoint folder (default: the starting checkpoint)"),
+            None,
+        ),
+        "pass": (
+            Rule(
+                type=str,
+                test=lambda v: re.fullmatch(r"\w+", v) is not None,
+                expected="one word (letters, digits, _) the critique must start with to pass",
+            ),
+            "yes",
+        ),
+        "max_tokens": (Rule(type=int, min=1), 16),
+    },
     "scorer": {
         "name": (Rule(type=str, test=bool, expected="the name of a scorer given to the run"), ...),
-        "threshold": (Rule(type=float, expected="a number (the reply passes at a score >= threshold)"), 0.0)},
+        "threshold": (Rule(type=float, expected="a number (the reply passes at a score >= threshold)"), 0.0),
+    },
 }
 
 
@@ -73,7 +101,7 @@ def parse_principles(data, where: str = "principles") -> list[Principle]:
     for i, p in enumerate(data):
         at = f"{where}: principle {i}"
         if not isinstance(p, dict):
-            raise ValueError(f"{at}: expected an object {{\"name\", \"text\", \"check\"}}, got {_short(p)}")
+            raise ValueError(f'{at}: expected an object {{"name", "text", "check"}}, got {_short(p)}')
         if set(p) - {"name", "text", "check"} or not {"name", "text", "check"} <= set(p):
             raise ValueError(f"{at}: expected exactly the keys name, text and check, got {sorted(p)}")
         name, text, check = p["name"], p["text"], p["check"]
@@ -81,17 +109,25 @@ def parse_principles(data, where: str = "principles") -> list[Principle]:
             raise ValueError(f"{at}: name must be a word (letters, digits, _ . -), got {_short(name)}")
         at = f"{where}: principle {i} ({name!r})"
         if name in names:
-            raise ValueError(f"{at}: the name is used twice; names must be unique (results are reported by name)")
+            raise ValueError(
+                f"{at}: the name is used twice; names must be unique (results are reported by name)"
+            )
         names.add(name)
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{at}: text must be a non-empty string (the principle in words), got {_short(text)}")
+            raise ValueError(
+                f"{at}: text must be a non-empty string (the principle in words), got {_short(text)}"
+            )
         if not isinstance(check, dict) or check.get("kind") not in _FIELDS:
             kind = check.get("kind") if isinstance(check, dict) else check
-            raise ValueError(f"{at}: check must be an object with a kind among {sorted(_FIELDS)}, got kind {_short(kind)}")
+            raise ValueError(
+                f"{at}: check must be an object with a kind among {sorted(_FIELDS)}, got kind {_short(kind)}"
+            )
         fields = _FIELDS[check["kind"]]
         unknown = sorted(set(check) - set(fields) - {"kind"})
         if unknown:
-            raise ValueError(f"{at}: check kind {check['kind']!r} has no field(s) {unknown}; its fields: {sorted(fields)}")
+            raise ValueError(
+                f"{at}: check kind {check['kind']!r} has no field(s) {unknown}; its fields: {sorted(fields)}"
+            )
         filled = {"kind": check["kind"]}
         for key, (rule, default) in fields.items():
             if key not in check:
@@ -145,7 +181,9 @@ class Evaluation:
     @property
     def key(self) -> tuple[int, float]:
         """Larger is better: (rules satisfied, the end of turn counting as one; total score)."""
-        return sum(c.satisfied for c in self.critiques) + self.ended, round(sum(c.score for c in self.critiques), 9)
+        return sum(c.satisfied for c in self.critiques) + self.ended, round(
+            sum(c.score for c in self.critiques), 9
+        )
 
 
 def _word_pattern(word: str) -> str:
@@ -167,11 +205,18 @@ def check_reply(check: dict, reply: str) -> Critique:
         if kind.startswith("max"):
             ok, score, text = n <= limit, (limit / n if n else 1.0), f"it has {n} {unit}, more than {limit}"
         else:
-            ok, score, text = n >= limit, (n / limit if limit else 1.0), f"it has {n} {unit}, fewer than {limit}"
+            ok, score, text = (
+                n >= limit,
+                (n / limit if limit else 1.0),
+                f"it has {n} {unit}, fewer than {limit}",
+            )
         return Critique(ok, 1.0 if ok else score, "" if ok else text)
     if kind == "forbidden_words":
-        fold = (lambda t: unicodedata.normalize("NFC", t)) if check["case_sensitive"] else \
-            (lambda t: unicodedata.normalize("NFC", t).casefold())  # noqa: E731
+        fold = (
+            (lambda t: unicodedata.normalize("NFC", t))
+            if check["case_sensitive"]
+            else (lambda t: unicodedata.normalize("NFC", t).casefold())
+        )  # noqa: E731
         text = fold(reply)
         hits = {w: len(re.findall(_word_pattern(fold(w)), text)) for w in check["words"]}
         found = [w for w, n in hits.items() if n]
@@ -181,7 +226,12 @@ def check_reply(check: dict, reply: str) -> Critique:
         pattern, mode = check["pattern"], check["mode"]
         hit = re.fullmatch(pattern, reply) if mode == "fullmatch" else re.search(pattern, reply)
         ok = bool(hit) if mode != "absent" else not hit
-        why = check["hint"] or ("its form is wrong" if mode == "fullmatch" else
-                                "it lacks what it must have" if mode == "search" else "it has what it must not")
+        why = check["hint"] or (
+            "its form is wrong"
+            if mode == "fullmatch"
+            else "it lacks what it must have"
+            if mode == "search"
+            else "it has what it must not"
+        )
         return Critique(ok, float(ok), "" if ok else why)
     raise ValueError(f"check kind {kind!r} is not programmatic (model and scorer checks need a Constitution)")

@@ -37,8 +37,14 @@ from typing import ClassVar
 import torch
 
 from scratchlm.config import Rule
-from scratchlm.posttrain.rl.losses import (clipped_surrogate, group_advantages, kl_k3, masked_mean, token_entropy,
-                                           token_logps)
+from scratchlm.posttrain.rl.losses import (
+    clipped_surrogate,
+    group_advantages,
+    kl_k3,
+    masked_mean,
+    token_entropy,
+    token_logps,
+)
 from scratchlm.posttrain.rl.trainer import RL_RULES, RLConfig, RLTrainer, rl_train_config
 from scratchlm.train.trainer import run_trainer
 
@@ -50,14 +56,19 @@ class GRPOConfig(RLConfig):
     scale_rewards: bool = True  # divide by the group's reward std (False: Dr. GRPO)
 
     SECTION: ClassVar[str] = "grpo"
-    RULES: ClassVar[dict] = {**RL_RULES, "samples_per_prompt": Rule(min=2, why="a group needs 2 replies to compare")}
+    RULES: ClassVar[dict] = {
+        **RL_RULES,
+        "samples_per_prompt": Rule(min=2, why="a group needs 2 replies to compare"),
+    }
 
 
 class GRPOTrainer(RLTrainer):
     method = "grpo"
 
     def _advantages(self, rewards, mask, old_logps, ref_logps, values):
-        advantages, stats = group_advantages(rewards, self.settings.samples_per_prompt, self.settings.scale_rewards)
+        advantages, stats = group_advantages(
+            rewards, self.settings.samples_per_prompt, self.settings.scale_rewards
+        )
         zeros = torch.zeros_like(mask)
         return advantages[:, None] * mask, zeros, stats
 
@@ -76,10 +87,20 @@ class GRPOTrainer(RLTrainer):
         return losses, {("clip_ratio" if k == "clipfrac" else k): v for k, v in stats.items()}
 
 
-def grpo(grpo_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
-         overwrite: bool = False, reward_fn=None) -> dict:
+def grpo(
+    grpo_config: dict,
+    train_config: dict,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    reward_fn=None,
+) -> dict:
     """GRPO from ``grpo_config["base"]`` (an SFT model) on prompts with answers."""
     gcfg = GRPOConfig.from_dict(grpo_config)
     cfg = rl_train_config(train_config)
-    return run_trainer(lambda: GRPOTrainer(gcfg, cfg, reward_fn=reward_fn, resume=resume,
-                                         progress=progress, overwrite=overwrite))
+    return run_trainer(
+        lambda: GRPOTrainer(
+            gcfg, cfg, reward_fn=reward_fn, resume=resume, progress=progress, overwrite=overwrite
+        )
+    )

@@ -66,10 +66,12 @@ def clipped_surrogate(logps, old_logps, advantages, mask, clip: float) -> tuple[
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
     losses = torch.maximum(unclipped, clipped) * mask
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "ratio": masked_mean(ratio, mask),
-                 "ratio_max_deviation": ((ratio - 1).abs() * mask).max(),
-                 "approxkl": masked_mean(0.5 * (logps - old_logps) ** 2, mask)}
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "ratio": masked_mean(ratio, mask),
+            "ratio_max_deviation": ((ratio - 1).abs() * mask).max(),
+            "approxkl": masked_mean(0.5 * (logps - old_logps) ** 2, mask),
+        }
     return losses, stats
 
 
@@ -105,6 +107,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     advantages = r - r.mean(dim=1, keepdim=True)
     if scale:
         advantages = advantages / (std + 1e-4)
-    stats = {"reward": r.mean().item(), "reward_std": std.mean().item(),
-             "frac_reward_zero_std": (std < 1e-6).float().mean().item()}
+    stats = {
+        "reward": r.mean().item(),
+        "reward_std": std.mean().item(),
+        "frac_reward_zero_std": (std < 1e-6).float().mean().item(),
+    }
     return advantages.view(-1), stats

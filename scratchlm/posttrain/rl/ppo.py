@@ -45,14 +45,24 @@ from typing import ClassVar
 import torch
 
 from scratchlm.config import Rule
-from scratchlm.posttrain.rl.losses import clipped_surrogate, gae, kl_k1, masked_mean, token_entropy, token_logps, whiten
+from scratchlm.posttrain.rl.losses import (
+    clipped_surrogate,
+    gae,
+    kl_k1,
+    masked_mean,
+    token_entropy,
+    token_logps,
+    whiten,
+)
 from scratchlm.posttrain.rl.trainer import RL_RULES, RLConfig, RLTrainer, rl_train_config
 from scratchlm.train.trainer import run_trainer
 
 
 @dataclass
 class PPOConfig(RLConfig):
-    reward_model: str | None = None  # a `scratchlm reward-model` checkpoint; None: the prompts' answers verify
+    reward_model: str | None = (
+        None  # a `scratchlm reward-model` checkpoint; None: the prompts' answers verify
+    )
     epochs: int = 4  # PPO epochs per rollout
     gamma: float = 1.0
     lam: float = 0.95  # GAE's λ
@@ -61,8 +71,13 @@ class PPOConfig(RLConfig):
     whiten_advantages: bool = True
 
     SECTION: ClassVar[str] = "ppo"
-    RULES: ClassVar[dict] = {**RL_RULES, "gamma": Rule(min=0, max=1), "lam": Rule(min=0, max=1),
-                             "vf_coef": Rule(min=0), "value_clip": Rule(above=0)}
+    RULES: ClassVar[dict] = {
+        **RL_RULES,
+        "gamma": Rule(min=0, max=1),
+        "lam": Rule(min=0, max=1),
+        "vf_coef": Rule(min=0),
+        "value_clip": Rule(above=0),
+    }
 
 
 class PPOTrainer(RLTrainer):
@@ -98,23 +113,31 @@ class PPOTrainer(RLTrainer):
         def load():
             rm = load_reward_model(self.settings.reward_model, device=self.device)
             if rm.tokenizer.fingerprint != self.tokenizer.fingerprint:
-                raise ValueError(f"the reward model {self.settings.reward_model} reads another tokenizer than the policy: "
-                                 "train it from the same base (or SFT model) as the policy")
+                raise ValueError(
+                    f"the reward model {self.settings.reward_model} reads another tokenizer than the policy: "
+                    "train it from the same base (or SFT model) as the policy"
+                )
             if rm.model.config.block_size < self.model_config.block_size:
-                raise ValueError(f"the reward model's context ({rm.model.config.block_size}) is shorter than the "
-                                 f"policy's ({self.model_config.block_size}): it could not read every reply")
+                raise ValueError(
+                    f"the reward model's context ({rm.model.config.block_size}) is shorter than the "
+                    f"policy's ({self.model_config.block_size}): it could not read every reply"
+                )
             return rm
 
         self.reward_model = self._on_every_rank_then_agree(load, "the reward model cannot be used")
         files = read_state(self.settings.reward_model)["files"]  # the network and its head, both pinned
-        self.reward_model_sha256 = "+".join(files[name]["sha256"] for name in ("model.safetensors", HEAD_FILE))
+        self.reward_model_sha256 = "+".join(
+            files[name]["sha256"] for name in ("model.safetensors", HEAD_FILE)
+        )
 
     def _check_resumable(self) -> dict:
         state = super()._check_resumable()
         recorded = (state.get(self.method) or {}).get("reward_model_sha256")
         if recorded != self.reward_model_sha256:
-            raise ValueError(f"the reward model {self.settings.reward_model} is not the one this run started with (its "
-                             "weights' sha256 differs): resume with the same --reward-model")
+            raise ValueError(
+                f"the reward model {self.settings.reward_model} is not the one this run started with (its "
+                "weights' sha256 differs): resume with the same --reward-model"
+            )
         return state
 
     def _state_dict(self, rng_by_rank: list[dict]) -> dict:
@@ -134,14 +157,19 @@ class PPOTrainer(RLTrainer):
         rl = self.settings
         kl = kl_k1(old_logps, ref_logps, mask)
         per_token = -rl.kl_coef * kl
-        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=-1)  # each reply's final token
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(
+            dim=-1
+        )  # each reply's final token
         per_token[torch.arange(mask.shape[0], device=mask.device), last] += rewards
         advantages, returns = gae(per_token, values, mask, rl.gamma, rl.lam)
         if rl.whiten_advantages:
             advantages = whiten(advantages, mask)
         kl_sum = kl.sum(-1)
-        stats = {"objective/scores": rewards.mean().item(), "objective/kl": kl_sum.mean().item(),
-                 "objective/rlhf_reward": (rewards - rl.kl_coef * kl_sum).mean().item()}
+        stats = {
+            "objective/scores": rewards.mean().item(),
+            "objective/kl": kl_sum.mean().item(),
+            "objective/rlhf_reward": (rewards - rl.kl_coef * kl_sum).mean().item(),
+        }
         return advantages, returns, stats
 
     def _objective(self, logits, hidden, batch):
@@ -149,22 +177,39 @@ class PPOTrainer(RLTrainer):
         logps = token_logps(logits, y)
         policy_losses, stats = clipped_surrogate(logps, old_logps, advantages, mask, self.settings.clip)
         values = self._value(hidden)
-        clipped = old_values + torch.clamp(values - old_values, -self.settings.value_clip, self.settings.value_clip)
+        clipped = old_values + torch.clamp(
+            values - old_values, -self.settings.value_clip, self.settings.value_clip
+        )
         losses, losses_clipped = (values - returns) ** 2, (clipped - returns) ** 2
         value_losses = 0.5 * torch.maximum(losses, losses_clipped) * mask
         with torch.no_grad():  # as TRL names them
-            out = {"policy/clipfrac_avg": stats["clipfrac"], "policy/approxkl_avg": stats["approxkl"],
-                   "val/ratio": stats["ratio"], "policy/ratio_max_deviation": stats["ratio_max_deviation"],
-                   "policy/entropy_avg": masked_mean(token_entropy(logits), mask),
-                   "loss/policy_avg": masked_mean(policy_losses, mask), "loss/value_avg": masked_mean(value_losses, mask),
-                   "val/clipfrac_avg": masked_mean((losses_clipped > losses).float(), mask)}
+            out = {
+                "policy/clipfrac_avg": stats["clipfrac"],
+                "policy/approxkl_avg": stats["approxkl"],
+                "val/ratio": stats["ratio"],
+                "policy/ratio_max_deviation": stats["ratio_max_deviation"],
+                "policy/entropy_avg": masked_mean(token_entropy(logits), mask),
+                "loss/policy_avg": masked_mean(policy_losses, mask),
+                "loss/value_avg": masked_mean(value_losses, mask),
+                "val/clipfrac_avg": masked_mean((losses_clipped > losses).float(), mask),
+            }
         return policy_losses + self.settings.vf_coef * value_losses, out
 
 
-def ppo(ppo_config: dict, train_config: dict, *, resume: bool = False, progress: bool = True,
-        overwrite: bool = False, reward_fn=None) -> dict:
+def ppo(
+    ppo_config: dict,
+    train_config: dict,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    reward_fn=None,
+) -> dict:
     """PPO from ``ppo_config["base"]`` (an SFT model) with a reward model or the prompts' answers."""
     pcfg = PPOConfig.from_dict(ppo_config)
     cfg = rl_train_config(train_config)
-    return run_trainer(lambda: PPOTrainer(pcfg, cfg, reward_fn=reward_fn, resume=resume,
-                                        progress=progress, overwrite=overwrite))
+    return run_trainer(
+        lambda: PPOTrainer(
+            pcfg, cfg, reward_fn=reward_fn, resume=resume, progress=progress, overwrite=overwrite
+        )
+    )

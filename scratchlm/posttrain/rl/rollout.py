@@ -64,7 +64,9 @@ class RolloutLoader:
     def get_batch(self):
         if self.rollout is None or self.cursor >= len(self.order):
             self.rollout = self.make_rollout(self.generator)
-            self.order = torch.cat([torch.randperm(self.size, generator=self.generator) for _ in range(self.epochs)])
+            self.order = torch.cat(
+                [torch.randperm(self.size, generator=self.generator) for _ in range(self.epochs)]
+            )
             self.cursor = 0
         index = self.order[self.cursor : self.cursor + self.batch_size]
         self.epoch = self.cursor // self.size
@@ -78,7 +80,9 @@ class RolloutLoader:
         tensors = {f: getattr(r, f).detach().cpu().contiguous() for f in Rollout.FIELDS}
         tensors["order"] = self.order.clone()
         tensors["position"] = torch.tensor([self.cursor])
-        tensors["metric_values"] = torch.tensor([r.metrics[k] for k in sorted(r.metrics)], dtype=torch.float64)
+        tensors["metric_values"] = torch.tensor(
+            [r.metrics[k] for k in sorted(r.metrics)], dtype=torch.float64
+        )
         return {"tensors": tensors, "metric_names": sorted(r.metrics)}
 
     def load(self, saved: dict) -> None:
@@ -97,8 +101,12 @@ def rollout_file(states: list[dict | None]) -> bytes | None:
     if not all(s is not None for s in states):
         return None
     tensors = {f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s["tensors"].items()}
-    meta = {"format": "scratchlm.rollouts", "version": "1", "world_size": str(len(states)),
-            "metric_names": json.dumps(states[0]["metric_names"])}
+    meta = {
+        "format": "scratchlm.rollouts",
+        "version": "1",
+        "world_size": str(len(states)),
+        "metric_names": json.dumps(states[0]["metric_names"]),
+    }
     return save(tensors, metadata=meta)
 
 
@@ -114,20 +122,31 @@ def read_rollout_file(folder: Path, rank: int, world_size: int, log) -> dict | N
     with safe_open(str(folder / ROLLOUT_FILE), "pt") as f:
         meta = f.metadata()
     if int(meta["world_size"]) != world_size:
-        log(f"warning: {folder} holds the rollouts of {meta['world_size']} process(es), this run has "
-            f"{world_size}: the current rollout is dropped and a new one made")
+        log(
+            f"warning: {folder} holds the rollouts of {meta['world_size']} process(es), this run has "
+            f"{world_size}: the current rollout is dropped and a new one made"
+        )
         return None
     prefix = f"rank{rank}."
-    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     return {"tensors": mine, "metric_names": json.loads(meta["metric_names"])}
 
 
-def sample_replies(policy, tokenizer, prompts: list, samples_per_prompt: int, max_new_tokens: int,
-                   temperature: float, generator: torch.Generator) -> tuple[list, list]:
+def sample_replies(
+    policy,
+    tokenizer,
+    prompts: list,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+) -> tuple[list, list]:
     """``samples_per_prompt`` sampled replies per prompt (:class:`~scratchlm.posttrain.data.PromptWithAnswer`)
     through the inference engine, each with its own seed drawn from ``generator``:
     [(token ids, text, ended)], and the prompts' ids."""
     messages = [p.prompt for p in prompts for _ in range(samples_per_prompt)]
     seeds = torch.randint(2**62, (len(messages),), generator=generator).tolist()
-    outs = chat.generate_replies(policy, tokenizer, messages, max_new_tokens, temperature=temperature, seeds=seeds)
+    outs = chat.generate_replies(
+        policy, tokenizer, messages, max_new_tokens, temperature=temperature, seeds=seeds
+    )
     return [(o["token_ids"], o["text"], o["ended"]) for o in outs], [o["prompt_ids"] for o in outs]

@@ -46,15 +46,27 @@ from scratchlm.config import Rule
 from scratchlm.posttrain.base import CHAT_RULES, ChatConfig, ChatTrainer, collate
 from scratchlm.posttrain.data import load_prompts
 from scratchlm.posttrain.rl.losses import sampling_logits, token_logps
-from scratchlm.posttrain.rl.rollout import (ROLLOUT_FILE, Rollout, RolloutLoader, read_rollout_file, rollout_file,
-                                            sample_replies)
+from scratchlm.posttrain.rl.rollout import (
+    ROLLOUT_FILE,
+    Rollout,
+    RolloutLoader,
+    read_rollout_file,
+    rollout_file,
+    sample_replies,
+)
 from scratchlm.serve import chat
 
-RL_RULES = {**CHAT_RULES, "prompts_per_rollout": Rule(min=1), "samples_per_prompt": Rule(min=1),
-            "max_new_tokens": Rule(min=1),
-            "temperature": Rule(min=1e-5, why="RL must sample (the engine is greedy below 1e-5)"),
-            "epochs": Rule(min=1), "clip": Rule(above=0, below=1), "kl_coef": Rule(min=0),
-            "missing_end_penalty": Rule(min=0)}
+RL_RULES = {
+    **CHAT_RULES,
+    "prompts_per_rollout": Rule(min=1),
+    "samples_per_prompt": Rule(min=1),
+    "max_new_tokens": Rule(min=1),
+    "temperature": Rule(min=1e-5, why="RL must sample (the engine is greedy below 1e-5)"),
+    "epochs": Rule(min=1),
+    "clip": Rule(above=0, below=1),
+    "kl_coef": Rule(min=0),
+    "missing_end_penalty": Rule(min=0),
+}
 
 
 @dataclass
@@ -121,12 +133,15 @@ class RLTrainer(ChatTrainer):
         if rl.packing:
             raise ValueError(f"{rl.SECTION}.packing is an SFT option")
         if (rl.rollout_size % (cfg.batch_size * cfg.grad_accum)) != 0:
-            raise ValueError(f"a rollout of {rl.prompts_per_rollout} prompts x {rl.samples_per_prompt} samples = "
-                             f"{rl.rollout_size} replies must split into optimizer steps of batch_size x grad_accum "
-                             f"= {cfg.batch_size * cfg.grad_accum}: change one of them")
+            raise ValueError(
+                f"a rollout of {rl.prompts_per_rollout} prompts x {rl.samples_per_prompt} samples = "
+                f"{rl.rollout_size} replies must split into optimizer steps of batch_size x grad_accum "
+                f"= {cfg.batch_size * cfg.grad_accum}: change one of them"
+            )
         need = self.needs_answers
-        train, val = self._load_items(lambda path, skip: load_prompts(path, skip, require_answer=need),
-                                      lambda p: p.prompt)
+        train, val = self._load_items(
+            lambda path, skip: load_prompts(path, skip, require_answer=need), lambda p: p.prompt
+        )
         context = self.model_config.block_size
         self.eval_max_tokens = rl.max_new_tokens
         if rl.max_new_tokens >= context:
@@ -134,12 +149,18 @@ class RLTrainer(ChatTrainer):
         self.train_prompts = [p for p in train if self._fits(p)]
         self.val_prompts = [p for p in val if self._fits(p)][: cfg.eval_windows]
         if len(self.train_prompts) < len(train):
-            self.log(f"dropped {len(train) - len(self.train_prompts)} prompts that leave fewer than max_new_tokens "
-                     f"({rl.max_new_tokens}) positions of the context ({context}) for a reply")
+            self.log(
+                f"dropped {len(train) - len(self.train_prompts)} prompts that leave fewer than max_new_tokens "
+                f"({rl.max_new_tokens}) positions of the context ({context}) for a reply"
+            )
         if not self.train_prompts or not self.val_prompts:
-            raise ValueError("no training or no held-out prompt fits the context with max_new_tokens: give "
-                             f"{rl.SECTION}.val_data, shorter prompts, or a smaller max_new_tokens")
-        self.val_conversations = [p.prompt + [{"role": "assistant", "content": p.answer or ""}] for p in self.val_prompts]
+            raise ValueError(
+                "no training or no held-out prompt fits the context with max_new_tokens: give "
+                f"{rl.SECTION}.val_data, shorter prompts, or a smaller max_new_tokens"
+            )
+        self.val_conversations = [
+            p.prompt + [{"role": "assistant", "content": p.answer or ""}] for p in self.val_prompts
+        ]
 
     def _fits(self, prompt) -> bool:
         """Whether a prompt leaves max_new_tokens positions of the context; one the template refuses
@@ -174,8 +195,14 @@ class RLTrainer(ChatTrainer):
         self.rollout_policy = copy.deepcopy(model).eval().requires_grad_(False) if sharded else None
         if self.has_value_head:
             add_scalar_head(model, "value_head", zero=True)
-        self.train_loader = RolloutLoader(self._make_rollout, self.settings.rollout_size, self.cfg.batch_size,
-                                          self.settings.epochs, self.cfg.seed + self.rank, self.device)
+        self.train_loader = RolloutLoader(
+            self._make_rollout,
+            self.settings.rollout_size,
+            self.cfg.batch_size,
+            self.settings.epochs,
+            self.cfg.seed + self.rank,
+            self.device,
+        )
         return model
 
     def _check_resumable(self) -> dict:
@@ -204,7 +231,10 @@ class RLTrainer(ChatTrainer):
         policy's structure fails here, naming what differs, instead of sampling stale weights."""
         if self.rollout_policy is None:
             return
-        targets = {**dict(self.rollout_policy.named_parameters()), **dict(self.rollout_policy.named_buffers())}
+        targets = {
+            **dict(self.rollout_policy.named_parameters()),
+            **dict(self.rollout_policy.named_buffers()),
+        }
         # Buffers are never sharded; some change in training (MoE's balancing bias).
         sources = [*self.model.named_parameters(), *self.model.named_buffers()]
         written, unknown = set(), []
@@ -218,8 +248,10 @@ class RLTrainer(ChatTrainer):
             written.add(name)
         missing = sorted(set(targets) - written)
         if missing or unknown:
-            raise RuntimeError(f"the policy and its copy for the engine differ: the copy's {missing[:5]} were not "
-                               f"written, the policy's {unknown[:5]} have no place in the copy")
+            raise RuntimeError(
+                f"the policy and its copy for the engine differ: the copy's {missing[:5]} were not "
+                f"written, the policy's {unknown[:5]} have no place in the copy"
+            )
 
     def _logits(self, model, x: torch.Tensor, hidden: bool = False):
         """The sampling distribution's logits (and the final hidden states)."""
@@ -243,27 +275,42 @@ class RLTrainer(ChatTrainer):
         padded to their own longest row, so their memory use differs (padding them all to one
         length would change the results' rounding)."""
         self._gather_policy()
-        batch = self._on_every_rank_then_agree(lambda: self._collate_rollout(*self._sample_and_score(generator)),
-                                               "a rollout failed")
+        batch = self._on_every_rank_then_agree(
+            lambda: self._collate_rollout(*self._sample_and_score(generator)), "a rollout failed"
+        )
         logps = self._rollout_logps(*batch[:3])
-        return self._on_every_rank_then_agree(lambda: self._finish_rollout(*batch, *logps), "a rollout failed")
+        return self._on_every_rank_then_agree(
+            lambda: self._finish_rollout(*batch, *logps), "a rollout failed"
+        )
 
     @torch.no_grad()
     def _sample_and_score(self, generator: torch.Generator):
         """(prompts' ids, sampled replies, rewards): ``samples_per_prompt`` replies to each of
         ``prompts_per_rollout`` prompts drawn with ``generator``, and their rewards."""
         rl = self.settings
-        picks = torch.randint(len(self.train_prompts), (rl.prompts_per_rollout,), generator=generator).tolist()
+        picks = torch.randint(
+            len(self.train_prompts), (rl.prompts_per_rollout,), generator=generator
+        ).tolist()
         prompts = [self.train_prompts[i] for i in picks]
-        replies, prompt_ids = sample_replies(self.engine_policy, self.tokenizer, prompts, rl.samples_per_prompt,
-                                             rl.max_new_tokens, rl.temperature, generator)
+        replies, prompt_ids = sample_replies(
+            self.engine_policy,
+            self.tokenizer,
+            prompts,
+            rl.samples_per_prompt,
+            rl.max_new_tokens,
+            rl.temperature,
+            generator,
+        )
         expanded = [p for p in prompts for _ in range(rl.samples_per_prompt)]
-        rewards = self._rewards(expanded, [t for _, t, _ in replies],
-                                [p + r for p, (r, _, _) in zip(prompt_ids, replies)])
+        rewards = self._rewards(
+            expanded, [t for _, t, _ in replies], [p + r for p, (r, _, _) in zip(prompt_ids, replies)]
+        )
         if not torch.isfinite(rewards).all():
             bad = int((~torch.isfinite(rewards)).nonzero()[0, 0])
-            raise ValueError(f"the reward of a reply is {rewards[bad].item()} (prompt {expanded[bad].where}, reply "
-                             f"{replies[bad][1]!r}): rewards must be finite numbers")
+            raise ValueError(
+                f"the reward of a reply is {rewards[bad].item()} (prompt {expanded[bad].where}, reply "
+                f"{replies[bad][1]!r}): rewards must be finite numbers"
+            )
         return prompt_ids, replies, rewards
 
     def _collate_rollout(self, prompt_ids: list, replies: list, rewards: torch.Tensor) -> tuple:
@@ -290,7 +337,9 @@ class RLTrainer(ChatTrainer):
                     z, hidden = self._logits(self.model, x[part], hidden=True)
                     old_logps.append(token_logps(z, y[part]) * mask[part])
                     if self.reference is not None:
-                        ref_logps.append(token_logps(self._logits(self.reference, x[part]), y[part]) * mask[part])
+                        ref_logps.append(
+                            token_logps(self._logits(self.reference, x[part]), y[part]) * mask[part]
+                        )
                     if self.has_value_head:
                         values.append(self._value(hidden) * mask[part])
         finally:
@@ -303,12 +352,27 @@ class RLTrainer(ChatTrainer):
     @torch.no_grad()
     def _finish_rollout(self, x, y, mask, rewards, ended, old_logps, ref_logps, values) -> Rollout:
         """The advantages (method-specific) and the rollout's metrics; the rollout on the CPU."""
-        advantages, returns, metrics = self._advantages(rewards.to(self.device), mask, old_logps, ref_logps, values)
-        metrics.update({"completions/mean_length": mask.sum(-1).mean().item(),
-                        "completions/clipped_ratio": 1 - ended.mean().item()})
+        advantages, returns, metrics = self._advantages(
+            rewards.to(self.device), mask, old_logps, ref_logps, values
+        )
+        metrics.update(
+            {
+                "completions/mean_length": mask.sum(-1).mean().item(),
+                "completions/clipped_ratio": 1 - ended.mean().item(),
+            }
+        )
         cpu = lambda t: t.detach().float().cpu()  # noqa: E731
-        return Rollout(x.cpu(), y.cpu(), mask.cpu(), cpu(old_logps), cpu(ref_logps), cpu(advantages),
-                       cpu(returns), cpu(values), metrics)
+        return Rollout(
+            x.cpu(),
+            y.cpu(),
+            mask.cpu(),
+            cpu(old_logps),
+            cpu(ref_logps),
+            cpu(advantages),
+            cpu(returns),
+            cpu(values),
+            metrics,
+        )
 
     def _rewards(self, prompts: list, texts: list[str], ids: list[list[int]]) -> torch.Tensor:
         """Each reply's reward: ``reward_fn``'s, else the verifier's (1 exact, 0 not). ``ids`` are
@@ -316,7 +380,9 @@ class RLTrainer(ChatTrainer):
         score = self.reward_fn or (lambda p, t: p.reward(t))
         return torch.tensor([float(score(p, t)) for p, t in zip(prompts, texts)], dtype=torch.float32)
 
-    def _advantages(self, rewards, mask, old_logps, ref_logps, values) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _advantages(
+        self, rewards, mask, old_logps, ref_logps, values
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(advantages, returns, rollout metrics) from (N,) rewards and (N, T) per-token tensors."""
         raise NotImplementedError
 
@@ -342,8 +408,11 @@ class RLTrainer(ChatTrainer):
         token_losses, stats = self._objective(z, hidden, batch)
         rollout = self.train_loader.rollout
         device = z.device
-        self.step_extras = {**stats, **{k: torch.tensor(v, device=device) for k, v in rollout.metrics.items()},
-                            "epoch": torch.tensor(float(self.train_loader.epoch), device=device)}
+        self.step_extras = {
+            **stats,
+            **{k: torch.tensor(v, device=device) for k, v in rollout.metrics.items()},
+            "epoch": torch.tensor(float(self.train_loader.epoch), device=device),
+        }
         return self._per_token_mean(token_losses.sum())
 
     # --- evaluation -------------------------------------------------------------------------
@@ -360,11 +429,18 @@ class RLTrainer(ChatTrainer):
         self._gather_policy()  # every rank (a collective under FSDP); rank 0 then generates alone
 
         def work():
-            replies = chat.generate_replies(self.engine_policy, self.tokenizer, [p.prompt for p in self.val_prompts],
-                                       self.eval_max_tokens)
+            replies = chat.generate_replies(
+                self.engine_policy, self.tokenizer, [p.prompt for p in self.val_prompts], self.eval_max_tokens
+            )
             texts = [r["text"] for r in replies]
-            rewards = self._rewards(self.val_prompts, texts, [r["prompt_ids"] + r["token_ids"] for r in replies])
-            values[:3] = [-rewards.mean().item(), rewards.mean().item(), sum(r["ended"] for r in replies) / len(replies)]
+            rewards = self._rewards(
+                self.val_prompts, texts, [r["prompt_ids"] + r["token_ids"] for r in replies]
+            )
+            values[:3] = [
+                -rewards.mean().item(),
+                rewards.mean().item(),
+                sum(r["ended"] for r in replies) / len(replies),
+            ]
             if "val_exact_match" in names:
                 values[3] = sum(p.reward(t) for p, t in zip(self.val_prompts, texts)) / len(texts)
 
@@ -384,9 +460,12 @@ class RLTrainer(ChatTrainer):
 
         extras = super()._checkpoint_extras()
         if self.has_value_head:  # whole tensors (gathered under FSDP: every rank is here)
-            extras["files"]["value_head.safetensors"] = save(head_state(self.model.value_head),
-                                                             metadata={"format": "scratchlm.value-head", "version": "1"})
-        rollouts = rollout_file(self._gather(self.train_loader.state()))  # every rank's rollout, in rank order
+            extras["files"]["value_head.safetensors"] = save(
+                head_state(self.model.value_head), metadata={"format": "scratchlm.value-head", "version": "1"}
+            )
+        rollouts = rollout_file(
+            self._gather(self.train_loader.state())
+        )  # every rank's rollout, in rank order
         if rollouts is not None:
             extras["files"][ROLLOUT_FILE] = rollouts
         return extras
@@ -396,7 +475,9 @@ class RLTrainer(ChatTrainer):
         from scratchlm.posttrain.reward import _load_with_head
 
         if self.has_value_head:
-            _load_with_head(folder, self.model, "value_head", "value_head.safetensors", "scratchlm.value-head")
+            _load_with_head(
+                folder, self.model, "value_head", "value_head.safetensors", "scratchlm.value-head"
+            )
         else:
             load_weights(folder, self.model)
 
@@ -409,8 +490,17 @@ class RLTrainer(ChatTrainer):
 
 # The [train] defaults for RL where they differ from SFT's: no warmup (the policy starts trained),
 # a constant learning rate (min_lr = lr unless given), and an evaluation every 25 steps.
-RL_TRAIN_DEFAULTS = {"warmup_steps": 0, "weight_decay": 0.0, "eval_windows": 64, "sample_tokens": 1,
-                     "max_steps": 200, "eval_interval": 25, "batch_size": 16, "lr": 2e-5, "grad_clip": 1.0}
+RL_TRAIN_DEFAULTS = {
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "eval_windows": 64,
+    "sample_tokens": 1,
+    "max_steps": 200,
+    "eval_interval": 25,
+    "batch_size": 16,
+    "lr": 2e-5,
+    "grad_clip": 1.0,
+}
 
 
 def rl_train_config(train_config: dict):
