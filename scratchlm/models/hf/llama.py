@@ -17,7 +17,7 @@ from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.hf.common import cpu_state, inverse, rename, rope_theta
 
-# Hugging Face's tensor names -> ours; ``{}`` is the layer number. q, k, v: see fuse_qkv.
+# Hugging Face's tensor names -> ours; ``{}`` is the layer number. q, k, v: see qkv_from_hf.
 NAMES = {
     "model.embed_tokens.weight": "tok_emb.weight",
     "model.norm.weight": "norm_f.weight",
