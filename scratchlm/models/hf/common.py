@@ -3,8 +3,9 @@
 A family keeps its tensor names as one dict from Hugging Face's names to ours, with ``{}`` standing
 for the layer number (the template of torchtitan's ``state_dict_adapter.py``); :func:`rename`
 applies it in either direction, the other direction being the dict's inverse. Tensors that are not
-a plain rename (q, k, v fused into one projection, experts stacked, norms folded) are handled by
-named functions in the family's module.
+a plain rename are handled by named functions: experts stacked into one tensor per projection
+(:func:`stack_experts`, :func:`unstack_experts`, here because four families share them), and in the
+family's module q, k, v fused into one projection, RoPE rows permuted, norms folded.
 """
 
 from __future__ import annotations
@@ -18,23 +19,53 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 def inverse(names: dict[str, str]) -> dict[str, str]:
     """The name map the other way round (our names -> Hugging Face's)."""
-    return {ours: theirs for theirs, ours in names.items()}
+    flipped = {ours: theirs for theirs, ours in names.items()}
+    if len(flipped) != len(names):
+        raise ValueError("a name map must be one-to-one to be inverted")
+    return flipped
+
+
+def renamed(key: str, names: dict[str, str]) -> str | None:
+    """``key`` under the map (``{}`` carries the first layer number over), or None if the map
+    does not know it."""
+    if key in names:
+        return names[key]
+    layer = _LAYER.search(key)
+    if layer is not None:
+        pattern = key[: layer.start()] + ".{}." + key[layer.end() :]
+        if pattern in names:
+            return names[pattern].format(layer.group(1))
+    return None
 
 
 def rename(tensors: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The tensors whose names the map knows, renamed (``{}`` carries the first layer number over);
-    the others are left out for the family's own functions."""
-    out = {}
-    for key, value in tensors.items():
-        if key in names:
-            out[names[key]] = value
-            continue
-        layer = _LAYER.search(key)
-        if layer is not None:
-            pattern = key[: layer.start()] + ".{}." + key[layer.end() :]
-            if pattern in names:
-                out[names[pattern].format(layer.group(1))] = value
-    return out
+    """The tensors whose names the map knows, renamed; the others are left out for the family's
+    own functions."""
+    return {new: value for key, value in tensors.items() if (new := renamed(key, names)) is not None}
+
+
+# our stacked tensors: experts_gate (E, F, C), experts_up (E, F, C), experts_down (E, C, F)
+_OUR_EXPERTS = ("gate", "up", "down")
+
+
+def stack_experts(t: dict, theirs: str, ours: str, names: tuple[str, str, str],
+                  n: int) -> dict[str, torch.Tensor]:
+    """Our ``{ours}experts_gate/up/down`` from Hugging Face's experts under the prefix ``theirs``:
+    the per-expert tensors ``save_pretrained`` writes (``{theirs}experts.{e}.{name}.weight`` with
+    ``names`` the family's (gate, up, down)), or the fused in-memory layout of transformers 5.x
+    (``experts.gate_up_proj`` (E, 2F, C), gate rows first, and ``experts.down_proj``)."""
+    if theirs + "experts.gate_up_proj" in t:
+        gate, up = t[theirs + "experts.gate_up_proj"].chunk(2, dim=1)
+        return {ours + "experts_gate": gate.contiguous(), ours + "experts_up": up.contiguous(),
+                ours + "experts_down": t[theirs + "experts.down_proj"]}
+    return {f"{ours}experts_{p}": torch.stack([t[f"{theirs}experts.{e}.{name}.weight"] for e in range(n)])
+            for p, name in zip(_OUR_EXPERTS, names)}
+
+
+def unstack_experts(sd: dict, ours: str, theirs: str, names: tuple[str, str, str]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`stack_experts`, in the per-expert layout ``from_pretrained`` loads."""
+    return {f"{theirs}experts.{e}.{name}.weight": weight.contiguous()
+            for p, name in zip(_OUR_EXPERTS, names) for e, weight in enumerate(sd[f"{ours}experts_{p}"])}
 
 
 def cpu_state(model) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
 """Hugging Face interchange for DeepSeek-V2 and DeepSeek-V3: ``DeepseekV2ForCausalLM`` and
 ``DeepseekV3ForCausalLM``.
 
-Both are a stack of multi-head latent attention layers (:mod:`scratchlm.models.mla`) whose first
+Both are a stack of multi-head latent attention layers (:mod:`scratchlm.models.blocks.mla`) whose first
 ``first_k_dense_replace`` layers have a dense SwiGLU MLP and the rest a DeepSeekMoE layer
-(:mod:`scratchlm.models.moe`): our layer pattern ``["mla"] * k + ["mla+moe"] * (L - k)``.
+(:mod:`scratchlm.models.blocks.moe`): our layer pattern ``["mla"] * k + ["mla+moe"] * (L - k)``.
 
 How the two families differ, as ``transformers`` computes them (and so as we import them):
 
@@ -27,6 +27,9 @@ Three conventions worth knowing:
 * **Experts.** transformers fuses experts in memory but saves one key per expert
   (``mlp.experts.{e}.gate_proj.weight``); we stack them into ``experts_gate`` / ``experts_up`` /
   ``experts_down`` (E, F, C) / (E, C, F). A fused ``gate_up_proj`` is read too.
+
+Every other tensor is a rename, by the map :data:`NAMES` (and :data:`V3_NAMES` with V3's router
+bias); the export direction is its inverse.
 * **Multi-token prediction.** V3 checkpoints hold ``num_nextn_predict_layers`` extra layers after
   the last one (``model.layers.{L}...``): skipped here with a warning (MTP is imported elsewhere).
 
@@ -46,7 +49,7 @@ from scratchlm.models.blocks.mla import MLAConfig
 from scratchlm.models.blocks.moe import MoEConfig
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.models.hf.common import cpu_state
+from scratchlm.models.hf.common import cpu_state, inverse, rename, renamed, stack_experts, unstack_experts
 
 _FAMILY = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
@@ -139,57 +142,77 @@ def config_from_hf(hf: dict) -> GPTConfig:
 
 
 # --- tensors -----------------------------------------------------------------------------------
+# MLA's projections: (ours under blocks.{i}.attn., theirs under model.layers.{i}.self_attn.)
 _ATTN = [("q", "q_proj"), ("q_down", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("q_up", "q_b_proj"),
          ("kv_down", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("kv_up", "kv_b_proj"), ("proj", "o_proj")]
+_EXPERTS = ("gate_proj", "up_proj", "down_proj")
+# Hugging Face's names -> ours (``{}``: the layer). Irregular: the RoPE rows of q / q_up / kv_down
+# (_rope_rows), the experts (stack_experts), the routers in float32 (_routers).
+NAMES = {
+    "model.embed_tokens.weight": "tok_emb.weight",
+    "model.norm.weight": "norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{}.input_layernorm.weight": "blocks.{}.norm1.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.norm2.weight",
+    **{f"model.layers.{{}}.self_attn.{theirs}.weight": f"blocks.{{}}.attn.{ours}.weight"
+       for ours, theirs in _ATTN},
+    **{f"model.layers.{{}}.mlp.{p}_proj.weight": f"blocks.{{}}.mlp.{p}.weight"
+       for p in ("gate", "up", "down")},
+    "model.layers.{}.mlp.gate.weight": "blocks.{}.mlp.router.weight",
+    **{f"model.layers.{{}}.mlp.shared_experts.{p}_proj.weight": f"blocks.{{}}.mlp.shared.{p}.weight"
+       for p in ("gate", "up", "down")},
+}
+# V3's selection bias; V2 has none (its routers import with a zero one, and export refuses another).
+V3_NAMES = {**NAMES, "model.layers.{}.mlp.gate.e_score_correction_bias": "blocks.{}.mlp.router_bias"}
+
+
+def _rope_rows(sd: dict, c: GPTConfig, inverse: bool = False) -> dict:
+    """q / q_up / kv_down (our names) with their RoPE rows permuted: interleaved pairs -> rotate-half
+    pairs, or back with ``inverse``."""
+    m, out = c.mla, {}
+    nope, rope = m.qk_nope_head_dim, m.qk_rope_head_dim
+    for i in range(c.n_layer):
+        b = f"blocks.{i}.attn."
+        for name in ("q.weight", "q_up.weight"):
+            if b + name in sd:
+                out[b + name] = _permute_rope_rows(sd[b + name], c.n_head, nope, rope, inverse)
+        if b + "kv_down.weight" in sd:
+            out[b + "kv_down.weight"] = _permute_rope_rows(sd[b + "kv_down.weight"], 1, m.kv_lora_rank,
+                                                           m.qk_rope_head_dim, inverse)
+    return out
+
+
+def _moe_layer_numbers(c: GPTConfig) -> list[int]:
+    return [i for i, (_, mlp) in enumerate(c.layer_kinds()) if mlp == "moe"]
+
+
+def _routers(out: dict, c: GPTConfig) -> dict:
+    """Each MoE layer's router weight and selection bias in float32 (a V2 router: a zero bias)."""
+    routers = {}
+    for i in _moe_layer_numbers(c):
+        b = f"blocks.{i}.mlp."
+        routers[b + "router.weight"] = out[b + "router.weight"].float()
+        bias = out.get(b + "router_bias")
+        routers[b + "router_bias"] = bias.float() if bias is not None else torch.zeros(c.moe.n_experts)
+    return routers
 
 
 def from_hf(t: dict, c: GPTConfig) -> dict:
-    t = dict(t)
-    m, H = c.mla, c.n_head
-    out = {"tok_emb.weight": t.pop("model.embed_tokens.weight"), "norm_f.weight": t.pop("model.norm.weight")}
-    if "lm_head.weight" in t:
-        lm_head = t.pop("lm_head.weight")
-        if not c.tie_embeddings:
-            out["lm_head.weight"] = lm_head
-    for i, (_, mlp) in enumerate(c.layer_kinds()):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        out[b + "norm1.weight"] = t.pop(h + "input_layernorm.weight")
-        out[b + "norm2.weight"] = t.pop(h + "post_attention_layernorm.weight")
-        for ours, theirs in _ATTN:
-            key = h + f"self_attn.{theirs}.weight"
-            if key in t:
-                out[b + f"attn.{ours}.weight"] = t.pop(key)
-        for q in ("q", "q_up"):  # rope rows: interleaved pairs -> rotate-half pairs
-            if b + f"attn.{q}.weight" in out:
-                out[b + f"attn.{q}.weight"] = _permute_rope_rows(out[b + f"attn.{q}.weight"], H, m.qk_nope_head_dim, m.qk_rope_head_dim)
-        out[b + "attn.kv_down.weight"] = _permute_rope_rows(out[b + "attn.kv_down.weight"], 1, m.kv_lora_rank, m.qk_rope_head_dim)
-        if mlp == "dense":
-            for p in ("gate", "up", "down"):
-                out[b + f"mlp.{p}.weight"] = t.pop(h + f"mlp.{p}_proj.weight")
-            continue
-        E = c.moe.n_experts
-        out[b + "mlp.router.weight"] = t.pop(h + "mlp.gate.weight").float()
-        bias = t.pop(h + "mlp.gate.e_score_correction_bias", None)  # V3 only
-        out[b + "mlp.router_bias"] = bias.float() if bias is not None else torch.zeros(E)
-        if h + "mlp.experts.gate_up_proj" in t:  # fused layout: (E, 2F, C), gate rows first
-            gate, up = t.pop(h + "mlp.experts.gate_up_proj").chunk(2, dim=1)
-            down = t.pop(h + "mlp.experts.down_proj")
-        else:
-            gate, up, down = (torch.stack([t.pop(h + f"mlp.experts.{e}.{p}_proj.weight") for e in range(E)])
-                              for p in ("gate", "up", "down"))
-        out[b + "mlp.experts_gate"], out[b + "mlp.experts_up"] = gate.contiguous(), up.contiguous()
-        out[b + "mlp.experts_down"] = down
-        for p in ("gate", "up", "down"):
-            key = h + f"mlp.shared_experts.{p}_proj.weight"
-            if key in t:
-                out[b + f"mlp.shared.{p}.weight"] = t.pop(key)
     mtp = sorted(k for k in t if (n := re.match(r"model\.layers\.(\d+)\.", k)) and int(n.group(1)) >= c.n_layer)
     if mtp:
         warnings.warn(f"skipped {len(mtp)} tensors of layers >= {c.n_layer} (DeepSeek-V3's multi-token prediction "
                       "modules; import them with the MTP importer)", stacklevel=3)
-    rest = sorted(set(t) - set(mtp))
+    t = {k: v for k, v in t.items() if k not in set(mtp)}
+    rest = sorted(k for k in t if renamed(k, V3_NAMES) is None and ".mlp.experts." not in k)
     if rest:
         raise ValueError(f"unexpected DeepSeek tensors (not imported): {rest[:5]}{' ...' if len(rest) > 5 else ''}")
+    out = rename(t, V3_NAMES)
+    if c.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    out.update(_rope_rows(out, c))
+    out.update(_routers(out, c))
+    for i in _moe_layer_numbers(c):
+        out.update(stack_experts(t, f"model.layers.{i}.mlp.", f"blocks.{i}.mlp.", _EXPERTS, c.moe.n_experts))
     return out
 
 
@@ -228,32 +251,12 @@ def to_hf(model: GPT, model_type: str) -> tuple[dict, dict]:
     else:
         hf.update({"n_routed_experts": 1, "num_experts_per_tok": 1, "topk_method": "greedy", "n_shared_experts": 1,
                    "moe_intermediate_size": 1})
-    tensors = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
-    if not c.tie_embeddings:
-        tensors["lm_head.weight"] = sd["lm_head.weight"]
-    for i, (_, mlp) in enumerate(c.layer_kinds()):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        tensors[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
-        tensors[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
-        for ours, theirs in _ATTN:
-            if b + f"attn.{ours}.weight" in sd:
-                w = sd[b + f"attn.{ours}.weight"]
-                if ours in ("q", "q_up"):
-                    w = _permute_rope_rows(w, H, m.qk_nope_head_dim, m.qk_rope_head_dim, inverse=True)
-                if ours == "kv_down":
-                    w = _permute_rope_rows(w, 1, m.kv_lora_rank, m.qk_rope_head_dim, inverse=True)
-                tensors[h + f"self_attn.{theirs}.weight"] = w
-        if mlp == "dense":
-            for p in ("gate", "up", "down"):
-                tensors[h + f"mlp.{p}_proj.weight"] = sd[b + f"mlp.{p}.weight"]
-            continue
-        tensors[h + "mlp.gate.weight"] = sd[b + "mlp.router.weight"]
-        if v3:
-            tensors[h + "mlp.gate.e_score_correction_bias"] = sd[b + "mlp.router_bias"]
-        for p in ("gate", "up", "down"):
-            for e, w in enumerate(sd[b + f"mlp.experts_{p}"]):
-                tensors[h + f"mlp.experts.{e}.{p}_proj.weight"] = w.contiguous()
-            tensors[h + f"mlp.shared_experts.{p}_proj.weight"] = sd[b + f"mlp.shared.{p}.weight"]
+    if c.tie_embeddings:
+        sd.pop("lm_head.weight")
+    sd.update(_rope_rows(sd, c, inverse=True))
+    tensors = rename(sd, inverse(V3_NAMES if v3 else NAMES))
+    for i in _moe_layer_numbers(c):
+        tensors.update(unstack_experts(sd, f"blocks.{i}.mlp.", f"model.layers.{i}.mlp.", _EXPERTS))
     return tensors, hf
 
 

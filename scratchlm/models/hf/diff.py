@@ -1,8 +1,8 @@
 """Hugging Face interchange for differential attention: ``DiffLlamaForCausalLM``.
 
 DiffLlama is Llama with every attention replaced by differential attention V1
-(:mod:`scratchlm.models.diff_attention`), so its config and tensors are Llama's plus four λ
-vectors per layer (``self_attn.lambda_q1/k1/q2/k2``). It pairs query head ``i`` with head
+(:mod:`scratchlm.models.blocks.diff_attention`), so its config and tensors are Llama's plus four λ
+vectors per layer (``self_attn.lambda_q1/k1/q2/k2``): :data:`NAMES`. It pairs query head ``i`` with head
 ``i + n/2`` and key/value head ``j`` with ``j + n_kv/2`` — our ``layout = "halves"`` — so importing
 needs no permutation; a model stored in the official code's ``"adjacent"`` layout is permuted
 back to halves on export. Differential attention V2 has no Hugging Face class: exporting it is
@@ -18,7 +18,9 @@ from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.hf import llama
 
-_LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+# Hugging Face's names -> ours: Llama's, and the four λ vectors of each layer.
+NAMES = {**llama.NAMES, **{f"model.layers.{{}}.self_attn.{name}": f"blocks.{{}}.attn.{name}"
+                           for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}}
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -33,11 +35,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
 
 
 def from_hf(t: dict, c: GPTConfig) -> dict:
-    out = llama.from_hf(t, c)
-    for i in range(c.n_layer):
-        for name in _LAMBDAS:
-            out[f"blocks.{i}.attn.{name}"] = t[f"model.layers.{i}.self_attn.{name}"]
-    return out
+    return llama.from_hf(t, c, NAMES)
 
 
 def to_hf(model: GPT) -> tuple[dict, dict]:
@@ -51,11 +49,7 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
         halves = GPT(dataclasses.replace(c, diff=dataclasses.replace(c.diff, layout="halves")))
         halves.load_state_dict(permute_heads(model.state_dict(), c, "halves"))
         model = halves
-    tensors, hf = llama.to_hf(model)  # checks RoPE, pre-RMSNorm, SwiGLU, no biases
-    sd = model.state_dict()
-    for i in range(c.n_layer):
-        for name in _LAMBDAS:
-            tensors[f"model.layers.{i}.self_attn.{name}"] = sd[f"blocks.{i}.attn.{name}"].detach().cpu().contiguous()
+    tensors, hf = llama.to_hf(model, NAMES)  # checks RoPE, pre-RMSNorm, SwiGLU, no biases
     hf.update({"architectures": ["DiffLlamaForCausalLM"], "model_type": "diffllama",
                "lambda_std_dev": c.diff.lambda_std, "attention_dropout": 0.0})
     hf.pop("mlp_bias", None)  # a Llama field DiffLlama does not have

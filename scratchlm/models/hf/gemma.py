@@ -11,8 +11,6 @@ unfolds ``w = w' - 1``. The tensor names are Llama's (:data:`NAMES` adds the fou
 
 from __future__ import annotations
 
-import torch
-
 from scratchlm.models.blocks.attention import AttentionConfig
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
@@ -100,8 +98,7 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
         sd.pop("lm_head.weight")
     # every norm unfolded, w = w' - 1, in float32
     tensors = {k: (v.float() - 1.0).contiguous() if _is_norm(k) else v for k, v in rename(sd, inverse(NAMES)).items()}
-    for i in range(c.n_layer):
-        tensors.update(llama.split_qkv(sd[f"blocks.{i}.attn.qkv.weight"], c, f"model.layers.{i}.self_attn."))
+    tensors.update(llama.qkv_to_hf(sd, c))
     hf = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": c.vocab_size,
           "hidden_size": c.d_model, "intermediate_size": c.ff_width, "num_hidden_layers": c.n_layer,
           "num_attention_heads": H, "num_key_value_heads": Hkv, "head_dim": D, "hidden_activation": "gelu_pytorch_tanh",

@@ -1,7 +1,7 @@
 """Hugging Face interchange for Llama (``LlamaForCausalLM``), and the Llama pieces other families reuse.
 
 Llama keeps q, k, v as three projections; we concatenate them into one fused projection
-(:func:`fuse_qkv`, :func:`split_qkv`). Its RoPE uses the "rotate half" pairing (dimension i with
+(:func:`qkv_from_hf`, :func:`qkv_to_hf`). Its RoPE uses the "rotate half" pairing (dimension i with
 i + D/2), as ours does, so no permutation is needed. Everything else is a rename: :data:`NAMES`.
 
 Mistral, Ministral, the MoE families, DiffLlama and Jamba's attention layers are Llama blocks with
@@ -17,7 +17,7 @@ from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.hf.common import cpu_state, inverse, rename, rope_theta
 
-# Hugging Face's tensor names -> ours; ``{}`` is the layer number. q, k, v: see fuse_qkv.
+# Hugging Face's tensor names -> ours; ``{}`` is the layer number. q, k, v: see qkv_from_hf.
 NAMES = {
     "model.embed_tokens.weight": "tok_emb.weight",
     "model.norm.weight": "norm_f.weight",
@@ -46,15 +46,31 @@ def config_from_hf(hf: dict) -> GPTConfig:
                      mlp="swiglu", bias=False, tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
-def fuse_qkv(t: dict, prefix: str, part: str = "weight") -> torch.Tensor:
-    """Our fused ``qkv`` projection from Hugging Face's ``{prefix}{q,k,v}_proj.{part}``."""
-    return torch.cat([t[f"{prefix}{p}_proj.{part}"] for p in "qkv"], dim=0)
+def qkv_from_hf(t: dict, c: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our fused ``blocks.{i}.attn.qkv`` weight (and bias, where q, k, v have biases) from Hugging
+    Face's ``model.layers.{i}.self_attn.{q,k,v}_proj``, in every layer that has all three."""
+    out = {}
+    for i in range(c.n_layer):
+        prefix = f"model.layers.{i}.self_attn."
+        for part in ("weight", "bias"):
+            names = [f"{prefix}{p}_proj.{part}" for p in "qkv"]
+            if all(name in t for name in names):
+                out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([t[name] for name in names], dim=0)
+    return out
 
 
-def split_qkv(fused: torch.Tensor, c: GPTConfig, prefix: str, part: str = "weight") -> dict[str, torch.Tensor]:
-    """Hugging Face's ``{prefix}{q,k,v}_proj.{part}`` from our fused projection."""
+def qkv_to_hf(sd: dict, c: GPTConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face's q, k, v projections from our fused ones: the inverse of :func:`qkv_from_hf`."""
     D, H, Hkv = c.head_dim, c.n_head, c.kv_heads
-    return {f"{prefix}{p}_proj.{part}": w.contiguous() for p, w in zip("qkv", fused.split([H * D, Hkv * D, Hkv * D]))}
+    out = {}
+    for i in range(c.n_layer):
+        for part in ("weight", "bias"):
+            fused = sd.get(f"blocks.{i}.attn.qkv.{part}")
+            if fused is not None:
+                parts = fused.split([H * D, Hkv * D, Hkv * D])
+                out.update({f"model.layers.{i}.self_attn.{p}_proj.{part}": w.contiguous()
+                            for p, w in zip("qkv", parts)})
+    return out
 
 
 def from_hf(t: dict, c: GPTConfig, names: dict[str, str] = NAMES) -> dict:
@@ -62,8 +78,7 @@ def from_hf(t: dict, c: GPTConfig, names: dict[str, str] = NAMES) -> dict:
     out = rename(t, names)
     if c.tie_embeddings:
         out.pop("lm_head.weight", None)
-    for i in range(c.n_layer):
-        out[f"blocks.{i}.attn.qkv.weight"] = fuse_qkv(t, f"model.layers.{i}.self_attn.")
+    out.update(qkv_from_hf(t, c))
     return out
 
 
@@ -75,9 +90,7 @@ def to_hf(model: GPT, names: dict[str, str] = NAMES) -> tuple[dict, dict]:
     sd = cpu_state(model)
     if c.tie_embeddings:
         sd.pop("lm_head.weight")
-    tensors = rename(sd, inverse(names))
-    for i in range(c.n_layer):
-        tensors.update(split_qkv(sd[f"blocks.{i}.attn.qkv.weight"], c, f"model.layers.{i}.self_attn."))
+    tensors = {**rename(sd, inverse(names)), **qkv_to_hf(sd, c)}
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
           "hidden_size": c.d_model, "intermediate_size": c.ff_width, "num_hidden_layers": c.n_layer,
           "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,

@@ -1,8 +1,8 @@
 """Hugging Face interchange for Mixture-of-Experts models: Mixtral, Qwen2-MoE, Qwen3-MoE.
 
 All three are Llama with some MLPs replaced by a softmax top-k router over SwiGLU experts
-(:mod:`scratchlm.models.moe`), so the attention, norms and embeddings map as in
-:mod:`scratchlm.models.hf`'s Llama functions. What each adds:
+(:mod:`scratchlm.models.blocks.moe`), so the attention, norms and embeddings map as in
+:mod:`scratchlm.models.hf.llama`; :data:`NAMES` adds each family's own names. What each adds:
 
 * **Mixtral** (``MixtralForCausalLM``): every layer MoE; the top-k probabilities renormalised.
   Tensors ``block_sparse_moe.gate`` (the router) and ``block_sparse_moe.experts.{i}.w1/w3/w2``
@@ -42,12 +42,22 @@ import torch
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.hf import llama
-from scratchlm.models.hf.common import cpu_state
+from scratchlm.models.hf.common import cpu_state, inverse, rename, stack_experts, unstack_experts
 
 # Per-expert tensor names of each family: (gate, up, down) under ``<mlp>.experts.{i}.``.
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
                  "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
 _MLP_NAME = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
+_ATTN_NORMS = {f"model.layers.{{}}.self_attn.{n}.weight": f"blocks.{{}}.attn.{n}.weight"
+               for n in ("q_norm", "k_norm")}
+_SHARED = {**{f"model.layers.{{}}.mlp.shared_expert.{p}_proj.weight": f"blocks.{{}}.mlp.shared.{p}.weight"
+              for p in ("gate", "up", "down")},
+           "model.layers.{}.mlp.shared_expert_gate.weight": "blocks.{}.mlp.shared_gate.weight"}
+# Hugging Face's names -> ours, per family: Llama's (q, k, v are fused by llama.qkv_from_hf), each
+# MoE layer's router, Qwen3's q/k norms, Qwen2's gated shared expert. The experts: stack_experts.
+NAMES = {kind: {**llama.NAMES, f"model.layers.{{}}.{mlp}.gate.weight": "blocks.{}.mlp.router.weight",
+                **(_SHARED if kind == "qwen2_moe" else {}), **(_ATTN_NORMS if kind == "qwen3_moe" else {})}
+         for kind, mlp in _MLP_NAME.items()}
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -110,43 +120,18 @@ def config_from_hf(hf: dict) -> GPTConfig:
 
 
 def from_hf(t: dict, c: GPTConfig, kind: str) -> dict:
-    """Their tensors -> our state dict."""
-    out = {"tok_emb.weight": t["model.embed_tokens.weight"], "norm_f.weight": t["model.norm.weight"]}
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = t["lm_head.weight"]
-    gate_name, up_name, down_name = _EXPERT_NAMES[kind]
-    for i, (_, mlp_kind) in enumerate(c.layer_kinds()):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        a = h + "self_attn."
-        out[b + "norm1.weight"] = t[h + "input_layernorm.weight"]
-        out[b + "norm2.weight"] = t[h + "post_attention_layernorm.weight"]
-        out[b + "attn.qkv.weight"] = torch.cat([t[a + f"{p}_proj.weight"] for p in "qkv"], dim=0)
-        if a + "q_proj.bias" in t:
-            out[b + "attn.qkv.bias"] = torch.cat([t[a + f"{p}_proj.bias"] for p in "qkv"], dim=0)
-        out[b + "attn.proj.weight"] = t[a + "o_proj.weight"]
-        if c.attn.qk_norm:
-            out[b + "attn.q_norm.weight"] = t[a + "q_norm.weight"]
-            out[b + "attn.k_norm.weight"] = t[a + "k_norm.weight"]
-        if mlp_kind == "dense":
-            for p in ("gate", "up", "down"):
-                out[b + f"mlp.{p}.weight"] = t[h + f"mlp.{p}_proj.weight"]
-            continue
-        m = h + _MLP_NAME[kind] + "."
-        out[b + "mlp.router.weight"] = t[m + "gate.weight"]
-        out[b + "mlp.router_bias"] = torch.zeros(c.moe.n_experts)  # none of these models has one
-        if m + "experts.gate_up_proj" in t:  # the fused layout of transformers 5.x's memory
-            gate, up = t[m + "experts.gate_up_proj"].chunk(2, dim=1)
-            out[b + "mlp.experts_gate"], out[b + "mlp.experts_up"] = gate.contiguous(), up.contiguous()
-            out[b + "mlp.experts_down"] = t[m + "experts.down_proj"]
-        else:  # the per-expert layout save_pretrained writes
-            for ours, theirs in (("gate", gate_name), ("up", up_name), ("down", down_name)):
-                out[b + f"mlp.experts_{ours}"] = torch.stack(
-                    [t[m + f"experts.{e}.{theirs}.weight"] for e in range(c.moe.n_experts)])
-        if kind == "qwen2_moe":
-            for p in ("gate", "up", "down"):
-                out[b + f"mlp.shared.{p}.weight"] = t[m + f"shared_expert.{p}_proj.weight"]
-            out[b + "mlp.shared_gate.weight"] = t[m + "shared_expert_gate.weight"]
+    """Their tensors -> our state dict: Llama's renames and fused q, k, v, the family's names
+    (:data:`NAMES`), and each MoE layer's experts stacked."""
+    out = llama.from_hf(t, c, NAMES[kind])
+    for i in _moe_layer_numbers(c):
+        theirs = f"model.layers.{i}.{_MLP_NAME[kind]}."
+        out.update(stack_experts(t, theirs, f"blocks.{i}.mlp.", _EXPERT_NAMES[kind], c.moe.n_experts))
+        out[f"blocks.{i}.mlp.router_bias"] = torch.zeros(c.moe.n_experts)  # none of these families has one
     return out
+
+
+def _moe_layer_numbers(c: GPTConfig) -> list[int]:
+    return [i for i, (_, mlp) in enumerate(c.layer_kinds()) if mlp == "moe"]
 
 
 def aux_weight_from_hf(coef: float, top_k: int, moe_layers: int) -> float:
@@ -200,40 +185,14 @@ def to_hf(model: GPT, kind: str) -> tuple[dict, dict]:
     _check_exportable(model, kind)
     c, m = model.config, model.config.moe
     sd = cpu_state(model)
+    if c.tie_embeddings:
+        sd.pop("lm_head.weight")
     D, H, Hkv = c.head_dim, c.n_head, c.kv_heads
-    tensors = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
-    if not c.tie_embeddings:
-        tensors["lm_head.weight"] = sd["lm_head.weight"]
-    gate_name, up_name, down_name = _EXPERT_NAMES[kind]
-    dense_layers = []
-    for i, (_, mlp_kind) in enumerate(c.layer_kinds()):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        a = h + "self_attn."
-        tensors[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
-        tensors[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
-        for p, part in zip("qkv", sd[b + "attn.qkv.weight"].split([H * D, Hkv * D, Hkv * D], dim=0)):
-            tensors[a + f"{p}_proj.weight"] = part.contiguous()
-        if b + "attn.qkv.bias" in sd:
-            for p, part in zip("qkv", sd[b + "attn.qkv.bias"].split([H * D, Hkv * D, Hkv * D])):
-                tensors[a + f"{p}_proj.bias"] = part.contiguous()
-        tensors[a + "o_proj.weight"] = sd[b + "attn.proj.weight"]
-        if c.attn.qk_norm:
-            tensors[a + "q_norm.weight"] = sd[b + "attn.q_norm.weight"]
-            tensors[a + "k_norm.weight"] = sd[b + "attn.k_norm.weight"]
-        if mlp_kind == "dense":
-            dense_layers.append(i)
-            for p in ("gate", "up", "down"):
-                tensors[h + f"mlp.{p}_proj.weight"] = sd[b + f"mlp.{p}.weight"]
-            continue
-        mh = h + _MLP_NAME[kind] + "."
-        tensors[mh + "gate.weight"] = sd[b + "mlp.router.weight"]
-        for ours, theirs in (("gate", gate_name), ("up", up_name), ("down", down_name)):
-            for e, weight in enumerate(sd[b + f"mlp.experts_{ours}"]):
-                tensors[mh + f"experts.{e}.{theirs}.weight"] = weight.contiguous()
-        if kind == "qwen2_moe":
-            for p in ("gate", "up", "down"):
-                tensors[mh + f"shared_expert.{p}_proj.weight"] = sd[b + f"mlp.shared.{p}.weight"]
-            tensors[mh + "shared_expert_gate.weight"] = sd[b + "mlp.shared_gate.weight"]
+    tensors = {**rename(sd, inverse(NAMES[kind])), **llama.qkv_to_hf(sd, c)}  # router_bias (0) stays behind
+    for i in _moe_layer_numbers(c):
+        tensors.update(unstack_experts(sd, f"blocks.{i}.mlp.", f"model.layers.{i}.{_MLP_NAME[kind]}.",
+                                       _EXPERT_NAMES[kind]))
+    dense_layers = [i for i, (_, mlp) in enumerate(c.layer_kinds()) if mlp == "dense"]
     width = m.d_expert or c.ff_width
     architecture = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                     "qwen3_moe": "Qwen3MoeForCausalLM"}[kind]

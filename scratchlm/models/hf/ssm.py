@@ -1,6 +1,6 @@
 """Hugging Face interchange for the state-space family: ``MambaForCausalLM`` and
 ``JambaForCausalLM``, onto the one model of :mod:`scratchlm.models.gpt` with the Mamba mixer of
-:mod:`scratchlm.models.mamba`.
+:mod:`scratchlm.models.blocks.mamba`.
 
 * Mamba: every block is norm → mixer → residual, with no MLP: our layer pattern ``["mamba+none"]``,
   RMSNorm, no position encoding (the recurrence itself knows the order).
@@ -13,6 +13,8 @@
 
 HF saves Jamba's experts one by one (``experts.{e}.gate_proj`` ...); in memory it fuses them. Both
 layouts are read; ours are three stacked tensors (``experts_gate``, ``experts_up``, ``experts_down``).
+Every other tensor is a rename by :data:`MAMBA_NAMES` / :data:`JAMBA_NAMES` (export: the inverse),
+except Jamba's q, k, v, fused as Llama's are.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from scratchlm.models.blocks.mamba import MambaConfig
 from scratchlm.models.blocks.moe import MoEConfig
 from scratchlm.models.config import GPTConfig
-from scratchlm.models.hf.common import cpu_state
+from scratchlm.models.hf import llama
+from scratchlm.models.hf.common import cpu_state, inverse, rename, stack_experts, unstack_experts
 from scratchlm.models.hf.moe import aux_weight_from_hf, aux_weight_to_hf
 
 # A pure Mamba model has no context limit (nothing is stored per position); block_size only caps
@@ -32,7 +35,7 @@ from scratchlm.models.hf.moe import aux_weight_from_hf, aux_weight_to_hf
 MAMBA_CONTEXT = 1 << 20
 
 # Mixer tensors: (ours under "blocks.{i}.mamba.", theirs under the HF mixer's prefix). Optional ones
-# (biases, Jamba's norms) are copied when present.
+# (biases, Jamba's norms) are renamed when present.
 _MIXER = [("in_proj.weight", "in_proj.weight"), ("in_proj.bias", "in_proj.bias"),
           ("conv1d.weight", "conv1d.weight"), ("conv1d.bias", "conv1d.bias"), ("x_proj.weight", "x_proj.weight"),
           ("dt_proj.weight", "dt_proj.weight"), ("dt_bias", "dt_proj.bias"), ("A_log", "A_log"), ("D", "D"),
@@ -50,12 +53,38 @@ def _dt_rank(value, hidden: int) -> int:
     return math.ceil(hidden / 16) if value in (None, "auto") else int(value)
 
 
-def _mixer_from_hf(t: dict, theirs: str, ours: str) -> dict:
-    return {ours + o: t[theirs + h] for o, h in _MIXER if theirs + h in t}
+def _mixer_names(theirs: str) -> dict[str, str]:
+    """The mixer's names, Hugging Face's under ``model.layers.{}.`` + ``theirs`` -> ours."""
+    return {f"{theirs}{h}": f"blocks.{{}}.mamba.{o}" for o, h in _MIXER}
 
 
-def _mixer_to_hf(sd: dict, ours: str, theirs: str) -> dict:
-    return {theirs + h: sd[ours + o] for o, h in _MIXER if ours + o in sd}
+# Hugging Face's names -> ours (``{}``: the layer).
+MAMBA_NAMES = {
+    "backbone.embeddings.weight": "tok_emb.weight",
+    "backbone.norm_f.weight": "norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+    "backbone.layers.{}.norm.weight": "blocks.{}.norm1.weight",
+    **_mixer_names("backbone.layers.{}.mixer."),
+}
+_JAMBA_EXPERTS = ("gate_proj", "up_proj", "down_proj")
+JAMBA_NAMES = {  # q, k, v: llama.qkv_from_hf; the experts: stack_experts
+    "model.embed_tokens.weight": "tok_emb.weight",
+    "model.final_layernorm.weight": "norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{}.input_layernorm.weight": "blocks.{}.norm1.weight",
+    "model.layers.{}.pre_ff_layernorm.weight": "blocks.{}.norm2.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "blocks.{}.attn.proj.weight",
+    **_mixer_names("model.layers.{}.mamba."),
+    **{f"model.layers.{{}}.feed_forward.{p}_proj.weight": f"blocks.{{}}.mlp.{p}.weight"
+       for p in ("gate", "up", "down")},
+    "model.layers.{}.feed_forward.router.weight": "blocks.{}.mlp.router.weight",
+}
+
+
+def _without_tied_head(tensors: dict, c: GPTConfig) -> dict:
+    if c.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
 
 
 # --- Mamba -------------------------------------------------------------------------------------
@@ -72,14 +101,7 @@ def mamba_config(hf: dict) -> GPTConfig:
 
 def mamba_from_hf(t: dict, c: GPTConfig) -> dict:
     t = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in t.items()}  # older checkpoints
-    out = {"tok_emb.weight": t["backbone.embeddings.weight"], "norm_f.weight": t["backbone.norm_f.weight"]}
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = t["lm_head.weight"]
-    for i in range(c.n_layer):
-        h, b = f"backbone.layers.{i}.", f"blocks.{i}."
-        out[b + "norm1.weight"] = t[h + "norm.weight"]
-        out.update(_mixer_from_hf(t, h + "mixer.", b + "mamba."))
-    return out
+    return _without_tied_head(rename(t, MAMBA_NAMES), c)
 
 
 def mamba_to_hf(model) -> tuple[dict, dict]:
@@ -89,14 +111,7 @@ def mamba_to_hf(model) -> tuple[dict, dict]:
             or c.position != "none" or m.dt_bc_norm):
         raise ValueError("Mamba export needs every layer to be 'mamba+none', pre-RMSNorm, no position encoding and "
                          "no dt/B/C norms (that is Jamba's mixer)")
-    sd = cpu_state(model)
-    tensors = {"backbone.embeddings.weight": sd["tok_emb.weight"], "backbone.norm_f.weight": sd["norm_f.weight"]}
-    if not c.tie_embeddings:
-        tensors["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(c.n_layer):
-        h, b = f"backbone.layers.{i}.", f"blocks.{i}."
-        tensors[h + "norm.weight"] = sd[b + "norm1.weight"]
-        tensors.update(_mixer_to_hf(sd, b + "mamba.", h + "mixer."))
+    tensors = rename(_without_tied_head(cpu_state(model), c), inverse(MAMBA_NAMES))
     hf = {"architectures": ["MambaForCausalLM"], "model_type": "mamba", "vocab_size": c.vocab_size,
           "hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "state_size": m.d_state, "expand": m.expand,
           "conv_kernel": m.d_conv, "time_step_rank": m.dt_rank or math.ceil(c.d_model / 16), "use_bias": m.proj_bias, "use_conv_bias": m.conv_bias,
@@ -144,33 +159,17 @@ def jamba_config(hf: dict) -> GPTConfig:
 
 
 def jamba_from_hf(t: dict, c: GPTConfig) -> dict:
-    out = {"tok_emb.weight": t["model.embed_tokens.weight"], "norm_f.weight": t["model.final_layernorm.weight"]}
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = t["lm_head.weight"]
-    for i, (mixer, mlp) in enumerate(c.layer_kinds()):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        out[b + "norm1.weight"] = t[h + "input_layernorm.weight"]
-        out[b + "norm2.weight"] = t[h + "pre_ff_layernorm.weight"]
-        if mixer == "attention":
-            out[b + "attn.qkv.weight"] = torch.cat([t[h + f"self_attn.{p}_proj.weight"] for p in "qkv"], dim=0)
-            out[b + "attn.proj.weight"] = t[h + "self_attn.o_proj.weight"]
-        else:
-            out.update(_mixer_from_hf(t, h + "mamba.", b + "mamba."))
-        f = h + "feed_forward."
-        if mlp == "dense":
-            for p in ("gate", "up", "down"):
-                out[b + f"mlp.{p}.weight"] = t[f + f"{p}_proj.weight"]
-            continue
-        E = c.moe.n_experts
-        out[b + "mlp.router.weight"] = t[f + "router.weight"]
-        out[b + "mlp.router_bias"] = torch.zeros(E)  # Jamba's router has no selection bias
-        if f + "experts.gate_up_proj" in t:  # the fused in-memory layout: (E, 2F, C), gate first
-            out[b + "mlp.experts_gate"], out[b + "mlp.experts_up"] = t[f + "experts.gate_up_proj"].chunk(2, dim=1)
-            out[b + "mlp.experts_down"] = t[f + "experts.down_proj"]
-        else:  # the saved layout: one tensor per expert
-            for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-                out[b + f"mlp.experts_{ours}"] = torch.stack([t[f + f"experts.{e}.{theirs}.weight"] for e in range(E)])
+    out = _without_tied_head(rename(t, JAMBA_NAMES), c)
+    out.update(llama.qkv_from_hf(t, c))
+    for i in _moe_layer_numbers(c):
+        out.update(stack_experts(t, f"model.layers.{i}.feed_forward.", f"blocks.{i}.mlp.", _JAMBA_EXPERTS,
+                                 c.moe.n_experts))
+        out[f"blocks.{i}.mlp.router_bias"] = torch.zeros(c.moe.n_experts)  # Jamba's router: no selection bias
     return out
+
+
+def _moe_layer_numbers(c: GPTConfig) -> list[int]:
+    return [i for i, (_, mlp) in enumerate(c.layer_kinds()) if mlp == "moe"]
 
 
 def _period(flags: list[bool]) -> tuple[int, int] | None:
@@ -201,33 +200,15 @@ def jamba_to_hf(model) -> tuple[dict, dict]:
                             or moe.n_shared or moe.n_groups > 1 or moe.routed_scale != 1.0):
         raise ValueError("Jamba export needs its router: softmax, top-k, no renormalisation, no shared experts, no "
                          "groups, routed_scale 1, and experts as wide as the dense MLP")
-    sd = cpu_state(model)
-    tensors = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.final_layernorm.weight": sd["norm_f.weight"]}
-    if not c.tie_embeddings:
-        tensors["lm_head.weight"] = sd["lm_head.weight"]
-    D, H, Hkv = c.head_dim, c.n_head, c.kv_heads
-    for i, (mixer, mlp) in enumerate(kinds):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        tensors[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
-        tensors[h + "pre_ff_layernorm.weight"] = sd[b + "norm2.weight"]
-        if mixer == "attention":
-            q, k, v = sd[b + "attn.qkv.weight"].split([H * D, Hkv * D, Hkv * D], dim=0)
-            tensors.update({h + "self_attn.q_proj.weight": q.contiguous(), h + "self_attn.k_proj.weight": k.contiguous(),
-                            h + "self_attn.v_proj.weight": v.contiguous(),
-                            h + "self_attn.o_proj.weight": sd[b + "attn.proj.weight"]})
-        else:
-            tensors.update(_mixer_to_hf(sd, b + "mamba.", h + "mamba."))
-        f = h + "feed_forward."
-        if mlp == "dense":
-            for p in ("gate", "up", "down"):
-                tensors[f + f"{p}_proj.weight"] = sd[b + f"mlp.{p}.weight"]
-            continue
-        if sd[b + "mlp.router_bias"].any():
+    sd = _without_tied_head(cpu_state(model), c)
+    for i in _moe_layer_numbers(c):
+        if sd[f"blocks.{i}.mlp.router_bias"].any():
             raise ValueError(f"layer {i}: the router has a selection bias; Jamba's router has none")
-        tensors[f + "router.weight"] = sd[b + "mlp.router.weight"]
-        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-            for e, weight in enumerate(sd[b + f"mlp.experts_{ours}"]):
-                tensors[f + f"experts.{e}.{theirs}.weight"] = weight.contiguous()
+    tensors = {**rename(sd, inverse(JAMBA_NAMES)), **llama.qkv_to_hf(sd, c)}
+    for i in _moe_layer_numbers(c):
+        theirs = f"model.layers.{i}.feed_forward."
+        tensors.update(unstack_experts(sd, f"blocks.{i}.mlp.", theirs, _JAMBA_EXPERTS))
+    H, Hkv = c.n_head, c.kv_heads
     hf = {"architectures": ["JambaForCausalLM"], "model_type": "jamba", "vocab_size": c.vocab_size,
           "hidden_size": c.d_model, "intermediate_size": c.ff_width, "num_hidden_layers": c.n_layer,
           "num_attention_heads": H, "num_key_value_heads": Hkv, "max_position_embeddings": c.block_size,
