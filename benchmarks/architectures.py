@@ -1,4 +1,4 @@
-"""Modern blocks, same data, same budget (issue 9, section 3): character Shakespeare on a CPU.
+"""Modern blocks, same data, same budget: character Shakespeare on a CPU.
 
     python benchmarks/architectures.py [--steps 500] [--studies mlp,attention,...] [--out DIR --reuse]
                                        [--plot docs/images/architectures.png]

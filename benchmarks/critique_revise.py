@@ -1,4 +1,4 @@
-"""Constitutional AI as a loop, measured (issue 8, section 7), on a CPU, from nothing:
+"""Constitutional AI as a loop, measured, on a CPU, from nothing:
 
 1. a small "assistant" made for the purpose: a random-init GPT fine-tuned (SFT) on 2-digit
    additions answered in six styles, of which one follows every principle below ("answer 42")

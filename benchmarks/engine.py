@@ -1,4 +1,4 @@
-"""The engine against Hugging Face ``generate``, side by side in one run (issue 7, section 5).
+"""The engine against Hugging Face ``generate``, side by side in one run.
 
     python benchmarks/engine.py [--quick] [--plot docs/images/engine_load.png]
 

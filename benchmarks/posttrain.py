@@ -1,4 +1,4 @@
-"""The measured post-training path (issue 8, section 8), on a CPU, from nothing:
+"""The measured post-training path, on a CPU, from nothing:
 
 1. synthetic task data (``scratchlm tasks``): 2-digit additions, held-out test problems;
 2. a base model pretrained on the training problems as plain text ("12+30=42"): it knows
@@ -268,19 +268,16 @@ def sampled_exact_match(model, tokenizer, prompts, samples: int = 4, max_tokens:
 
 
 def rl_section(work: Path, results: dict, prompts, finished, rl_steps: int) -> None:
-    """Reward model, GRPO and PPO from the full-SFT model (issue 8, sections 4 and 6)."""
-    import json
+    """Reward model, GRPO and PPO from the full-SFT model."""
 
     from scratchlm.posttrain.evaluate import exact_match
     from scratchlm.posttrain.reward import train_reward_model
     from scratchlm.posttrain.rl.grpo import grpo
     from scratchlm.posttrain.rl.ppo import ppo
     from scratchlm.serve.chat import load_chat_model
+    from scratchlm.train.metrics import read_evaluations
 
     tasks, sft_best = work / "tasks", str(work / "sft-full" / "best")
-    records = lambda run: [
-        json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()
-    ]  # noqa: E731
 
     def measured(run: str) -> dict:
         model, tok = load_chat_model(work / run / "last", device="cpu")
@@ -318,7 +315,7 @@ def rl_section(work: Path, results: dict, prompts, finished, rl_steps: int) -> N
             },
             progress=False,
         )
-    evals = [r for r in records("rm") if "val_accuracy" in r]
+    evals = read_evaluations(work / "rm", "val_accuracy")
     results["reward_model"] = {
         "held_out_pair_accuracy": [(r["step"], r["val_accuracy"]) for r in evals],
         "seconds": reused[1] if reused else time.perf_counter() - start,
@@ -348,7 +345,7 @@ def rl_section(work: Path, results: dict, prompts, finished, rl_steps: int) -> N
                 },
                 progress=False,
             )
-        steps = [r for r in records(name) if "loss" in r]
+        steps = read_evaluations(work / name, "loss")
         k = max(1, len(steps) // 10)
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         kl_key = "kl" if name == "grpo" else "objective/kl"
@@ -412,6 +409,7 @@ def format_section(
     from scratchlm.posttrain.rl.ppo import ppo
     from scratchlm.posttrain.sft import sft
     from scratchlm.serve.chat import generate_replies, load_chat_model
+    from scratchlm.train.metrics import read_evaluations
 
     tasks = work / "tasks"
     mixed = work / "mixed"
@@ -433,9 +431,6 @@ def format_section(
         for line in f:
             r = json.loads(line)
             out.write(json.dumps({**r, "rejected": f"{r['chosen']}{SUFFIX}"}) + "\n")
-    records = lambda run: [
-        json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()
-    ]  # noqa: E731
 
     def measured(run: str, which: str = "last") -> dict:
         model, tok = load_chat_model(work / run / which, device="cpu")
@@ -518,7 +513,7 @@ def format_section(
             progress=False,
         ),
     )
-    rm_evals = [r for r in records("mixed-rm") if "val_accuracy" in r]
+    rm_evals = read_evaluations(work / "mixed-rm", "val_accuracy")
     out["reward_model"] = {
         "held_out_pair_accuracy (bare vs with prose)": rm_evals[-1]["val_accuracy"],
         "seconds": seconds,
@@ -538,7 +533,7 @@ def format_section(
             progress=False,
         ),
     )
-    steps = [r for r in records("mixed-ppo") if "loss" in r]
+    steps = read_evaluations(work / "mixed-ppo", "loss")
     k = max(1, len(steps) // 10)
     out["ppo"] = {
         **measured("mixed-ppo"),
@@ -569,7 +564,7 @@ def format_section(
                 progress=False,
             ),
         )
-        evals = [r for r in records(name) if "val_loss" in r]
+        evals = read_evaluations(work / name, "val_loss")
         return {
             **measured(name),
             "seconds": seconds,

@@ -1,5 +1,5 @@
 """Config and command-line input: every value is checked (type and range) with a message that names
-the key, the value and what is allowed; flags mean the same thing in every command (issue 6, defect 12)."""
+the key, the value and what is allowed; flags mean the same thing in every command."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Data files under faults and odd input: nothing written is ever unreadable, no half file is taken
 as valid, and every refusal names the file, what was expected and what to do.
 
-Issue 6, defects 3, 4, 9 and 11, and the data half of the fault-injection suite.
+The data half of the fault-injection suite (the training half: tests/train/test_faults.py).
 """
 
 from __future__ import annotations

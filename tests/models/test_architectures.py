@@ -1,4 +1,4 @@
-"""The layer pattern (issue 9, "Design first"): a model is a stack whose layers each pick a mixer and
+"""The layer pattern: a model is a stack whose layers each pick a mixer and
 an MLP; each block kind reads its own settings table. These tests prove the pattern expands and
 validates as documented, that a block kind's table is built and checked like any config (a typo
 fails naming the key), that presets' tables merge key by key with overrides, and that configs
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from scratchlm.config import ConfigError, apply_overrides, load_config
+from scratchlm.models.blocks.moe import MoEConfig
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.presets import config_from_section
-from scratchlm.models.blocks.moe import MoEConfig
 
 
 def test_the_pattern_repeats_to_every_layer():
@@ -22,12 +22,15 @@ def test_the_pattern_repeats_to_every_layer():
     assert GPTConfig(n_layer=3, layers=explicit).layer_kinds()[0] == ("attention", "dense")
 
 
-@pytest.mark.parametrize("layers,message", [
-    (["attention"] * 3, "must divide model.n_layer = 4"),
-    (["attn"], "item 'attn': expected 'mixer' or 'mixer\\+mlp'"),
-    (["attention+mixture"], "item 'attention\\+mixture'"),
-    ([], "must be non-empty"),
-])
+@pytest.mark.parametrize(
+    "layers,message",
+    [
+        (["attention"] * 3, "must divide model.n_layer = 4"),
+        (["attn"], "item 'attn': expected 'mixer' or 'mixer\\+mlp'"),
+        (["attention+mixture"], "item 'attention\\+mixture'"),
+        ([], "must be non-empty"),
+    ],
+)
 def test_a_bad_pattern_is_refused_naming_what_is_allowed(layers, message):
     with pytest.raises(ConfigError, match=message):
         GPTConfig(n_layer=4, layers=layers)
@@ -46,7 +49,9 @@ def test_a_kind_used_without_its_table_gets_the_defaults_and_unused_tables_stay_
 
 def test_a_block_table_is_checked_like_any_config(tmp_path):
     path = tmp_path / "moe.toml"
-    path.write_text('[model]\nn_layer = 2\nlayers = ["attention+moe"]\n[model.moe]\nn_experts = 4\ntop_k = 2\n')
+    path.write_text(
+        '[model]\nn_layer = 2\nlayers = ["attention+moe"]\n[model.moe]\nn_experts = 4\ntop_k = 2\n'
+    )
     c = config_from_section(load_config(path)["model"])
     assert c.moe.n_experts == 4 and c.moe.top_k == 2
     path.write_text('[model]\nlayers = ["attention+moe"]\n[model.moe]\nn_expert = 4\n')
@@ -138,12 +143,36 @@ def test_set_dropout_reaches_every_mixer_kind():
 
     from scratchlm.models.gpt import GPT
 
-    for layers, extra in ((["mla"], {}), (["diff"], {}), (["nsa"], {"nsa": {"compress_block": 4, "compress_stride": 2,
-                                                                            "select_block": 4, "select_count": 3,
-                                                                            "window": 4}})):
+    for layers, extra in (
+        (["mla"], {}),
+        (["diff"], {}),
+        (
+            ["nsa"],
+            {
+                "nsa": {
+                    "compress_block": 4,
+                    "compress_stride": 2,
+                    "select_block": 4,
+                    "select_count": 3,
+                    "window": 4,
+                }
+            },
+        ),
+    ):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=4, d_model=32, block_size=16, position="rope",
-                              dropout=0.2, layers=layers, **extra)).train()
+        model = GPT(
+            GPTConfig(
+                vocab_size=40,
+                n_layer=2,
+                n_head=4,
+                d_model=32,
+                block_size=16,
+                position="rope",
+                dropout=0.2,
+                layers=layers,
+                **extra,
+            )
+        ).train()
         model.set_dropout(0.0)
         x = torch.randint(0, 40, (2, 16))
         assert torch.equal(model(x)[0], model(x)[0]), layers
@@ -157,7 +186,9 @@ def test_training_flops_count_the_mtp_modules():
     mtp_weights = with_mtp.parameter_counts()["mtp"] + with_mtp.lm_head.weight.numel()
     assert with_mtp.flops_per_token()["forward"] == plain.flops_per_token()["forward"]
     extra = with_mtp.flops_per_token()["train"] - plain.flops_per_token()["train"]
-    assert extra == 6 * mtp_weights + 3 * 4 * 32 * 16  # its block's attention over the context, x3 for training
+    assert (
+        extra == 6 * mtp_weights + 3 * 4 * 32 * 16
+    )  # its block's attention over the context, x3 for training
 
 
 @pytest.mark.parametrize("switch", ["qkv_bias", "qk_norm", "softcap", "scale"])
@@ -175,7 +206,9 @@ def test_a_preset_can_change_its_layer_pattern():
     user cannot delete a table from the command line); a table the user wrote is still checked."""
     c = config_from_section({"preset": "mixtral-8x7b", "n_layer": 2, "layers": ["attention"]})
     assert c.moe is None and c.layer_kinds() == [("attention", "dense")] * 2
-    c = config_from_section({"preset": "jamba-v0.1", "n_layer": 2, "layers": ["attention"], "position": "rope"})
+    c = config_from_section(
+        {"preset": "jamba-v0.1", "n_layer": 2, "layers": ["attention"], "position": "rope"}
+    )
     assert c.mamba is None and c.moe is None
     with pytest.raises(ConfigError, match="model.moe is set but no layer uses 'moe'"):
         config_from_section({"preset": "mixtral-8x7b", "layers": ["attention"], "moe": {"top_k": 1}})
@@ -188,8 +221,18 @@ def test_auxiliary_losses_are_taken_once_and_a_trained_model_can_be_copied():
 
     from scratchlm.models.gpt import GPT
 
-    model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, block_size=16,
-                          layers=["attention+moe"], moe={"n_experts": 4, "top_k": 2}, mtp={"depth": 1})).train()
+    model = GPT(
+        GPTConfig(
+            vocab_size=40,
+            n_layer=2,
+            n_head=2,
+            d_model=32,
+            block_size=16,
+            layers=["attention+moe"],
+            moe={"n_experts": 4, "top_k": 2},
+            mtp={"depth": 1},
+        )
+    ).train()
     x = torch.randint(0, 40, (2, 16))
     model(x)[0].sum().backward()  # a forward without targets leaves the MoE losses for the trainer
     aux = model.auxiliary_loss()

@@ -27,7 +27,9 @@ def test_neural_bigram_converges_to_the_counts(names_pairs):
     count_nll = CountBigram(tok.vocab_size, 0).fit(x, y).nll(x, y)
     model = NeuralBigram(tok.vocab_size)
     history = model.fit(x, y, steps=300, lr=0.3)
-    assert history[0] == pytest.approx(float(__import__("math").log(tok.vocab_size)), abs=1e-4)  # zero logits = uniform
+    assert history[0] == pytest.approx(
+        float(__import__("math").log(tok.vocab_size)), abs=1e-4
+    )  # zero logits = uniform
     assert abs(model.nll(x, y) - count_nll) < 0.01
 
 

@@ -30,10 +30,25 @@ ATTN = {"window": 4, "head_dim": 12, "scale": 0.3, "softcap": 8.0}  # gemma_tiny
 
 def gemma_tiny(attn: dict | None = None, **kw) -> GPTConfig:
     """The tiny Gemma config; ``attn`` updates its [model.attn] table key by key."""
-    base = {"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "block_size": 32,
-            "init_std": 0.3, "position": "rope", "norm": "rmsnorm", "mlp": "geglu", "bias": False,
-            "tie_embeddings": False, "layers": ["sliding", "attention"], "attn": {**ATTN, **(attn or {})},
-            "final_softcap": 5.0, "sandwich_norm": True, "embed_scale": True}
+    base = {
+        "vocab_size": 97,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "d_model": 32,
+        "block_size": 32,
+        "init_std": 0.3,
+        "position": "rope",
+        "norm": "rmsnorm",
+        "mlp": "geglu",
+        "bias": False,
+        "tie_embeddings": False,
+        "layers": ["sliding", "attention"],
+        "attn": {**ATTN, **(attn or {})},
+        "final_softcap": 5.0,
+        "sandwich_norm": True,
+        "embed_scale": True,
+    }
     return GPTConfig(**{**base, **kw})
 
 
@@ -57,9 +72,17 @@ def twin(source: GPT, attn: dict | None = None, **kw) -> GPT:
 
 
 # --- every switch is read ---------------------------------------------------------------------
-@pytest.mark.parametrize("flip", [{"attn": {"scale": None}}, {"attn": {"softcap": None}},
-                                  {"final_softcap": None},
-                                  {"sandwich_norm": None}, {"embed_scale": None}, {"mlp": "swiglu"}])
+@pytest.mark.parametrize(
+    "flip",
+    [
+        {"attn": {"scale": None}},
+        {"attn": {"softcap": None}},
+        {"final_softcap": None},
+        {"sandwich_norm": None},
+        {"embed_scale": None},
+        {"mlp": "swiglu"},
+    ],
+)
 def test_each_switch_changes_the_logits(flip):
     m = gemma_model()
     x = torch.randint(0, 97, (2, 20))
@@ -99,7 +122,9 @@ def test_sdpa_falls_back_to_manual_and_tiled_takes_the_scale():
         # without the cap, sdpa (scale=...) and tiled (q pre-scaled) agree with manual
         uncapped = twin(m, attn={"softcap": None}, attention="manual")
         for impl in ("sdpa", "tiled"):
-            torch.testing.assert_close(twin(uncapped, attention=impl)(x)[0], uncapped(x)[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                twin(uncapped, attention=impl)(x)[0], uncapped(x)[0], atol=1e-5, rtol=0
+            )
 
 
 def test_packed_rows_equal_each_document_alone():
@@ -131,8 +156,12 @@ def test_configs_without_the_switches_serialise_as_before():
         assert not set(SWITCHES) & set(d)
         assert GPTConfig.from_dict(d) == config
     d = gemma_tiny().to_dict()
-    assert {k: d[k] for k in SWITCHES} == {"attn": {**ATTN, "qkv_bias": None, "qk_norm": None},
-                                           "final_softcap": 5.0, "sandwich_norm": True, "embed_scale": True}
+    assert {k: d[k] for k in SWITCHES} == {
+        "attn": {**ATTN, "qkv_bias": None, "qk_norm": None},
+        "final_softcap": 5.0,
+        "sandwich_norm": True,
+        "embed_scale": True,
+    }
     assert GPTConfig.from_dict(d) == gemma_tiny()
     # a plain model's tensors are unchanged: no post norms appear
     assert not any("post_norm" in k for k in GPT(GPTConfig(n_layer=1)).state_dict())
@@ -157,8 +186,9 @@ def test_refusals(tmp_path):
         full = gemma_model(layers=["attention"], attn={"window": None})
         full.blocks[0].attn(torch.zeros(1, 1, 32), cache=Paged())
     # Llama blocks with a Gemma switch: the Llama format has no field for it, so no silent export
-    llama_capped = GPT(GPTConfig(n_layer=1, position="rope", norm="rmsnorm", mlp="swiglu", bias=False,
-                                 attn={"softcap": 5.0}))
+    llama_capped = GPT(
+        GPTConfig(n_layer=1, position="rope", norm="rmsnorm", mlp="swiglu", bias=False, attn={"softcap": 5.0})
+    )
     with pytest.raises(ValueError, match="llama export cannot express model.attn.softcap"):
         export_hf(llama_capped, tmp_path / "a", "llama")
     with pytest.raises(ValueError, match="integer query_pre_attn_scalar"):
@@ -173,10 +203,26 @@ transformers = pytest.importorskip("transformers")
 
 def _hf_gemma2(tie: bool, **kw):
     config = transformers.Gemma2Config(
-        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, max_position_embeddings=40, sliding_window=4,
-        attn_logit_softcapping=10.0, final_logit_softcapping=5.0, initializer_range=0.4, rms_norm_eps=1e-6,
-        tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=None, **kw)
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        query_pre_attn_scalar=20,
+        max_position_embeddings=40,
+        sliding_window=4,
+        attn_logit_softcapping=10.0,
+        final_logit_softcapping=5.0,
+        initializer_range=0.4,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **kw,
+    )
     config._attn_implementation = "eager"  # SDPA cannot soft-cap; HF's Gemma-2 refuses it too
     torch.manual_seed(0)
     model = transformers.Gemma2ForCausalLM(config).eval()
@@ -202,13 +248,20 @@ def test_hf_import_logits_greedy_and_export(tmp_path, tie):
     with torch.no_grad():
         expected = hf(x).logits
         got = ours(x)[0]
-    assert expected.abs().max() > 4.0 and (expected.abs() > 4.75).float().mean() < 0.05  # large, mostly below the cap
+    assert (
+        expected.abs().max() > 4.0 and (expected.abs() > 4.75).float().mean() < 0.05
+    )  # large, mostly below the cap
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     if not tie:  # (tied, an embedding scaled by 8 makes greedy repeat its input token: a weak check)
         prompt = x[:1, :6]
         with torch.no_grad():
-            theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, min_new_tokens=20,
-                                 do_sample=False)[0, 6:].tolist()
+            theirs = hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=20,
+                min_new_tokens=20,
+                do_sample=False,
+            )[0, 6:].tolist()
         assert len(set(theirs)) > 5
         assert generate(ours, prompt, 20, GREEDY, use_cache=True)[0] == theirs
 

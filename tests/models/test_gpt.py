@@ -25,7 +25,9 @@ VARIANTS = [
 
 
 def tiny(**kw) -> GPTConfig:
-    return GPTConfig(**{**dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, block_size=24, init_std=0.2), **kw})
+    return GPTConfig(
+        **{**dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, block_size=24, init_std=0.2), **kw}
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v.values()))
@@ -61,7 +63,10 @@ def test_greedy_with_and_without_cache_is_identical(position):
     with_cache = generate(model, [1, 2, 3], 60, greedy, use_cache=True)
     without = generate(model, [1, 2, 3], 60, greedy, use_cache=False)
     assert with_cache == without
-    sampled = [generate(model, [[1, 2], [3, 4]], 40, SamplingConfig(temperature=1.0), use_cache=c, seed=5) for c in (True, False)]
+    sampled = [
+        generate(model, [[1, 2], [3, 4]], 40, SamplingConfig(temperature=1.0), use_cache=c, seed=5)
+        for c in (True, False)
+    ]
     assert sampled[0] == sampled[1]
 
 

@@ -1,4 +1,4 @@
-"""Constitutional AI loop (issue 8, section 7): principles files, programmatic checks on hand
+"""Constitutional AI loop: principles files, programmatic checks on hand
 cases, and the whole loop — generate, critique, revise, collect, train — through the CLI on a
 tiny assistant, with its revisions checked by an independent oracle; the model-as-critic and
 scorer paths."""

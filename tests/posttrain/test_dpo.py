@@ -1,4 +1,4 @@
-"""DPO (issue 8, section 5): the loss against hand-computed values, log 2 at the start, a frozen
+"""DPO: the loss against hand-computed values, log 2 at the start, a frozen
 reference, TRL's metric names, and preference accuracy that rises on checkable pairs."""
 
 from __future__ import annotations

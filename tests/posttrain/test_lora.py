@@ -1,4 +1,4 @@
-"""LoRA (issue 8, section 3): zero-initialised update, only adapters train, merge equals adapters,
+"""LoRA: zero-initialised update, only adapters train, merge equals adapters,
 unmerge restores the base, adapters are small and round-trip through safetensors."""
 
 from __future__ import annotations

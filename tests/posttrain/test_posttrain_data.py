@@ -1,4 +1,4 @@
-"""Post-training data (issue 8, section 2): loaders for the common JSONL shapes with errors that name
+"""Post-training data: loaders for the common JSONL shapes with errors that name
 file and line, and synthetic tasks with exact checkers and held-out splits that cannot leak."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reward model (issue 8, section 4): the Bradley–Terry loss by hand, a model that separates
+"""Reward model: the Bradley–Terry loss by hand, a model that separates
 checkable pairs on held-out data (accuracy >= 0.95), its checkpoint (an ordinary GPT plus a head
 file) and what goes wrong when the files do not fit."""
 

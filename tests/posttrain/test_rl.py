@@ -1,4 +1,4 @@
-"""PPO and GRPO (issue 8, section 6): each formula against a hand-computed case, then the real
+"""PPO and GRPO: each formula against a hand-computed case, then the real
 loop on a bandit with a known optimum (a one-token reply; reward 1 for a digit): both raise the
 expected reward, ratios are 1 on the first pass over each rollout, the KL is 0 while the policy
 is the reference; PPO with a trained reward model; and exact resume in the middle of a rollout."""

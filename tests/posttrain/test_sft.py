@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (issue 8, section 3) on the trainer: masked loss, replies that stop,
+"""Supervised fine-tuning on the trainer: masked loss, replies that stop,
 LoRA checkpoints that any reader loads, exact resume."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The inference engine against its oracles (issue 7, section 4).
+"""The inference engine against its oracles.
 
 The oracle for every batched, paged, chunked, preempted, prefix-cached run is the one-request
 path (:func:`scratchlm.generate.generate`, what ``scratchlm sample`` runs) on the same weights, and

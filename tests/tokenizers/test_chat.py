@@ -1,4 +1,4 @@
-"""The chat format (issue 8, section 1): template, loss mask, special tokens, a grown model, and the
+"""The chat format: template, loss mask, special tokens, a grown model, and the
 Hugging Face form of it all, against ``transformers`` as the oracle."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Training under faults: kills at every point of a checkpoint save, SIGTERM, a second trainer on
-the same folder, corrupt checkpoint files, a full disk, a torn log line (issue 6).
+the same folder, corrupt checkpoint files, a full disk, a torn log line.
 
 Every test drives the real failure: a child process killed with SIGKILL between two filesystem
 operations, a real signal, a real second process, real damaged bytes on disk.

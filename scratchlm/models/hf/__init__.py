@@ -35,8 +35,14 @@ class Family(NamedTuple):
     switches: tuple[str, ...] = ()  # of SWITCHES, those the format can hold
 
 
-_GEMMA_SWITCHES = ("attn.head_dim", "attn.scale", "attn.softcap", "final_softcap", "sandwich_norm",
-                   "embed_scale")
+_GEMMA_SWITCHES = (
+    "attn.head_dim",
+    "attn.scale",
+    "attn.softcap",
+    "final_softcap",
+    "sandwich_norm",
+    "embed_scale",
+)
 # Switches (GPTConfig fields, "attn.x" for [model.attn]'s) that only some formats can hold; export
 # refuses the others. The window is not one: the families that hold it check the layer pattern.
 SWITCHES = _GEMMA_SWITCHES + ("attn.qkv_bias", "attn.qk_norm")
@@ -47,21 +53,41 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(mistral.mistral_config, llama.from_hf, mistral.mistral_to_hf),
     "ministral": Family(mistral.ministral_config, llama.from_hf, mistral.ministral_to_hf),
     "gemma2": Family(gemma.config_from_hf, gemma.from_hf, gemma.to_hf, _GEMMA_SWITCHES),
-    "mixtral": Family(moe.config_from_hf, partial(moe.from_hf, kind="mixtral"), partial(moe.to_hf, kind="mixtral")),
-    "qwen2_moe": Family(moe.config_from_hf, partial(moe.from_hf, kind="qwen2_moe"),
-                        partial(moe.to_hf, kind="qwen2_moe"), ("attn.qkv_bias",)),
-    "qwen3_moe": Family(moe.config_from_hf, partial(moe.from_hf, kind="qwen3_moe"),
-                        partial(moe.to_hf, kind="qwen3_moe"), ("attn.qk_norm",)),
-    "deepseek_v2": Family(deepseek.config_from_hf, deepseek.from_hf, partial(deepseek.to_hf, model_type="deepseek_v2")),
-    "deepseek_v3": Family(deepseek.config_from_hf, deepseek.from_hf, partial(deepseek.to_hf, model_type="deepseek_v3")),
+    "mixtral": Family(
+        moe.config_from_hf, partial(moe.from_hf, kind="mixtral"), partial(moe.to_hf, kind="mixtral")
+    ),
+    "qwen2_moe": Family(
+        moe.config_from_hf,
+        partial(moe.from_hf, kind="qwen2_moe"),
+        partial(moe.to_hf, kind="qwen2_moe"),
+        ("attn.qkv_bias",),
+    ),
+    "qwen3_moe": Family(
+        moe.config_from_hf,
+        partial(moe.from_hf, kind="qwen3_moe"),
+        partial(moe.to_hf, kind="qwen3_moe"),
+        ("attn.qk_norm",),
+    ),
+    "deepseek_v2": Family(
+        deepseek.config_from_hf, deepseek.from_hf, partial(deepseek.to_hf, model_type="deepseek_v2")
+    ),
+    "deepseek_v3": Family(
+        deepseek.config_from_hf, deepseek.from_hf, partial(deepseek.to_hf, model_type="deepseek_v3")
+    ),
     "diffllama": Family(diff.config_from_hf, diff.from_hf, diff.to_hf),
     "mamba": Family(ssm.mamba_config, ssm.mamba_from_hf, ssm.mamba_to_hf),
     "jamba": Family(ssm.jamba_config, ssm.jamba_from_hf, ssm.jamba_to_hf),
 }
 EXPORT_FAMILIES: tuple[str, ...] = tuple(FAMILIES)  # every family imports and exports
 # The family a model exports to when none is named: the first that claims it, else Llama or GPT-2.
-_DEFAULT_PICKERS = (moe.default_architecture, deepseek.default_architecture, gemma.default_architecture,
-                    mistral.default_architecture, diff.default_architecture, ssm.default_architecture)
+_DEFAULT_PICKERS = (
+    moe.default_architecture,
+    deepseek.default_architecture,
+    gemma.default_architecture,
+    mistral.default_architecture,
+    diff.default_architecture,
+    ssm.default_architecture,
+)
 
 
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -74,14 +100,18 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             tensors.update(load_file(str(folder / shard)))
         return tensors
-    raise FileNotFoundError(f"{folder}: no model.safetensors (or index); only safetensors folders are read, never pickles")
+    raise FileNotFoundError(
+        f"{folder}: no model.safetensors (or index); only safetensors folders are read, never pickles"
+    )
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
     """Our config for a Hugging Face ``config.json`` (as a dict)."""
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
-        raise ValueError(f"model_type {model_type!r} is not supported; scratchlm imports {', '.join(sorted(FAMILIES))}")
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; scratchlm imports {', '.join(sorted(FAMILIES))}"
+        )
     return FAMILIES[model_type].config_from_hf(hf)
 
 
@@ -96,7 +126,9 @@ def import_hf(folder: str | Path) -> GPT:
     missing, unexpected = model.load_state_dict(ours, strict=False)
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"{folder}: tensors do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{folder}: tensors do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return model.eval()
 
 
@@ -148,13 +180,17 @@ def export_hf(model: GPT, folder: str | Path, architecture: str | None = None, t
         from scratchlm.tokenizers.hf import save_hf_tokenizer
 
         if tokenizer.vocab_size > c.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model {c.vocab_size}: not its tokenizer")
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids, the model {c.vocab_size}: not its tokenizer"
+            )
         save_hf_tokenizer(tokenizer, folder, model_max_length=c.block_size)
         specials = tokenizer.special_tokens
         eos = specials.get(IM_END, tokenizer.eot_token)
         hf.update({"eos_token_id": eos, "bos_token_id": None, "pad_token_id": tokenizer.eot_token})
         with atomic_write(folder / "generation_config.json", "w") as f:
-            json.dump({"eos_token_id": eos, "pad_token_id": tokenizer.eot_token, "bos_token_id": None}, f, indent=1)
+            json.dump(
+                {"eos_token_id": eos, "pad_token_id": tokenizer.eot_token, "bos_token_id": None}, f, indent=1
+            )
     with atomic_write(folder / "config.json", "w") as f:
         json.dump({**hf, "torch_dtype": "float32"}, f, indent=1)
     return folder

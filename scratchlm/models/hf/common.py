@@ -48,24 +48,33 @@ def rename(tensors: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str,
 _OUR_EXPERTS = ("gate", "up", "down")
 
 
-def stack_experts(t: dict, theirs: str, ours: str, names: tuple[str, str, str],
-                  n: int) -> dict[str, torch.Tensor]:
+def stack_experts(
+    t: dict, theirs: str, ours: str, names: tuple[str, str, str], n: int
+) -> dict[str, torch.Tensor]:
     """Our ``{ours}experts_gate/up/down`` from Hugging Face's experts under the prefix ``theirs``:
     the per-expert tensors ``save_pretrained`` writes (``{theirs}experts.{e}.{name}.weight`` with
     ``names`` the family's (gate, up, down)), or the fused in-memory layout of transformers 5.x
     (``experts.gate_up_proj`` (E, 2F, C), gate rows first, and ``experts.down_proj``)."""
     if theirs + "experts.gate_up_proj" in t:
         gate, up = t[theirs + "experts.gate_up_proj"].chunk(2, dim=1)
-        return {ours + "experts_gate": gate.contiguous(), ours + "experts_up": up.contiguous(),
-                ours + "experts_down": t[theirs + "experts.down_proj"]}
-    return {f"{ours}experts_{p}": torch.stack([t[f"{theirs}experts.{e}.{name}.weight"] for e in range(n)])
-            for p, name in zip(_OUR_EXPERTS, names)}
+        return {
+            ours + "experts_gate": gate.contiguous(),
+            ours + "experts_up": up.contiguous(),
+            ours + "experts_down": t[theirs + "experts.down_proj"],
+        }
+    return {
+        f"{ours}experts_{p}": torch.stack([t[f"{theirs}experts.{e}.{name}.weight"] for e in range(n)])
+        for p, name in zip(_OUR_EXPERTS, names)
+    }
 
 
 def unstack_experts(sd: dict, ours: str, theirs: str, names: tuple[str, str, str]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`stack_experts`, in the per-expert layout ``from_pretrained`` loads."""
-    return {f"{theirs}experts.{e}.{name}.weight": weight.contiguous()
-            for p, name in zip(_OUR_EXPERTS, names) for e, weight in enumerate(sd[f"{ours}experts_{p}"])}
+    return {
+        f"{theirs}experts.{e}.{name}.weight": weight.contiguous()
+        for p, name in zip(_OUR_EXPERTS, names)
+        for e, weight in enumerate(sd[f"{ours}experts_{p}"])
+    }
 
 
 def cpu_state(model) -> dict[str, torch.Tensor]:

@@ -60,7 +60,9 @@ def _deinterleave(dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])
 
 
-def _permute_rope_rows(weight: torch.Tensor, heads: int, nope: int, rope: int, inverse: bool = False) -> torch.Tensor:
+def _permute_rope_rows(
+    weight: torch.Tensor, heads: int, nope: int, rope: int, inverse: bool = False
+) -> torch.Tensor:
     """Permute the last ``rope`` rows of each of ``heads`` row blocks of width ``nope + rope``."""
     order = _deinterleave(rope)
     if inverse:
@@ -81,18 +83,26 @@ def _check_supported(hf: dict) -> float:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", None):
-        raise ValueError(f"{name}: RoPE scaling {kind!r} is not supported (YaRN and the rest are out of scope); "
-                         "only the default RoPE imports")
+        raise ValueError(
+            f"{name}: RoPE scaling {kind!r} is not supported (YaRN and the rest are out of scope); "
+            "only the default RoPE imports"
+        )
     if hf.get("moe_layer_freq", 1) != 1:
-        raise ValueError(f"{name}: moe_layer_freq = {hf['moe_layer_freq']} is not supported (only 1: every layer "
-                         "after the first first_k_dense_replace is MoE)")
+        raise ValueError(
+            f"{name}: moe_layer_freq = {hf['moe_layer_freq']} is not supported (only 1: every layer "
+            "after the first first_k_dense_replace is MoE)"
+        )
     heads = hf["num_attention_heads"]
     if (hf.get("num_key_value_heads") or heads) != heads:
-        raise ValueError(f"{name}: num_key_value_heads = {hf['num_key_value_heads']} must equal num_attention_heads "
-                         f"= {heads} (MLA rebuilds a key and value for every head)")
+        raise ValueError(
+            f"{name}: num_key_value_heads = {hf['num_key_value_heads']} must equal num_attention_heads "
+            f"= {heads} (MLA rebuilds a key and value for every head)"
+        )
     if name == "deepseek_v3" and not hf.get("rope_interleave", True):
-        raise ValueError("deepseek_v3: rope_interleave = false is not supported (DeepSeek's checkpoints rotate "
-                         "interleaved pairs; only that layout imports)")
+        raise ValueError(
+            "deepseek_v3: rope_interleave = false is not supported (DeepSeek's checkpoints rotate "
+            "interleaved pairs; only that layout imports)"
+        )
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
@@ -102,28 +112,42 @@ def _moe_config(hf: dict) -> MoEConfig:
     if not v3:
         method = hf.get("topk_method") or "greedy"
         if method not in ("greedy", "group_limited_greedy"):
-            raise ValueError(f"deepseek_v2: topk_method {method!r} is not supported (only 'greedy' and "
-                             "'group_limited_greedy', the two transformers' DeepseekV2 computes)")
+            raise ValueError(
+                f"deepseek_v2: topk_method {method!r} is not supported (only 'greedy' and "
+                "'group_limited_greedy', the two transformers' DeepseekV2 computes)"
+            )
         if method == "greedy":
             n_groups = topk_groups = 1  # V2's plain greedy top-k ignores the groups
         if hf.get("norm_topk_prob"):
             # DeepSeek's own V2 code renormalises the top-k weights (and then skips the routed scale)
             # when top_k > 1; transformers never does. We compute what transformers computes.
-            warnings.warn("deepseek_v2: norm_topk_prob = true is ignored, as transformers ignores it (DeepSeek's "
-                          "original code would renormalise the top-k weights and skip routed_scaling_factor): "
-                          "the imported model computes transformers' DeepseekV2, whose outputs differ",
-                          stacklevel=2)
+            warnings.warn(
+                "deepseek_v2: norm_topk_prob = true is ignored, as transformers ignores it (DeepSeek's "
+                "original code would renormalise the top-k weights and skip routed_scaling_factor): "
+                "the imported model computes transformers' DeepseekV2, whose outputs differ",
+                stacklevel=2,
+            )
     shared = hf.get("n_shared_experts") or 0
     width = hf["moe_intermediate_size"]
     return MoEConfig(
-        n_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"], d_expert=width, n_shared=shared,
-        d_shared=shared * width if shared else None, router="sigmoid" if v3 else "softmax",
+        n_experts=hf["n_routed_experts"],
+        top_k=hf["num_experts_per_tok"],
+        d_expert=width,
+        n_shared=shared,
+        d_shared=shared * width if shared else None,
+        router="sigmoid" if v3 else "softmax",
         normalize=bool(hf.get("norm_topk_prob")) if v3 else False,  # transformers' V2 never renormalises
-        n_groups=n_groups, topk_groups=topk_groups, group_score="top2" if v3 else "max",
+        n_groups=n_groups,
+        topk_groups=topk_groups,
+        group_score="top2" if v3 else "max",
         routed_scale=float(hf.get("routed_scaling_factor", 1.0)),
         # How each was trained, for further training: V2 with an auxiliary loss (alpha_1 = 0.003),
         # V3 loss-free (bias speed 0.001, sequence-wise loss alpha = 1e-4).
-        balance="bias" if v3 else "aux", aux_weight=0.003, bias_speed=0.001, seq_aux_weight=1e-4 if v3 else 0.0)
+        balance="bias" if v3 else "aux",
+        aux_weight=0.003,
+        bias_speed=0.001,
+        seq_aux_weight=1e-4 if v3 else 0.0,
+    )
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -132,19 +156,45 @@ def config_from_hf(hf: dict) -> GPTConfig:
     k = min(hf.get("first_k_dense_replace") or 0, L)
     moe = _moe_config(hf) if k < L else None
     layers = ["mla"] if k == L else ["mla+moe"] if k == 0 else ["mla"] * k + ["mla+moe"] * (L - k)
-    mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
-                    qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
-                    v_head_dim=hf["v_head_dim"])
-    return GPTConfig(vocab_size=hf["vocab_size"], n_layer=L, n_head=hf["num_attention_heads"], d_model=hf["hidden_size"],
-                     d_ff=hf["intermediate_size"], block_size=hf["max_position_embeddings"], position="rope",
-                     rope_theta=theta, norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", bias=False,
-                     tie_embeddings=hf.get("tie_word_embeddings", False), layers=layers, mla=mla, moe=moe)
+    mla = MLAConfig(
+        q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+    )
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=L,
+        n_head=hf["num_attention_heads"],
+        d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"],
+        block_size=hf["max_position_embeddings"],
+        position="rope",
+        rope_theta=theta,
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        bias=False,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        layers=layers,
+        mla=mla,
+        moe=moe,
+    )
 
 
 # --- tensors -----------------------------------------------------------------------------------
 # MLA's projections: (ours under blocks.{i}.attn., theirs under model.layers.{i}.self_attn.)
-_ATTN = [("q", "q_proj"), ("q_down", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("q_up", "q_b_proj"),
-         ("kv_down", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("kv_up", "kv_b_proj"), ("proj", "o_proj")]
+_ATTN = [
+    ("q", "q_proj"),
+    ("q_down", "q_a_proj"),
+    ("q_norm", "q_a_layernorm"),
+    ("q_up", "q_b_proj"),
+    ("kv_down", "kv_a_proj_with_mqa"),
+    ("kv_norm", "kv_a_layernorm"),
+    ("kv_up", "kv_b_proj"),
+    ("proj", "o_proj"),
+]
 _EXPERTS = ("gate_proj", "up_proj", "down_proj")
 # Hugging Face's names -> ours (``{}``: the layer). Irregular: the RoPE rows of q / q_up / kv_down
 # (_rope_rows), the experts (stack_experts), the routers in float32 (_routers).
@@ -154,13 +204,19 @@ NAMES = {
     "lm_head.weight": "lm_head.weight",
     "model.layers.{}.input_layernorm.weight": "blocks.{}.norm1.weight",
     "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.norm2.weight",
-    **{f"model.layers.{{}}.self_attn.{theirs}.weight": f"blocks.{{}}.attn.{ours}.weight"
-       for ours, theirs in _ATTN},
-    **{f"model.layers.{{}}.mlp.{p}_proj.weight": f"blocks.{{}}.mlp.{p}.weight"
-       for p in ("gate", "up", "down")},
+    **{
+        f"model.layers.{{}}.self_attn.{theirs}.weight": f"blocks.{{}}.attn.{ours}.weight"
+        for ours, theirs in _ATTN
+    },
+    **{
+        f"model.layers.{{}}.mlp.{p}_proj.weight": f"blocks.{{}}.mlp.{p}.weight"
+        for p in ("gate", "up", "down")
+    },
     "model.layers.{}.mlp.gate.weight": "blocks.{}.mlp.router.weight",
-    **{f"model.layers.{{}}.mlp.shared_experts.{p}_proj.weight": f"blocks.{{}}.mlp.shared.{p}.weight"
-       for p in ("gate", "up", "down")},
+    **{
+        f"model.layers.{{}}.mlp.shared_experts.{p}_proj.weight": f"blocks.{{}}.mlp.shared.{p}.weight"
+        for p in ("gate", "up", "down")
+    },
 }
 # V3's selection bias; V2 has none (its routers import with a zero one, and export refuses another).
 V3_NAMES = {**NAMES, "model.layers.{}.mlp.gate.e_score_correction_bias": "blocks.{}.mlp.router_bias"}
@@ -177,8 +233,9 @@ def _rope_rows(sd: dict, c: GPTConfig, inverse: bool = False) -> dict:
             if b + name in sd:
                 out[b + name] = _permute_rope_rows(sd[b + name], c.n_head, nope, rope, inverse)
         if b + "kv_down.weight" in sd:
-            out[b + "kv_down.weight"] = _permute_rope_rows(sd[b + "kv_down.weight"], 1, m.kv_lora_rank,
-                                                           m.qk_rope_head_dim, inverse)
+            out[b + "kv_down.weight"] = _permute_rope_rows(
+                sd[b + "kv_down.weight"], 1, m.kv_lora_rank, m.qk_rope_head_dim, inverse
+            )
     return out
 
 
@@ -198,14 +255,21 @@ def _routers(out: dict, c: GPTConfig) -> dict:
 
 
 def from_hf(t: dict, c: GPTConfig) -> dict:
-    mtp = sorted(k for k in t if (n := re.match(r"model\.layers\.(\d+)\.", k)) and int(n.group(1)) >= c.n_layer)
+    mtp = sorted(
+        k for k in t if (n := re.match(r"model\.layers\.(\d+)\.", k)) and int(n.group(1)) >= c.n_layer
+    )
     if mtp:
-        warnings.warn(f"skipped {len(mtp)} tensors of layers >= {c.n_layer} (DeepSeek-V3's multi-token prediction "
-                      "modules; import them with the MTP importer)", stacklevel=3)
+        warnings.warn(
+            f"skipped {len(mtp)} tensors of layers >= {c.n_layer} (DeepSeek-V3's multi-token prediction "
+            "modules; import them with the MTP importer)",
+            stacklevel=3,
+        )
     t = {k: v for k, v in t.items() if k not in set(mtp)}
     rest = sorted(k for k in t if renamed(k, V3_NAMES) is None and ".mlp.experts." not in k)
     if rest:
-        raise ValueError(f"unexpected DeepSeek tensors (not imported): {rest[:5]}{' ...' if len(rest) > 5 else ''}")
+        raise ValueError(
+            f"unexpected DeepSeek tensors (not imported): {rest[:5]}{' ...' if len(rest) > 5 else ''}"
+        )
     out = rename(t, V3_NAMES)
     if c.tie_embeddings:
         out.pop("lm_head.weight", None)
@@ -221,7 +285,9 @@ def _split_pattern(c: GPTConfig) -> int:
     kinds = c.layer_kinds()
     k = sum(1 for kind in kinds if kind == ("mla", "dense"))
     if kinds != [("mla", "dense")] * k + [("mla", "moe")] * (len(kinds) - k):
-        raise ValueError("DeepSeek export needs layers = ['mla'] * k + ['mla+moe'] * (n_layer - k): first dense, then MoE")
+        raise ValueError(
+            "DeepSeek export needs layers = ['mla'] * k + ['mla+moe'] * (n_layer - k): first dense, then MoE"
+        )
     return k
 
 
@@ -230,27 +296,62 @@ def to_hf(model: GPT, model_type: str) -> tuple[dict, dict]:
     v3 = model_type == "deepseek_v3"
     c = model.config
     k = _split_pattern(c)
-    if (c.norm, c.bias, c.mlp, c.prenorm) != ("rmsnorm", False, "swiglu", True) or c.position not in ("rope", "none"):
-        raise ValueError("DeepSeek export needs pre-RMSNorm, SwiGLU, no biases and no learned/sinusoidal/ALiBi positions")
+    if (c.norm, c.bias, c.mlp, c.prenorm) != ("rmsnorm", False, "swiglu", True) or c.position not in (
+        "rope",
+        "none",
+    ):
+        raise ValueError(
+            "DeepSeek export needs pre-RMSNorm, SwiGLU, no biases and no learned/sinusoidal/ALiBi positions"
+        )
     m, H = c.mla, c.n_head
     sd = cpu_state(model)
-    hf = {"architectures": [_FAMILY[model_type]], "model_type": model_type, "vocab_size": c.vocab_size,
-          "hidden_size": c.d_model, "intermediate_size": c.ff_width, "num_hidden_layers": c.n_layer,
-          "num_attention_heads": H, "num_key_value_heads": H, "max_position_embeddings": c.block_size,
-          "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-          "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-          "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "hidden_act": "silu",
-          "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
-          "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "first_k_dense_replace": k}
+    hf = {
+        "architectures": [_FAMILY[model_type]],
+        "model_type": model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "intermediate_size": c.ff_width,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": H,
+        "num_key_value_heads": H,
+        "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "q_lora_rank": m.q_lora_rank,
+        "kv_lora_rank": m.kv_lora_rank,
+        "qk_nope_head_dim": m.qk_nope_head_dim,
+        "qk_rope_head_dim": m.qk_rope_head_dim,
+        "v_head_dim": m.v_head_dim,
+        "first_k_dense_replace": k,
+    }
     hf.update({"rope_interleave": True} if v3 else {"mlp_bias": False})
     if k < c.n_layer:
         hf.update(_moe_hf(model, k, v3))
     elif v3:
-        hf.update({"n_routed_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
-                   "n_shared_experts": 1, "moe_intermediate_size": 1})  # unused: no MoE layer
+        hf.update(
+            {
+                "n_routed_experts": 1,
+                "num_experts_per_tok": 1,
+                "n_group": 1,
+                "topk_group": 1,
+                "n_shared_experts": 1,
+                "moe_intermediate_size": 1,
+            }
+        )  # unused: no MoE layer
     else:
-        hf.update({"n_routed_experts": 1, "num_experts_per_tok": 1, "topk_method": "greedy", "n_shared_experts": 1,
-                   "moe_intermediate_size": 1})
+        hf.update(
+            {
+                "n_routed_experts": 1,
+                "num_experts_per_tok": 1,
+                "topk_method": "greedy",
+                "n_shared_experts": 1,
+                "moe_intermediate_size": 1,
+            }
+        )
     if c.tie_embeddings:
         sd.pop("lm_head.weight")
     sd.update(_rope_rows(sd, c, inverse=True))
@@ -271,12 +372,23 @@ def _moe_hf(model: GPT, k: int, v3: bool) -> dict:
         raise ValueError("DeepSeek-V3 export needs model.moe.router = 'sigmoid' and group_score = 'top2'")
     if not v3:
         if (moe.router, moe.group_score, moe.normalize) != ("softmax", "max", False):
-            raise ValueError("DeepSeek-V2 export needs model.moe.router = 'softmax', group_score = 'max', normalize = false")
+            raise ValueError(
+                "DeepSeek-V2 export needs model.moe.router = 'softmax', group_score = 'max', normalize = false"
+            )
         if any(block.mlp.router_bias.abs().sum() > 0 for block in model.blocks[k:]):
-            raise ValueError("DeepSeek-V2 export: the routers have a selection bias, which V2 cannot express (use deepseek_v3)")
-    hf = {"n_routed_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "n_shared_experts": moe.n_shared,
-          "moe_intermediate_size": width, "routed_scaling_factor": moe.routed_scale, "n_group": moe.n_groups,
-          "topk_group": moe.topk_groups, "norm_topk_prob": moe.normalize}
+            raise ValueError(
+                "DeepSeek-V2 export: the routers have a selection bias, which V2 cannot express (use deepseek_v3)"
+            )
+    hf = {
+        "n_routed_experts": moe.n_experts,
+        "num_experts_per_tok": moe.top_k,
+        "n_shared_experts": moe.n_shared,
+        "moe_intermediate_size": width,
+        "routed_scaling_factor": moe.routed_scale,
+        "n_group": moe.n_groups,
+        "topk_group": moe.topk_groups,
+        "norm_topk_prob": moe.normalize,
+    }
     if not v3:
         hf["topk_method"] = "group_limited_greedy" if moe.n_groups > 1 else "greedy"
     return hf
@@ -288,4 +400,3 @@ def default_architecture(config: GPTConfig) -> str | None:
     if not any(mixer == "mla" for mixer, _ in kinds):
         return None
     return "deepseek_v3" if config.moe is not None and config.moe.router == "sigmoid" else "deepseek_v2"
-

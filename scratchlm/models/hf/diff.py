@@ -19,19 +19,31 @@ from scratchlm.models.gpt import GPT
 from scratchlm.models.hf import llama
 
 # Hugging Face's names -> ours: Llama's, and the four λ vectors of each layer.
-NAMES = {**llama.NAMES, **{f"model.layers.{{}}.self_attn.{name}": f"blocks.{{}}.attn.{name}"
-                           for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}}
+NAMES = {
+    **llama.NAMES,
+    **{
+        f"model.layers.{{}}.self_attn.{name}": f"blocks.{{}}.attn.{name}"
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+    },
+}
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
     if hf.get("attention_dropout"):
-        raise ValueError("DiffLlama with attention_dropout > 0 is not supported (transformers refuses it too)")
+        raise ValueError(
+            "DiffLlama with attention_dropout > 0 is not supported (transformers refuses it too)"
+        )
     base = llama.config_from_hf(hf)  # the Llama checks: no biases, default RoPE, head_dim × heads = hidden
     if base.n_head % 2 or base.kv_heads % 2:
-        raise ValueError(f"DiffLlama pairs heads: num_attention_heads = {base.n_head} and num_key_value_heads = "
-                         f"{base.kv_heads} must both be even")
-    return dataclasses.replace(base, layers=["diff"],
-                               diff=DiffConfig(version=1, layout="halves", lambda_std=hf.get("lambda_std_dev") or 0.1))
+        raise ValueError(
+            f"DiffLlama pairs heads: num_attention_heads = {base.n_head} and num_key_value_heads = "
+            f"{base.kv_heads} must both be even"
+        )
+    return dataclasses.replace(
+        base,
+        layers=["diff"],
+        diff=DiffConfig(version=1, layout="halves", lambda_std=hf.get("lambda_std_dev") or 0.1),
+    )
 
 
 def from_hf(t: dict, c: GPTConfig) -> dict:
@@ -41,17 +53,27 @@ def from_hf(t: dict, c: GPTConfig) -> dict:
 def to_hf(model: GPT) -> tuple[dict, dict]:
     c = model.config
     if any(kind != ("diff", "dense") for kind in c.layer_kinds()):
-        raise ValueError("DiffLlama export needs every layer to be differential attention ('diff') + a dense MLP")
+        raise ValueError(
+            "DiffLlama export needs every layer to be differential attention ('diff') + a dense MLP"
+        )
     if c.diff.version != 1:
-        raise ValueError("DiffLlama export needs differential attention V1 (diff.version = 1); V2 has no "
-                         "Hugging Face class")
+        raise ValueError(
+            "DiffLlama export needs differential attention V1 (diff.version = 1); V2 has no "
+            "Hugging Face class"
+        )
     if c.diff.layout != "halves":  # DiffLlama reads halves: reorder the heads, then export that model
         halves = GPT(dataclasses.replace(c, diff=dataclasses.replace(c.diff, layout="halves")))
         halves.load_state_dict(permute_heads(model.state_dict(), c, "halves"))
         model = halves
     tensors, hf = llama.to_hf(model, NAMES)  # checks RoPE, pre-RMSNorm, SwiGLU, no biases
-    hf.update({"architectures": ["DiffLlamaForCausalLM"], "model_type": "diffllama",
-               "lambda_std_dev": c.diff.lambda_std, "attention_dropout": 0.0})
+    hf.update(
+        {
+            "architectures": ["DiffLlamaForCausalLM"],
+            "model_type": "diffllama",
+            "lambda_std_dev": c.diff.lambda_std,
+            "attention_dropout": 0.0,
+        }
+    )
     hf.pop("mlp_bias", None)  # a Llama field DiffLlama does not have
     return tensors, hf
 
@@ -59,4 +81,3 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
 def default_architecture(config: GPTConfig) -> str | None:
     """A model with differential-attention layers exports as DiffLlama (or explains why not)."""
     return "diffllama" if any(mixer == "diff" for mixer, _ in config.layer_kinds()) else None
-

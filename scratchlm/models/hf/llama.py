@@ -38,12 +38,23 @@ def config_from_hf(hf: dict) -> GPTConfig:
     theta = rope_theta(hf)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     own_width = head_dim * hf["num_attention_heads"] != hf["hidden_size"]  # heads wider or narrower
-    return GPTConfig(attn=AttentionConfig(head_dim=head_dim if own_width else None),
-                     vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-                     n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                     d_model=hf["hidden_size"], d_ff=hf["intermediate_size"], block_size=hf["max_position_embeddings"],
-                     position="rope", rope_theta=theta, norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-                     mlp="swiglu", bias=False, tie_embeddings=hf.get("tie_word_embeddings", False))
+    return GPTConfig(
+        attn=AttentionConfig(head_dim=head_dim if own_width else None),
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"],
+        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"],
+        block_size=hf["max_position_embeddings"],
+        position="rope",
+        rope_theta=theta,
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        bias=False,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
 
 
 def qkv_from_hf(t: dict, c: GPTConfig) -> dict[str, torch.Tensor]:
@@ -68,8 +79,12 @@ def qkv_to_hf(sd: dict, c: GPTConfig) -> dict[str, torch.Tensor]:
             fused = sd.get(f"blocks.{i}.attn.qkv.{part}")
             if fused is not None:
                 parts = fused.split([H * D, Hkv * D, Hkv * D])
-                out.update({f"model.layers.{i}.self_attn.{p}_proj.{part}": w.contiguous()
-                            for p, w in zip("qkv", parts)})
+                out.update(
+                    {
+                        f"model.layers.{i}.self_attn.{p}_proj.{part}": w.contiguous()
+                        for p, w in zip("qkv", parts)
+                    }
+                )
     return out
 
 
@@ -91,10 +106,23 @@ def to_hf(model: GPT, names: dict[str, str] = NAMES) -> tuple[dict, dict]:
     if c.tie_embeddings:
         sd.pop("lm_head.weight")
     tensors = {**rename(sd, inverse(names)), **qkv_to_hf(sd, c)}
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-          "hidden_size": c.d_model, "intermediate_size": c.ff_width, "num_hidden_layers": c.n_layer,
-          "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
-          "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-          "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-          "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "intermediate_size": c.ff_width,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+    }
     return tensors, hf

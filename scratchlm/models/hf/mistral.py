@@ -30,7 +30,9 @@ OUR_LAYER_TYPES = {theirs: ours for ours, theirs in HF_LAYER_TYPES.items()}
 def _with_layers(hf: dict, layer_types: list[str]) -> GPTConfig:
     """A Llama-block config read from ``hf``, with one mixer per layer from HF ``layer_types``."""
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{hf.get('model_type')} models with hidden_act {hf['hidden_act']!r} are not supported (only silu)")
+        raise ValueError(
+            f"{hf.get('model_type')} models with hidden_act {hf['hidden_act']!r} are not supported (only silu)"
+        )
     unknown = sorted(set(layer_types) - set(OUR_LAYER_TYPES))
     if unknown:
         raise ValueError(f"layer_types {unknown} are not supported; expected {' / '.join(OUR_LAYER_TYPES)}")
@@ -60,7 +62,9 @@ def ministral_config(hf: dict) -> GPTConfig:
 def _layer_types(model: GPT) -> list[str]:
     kinds = model.config.layer_kinds()
     if any(mlp != "dense" or mixer not in HF_LAYER_TYPES for mixer, mlp in kinds):
-        raise ValueError("Mistral / Ministral export needs every layer to be 'sliding' or 'attention' with a dense MLP")
+        raise ValueError(
+            "Mistral / Ministral export needs every layer to be 'sliding' or 'attention' with a dense MLP"
+        )
     return [HF_LAYER_TYPES[mixer] for mixer, _ in kinds]
 
 
@@ -75,8 +79,10 @@ def _base_hf(model: GPT, architecture: str, model_type: str) -> tuple[dict, dict
 def mistral_to_hf(model: GPT) -> tuple[dict, dict]:
     layer_types = _layer_types(model)
     if len(set(layer_types)) > 1:
-        raise ValueError("Mistral applies one window to every layer; a model mixing 'sliding' and 'attention' "
-                         "layers exports as 'ministral'")
+        raise ValueError(
+            "Mistral applies one window to every layer; a model mixing 'sliding' and 'attention' "
+            "layers exports as 'ministral'"
+        )
     tensors, hf = _base_hf(model, "MistralForCausalLM", "mistral")
     hf["sliding_window"] = model.config.attn.window if layer_types[0] == "sliding_attention" else None
     return tensors, hf
@@ -96,6 +102,10 @@ def default_architecture(config: GPTConfig) -> str | None:
     mixers = {mixer for mixer, _ in kinds}
     if config.sandwich_norm or config.embed_scale:
         return None  # Gemma-2's switches: hf/gemma.py decides
-    if "sliding" not in mixers or not mixers <= set(HF_LAYER_TYPES) or any(mlp != "dense" for _, mlp in kinds):
+    if (
+        "sliding" not in mixers
+        or not mixers <= set(HF_LAYER_TYPES)
+        or any(mlp != "dense" for _, mlp in kinds)
+    ):
         return None
     return "mistral" if mixers == {"sliding"} else "ministral"

@@ -45,19 +45,33 @@ from scratchlm.models.hf import llama
 from scratchlm.models.hf.common import cpu_state, inverse, rename, stack_experts, unstack_experts
 
 # Per-expert tensor names of each family: (gate, up, down) under ``<mlp>.experts.{i}.``.
-_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
-                 "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+_EXPERT_NAMES = {
+    "mixtral": ("w1", "w3", "w2"),
+    "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+}
 _MLP_NAME = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
-_ATTN_NORMS = {f"model.layers.{{}}.self_attn.{n}.weight": f"blocks.{{}}.attn.{n}.weight"
-               for n in ("q_norm", "k_norm")}
-_SHARED = {**{f"model.layers.{{}}.mlp.shared_expert.{p}_proj.weight": f"blocks.{{}}.mlp.shared.{p}.weight"
-              for p in ("gate", "up", "down")},
-           "model.layers.{}.mlp.shared_expert_gate.weight": "blocks.{}.mlp.shared_gate.weight"}
+_ATTN_NORMS = {
+    f"model.layers.{{}}.self_attn.{n}.weight": f"blocks.{{}}.attn.{n}.weight" for n in ("q_norm", "k_norm")
+}
+_SHARED = {
+    **{
+        f"model.layers.{{}}.mlp.shared_expert.{p}_proj.weight": f"blocks.{{}}.mlp.shared.{p}.weight"
+        for p in ("gate", "up", "down")
+    },
+    "model.layers.{}.mlp.shared_expert_gate.weight": "blocks.{}.mlp.shared_gate.weight",
+}
 # Hugging Face's names -> ours, per family: Llama's (q, k, v are fused by llama.qkv_from_hf), each
 # MoE layer's router, Qwen3's q/k norms, Qwen2's gated shared expert. The experts: stack_experts.
-NAMES = {kind: {**llama.NAMES, f"model.layers.{{}}.{mlp}.gate.weight": "blocks.{}.mlp.router.weight",
-                **(_SHARED if kind == "qwen2_moe" else {}), **(_ATTN_NORMS if kind == "qwen3_moe" else {})}
-         for kind, mlp in _MLP_NAME.items()}
+NAMES = {
+    kind: {
+        **llama.NAMES,
+        f"model.layers.{{}}.{mlp}.gate.weight": "blocks.{}.mlp.router.weight",
+        **(_SHARED if kind == "qwen2_moe" else {}),
+        **(_ATTN_NORMS if kind == "qwen3_moe" else {}),
+    }
+    for kind, mlp in _MLP_NAME.items()
+}
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -66,10 +80,14 @@ def _base_config(hf: dict) -> dict:
     llama_fields = {k: v for k, v in hf.items() if k not in ("attention_bias", "mlp_bias", "head_dim")}
     head_dim = hf.get("head_dim")
     if head_dim and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise ValueError(f"{hf['model_type']}: head_dim {head_dim} x {hf['num_attention_heads']} heads != hidden_size "
-                         f"{hf['hidden_size']}; scratchlm's heads split d_model")
+        raise ValueError(
+            f"{hf['model_type']}: head_dim {head_dim} x {hf['num_attention_heads']} heads != hidden_size "
+            f"{hf['hidden_size']}; scratchlm's heads split d_model"
+        )
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{hf['model_type']}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+        raise ValueError(
+            f"{hf['model_type']}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)"
+        )
     return llama.config_from_hf(llama_fields).to_dict()
 
 
@@ -83,7 +101,9 @@ def _moe_layers(hf: dict) -> list[bool]:
     if hf["model_type"] == "mixtral":
         return [True] * hf["num_hidden_layers"]
     step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
-    return [i not in dense and _n_experts(hf) > 0 and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"])]
+    return [
+        i not in dense and _n_experts(hf) > 0 and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"])
+    ]
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -111,8 +131,12 @@ def config_from_hf(hf: dict) -> GPTConfig:
         attn["qk_norm"] = True
     layers = [f"{mixer}+moe" if sparse else mixer for sparse in _moe_layers(hf)]
     coef = float(hf.get("router_aux_loss_coef", 0.001))  # transformers' default for all three families
-    moe.update(n_experts=experts, top_k=hf["num_experts_per_tok"], d_expert=width,
-               aux_weight=aux_weight_from_hf(coef, hf["num_experts_per_tok"], sum(_moe_layers(hf))))
+    moe.update(
+        n_experts=experts,
+        top_k=hf["num_experts_per_tok"],
+        d_expert=width,
+        aux_weight=aux_weight_from_hf(coef, hf["num_experts_per_tok"], sum(_moe_layers(hf))),
+    )
     base["layers"] = layers[:1] if len(set(layers)) == 1 else layers  # one item repeats to every layer
     if any(_moe_layers(hf)):  # a config whose every layer is dense (mlp_only_layers) has no MoE table
         base["moe"] = moe
@@ -169,9 +193,15 @@ def _check_exportable(model: GPT, kind: str) -> None:
             problems.append("a gated shared expert (moe.n_shared >= 1, moe.shared_gate)")
         if kind != "qwen2_moe" and m.n_shared:
             problems.append("no shared experts")
-        if any(block.mlp.router_bias.abs().max() > 0 for block in model.blocks if hasattr(block.mlp, "router_bias")):
-            problems.append("a zero router_bias (a loss-free-balanced model needs a format with "
-                            "e_score_correction_bias, e.g. DeepSeek-V3)")
+        if any(
+            block.mlp.router_bias.abs().max() > 0
+            for block in model.blocks
+            if hasattr(block.mlp, "router_bias")
+        ):
+            problems.append(
+                "a zero router_bias (a loss-free-balanced model needs a format with "
+                "e_score_correction_bias, e.g. DeepSeek-V3)"
+            )
     if bool(c.attn.qk_norm) != (kind == "qwen3_moe"):
         problems.append("attn.qk_norm" if kind == "qwen3_moe" else "no attn.qk_norm")
     if c.attn.qkv_bias and kind != "qwen2_moe":
@@ -190,29 +220,57 @@ def to_hf(model: GPT, kind: str) -> tuple[dict, dict]:
     D, H, Hkv = c.head_dim, c.n_head, c.kv_heads
     tensors = {**rename(sd, inverse(NAMES[kind])), **llama.qkv_to_hf(sd, c)}  # router_bias (0) stays behind
     for i in _moe_layer_numbers(c):
-        tensors.update(unstack_experts(sd, f"blocks.{i}.mlp.", f"model.layers.{i}.{_MLP_NAME[kind]}.",
-                                       _EXPERT_NAMES[kind]))
+        tensors.update(
+            unstack_experts(
+                sd, f"blocks.{i}.mlp.", f"model.layers.{i}.{_MLP_NAME[kind]}.", _EXPERT_NAMES[kind]
+            )
+        )
     dense_layers = [i for i, (_, mlp) in enumerate(c.layer_kinds()) if mlp == "dense"]
     width = m.d_expert or c.ff_width
-    architecture = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                    "qwen3_moe": "Qwen3MoeForCausalLM"}[kind]
-    hf = {"architectures": [architecture], "model_type": kind, "vocab_size": c.vocab_size,
-          "hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "num_attention_heads": H,
-          "num_key_value_heads": Hkv, "head_dim": D, "max_position_embeddings": c.block_size,
-          "rms_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-          "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "num_experts_per_tok": m.top_k,
-          "router_aux_loss_coef": aux_weight_to_hf(m.aux_weight, m.top_k, c.n_layer - len(dense_layers)),
-          "attention_dropout": 0.0}
+    architecture = {
+        "mixtral": "MixtralForCausalLM",
+        "qwen2_moe": "Qwen2MoeForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+    }[kind]
+    hf = {
+        "architectures": [architecture],
+        "model_type": kind,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": H,
+        "num_key_value_heads": Hkv,
+        "head_dim": D,
+        "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "tie_word_embeddings": c.tie_embeddings,
+        "hidden_act": "silu",
+        "num_experts_per_tok": m.top_k,
+        "router_aux_loss_coef": aux_weight_to_hf(m.aux_weight, m.top_k, c.n_layer - len(dense_layers)),
+        "attention_dropout": 0.0,
+    }
     if kind == "mixtral":
-        hf.update(intermediate_size=width, num_local_experts=m.n_experts, router_jitter_noise=0.0,
-                  sliding_window=c.attn.window if c.layer_kinds()[0][0] == "sliding" else None)
+        hf.update(
+            intermediate_size=width,
+            num_local_experts=m.n_experts,
+            router_jitter_noise=0.0,
+            sliding_window=c.attn.window if c.layer_kinds()[0][0] == "sliding" else None,
+        )
     else:
-        hf.update(intermediate_size=c.ff_width, moe_intermediate_size=width, num_experts=m.n_experts,
-                  norm_topk_prob=m.normalize, decoder_sparse_step=1, mlp_only_layers=dense_layers,
-                  use_sliding_window=False)
+        hf.update(
+            intermediate_size=c.ff_width,
+            moe_intermediate_size=width,
+            num_experts=m.n_experts,
+            norm_topk_prob=m.normalize,
+            decoder_sparse_step=1,
+            mlp_only_layers=dense_layers,
+            use_sliding_window=False,
+        )
     if kind == "qwen2_moe":
-        hf.update(shared_expert_intermediate_size=m.d_shared or m.n_shared * width,
-                  qkv_bias=bool(c.attn.qkv_bias))
+        hf.update(
+            shared_expert_intermediate_size=m.d_shared or m.n_shared * width, qkv_bias=bool(c.attn.qkv_bias)
+        )
     if kind == "qwen3_moe":
         hf["attention_bias"] = False
     return tensors, hf

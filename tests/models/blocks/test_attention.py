@@ -23,11 +23,29 @@ from scratchlm.models.gpt import GPT
 from scratchlm.models.presets import config_from_section
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints"
-BASE = {"vocab_size": 61, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "block_size": 24,
-        "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "attention": "manual",
-        "layers": ["sliding", "attention"], "init_std": 0.3}
-OLD = {"sliding_window": 4, "d_head": 12, "qkv_bias": True, "qk_norm": True, "attn_scale": 0.3,
-       "attn_softcap": 8.0}
+BASE = {
+    "vocab_size": 61,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_kv_head": 2,
+    "d_model": 32,
+    "block_size": 24,
+    "position": "rope",
+    "norm": "rmsnorm",
+    "mlp": "swiglu",
+    "bias": False,
+    "attention": "manual",
+    "layers": ["sliding", "attention"],
+    "init_std": 0.3,
+}
+OLD = {
+    "sliding_window": 4,
+    "d_head": 12,
+    "qkv_bias": True,
+    "qk_norm": True,
+    "attn_scale": 0.3,
+    "attn_softcap": 8.0,
+}
 NEW = {"window": 4, "head_dim": 12, "qkv_bias": True, "qk_norm": True, "scale": 0.3, "softcap": 8.0}
 
 
@@ -71,22 +89,27 @@ def test_the_old_checkpoints_settings_read_into_the_table_without_a_message():
         warnings.simplefilter("error")
         gemma = GPTConfig.from_dict(json.loads((FIXTURES / "gemma" / "state.json").read_text())["model"])
         mixed = GPTConfig.from_dict(json.loads((FIXTURES / "mixed" / "state.json").read_text())["model"])
-    assert gemma.attn == AttentionConfig(window=8, head_dim=16, qkv_bias=True, qk_norm=True, scale=0.25,
-                                         softcap=50.0)
+    assert gemma.attn == AttentionConfig(
+        window=8, head_dim=16, qkv_bias=True, qk_norm=True, scale=0.25, softcap=50.0
+    )
     assert mixed.attn.window is not None
 
 
 def test_the_old_spelling_in_a_model_table_or_set_works_with_one_notice():
-    section = apply_overrides({"model": {"preset": "shakespeare-char", "layers": ["sliding"]}},
-                              ["model.sliding_window=8", "model.attn_softcap=5.0"])["model"]
+    section = apply_overrides(
+        {"model": {"preset": "shakespeare-char", "layers": ["sliding"]}},
+        ["model.sliding_window=8", "model.attn_softcap=5.0"],
+    )["model"]
     with pytest.warns(FutureWarning) as caught:
         old = config_from_section(section)
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "model.sliding_window -> model.attn.window" in message
     assert "model.attn_softcap -> model.attn.softcap" in message
-    new_section = apply_overrides({"model": {"preset": "shakespeare-char", "layers": ["sliding"]}},
-                                  ["model.attn.window=8", "model.attn.softcap=5.0"])["model"]
+    new_section = apply_overrides(
+        {"model": {"preset": "shakespeare-char", "layers": ["sliding"]}},
+        ["model.attn.window=8", "model.attn.softcap=5.0"],
+    )["model"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert config_from_section(new_section) == old
@@ -101,8 +124,16 @@ def test_one_setting_under_both_spellings_is_refused():
     assert (c.attn.softcap, c.attn.scale) == (5.0, 0.5)
 
 
-@pytest.mark.parametrize("key,bad,good", [("window", 0, 1), ("head_dim", 0, 1), ("scale", 0.0, 1e-9),
-                                          ("softcap", 0.0, 1e-9), ("qk_norm", 1, True)])
+@pytest.mark.parametrize(
+    "key,bad,good",
+    [
+        ("window", 0, 1),
+        ("head_dim", 0, 1),
+        ("scale", 0.0, 1e-9),
+        ("softcap", 0.0, 1e-9),
+        ("qk_norm", 1, True),
+    ],
+)
 def test_each_setting_is_checked_naming_its_key(key, bad, good):
     with pytest.raises(ConfigError, match=rf"model\.attn\.{key} = "):
         AttentionConfig(**{key: bad})

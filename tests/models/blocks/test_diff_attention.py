@@ -29,10 +29,24 @@ GREEDY = SamplingConfig(temperature=0)
 
 
 def _config(version: int = 1, layout: str = "halves", attention: str = "sdpa", **overrides) -> GPTConfig:
-    fields = {"vocab_size": 61, "n_layer": 2, "n_head": 8, "n_kv_head": 4, "d_model": 64, "block_size": 32,
-              "position": "rope", "norm": "rmsnorm", "norm_eps": 1e-6, "mlp": "swiglu", "bias": False,
-              "tie_embeddings": False, "layers": ["diff"], "attention": attention, "init_std": 0.3,
-              "diff": DiffConfig(version=version, layout=layout, lambda_std=0.5)}
+    fields = {
+        "vocab_size": 61,
+        "n_layer": 2,
+        "n_head": 8,
+        "n_kv_head": 4,
+        "d_model": 64,
+        "block_size": 32,
+        "position": "rope",
+        "norm": "rmsnorm",
+        "norm_eps": 1e-6,
+        "mlp": "swiglu",
+        "bias": False,
+        "tie_embeddings": False,
+        "layers": ["diff"],
+        "attention": attention,
+        "init_std": 0.3,
+        "diff": DiffConfig(version=version, layout=layout, lambda_std=0.5),
+    }
     return GPTConfig(**{**fields, **overrides})
 
 
@@ -66,9 +80,19 @@ def test_matches_hf_diffllama(tmp_path, heads, kv_heads, tied):
     from scratchlm.models.hf import export_hf, import_hf
 
     config = transformers.DiffLlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, max_position_embeddings=48, initializer_range=0.3, rms_norm_eps=1e-6,
-        tie_word_embeddings=tied, attn_implementation="eager", dtype=torch.float32)
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=48,
+        initializer_range=0.3,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
+        dtype=torch.float32,
+    )
     torch.manual_seed(0)
     hf = transformers.DiffLlamaForCausalLM(config).eval()
     with torch.no_grad():  # HF draws λ vectors with std 0.1: make λ large and different in every layer
@@ -100,7 +124,9 @@ def test_matches_hf_diffllama(tmp_path, heads, kv_heads, tied):
         torch.testing.assert_close(back(x).logits, expected, atol=1e-4, rtol=0)
 
     # A model stored in the official (adjacent) layout exports to the same DiffLlama.
-    adjacent_config = dataclasses.replace(ours.config, diff=dataclasses.replace(ours.config.diff, layout="adjacent"))
+    adjacent_config = dataclasses.replace(
+        ours.config, diff=dataclasses.replace(ours.config.diff, layout="adjacent")
+    )
     adjacent = GPT(adjacent_config).eval()
     adjacent.load_state_dict(permute_heads(ours.state_dict(), ours.config, "adjacent"))
     export_hf(adjacent, tmp_path / "from-adjacent")
@@ -117,7 +143,9 @@ def test_layouts_compute_the_same_function_after_the_permutation(version):
     x = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected, _ = halves(x)
-        adjacent.load_state_dict(halves.state_dict())  # same tensors read in the other layout: a different model
+        adjacent.load_state_dict(
+            halves.state_dict()
+        )  # same tensors read in the other layout: a different model
         assert (adjacent(x)[0] - expected).abs().max() > 1e-2
         permuted = permute_heads(halves.state_dict(), halves.config, "adjacent")
         adjacent.load_state_dict(permuted)
@@ -155,7 +183,9 @@ def test_adjacent_v1_is_the_official_formula():
         v = v.view(B, T, h, 2 * d).transpose(1, 2)
         scores = q @ k.transpose(-1, -2) * d**-0.5 + torch.full((T, T), float("-inf")).triu(1)
         maps = torch.softmax(scores, dim=-1).view(B, h, 2, T, T)
-        lam = math.exp(float(mixer.lambda_q1 @ mixer.lambda_k1)) - math.exp(float(mixer.lambda_q2 @ mixer.lambda_k2))
+        lam = math.exp(float(mixer.lambda_q1 @ mixer.lambda_k1)) - math.exp(
+            float(mixer.lambda_q2 @ mixer.lambda_k2)
+        )
         lam += 0.8 - 0.6 * math.exp(-0.3 * 2)
         out = (maps[:, :, 0] - lam * maps[:, :, 1]) @ v
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + config.norm_eps) * (1 - mixer.lambda_init)
@@ -259,7 +289,9 @@ def test_v2_shapes_parameters_and_cache_size():
     # Twice the baseline's maps over the context; V1 costs the baseline's (two maps of D, one 2D value).
     assert attn.context_flops(32) == 2 * baseline.blocks[0].attn.n_head * D * 4 * 32
     v1_flops, baseline_flops = _model(_config(1)).flops_per_token(), baseline.flops_per_token()
-    assert v1_flops["forward"] - baseline_flops["forward"] == pytest.approx(2 * 2 * 4 * D)  # only the λ vectors
+    assert v1_flops["forward"] - baseline_flops["forward"] == pytest.approx(
+        2 * 2 * 4 * D
+    )  # only the λ vectors
     # V1 keeps the baseline's parameter count (eq. 1 splits its heads), plus 4·D λ values per layer.
     v1 = _model(_config(1))
     assert v1.parameter_counts()["total"] == baseline.parameter_counts()["total"] + 2 * 4 * D

@@ -12,13 +12,16 @@ from scratchlm.models.blocks.flash_attention import attention_bytes, naive_atten
 from scratchlm.models.layers import alibi_slopes
 
 
-@pytest.mark.parametrize("B,H,Hkv,T,S,D,causal", [
-    (2, 4, 4, 37, 37, 16, True),     # sizes that are not multiples of the blocks
-    (1, 4, 2, 64, 64, 8, True),      # grouped-query attention
-    (2, 2, 2, 5, 70, 16, True),      # queries after a cache of 65 positions (decode with a prefix)
-    (1, 2, 1, 1, 33, 8, True),       # one decode step, multi-query
-    (2, 3, 3, 20, 29, 8, False),     # no mask
-])
+@pytest.mark.parametrize(
+    "B,H,Hkv,T,S,D,causal",
+    [
+        (2, 4, 4, 37, 37, 16, True),  # sizes that are not multiples of the blocks
+        (1, 4, 2, 64, 64, 8, True),  # grouped-query attention
+        (2, 2, 2, 5, 70, 16, True),  # queries after a cache of 65 positions (decode with a prefix)
+        (1, 2, 1, 1, 33, 8, True),  # one decode step, multi-query
+        (2, 3, 3, 20, 29, 8, False),  # no mask
+    ],
+)
 def test_tiled_equals_sdpa_and_naive(B, H, Hkv, T, S, D, causal):
     torch.manual_seed(0)
     q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
@@ -36,8 +39,12 @@ def test_alibi_bias_is_applied_per_tile():
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 4, 40, 8), torch.randn(1, 4, 40, 8)
     slopes = alibi_slopes(4)
-    torch.testing.assert_close(tiled_attention(q, k, v, alibi=slopes, block_q=8, block_k=16),
-                               naive_attention(q, k, v, alibi=slopes), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tiled_attention(q, k, v, alibi=slopes, block_q=8, block_k=16),
+        naive_attention(q, k, v, alibi=slopes),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_autograd_through_the_tiles_gives_sdpas_gradients():
@@ -57,7 +64,9 @@ def test_model_with_tiled_attention_matches_sdpa_and_cached_decoding():
 
     for position in ("rope", "alibi"):
         torch.manual_seed(3)
-        base = dict(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=48, position=position)
+        base = dict(
+            vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=48, position=position
+        )
         sdpa = GPT(GPTConfig(**base)).eval()
         tiled = GPT(GPTConfig(**base, attention="tiled"))
         tiled.load_state_dict(sdpa.state_dict())

@@ -14,18 +14,31 @@ from scratchlm.generate import generate
 from scratchlm.generate.generate import beam_search
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig
+from scratchlm.models.blocks.mamba import MambaConfig, selective_scan_chunked, selective_scan_sequential
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.models.blocks.mamba import MambaConfig, selective_scan_chunked, selective_scan_sequential
 
 GREEDY = SamplingConfig(temperature=0)
 
 
 def _model(layers=("mamba+none",), n_layer=2, seed=0, **mamba) -> GPT:
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=97, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32, d_ff=48, block_size=64,
-                       position="none", norm="rmsnorm", mlp="swiglu", bias=False, layers=list(layers),
-                       mamba=MambaConfig(d_state=8, chunk=8, **mamba), init_std=0.2)
+    config = GPTConfig(
+        vocab_size=97,
+        n_layer=n_layer,
+        n_head=4,
+        n_kv_head=2,
+        d_model=32,
+        d_ff=48,
+        block_size=64,
+        position="none",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        layers=list(layers),
+        mamba=MambaConfig(d_state=8, chunk=8, **mamba),
+        init_std=0.2,
+    )
     return GPT(config).eval()
 
 
@@ -34,7 +47,10 @@ def _scan_inputs(batch=2, T=37, D=12, N=6, dtype=torch.float32, seed=0):
     x = torch.randn(batch, T, D, generator=g, dtype=dtype)
     dt = torch.rand(batch, T, D, generator=g, dtype=dtype) * 2  # large steps: strong decays are exercised
     A = -torch.exp(torch.randn(D, N, generator=g, dtype=dtype))
-    B, C = torch.randn(batch, T, N, generator=g, dtype=dtype), torch.randn(batch, T, N, generator=g, dtype=dtype)
+    B, C = (
+        torch.randn(batch, T, N, generator=g, dtype=dtype),
+        torch.randn(batch, T, N, generator=g, dtype=dtype),
+    )
     state = torch.randn(batch, D, N, generator=g, dtype=dtype)
     return x, dt, A, B, C, state
 
@@ -86,14 +102,18 @@ def test_config_defaults_and_validation():
     model = _model()
     mixer = model.blocks[0].mamba
     assert mixer.d_inner == 64 and mixer.dt_rank == 2  # expand 2; ceil(32 / 16)
-    assert model.blocks[0].mlp is None and model.blocks[0].norm2 is None  # "mamba+none": norm → mixer → residual
+    assert (
+        model.blocks[0].mlp is None and model.blocks[0].norm2 is None
+    )  # "mamba+none": norm → mixer → residual
     assert mixer.cache_values_per_token() == 0 and model.kv_cache_bytes_per_token() == 0
     assert mixer.state_values_per_sequence() == 64 * 3 + 64 * 8
     with pytest.raises(ConfigError, match="model.mamba.scan"):
         MambaConfig(scan="parallel")
     with pytest.raises(ConfigError, match="model.mamba.d_state"):
         MambaConfig(d_state=0)
-    assert GPTConfig(layers=["mamba"], position="none").mamba == MambaConfig()  # the table appears with its defaults
+    assert (
+        GPTConfig(layers=["mamba"], position="none").mamba == MambaConfig()
+    )  # the table appears with its defaults
 
 
 @pytest.mark.parametrize("layers", [("mamba+none",), ("mamba", "attention")], ids=["mamba", "hybrid"])
@@ -103,14 +123,21 @@ def test_prefill_then_decode_equals_the_parallel_forward(layers):
     with torch.no_grad():
         full, _ = model(ids)
         cache = KVCache.for_model(model, batch=2, max_len=21)
-        assert cache.k.shape[0] == sum(m == "attention" for m, _ in model.config.layer_kinds())  # no k, v rows for SSM layers
-        steps = [model(ids[:, :9], cache=cache)[0], model(ids[:, 9:13], cache=cache)[0]]  # prefill, then a chunk
+        assert cache.k.shape[0] == sum(
+            m == "attention" for m, _ in model.config.layer_kinds()
+        )  # no k, v rows for SSM layers
+        steps = [
+            model(ids[:, :9], cache=cache)[0],
+            model(ids[:, 9:13], cache=cache)[0],
+        ]  # prefill, then a chunk
         steps += [model(ids[:, t : t + 1], cache=cache)[0] for t in range(13, 21)]  # then token by token
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     state = cache.state(0)
     assert state["conv"].shape == (2, 64, 3) and state["ssm"].shape == (2, 64, 8)
     per_sequence = sum(t[0].numel() for t in state.values())
-    assert per_sequence == model.blocks[0].mamba.state_values_per_sequence()  # O(1): the same after 21 tokens as after 1
+    assert (
+        per_sequence == model.blocks[0].mamba.state_values_per_sequence()
+    )  # O(1): the same after 21 tokens as after 1
 
 
 def test_a_future_token_changes_no_earlier_output():
@@ -167,25 +194,54 @@ def _randomise(hf):
 def _mamba_hf(tied: bool):
     """Tied: HF's defaults (conv bias, no projection biases, automatic Δ rank); untied: the other
     switches (projection biases, no conv bias, Δ rank 3, conv width 3)."""
-    switches = {} if tied else {"use_bias": True, "use_conv_bias": False, "time_step_rank": 3, "conv_kernel": 3}
-    config = transformers.MambaConfig(vocab_size=101, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
-                                      initializer_range=0.5, use_mambapy=False, tie_word_embeddings=tied, **switches)
+    switches = (
+        {} if tied else {"use_bias": True, "use_conv_bias": False, "time_step_rank": 3, "conv_kernel": 3}
+    )
+    config = transformers.MambaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        initializer_range=0.5,
+        use_mambapy=False,
+        tie_word_embeddings=tied,
+        **switches,
+    )
     torch.manual_seed(0)
     return _randomise(transformers.MambaForCausalLM(config))
 
 
 def _jamba_hf(num_experts: int):
     config = transformers.JambaConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=num_experts, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
-        expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, max_position_embeddings=64,
-        initializer_range=0.5, use_mambapy=False, attn_implementation="eager")
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=num_experts,
+        num_experts_per_tok=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=0,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        max_position_embeddings=64,
+        initializer_range=0.5,
+        use_mambapy=False,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     return _randomise(transformers.JambaForCausalLM(config))
 
 
-@pytest.mark.parametrize("make", [lambda: _mamba_hf(True), lambda: _mamba_hf(False), lambda: _jamba_hf(1),
-                                  lambda: _jamba_hf(4)], ids=["mamba-tied", "mamba", "jamba-dense", "jamba-moe"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: _mamba_hf(True), lambda: _mamba_hf(False), lambda: _jamba_hf(1), lambda: _jamba_hf(4)],
+    ids=["mamba-tied", "mamba", "jamba-dense", "jamba-moe"],
+)
 def test_hf_import_logits_greedy_decoding_and_export(tmp_path, make):
     hf = make()
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
@@ -198,8 +254,14 @@ def test_hf_import_logits_greedy_decoding_and_export(tmp_path, make):
     assert (got - expected).abs().max() < 1e-4
 
     prompt = ids[:1, :6]
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    theirs = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, 6:].tolist()
     assert generate(ours, prompt, 12, GREEDY, use_cache=True)[0] == theirs
 
     export_hf(ours, tmp_path / "exported")
@@ -211,9 +273,23 @@ def test_hf_import_logits_greedy_decoding_and_export(tmp_path, make):
 def test_jamba_layer_pattern_of_the_published_config():
     """Jamba-v0.1: attention every 8th layer from layer 4, MoE every 2nd from layer 1, no renormalisation."""
     config = config_from_hf(transformers.JambaConfig(num_hidden_layers=32).to_dict())
-    assert config.layers == ["mamba", "mamba+moe", "mamba", "mamba+moe", "attention", "mamba+moe", "mamba", "mamba+moe"]
+    assert config.layers == [
+        "mamba",
+        "mamba+moe",
+        "mamba",
+        "mamba+moe",
+        "attention",
+        "mamba+moe",
+        "mamba",
+        "mamba+moe",
+    ]
     assert config.layer_kinds()[12] == ("attention", "dense") and config.layer_kinds()[13] == ("mamba", "moe")
-    assert (config.moe.n_experts, config.moe.top_k, config.moe.normalize, config.moe.router) == (16, 2, False, "softmax")
+    assert (config.moe.n_experts, config.moe.top_k, config.moe.normalize, config.moe.router) == (
+        16,
+        2,
+        False,
+        "softmax",
+    )
     assert config.mamba.dt_bc_norm and config.mamba.dt_rank == 256 and config.position == "none"
 
 
@@ -233,16 +309,26 @@ def test_the_ssm_vectors_get_no_weight_decay_and_no_muon():
     from scratchlm.models.gpt import GPT
     from scratchlm.train.optim import build_optimizers
 
-    model = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, position="none", layers=["mamba", "attention"]))
+    model = GPT(
+        GPTConfig(
+            vocab_size=50, n_layer=2, d_model=32, n_head=2, position="none", layers=["mamba", "attention"]
+        )
+    )
     mixer = model.blocks[0].mamba
     vectors = {id(mixer.A_log), id(mixer.D), id(mixer.dt_bias)}
-    cfg = SimpleNamespace(optimizer="muon", lr=1e-3, muon_lr=0.02, muon_momentum=0.95, weight_decay=0.1, beta1=0.9, beta2=0.95)
+    cfg = SimpleNamespace(
+        optimizer="muon", lr=1e-3, muon_lr=0.02, muon_momentum=0.95, weight_decay=0.1, beta1=0.9, beta2=0.95
+    )
     adamw, muon = build_optimizers(model, cfg, torch.device("cpu"))
     assert not vectors & {id(p) for g in muon.param_groups for p in g["params"]}
     decayed = {id(p) for g in adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert not vectors & decayed and vectors <= {id(p) for g in adamw.param_groups for p in g["params"]}
-    (adamw_only,) = build_optimizers(model, SimpleNamespace(**{**vars(cfg), "optimizer": "adamw"}), torch.device("cpu"))
-    assert not vectors & {id(p) for g in adamw_only.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    (adamw_only,) = build_optimizers(
+        model, SimpleNamespace(**{**vars(cfg), "optimizer": "adamw"}), torch.device("cpu")
+    )
+    assert not vectors & {
+        id(p) for g in adamw_only.param_groups if g["weight_decay"] > 0 for p in g["params"]
+    }
 
 
 def test_the_chunked_scan_stays_float32_under_autocast_and_agrees_with_the_sequential_one():
@@ -250,7 +336,11 @@ def test_the_chunked_scan_stays_float32_under_autocast_and_agrees_with_the_seque
 
     g = torch.Generator().manual_seed(0)
     x, dt = torch.randn(2, 40, 8, generator=g), torch.rand(2, 40, 8, generator=g)
-    A, B, C = -torch.rand(8, 4, generator=g) * 4, torch.randn(2, 40, 4, generator=g), torch.randn(2, 40, 4, generator=g)
+    A, B, C = (
+        -torch.rand(8, 4, generator=g) * 4,
+        torch.randn(2, 40, 4, generator=g),
+        torch.randn(2, 40, 4, generator=g),
+    )
     reference, _ = selective_scan_sequential(x.double(), dt.double(), A.double(), B.double(), C.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = selective_scan_chunked(x, dt, A, B, C, chunk=16)
@@ -266,7 +356,11 @@ def test_the_chunked_scan_recomputes_chunks_in_backward():
     g = torch.Generator().manual_seed(0)
     T, D, N = 128, 16, 8
     x = torch.randn(1, T, D, generator=g, requires_grad=True)
-    dt, B, C = torch.rand(1, T, D, generator=g), torch.randn(1, T, N, generator=g), torch.randn(1, T, N, generator=g)
+    dt, B, C = (
+        torch.rand(1, T, D, generator=g),
+        torch.randn(1, T, N, generator=g),
+        torch.randn(1, T, N, generator=g),
+    )
     A = -torch.rand(D, N, generator=g)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):

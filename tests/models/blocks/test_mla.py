@@ -23,16 +23,30 @@ from scratchlm.config import ConfigError
 from scratchlm.generate.generate import generate
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig
+from scratchlm.models.blocks.mla import MLA, MLAConfig, mla_rope
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.models.blocks.mla import MLA, MLAConfig, mla_rope
 
 
 def _config(q_lora_rank=None, **overrides) -> GPTConfig:
-    mla = MLAConfig(q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
-    base = {"vocab_size": 61, "n_layer": 2, "n_head": 4, "d_model": 32, "block_size": 32, "position": "rope",
-            "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False, "layers": ["mla"], "mla": mla,
-            "init_std": 0.3}
+    mla = MLAConfig(
+        q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12
+    )
+    base = {
+        "vocab_size": 61,
+        "n_layer": 2,
+        "n_head": 4,
+        "d_model": 32,
+        "block_size": 32,
+        "position": "rope",
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "bias": False,
+        "tie_embeddings": False,
+        "layers": ["mla"],
+        "mla": mla,
+        "init_std": 0.3,
+    }
     return GPTConfig(**{**base, **overrides})
 
 
@@ -41,7 +55,9 @@ def test_config_is_checked():
         MLAConfig(qk_rope_head_dim=7)
     with pytest.raises(ConfigError, match="model.mla.kv_lora_rank"):
         MLAConfig(kv_lora_rank=0)
-    assert GPTConfig.from_dict(_config(24).to_dict()).mla == _config(24).mla  # a [model.mla] table round-trips
+    assert (
+        GPTConfig.from_dict(_config(24).to_dict()).mla == _config(24).mla
+    )  # a [model.mla] table round-trips
 
 
 def test_the_cache_holds_only_the_latent():
@@ -66,19 +82,44 @@ def test_deepseek_v3_shape_on_meta_device():
     """DeepSeek-V3 at published shape (no memory): 576 cached values per token in each of 61 layers."""
     from scratchlm.models.blocks.moe import MoEConfig
 
-    config = GPTConfig(vocab_size=129280, n_layer=61, n_head=128, d_model=7168, d_ff=18432, block_size=4096,
-                       position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False,
-                       layers=["mla"] * 3 + ["mla+moe"] * 58,
-                       mla=MLAConfig(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                                     v_head_dim=128),
-                       moe=MoEConfig(n_experts=256, top_k=8, d_expert=2048, n_shared=1, router="sigmoid",
-                                     n_groups=8, topk_groups=4, group_score="top2", routed_scale=2.5, balance="bias"))
+    config = GPTConfig(
+        vocab_size=129280,
+        n_layer=61,
+        n_head=128,
+        d_model=7168,
+        d_ff=18432,
+        block_size=4096,
+        position="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        tie_embeddings=False,
+        layers=["mla"] * 3 + ["mla+moe"] * 58,
+        mla=MLAConfig(
+            q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+        ),
+        moe=MoEConfig(
+            n_experts=256,
+            top_k=8,
+            d_expert=2048,
+            n_shared=1,
+            router="sigmoid",
+            n_groups=8,
+            topk_groups=4,
+            group_score="top2",
+            routed_scale=2.5,
+            balance="bias",
+        ),
+    )
     with torch.device("meta"):
         model = GPT(config)
     assert model.kv_cache_bytes_per_token(bytes_per_value=1) == 576 * 61
     attention = sum(p.numel() for p in model.blocks[0].attn.parameters())
     # W_DQ, q norm, W_UQ+W_QR, W_DKV+W_KR, kv norm, W_UK+W_UV, W_O
-    assert attention == 7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 + 512 * 128 * 256 + 128 * 128 * 7168
+    assert (
+        attention
+        == 7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 + 512 * 128 * 256 + 128 * 128 * 7168
+    )
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 24], ids=["plain-query", "low-rank-query"])
@@ -93,7 +134,11 @@ def test_decoding_with_the_latent_cache_equals_the_full_forward(q_lora_rank, abs
         full = mla(x)
         cache = KVCache(0, 2, 1, 13, 1)
         pieces = []
-        for start, end in [(0, 5), (5, 9), *[(t, t + 1) for t in range(9, 13)]]:  # prefill, a chunk, then steps
+        for start, end in [
+            (0, 5),
+            (5, 9),
+            *[(t, t + 1) for t in range(9, 13)],
+        ]:  # prefill, a chunk, then steps
             pieces.append(mla(x[:, start:end], cache=cache))
             cache.advance(end - start)
     assert full.abs().max() > 0.5
@@ -152,8 +197,15 @@ def test_decoding_absorbs_a_prefill_rebuilds_and_a_step_builds_no_mask(monkeypat
         assert all(mask is None for _, _, mask in calls[:4])  # from 0: causal; one new token: sees every key
         assert all(torch.is_tensor(mask) for _, _, mask in calls[4:])  # a chunk after cached tokens
     with torch.device("meta"):  # DeepSeek-V3's shapes: absorbing pays up to ~164 new tokens over 4096
-        v3 = MLA(_config(None, n_head=128, d_model=7168, mla=MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128,
-                                                                       qk_rope_head_dim=64, v_head_dim=128)), 0)
+        v3 = MLA(
+            _config(
+                None,
+                n_head=128,
+                d_model=7168,
+                mla=MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+            ),
+            0,
+        )
     assert [v3.absorb_pays(T, 4096) for T in (1, 160, 170, 4096)] == [True, True, False, False]
 
 
@@ -192,7 +244,9 @@ def test_it_trains_and_refuses_what_it_does_not_do():
     ids = torch.randint(0, 61, (2, 10))
     _, loss = model(ids[:, :-1], targets=ids[:, 1:])
     loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".attn." in n)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".attn." in n
+    )
     with pytest.raises(ValueError, match="ALiBi|alibi"):
         GPT(_config(None, position="alibi"))(ids)
 
@@ -202,18 +256,40 @@ transformers = pytest.importorskip("transformers")
 
 
 def _deepseek_hf(version: int, dense_layers: int, q_lora_rank):
-    common = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
-              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 2,
-              "n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, "kv_lora_rank": 16,
-              "q_lora_rank": q_lora_rank, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 12,
-              "first_k_dense_replace": dense_layers, "max_position_embeddings": 64, "initializer_range": 0.3,
-              "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-5, "attn_implementation": "eager",
-              "eos_token_id": None, "bos_token_id": None}
+    common = {
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "moe_intermediate_size": 16,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_shared_experts": 2,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 3,
+        "n_group": 4,
+        "topk_group": 2,
+        "kv_lora_rank": 16,
+        "q_lora_rank": q_lora_rank,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 12,
+        "first_k_dense_replace": dense_layers,
+        "max_position_embeddings": 64,
+        "initializer_range": 0.3,
+        "routed_scaling_factor": 2.5,
+        "rms_norm_eps": 1e-5,
+        "attn_implementation": "eager",
+        "eos_token_id": None,
+        "bos_token_id": None,
+    }
     torch.manual_seed(0)
     if version == 2:
         config = transformers.DeepseekV2Config(topk_method="group_limited_greedy", **common)
         return transformers.DeepseekV2ForCausalLM(config).eval()
-    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(norm_topk_prob=True, **common)).eval()
+    model = transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(norm_topk_prob=True, **common)
+    ).eval()
     with torch.no_grad():  # a random correction bias: it must change the choice, never the weights
         for layer in model.model.layers[dense_layers:]:
             layer.mlp.gate.e_score_correction_bias.copy_(torch.rand(8) * 0.5)
@@ -221,8 +297,11 @@ def _deepseek_hf(version: int, dense_layers: int, q_lora_rank):
 
 
 @pytest.mark.parametrize("version", [2, 3], ids=["v2", "v3"])
-@pytest.mark.parametrize("dense_layers,q_lora_rank", [(3, None), (3, 24), (1, 24), (0, None)],
-                         ids=["dense-plain-q", "dense-lowrank-q", "first1dense-moe", "all-moe"])
+@pytest.mark.parametrize(
+    "dense_layers,q_lora_rank",
+    [(3, None), (3, 24), (1, 24), (0, None)],
+    ids=["dense-plain-q", "dense-lowrank-q", "first1dense-moe", "all-moe"],
+)
 def test_deepseek_import_matches_transformers_and_exports_back(tmp_path, version, dense_layers, q_lora_rank):
     from scratchlm.models.hf import export_hf, import_hf
 
@@ -256,7 +335,9 @@ def test_deepseek_v2_import_refuses_unknown_topk_methods_and_warns_on_norm_topk_
         config_from_hf({**hf, "topk_method": "noaux_tc"})
     with pytest.warns(UserWarning, match="norm_topk_prob = true is ignored, as transformers ignores it"):
         moe = config_from_hf({**hf, "norm_topk_prob": True}).moe
-    assert not moe.normalize and moe.routed_scale == 2.5  # transformers' V2: neither renormalised nor unscaled
+    assert (
+        not moe.normalize and moe.routed_scale == 2.5
+    )  # transformers' V2: neither renormalised nor unscaled
     assert config_from_hf({**hf, "topk_method": "greedy"}).moe.n_groups == 1  # greedy ignores the groups
 
 

@@ -23,14 +23,26 @@ import pytest
 import torch
 
 from scratchlm.config import ConfigError
+from scratchlm.models.blocks.moe import MoE, MoEConfig, expert_load
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.models.blocks.moe import MoE, MoEConfig, expert_load
 
 
 def _config(**moe) -> GPTConfig:
-    return GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, block_size=32, position="rope", norm="rmsnorm",
-                     mlp="swiglu", bias=False, d_ff=48, layers=["attention", "attention+moe"], moe=moe)
+    return GPTConfig(
+        vocab_size=97,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        block_size=32,
+        position="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        d_ff=48,
+        layers=["attention", "attention+moe"],
+        moe=moe,
+    )
 
 
 def _moe(seed: int = 0, **moe) -> MoE:
@@ -44,11 +56,24 @@ def _moe(seed: int = 0, **moe) -> MoE:
 
 ROUTINGS = {
     "mixtral": dict(n_experts=4, top_k=2),
-    "qwen2-shared-gate": dict(n_experts=6, top_k=3, normalize=False, n_shared=1, d_shared=40, shared_gate=True),
-    "deepseek-v3": dict(n_experts=8, top_k=3, router="sigmoid", n_groups=4, topk_groups=2, group_score="top2",
-                        routed_scale=2.5, n_shared=2, balance="bias", seq_aux_weight=0.01),
-    "deepseek-v2": dict(n_experts=8, top_k=2, normalize=False, n_groups=4, topk_groups=2, routed_scale=1.5,
-                        n_shared=1),
+    "qwen2-shared-gate": dict(
+        n_experts=6, top_k=3, normalize=False, n_shared=1, d_shared=40, shared_gate=True
+    ),
+    "deepseek-v3": dict(
+        n_experts=8,
+        top_k=3,
+        router="sigmoid",
+        n_groups=4,
+        topk_groups=2,
+        group_score="top2",
+        routed_scale=2.5,
+        n_shared=2,
+        balance="bias",
+        seq_aux_weight=0.01,
+    ),
+    "deepseek-v2": dict(
+        n_experts=8, top_k=2, normalize=False, n_groups=4, topk_groups=2, routed_scale=1.5, n_shared=1
+    ),
 }
 
 
@@ -112,15 +137,47 @@ def test_routers_equal_transformers_mixtral_deepseek_v2_and_v3():
 
     x = torch.randn(40, 32)
     cases = [
-        (MixtralTopKRouter(transformers.MixtralConfig(hidden_size=32, num_local_experts=6, num_experts_per_tok=2)),
-         dict(n_experts=6, top_k=2)),
-        (DeepseekV2TopkRouter(transformers.DeepseekV2Config(hidden_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                                                            n_group=4, topk_group=2, topk_method="group_limited_greedy",
-                                                            routed_scaling_factor=1.5)),
-         dict(n_experts=8, top_k=2, normalize=False, n_groups=4, topk_groups=2, routed_scale=1.5)),
-        (DeepseekV3TopkRouter(transformers.DeepseekV3Config(hidden_size=32, n_routed_experts=8, num_experts_per_tok=3,
-                                                            n_group=4, topk_group=2, routed_scaling_factor=2.5)),
-         dict(n_experts=8, top_k=3, router="sigmoid", n_groups=4, topk_groups=2, group_score="top2", routed_scale=2.5)),
+        (
+            MixtralTopKRouter(
+                transformers.MixtralConfig(hidden_size=32, num_local_experts=6, num_experts_per_tok=2)
+            ),
+            dict(n_experts=6, top_k=2),
+        ),
+        (
+            DeepseekV2TopkRouter(
+                transformers.DeepseekV2Config(
+                    hidden_size=32,
+                    n_routed_experts=8,
+                    num_experts_per_tok=2,
+                    n_group=4,
+                    topk_group=2,
+                    topk_method="group_limited_greedy",
+                    routed_scaling_factor=1.5,
+                )
+            ),
+            dict(n_experts=8, top_k=2, normalize=False, n_groups=4, topk_groups=2, routed_scale=1.5),
+        ),
+        (
+            DeepseekV3TopkRouter(
+                transformers.DeepseekV3Config(
+                    hidden_size=32,
+                    n_routed_experts=8,
+                    num_experts_per_tok=3,
+                    n_group=4,
+                    topk_group=2,
+                    routed_scaling_factor=2.5,
+                )
+            ),
+            dict(
+                n_experts=8,
+                top_k=3,
+                router="sigmoid",
+                n_groups=4,
+                topk_groups=2,
+                group_score="top2",
+                routed_scale=2.5,
+            ),
+        ),
     ]
     for theirs, moe in cases:
         ours = _moe(**moe)
@@ -132,8 +189,12 @@ def test_routers_equal_transformers_mixtral_deepseek_v2_and_v3():
             _, their_weights, their_chosen = theirs(x)
             _, chosen, weights = ours.route(x)
         order, their_order = chosen.argsort(dim=-1), their_chosen.argsort(dim=-1)
-        assert torch.equal(chosen.gather(1, order), their_chosen.gather(1, their_order)), type(theirs).__name__
-        torch.testing.assert_close(weights.gather(1, order), their_weights.gather(1, their_order), atol=1e-6, rtol=1e-6)
+        assert torch.equal(chosen.gather(1, order), their_chosen.gather(1, their_order)), type(
+            theirs
+        ).__name__
+        torch.testing.assert_close(
+            weights.gather(1, order), their_weights.gather(1, their_order), atol=1e-6, rtol=1e-6
+        )
 
 
 def test_aux_loss_by_hand_and_equal_to_transformers():
@@ -152,7 +213,9 @@ def test_aux_loss_by_hand_and_equal_to_transformers():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     theirs = load_balancing_loss_func((layer.router(x.view(-1, 32)).detach(),), 4, 2)
-    torch.testing.assert_close(layer.aux_loss.detach(), 0.1 * theirs / 2)  # theirs counts f over tokens, not N·k
+    torch.testing.assert_close(
+        layer.aux_loss.detach(), 0.1 * theirs / 2
+    )  # theirs counts f over tokens, not N·k
     layer.eval()
     layer(x)
     assert layer.aux_loss is None  # evaluation reports plain cross-entropy
@@ -176,8 +239,10 @@ def test_sequence_wise_balance_loss_by_hand():
 
 def test_loss_free_bias_balances_a_collapsed_router_and_counts_every_micro_batch():
     torch.manual_seed(0)
-    layer = MoE(_config(n_experts=4, top_k=1, router="sigmoid", normalize=False, balance="bias", bias_speed=0.02),
-                layer=1)
+    layer = MoE(
+        _config(n_experts=4, top_k=1, router="sigmoid", normalize=False, balance="bias", bias_speed=0.02),
+        layer=1,
+    )
     with torch.no_grad():
         layer.router.weight.normal_(0, 0.1)
         layer.router.weight[0] += 0.5  # inputs have a positive mean along every dimension: expert 0 wins
@@ -236,20 +301,25 @@ def test_gpt_with_moe_layers_trains_with_aux_loss_and_reports_expert_load():
     metrics = model.after_optimizer_step()
     assert set(metrics) == {"moe/layer1/imbalance"}
     report = expert_load(model)
-    assert list(report) == [1] and report[1]["assignments"] == 4 * 2 * 16 * 2  # four forwards, 32 tokens, k = 2
+    assert (
+        list(report) == [1] and report[1]["assignments"] == 4 * 2 * 16 * 2
+    )  # four forwards, 32 tokens, k = 2
     assert abs(sum(report[1]["fraction"]) - 1) < 1e-6
     state = model.state_dict()
     assert "blocks.1.mlp.router_bias" in state and "blocks.1.mlp.load" not in state
 
 
-@pytest.mark.parametrize("moe,message", [
-    (dict(n_experts=4, top_k=5), "top_k = 5 exceeds"),
-    (dict(n_experts=6, n_groups=4), "must divide"),
-    (dict(n_experts=8, top_k=4, n_groups=4, topk_groups=1), "cannot hold top_k"),
-    (dict(shared_gate=True), "need shared experts"),
-    (dict(router="softplus"), "model.moe.router = 'softplus': must be one of"),
-    (dict(balance="loss"), "model.moe.balance"),
-])
+@pytest.mark.parametrize(
+    "moe,message",
+    [
+        (dict(n_experts=4, top_k=5), "top_k = 5 exceeds"),
+        (dict(n_experts=6, n_groups=4), "must divide"),
+        (dict(n_experts=8, top_k=4, n_groups=4, topk_groups=1), "cannot hold top_k"),
+        (dict(shared_gate=True), "need shared experts"),
+        (dict(router="softplus"), "model.moe.router = 'softplus': must be one of"),
+        (dict(balance="loss"), "model.moe.balance"),
+    ],
+)
 def test_config_refuses_impossible_routing(moe, message):
     with pytest.raises(ConfigError, match=message):
         MoEConfig(**moe)
@@ -258,37 +328,83 @@ def test_config_refuses_impossible_routing(moe, message):
 # --- Hugging Face parity ---------------------------------------------------------------------------
 def _mixtral(window: int | None = None):
     transformers = pytest.importorskip("transformers")
-    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=48, num_local_experts=4, num_experts_per_tok=2,
-        initializer_range=0.3, sliding_window=window, rope_theta=10000.0, attn_implementation="eager"))
+    return transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=48,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            initializer_range=0.3,
+            sliding_window=window,
+            rope_theta=10000.0,
+            attn_implementation="eager",
+        )
+    )
 
 
 def _qwen2_moe(norm_topk_prob: bool):
     transformers = pytest.importorskip("transformers")
-    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=48, num_experts=6, num_experts_per_tok=3,
-        moe_intermediate_size=24, shared_expert_intermediate_size=40, norm_topk_prob=norm_topk_prob,
-        decoder_sparse_step=1, mlp_only_layers=[1], initializer_range=0.3, qkv_bias=True))
+    return transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=56,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=48,
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            norm_topk_prob=norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            initializer_range=0.3,
+            qkv_bias=True,
+        )
+    )
 
 
 def _qwen3_moe():
     transformers = pytest.importorskip("transformers")
-    return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=48, num_experts=6, num_experts_per_tok=2,
-        moe_intermediate_size=24, norm_topk_prob=True, decoder_sparse_step=2, initializer_range=0.3,
-        tie_word_embeddings=True))
+    return transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=56,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=48,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,
+            initializer_range=0.3,
+            tie_word_embeddings=True,
+        )
+    )
 
 
-@pytest.mark.parametrize("make,layers", [
-    (_mixtral, ["attention+moe"]),
-    (lambda: _mixtral(window=6), ["sliding+moe"]),  # 20 positions, a window of 6: the window matters
-    (lambda: _qwen2_moe(False), ["attention+moe", "attention", "attention+moe"]),
-    (lambda: _qwen2_moe(True), ["attention+moe", "attention", "attention+moe"]),
-    (_qwen3_moe, ["attention", "attention+moe"]),
-], ids=["mixtral", "mixtral-sliding", "qwen2-moe", "qwen2-moe-norm-topk", "qwen3-moe"])
+@pytest.mark.parametrize(
+    "make,layers",
+    [
+        (_mixtral, ["attention+moe"]),
+        (lambda: _mixtral(window=6), ["sliding+moe"]),  # 20 positions, a window of 6: the window matters
+        (lambda: _qwen2_moe(False), ["attention+moe", "attention", "attention+moe"]),
+        (lambda: _qwen2_moe(True), ["attention+moe", "attention", "attention+moe"]),
+        (_qwen3_moe, ["attention", "attention+moe"]),
+    ],
+    ids=["mixtral", "mixtral-sliding", "qwen2-moe", "qwen2-moe-norm-topk", "qwen3-moe"],
+)
 def test_hf_import_logits_greedy_decoding_and_export(tmp_path, make, layers):
     from scratchlm.generate.generate import generate
     from scratchlm.generate.sampling import SamplingConfig
@@ -311,7 +427,9 @@ def test_hf_import_logits_greedy_decoding_and_export(tmp_path, make, layers):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
     prompt = x[:1, :6]
-    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[
+        0, 6:
+    ].tolist()
     assert generate(ours, prompt, 12, SamplingConfig(temperature=0.0), use_cache=True)[0] == theirs
 
     export_hf(ours, tmp_path / "exported")
@@ -371,8 +489,10 @@ def test_fast_dispatch_backward_builds_each_stack_gradient_once():
     assert stacks == 3  # gate, up, down: each stack's gradient assembled once
     parameters = 3 * E * F_ * C
     assert values < 4 * parameters  # measured 3.1x here (the per-expert form: 51x, and growing with E)
-    torch.testing.assert_close(layer.experts_gate.grad.abs().sum(dim=(1, 2)) > 0,  # experts no token chose
-                               torch.bincount(layer.route(x.view(-1, C))[1].view(-1), minlength=E) > 0)
+    torch.testing.assert_close(
+        layer.experts_gate.grad.abs().sum(dim=(1, 2)) > 0,  # experts no token chose
+        torch.bincount(layer.route(x.view(-1, C))[1].view(-1), minlength=E) > 0,
+    )
 
 
 def test_routing_is_float32_under_bfloat16_autocast():
@@ -404,7 +524,9 @@ def test_the_bias_stays_float32_in_a_bfloat16_model_and_still_moves():
     before = layer.router_bias.clone()
     model.to(torch.bfloat16)
     assert model.blocks[1].mlp.router.weight.dtype == torch.bfloat16
-    assert layer.router_bias.dtype == torch.float32 and torch.equal(layer.router_bias, before)  # no rounding on the way
+    assert layer.router_bias.dtype == torch.float32 and torch.equal(
+        layer.router_bias, before
+    )  # no rounding on the way
     assert layer.load.dtype == layer._step_load.dtype == torch.long  # the counters went along as integers
     model.train()
     with torch.no_grad():
@@ -446,29 +568,61 @@ def test_after_optimizer_step_reads_nothing_back_to_the_host(monkeypatch):
 
 def test_the_mtp_blocks_moe_reports_under_its_own_layer_number():
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, block_size=32, position="rope", norm="rmsnorm",
-                       mlp="swiglu", bias=False, d_ff=48, layers=["attention+moe"],
-                       moe={"n_experts": 4, "top_k": 2, "balance": "bias"}, mtp={"depth": 1})
+    config = GPTConfig(
+        vocab_size=97,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        block_size=32,
+        position="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        d_ff=48,
+        layers=["attention+moe"],
+        moe={"n_experts": 4, "top_k": 2, "balance": "bias"},
+        mtp={"depth": 1},
+    )
     model = GPT(config).train()
-    assert [m.layer for m in model.modules() if isinstance(m, MoE)] == [0, 1, 2]  # MTP's: after the main layers
+    assert [m.layer for m in model.modules() if isinstance(m, MoE)] == [
+        0,
+        1,
+        2,
+    ]  # MTP's: after the main layers
     x = torch.randint(0, 97, (2, 16))
     _, loss = model(x, x)
     loss.backward()
     report = expert_load(model)
-    assert {layer: r["assignments"] for layer, r in report.items()} == {0: 64, 1: 64, 2: 30 * 2}  # MTP: 15 positions
+    assert {layer: r["assignments"] for layer, r in report.items()} == {
+        0: 64,
+        1: 64,
+        2: 30 * 2,
+    }  # MTP: 15 positions
     metrics = model.after_optimizer_step()
     assert {k for k in metrics if k.startswith("moe/")} == {f"moe/layer{i}/imbalance" for i in range(3)}
 
 
-@pytest.mark.parametrize("moe,refused", [
-    ({"top_k": 1, "balance": "bias"}, True),
-    ({"top_k": 1, "balance": "none"}, True),
-    ({"top_k": 1, "balance": "aux", "aux_weight": 0.0}, True),
-    ({"top_k": 1, "balance": "bias", "normalize": False}, False),  # Switch's top-1: weighted by the probability
-    ({"top_k": 1, "balance": "aux"}, False),  # transformers' Mixtral / Qwen with k = 1: learns through the aux loss
-    ({"top_k": 1, "balance": "bias", "seq_aux_weight": 1e-4}, False),  # DeepSeek-V3's: the sequence-wise loss
-    ({"top_k": 2, "balance": "bias"}, False),
-])
+@pytest.mark.parametrize(
+    "moe,refused",
+    [
+        ({"top_k": 1, "balance": "bias"}, True),
+        ({"top_k": 1, "balance": "none"}, True),
+        ({"top_k": 1, "balance": "aux", "aux_weight": 0.0}, True),
+        (
+            {"top_k": 1, "balance": "bias", "normalize": False},
+            False,
+        ),  # Switch's top-1: weighted by the probability
+        (
+            {"top_k": 1, "balance": "aux"},
+            False,
+        ),  # transformers' Mixtral / Qwen with k = 1: learns through the aux loss
+        (
+            {"top_k": 1, "balance": "bias", "seq_aux_weight": 1e-4},
+            False,
+        ),  # DeepSeek-V3's: the sequence-wise loss
+        ({"top_k": 2, "balance": "bias"}, False),
+    ],
+)
 def test_a_top1_router_that_could_never_learn_is_refused(moe, refused):
     if refused:
         with pytest.raises(ConfigError, match="top_k = 1 with normalize = true .* no gradient at all"):
@@ -500,13 +654,33 @@ def test_aux_coefficient_converts_to_and_from_transformers():
         theirs = coef * load_balancing_loss_func((logits,) * L, E, k)
         torch.testing.assert_close(L * layer.aux_loss.detach(), theirs, atol=1e-7, rtol=1e-6)
 
-    mixtral = {"model_type": "mixtral", "vocab_size": 101, "hidden_size": 32, "intermediate_size": 40,
-               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "max_position_embeddings": 48, "num_local_experts": 4, "num_experts_per_tok": 2,
-               "router_aux_loss_coef": 0.02, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
-    qwen2 = {**mixtral, "model_type": "qwen2_moe", "num_experts": 6, "moe_intermediate_size": 24, "qkv_bias": False,
-             "shared_expert_intermediate_size": 40, "mlp_only_layers": [1], "num_hidden_layers": 3,
-             "num_experts_per_tok": 3}
+    mixtral = {
+        "model_type": "mixtral",
+        "vocab_size": 101,
+        "hidden_size": 32,
+        "intermediate_size": 40,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 48,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.02,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    }
+    qwen2 = {
+        **mixtral,
+        "model_type": "qwen2_moe",
+        "num_experts": 6,
+        "moe_intermediate_size": 24,
+        "qkv_bias": False,
+        "shared_expert_intermediate_size": 40,
+        "mlp_only_layers": [1],
+        "num_hidden_layers": 3,
+        "num_experts_per_tok": 3,
+    }
     for hf, moe_layers in ((mixtral, 4), (qwen2, 2)):
         config = config_from_hf(hf)
         assert config.moe.aux_weight == pytest.approx(0.02 * hf["num_experts_per_tok"] / moe_layers)
@@ -520,10 +694,20 @@ def test_mixtral_with_one_expert_per_token_imports_as_transformers_computes_it(t
     from scratchlm.models.hf import import_hf
 
     torch.manual_seed(0)
-    hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=48, num_local_experts=4, num_experts_per_tok=1,
-        initializer_range=0.3)).eval()
+    hf = transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=48,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            initializer_range=0.3,
+        )
+    ).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "experts" in name:
@@ -584,15 +768,31 @@ def test_ddp_ranks_count_their_own_tokens_and_move_the_bias_alike(tmp_path):
     repo = Path(__file__).resolve().parents[3]
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(repo=str(repo), folder=str(tmp_path)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29540", str(script)], capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29540",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["truth"] != ranks[1]["truth"]  # different data: different counts
     for r in ranks:
         assert r["load"] == r["truth"]  # each rank's log counter holds its own tokens
-    total = torch.tensor(ranks[0]["truth"], dtype=torch.float) + torch.tensor(ranks[1]["truth"], dtype=torch.float)
+    total = torch.tensor(ranks[0]["truth"], dtype=torch.float) + torch.tensor(
+        ranks[1]["truth"], dtype=torch.float
+    )
     assert sum(ranks[0]["truth"]) == 2 * 32 * 2  # two micro-batches of 32 tokens, k = 2
     expected_bias = (0.01 * torch.sign(total.mean() - total)).tolist()
     for r in ranks:

@@ -18,15 +18,28 @@ from scratchlm.config import ConfigError
 from scratchlm.generate import generate
 from scratchlm.generate.sampling import SamplingConfig
 from scratchlm.models.block import Block
+from scratchlm.models.blocks.mtp import MTPConfig, mtp_acceptance
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.models.blocks.mtp import MTPConfig, mtp_acceptance
 
 
 def _config(kind="sequential", depth=2, weight=0.3, **overrides) -> GPTConfig:
-    base = {"vocab_size": 50, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "d_ff": 64, "block_size": 32,
-            "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False,
-            "dropout": 0.0, "mtp": MTPConfig(depth=depth, weight=weight, kind=kind)}
+    base = {
+        "vocab_size": 50,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "d_model": 32,
+        "d_ff": 64,
+        "block_size": 32,
+        "position": "rope",
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "bias": False,
+        "tie_embeddings": False,
+        "dropout": 0.0,
+        "mtp": MTPConfig(depth=depth, weight=weight, kind=kind),
+    }
     return GPTConfig(**{**base, **overrides})
 
 
@@ -52,7 +65,9 @@ def test_config_is_checked_and_round_trips():
 
 def test_block_kind_defaults_to_the_last_layer():
     sliding = {"layers": ["attention", "sliding"], "attn": {"window": 4}}
-    assert _model(**sliding).mtp.depths[0].block.attn.window == 4  # as HF's MtpModel copies the last layer's class
+    assert (
+        _model(**sliding).mtp.depths[0].block.attn.window == 4
+    )  # as HF's MtpModel copies the last layer's class
     assert _model(**sliding, mtp=MTPConfig(block="attention")).mtp.depths[0].block.attn.window is None
 
 
@@ -73,10 +88,20 @@ def test_sequential_modules_match_hugging_face_mtp_model(tmp_path):
     from scratchlm.models.hf import import_hf
 
     D, V, T = 2, 97, 12
-    hf_config = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32,
-                                         initializer_range=0.4, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                                         num_mtp_layers=D, attn_implementation="eager")
+    hf_config = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        initializer_range=0.4,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        num_mtp_layers=D,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(hf_config).float().eval()
     hf_mtp = MtpModel(hf, D).float().eval()
@@ -89,13 +114,21 @@ def test_sequential_modules_match_hugging_face_mtp_model(tmp_path):
     state = dict(main.state_dict())
     for k, layer in enumerate(hf_mtp.layers):
         t, o = {n: p.detach() for n, p in layer.named_parameters()}, f"mtp.depths.{k}."
-        state |= {o + "embed_norm.weight": t["enorm.weight"], o + "hidden_norm.weight": t["hnorm.weight"],
-                  o + "proj.weight": t["eh_proj.weight"], o + "norm.weight": t["post_norm.weight"],
-                  o + "block.norm1.weight": t["mtp_block.input_layernorm.weight"],
-                  o + "block.norm2.weight": t["mtp_block.post_attention_layernorm.weight"],
-                  o + "block.attn.qkv.weight": torch.cat([t[f"mtp_block.self_attn.{p}_proj.weight"] for p in "qkv"]),
-                  o + "block.attn.proj.weight": t["mtp_block.self_attn.o_proj.weight"]}
-        state |= {o + f"block.mlp.{p}.weight": t[f"mtp_block.mlp.{p}_proj.weight"] for p in ("gate", "up", "down")}
+        state |= {
+            o + "embed_norm.weight": t["enorm.weight"],
+            o + "hidden_norm.weight": t["hnorm.weight"],
+            o + "proj.weight": t["eh_proj.weight"],
+            o + "norm.weight": t["post_norm.weight"],
+            o + "block.norm1.weight": t["mtp_block.input_layernorm.weight"],
+            o + "block.norm2.weight": t["mtp_block.post_attention_layernorm.weight"],
+            o + "block.attn.qkv.weight": torch.cat(
+                [t[f"mtp_block.self_attn.{p}_proj.weight"] for p in "qkv"]
+            ),
+            o + "block.attn.proj.weight": t["mtp_block.self_attn.o_proj.weight"],
+        }
+        state |= {
+            o + f"block.mlp.{p}.weight": t[f"mtp_block.mlp.{p}_proj.weight"] for p in ("gate", "up", "down")
+        }
     ours.load_state_dict(state)
 
     ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(2))
@@ -116,8 +149,9 @@ def test_sequential_modules_match_hugging_face_mtp_model(tmp_path):
             torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
         # Drafting: HF's loop feeds each depth its own guess as the next depth's last token.
         next_ids = main_logits[:, -1].argmax(-1)
-        hf_ids, hf_logits, _ = hf_mtp(torch.cat([ids[:, 1:], next_ids[:, None]], 1), hidden_hf, None,
-                                      positions + 1, None)
+        hf_ids, hf_logits, _ = hf_mtp(
+            torch.cat([ids[:, 1:], next_ids[:, None]], 1), hidden_hf, None, positions + 1, None
+        )
         our_ids, our_logits = ours.mtp.draft(ours, hidden, ids, next_ids)
         same_input = ours.mtp.draft(ours, hidden_hf, ids, next_ids)[1]  # the modules alone, on HF's h^0
     assert torch.equal(our_ids, hf_ids)
@@ -176,11 +210,15 @@ def test_parameters_are_counted_once(kind):
     counts = model.parameter_counts()
     C = 32
     block = sum(p.numel() for p in Block(dataclasses.replace(model.config, mtp=None), 0).parameters())
-    per_depth = block + C + (2 * C + 2 * C * C if kind == "sequential" else 0)  # + final norm (+ 2 norms and M)
+    per_depth = (
+        block + C + (2 * C + 2 * C * C if kind == "sequential" else 0)
+    )  # + final norm (+ 2 norms and M)
     assert counts["mtp"] == 2 * per_depth
     assert counts["total"] + counts["mtp"] == sum(p.numel() for p in model.parameters())
     assert counts["total"] == GPT(dataclasses.replace(model.config, mtp=None)).parameter_counts()["total"]
-    assert not [n for n, _ in model.named_parameters() if n.startswith("mtp.") and ("tok_emb" in n or "lm_head" in n)]
+    assert not [
+        n for n, _ in model.named_parameters() if n.startswith("mtp.") and ("tok_emb" in n or "lm_head" in n)
+    ]
 
 
 def test_packed_rows_are_refused_in_training():
@@ -259,7 +297,9 @@ def test_acceptance_counts_are_exact():
     with torch.no_grad():
         model.mtp.depths[0].proj.weight.zero_()
     zeros = mtp_acceptance(model, PROMPTS, 12)
-    checked = [tok for new in zeros["tokens"] for tok in new[1:]]  # the tokens a depth-1 guess was checked against
+    checked = [
+        tok for new in zeros["tokens"] for tok in new[1:]
+    ]  # the tokens a depth-1 guess was checked against
     assert zeros["guesses"] == len(checked) and zeros["accepted"] == checked.count(0)
     assert zeros["acceptance_rate"] == pytest.approx(2 / 7, abs=0.05)  # PERIOD has two 0s in 7
 
@@ -269,20 +309,47 @@ def test_the_trainer_adds_the_mtp_term_and_evaluates_plain(char_shards, tmp_path
     losses differ by λ · L_MTP (about 0.3 · ln 65 at initialisation), the validation losses not at all."""
     import json
 
-    from scratchlm.train import train
     from scratchlm.models.checkpoint import load_model_from_checkpoint
+    from scratchlm.train import train
 
     def run(weight: float) -> tuple[list[float], list[float]]:
-        model = {"n_layer": 1, "n_head": 2, "d_model": 32, "block_size": 16, "position": "rope", "norm": "rmsnorm",
-                 "mlp": "relu2", "bias": False, "mtp": {"depth": 2, "weight": weight}}
+        model = {
+            "n_layer": 1,
+            "n_head": 2,
+            "d_model": 32,
+            "block_size": 16,
+            "position": "rope",
+            "norm": "rmsnorm",
+            "mlp": "relu2",
+            "bias": False,
+            "mtp": {"depth": 2, "weight": weight},
+        }
         out = tmp_path / f"run{weight}"
-        train({"model": model, "train": {"data": str(char_shards), "out_dir": str(out), "batch_size": 4, "max_steps": 4,
-                                         "eval_interval": 4, "eval_windows": 4, "warmup_steps": 1, "sample_tokens": 0,
-                                         "lr": 0.0, "min_lr": 0.0, "log_interval": 1}}, progress=False)
+        train(
+            {
+                "model": model,
+                "train": {
+                    "data": str(char_shards),
+                    "out_dir": str(out),
+                    "batch_size": 4,
+                    "max_steps": 4,
+                    "eval_interval": 4,
+                    "eval_windows": 4,
+                    "warmup_steps": 1,
+                    "sample_tokens": 0,
+                    "lr": 0.0,
+                    "min_lr": 0.0,
+                    "log_interval": 1,
+                },
+            },
+            progress=False,
+        )
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         loaded, _ = load_model_from_checkpoint(out / "last")
         assert loaded.config.mtp == MTPConfig(depth=2, weight=weight) and loaded.mtp is not None
-        return [r["loss"] for r in records if "loss" in r], [r["val_loss"] for r in records if "val_loss" in r]
+        return [r["loss"] for r in records if "loss" in r], [
+            r["val_loss"] for r in records if "val_loss" in r
+        ]
 
     (with_mtp, val), (plain, plain_val) = run(0.3), run(0.0)
     assert val == plain_val

@@ -13,19 +13,31 @@ import torch
 
 from scratchlm.generate import KVCache, SamplingConfig
 from scratchlm.generate.generate import beam_search, generate
+from scratchlm.models.blocks.attention import Attention, attention_bias
 from scratchlm.models.blocks.flash_attention import naive_attention, tiled_attention
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.models.blocks.attention import Attention, attention_bias
 
 GREEDY = SamplingConfig(temperature=0)
 
 
 def tiny(window: int | None = 4, **kw) -> GPTConfig:
     """A tiny Llama-block model whose layers are sliding with ``window`` ([model.attn] window)."""
-    base = {"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "block_size": 32,
-            "init_std": 0.2, "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
-            "layers": ["sliding"], "attn": {"window": window}}
+    base = {
+        "vocab_size": 97,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "d_model": 32,
+        "block_size": 32,
+        "init_std": 0.2,
+        "position": "rope",
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "bias": False,
+        "layers": ["sliding"],
+        "attn": {"window": window},
+    }
     return GPTConfig(**{**base, **kw})
 
 
@@ -49,7 +61,9 @@ def test_query_10_with_window_4_sees_keys_7_to_10():
     assert visible[10].nonzero().flatten().tolist() == [7, 8, 9, 10]
     assert visible[2].nonzero().flatten().tolist() == [0, 1, 2]  # near the start: fewer than W keys
     # a decode step (query at position 10, keys 0..10) and keys counted from another origin agree
-    assert (attention_bias(1, 11, 10, None, "cpu", torch.float32, window=4) == 0).nonzero()[:, 1].tolist() == [7, 8, 9, 10]
+    assert (attention_bias(1, 11, 10, None, "cpu", torch.float32, window=4) == 0).nonzero()[
+        :, 1
+    ].tolist() == [7, 8, 9, 10]
     assert (attention_bias(1, 4, 3, None, "cpu", torch.float32, window=4) == 0).all()
 
 
@@ -79,11 +93,19 @@ def test_tiled_kernel_skips_old_tiles_and_equals_the_reference():
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 4, 37, 8), torch.randn(2, 2, 37, 8), torch.randn(2, 2, 37, 8)
     for window in (1, 5, 16, 40):
-        torch.testing.assert_close(tiled_attention(q, k, v, window=window, block_q=8, block_k=4),
-                                   naive_attention(q, k, v, window=window), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            tiled_attention(q, k, v, window=window, block_q=8, block_k=4),
+            naive_attention(q, k, v, window=window),
+            atol=1e-5,
+            rtol=0,
+        )
     # decode-shaped: 3 queries at positions 34..36 over 37 keys
-    torch.testing.assert_close(tiled_attention(q[:, :, -3:], k, v, window=6, block_q=2, block_k=4),
-                               naive_attention(q[:, :, -3:], k, v, window=6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tiled_attention(q[:, :, -3:], k, v, window=6, block_q=2, block_k=4),
+        naive_attention(q[:, :, -3:], k, v, window=6),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_window_as_long_as_the_context_is_causal_attention():
@@ -132,8 +154,15 @@ def _decode(m: GPT, ids: torch.Tensor, cache, chunks: list[int]) -> torch.Tensor
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("layers,impl,position", [(["sliding"], "sdpa", "rope"), (["sliding", "attention"], "sdpa", "rope"),
-                                                  (["sliding"], "manual", "alibi"), (["attention", "sliding"], "tiled", "rope")])
+@pytest.mark.parametrize(
+    "layers,impl,position",
+    [
+        (["sliding"], "sdpa", "rope"),
+        (["sliding", "attention"], "sdpa", "rope"),
+        (["sliding"], "manual", "alibi"),
+        (["attention", "sliding"], "tiled", "rope"),
+    ],
+)
 def test_ring_buffer_equals_full_cache_equals_parallel(layers, impl, position):
     m = model(layers=layers, attention=impl, position=position)
     ids = torch.randint(0, 97, (2, 30))
@@ -202,15 +231,31 @@ transformers = pytest.importorskip("transformers")
 
 
 def _hf(kind: str):
-    common = {"vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
-              "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 40,
-              "initializer_range": 0.4, "rms_norm_eps": 1e-6, "sliding_window": 4, "tie_word_embeddings": False,
-              "bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
+    common = {
+        "vocab_size": 101,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 40,
+        "initializer_range": 0.4,
+        "rms_norm_eps": 1e-6,
+        "sliding_window": 4,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": 0,
+    }
     if kind == "mistral":
         config, cls = transformers.MistralConfig(**common), transformers.MistralForCausalLM
     else:
         layer_types = ["sliding_attention", "full_attention"] * 2
-        config, cls = transformers.MinistralConfig(**common, layer_types=layer_types), transformers.MinistralForCausalLM
+        config, cls = (
+            transformers.MinistralConfig(**common, layer_types=layer_types),
+            transformers.MinistralForCausalLM,
+        )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     return cls(config).eval()

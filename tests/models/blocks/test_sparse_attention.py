@@ -27,27 +27,46 @@ from scratchlm.generate import generate
 from scratchlm.generate.kv_cache import KVCache
 from scratchlm.generate.sampling import SamplingConfig
 from scratchlm.models.blocks import sparse_attention
-from scratchlm.models.config import GPTConfig
-from scratchlm.models.gpt import GPT
-from scratchlm.models.layers import rope_tables
 from scratchlm.models.blocks.mtp import mtp_acceptance
 from scratchlm.models.blocks.sparse_attention import (
     BRANCHES,
-    NSAConfig,
     NativeSparseAttention,
+    NSAConfig,
     overlap_matrix,
     selection_scores,
 )
+from scratchlm.models.config import GPTConfig
+from scratchlm.models.gpt import GPT
+from scratchlm.models.layers import rope_tables
 
 TOL = {"atol": 1e-5, "rtol": 0}
 
 
 def small(n_head=4, n_kv_head=2, gate="sigmoid", block_size=48, mtp=None, **nsa) -> GPTConfig:
-    settings = {"compress_block": 4, "compress_stride": 2, "select_block": 4, "select_count": 3, "window": 5, "gate": gate}
+    settings = {
+        "compress_block": 4,
+        "compress_stride": 2,
+        "select_block": 4,
+        "select_count": 3,
+        "window": 5,
+        "gate": gate,
+    }
     settings.update(nsa)
-    return GPTConfig(vocab_size=97, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, d_model=32, block_size=block_size,
-                     position="rope", norm="rmsnorm", mlp="swiglu", bias=False, layers=["nsa"],
-                     nsa=NSAConfig(**settings), mtp=mtp)
+    return GPTConfig(
+        vocab_size=97,
+        n_layer=2,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        d_model=32,
+        block_size=block_size,
+        position="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        layers=["nsa"],
+        nsa=NSAConfig(**settings),
+        mtp=mtp,
+    )
 
 
 def mixer(config: GPTConfig, seed: int = 0, std: float = 0.3) -> NativeSparseAttention:
@@ -67,17 +86,51 @@ def as_mask(blocks, chosen, S):
     return torch.zeros(*blocks.shape[:-1], S, dtype=torch.bool).scatter(-1, blocks, chosen)
 
 
-@pytest.mark.parametrize("heads,gate,nsa", [
-    ((4, 2), "sigmoid", {}),  # GQA 2:1, overlapping compressed blocks (l = 2d), l' = l
-    ((4, 1), "softmax", {"compress_block": 4, "compress_stride": 2, "select_block": 6, "select_count": 4}),  # MQA, l' != l
-    ((2, 2), "sigmoid", {"compress_block": 3, "compress_stride": 3, "select_block": 3, "select_count": 2,
-                             "initial_blocks": 0, "local_blocks": 1, "window": 1}),  # l = d = l': eq. 9 is the identity
-    ((4, 2), "sigmoid", {"compress_block": 2, "compress_stride": 2, "select_block": 2, "select_count": 3,
-                             "initial_blocks": 0, "local_blocks": 1}),  # many free picks: chunks' block unions differ in size
-])
-@pytest.mark.parametrize("union_limit", [1000, 0])  # each chunk loads its blocks' union / each query gathers its own
-def test_reference_equals_efficient_forward_gradients_and_selection(heads, gate, nsa, union_limit, monkeypatch):
-    monkeypatch.setattr(sparse_attention, "_QUERY_CHUNK", 8)  # several query chunks, each with its own block union
+@pytest.mark.parametrize(
+    "heads,gate,nsa",
+    [
+        ((4, 2), "sigmoid", {}),  # GQA 2:1, overlapping compressed blocks (l = 2d), l' = l
+        (
+            (4, 1),
+            "softmax",
+            {"compress_block": 4, "compress_stride": 2, "select_block": 6, "select_count": 4},
+        ),  # MQA, l' != l
+        (
+            (2, 2),
+            "sigmoid",
+            {
+                "compress_block": 3,
+                "compress_stride": 3,
+                "select_block": 3,
+                "select_count": 2,
+                "initial_blocks": 0,
+                "local_blocks": 1,
+                "window": 1,
+            },
+        ),  # l = d = l': eq. 9 is the identity
+        (
+            (4, 2),
+            "sigmoid",
+            {
+                "compress_block": 2,
+                "compress_stride": 2,
+                "select_block": 2,
+                "select_count": 3,
+                "initial_blocks": 0,
+                "local_blocks": 1,
+            },
+        ),  # many free picks: chunks' block unions differ in size
+    ],
+)
+@pytest.mark.parametrize(
+    "union_limit", [1000, 0]
+)  # each chunk loads its blocks' union / each query gathers its own
+def test_reference_equals_efficient_forward_gradients_and_selection(
+    heads, gate, nsa, union_limit, monkeypatch
+):
+    monkeypatch.setattr(
+        sparse_attention, "_QUERY_CHUNK", 8
+    )  # several query chunks, each with its own block union
     monkeypatch.setattr(sparse_attention, "_UNION_LIMIT", union_limit)
     config = small(*heads, gate=gate, **nsa)
     m = mixer(config)
@@ -97,7 +150,9 @@ def test_reference_equals_efficient_forward_gradients_and_selection(heads, gate,
     grads_ref = torch.autograd.grad((ref["output"] * weights).sum(), [x, *m.parameters()])
     for (name, _), a, b in zip([("x", None), *m.named_parameters()], grads_fast, grads_ref):
         torch.testing.assert_close(a, b, **TOL, msg=lambda s, n=name: f"gradient of {n}: {s}")
-    assert all(g.abs().sum() > 0 for g in grads_fast)  # every parameter, the compressors included, gets gradient
+    assert all(
+        g.abs().sum() > 0 for g in grads_fast
+    )  # every parameter, the compressors included, gets gradient
 
 
 def test_overlap_matrix_counts_shared_tokens_in_units_of_d():
@@ -127,8 +182,18 @@ def test_printed_eq_9_is_the_overlap_shifted_by_l_sel_minus_d(l, d, ls):
     assert shift == 0 or not torch.equal(printed, overlap_matrix(N, S, l, d, ls))
 
 
-@pytest.mark.parametrize("l,d,ls,N,S", [(4, 2, 4, 9, 5), (8, 2, 4, 9, 5), (4, 2, 8, 13, 4), (6, 3, 3, 7, 9),
-                                        (3, 3, 3, 6, 6), (4, 2, 4, 0, 2), (4, 2, 4, 9, 2)])
+@pytest.mark.parametrize(
+    "l,d,ls,N,S",
+    [
+        (4, 2, 4, 9, 5),
+        (8, 2, 4, 9, 5),
+        (4, 2, 8, 13, 4),
+        (6, 3, 3, 7, 9),
+        (3, 3, 3, 6, 6),
+        (4, 2, 4, 0, 2),
+        (4, 2, 4, 9, 2),
+    ],
+)
 def test_selection_scores_equal_the_overlap_matrix(l, d, ls, N, S):
     # Eq. 9 as a sliding sum in units of d, against its matrix definition; N = 0 (no complete
     # compressed block yet) and N beyond the S blocks (blocks past the last unit) included.
@@ -263,7 +328,9 @@ def test_generate_with_cache_equals_without():  # greedy, and sampled with one s
 
 @torch.no_grad()
 def test_no_output_depends_on_a_later_token():
-    config = small(compress_block=4, compress_stride=2, select_block=4, select_count=2, window=3, local_blocks=1)
+    config = small(
+        compress_block=4, compress_stride=2, select_block=4, select_count=2, window=3, local_blocks=1
+    )
     m = mixer(config, seed=3)
     T = 24
     x = torch.randn(1, T, 32)
@@ -335,11 +402,15 @@ def test_each_branch_reads_its_own_keys_and_values():
         m.qkv.weight[first : first + 2 * Hkv * D] += torch.randn(2 * Hkv * D, 32)
         out = m.branches(x, rope=rope)
         assert not torch.allclose(out[name], base[name], atol=1e-3), name
-        unchanged = {"compressed": ["window", "gates"],  # the selection may follow the compressed scores
-                     "selected": ["compressed", "window", "gates", "blocks", "chosen"],
-                     "window": ["compressed", "selected", "gates", "blocks", "chosen"]}[name]
+        unchanged = {
+            "compressed": ["window", "gates"],  # the selection may follow the compressed scores
+            "selected": ["compressed", "window", "gates", "blocks", "chosen"],
+            "window": ["compressed", "selected", "gates", "blocks", "chosen"],
+        }[name]
         for other in unchanged:
-            assert torch.equal(out[other], base[other]), f"perturbing the {name} branch's k, v changed {other}"
+            assert torch.equal(out[other], base[other]), (
+                f"perturbing the {name} branch's k, v changed {other}"
+            )
 
 
 def test_positions_the_blocks_cannot_honour_are_refused():
@@ -348,13 +419,18 @@ def test_positions_the_blocks_cannot_honour_are_refused():
     with torch.no_grad():
         cache = KVCache.for_model(model, 1, max_len=16)
         model(ids, cache=cache)
-        with pytest.raises(ValueError, match="2 contiguous positions starting at cache.length = 8; got "
-                                             r"positions of shape \(2,\) beginning \[3, 4\]"):
+        with pytest.raises(
+            ValueError,
+            match="2 contiguous positions starting at cache.length = 8; got "
+            r"positions of shape \(2,\) beginning \[3, 4\]",
+        ):
             model(ids[:, :2], cache=cache, positions=torch.tensor([3, 4]))
         with pytest.raises(ValueError, match=r"8 contiguous positions \(any first one\)"):
             model(ids, positions=torch.tensor([0, 1, 2, 3, 5, 6, 7, 8]))
         with pytest.raises(ValueError, match="contiguous positions"):
-            model.blocks[0].attn(torch.randn(1, 4, 32), positions=torch.arange(4)[None])  # (B, T): packed rows
+            model.blocks[0].attn(
+                torch.randn(1, 4, 32), positions=torch.arange(4)[None]
+            )  # (B, T): packed rows
         model(ids[:, :2], cache=cache, positions=torch.tensor([8, 9]))  # what the model itself would pass
 
 
@@ -397,11 +473,17 @@ def test_cache_accounting():
 
 
 def test_bad_settings_and_inputs_are_refused():
-    with pytest.raises(ConfigError, match="model.nsa.compress_block = 64 exceeds model.block_size = 48: no "
-                                          "compressed block could ever be complete"):
+    with pytest.raises(
+        ConfigError,
+        match="model.nsa.compress_block = 64 exceeds model.block_size = 48: no "
+        "compressed block could ever be complete",
+    ):
         GPT(small(compress_block=64))
-    with pytest.raises(ConfigError, match="model.nsa.select_block = 64 exceeds model.block_size = 48: the first "
-                                          "selection block would hold the whole context"):
+    with pytest.raises(
+        ConfigError,
+        match="model.nsa.select_block = 64 exceeds model.block_size = 48: the first "
+        "selection block would hold the whole context",
+    ):
         GPT(small(select_block=64))
     with pytest.raises(ConfigError, match="compress_stride = 3 must divide compress_block = 4"):
         NSAConfig(compress_block=4, compress_stride=3, select_block=6)
