@@ -212,7 +212,16 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     return config
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), aliases: dict[str, str] | None = None
+) -> dict:
+    """A TOML config file with ``--set section.key=value`` overrides applied.
+
+    ``aliases`` maps a key's old dotted path to its new one (``model.sliding_window`` ->
+    ``model.attn.window``): old spellings, in the file or in ``--set``, are renamed first, each with
+    one notice, so that an override in either spelling replaces the file's value as it always did."""
+    import warnings
+
     config: dict = {}
     if path:
         path = Path(path)
@@ -222,7 +231,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
             config = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: not valid TOML ({e})") from None
-    config = apply_overrides(config, list(overrides))
+    aliases = aliases or {}
+    used = []
+    for old, new in aliases.items():
+        *sections, key = old.split(".")
+        node = config
+        for s in sections:
+            node = node.get(s) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node:
+            value = node.pop(key)
+            used.append(old)
+            *new_sections, new_key = new.split(".")
+            target = config
+            for s in new_sections:
+                target = target.setdefault(s, {})
+            if new_key in target:
+                raise ConfigError(f"{old} is the old spelling of {new}, and both are set: keep {new}")
+            target[new_key] = value
+    renamed = []
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        if sep and dotted.strip() in aliases:
+            used.append(dotted.strip())
+            item = f"{aliases[dotted.strip()]}={value}"
+        renamed.append(item)
+    if used:
+        moves = ", ".join(f"{old} -> {aliases[old]}" for old in dict.fromkeys(used))
+        warnings.warn(f"deprecated config keys, renamed: {moves}", FutureWarning, stacklevel=2)
+    config = apply_overrides(config, renamed)
     unknown = set(config) - {"model", "train"}
     if unknown:
         raise ConfigError(f"config sections must be [model] and [train]; found {sorted(unknown)}")

@@ -183,8 +183,6 @@ def test_every_bound_is_where_its_rule_says(cls):
                 kwargs["lr"] = max(value, 1.0)
             if name == "warmup_steps":
                 kwargs["max_steps"] = 10**6
-            if name == "sliding_window":  # read by sliding layers only (a window no layer reads is refused)
-                kwargs["layers"] = ["sliding"]
             if allowed:
                 cls(**kwargs)
             else:
@@ -223,3 +221,37 @@ def test_train_config_cross_checks(fields_, message):
 )
 def test_a_backslash_before_anything_but_an_escape_stays(typed, meant):
     assert interpret_escapes(typed) == meant
+
+
+def test_an_old_attention_key_in_a_file_is_overridden_by_set_in_either_spelling(tmp_path):
+    """A config file written before the [model.attn] table, overridden on the command line the new
+    way (or the other way round): the override wins, as it always did, with one notice."""
+    from scratchlm.config import load_config
+    from scratchlm.models.blocks.attention import LEGACY_PATHS
+    from scratchlm.models.presets import config_from_section
+
+    old = tmp_path / "old.toml"
+    old.write_text('[model]\nlayers = ["sliding"]\nsliding_window = 4\n')
+    new = tmp_path / "new.toml"
+    new.write_text('[model]\nlayers = ["sliding"]\n[model.attn]\nwindow = 4\n')
+    for path, override in (
+        (old, "model.attn.window=8"),
+        (new, "model.sliding_window=8"),
+        (old, "model.sliding_window=8"),
+    ):
+        with pytest.warns(FutureWarning, match=r"model\.sliding_window -> model\.attn\.window") as caught:
+            section = load_config(path, [override], aliases=LEGACY_PATHS)["model"]
+            assert config_from_section(section).attn.window == 8, (path.name, override)
+        assert len(caught) == 1
+    with pytest.raises(ConfigError, match="old spelling of model.attn.window, and both are set"):
+        both = tmp_path / "both.toml"
+        both.write_text('[model]\nlayers = ["sliding"]\nsliding_window = 4\n[model.attn]\nwindow = 4\n')
+        load_config(both, [], aliases=LEGACY_PATHS)
+
+
+def test_a_preset_takes_the_old_attention_keywords_with_a_notice():
+    from scratchlm.models.presets import preset
+
+    with pytest.warns(FutureWarning, match=r"model\.qk_norm -> model\.attn\.qk_norm"):
+        old = preset("llama-tiny", qk_norm=True)
+    assert old == preset("llama-tiny", attn={"qk_norm": True}) and old.attn.qk_norm is True

@@ -56,9 +56,13 @@ def _resolve(name: str) -> str | None:
 def imports(module: str) -> set[str]:
     """Package modules that ``module`` imports anywhere in its file (module- or function-level)."""
     path = MODULES[module]
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    return imports_in(path.read_text(encoding="utf-8"), module, is_package=path.name == "__init__.py")
+
+
+def imports_in(source: str, module: str, is_package: bool = False) -> set[str]:
+    package = module if is_package else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -70,6 +74,14 @@ def imports(module: str) -> set[str]:
             # package's __init__ depends on the package (a parent package's __init__ runs on any
             # import of its submodules, so it is not counted as an edge of its own)
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):  # importlib.import_module("scratchlm.x"): an import all the same
+            names = [node.args[0].value]
         else:
             continue
         for name in names:
@@ -164,8 +176,21 @@ def test_no_import_cycles():
 
 
 def test_the_checker_sees_what_it_must():
-    """The reader is not blind: a function-level import and a relative import are found."""
-    assert "scratchlm.models.checkpoint" in GRAPH["scratchlm.posttrain.lora"] or any(
-        t.startswith("scratchlm.models") for t in GRAPH["scratchlm.posttrain.lora"]
+    """The reader is not blind: a function-level import, a relative import, ``import a.b as c`` and
+    ``importlib.import_module("...")`` are each found, resolved to the module they name."""
+    source = (
+        "import scratchlm.io as plumbing\n"
+        "from ..train import config\n"
+        "def later():\n"
+        "    from scratchlm.serve.engine import LLM\n"
+        "    import importlib\n"
+        "    importlib.import_module('scratchlm.posttrain.sft')\n"
     )
-    assert any(t.startswith("scratchlm.cli.") or t == "scratchlm.cli" for t in GRAPH["scratchlm.__main__"])
+    found = imports_in(source, "scratchlm.models.inspect")
+    assert found == {
+        "scratchlm.io",
+        "scratchlm.train.config",
+        "scratchlm.serve.engine",
+        "scratchlm.posttrain.sft",
+    }
+    assert [stage(m) > stage("scratchlm.models.inspect") for m in sorted(found)] == [False, True, True, True]

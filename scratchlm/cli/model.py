@@ -25,9 +25,10 @@ def _model_source(q) -> None:
 def _model_config(args):
     """A model config from --preset or --config, with every --set model.key=value applied."""
     from scratchlm.config import load_config
+    from scratchlm.models.blocks.attention import LEGACY_PATHS
     from scratchlm.models.presets import config_from_section
 
-    section = load_config(args.config, args.set).get("model", {})
+    section = load_config(args.config, args.set, aliases=LEGACY_PATHS).get("model", {})
     if args.preset:
         section["preset"] = args.preset
     return config_from_section(section)

@@ -96,7 +96,7 @@ class SFT(_Method):
         )
         if args.eval_prompts:
             em = summary["exact_match"] = exact_match_before_after(
-                args.checkpoint, Path(args.out) / "best", args.eval_prompts, args.tokenizer
+                args.checkpoint, Path(args.out) / "best", args.eval_prompts, args.tokenizer, args.device
             )
             text += (
                 f"\nexact match on {em['after']['n']} held-out prompts: "

@@ -20,11 +20,12 @@ class Train(Command):
 
     def run(self, args):
         from scratchlm.config import load_config
+        from scratchlm.models.blocks.attention import LEGACY_PATHS
         from scratchlm.train import train
 
         overrides = [*args.set, *([f"train.device={args.device}"] if args.device else [])]
         summary = train(
-            load_config(args.config, overrides),
+            load_config(args.config, overrides, aliases=LEGACY_PATHS),
             resume=args.resume,
             progress=flags.show_progress(args),
             overwrite=args.overwrite,

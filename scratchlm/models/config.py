@@ -87,9 +87,8 @@ class GPTConfig:
     attention: str = "sdpa"  # sdpa | manual | tiled (FlashAttention's online softmax, in PyTorch)
     init_std: float = 0.02
     # --- the layer pattern and the block kinds' own settings ---
-    layers: list[str] | None = (
-        None  # e.g. ["sliding", "attention"], repeated to n_layer; None: all "attention"
-    )
+    # e.g. ["sliding", "attention"], repeated to n_layer; None: all "attention"
+    layers: list[str] | None = None
     # [model.attn], read by "attention" and "sliding" layers: the window, head width, Qwen's q/k/v
     # biases and q/k norms, Gemma-2's score scale and soft cap. Named ``attn`` (the layers' module
     # name, ``blocks.{i}.attn``) because ``attention`` above already names the kernel.
@@ -102,12 +101,10 @@ class GPTConfig:
     mtp: MTPConfig | None = None  # multi-token prediction modules after the last layer
     # --- Gemma-style switches of the stack (docs/sliding-window-attention.md, "Gemma-2") ---
     final_softcap: float | None = None  # logits -> c·tanh(logits / c) (Gemma-2: 30); None: off
-    sandwich_norm: bool | None = (
-        None  # also norm each mixer's and MLP's output before the residual add (Gemma-2/3)
-    )
-    embed_scale: bool | None = (
-        None  # multiply token embeddings by sqrt(d_model) (Gemma), which a tied head cannot absorb
-    )
+    # also norm each mixer's and MLP's output before the residual add (Gemma-2/3)
+    sandwich_norm: bool | None = None
+    # multiply token embeddings by sqrt(d_model) (Gemma), which a tied head cannot absorb
+    embed_scale: bool | None = None
 
     def __post_init__(self):
         validate(self, "model", _MODEL_RULES)  # each value's type and range, naming the key

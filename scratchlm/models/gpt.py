@@ -156,9 +156,8 @@ class GPT(nn.Module):
             loss = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
-            if (
-                self.training
-            ):  # auxiliary losses (MoE load balancing) train the model; evaluation reports plain CE
+            # auxiliary losses (MoE load balancing) train the model; evaluation reports plain CE
+            if self.training:
                 loss = loss + self.auxiliary_loss()
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
@@ -304,9 +303,8 @@ class GPT(nn.Module):
         T = context or self.config.block_size
         counts = self.parameter_counts()
         n = counts["active"] - counts["positions"]
-        if (
-            not self.config.tie_embeddings
-        ):  # the input embedding is a lookup; a tied one is also the output matmul
+        # the input embedding is a lookup; a tied one is also the output matmul
+        if not self.config.tie_embeddings:
             n -= self.tok_emb.weight.numel()
         mixing = sum(context_flops(block.mixer, T) for block in self.blocks)
         flops = {"train": 6 * n + 3 * mixing, "forward": 2 * n + mixing}

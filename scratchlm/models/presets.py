@@ -220,9 +220,23 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: str, **overrides) -> GPTConfig:
+    """A preset's config with ``overrides`` (the attention settings' old keyword names still work,
+    with a notice)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    overrides, legacy = move_legacy_keys(overrides)
+    _warn_legacy(legacy, stacklevel=3)
     return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+def _warn_legacy(legacy: list[str], stacklevel: int) -> None:
+    if legacy:
+        moves = ", ".join(f"model.{key} -> model.attn.{LEGACY_KEYS[key]}" for key in legacy)
+        warnings.warn(
+            f"deprecated [model] keys, now in the [model.attn] table: {moves}",
+            FutureWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def config_from_section(section: dict) -> GPTConfig:
@@ -232,11 +246,7 @@ def config_from_section(section: dict) -> GPTConfig:
     (``sliding_window``, ``d_head``, ``qkv_bias``, ``qk_norm``, ``attn_scale``, ``attn_softcap``)
     still work, with a notice naming their keys in ``[model.attn]``."""
     section, legacy = move_legacy_keys(dict(section))
-    if legacy:
-        moves = ", ".join(f"model.{key} -> model.attn.{LEGACY_KEYS[key]}" for key in legacy)
-        warnings.warn(
-            f"deprecated [model] keys, now in the [model.attn] table: {moves}", FutureWarning, stacklevel=2
-        )
+    _warn_legacy(legacy, stacklevel=3)
     name = section.pop("preset", None)
     merged = preset(name).to_dict() if name else {}
     for key, value in section.items():

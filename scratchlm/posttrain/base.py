@@ -70,12 +70,10 @@ class ChatConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     skip_invalid: bool = False
     eval_max_tokens: int = 32  # reply length at most, for the exact-match evaluation
-    learn_end_of_turn: bool = (
-        True  # False: leave <|im_end|> out of the mask (the classic bug, for the docs' demo)
-    )
-    packing: bool = (
-        False  # several conversations per row, attention kept within each (SFT only; others refuse it)
-    )
+    # False: leave <|im_end|> out of the mask (the classic bug, for the docs' demo)
+    learn_end_of_turn: bool = True
+    # several conversations per row, attention kept within each (SFT only; others refuse it)
+    packing: bool = False
 
     SECTION: ClassVar[str] = ""
     RULES: ClassVar[dict] = CHAT_RULES

@@ -40,9 +40,8 @@ from scratchlm.train.trainer import run_trainer
 @dataclass
 class DPOConfig(ChatConfig):
     beta: float = 0.1  # how far the policy may move from the reference (larger: less far)
-    disable_dropout: bool = (
-        True  # dropout would make the policy's log-probs noisy and biased against the reference's
-    )
+    # dropout would make the policy's log-probs noisy and biased against the reference's
+    disable_dropout: bool = True
     rpo_alpha: float = 0.0  # > 0: add alpha x the chosen replies' per-token NLL (RPO; TRL's rpo_alpha)
 
     SECTION: ClassVar[str] = "dpo"
@@ -88,9 +87,8 @@ class DPOTrainer(ChatTrainer):
 
     def _initial_model(self):
         model = self._load_base_model().to(self.device)
-        if (
-            self.settings.disable_dropout
-        ):  # as TRL does: the reference runs without dropout, so must the policy
+        # as TRL does: the reference runs without dropout, so must the policy
+        if self.settings.disable_dropout:
             model.set_dropout(0.0)
         # The reference is the model as it starts, frozen: its log-probabilities once, now.
         self.train_refs = self._logps_of(model, self.train_rows)

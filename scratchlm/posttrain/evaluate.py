@@ -26,15 +26,20 @@ def exact_match(model, tokenizer, prompts, max_tokens: int = 32) -> dict:
 
 
 def exact_match_before_after(
-    base: str | Path, tuned: str | Path, prompts_path: str | Path, base_tokenizer: str | None = None
+    base: str | Path,
+    tuned: str | Path,
+    prompts_path: str | Path,
+    base_tokenizer: str | None = None,
+    device: str | None = None,
 ) -> dict:
-    """Exact match of the base and the fine-tuned checkpoint on the same held-out prompts (greedy)."""
+    """Exact match of the base and the fine-tuned checkpoint on the same held-out prompts (greedy),
+    on ``device`` (None: the best one here)."""
     from scratchlm.posttrain.data import load_prompts
 
     prompts = load_prompts(prompts_path).items
     out = {}
     for name, path in (("before", base), ("after", tuned)):
         # the base gets fresh rows for the chat tokens (as the fine-tuning started from)
-        model, tokenizer = load_chat_model(path, base_tokenizer if name == "before" else None, device="cpu")
+        model, tokenizer = load_chat_model(path, base_tokenizer if name == "before" else None, device=device)
         out[name] = exact_match(model, tokenizer, prompts)
     return out

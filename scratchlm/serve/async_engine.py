@@ -35,9 +35,8 @@ class AsyncLLMEngine:
         self._closed = False
         self._lock = threading.Lock()  # orders "closed" against puts: no request is put after the last drain
         self.error: BaseException | None = None  # the exception that stopped the engine thread, if any
-        self.last_step_error: BaseException | None = (
-            None  # a failed step (its requests failed; the engine went on)
-        )
+        # a failed step (its requests failed; the engine went on)
+        self.last_step_error: BaseException | None = None
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None

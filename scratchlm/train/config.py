@@ -51,9 +51,8 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW learning rate (peak)
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    weight_decay: float = (
-        0.1  # decoupled: each step shrinks a weight by lr x weight_decay (muon_lr x it under Muon)
-    )
+    # decoupled: each step shrinks a weight by lr x weight_decay (muon_lr x it under Muon)
+    weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
     muon_lr: float = 0.02  # Muon's learning rate for the hidden matrices (AdamW's lr for the rest)
@@ -67,9 +66,8 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     device: str | None = None
-    strategy: str = (
-        "ddp"  # with several processes: ddp (replicate) | fsdp (shard parameters, gradients, optimizer state)
-    )
+    # with several processes: ddp (replicate) | fsdp (shard parameters, gradients, optimizer state)
+    strategy: str = "ddp"
     compile: bool = False
     activation_checkpointing: bool = False
     tensorboard: bool = False

@@ -84,9 +84,8 @@ class _Progress:
     # evaluation (at a time limit) must not change when an uninterrupted run would stop.
     patience_best: float = float("inf")
     evals_without_improvement: int = 0
-    eval_pending: bool = (
-        False  # stopped by a signal on a scheduled-eval step: the resumed run evaluates first
-    )
+    # stopped by a signal on a scheduled-eval step: the resumed run evaluates first
+    eval_pending: bool = False
 
     def add_evaluation(self, val: float, scheduled: bool) -> bool:
         """Count one validation loss; True when it is the best so far."""
@@ -370,7 +369,8 @@ class Trainer:
                 f"{last} was trained with another tokenizer ({state['tokenizer_fingerprint'][:16]}); "
                 f"the data's is {self.tokenizer.fingerprint[:16]}"
             )
-        if state["model"] != self.model_config.to_dict():
+        # compared as configs, not as dicts: an older checkpoint may spell a setting the old way
+        if GPTConfig.from_dict(state["model"]).to_dict() != self.model_config.to_dict():
             raise ValueError(f"{last}: the model config differs from this run's; resume with the same config")
         return state
 

@@ -343,3 +343,27 @@ def test_export_refuses_a_switch_its_format_cannot_hold(tmp_path, switch, value,
     )
     with pytest.raises(ValueError, match=f"cannot express model.attn.{switch}; formats that can: {can}"):
         export_hf(model, tmp_path / "x", "llama")
+
+
+def test_an_export_that_would_drop_or_lack_a_tensor_is_refused(tmp_path):
+    """GPT-2's format always has q/k/v biases: a model with biases but none on q, k, v cannot be
+    written as GPT-2 (before, the folder was written and did not load back)."""
+    config = GPTConfig(
+        vocab_size=50,
+        n_layer=1,
+        n_head=2,
+        d_model=16,
+        block_size=16,
+        position="learned",
+        norm="layernorm",
+        mlp="gelu_tanh",
+        bias=True,
+        attn={"qkv_bias": False},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"gpt2 export cannot hold this model \(tensors this model lacks: "
+        r"blocks\.0\.attn\.qkv\.bias",
+    ):
+        export_hf(GPT(config), tmp_path / "out", "gpt2")
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -112,6 +112,8 @@ LEGACY_KEYS = {
     "attn_scale": "scale",
     "attn_softcap": "softcap",
 }
+# The same renames as dotted config paths, for reading config files and --set overrides.
+LEGACY_PATHS = {f"model.{old}": f"model.attn.{new}" for old, new in LEGACY_KEYS.items()}
 
 
 def move_legacy_keys(model: dict) -> tuple[dict, list[str]]:
@@ -159,9 +161,8 @@ class Attention(nn.Module):
         super().__init__()
         if window is not None and window < 1:
             raise ValueError(f"a sliding window must hold at least 1 key (the query's own), got {window}")
-        self.window = (
-            window  # sliding-window attention: each query sees its last ``window`` keys, itself included
-        )
+        # sliding-window attention: each query sees its last ``window`` keys, itself included
+        self.window = window
         if window is not None:
             self.kv_cache = False  # KVCache.for_model gives it no rows: it keeps a ring buffer in cache.state
         self.n_head, self.n_kv_head = config.n_head, config.kv_heads
@@ -194,9 +195,8 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if (
-            cache is not None and cache.paged
-        ):  # the engine's paged cache stores k, v in its blocks and attends
+        # the engine's paged cache stores k, v in its blocks and attends
+        if cache is not None and cache.paged:
             if self.window is not None:
                 raise ValueError(
                     "sliding-window layers do not run on the engine's paged cache; "

@@ -62,9 +62,8 @@ LAYOUTS = ("halves", "adjacent")
 class DiffConfig:
     version: int = 1  # 1: the paper (re-parameterised λ, per-head RMSNorm, ×(1−λ_init)); 2: DIFF V2 (σ(xW) λ per token, no norm)
     layout: str = "halves"  # paired heads in the weights: "halves" (i with i + n/2, Hugging Face) or "adjacent" (2i with 2i+1, official code)
-    lambda_std: float = (
-        0.1  # V1: standard deviation of the normal init of λq1, λk1, λq2, λk2 (HF lambda_std_dev)
-    )
+    # V1: standard deviation of the normal init of λq1, λk1, λq2, λk2 (HF lambda_std_dev)
+    lambda_std: float = 0.1
 
     def __post_init__(self):
         validate(

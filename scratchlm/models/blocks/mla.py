@@ -62,9 +62,8 @@ class MLAConfig:
     qk_nope_head_dim: int = 32  # per-head query/key width without position, d_h
     qk_rope_head_dim: int = 16  # decoupled RoPE width d_h^R (query per head; one key shared by all heads)
     v_head_dim: int = 32  # per-head value width d_v
-    absorb: bool = (
-        True  # with a cache: attend over the latent (W_UK, W_UV folded in) when cheaper; False: rebuild k, v
-    )
+    # with a cache: attend over the latent (W_UK, W_UV folded in) when cheaper; False: rebuild k, v
+    absorb: bool = True
 
     def __post_init__(self):
         validate(

@@ -61,9 +61,8 @@ class MTPConfig:
     depth: int = 1  # D: MTP modules (sequential depths or parallel heads); depth k predicts token t+k+1
     weight: float = 0.3  # λ: the MTP loss's weight in the training loss (DeepSeek-V3 eq. 25)
     kind: str = "sequential"  # "sequential" (DeepSeek-V3) or "parallel" (Gloeckle et al. 2024)
-    block: str | None = (
-        None  # each module's layer kind ("attention", "mla+moe"); None: the main model's last layer's
-    )
+    # each module's layer kind ("attention", "mla+moe"); None: the main model's last layer's
+    block: str | None = None
 
     def __post_init__(self):
         validate(
@@ -119,9 +118,8 @@ class MTP(nn.Module):
                 # so its metrics (moe/layer{i}/imbalance) and expert_load entry do not overwrite main layer 0's
                 module.block.mlp.layer = config.n_layer + k
         self.aux_loss: torch.Tensor | None = None  # λ · L_MTP of the last training forward (GPT adds it)
-        self.depth_losses: torch.Tensor | None = (
-            None  # (D,) each depth's cross-entropy, detached, for logging
-        )
+        # (D,) each depth's cross-entropy, detached, for logging
+        self.depth_losses: torch.Tensor | None = None
 
     # --- the modules, teacher-forced (training) --------------------------------------------
     def forward(self, model, hidden: torch.Tensor, idx: torch.Tensor) -> list[torch.Tensor]:

@@ -67,9 +67,8 @@ from scratchlm.config import ConfigError, Rule, validate
 from scratchlm.models.layers import apply_rope
 
 BRANCHES = ("compressed", "selected", "window")
-_QUERY_CHUNK = (
-    64  # queries handled together in the efficient path: they share one load of their selected blocks
-)
+# queries handled together in the efficient path: they share one load of their selected blocks
+_QUERY_CHUNK = 64
 # A chunk reads the union of its queries' blocks while it holds at most this many times n blocks; beyond, each
 # query gathers its own n (on a CPU a copied key costs ~50 multiply-adds, so the union wins up to several n).
 _UNION_LIMIT = 8
@@ -78,9 +77,8 @@ _UNION_LIMIT = 8
 @dataclass
 class NSAConfig:
     compress_block: int = 32  # l: tokens summarised by one compressed key (eq. 7)
-    compress_stride: int = (
-        16  # d: tokens between the starts of consecutive compressed blocks (d < l: overlap)
-    )
+    # d: tokens between the starts of consecutive compressed blocks (d < l: overlap)
+    compress_stride: int = 16
     select_block: int = 64  # l': tokens per selection block (eq. 11-12)
     select_count: int = 16  # n: selection blocks each GQA group reads, forced ones included (eq. 11)
     window: int = 512  # w: keys of the sliding branch, the query itself included
@@ -295,9 +293,8 @@ class NativeSparseAttention(nn.Module):
             )
         if alibi is not None:
             raise ValueError("nsa layers take rope or no position in attention, not alibi")
-        if (
-            positions is not None
-        ):  # the blocks are counted from the sequence's first token: see the module docstring
+        # the blocks are counted from the sequence's first token: see the module docstring
+        if positions is not None:
             first = (
                 start if cache is not None else positions.reshape(-1)[:1]
             )  # without a cache, any first position

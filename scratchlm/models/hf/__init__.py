@@ -26,6 +26,7 @@ from scratchlm.io import atomic_write
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.hf import deepseek, diff, gemma, gpt2, llama, mistral, moe, ssm
+from scratchlm.models.hf.common import cpu_state
 
 
 class Family(NamedTuple):
@@ -169,6 +170,20 @@ def export_hf(model: GPT, folder: str | Path, architecture: str | None = None, t
         raise ValueError(f"{architecture} export needs every layer to be attention + a dense MLP")
     check_switches(c, architecture)
     tensors, hf = FAMILIES[architecture].to_hf(model)
+    # Read the export back before writing it: every tensor of the model must have its place in the
+    # format, and the format's model must need no tensor this one lacks (a bias GPT-2 always has,
+    # say); otherwise the folder would hold another model, or one that does not load.
+    family = FAMILIES[architecture]
+    exported = family.config_from_hf(hf)
+    with torch.device("meta"):
+        expected = set(GPT(exported).state_dict())
+    tied = {"lm_head.weight"} if exported.tie_embeddings else set()
+    back, ours = set(family.from_hf(tensors, exported)) - tied, set(cpu_state(model)) - tied
+    lost, lacking = sorted(ours - back), sorted((expected - tied) - back)
+    if lost or lacking:
+        what = (f"no place for {', '.join(lost[:4])}" if lost else "") + ("; " if lost and lacking else "")
+        what += f"tensors this model lacks: {', '.join(lacking[:4])}" if lacking else ""
+        raise ValueError(f"{architecture} export cannot hold this model ({what}); choose another --arch")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(folder / "model.safetensors") as f:

@@ -575,9 +575,8 @@ def _one_round(
         if better:
             sft_rows.append({"messages": prompts[i] + [{"role": "assistant", "content": revision}]})
             rejected = originals[i].strip()
-            if (
-                learnable(rejected) and rejected != revision
-            ):  # a pair the template renders, and a real preference
+            # a pair the template renders, and a real preference
+            if learnable(rejected) and rejected != revision:
                 pair_rows.append({"prompt": prompts[i], "chosen": revision, "rejected": rejected})
     for name, rows in (("critiques.jsonl", lines), ("sft.jsonl", sft_rows), ("pairs.jsonl", pair_rows)):
         with atomic_write(folder / name, "w") as f:

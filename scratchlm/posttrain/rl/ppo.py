@@ -60,9 +60,8 @@ from scratchlm.train.trainer import run_trainer
 
 @dataclass
 class PPOConfig(RLConfig):
-    reward_model: str | None = (
-        None  # a `scratchlm reward-model` checkpoint; None: the prompts' answers verify
-    )
+    # a `scratchlm reward-model` checkpoint; None: the prompts' answers verify
+    reward_model: str | None = None
     epochs: int = 4  # PPO epochs per rollout
     gamma: float = 1.0
     lam: float = 0.95  # GAE's λ
