@@ -244,3 +244,26 @@ def test_auxiliary_losses_are_taken_once_and_a_trained_model_can_be_copied():
 def test_a_preset_can_become_sliding():
     c = config_from_section({"preset": "shakespeare-char", "layers": ["sliding"], "attn": {"window": 16}})
     assert c.attn.window == 16 and c.layer_kinds()[0] == ("sliding", "dense")
+
+
+# The figures README.md's "Measured" table and docs/open-models.md print, to the 0.01B they print:
+# (total, active, active without the input embedding or None, MTP or None).
+PRINTED = {
+    "mixtral-8x7b": (46.70, 12.88, None, None),
+    "deepseek-v2-lite": (15.71, 2.66, 2.45, None),
+    "deepseek-v2": (235.74, 21.38, None, None),
+    "deepseek-v3": (671.03, 37.55, 36.63, 11.61),
+    "jamba-v0.1": (51.57, 12.11, None, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRINTED))
+def test_presets_have_the_parameter_counts_the_docs_print(name):
+    total, active, without_embedding, mtp = PRINTED[name]
+    model = _meta_model(name)
+    counts = model.parameter_counts()
+    assert round(counts["total"] / 1e9, 2) == total and round(counts["active"] / 1e9, 2) == active, counts
+    if without_embedding is not None:
+        assert round((counts["active"] - model.tok_emb.weight.numel()) / 1e9, 2) == without_embedding
+    if mtp is not None:
+        assert round(counts["mtp"] / 1e9, 2) == mtp

@@ -1,5 +1,5 @@
 """DPO: the loss against hand-computed values, log 2 at the start, a frozen
-reference, TRL's metric names, and preference accuracy that rises on checkable pairs."""
+reference, TRL's metric names, and an implicit reward that ranks held-out pairs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from scratchlm.posttrain.data import Pair
 from scratchlm.posttrain.dpo import dpo_loss, sequence_logps
 from scratchlm.posttrain.pairs import render_pair
-from scratchlm.posttrain.sft import sft
 from scratchlm.tokenizers import CharTokenizer
 from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
 
@@ -56,32 +55,27 @@ def test_the_pair_mask_covers_the_final_reply_only():
     assert [i for i, m in zip(r_ids, r_mask) if m] == tok.encode_ordinary("5") + [t.end_id]
 
 
-@pytest.fixture(scope="module")
-def sft_model(task_base):
-    root = task_base
-    sft(
-        {"base": str(root / "base"), "data": str(root / "tasks" / "sft-train.jsonl")},
-        {"out_dir": str(root / "sft"), "max_steps": 300, "eval_interval": 300, "lr": 3e-3},
-        progress=False,
-    )
-    return root
-
-
-def test_dpo_starts_at_log_2_and_raises_held_out_preference_accuracy(sft_model, tmp_path, capsys):
+def test_dpo_starts_at_log_2_and_its_implicit_reward_ranks_held_out_pairs(copy_sft, tmp_path, capsys):
+    """Validated on the task generator's held-out pairs (prompts never in the training file): the
+    reward DPO learns, beta * log(policy / reference), must prefer the chosen reply on pairs it
+    never saw. The SFT reference already ranks every held-out pair right (its preference accuracy
+    is 1.0), so what DPO adds is the margin. Measured: held-out loss 0.69 -> 0.46, margin 0.58,
+    reward accuracy 0.93; with lr 0 (no training) 0.69, 0 and 0."""
     from scratchlm.cli import main
 
-    root = sft_model
-    weights = (root / "sft" / "best" / "model.safetensors").read_bytes()
+    root, _ = copy_sft
+    reference = root / "sft" / "best"
+    weights = (reference / "model.safetensors").read_bytes()
     assert (
         main(
             [
                 "dpo",
                 "--checkpoint",
-                str(root / "sft" / "best"),
+                str(reference),
                 "--data",
                 str(root / "tasks" / "pairs-train.jsonl"),
                 "--val-data",
-                str(root / "tasks" / "pairs-train.jsonl"),
+                str(root / "tasks" / "pairs-test.jsonl"),
                 "--out",
                 str(tmp_path / "dpo"),
                 "--set",
@@ -91,7 +85,7 @@ def test_dpo_starts_at_log_2_and_raises_held_out_preference_accuracy(sft_model, 
                 "--set",
                 "train.log_interval=1",
                 "--set",
-                "train.lr=3e-4",
+                "train.lr=1e-3",
                 "--set",
                 "train.warmup_steps=0",
                 "--json",
@@ -106,18 +100,17 @@ def test_dpo_starts_at_log_2_and_raises_held_out_preference_accuracy(sft_model, 
     assert first["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= set(first)
     evals = summary["eval"]
-    reference = evals[0]["val_reference_preference_accuracy"]
-    assert (
-        evals[-1]["val_preference_accuracy"] >= max(0.9, reference) and evals[-1]["val_rewards/margins"] > 0
-    )
-    assert evals[-1]["val_rewards/accuracies"] > 0.5
-    assert (root / "sft" / "best" / "model.safetensors").read_bytes() == weights  # the reference is untouched
+    last = evals[-1]
+    assert last["val_reference_preference_accuracy"] >= 0.9 and last["val_preference_accuracy"] >= 0.9
+    assert last["val_loss"] < 0.6 < math.log(2) and last["val_rewards/margins"] > 0.2, last
+    assert last["val_rewards/accuracies"] >= 0.8, last
+    assert (reference / "model.safetensors").read_bytes() == weights  # the reference is untouched
 
 
-def test_rpo_adds_the_chosen_replies_nll_to_the_dpo_loss(sft_model, tmp_path):
+def test_rpo_adds_the_chosen_replies_nll_to_the_dpo_loss(copy_sft, tmp_path):
     from scratchlm.posttrain.dpo import dpo
 
-    root = sft_model
+    root, _ = copy_sft
     dpo(
         {
             "base": str(root / "sft" / "best"),

@@ -94,28 +94,35 @@ def test_reward_model_separates_held_out_pairs_and_its_checkpoint_loads(task_bas
         load_reward_model(task_base / "base")
 
     # Resume continues the run (the head comes back from its file, the optimizer state with it).
-    main(
-        [
-            "reward-model",
-            "--checkpoint",
-            str(task_base / "base"),
-            "--data",
-            str(tmp_path / "train.jsonl"),
-            "--val-data",
-            str(tmp_path / "test.jsonl"),
-            "--out",
-            str(out),
-            "--resume",
-            "--json",
-            "--set",
-            "train.max_steps=140",
-            "--set",
-            "train.eval_interval=60",
-            "--set",
-            "train.lr=3e-3",
-        ]
+    assert (
+        main(
+            [
+                "reward-model",
+                "--checkpoint",
+                str(task_base / "base"),
+                "--data",
+                str(tmp_path / "train.jsonl"),
+                "--val-data",
+                str(tmp_path / "test.jsonl"),
+                "--out",
+                str(out),
+                "--resume",
+                "--json",
+                "--set",
+                "train.max_steps=140",
+                "--set",
+                "train.eval_interval=60",
+                "--set",
+                "train.lr=3e-3",
+            ]
+        )
+        == 0
     )
-    again = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    again = json.loads(captured.out)
+    assert "resumed from" in captured.err and "at step 120" in captured.err  # not a fresh start
+    logged = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == 140  # one record per step
     assert again["steps"] == 140 and again["eval"][-1]["val_accuracy"] >= 0.95
     # A resume under another method's command is refused, naming both.
     assert (

@@ -49,30 +49,26 @@ def test_collate_shifts_pads_and_masks_the_predicted_tokens():
     assert learned == tok.encode_ordinary("2") + [t.end_id]
 
 
-def test_sft_teaches_answers_that_end_with_end_of_turn(setup, tmp_path):
-    # Tiny data from a random base: it can memorise, not generalise (benchmarks/posttrain.py measures
-    # held-out exact match from a pretrained base); the "held-out" loss here is on training problems.
-    summary = sft(
-        {
-            "base": str(setup / "base"),
-            "data": str(setup / "tasks" / "sft-train.jsonl"),
-            "val_data": str(setup / "tasks" / "sft-train.jsonl"),
-        },
-        run(out_dir=str(tmp_path / "full")),
-        progress=False,
-    )
-    assert summary["stop_reason"] == "max_steps"
-    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    val = [r["val_loss"] for r in records if "val_loss" in r]
-    assert val[-1] < 0.5 * val[0]
-    model, state = load_model_from_checkpoint(tmp_path / "full" / "best")
+def test_sft_answers_held_out_prompts_and_ends_with_end_of_turn(copy_sft):
+    """Validated and measured on the task generator's held-out problems (never in the training
+    file): the copy task generalises, so a model that only memorised its 200 training problems
+    would fail. Measured: held-out loss 0.02 (0.30 after 100 steps, 3.7 from the random base),
+    40/40 exact and stopped."""
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer
 
-    tok = load_checkpoint_tokenizer(tmp_path / "full" / "best", state)
+    root, summary = copy_sft
+    train_prompts = {json.loads(line)["prompt"] for line in (root / "tasks" / "prompts-train.jsonl").open()}
+    held_out = load_prompts(root / "tasks" / "prompts-test.jsonl").items
+    assert len(held_out) == 40 and not {p.prompt[0]["content"] for p in held_out} & train_prompts
+    assert summary["stop_reason"] == "max_steps"
+    records = [json.loads(line) for line in (root / "sft" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 3 and summary["best_val_loss"] < 0.1 and val[-1] < 0.5 * val[0], val
+    model, state = load_model_from_checkpoint(root / "sft" / "best")
+    tok = load_checkpoint_tokenizer(root / "sft" / "best", state)
     assert "<|im_end|>" in tok.special_tokens  # the checkpoint carries the chat tokenizer
-    prompts = load_prompts(setup / "tasks" / "prompts-train.jsonl").items[:40]
-    seen = exact_match(model, tok, prompts, max_tokens=6)
-    assert seen["ended_with_end_of_turn"] >= 0.95 and seen["exact_match"] >= 0.8, seen
+    unseen = exact_match(model, tok, held_out, max_tokens=10)
+    assert unseen["ended_with_end_of_turn"] >= 0.95 and unseen["exact_match"] >= 0.9, unseen
 
 
 def test_without_end_of_turn_in_the_mask_replies_never_stop(setup, tmp_path):
