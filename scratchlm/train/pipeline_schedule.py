@@ -31,6 +31,9 @@ dualpipe   (P/2-1)(F&B+B-3W)  2x      P+1          F = Bi, W <= F (the report's 
 
 Left out: communication time and its overlap (a send costs nothing here), memory bandwidth,
 uneven stages (every stage takes the same F, B and W), and the optimizer step.
+
+Three schedules and the simulator that reads bubbles and memory off their timelines share one
+file (a little over 400 lines) so that the table above and the code that checks it sit together.
 """
 
 from __future__ import annotations

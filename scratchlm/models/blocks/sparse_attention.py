@@ -52,6 +52,10 @@ The mixer counts its blocks from the first token of the sequence it is given: wi
 token ``i`` is at ``cache.length + i``; without one, at ``i`` (an MTP depth, whose ``positions``
 start at ``k``, is a sequence of its own; RoPE already carries the offset). So ``positions`` must
 be contiguous, and start at ``cache.length`` with a cache; anything else is refused.
+
+The module runs past 400 lines because NSA is three attentions in one (compressed, selected,
+sliding) with their gates, and each needs its spelled-out reference beside the efficient path
+and its own decoding cache; split, a reader would lose the one place where they agree.
 """
 
 from __future__ import annotations

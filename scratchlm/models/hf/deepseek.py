@@ -36,6 +36,9 @@ bias); the export direction is its inverse.
 Not supported (refused with a message): YaRN or other RoPE scaling, attention or MLP biases,
 ``moe_layer_freq`` other than 1, key/value head counts other than the query heads, and a V2
 ``topk_method`` other than ``greedy`` / ``group_limited_greedy``.
+
+V2 and V3 share one module (just over 400 lines): they differ in the router and a few names,
+and side by side the differences are what a reader sees.
 """
 
 from __future__ import annotations
