@@ -4,12 +4,13 @@ No Hugging Face class exists, so the oracle is internal: the efficient path (gat
 query's selected blocks and window) equals the dense, T x T-masked reference in outputs, gradients
 and the selected blocks; eq. 9's O(N) sliding sum equals its matrix definition (the overlap count,
 which is the paper's printed double sum shifted by l' - d tokens), and the forward pass never
-allocates that matrix, nor a T x T one, in a prefill or a decoding step; parallel forward equals token-by-token and chunked decoding with the cache,
-and a decoding step writes less than one key per token of history (it copies no history); each
-branch reads its own keys and values; no output depends on a later token (checked at every
-position); the initial and local blocks are always selected; with a window and a selection
-covering everything, the selected and window branches are full causal attention; a model made of
-it trains, MTP depths included; bad settings and positions the blocks cannot honour are refused.
+allocates that matrix, nor a T x T one, in a prefill or a decoding step; parallel forward equals
+token-by-token and chunked decoding with the cache, and a decoding step writes less than one key per
+token of history (it copies no history); each branch reads its own keys and values; no output
+depends on a later token (checked at every position); the initial and local blocks are always
+selected; with a window and a selection covering everything, the selected and window branches are
+full causal attention; a model made of it trains, MTP depths included; bad settings and positions
+the blocks cannot honour are refused.
 """
 
 from __future__ import annotations
