@@ -1,6 +1,7 @@
 # scratchlm: two commands for a new user.
 #   make quickstart   set up .venv and run the main job (data -> tokenizers -> baselines -> a GPT)
 #   make test         set up .venv, lint, and run the test suite (the slow tests: make test-slow; CI runs both)
+#   make mutants      mutation testing of the formula modules (mutmut; minutes; not part of CI)
 # Both work on a fresh machine with only Python >= 3.11, and are safe to run again.
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ SLM    := $(VENV)/bin/scratchlm
 # Offline mirror of the canonical data files, when the project sits beside ../shared.
 export SCRATCHLM_LOCAL_DATA ?= $(if $(wildcard $(SHARED)/tinyshakespeare.txt),$(SHARED),)
 
-.PHONY: setup quickstart lint test test-slow test-all bench clean
+.PHONY: setup quickstart lint test test-slow test-all mutants bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,15 @@ test-slow: setup
 test-all: setup lint
 	$(PY) -m pytest -q -n 2
 
+# Mutation testing ([tool.mutmut] in pyproject.toml lists the modules and the fast tests): every mutant of
+# the schedule, optimizers, losses, LoRA and sampling processors must be killed by a test, or be
+# explained in docs/mutants.md. mutmut copies the tree to mutants/ and tests the copy.
+mutants: setup
+	$(PY) -m pip install --quiet -e ".[mutants]"
+	rm -rf mutants
+	env -u PYTHONPATH OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2
+	$(PY) benchmarks/mutants_summary.py
+
 bench: setup
 	$(PY) benchmarks/bpe_train.py
 	$(PY) benchmarks/encode.py
@@ -68,4 +78,4 @@ bench: setup
 	$(PY) benchmarks/decode.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache mutants
