@@ -13,17 +13,16 @@ serialise exactly as before; and that what cannot be expressed is refused with a
 
 from __future__ import annotations
 
+import hf_models
 import pytest
 import torch
 
 from scratchlm.config import ConfigError
-from scratchlm.generate import KVCache, SamplingConfig
-from scratchlm.generate.generate import generate
+from scratchlm.generate import KVCache
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
 from scratchlm.models.presets import preset
 
-GREEDY = SamplingConfig(temperature=0)
 SWITCHES = ("attn", "final_softcap", "sandwich_norm", "embed_scale")  # left out of a plain config's dict
 ATTN = {"window": 4, "head_dim": 12, "scale": 0.3, "softcap": 8.0}  # gemma_tiny's [model.attn]
 
@@ -205,76 +204,23 @@ except ImportError:  # only the tests marked needs_transformers skip
 needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers")
 
 
-def _hf_gemma2(tie: bool, **kw):
-    config = transformers.Gemma2Config(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        query_pre_attn_scalar=20,
-        max_position_embeddings=40,
-        sliding_window=4,
-        attn_logit_softcapping=10.0,
-        final_logit_softcapping=5.0,
-        initializer_range=0.4,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=tie,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        **kw,
-    )
-    config._attn_implementation = "eager"  # SDPA cannot soft-cap; HF's Gemma-2 refuses it too
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(config).eval()
-    with torch.no_grad():  # HF initialises its (1 + w) norms at w = 0: randomise them so the fold shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-    return model
-
-
 @pytest.mark.parametrize("tie", [False, True])
 @needs_transformers
 def test_hf_import_logits_greedy_and_export(tmp_path, tie):
-    from scratchlm.models.hf import export_hf, import_hf
-
-    hf = _hf_gemma2(tie)
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ours = import_hf(tmp_path / "hf")
+    hf = hf_models.gemma2(tie)  # norm weights randomised: HF's (1 + w) norms start at w = 0
+    # logits within 1e-4 after import, and after our export (the Gemma switches pick the architecture)
+    ours, back, x, expected = hf_models.round_trip(hf, tmp_path, rtol=0)
     c = ours.config
     assert (c.layers, c.mlp, c.tie_embeddings) == (["sliding", "attention"], "geglu", tie)
     assert (c.attn.window, c.attn.head_dim, c.attn.scale, c.attn.softcap) == (4, 24, 20**-0.5, 10.0)
     assert (c.final_softcap, c.sandwich_norm, c.embed_scale) == (5.0, True, True)
-    x = torch.randint(0, 101, (2, 24))
-    with torch.no_grad():
-        expected = hf(x).logits
-        got = ours(x)[0]
     assert (
         expected.abs().max() > 4.0 and (expected.abs() > 4.75).float().mean() < 0.05
     )  # large, mostly below the cap
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     if not tie:  # (tied, an embedding scaled by 8 makes greedy repeat its input token: a weak check)
-        prompt = x[:1, :6]
-        with torch.no_grad():
-            theirs = hf.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=20,
-                min_new_tokens=20,
-                do_sample=False,
-            )[0, 6:].tolist()
-        assert len(set(theirs)) > 5
-        assert generate(ours, prompt, 20, GREEDY, use_cache=True)[0] == theirs
+        assert len(set(hf_models.assert_greedy_equal(hf, ours, x[:1, :6], 20))) > 5
 
-    export_hf(ours, tmp_path / "exported")  # the Gemma switches pick the architecture
-    back = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path / "exported").eval()
     assert back.config.query_pre_attn_scalar == 20 and back.config.layer_types == hf.config.layer_types
-    with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, expected, atol=1e-4, rtol=0)
     for name, p in hf.named_parameters():  # the fold and unfold of the norms round-trip
         torch.testing.assert_close(back.get_parameter(name), p, atol=1e-6, rtol=0)
 
@@ -283,7 +229,7 @@ def test_hf_import_logits_greedy_and_export(tmp_path, tie):
 def test_hf_config_refusals():
     from scratchlm.models.hf import config_from_hf
 
-    base = _hf_gemma2(False).config.to_dict()
+    base = hf_models.gemma2(False).config.to_dict()
     with pytest.raises(ValueError, match="hidden_activation 'gelu' is not supported"):
         config_from_hf({**base, "hidden_activation": "gelu"})
     with pytest.raises(ValueError, match="use_bidirectional_attention"):

@@ -14,18 +14,15 @@ import dataclasses
 import itertools
 import math
 
+import hf_models
 import pytest
 import torch
 
 from scratchlm.config import ConfigError
-from scratchlm.generate import generate
 from scratchlm.generate.kv_cache import KVCache
-from scratchlm.generate.sampling import SamplingConfig
 from scratchlm.models.blocks.diff_attention import DiffAttention, DiffConfig, lambda_init, permute_heads
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-
-GREEDY = SamplingConfig(temperature=0)
 
 
 def _config(version: int = 1, layout: str = "halves", attention: str = "sdpa", **overrides) -> GPTConfig:
@@ -76,52 +73,19 @@ def test_lambda_init_is_eq3_with_a_zero_based_layer():
 
 @pytest.mark.parametrize("heads,kv_heads,tied", [(8, 4, False), (4, 4, True)], ids=["gqa", "mha-tied"])
 def test_matches_hf_diffllama(tmp_path, heads, kv_heads, tied):
-    transformers = pytest.importorskip("transformers")
     from scratchlm.models.hf import export_hf, import_hf
 
-    config = transformers.DiffLlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=48,
-        initializer_range=0.3,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=tied,
-        attn_implementation="eager",
-        dtype=torch.float32,
-    )
-    torch.manual_seed(0)
-    hf = transformers.DiffLlamaForCausalLM(config).eval()
-    with torch.no_grad():  # HF draws λ vectors with std 0.1: make λ large and different in every layer
-        for layer in hf.model.layers:
-            for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
-                getattr(layer.self_attn, name).normal_(0, 0.5)
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ours = import_hf(tmp_path / "hf")
+    hf = hf_models.diffllama(heads, kv_heads, tied)  # λ large and different in every layer
+    x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    # logits within 1e-4 after import and after our export (which picks DiffLlama by itself)
+    ours, _, _, expected = hf_models.round_trip(hf, tmp_path, x, rtol=0, large=3.0)
     assert ours.config.layer_kinds() == [("diff", "dense")] * 3 and ours.config.diff.layout == "halves"
     lambdas = [b.attn.lambda_full().item() for b in ours.blocks]
     assert max(abs(a - b) for a, b in itertools.pairwise(lambdas)) > 0.05  # λ really differs per layer
-
-    x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = hf(x).logits
-        got, _ = ours(x)
         manual, _ = _with_impl(import_hf(tmp_path / "hf"), "manual")(x)
-    assert expected.abs().max() > 3.0  # large weights: nothing hides behind small logits
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(manual, expected, atol=1e-4, rtol=0)
-
-    prompt = x[:1, :6]
-    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert generate(ours, prompt, 12, GREEDY, use_cache=True)[0] == theirs[0, 6:].tolist()
-
-    export_hf(ours, tmp_path / "exported")  # picks DiffLlama by itself
-    back = transformers.DiffLlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, expected, atol=1e-4, rtol=0)
+    hf_models.assert_greedy_equal(hf, ours, x[:1, :6], 12)
 
     # A model stored in the official (adjacent) layout exports to the same DiffLlama.
     adjacent_config = dataclasses.replace(
@@ -130,7 +94,7 @@ def test_matches_hf_diffllama(tmp_path, heads, kv_heads, tied):
     adjacent = GPT(adjacent_config).eval()
     adjacent.load_state_dict(permute_heads(ours.state_dict(), ours.config, "adjacent"))
     export_hf(adjacent, tmp_path / "from-adjacent")
-    back = transformers.DiffLlamaForCausalLM.from_pretrained(tmp_path / "from-adjacent").eval()
+    back = type(hf).from_pretrained(tmp_path / "from-adjacent").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, expected, atol=1e-4, rtol=0)
 

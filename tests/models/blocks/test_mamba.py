@@ -6,19 +6,16 @@ path) give the same logits and the same greedy tokens after import, and our expo
 
 from __future__ import annotations
 
+import hf_models
 import pytest
 import torch
 
 from scratchlm.config import ConfigError
-from scratchlm.generate import generate
 from scratchlm.generate.generate import beam_search
 from scratchlm.generate.kv_cache import KVCache
-from scratchlm.generate.sampling import SamplingConfig
 from scratchlm.models.blocks.mamba import MambaConfig, selective_scan_chunked, selective_scan_sequential
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-
-GREEDY = SamplingConfig(temperature=0)
 
 
 def _model(layers=("mamba+none",), n_layer=2, seed=0, **mamba) -> GPT:
@@ -180,99 +177,28 @@ except ImportError:  # only the tests marked needs_transformers skip
     transformers = None
 needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers")
 
-from scratchlm.models.hf import config_from_hf, export_hf, import_hf  # noqa: E402
+from scratchlm.models.hf import config_from_hf, export_hf  # noqa: E402
 
-
-def _randomise(hf):
-    """HF initialises biases to 0 and norm gains to 1, where a swapped or missing tensor would
-    hide (Jamba's B and C norms, say): give each its own random values."""
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return hf.eval()
-
-
-def _mamba_hf(tied: bool):
-    """Tied: HF's defaults (conv bias, no projection biases, automatic Δ rank); untied: the other
-    switches (projection biases, no conv bias, Δ rank 3, conv width 3)."""
-    switches = (
-        {} if tied else {"use_bias": True, "use_conv_bias": False, "time_step_rank": 3, "conv_kernel": 3}
-    )
-    config = transformers.MambaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        state_size=8,
-        num_hidden_layers=2,
-        expand=2,
-        initializer_range=0.5,
-        use_mambapy=False,
-        tie_word_embeddings=tied,
-        **switches,
-    )
-    torch.manual_seed(0)
-    return _randomise(transformers.MambaForCausalLM(config))
-
-
-def _jamba_hf(num_experts: int):
-    config = transformers.JambaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=num_experts,
-        num_experts_per_tok=2,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        expert_layer_period=2,
-        expert_layer_offset=0,
-        mamba_d_state=8,
-        mamba_d_conv=4,
-        max_position_embeddings=64,
-        initializer_range=0.5,
-        use_mambapy=False,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return _randomise(transformers.JambaForCausalLM(config))
+# Mamba's switches other than HF's defaults: projection biases, no conv bias, Δ rank 3, conv width 3.
+UNTIED = {"use_bias": True, "use_conv_bias": False, "time_step_rank": 3, "conv_kernel": 3}
 
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: _mamba_hf(True), lambda: _mamba_hf(False), lambda: _jamba_hf(1), lambda: _jamba_hf(4)],
+    [
+        lambda: hf_models.mamba(tied=True),
+        lambda: hf_models.mamba(tied=False, **UNTIED),
+        lambda: hf_models.jamba(1),
+        lambda: hf_models.jamba(4),
+    ],
     ids=["mamba-tied", "mamba", "jamba-dense", "jamba-moe"],
 )
 @needs_transformers
 def test_hf_import_logits_greedy_decoding_and_export(tmp_path, make):
     hf = make()
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ours = import_hf(tmp_path / "hf")
-    ids = torch.randint(0, 101, (2, 24))
-    with torch.no_grad():
-        expected = hf(ids).logits
-        got, _ = ours(ids)
-    assert expected.abs().max() > 3.0  # large initial weights: nothing hides behind tiny activations
-    assert (got - expected).abs().max() < 1e-4
-
-    prompt = ids[:1, :6]
-    theirs = hf.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=12,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )[0, 6:].tolist()
-    assert generate(ours, prompt, 12, GREEDY, use_cache=True)[0] == theirs
-
-    export_hf(ours, tmp_path / "exported")
-    back = type(hf).from_pretrained(tmp_path / "exported").eval()
-    with torch.no_grad():
-        assert (back(ids).logits - expected).abs().max() < 1e-4
+    # large initial weights: nothing hides behind tiny activations
+    ours, _, ids, _ = hf_models.round_trip(hf, tmp_path, rtol=0, large=3.0)
+    hf_models.assert_greedy_equal(hf, ours, ids[:1, :6], 12)
 
 
 @needs_transformers

@@ -16,6 +16,7 @@ V2 config with an unknown ``topk_method`` is refused and one with ``norm_topk_pr
 
 from __future__ import annotations
 
+import hf_models
 import pytest
 import torch
 
@@ -259,47 +260,6 @@ except ImportError:  # only the tests marked needs_transformers skip
 needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers")
 
 
-def _deepseek_hf(version: int, dense_layers: int, q_lora_rank):
-    common = {
-        "vocab_size": 96,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "moe_intermediate_size": 16,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "n_shared_experts": 2,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 3,
-        "n_group": 4,
-        "topk_group": 2,
-        "kv_lora_rank": 16,
-        "q_lora_rank": q_lora_rank,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 12,
-        "first_k_dense_replace": dense_layers,
-        "max_position_embeddings": 64,
-        "initializer_range": 0.3,
-        "routed_scaling_factor": 2.5,
-        "rms_norm_eps": 1e-5,
-        "attn_implementation": "eager",
-        "eos_token_id": None,
-        "bos_token_id": None,
-    }
-    torch.manual_seed(0)
-    if version == 2:
-        config = transformers.DeepseekV2Config(topk_method="group_limited_greedy", **common)
-        return transformers.DeepseekV2ForCausalLM(config).eval()
-    model = transformers.DeepseekV3ForCausalLM(
-        transformers.DeepseekV3Config(norm_topk_prob=True, **common)
-    ).eval()
-    with torch.no_grad():  # a random correction bias: it must change the choice, never the weights
-        for layer in model.model.layers[dense_layers:]:
-            layer.mlp.gate.e_score_correction_bias.copy_(torch.rand(8) * 0.5)
-    return model
-
-
 @pytest.mark.parametrize("version", [2, 3], ids=["v2", "v3"])
 @pytest.mark.parametrize(
     "dense_layers,q_lora_rank",
@@ -308,35 +268,19 @@ def _deepseek_hf(version: int, dense_layers: int, q_lora_rank):
 )
 @needs_transformers
 def test_deepseek_import_matches_transformers_and_exports_back(tmp_path, version, dense_layers, q_lora_rank):
-    from scratchlm.models.hf import export_hf, import_hf
-
-    hf = _deepseek_hf(version, dense_layers, q_lora_rank)
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ours = import_hf(tmp_path / "hf")
+    hf = hf_models.deepseek(version, dense_layers, q_lora_rank)
+    # exported as the default architecture: V3 for a sigmoid router, else V2
+    ours, _, x, _ = hf_models.round_trip(hf, tmp_path)
     expected_layers = {3: ["mla"], 1: ["mla", "mla+moe", "mla+moe"], 0: ["mla+moe"]}[dense_layers]
     assert ours.config.layers == expected_layers
-    x = torch.randint(0, 96, (2, 20))
-    with torch.no_grad():
-        expected = hf(x).logits
-        got, _ = ours(x)
-    assert expected.abs().max() > 1.0  # large weights: a RoPE pairing or routing mistake cannot hide
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-
-    prompt = x[:1, :6]
-    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 6:].tolist()
-    assert generate(ours, prompt[0].tolist(), 12, SamplingConfig(temperature=0), use_cache=True)[0] == theirs
-
-    export_hf(ours, tmp_path / "exported")  # the default architecture: V3 for a sigmoid router, else V2
-    back = type(hf).from_pretrained(tmp_path / "exported").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, expected, atol=1e-4, rtol=1e-4)
+    hf_models.assert_greedy_equal(hf, ours, x[:1, :6], 12)
 
 
 @needs_transformers
 def test_deepseek_v2_import_refuses_unknown_topk_methods_and_warns_on_norm_topk_prob():
     from scratchlm.models.hf import config_from_hf
 
-    hf = _deepseek_hf(2, 1, None).config.to_dict()
+    hf = hf_models.deepseek(2, 1, None).config.to_dict()
     with pytest.raises(ValueError, match="topk_method 'noaux_tc' is not supported"):
         config_from_hf({**hf, "topk_method": "noaux_tc"})
     with pytest.warns(UserWarning, match="norm_topk_prob = true is ignored, as transformers ignores it"):
@@ -355,7 +299,7 @@ def test_deepseek_import_skips_mtp_layers_and_refuses_yarn(tmp_path):
 
     from scratchlm.models.hf import config_from_hf, import_hf
 
-    hf = _deepseek_hf(3, 1, 24)
+    hf = hf_models.deepseek(3, 1, 24)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     tensors["model.layers.3.enorm.weight"] = torch.ones(32)  # an MTP module's tensors, after the last layer

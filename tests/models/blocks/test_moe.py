@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hf_models
 import pytest
 import torch
 
@@ -326,116 +327,22 @@ def test_config_refuses_impossible_routing(moe, message):
 
 
 # --- Hugging Face parity ---------------------------------------------------------------------------
-def _mixtral(window: int | None = None):
-    transformers = pytest.importorskip("transformers")
-    return transformers.MixtralForCausalLM(
-        transformers.MixtralConfig(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=48,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            initializer_range=0.3,
-            sliding_window=window,
-            rope_theta=10000.0,
-            attn_implementation="eager",
-        )
-    )
-
-
-def _qwen2_moe(norm_topk_prob: bool):
-    transformers = pytest.importorskip("transformers")
-    return transformers.Qwen2MoeForCausalLM(
-        transformers.Qwen2MoeConfig(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=56,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=48,
-            num_experts=6,
-            num_experts_per_tok=3,
-            moe_intermediate_size=24,
-            shared_expert_intermediate_size=40,
-            norm_topk_prob=norm_topk_prob,
-            decoder_sparse_step=1,
-            mlp_only_layers=[1],
-            initializer_range=0.3,
-            qkv_bias=True,
-        )
-    )
-
-
-def _qwen3_moe():
-    transformers = pytest.importorskip("transformers")
-    return transformers.Qwen3MoeForCausalLM(
-        transformers.Qwen3MoeConfig(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=56,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=48,
-            num_experts=6,
-            num_experts_per_tok=2,
-            moe_intermediate_size=24,
-            norm_topk_prob=True,
-            decoder_sparse_step=2,
-            initializer_range=0.3,
-            tie_word_embeddings=True,
-        )
-    )
-
-
 @pytest.mark.parametrize(
     "make,layers",
     [
-        (_mixtral, ["attention+moe"]),
-        (lambda: _mixtral(window=6), ["sliding+moe"]),  # 20 positions, a window of 6: the window matters
-        (lambda: _qwen2_moe(False), ["attention+moe", "attention", "attention+moe"]),
-        (lambda: _qwen2_moe(True), ["attention+moe", "attention", "attention+moe"]),
-        (_qwen3_moe, ["attention", "attention+moe"]),
+        (lambda: hf_models.mixtral(), ["attention+moe"]),
+        (lambda: hf_models.mixtral(window=6), ["sliding+moe"]),  # 24 positions, a window of 6: it matters
+        (lambda: hf_models.qwen2_moe(False), ["attention+moe", "attention", "attention+moe"]),
+        (lambda: hf_models.qwen2_moe(True), ["attention+moe", "attention", "attention+moe"]),
+        (lambda: hf_models.qwen3_moe(), ["attention", "attention+moe"]),
     ],
     ids=["mixtral", "mixtral-sliding", "qwen2-moe", "qwen2-moe-norm-topk", "qwen3-moe"],
 )
 def test_hf_import_logits_greedy_decoding_and_export(tmp_path, make, layers):
-    from scratchlm.generate.generate import generate
-    from scratchlm.generate.sampling import SamplingConfig
-    from scratchlm.models.hf import export_hf, import_hf
-
-    torch.manual_seed(0)
-    hf = make().eval()
-    with torch.no_grad():  # the experts' fused tensors are initialised like the rest: make them large too
-        for name, p in hf.named_parameters():
-            if "experts" in name:
-                p.normal_(0.0, 0.3)
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ours = import_hf(tmp_path / "hf")
+    hf = make()
+    ours, _, x, _ = hf_models.round_trip(hf, tmp_path)  # exported as the architecture export picks
     assert ours.config.layers == layers
-    x = torch.randint(0, 101, (2, 20))
-    with torch.no_grad():
-        expected = hf(x).logits
-        got, _ = ours(x)
-    assert expected.abs().max() > 1.0
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-
-    prompt = x[:1, :6]
-    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[
-        0, 6:
-    ].tolist()
-    assert generate(ours, prompt, 12, SamplingConfig(temperature=0.0), use_cache=True)[0] == theirs
-
-    export_hf(ours, tmp_path / "exported")
-    back = type(hf).from_pretrained(tmp_path / "exported").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, expected, atol=1e-4, rtol=1e-4)
+    hf_models.assert_greedy_equal(hf, ours, x[:1, :6], 12)
 
 
 def test_export_refuses_what_the_format_cannot_hold(tmp_path):
@@ -690,34 +597,9 @@ def test_aux_coefficient_converts_to_and_from_transformers():
 
 def test_mixtral_with_one_expert_per_token_imports_as_transformers_computes_it(tmp_path):
     """transformers renormalises even a single weight (to 1): kept, not refused (the aux loss trains its router)."""
-    transformers = pytest.importorskip("transformers")
-    from scratchlm.models.hf import import_hf
-
-    torch.manual_seed(0)
-    hf = transformers.MixtralForCausalLM(
-        transformers.MixtralConfig(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=40,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=48,
-            num_local_experts=4,
-            num_experts_per_tok=1,
-            initializer_range=0.3,
-        )
-    ).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "experts" in name:
-                p.normal_(0.0, 0.3)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    ours = import_hf(tmp_path)
+    hf = hf_models.mixtral(num_hidden_layers=1, num_experts_per_tok=1)
+    ours = hf_models.round_trip(hf, tmp_path).ours
     assert (ours.config.moe.top_k, ours.config.moe.normalize, ours.config.moe.balance) == (1, True, "aux")
-    x = torch.randint(0, 101, (2, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x)[0], hf(x).logits, atol=1e-4, rtol=1e-4)
 
 
 DDP_SCRIPT = """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import hf_models
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,28 +83,19 @@ def _randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
 def test_sequential_modules_match_hugging_face_mtp_model(tmp_path):
     """HF's generic ``MtpModel`` (the class DeepSeek-V3, GLM-4-MoE and Mellum draft with) around a
     Llama main model: its layers are Llama decoder layers, i.e. our attention + SwiGLU Block."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.modeling_layers import MtpModel
 
     from scratchlm.models.hf import import_hf
 
     D, V, T = 2, 97, 12
-    hf_config = transformers.LlamaConfig(
+    hf = hf_models.llama(
         vocab_size=V,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
         max_position_embeddings=32,
         initializer_range=0.4,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
         num_mtp_layers=D,
         attn_implementation="eager",
     )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_config).float().eval()
     hf_mtp = MtpModel(hf, D).float().eval()
     assert hf_mtp.shared_head is hf.lm_head and hf_mtp.embed_tokens is hf.model.embed_tokens
     _randomize_(hf_mtp.layers, torch.Generator().manual_seed(1))

@@ -8,6 +8,7 @@ alternating) import with equal logits and greedy outputs and export back."""
 
 from __future__ import annotations
 
+import hf_models
 import pytest
 import torch
 
@@ -234,62 +235,16 @@ except ImportError:  # only the tests marked needs_transformers skip
 needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers")
 
 
-def _hf(kind: str):
-    common = {
-        "vocab_size": 101,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-        "max_position_embeddings": 40,
-        "initializer_range": 0.4,
-        "rms_norm_eps": 1e-6,
-        "sliding_window": 4,
-        "tie_word_embeddings": False,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": 0,
-    }
-    if kind == "mistral":
-        config, cls = transformers.MistralConfig(**common), transformers.MistralForCausalLM
-    else:
-        layer_types = ["sliding_attention", "full_attention"] * 2
-        config, cls = (
-            transformers.MinistralConfig(**common, layer_types=layer_types),
-            transformers.MinistralForCausalLM,
-        )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return cls(config).eval()
-
-
 @pytest.mark.parametrize("kind,layers", [("mistral", ["sliding"]), ("ministral", ["sliding", "attention"])])
 @needs_transformers
 def test_hf_import_logits_greedy_and_export(tmp_path, kind, layers):
-    from scratchlm.models.hf import export_hf, import_hf
-
-    hf = _hf(kind)
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ours = import_hf(tmp_path / "hf")
+    hf = hf_models.mistral(kind)
+    # logits equal after import and after our export (the default architecture follows the layers)
+    ours, back, x, _ = hf_models.round_trip(hf, tmp_path, rtol=0)
     assert ours.config.layers == layers and ours.config.attn.window == 4
-    x = torch.randint(0, 101, (2, 24))
-    with torch.no_grad():
-        expected = hf(x).logits
-        got = ours(x)[0]
-        assert expected.abs().max() > 1.0  # large weights: nothing hides
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-        # greedy decoding with the ring buffer = HF generate (20 new tokens, 5 times the window)
-        prompt = x[:1, :6]
-        theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 6:].tolist()
-    assert generate(ours, prompt, 20, GREEDY, use_cache=True)[0] == theirs
-
-    export_hf(ours, tmp_path / "exported")  # the default architecture follows the layers
-    back = type(hf).from_pretrained(tmp_path / "exported").eval()
     assert back.config.sliding_window == 4
-    with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, expected, atol=1e-4, rtol=0)
+    # greedy decoding with the ring buffer = HF generate (20 new tokens, 5 times the window)
+    hf_models.assert_greedy_equal(hf, ours, x[:1, :6], 20)
 
 
 def test_export_refuses_what_the_target_cannot_express(tmp_path):
