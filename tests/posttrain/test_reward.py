@@ -303,7 +303,7 @@ def _torchrun(tmp_path, name: str, cfg: dict, train: dict, resume: bool = False)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.slow  # ~76 s on busy cores: four two-rank launches
+@pytest.mark.slow  # ~25 s (76 s on busy cores): four two-rank launches
 def test_reward_model_under_fsdp_equals_ddp_and_resumes_exactly(task_base, tmp_path):
     """Two gloo ranks, train.strategy = "fsdp", a base with untied embeddings (its language-model
     head frozen): the network and the scalar head (a unit of its own, its gradient reduced over

@@ -481,7 +481,7 @@ def _torchrun(tmp_path, name: str, method: str, cfg: dict, train: dict, resume=F
     return result, [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
-@pytest.mark.slow  # ~63 s on busy cores: five two-rank launches
+@pytest.mark.slow  # ~27 s (63 s on busy cores): five two-rank launches
 def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
     """Two gloo ranks: GRPO resumes exactly mid-rollout (each rank its own prompts and rollout,
     both kept in the checkpoint); a reward function that fails on one rank stops both, with the
@@ -615,7 +615,7 @@ def _torchrun_job(tmp_path, index: int, job: tuple, fail_on_rank: int = -1):
     return torchrun(script, timeout=240)
 
 
-@pytest.mark.slow  # ~49 s alone, 105 s on busy cores: seven two-rank launches
+@pytest.mark.slow  # ~42 s (up to 105 s on busy cores): eight two-rank launches
 def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_path):
     """Two gloo ranks, train.strategy = "fsdp": GRPO and PPO (value head, KL reference, grad_accum 2
     for PPO) over two rollouts equal the same runs under DDP (weights within 1e-6, the same

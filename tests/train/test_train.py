@@ -192,7 +192,7 @@ def test_grad_clip_applies_the_clipped_gradient_and_logs_the_norm_before_clippin
     assert any(n > clip * 1.02 for n in on) and any(n < clip * 0.98 for n in on)  # both cases ran
 
 
-@pytest.mark.slow  # ~30 s on busy cores with a cold Inductor cache (C++ compiles)
+@pytest.mark.slow  # ~27 s with a cold Inductor cache (its C++ compiles), 5 s warm
 def test_compiled_training_gives_the_eager_losses(char_shards, tmp_path):
     """train.compile = true: the model runs through torch.compile (Inductor's C++ kernels on CPU) and
     the per-step and validation losses equal eager mode's within 2e-5 (measured: 5e-7 apart, the
@@ -293,10 +293,10 @@ def run_two_ranks(tmp_path, cfg: dict, hook: str = "", timeout: int = 240) -> li
     return [json.loads((folder / f"summary-{rank}.json").read_text()) for rank in range(2)]
 
 
-# DDP (~15 s on busy cores) stays in the quick suite: the one two-rank run a developer's make test has.
+# DDP (~5 s) stays in the quick suite: the one two-rank run a developer's make test has.
 @pytest.mark.parametrize(
     "strategy,steps",
-    [("ddp", 1), pytest.param("fsdp", 3, marks=pytest.mark.slow)],  # fsdp: ~27 s on busy cores
+    [("ddp", 1), pytest.param("fsdp", 3, marks=pytest.mark.slow)],  # fsdp: ~6 s (27 s on busy cores)
 )
 def test_data_parallel_equals_single_process_on_concatenated_batch(char_shards, tmp_path, strategy, steps):
     """2 processes x 4 windows = the same 8 windows as 1 process x 8 (the loader slices one global batch).
@@ -336,7 +336,7 @@ if RANK == 1:
 """
 
 
-@pytest.mark.slow  # ~20 s each on busy cores: a two-rank launch
+@pytest.mark.slow  # ~5.5 s each (20 s on busy cores): a two-rank launch
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_ranks_stop_together_when_their_clocks_disagree(char_shards, tmp_path, strategy):
     cfg = config(
@@ -368,7 +368,7 @@ loader.BatchLoader.get_batch = get_batch
 """
 
 
-@pytest.mark.slow  # ~54 s on busy cores: three two-rank launches
+@pytest.mark.slow  # ~16 s (54 s on busy cores): three two-rank launches
 def test_sigterm_on_one_rank_stops_all_and_resume_restores_every_ranks_rng(char_shards, tmp_path):
     """Dropout on, 2 ranks, each with its own dropout stream: stop at step 3 by SIGTERM to rank 1 only,
     resume, and the per-step losses equal an uninterrupted 2-rank run's exactly."""
@@ -542,7 +542,7 @@ def test_early_stopping_and_target_loss(char_shards, tmp_path):
     )
 
 
-@pytest.mark.slow  # ~11 s on busy cores: a two-rank launch
+@pytest.mark.slow  # ~3.4 s (11 s on busy cores): a two-rank launch
 def test_a_refusal_on_rank_0_stops_every_rank_instead_of_hanging(char_shards, tmp_path):
     """Rank 0 alone checks the output folder (lock, recovery, a previous run); when it refuses, the
     other rank must stop with rank 0's reason, not wait forever in the next collective."""
@@ -554,7 +554,7 @@ def test_a_refusal_on_rank_0_stops_every_rank_instead_of_hanging(char_shards, tm
     assert "rank 0 stopped the run, the output folder cannot be used" in result.stderr
 
 
-@pytest.mark.slow  # ~17 s on busy cores: a two-rank launch
+@pytest.mark.slow  # ~4.4 s (17 s on busy cores): a two-rank launch
 def test_a_failed_save_on_rank_0_stops_every_rank_instead_of_hanging(char_shards, tmp_path):
     """Rank 0 alone writes checkpoints; when the disk is full there, the other rank must stop with
     rank 0's reason rather than wait forever in the barrier after the save."""

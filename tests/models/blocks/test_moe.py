@@ -762,7 +762,7 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.slow  # ~12 s on busy cores: a two-rank launch
+@pytest.mark.slow  # ~5 s (12 s on busy cores): a two-rank launch
 def test_ddp_ranks_count_their_own_tokens_and_move_the_bias_alike(tmp_path):
     """The counters used to be buffers, which DDP overwrites with rank 0's at each synchronising forward."""
     repo = Path(__file__).resolve().parents[3]
