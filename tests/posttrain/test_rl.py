@@ -615,7 +615,7 @@ def _torchrun_job(tmp_path, index: int, job: tuple, fail_on_rank: int = -1):
     return torchrun(script, timeout=240)
 
 
-@pytest.mark.slow  # ~42 s (up to 105 s on busy cores): eight two-rank launches
+@pytest.mark.slow  # ~42 s (up to 105 s on busy cores): seven two-rank launches
 def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_path):
     """Two gloo ranks, train.strategy = "fsdp": GRPO and PPO (value head, KL reference, grad_accum 2
     for PPO) over two rollouts equal the same runs under DDP (weights within 1e-6, the same
