@@ -276,18 +276,15 @@ dist.destroy_process_group()
 def test_the_sharded_optimizer_load_refuses_a_name_the_model_lacks(tmp_path):
     """Under FSDP, torch's set_optimizer_state_dict skips a saved name it does not know; the
     checkpoint's names are checked before it as on one process (a 1-rank gloo group, fully_shard)."""
-    import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, run_in_own_group
 
     script = tmp_path / "names.py"
     script.write_text(
         SHARDED_NAMES_SCRIPT.format(repo=str(REPO), store=str(tmp_path / "store"), folder=str(tmp_path))
     )
-    result = subprocess.run(
-        [sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120
-    )
+    result = run_in_own_group([sys.executable, str(script)], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         "REFUSED" in result.stdout and "names parameters this model lacks: ['score.bias']" in result.stdout
@@ -304,33 +301,16 @@ train_reward_model({cfg!r}, {train!r}, progress=False, resume={resume!r})
 """
 
 
-def _torchrun(tmp_path, port: int, cfg: dict, train: dict, resume: bool = False):
-    import subprocess
-    import sys
+def _torchrun(tmp_path, name: str, cfg: dict, train: dict, resume: bool = False):
+    from conftest import REPO, torchrun
 
-    from conftest import REPO
-
-    script = tmp_path / f"rm-{port}-{int(resume)}.py"
+    script = tmp_path / f"rm-{name}-{int(resume)}.py"
     script.write_text(RM_SCRIPT.format(repo=str(REPO), cfg=cfg, train=train, resume=resume))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            str(script),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = torchrun(script, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow  # ~25 s (76 s on busy cores): four two-rank launches
 def test_reward_model_under_fsdp_equals_ddp_and_resumes_exactly(task_base, tmp_path):
     """Two gloo ranks, train.strategy = "fsdp", a base with untied embeddings (its language-model
     head frozen): the network and the scalar head (a unit of its own, its gradient reduced over
@@ -360,17 +340,20 @@ def test_reward_model_under_fsdp_equals_ddp_and_resumes_exactly(task_base, tmp_p
         "warmup_steps": 0,
         "batch_size": 4,
     }
-    _torchrun(tmp_path, 29557, cfg, {**train, "out_dir": str(tmp_path / "ddp")})
-    _torchrun(tmp_path, 29558, cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "fsdp")})
+    _torchrun(tmp_path, "ddp", cfg, {**train, "out_dir": str(tmp_path / "ddp")})
+    _torchrun(tmp_path, "fsdp", cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "fsdp")})
     _torchrun(
         tmp_path,
-        29559,
+        "resumed",
         cfg,
         {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "resumed"), "max_steps": 2},
     )
-    # (29557 again: that launch has ended, and the store's socket reuses its address.)
     _torchrun(
-        tmp_path, 29557, cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "resumed")}, resume=True
+        tmp_path,
+        "resumed",
+        cfg,
+        {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "resumed")},
+        resume=True,
     )
 
     for name in ("model.safetensors", "reward_head.safetensors"):

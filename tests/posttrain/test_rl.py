@@ -460,15 +460,12 @@ with open(os.path.join({out!r}, f"rank{{RANK}}.json"), "w") as f:
 """
 
 
-def _torchrun(tmp_path, port: int, method: str, cfg: dict, train: dict, resume=False, fail_on_rank=-1):
-    import subprocess
-    import sys
+def _torchrun(tmp_path, name: str, method: str, cfg: dict, train: dict, resume=False, fail_on_rank=-1):
+    from conftest import REPO, torchrun
 
-    from conftest import REPO
-
-    out = tmp_path / f"summaries-{port}"
+    out = tmp_path / f"summaries-{name}"
     out.mkdir()
-    script = tmp_path / f"dist-{port}.py"
+    script = tmp_path / f"dist-{name}.py"
     script.write_text(
         DIST_SCRIPT.format(
             repo=str(REPO),
@@ -480,25 +477,11 @@ def _torchrun(tmp_path, port: int, method: str, cfg: dict, train: dict, resume=F
             out=str(out),
         )
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            str(script),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = torchrun(script, timeout=240)
     return result, [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
+@pytest.mark.slow  # ~27 s (63 s on busy cores): five two-rank launches
 def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
     """Two gloo ranks: GRPO resumes exactly mid-rollout (each rank its own prompts and rollout,
     both kept in the checkpoint); a reward function that fails on one rank stops both, with the
@@ -514,16 +497,20 @@ def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
     }
     train = {"max_steps": 4, "eval_interval": 3, "lr": 3e-3, "batch_size": 8, "sample_tokens": 0}
     result, straight = _torchrun(
-        tmp_path, 29530, "grpo", cfg, {**train, "out_dir": str(tmp_path / "straight")}
+        tmp_path, "straight", "grpo", cfg, {**train, "out_dir": str(tmp_path / "straight")}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(straight) == 2 and straight[0]["world_size"] == 2 and straight[0]["steps"] == 4
     result, _ = _torchrun(
-        tmp_path, 29531, "grpo", cfg, {**train, "out_dir": str(tmp_path / "resumed"), "max_steps": 3}
+        tmp_path,
+        "resumed-first",
+        "grpo",
+        cfg,
+        {**train, "out_dir": str(tmp_path / "resumed"), "max_steps": 3},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     result, _ = _torchrun(
-        tmp_path, 29532, "grpo", cfg, {**train, "out_dir": str(tmp_path / "resumed")}, resume=True
+        tmp_path, "resumed-second", "grpo", cfg, {**train, "out_dir": str(tmp_path / "resumed")}, resume=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
     losses = {
@@ -533,7 +520,7 @@ def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
     assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"]
 
     result, _ = _torchrun(
-        tmp_path, 29533, "ppo", cfg, {**train, "out_dir": str(tmp_path / "failing")}, fail_on_rank=1
+        tmp_path, "failing", "ppo", cfg, {**train, "out_dir": str(tmp_path / "failing")}, fail_on_rank=1
     )
     assert result.returncode != 0
     assert "rank 1 stopped the run, a rollout failed" in result.stderr and "failed on rank 1" in result.stderr
@@ -556,7 +543,7 @@ def test_rl_and_reward_model_on_two_ranks(bandit, tmp_path):
         )
     result, summaries = _torchrun(
         tmp_path,
-        29534,
+        "rm",
         "rm",
         {"base": str(tmp_path / "untied"), "data": str(tmp_path / "pairs.jsonl")},
         {"out_dir": str(tmp_path / "rm"), "max_steps": 3, "eval_interval": 3, "batch_size": 4},
@@ -617,35 +604,18 @@ with open(os.path.join(train["out_dir"], f"rank{{RANK}}-{{int(resume)}}.json"), 
 """
 
 
-def _torchrun_job(tmp_path, port: int, job: tuple, fail_on_rank: int = -1):
+def _torchrun_job(tmp_path, index: int, job: tuple, fail_on_rank: int = -1):
     """One run (method, cfg, train, resume, snapshot) on 2 gloo ranks; ``snapshot``, a folder or None,
     receives a copy of the run's step-3 checkpoint. One launch per run: a process that leaves the
     group and joins a new one under the same torchrun can hang in the rendezvous."""
-    import subprocess
-    import sys
+    from conftest import REPO, torchrun
 
-    from conftest import REPO
-
-    script = tmp_path / f"fsdp-{port}.py"
+    script = tmp_path / f"fsdp-{index}.py"
     script.write_text(FSDP_SCRIPT.format(repo=str(REPO), job=job, fail_on_rank=fail_on_rank))
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            str(script),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return torchrun(script, timeout=240)
 
 
+@pytest.mark.slow  # ~42 s (up to 105 s on busy cores): seven two-rank launches
 def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_path):
     """Two gloo ranks, train.strategy = "fsdp": GRPO and PPO (value head, KL reference, grad_accum 2
     for PPO) over two rollouts equal the same runs under DDP (weights within 1e-6, the same
@@ -704,12 +674,12 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
         )
         for method in ("grpo", "ppo")
     ]
-    for port, job in enumerate(jobs, start=29550):
+    for index, job in enumerate(jobs):
         if job[3]:
             resumed = Path(job[2]["out_dir"])
             shutil.copytree(tmp_path / f"{job[0]}-step-3", resumed / "checkpoints" / "step-00000003")
             os.symlink("checkpoints/step-00000003", resumed / "last")
-        result = _torchrun_job(tmp_path, port, job)
+        result = _torchrun_job(tmp_path, index, job)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "/fsdp/" not in result.stderr, result.stderr[
             -3000:
@@ -771,6 +741,6 @@ def test_grpo_and_ppo_under_fsdp_equal_ddp_and_resume_exactly(task_base, tmp_pat
         assert len(lengths) == 2, lengths
 
     bad = ("ppo", cfg, {**train, "strategy": "fsdp", "out_dir": str(tmp_path / "failing")}, False, None)
-    result = _torchrun_job(tmp_path, 29556, bad, fail_on_rank=1)
+    result = _torchrun_job(tmp_path, len(jobs), bad, fail_on_rank=1)
     assert result.returncode != 0
     assert "rank 1 stopped the run, a rollout failed" in result.stderr and "failed on rank 1" in result.stderr

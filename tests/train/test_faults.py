@@ -125,6 +125,7 @@ def run_killer(tmp_path, cfg, kill_at: int, target_save: int) -> subprocess.Comp
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.mark.slow  # ~78 s (67-200 s on 2 shared cores): a child process per kill point
 def test_kill_at_every_point_of_a_checkpoint_save_then_resume_is_exact(char_shards, reference, tmp_path):
     """SIGKILL before each filesystem operation of the 2nd save (step 4): resume always finds a complete
     checkpoint, and the finished run equals the uninterrupted one bit for bit."""

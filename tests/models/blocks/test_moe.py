@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hf_models
 import pytest
 import torch
+from conftest import torchrun
 
 from scratchlm.config import ConfigError
 from scratchlm.models.blocks.moe import MoE, MoEConfig, expert_load
@@ -645,28 +644,13 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # ~5 s (12 s on busy cores): a two-rank launch
 def test_ddp_ranks_count_their_own_tokens_and_move_the_bias_alike(tmp_path):
     """The counters used to be buffers, which DDP overwrites with rank 0's at each synchronising forward."""
     repo = Path(__file__).resolve().parents[3]
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(repo=str(repo), folder=str(tmp_path)))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29540",
-            str(script),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=False,
-    )
+    result = torchrun(script, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["truth"] != ranks[1]["truth"]  # different data: different counts
