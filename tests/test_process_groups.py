@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_in_own_group
+from processes import run_in_own_group
 
 # A launcher that starts two children, each writing its pid, then waits on them forever.
 LAUNCHER = """

@@ -278,7 +278,7 @@ def test_the_sharded_optimizer_load_refuses_a_name_the_model_lacks(tmp_path):
     checkpoint's names are checked before it as on one process (a 1-rank gloo group, fully_shard)."""
     import sys
 
-    from conftest import REPO, run_in_own_group
+    from processes import REPO, run_in_own_group
 
     script = tmp_path / "names.py"
     script.write_text(
@@ -302,7 +302,7 @@ train_reward_model({cfg!r}, {train!r}, progress=False, resume={resume!r})
 
 
 def _torchrun(tmp_path, name: str, cfg: dict, train: dict, resume: bool = False):
-    from conftest import REPO, torchrun
+    from processes import REPO, torchrun
 
     script = tmp_path / f"rm-{name}-{int(resume)}.py"
     script.write_text(RM_SCRIPT.format(repo=str(REPO), cfg=cfg, train=train, resume=resume))

@@ -461,7 +461,7 @@ with open(os.path.join({out!r}, f"rank{{RANK}}.json"), "w") as f:
 
 
 def _torchrun(tmp_path, name: str, method: str, cfg: dict, train: dict, resume=False, fail_on_rank=-1):
-    from conftest import REPO, torchrun
+    from processes import REPO, torchrun
 
     out = tmp_path / f"summaries-{name}"
     out.mkdir()
@@ -608,7 +608,7 @@ def _torchrun_job(tmp_path, index: int, job: tuple, fail_on_rank: int = -1):
     """One run (method, cfg, train, resume, snapshot) on 2 gloo ranks; ``snapshot``, a folder or None,
     receives a copy of the run's step-3 checkpoint. One launch per run: a process that leaves the
     group and joins a new one under the same torchrun can hang in the rendezvous."""
-    from conftest import REPO, torchrun
+    from processes import REPO, torchrun
 
     script = tmp_path / f"fsdp-{index}.py"
     script.write_text(FSDP_SCRIPT.format(repo=str(REPO), job=job, fail_on_rank=fail_on_rank))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_in_own_group, torchrun
+from processes import run_in_own_group, torchrun
 from safetensors.torch import load_file
 
 from scratchlm.data.shards import open_shard

@@ -20,7 +20,7 @@ from pathlib import Path
 import hf_models
 import pytest
 import torch
-from conftest import torchrun
+from processes import torchrun
 
 from scratchlm.config import ConfigError
 from scratchlm.models.blocks.moe import MoE, MoEConfig, expert_load

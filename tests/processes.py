@@ -1,0 +1,76 @@
+"""How tests start processes that must not outlive them: in their own process group, killed whole
+when the test does not see them end, on a port the OS gave (imported as ``from processes import ...``;
+``tests/`` is on the path through its conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port the OS reports free now (bound to port 0, then released): runs at the same time on
+    one machine (xdist workers, two checkouts) do not collide as they did on fixed ports."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_own_group(cmd: list[str], *, timeout: float, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a new session (its own process group),
+    whose whole group is SIGKILLed when the test does not see it end: on ``timeout``, on
+    pytest-timeout's alarm, on Ctrl-C, on any exception. Killing only the launcher left both ranks
+    of a torchrun alive. A timeout fails the test with the tail of what the processes wrote."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,  # the group id is the launcher's pid, held until we reap it
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        # Not reaped yet, so the group id cannot have been reused: kill everything in it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()  # (in the group already; should the group have failed, never wait on it below)
+        try:  # the pipes close once every process of the group is gone
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a grandchild that left the group still holds them
+            proc.wait()
+            out, err = "", "(the output pipes stayed open: a process outside the group holds them)"
+        if isinstance(e, subprocess.TimeoutExpired):
+            pytest.fail(
+                f"{cmd[:4]}... ran past {timeout} s; its process group was killed.\n"
+                f"stdout tail:\n{out[-2000:]}\nstderr tail:\n{err[-3000:]}",
+                pytrace=False,
+            )
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun(
+    script, *args: str, nproc: int = 2, timeout: float = 240, env=None
+) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node nproc --master_port <free> script *args`` through
+    :func:`run_in_own_group`. The port is free when chosen; should another process take it before the
+    launcher binds it, the launch fails before any rank starts and is tried again on a new port."""
+    for _ in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        cmd += ["--master_port", str(free_port()), str(script), *args]
+        result = run_in_own_group(cmd, timeout=timeout, env=env)
+        if result.returncode == 0 or "address already in use" not in result.stderr.lower():
+            return result
+    return result
