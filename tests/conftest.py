@@ -62,40 +62,6 @@ def char_shards(tmp_path_factory):
     return tokenize_dataset(ds, path, root / "char")["path"]
 
 
-@pytest.fixture(scope="module")
-def task_base(tmp_path_factory):
-    """Post-training tests' start: 1-digit addition task data and a randomly initialised base
-    checkpoint with a character tokenizer (``root/tasks``, ``root/base``)."""
-    import torch
-
-    from scratchlm.models.checkpoint import save_model_only
-    from scratchlm.models.config import GPTConfig
-    from scratchlm.models.gpt import GPT
-    from scratchlm.posttrain.data import write_task_data
-    from scratchlm.tokenizers import CharTokenizer
-
-    root = tmp_path_factory.mktemp("posttrain")
-    write_task_data(root / "tasks", ["addition"], train=80, test=6, difficulty=1)
-    tok = CharTokenizer.train("0123456789+=\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
-    torch.manual_seed(0)
-    base = GPT(
-        GPTConfig(
-            vocab_size=tok.vocab_size,
-            n_layer=2,
-            n_head=4,
-            d_model=64,
-            block_size=48,
-            position="rope",
-            norm="rmsnorm",
-            mlp="swiglu",
-            bias=False,
-            dropout=0.0,
-        )
-    )
-    save_model_only(root / "base", base, tokenizer=tok)
-    return root
-
-
 def pytest_configure(config):
     """Under pytest-xdist (``-n 2``) each worker computes with one thread: two workers of two
     threads each on a 2-core machine make every small op wait for a descheduled thread (tiny

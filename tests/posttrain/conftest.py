@@ -7,11 +7,9 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(scope="session")
-def copy_tasks(tmp_path_factory):
-    """Copy-task data (``copy abcdef:`` -> ``abcdef``; 200 training, 40 held-out problems) and a
-    randomly initialised base with a character tokenizer that holds ``:`` (``root/tasks``,
-    ``root/base``)."""
+def tasks_and_base(root, tasks: list[str], train: int, test: int, alphabet: str):
+    """Task data under ``root/tasks`` and a randomly initialised base under ``root/base``: a small
+    RoPE/RMSNorm/SwiGLU model with a character tokenizer over ``alphabet`` and ``<|endoftext|>``."""
     import torch
 
     from scratchlm.models.checkpoint import save_model_only
@@ -20,26 +18,41 @@ def copy_tasks(tmp_path_factory):
     from scratchlm.posttrain.data import write_task_data
     from scratchlm.tokenizers import CharTokenizer
 
-    root = tmp_path_factory.mktemp("copy")
-    write_task_data(root / "tasks", ["copy"], train=200, test=40, difficulty=1)
-    tok = CharTokenizer.train("0123456789+=:\n abcdefghijklmnopqrstuvwxyz", ["<|endoftext|>"])
+    write_task_data(root / "tasks", tasks, train=train, test=test, difficulty=1)
+    tok = CharTokenizer.train(alphabet, ["<|endoftext|>"])
     torch.manual_seed(0)
-    base = GPT(
-        GPTConfig(
-            vocab_size=tok.vocab_size,
-            n_layer=2,
-            n_head=4,
-            d_model=64,
-            block_size=48,
-            position="rope",
-            norm="rmsnorm",
-            mlp="swiglu",
-            bias=False,
-            dropout=0.0,
-        )
+    config = GPTConfig(
+        vocab_size=tok.vocab_size,
+        n_layer=2,
+        n_head=4,
+        d_model=64,
+        block_size=48,
+        position="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        dropout=0.0,
     )
-    save_model_only(root / "base", base, tokenizer=tok)
+    save_model_only(root / "base", GPT(config), tokenizer=tok)
     return root
+
+
+@pytest.fixture(scope="module")
+def task_base(tmp_path_factory):
+    """1-digit addition task data (80 training, 6 held-out problems) and a base (``root/tasks``,
+    ``root/base``)."""
+    return tasks_and_base(
+        tmp_path_factory.mktemp("posttrain"), ["addition"], 80, 6, "0123456789+=\n abcdefghijklmnopqrstuvwxyz"
+    )
+
+
+@pytest.fixture(scope="session")
+def copy_tasks(tmp_path_factory):
+    """Copy-task data (``copy abcdef:`` -> ``abcdef``; 200 training, 40 held-out problems) and a
+    base whose character tokenizer holds ``:`` (``root/tasks``, ``root/base``)."""
+    return tasks_and_base(
+        tmp_path_factory.mktemp("copy"), ["copy"], 200, 40, "0123456789+=:\n abcdefghijklmnopqrstuvwxyz"
+    )
 
 
 @pytest.fixture(scope="session")
