@@ -33,6 +33,7 @@ from torch import nn
 from scratchlm.io import FormatError, atomic_write
 
 ADAPTER_FORMAT = "scratchlm.lora"
+ADAPTER_VERSIONS = ("1",)  # the versions load_adapters reads; adapter_bytes writes the last
 DEFAULT_TARGETS = ("qkv", "proj", "up", "gate", "down")  # every linear of attention and MLP
 
 
@@ -166,7 +167,7 @@ def adapter_bytes(model: nn.Module, **info) -> bytes:
             tensors["new_rows.lm_head"] = model.lm_head.weight[start:].detach().cpu().contiguous()
     meta = {
         "format": ADAPTER_FORMAT,
-        "version": "1",
+        "version": ADAPTER_VERSIONS[-1],
         "rank": str(first.rank),
         "alpha": str(first.alpha),
         "targets": json.dumps(sorted({n.rsplit(".", 1)[-1] for n in modules})),
@@ -197,6 +198,17 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
         raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != ADAPTER_FORMAT:
         raise FormatError(f"{path}: not a scratchlm LoRA adapter file (format {meta.get('format')!r})")
+    if meta.get("version") not in ADAPTER_VERSIONS:
+        raise FormatError(
+            f"{path}: scratchlm LoRA adapter version {meta.get('version')!r} is not supported (this "
+            f"scratchlm reads versions {list(ADAPTER_VERSIONS)}); save the adapters again with this version"
+        )
+    missing = [k for k in ("rank", "alpha", "targets") if k not in meta]
+    if missing:
+        raise FormatError(
+            f"{path}: the adapter metadata has no {missing}; the file is damaged or was not written "
+            "by scratchlm: save the adapters again"
+        )
     vocab = int(meta.get("vocab_size", model.config.vocab_size))
     start = int(meta.get("new_rows_from", vocab))
     if vocab > model.config.vocab_size:  # the adapters were trained with new tokens (chat): grow first
