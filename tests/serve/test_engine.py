@@ -85,10 +85,11 @@ def test_weight_formats_agree_and_leave_the_model_unchanged(weight_format):
 
     model = tiny("learned", 4, bias=True)
     if weight_format == "onednn" and resolve("auto", model) != "onednn":
-        pytest.skip(
-            reason="the onednn format needs a CPU PyTorch build whose oneDNN linear ops pass the self-check "
+        why = (
+            "the onednn format needs a CPU PyTorch build whose oneDNN linear ops pass the self-check "
             "(absent on CUDA/MPS builds and some CPUs); the dense format is tested either way"
         )
+        pytest.skip(reason=why)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     llm = LLM(model, block_size=4, weight_format=weight_format)
     assert llm.engine.stats()["weight_format"] == weight_format
@@ -118,10 +119,11 @@ def test_onednn_bfloat16_weights_agree_with_dense_bfloat16():
 
     model = tiny("rope", 2, bias=True).to(torch.bfloat16)
     if resolve("auto", model) != "onednn":
-        pytest.skip(
-            reason="bfloat16 oneDNN linears need a CPU PyTorch build whose oneDNN ops pass the self-check "
+        why = (
+            "bfloat16 oneDNN linears need a CPU PyTorch build whose oneDNN ops pass the self-check "
             "(absent on CUDA/MPS builds and CPUs without bf16 support); nothing to compare against otherwise"
         )
+        pytest.skip(reason=why)
     ps = prompts(3)
     params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
     dense = LLM(model, weight_format="dense").generate(ps, params)
