@@ -25,6 +25,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` in the process tree, read from /proc (Linux; elsewhere none:
+    the group kill alone remains)."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile, or not ours to read
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run_in_own_group(cmd: list[str], *, timeout: float, env=None, cwd=None) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` in a new session (its own process group),
     whose whole group is SIGKILLed when the test does not see it end: on ``timeout``, on
@@ -42,7 +62,17 @@ def run_in_own_group(cmd: list[str], *, timeout: float, env=None, cwd=None) -> s
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException as e:
-        # Not reaped yet, so the group id cannot have been reused: kill everything in it.
+        # Not reaped yet, so the group id cannot have been reused. Freeze the group (nothing new
+        # starts), then kill every descendant's group and the descendant itself: torchrun starts
+        # each rank in a session of its own, which a kill of the launcher's group does not reach.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGSTOP)
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                group = os.getpgid(pid)
+                if group != os.getpgid(0):
+                    os.killpg(group, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.kill()  # (in the group already; should the group have failed, never wait on it below)

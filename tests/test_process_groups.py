@@ -1,4 +1,4 @@
-"""The test helpers that start processes (``conftest.run_in_own_group``, ``conftest.torchrun``) leave
+"""The test helpers that start processes (``processes.run_in_own_group``, ``processes.torchrun``) leave
 none behind: a launcher and the two children it started (as torchrun starts two ranks) are all gone
 after a timeout, and after any exception in the test (pytest-timeout's alarm, Ctrl-C)."""
 
@@ -17,7 +17,9 @@ from processes import run_in_own_group
 LAUNCHER = """
 import subprocess, sys
 child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(3600)"
-kids = [subprocess.Popen([sys.executable, "-c", child, sys.argv[1] + f"/rank{r}.pid"]) for r in range(2)]
+# each child in a session of its own, as torchrun starts its ranks
+kids = [subprocess.Popen([sys.executable, "-c", child, sys.argv[1] + f"/rank{r}.pid"], start_new_session=True)
+        for r in range(2)]
 for k in kids:
     k.wait()
 """

@@ -670,15 +670,7 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
         return outs[-1]
 
     async def main():
-        # 1. abort(): the consumer gets a last output with finish_reason "abort", not a hang
-        # (aborted once its first tokens arrived: a fixed sleep raced a fast engine to the end)
-        started = asyncio.Event()
-        task = asyncio.ensure_future(consume(ps[0], "x", started=started))
-        await asyncio.wait_for(started.wait(), 10)
-        engine.abort("x")
-        aborted = await asyncio.wait_for(task, 10)
-        assert aborted.finished and aborted.finish_reason == "abort"
-        # From here each step takes 20 ms more, so a request that has begun is still running when
+        # Each step takes 20 ms more, so a request that has begun is still running when
         # the test acts on it, however fast the machine (events, not sleeps, say when it began).
         slow = llm.step
 
@@ -689,6 +681,14 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
             return slow()
 
         monkeypatch.setattr(llm, "step", slow_step)
+        # 1. abort(): the consumer gets a last output with finish_reason "abort", not a hang
+        # (aborted once its first tokens arrived: a fixed sleep raced a fast engine to the end)
+        started = asyncio.Event()
+        task = asyncio.ensure_future(consume(ps[0], "x", started=started))
+        await asyncio.wait_for(started.wait(), 10)
+        engine.abort("x")
+        aborted = await asyncio.wait_for(task, 10)
+        assert aborted.finished and aborted.finish_reason == "abort"
         # 2. a second request with an id in use is refused, and the first goes on untouched
         started = asyncio.Event()
         first = asyncio.ensure_future(consume(ps[1], "same", started=started))
