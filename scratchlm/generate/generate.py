@@ -252,7 +252,14 @@ def beam_search(
     """Keep the ``beam_width`` most likely continuations; return them best first as (ids, score).
 
     A hypothesis' score is its total log-probability divided by ``length ** length_penalty``
-    (> 1 favours longer outputs, < 1 shorter). Hypotheses that emit ``eos_id`` are finished.
+    (> 1 favours longer outputs, < 1 shorter; an ended hypothesis' length counts its end token).
+    Hypotheses that emit ``eos_id`` are finished (their ids leave the end token out). The rules
+    are Hugging Face ``generate(num_beams=..., early_stopping=False)``'s, so both return the same
+    beams: each step ranks ``2 · beam_width`` candidates; an end token counts only among the first
+    ``beam_width`` of them; the ``beam_width`` best finished hypotheses are kept, and the search
+    stops once the worst of them beats the best score a live beam could still reach (its running
+    log-probability at the current length: log-probabilities only fall). Live beams join the
+    result only when the search runs to ``max_new_tokens``.
     """
     was_training = model.training
     model.eval()
@@ -260,7 +267,7 @@ def beam_search(
     window = _Window(model, _as_batch(prompt, device), use_cache, max_new_tokens)
     prompt_len = window.tokens.shape[1]
     scores = torch.zeros(1, device=device)  # running log-probability of each live beam
-    finished: list[tuple[list[int], float]] = []
+    finished: list[tuple[list[int], float]] = []  # the beam_width best, best first
     try:
         for step in range(max_new_tokens):
             log_probs = F.log_softmax(window.logits().float(), dim=-1)  # (beams, V)
@@ -268,27 +275,27 @@ def beam_search(
             candidates = (scores[:, None] + log_probs).view(-1)
             top_scores, top_index = candidates.topk(min(2 * beam_width, candidates.numel()))
             beams, tokens, new_scores = [], [], []
-            for score, index in zip(top_scores.tolist(), top_index.tolist()):
+            for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
                 beam, token = divmod(index, V)
                 if eos_id is not None and token == eos_id:
-                    ids = window.tokens[beam, prompt_len:].tolist()
-                    finished.append((ids, score / max(len(ids) + 1, 1) ** length_penalty))
+                    if rank < beam_width:  # an end token below the beam_width best is not taken
+                        ids = window.tokens[beam, prompt_len:].tolist()
+                        finished.append((ids, score / (len(ids) + 1) ** length_penalty))
                     continue
                 beams.append(beam)
                 tokens.append(token)
                 new_scores.append(score)
                 if len(beams) == beam_width:
                     break
+            finished = sorted(finished, key=lambda pair: pair[1], reverse=True)[:beam_width]
             if not beams:
-                break
+                return finished
             window.reorder(torch.tensor(beams, device=device))
             window.append(torch.tensor(tokens, device=device)[:, None])
             scores = torch.tensor(new_scores, device=device)
-            if (
-                len(finished) >= beam_width
-                and max(f[1] for f in finished) >= scores.max().item() / (step + 1) ** length_penalty
-            ):
-                break  # no live beam can beat the best finished one (log-probs only fall)
+            best_reachable = max(new_scores) / (step + 1) ** length_penalty
+            if len(finished) == beam_width and finished[-1][1] >= best_reachable:
+                return finished  # no live beam can beat the worst kept hypothesis
     finally:
         model.train(was_training)
     length = window.tokens.shape[1] - prompt_len

@@ -4,6 +4,9 @@ A randomly initialised ``LlamaForCausalLM`` (no download) is imported; both sear
 ``2 · beams`` best candidates of every live beam and score a hypothesis by its summed
 log-probability over ``length ** length_penalty``. Without an end token every hypothesis runs to
 ``max_new_tokens``, so the two must return the same beams in the same order with the same scores.
+With one, the rules for finished hypotheses must agree too: an end token counts only among the
+``beams`` best candidates, the ``beams`` best finished are kept, and the search stops once the
+worst of them beats the best live beam (Hugging Face's ``early_stopping=False``).
 """
 
 from __future__ import annotations
@@ -65,3 +68,41 @@ def test_beam_search_equals_hugging_face(models, beams, length_penalty):
     torch.testing.assert_close(
         torch.tensor([score for _, score in mine]), out.sequences_scores.float(), rtol=0, atol=1e-4
     )
+
+
+# End tokens that this model reaches within 10 steps from the prompt below, early or late.
+END_TOKENS = (4, 8, 15, 18, 19, 25, 28, 37, 39, 45, 51, 57, 58)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("beams", [2, 4])
+def test_beam_search_with_an_end_token_equals_hugging_face(models, beams, length_penalty):
+    hf, ours = models
+    prompt, new = [5, 17, 3, 42], 10
+    finished = 0
+    for eos in END_TOKENS:
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([prompt]),
+                num_beams=beams,
+                num_return_sequences=beams,
+                do_sample=False,
+                max_new_tokens=new,
+                length_penalty=length_penalty,
+                early_stopping=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=eos,
+                eos_token_id=eos,
+            )
+        theirs = [row[len(prompt) :].tolist() for row in out.sequences]
+        finished += sum(eos in row for row in theirs)
+        theirs = [
+            row[: row.index(eos)] if eos in row else row for row in theirs
+        ]  # ours leave the end token out
+        mine = beam_search(ours, prompt, new, beam_width=beams, length_penalty=length_penalty, eos_id=eos)
+        assert [ids for ids, _ in mine] == theirs, eos
+        torch.testing.assert_close(
+            torch.tensor([score for _, score in mine]), out.sequences_scores.float(), rtol=0, atol=1e-4
+        )
+    assert finished >= 3  # end tokens did end returned hypotheses (4-8 per case): the rules were exercised
