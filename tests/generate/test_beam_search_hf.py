@@ -43,11 +43,10 @@ def models(tmp_path_factory):
     return hf, import_hf(folder).eval()
 
 
-@pytest.mark.parametrize("beams,length_penalty", [(2, 1.0), (4, 1.0), (4, 0.5), (3, 2.0)])
-def test_beam_search_equals_hugging_face(models, beams, length_penalty):
-    hf, ours = models
-    prompt = [5, 17, 3, 42]
-    new = 10
+def compare(hf, ours, beams: int, length_penalty: float, eos: int | None) -> int:
+    """Both searches from the same prompt: same beams, same order, scores within 1e-4. Returns how
+    many of Hugging Face's beams ended with ``eos`` (ours leave the end token out of the ids)."""
+    prompt, new = [5, 17, 3, 42], 10
     with torch.no_grad():
         out = hf.generate(
             torch.tensor([prompt]),
@@ -59,50 +58,31 @@ def test_beam_search_equals_hugging_face(models, beams, length_penalty):
             early_stopping=False,
             output_scores=True,
             return_dict_in_generate=True,
-            pad_token_id=0,
-            eos_token_id=None,
+            pad_token_id=0 if eos is None else eos,
+            eos_token_id=eos,
         )
     theirs = [row[len(prompt) :].tolist() for row in out.sequences]
-    mine = beam_search(ours, prompt, new, beam_width=beams, length_penalty=length_penalty)
-    assert [ids for ids, _ in mine] == theirs
+    ended = sum(eos in row for row in theirs)
+    theirs = [row[: row.index(eos)] if eos in row else row for row in theirs]
+    mine = beam_search(ours, prompt, new, beam_width=beams, length_penalty=length_penalty, eos_id=eos)
+    assert [ids for ids, _ in mine] == theirs, eos
     torch.testing.assert_close(
         torch.tensor([score for _, score in mine]), out.sequences_scores.float(), rtol=0, atol=1e-4
     )
+    return ended
 
 
-# End tokens that this model reaches within 10 steps from the prompt below, early or late.
+@pytest.mark.parametrize("beams,length_penalty", [(2, 1.0), (4, 1.0), (4, 0.5), (3, 2.0)])
+def test_beam_search_equals_hugging_face(models, beams, length_penalty):
+    compare(*models, beams, length_penalty, eos=None)
+
+
+# End tokens that this model reaches within 10 steps from the prompt, early or late.
 END_TOKENS = (4, 8, 15, 18, 19, 25, 28, 37, 39, 45, 51, 57, 58)
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5, 2.0])
 @pytest.mark.parametrize("beams", [2, 4])
 def test_beam_search_with_an_end_token_equals_hugging_face(models, beams, length_penalty):
-    hf, ours = models
-    prompt, new = [5, 17, 3, 42], 10
-    finished = 0
-    for eos in END_TOKENS:
-        with torch.no_grad():
-            out = hf.generate(
-                torch.tensor([prompt]),
-                num_beams=beams,
-                num_return_sequences=beams,
-                do_sample=False,
-                max_new_tokens=new,
-                length_penalty=length_penalty,
-                early_stopping=False,
-                output_scores=True,
-                return_dict_in_generate=True,
-                pad_token_id=eos,
-                eos_token_id=eos,
-            )
-        theirs = [row[len(prompt) :].tolist() for row in out.sequences]
-        finished += sum(eos in row for row in theirs)
-        theirs = [
-            row[: row.index(eos)] if eos in row else row for row in theirs
-        ]  # ours leave the end token out
-        mine = beam_search(ours, prompt, new, beam_width=beams, length_penalty=length_penalty, eos_id=eos)
-        assert [ids for ids, _ in mine] == theirs, eos
-        torch.testing.assert_close(
-            torch.tensor([score for _, score in mine]), out.sequences_scores.float(), rtol=0, atol=1e-4
-        )
-    assert finished >= 3  # end tokens did end returned hypotheses (4-8 per case): the rules were exercised
+    ended = sum(compare(*models, beams, length_penalty, eos) for eos in END_TOKENS)
+    assert ended >= 3  # end tokens did end returned hypotheses (4-8 per case): the rules were exercised
