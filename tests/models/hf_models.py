@@ -93,6 +93,24 @@ def llama(tied: bool = False, **overrides):
     return _build(t.LlamaForCausalLM, config).eval()
 
 
+def qwen2(tied: bool = True, **overrides):
+    """Dense Qwen2: Llama with q/k/v biases (randomised: at 0 a missing bias would hide), tied
+    embeddings as in Qwen2's small models."""
+    t = _transformers()
+    config = t.Qwen2Config(**{**LLAMA, "tie_word_embeddings": tied, "rope_theta": 1e4, **overrides})
+    return randomise(_build(t.Qwen2ForCausalLM, config)).eval()
+
+
+def qwen3(tied: bool = False, **overrides):
+    """Dense Qwen3: Llama with q/k RMSNorms per head (randomised) and a head width of its own (12,
+    not hidden / heads = 8)."""
+    t = _transformers()
+    config = t.Qwen3Config(
+        **{**LLAMA, "head_dim": 12, "tie_word_embeddings": tied, "rope_theta": 1e4, **overrides}
+    )
+    return randomise(_build(t.Qwen3ForCausalLM, config)).eval()
+
+
 def mistral(kind: str = "mistral"):
     """Every layer sliding (``mistral``) or sliding and full layers alternating (``ministral``);
     a window of 4."""
@@ -308,6 +326,8 @@ def jamba(num_experts: int = 4):
 MODELS = {
     "gpt2": gpt2,
     "llama": llama,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
     "mistral": mistral,
     "ministral": lambda: mistral("ministral"),
     "gemma2": gemma2,

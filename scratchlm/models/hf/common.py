@@ -78,8 +78,11 @@ def unstack_experts(sd: dict, ours: str, theirs: str, names: tuple[str, str, str
 
 
 def cpu_state(model) -> dict[str, torch.Tensor]:
-    """The model's state dict, detached, on the CPU, each tensor contiguous (safetensors needs that)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """The model's state dict, detached, on the CPU, each tensor contiguous (safetensors needs that).
+    A model on the meta device (a dry run of an export: no memory) keeps its meta tensors."""
+    return {
+        k: (v.detach() if v.is_meta else v.detach().cpu()).contiguous() for k, v in model.state_dict().items()
+    }
 
 
 def shortest_period(items: list[str]) -> list[str]:

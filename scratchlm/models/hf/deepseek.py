@@ -257,10 +257,15 @@ def _routers(out: dict, c: GPTConfig) -> dict:
     return routers
 
 
+def is_mtp_tensor(name: str, c: GPTConfig) -> bool:
+    """A tensor of a layer after the last: DeepSeek-V3's multi-token prediction module, which the
+    import leaves out (with a warning)."""
+    n = re.match(r"model\.layers\.(\d+)\.", name)
+    return n is not None and int(n.group(1)) >= c.n_layer
+
+
 def from_hf(t: dict, c: GPTConfig) -> dict:
-    mtp = sorted(
-        k for k in t if (n := re.match(r"model\.layers\.(\d+)\.", k)) and int(n.group(1)) >= c.n_layer
-    )
+    mtp = sorted(k for k in t if is_mtp_tensor(k, c))
     if mtp:
         warnings.warn(
             f"skipped {len(mtp)} tensors of layers >= {c.n_layer} (DeepSeek-V3's multi-token prediction "

@@ -50,22 +50,27 @@ def from_hf(t: dict, c: GPTConfig) -> dict:
     return llama.from_hf(t, c, NAMES)
 
 
+def problems(c: GPTConfig) -> list[str]:
+    """What of ``c`` DiffLlama cannot hold, one line per property."""
+    found = llama.block_problems(c, "diffllama", ("diff",))
+    if c.diff is not None and c.diff.version != 1:
+        found.append(
+            f"model.diff.version = {c.diff.version} (diffllama needs differential attention V1; "
+            "V2 has no Hugging Face class)"
+        )
+    return found
+
+
 def to_hf(model: GPT) -> tuple[dict, dict]:
     c = model.config
-    if any(kind != ("diff", "dense") for kind in c.layer_kinds()):
-        raise ValueError(
-            "DiffLlama export needs every layer to be differential attention ('diff') + a dense MLP"
-        )
-    if c.diff.version != 1:
-        raise ValueError(
-            "DiffLlama export needs differential attention V1 (diff.version = 1); V2 has no "
-            "Hugging Face class"
-        )
+    found = problems(c)
+    if found:
+        raise ValueError("diffllama export cannot hold this model: " + "; ".join(found))
     if c.diff.layout != "halves":  # DiffLlama reads halves: reorder the heads, then export that model
         halves = GPT(dataclasses.replace(c, diff=dataclasses.replace(c.diff, layout="halves")))
         halves.load_state_dict(permute_heads(model.state_dict(), c, "halves"))
         model = halves
-    tensors, hf = llama.to_hf(model, NAMES)  # checks RoPE, pre-RMSNorm, SwiGLU, no biases
+    tensors, hf = llama.to_hf(model, NAMES)
     hf.update(
         {
             "architectures": ["DiffLlamaForCausalLM"],

@@ -3,13 +3,22 @@
 GPT-2 stores its linear layers as ``Conv1D`` with weights ``(in, out)``; ours are ``(out, in)``,
 so the weights in :data:`TRANSPOSED` are transposed on the way in and out. Its q, k, v projections
 are already fused (``c_attn``), like ours: everything else is a rename, :data:`NAMES`.
+
+GPT-2 always has biases; a model without them (nanoGPT's CPU recipe, ``nanogpt-cpu``) exports with
+every bias zero, which computes exactly the same, and a folder whose biases are all zero imports
+back as a model without biases (:func:`settle_config`). Its ``activation_function`` is ``gelu_new``
+(our ``gelu_tanh``) or ``gelu`` (exact GELU, our ``gelu``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.models.hf.common import cpu_state, inverse, rename
+from scratchlm.models.hf.common import cpu_state, inverse, rename, renamed
 
 # Hugging Face's tensor names (after the ``transformer.`` prefix) -> ours; ``{}`` is the layer number.
 NAMES = {
@@ -58,6 +67,15 @@ def config_from_hf(hf: dict) -> GPTConfig:
     )
 
 
+def settle_config(c: GPTConfig, t: dict) -> GPTConfig:
+    """What the weights decide: biases that are all zero are no biases (an export of a model
+    without them), so the import gives back that model, not one with zero biases to train."""
+    biases = [v for k, v in t.items() if k.endswith(".bias") and not k.endswith(("attn.bias", "masked_bias"))]
+    if biases and all(not b.any() for b in biases):
+        return dataclasses.replace(c, bias=False)
+    return c
+
+
 def _transposed(tensors: dict) -> dict:
     """Conv1D's (in, out) <-> our (out, in), for the weights in TRANSPOSED (whichever side named)."""
     return {k: v.T.contiguous() if k.endswith(TRANSPOSED) or _is_conv1d(k) else v for k, v in tensors.items()}
@@ -71,25 +89,44 @@ def from_hf(t: dict, c: GPTConfig) -> dict:
     out = _transposed(rename({k.removeprefix("transformer."): v for k, v in t.items()}, NAMES))
     if c.tie_embeddings:
         out.pop("lm_head.weight", None)
+    if not c.bias:  # all zero (settle_config): a model without biases
+        out = {k: v for k, v in out.items() if not k.endswith(".bias")}
     return out
+
+
+def problems(c: GPTConfig) -> list[str]:
+    """What of ``c`` GPT-2 cannot hold, one line per property."""
+    found = []
+    if c.position != "learned":
+        found.append(f"model.position = {c.position!r} (gpt2 needs 'learned')")
+    if c.norm != "layernorm":
+        found.append(f"model.norm = {c.norm!r} (gpt2 needs 'layernorm')")
+    if not c.prenorm:
+        found.append("model.prenorm = false (gpt2 needs pre-norm blocks)")
+    if c.mlp not in ("gelu", "gelu_tanh"):
+        found.append(f"model.mlp = {c.mlp!r} (gpt2 needs 'gelu' or 'gelu_tanh')")
+    if c.kv_heads != c.n_head:
+        found.append(
+            f"model.n_kv_head = {c.n_kv_head} (gpt2 needs full multi-head attention: n_kv_head = n_head)"
+        )
+    if any(kind != ("attention", "dense") for kind in c.layer_kinds()):
+        found.append(f"model.layers = {c.layers} (gpt2 needs every layer 'attention' with a dense MLP)")
+    return found
 
 
 def to_hf(model: GPT) -> tuple[dict, dict]:
     c = model.config
-    if (c.position, c.norm, c.bias, c.mlp, c.prenorm, c.kv_heads) != (
-        "learned",
-        "layernorm",
-        True,
-        c.mlp,
-        True,
-        c.n_head,
-    ) or c.mlp not in ("gelu", "gelu_tanh"):
-        raise ValueError(
-            "GPT-2 export needs learned positions, pre-LayerNorm with biases, GELU, and full MHA"
-        )
+    found = problems(c)
+    if found:
+        raise ValueError("gpt2 export cannot hold this model: " + "; ".join(found))
     sd = cpu_state(model)
     if c.tie_embeddings:
         sd.pop("lm_head.weight")
+    if not c.bias:  # GPT-2 always has biases: zeros compute what none do
+        for key, weight in list(sd.items()):
+            bias = key.removesuffix("weight") + "bias"
+            if key.endswith(".weight") and renamed(bias, inverse(NAMES)) and bias not in sd:
+                sd[bias] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     theirs = _transposed(rename(sd, inverse(NAMES)))
     tensors = {k if k == "lm_head.weight" else "transformer." + k: v for k, v in theirs.items()}
     hf = {
@@ -108,4 +145,6 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
     }
+    if c.vocab_size <= 50256:  # GPT2Config's end of text (50256) is not in this vocabulary
+        hf.update({"bos_token_id": None, "eos_token_id": None})
     return tensors, hf

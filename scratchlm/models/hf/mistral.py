@@ -29,10 +29,6 @@ OUR_LAYER_TYPES = {theirs: ours for ours, theirs in HF_LAYER_TYPES.items()}
 
 def _with_layers(hf: dict, layer_types: list[str]) -> GPTConfig:
     """A Llama-block config read from ``hf``, with one mixer per layer from HF ``layer_types``."""
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(
-            f"{hf.get('model_type')} models with hidden_act {hf['hidden_act']!r} are not supported (only silu)"
-        )
     unknown = sorted(set(layer_types) - set(OUR_LAYER_TYPES))
     if unknown:
         raise ValueError(f"layer_types {unknown} are not supported; expected {' / '.join(OUR_LAYER_TYPES)}")
@@ -59,17 +55,24 @@ def ministral_config(hf: dict) -> GPTConfig:
     return _with_layers(hf, list(layer_types))
 
 
-def _layer_types(model: GPT) -> list[str]:
-    kinds = model.config.layer_kinds()
-    if any(mlp != "dense" or mixer not in HF_LAYER_TYPES for mixer, mlp in kinds):
-        raise ValueError(
-            "Mistral / Ministral export needs every layer to be 'sliding' or 'attention' with a dense MLP"
+def problems(c: GPTConfig, kind: str) -> list[str]:
+    """What of ``c`` Mistral or Ministral (``kind``) cannot hold, one line per property."""
+    found = llama.block_problems(c, kind, tuple(HF_LAYER_TYPES))
+    mixers = {mixer for mixer, _ in c.layer_kinds()}
+    if kind == "mistral" and not found and len(mixers) > 1:
+        found.append(
+            f"model.layers = {c.layers} (Mistral applies one window to every layer; a model mixing "
+            "'sliding' and 'attention' layers exports as 'ministral')"
         )
-    return [HF_LAYER_TYPES[mixer] for mixer, _ in kinds]
+    return found
+
+
+def _layer_types(model: GPT) -> list[str]:
+    return [HF_LAYER_TYPES[mixer] for mixer, _ in model.config.layer_kinds()]
 
 
 def _base_hf(model: GPT, architecture: str, model_type: str) -> tuple[dict, dict]:
-    tensors, hf = llama.to_hf(model)  # checks RoPE, pre-RMSNorm, SwiGLU and no biases
+    tensors, hf = llama.to_hf(model)
     for key in ("attention_bias", "mlp_bias"):  # not Mistral / Ministral config fields
         hf.pop(key)
     hf.update({"architectures": [architecture], "model_type": model_type, "attention_dropout": 0.0})
@@ -78,11 +81,6 @@ def _base_hf(model: GPT, architecture: str, model_type: str) -> tuple[dict, dict
 
 def mistral_to_hf(model: GPT) -> tuple[dict, dict]:
     layer_types = _layer_types(model)
-    if len(set(layer_types)) > 1:
-        raise ValueError(
-            "Mistral applies one window to every layer; a model mixing 'sliding' and 'attention' "
-            "layers exports as 'ministral'"
-        )
     tensors, hf = _base_hf(model, "MistralForCausalLM", "mistral")
     hf["sliding_window"] = model.config.attn.window if layer_types[0] == "sliding_attention" else None
     return tensors, hf

@@ -170,49 +170,64 @@ def aux_weight_to_hf(aux_weight: float, top_k: int, moe_layers: int) -> float:
 
 
 # --- export ---------------------------------------------------------------------------------------
-def _check_exportable(model: GPT, kind: str) -> None:
-    """Refuse, naming the setting, what the target architecture cannot express."""
-    c, m = model.config, model.config.moe
-    problems = []
+def problems(c: GPTConfig, model: GPT | None = None, *, kind: str) -> list[str]:
+    """What of ``c`` the ``kind`` family cannot hold, one line per property (with ``model``, also
+    what of its weights: a router's selection bias)."""
+    m = c.moe
+    found = []
     if (c.position, c.norm, c.bias, c.mlp, c.prenorm) != ("rope", "rmsnorm", False, "swiglu", True):
-        problems.append("RoPE, pre-RMSNorm, SwiGLU and no biases")
+        found.append(
+            f"model.position/norm/mlp/bias = {c.position!r}/{c.norm!r}/{c.mlp!r}/{c.bias} "
+            f"({kind} needs RoPE, pre-RMSNorm, SwiGLU and no biases)"
+        )
     mixers = {"attention", "sliding"} if kind == "mixtral" else {"attention"}
     kinds = c.layer_kinds()
     if any(mixer not in mixers for mixer, _ in kinds) or len({mixer for mixer, _ in kinds}) > 1:
-        problems.append(f"every layer's mixer {' or '.join(sorted(mixers))} (one kind)")
+        found.append(
+            f"model.layers = {c.layers} ({kind} needs every layer's mixer {' or '.join(sorted(mixers))}, one kind)"
+        )
     if m is None or all(mlp != "moe" for _, mlp in kinds):
-        problems.append("MoE layers")
+        found.append(f"model.layers = {c.layers} ({kind} needs MoE layers: '+moe')")
     elif kind == "mixtral" and any(mlp != "moe" for _, mlp in kinds):
-        problems.append("every layer MoE")
+        found.append(f"model.layers = {c.layers} (mixtral needs every layer MoE)")
     if m is not None:
         if m.router != "softmax" or m.n_groups != 1 or m.routed_scale != 1.0:
-            problems.append("a softmax router without groups or routed_scale")
+            found.append(
+                f"model.moe router = {m.router!r} ({kind} needs a softmax router without groups or routed_scale)"
+            )
         if kind == "mixtral" and not m.normalize:
-            problems.append("renormalised top-k weights (moe.normalize)")
+            found.append("model.moe.normalize = false (mixtral needs renormalised top-k weights)")
         if kind == "qwen2_moe" and not (m.n_shared and m.shared_gate):
-            problems.append("a gated shared expert (moe.n_shared >= 1, moe.shared_gate)")
+            found.append(
+                "model.moe.n_shared / shared_gate (qwen2_moe needs a gated shared expert: n_shared >= 1, shared_gate)"
+            )
         if kind != "qwen2_moe" and m.n_shared:
-            problems.append("no shared experts")
-        if any(
+            found.append(f"model.moe.n_shared = {m.n_shared} ({kind} has no shared experts)")
+        if model is not None and any(
             block.mlp.router_bias.abs().max() > 0
             for block in model.blocks
             if hasattr(block.mlp, "router_bias")
         ):
-            problems.append(
-                "a zero router_bias (a loss-free-balanced model needs a format with "
-                "e_score_correction_bias, e.g. DeepSeek-V3)"
+            found.append(
+                "a nonzero router_bias (a loss-free-balanced model needs a format with "
+                "e_score_correction_bias, e.g. DeepSeek-V3; the MoE families need a zero router_bias)"
             )
     if bool(c.attn.qk_norm) != (kind == "qwen3_moe"):
-        problems.append("attn.qk_norm" if kind == "qwen3_moe" else "no attn.qk_norm")
+        found.append(
+            "model.attn.qk_norm unset (qwen3_moe needs it)"
+            if kind == "qwen3_moe"
+            else f"model.attn.qk_norm = true ({kind} has no q/k norms)"
+        )
     if c.attn.qkv_bias and kind != "qwen2_moe":
-        problems.append("no attn.qkv_bias")
-    if problems:
-        raise ValueError(f"{kind} export needs " + "; ".join(problems))
+        found.append(f"model.attn.qkv_bias = true ({kind} has no q/k/v biases)")
+    return found
 
 
 def to_hf(model: GPT, kind: str) -> tuple[dict, dict]:
     """Our MoE model -> the ``kind`` family's tensors and config.json."""
-    _check_exportable(model, kind)
+    found = problems(model.config, model, kind=kind)
+    if found:
+        raise ValueError(f"{kind} export cannot hold this model: " + "; ".join(found))
     c, m = model.config, model.config.moe
     sd = cpu_state(model)
     if c.tie_embeddings:

@@ -303,5 +303,5 @@ def test_refusals(tmp_path):
 
     with pytest.raises(ValueError, match="V2 has no"):
         export_hf(_model(_config(2)), tmp_path / "v2")
-    with pytest.raises(ValueError, match="every layer to be differential"):
+    with pytest.raises(ValueError, match="diffllama needs every layer 'diff'"):
         export_hf(_model(_config(1, layers=["diff", "attention"])), tmp_path / "mixed")

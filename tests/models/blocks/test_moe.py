@@ -349,9 +349,12 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path):
 
     model = GPT(_config(n_experts=4, top_k=2, balance="bias"))
     model.blocks[1].mlp.router_bias[0] = 0.1
-    with pytest.raises(ValueError, match="qwen2_moe export needs .*gated shared expert"):
+    with pytest.raises(ValueError, match="qwen2_moe export cannot hold this model: .*gated shared expert"):
         export_hf(model, tmp_path / "a", "qwen2_moe")
-    with pytest.raises(ValueError, match="mixtral export needs every layer MoE; .*zero router_bias"):
+    with pytest.raises(
+        ValueError,
+        match=r"mixtral export cannot hold this model: .*\(mixtral needs every layer MoE\); .*zero router_bias",
+    ):
         export_hf(model, tmp_path / "b", "mixtral")
 
 

@@ -253,5 +253,5 @@ def test_export_refuses_what_the_target_cannot_express(tmp_path):
     alternating = model(layers=["sliding", "attention"])
     with pytest.raises(ValueError, match="exports as 'ministral'"):
         export_hf(alternating, tmp_path / "a", "mistral")
-    with pytest.raises(ValueError, match="llama export needs every layer"):
+    with pytest.raises(ValueError, match="llama needs every layer 'attention' with a dense MLP"):
         export_hf(alternating, tmp_path / "b", "llama")
