@@ -93,26 +93,69 @@ class Shapes(Command):
         )
 
 
+def _import_families():
+    from scratchlm.models.hf import FAMILIES
+
+    return ", ".join(FAMILIES)
+
+
 class Import(Command):
     path = ("model", "import")
-    help = "a Hugging Face folder (config.json + model.safetensors) -> a scratchlm checkpoint"
+    help = (
+        "a Hugging Face folder (config.json + model.safetensors [+ tokenizer.json]) -> a scratchlm checkpoint"
+    )
 
     def register(self, q):
+        q.description = (
+            "Import a Hugging Face model folder (model_type one of: "
+            f"{_import_families()}) and its tokenizer.json, if it has one, into a checkpoint that "
+            "`sample`, `chat` and `model export` use without --tokenizer."
+        )
         q.add_argument("--hf", required=True, help="folder with config.json + model.safetensors")
         flags.out(q, "the checkpoint folder")
+        q.add_argument(
+            "--no-tokenizer",
+            action="store_true",
+            help="import the weights only, leaving out the folder's tokenizer.json (default: import it)",
+        )
         flags.output(q, progress=False)
 
     def run(self, args):
+        from pathlib import Path
+
         from scratchlm.models.checkpoint import save_model_only
         from scratchlm.models.hf import import_hf
+        from scratchlm.tokenizers.hf import read_hf_tokenizer
 
-        model = import_hf(args.hf)
-        save_model_only(args.out, model, source=str(args.hf))
+        folder = Path(args.hf)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"--hf {args.hf}: no such folder (expected config.json + model.safetensors)"
+            )
+        has_tokenizer = (folder / "tokenizer.json").exists() and not args.no_tokenizer
+        tokenizer = read_hf_tokenizer(folder) if has_tokenizer else None  # refused before the weights load
+        model = import_hf(folder)
+        if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"{folder}/tokenizer.json has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}: "
+                "not its tokenizer (import with --no-tokenizer)"
+            )
+        save_model_only(args.out, model, tokenizer=tokenizer, source=str(args.hf))
         counts = model.parameter_counts()
+        kept = (
+            f" with its {tokenizer.kind} tokenizer"
+            if tokenizer
+            else " (no tokenizer: pass --tokenizer to sample)"
+        )
         emit(
             args,
-            {"out": args.out, "config": model.config.to_dict(), "parameters": counts},
-            f"imported {args.hf} ({counts['total']:,} parameters) -> checkpoint {args.out}",
+            {
+                "out": args.out,
+                "config": model.config.to_dict(),
+                "parameters": counts,
+                "tokenizer": tokenizer.kind if tokenizer else None,
+            },
+            f"imported {args.hf} ({counts['total']:,} parameters){kept} -> checkpoint {args.out}",
         )
 
 

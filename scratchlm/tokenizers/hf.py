@@ -1,4 +1,5 @@
-"""Our tokenizers in Hugging Face form, so ``transformers`` users can load and chat with a model.
+"""Our tokenizers in Hugging Face form, so ``transformers`` users can load and chat with a model,
+and Hugging Face ``tokenizer.json`` files read back as ours.
 
 :func:`save_hf_tokenizer` writes ``tokenizer.json`` (built with the ``tokenizers`` library, never
 by hand) and ``tokenizer_config.json``; ``AutoTokenizer.from_pretrained(folder)`` then encodes
@@ -17,6 +18,15 @@ How each kind maps:
   characters) and a decoder that joins them back. A character outside the vocabulary becomes
   ``<|unk|>`` for a tokenizer trained with ``unknown="replace"``; with the default
   ``unknown="error"`` we refuse such text, but Hugging Face has no "refuse", and drops it.
+
+:func:`read_hf_tokenizer` reads the other way (``model import`` keeps a folder's tokenizer with
+the weights): the three kinds above as we write them, and GPT-2's own ``tokenizer.json`` (a
+byte-level BPE whose ``ByteLevel`` pre-tokenizer carries GPT-2's regex). A byte-level BPE reads only
+when merge ``i`` creates id ``256 + i`` with the 256 bytes first (true of GPT-2's and of ours): our
+encoder ranks tokens by id, Hugging Face merges by the merge list, and only then do they agree.
+Anything else (WordPiece, Unigram, a normalizer, a BPE with other ranks) is refused naming what
+it is: a model with a tokenizer we cannot reproduce exactly is better without one than with a
+tokenizer that gives other ids.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from pathlib import Path
 from scratchlm.io import atomic_write
 from scratchlm.tokenizers.base import ENDOFTEXT, Tokenizer
 from scratchlm.tokenizers.chat import CHAT_TOKENS, IM_END, JINJA_TEMPLATE
+from scratchlm.tokenizers.patterns import GPT2_PATTERN, PATTERNS
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -146,3 +157,108 @@ def save_hf_tokenizer(
     with atomic_write(folder / "tokenizer_config.json", "w") as f:
         json.dump(config, f, indent=1, ensure_ascii=False)
     return folder
+
+
+# --- reading a Hugging Face tokenizer.json ---------------------------------------------------------
+def read_hf_tokenizer(path: str | Path) -> Tokenizer:
+    """Our tokenizer for a Hugging Face ``tokenizer.json`` (``path``, or a folder holding one), ids
+    identical to it; a kind we cannot reproduce exactly is refused, naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+    model = d.get("model") or {}
+    kind = model.get("type")
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(
+            f"{path}: {what}; scratchlm reads byte-level BPE (GPT-2's kind), byte and character "
+            "tokenizers as it writes them. Import without it (--no-tokenizer) and pass --tokenizer later"
+        )
+
+    if kind != "BPE":
+        raise refuse(f"a {kind} tokenizer (model.type) cannot be read")
+    if d.get("normalizer"):
+        raise refuse(f"a {d['normalizer'].get('type')} normalizer cannot be read")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise refuse(f"a BPE with {key} = {model[key]!r} cannot be read")
+    if model.get("byte_fallback"):
+        raise refuse("a BPE with byte_fallback (SentencePiece's kind) cannot be read")
+    post = d.get("post_processor") or {}
+    if post.get("type") == "TemplateProcessing" and post.get("special_tokens"):
+        added = sorted(post["special_tokens"])
+        raise refuse(f"a post-processor that adds {added} to every text cannot be read")
+    specials = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
+    if not all(t.get("special", True) for t in d.get("added_tokens", [])):
+        raise refuse("added tokens that are not special cannot be read")
+    vocab = {token: i for token, i in model.get("vocab", {}).items() if token not in specials}
+    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    by_id = sorted((i, token) for token, i in vocab.items())
+    if [i for i, _ in by_id] != list(range(len(by_id))):
+        raise refuse("a vocabulary whose ids are not 0..n-1 before the special tokens cannot be read")
+    tokens = [token for _, token in by_id]
+    decoder = (d.get("decoder") or {}).get("type")
+    if decoder == "Fuse" and not merges and d.get("pre_tokenizer") is None:
+        from scratchlm.tokenizers.char import UNK, CharTokenizer
+
+        if any(len(token) != 1 for token in tokens):
+            raise refuse("a character vocabulary with multi-character tokens cannot be read")
+        unknown = "replace" if model.get("unk_token") == UNK else "error"
+        return CharTokenizer(tokens, specials, unknown)
+    if decoder != "ByteLevel":
+        raise refuse(f"a BPE with a {decoder} decoder (not byte-level) cannot be read")
+    pattern = _byte_level_pattern(d.get("pre_tokenizer"), refuse)
+    spelled = {token: i for i, token in enumerate(tokens)}
+    table = bytes_to_unicode()
+    if pattern is None and not merges and spelled == {table[b]: b for b in range(256)}:
+        from scratchlm.tokenizers.byte import ByteTokenizer
+
+        return ByteTokenizer(specials)
+    if pattern is None:
+        raise refuse("a byte-level BPE without a pre-tokenization regex cannot be read")
+    from scratchlm.tokenizers.bpe import BPETokenizer, str_to_token
+
+    ours = []
+    for rank, (left, right) in enumerate(merges):
+        if spelled.get(left + right) != 256 + rank:
+            raise refuse(
+                f"merge {rank} ({left!r} + {right!r}) does not create id {256 + rank}: a BPE ranked "
+                "otherwise than by id cannot be read"
+            )
+        ours.append((spelled[left], spelled[right]))
+    return BPETokenizer([str_to_token(token) for token in tokens], ours, pattern, specials)
+
+
+def _byte_level_pattern(pre: dict | None, refuse) -> str | None:
+    """Our pre-tokenization regex for a byte-level pre-tokenizer: a ``Split`` regex followed by
+    ``ByteLevel`` (as we write it), or ``ByteLevel`` with its built-in regex (GPT-2's); None for a
+    ``ByteLevel`` without a regex."""
+    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre]
+    if not steps or steps[-1] is None or steps[-1].get("type") != "ByteLevel":
+        raise refuse(f"a BPE pre-tokenizer {pre and pre.get('type')!r} that is not byte-level cannot be read")
+    byte_level = steps[-1]
+    if byte_level.get("add_prefix_space"):
+        raise refuse("a byte-level pre-tokenizer with add_prefix_space cannot be read")
+    if len(steps) == 1:
+        return GPT2_PATTERN if byte_level.get("use_regex", True) else None
+    split = steps[0]
+    if (
+        len(steps) != 2
+        or split.get("type") != "Split"
+        or byte_level.get("use_regex", True)
+        or split.get("behavior") != "Isolated"
+        or split.get("invert")
+        or "Regex" not in split.get("pattern", {})
+    ):
+        raise refuse(f"the pre-tokenizer sequence {[step.get('type') for step in steps]} cannot be read")
+    regex = split["pattern"]["Regex"]
+    known = {oniguruma_pattern(p): p for p in PATTERNS.values()}
+    if regex in known:
+        return known[regex]
+    if "}+" in regex:  # {n,m}+ means different things in Oniguruma and Python's regex
+        raise refuse(f"the pre-tokenization regex {regex!r} cannot be read exactly")
+    return regex
