@@ -36,7 +36,11 @@ def test_an_exported_tokenizer_reads_back_with_the_same_ids(tmp_path, name):
     ours = _tokenizers()[name]
     save_hf_tokenizer(ours, tmp_path)
     back = read_hf_tokenizer(tmp_path)
-    assert (back.kind, back.special_tokens, back.vocab_size) == (ours.kind, ours.special_tokens, ours.vocab_size)
+    assert (back.kind, back.special_tokens, back.vocab_size) == (
+        ours.kind,
+        ours.special_tokens,
+        ours.vocab_size,
+    )
     assert back.fingerprint == ours.fingerprint  # the same tokenizer, not merely the same ids here
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     texts = [t for t in TEXTS if name != "char" or set(t) <= set(ours.chars)]
