@@ -65,9 +65,8 @@ class EngineConfig:
 
     def __post_init__(self):
         for name, rule in _CONFIG_RULES.items():
-            value = getattr(self, name)
-            if value is not None or name != "num_blocks":
-                rule.require(value, name)
+            if not (name == "num_blocks" and self.num_blocks is None):
+                rule.require(getattr(self, name), name)
 
 
 _CONFIG_RULES = {

@@ -44,11 +44,6 @@ class CharTokenizer(Tokenizer):
         chars: set[str] = set()
         for t in texts:
             chars.update(t)
-        if not chars:
-            raise ValueError(
-                "the training text is empty: a character vocabulary is the set of its characters, and "
-                "there are none"
-            )
         chars_sorted = sorted(chars)
         names = list(special_tokens) + ([UNK] if unknown == "replace" else [])
         return cls(chars_sorted, default_special_tokens(len(chars_sorted), names), unknown)

@@ -568,6 +568,21 @@ def test_a_request_larger_than_the_whole_cache_is_refused():
     drained(engine)
 
 
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"block_size": 0}, r"block_size must be an integer >= 1 \(tokens per KV block\), got 0"),
+        ({"num_blocks": 0}, "num_blocks must be an integer >= 1"),
+        ({"kv_cache_gb": -1.0}, "kv_cache_gb must be a number > 0"),
+        ({"max_num_seqs": 0}, "max_num_seqs must be an integer >= 1"),
+        ({"max_num_batched_tokens": -3}, "max_num_batched_tokens must be an integer >= 1"),
+    ],
+)
+def test_engine_options_are_checked_when_made(options, message):
+    with pytest.raises(ValueError, match=message):
+        LLMEngine(tiny(), **options)
+
+
 # --- random workloads against the oracle -------------------------------------------------------------
 def test_random_workloads_with_arrivals_and_aborts_match_the_oracle():
     hypothesis = pytest.importorskip("hypothesis")
