@@ -99,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag argparse refused (2: it printed usage and why)
+        return e.code if isinstance(e.code, int) else 2
     try:
         args.func(args)
     except (ValueError, OSError, RuntimeError) as e:

@@ -10,6 +10,8 @@ import argparse
 import json
 import math
 import os
+import tempfile
+from pathlib import Path
 
 
 class Command:
@@ -54,3 +56,26 @@ def load_tokenizer(spec: str):
     from scratchlm.tokenizers import load_tokenizer, resolve_tokenizer_path
 
     return load_tokenizer(resolve_tokenizer_path(spec))
+
+
+def check_writable(path: str | Path, flag: str) -> Path:
+    """Refuse an output path that cannot be written, before the work that would fill it: the
+    nearest existing folder above it must be a folder in which a file can be made (tried, then
+    removed: permissions and read-only mounts both answer). Missing folders in between
+    are made by the write itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder: give a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=f".{path.name}.check."):
+            pass
+    except OSError as e:
+        raise OSError(
+            f"{flag} {path}: cannot write in {parent} ({e.strerror}); choose another {flag}"
+        ) from None
+    return path

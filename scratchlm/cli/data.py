@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,16 +28,14 @@ class Prepare(Command):
         source.registry = flags.Registry(_source_names)
         flags.out(q, "the prepared dataset folder (default: data/<name>)", required=False)
         q.add_argument(
-            "--fractions", default="0.9,0.05,0.05", help="train,val,test fractions (default 0.9,0.05,0.05)"
+            "--fractions", default="0.9,0.05,0.05", help="train,val,test fractions (val or test may be 0)"
         )
         flags.seed(q)
         q.add_argument(
             "--documents", choices=["whole", "lines"], help="a text file is one document, or one per line"
         )
         q.add_argument("--text-field", default="text", help="field holding the text in a .jsonl file")
-        q.add_argument(
-            "--errors", choices=["strict", "replace"], default="strict", help="invalid UTF-8: fail or replace"
-        )
+        flags.errors(q)
         q.add_argument("--no-nfc", action="store_true", help="skip Unicode NFC normalization")
         q.add_argument(
             "--clean-whitespace", action="store_true", help="strip trailing spaces, collapse blank-line runs"
@@ -89,6 +88,13 @@ class Prepare(Command):
             lines.append(
                 f"  {split:<5} {e['documents']:>7,} docs {e['characters']:>11,} chars  "
                 f"sha256 {e['sha256'][:16]}..."
+            )
+        empty = [split for split in ("val", "test") if not m["splits"][split]["documents"]]
+        if empty:
+            print(
+                f"scratchlm: note: no {' and no '.join(empty)} split (--fractions {args.fractions}): "
+                "training cannot measure validation loss on this dataset, nor eval a held-out split",
+                file=sys.stderr,
             )
         emit(args, payload, "\n".join(lines))
 

@@ -27,19 +27,26 @@ flag                meaning                                                     
 --prompts FILE      JSONL, one request (prompt) per line                        (required)
 --eval-prompts F    held-out JSONL prompts with answers, for measuring          none
 --preset NAME       a model preset (registry: PRESETS)                          none
---max-new-tokens N  tokens to generate per reply or sample, at most             per command
+--max-new-tokens N  tokens to generate per reply or sample, at most             300 (sample, generate)
 --num-samples N     samples to draw                                             per command
---temperature T     sampling temperature; 0 = greedy                            per command
+--temperature T     sampling temperature; 0 = greedy                            0.8 (sample, generate)
 --batch-size N      sequences per batch                                         per command
 --context N         positions per sequence                                      per command
 --lora-rank R       train rank-R LoRA adapters instead of every weight          full fine-tuning
 --reward-model DIR  a ``scratchlm reward-model`` checkpoint                      none
 --skip-invalid      skip (and count) bad input lines instead of stopping        off
 --plot FILE         save a PNG here                                             per command
+--errors MODE       invalid UTF-8 in a text file: strict (fail, naming the      strict
+                    byte offset) or replace (U+FFFD, counted)
 ==================  ==========================================================  ===================
 
 "Per command" defaults are the flag's one meaning at a size that suits the command (a 300-token
-sample, a 32-token reply); each command's ``--help`` shows its own.
+sample, a 32-token reply); each command's ``--help`` shows its own (:class:`HelpFormatter` adds
+"(default X)" to every flag that has a default). ``sample`` and ``generate`` share theirs:
+:data:`MAX_NEW_TOKENS` and :data:`TEMPERATURE`. A flag that only sizes the work (a batch, a KV
+block) is checked while parsing (:data:`positive_int`); sampling values are checked by the one
+sampling check of :func:`scratchlm.generate.sampling.check_sampling`, which the engine's requests
+pass through too.
 
 Old spellings still work for now; each prints one line on stderr naming the new flag:
 
@@ -64,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -98,7 +106,24 @@ class Registry:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Help that leaves the old spellings out: they still parse, but are no longer taught."""
+    """Every command's help: each flag's default is shown (where it has one), and the old spellings
+    are left out (they still parse, but are no longer taught)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+            or action.required
+            or not action.option_strings
+            or "default" in help
+        ):
+            return help
+        shown = (f"{default:g}" if isinstance(default, float) else str(default)).replace("%", "%%")
+        return f"{help} (default {shown})".lstrip()
 
     def _format_action_invocation(self, action):
         old = getattr(action, "deprecated", ())
@@ -155,7 +180,7 @@ _dtype = _shared(
     "--dtype", "weights and KV cache: %(registry)s (bfloat16 halves the bytes each decode step reads)"
 )
 _out = _shared("--out", "where to write")
-_seed = _shared("--seed", f"seed of every random choice the command makes (default {SEED})")
+_seed = _shared("--seed", "seed of every random choice the command makes")
 _config = _shared("--config", "a TOML config (configs/<name>.toml)")
 _set = _shared("--set", "override one config value, section.key=value (repeatable)")
 _resume = _shared("--resume", "continue the run in the output folder where it stopped")
@@ -183,6 +208,10 @@ _lora_rank = _shared("--lora-rank", "train rank-R LoRA adapters instead of every
 _reward_model = _shared("--reward-model", "a `scratchlm reward-model` checkpoint")
 _skip_invalid = _shared("--skip-invalid", "skip (and count) bad input lines instead of stopping")
 _plot = _shared("--plot", "save a PNG here")
+_errors = _shared(
+    "--errors",
+    "invalid UTF-8 in a text file: strict fails naming the byte offset, replace substitutes U+FFFD",
+)
 
 
 def checkpoint(p, what: str | None = None, required: bool = True):
@@ -287,52 +316,62 @@ def preset(p):
     return _preset(action)
 
 
-def max_new_tokens(p, default: int):
+# What `sample` and `generate` do when a request does not say: one reply of at most 300 new tokens at
+# temperature 0.8 (nanoGPT's sample.py). The Python API's SamplingParams keeps the OpenAI completions
+# defaults (16 tokens at temperature 1), as vLLM's does.
+MAX_NEW_TOKENS = 300
+TEMPERATURE = 0.8
+
+
+def _integral(text: str) -> int | None:
+    """An integer written as a float (``1e9``), else None."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _number(kind: type, ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` number that ``ok`` allows. For flags that only size the
+    work (a batch, a KV block): the value is refused while parsing, before any file is read."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = _integral(text) if kind is int else None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")  # 1e9 is read as 1000000000
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+
+
+def max_new_tokens(p, default: int = MAX_NEW_TOKENS, what: str | None = None):
     return _max_new_tokens(
-        add(
-            p,
-            "--max-new-tokens",
-            type=int,
-            default=default,
-            help=HELP["--max-new-tokens"] + f" (default {default})",
-        )
+        add(p, "--max-new-tokens", type=int, default=default, help=_help("--max-new-tokens", what))
     )
 
 
 def num_samples(p, default: int):
-    return _num_samples(
-        add(
-            p,
-            "--num-samples",
-            type=int,
-            default=default,
-            help=HELP["--num-samples"] + f" (default {default})",
-        )
-    )
+    return _num_samples(add(p, "--num-samples", type=int, default=default, help=HELP["--num-samples"]))
 
 
-def temperature(p, default: float, what: str | None = None):
+def temperature(p, default: float = TEMPERATURE, what: str | None = None):
     return _temperature(
-        add(
-            p,
-            "--temperature",
-            type=float,
-            default=default,
-            help=_help("--temperature", what) + f" (default {default:g})",
-        )
+        add(p, "--temperature", type=float, default=default, help=_help("--temperature", what))
     )
 
 
 def batch_size(p, default: int, what: str | None = None, old: tuple[str, ...] = ()):
     return _batch_size(
-        add(
-            p,
-            "--batch-size",
-            *old,
-            type=int,
-            default=default,
-            help=_help("--batch-size", what) + f" (default {default})",
-        )
+        add(p, "--batch-size", *old, type=positive_int, default=default, help=_help("--batch-size", what))
     )
 
 
@@ -342,10 +381,10 @@ def context(p, default: int | None, what: str | None = None, old: tuple[str, ...
             p,
             "--context",
             *old,
-            type=int,
+            type=positive_int,
             default=default,
             help=_help("--context", what)
-            + (f" (default {default})" if default is not None else " (default: the model's context)"),
+            + ("" if default is not None else " (default: the model's context)"),
         )
     )
 
@@ -363,6 +402,8 @@ def skip_invalid(p):
 
 
 def plot(p, default: str | None = None):
-    return _plot(
-        add(p, "--plot", default=default, help=HELP["--plot"] + (f" (default {default})" if default else ""))
-    )
+    return _plot(add(p, "--plot", default=default, help=HELP["--plot"]))
+
+
+def errors(p):
+    return _errors(add(p, "--errors", choices=["strict", "replace"], default="strict", help=HELP["--errors"]))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 import sys
 import time
+from pathlib import Path
 
 from scratchlm.cli import flags
-from scratchlm.cli.base import Command, emit, load_tokenizer
+from scratchlm.cli.base import Command, check_writable, emit
 
 _ESCAPE = re.compile(
     r"""\\(?:[\\'"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]*\}"""
@@ -35,14 +36,22 @@ def interpret_escapes(text: str) -> str:
     return _ESCAPE.sub(one, text)
 
 
-def _checkpoint_tokenizer(checkpoint: str, state: dict):
-    """The checkpoint's tokenizer (its own, or the training data's), checked by fingerprint."""
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer
+# The flags `sample` spells each sampling value with, for the one sampling check's messages.
+_FLAG_NAMES = {
+    "max_new_tokens": "--max-new-tokens",
+    "num_samples": "--num-samples",
+    "beam_width": "--beam",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+    "length_penalty": "--length-penalty",
+}
 
-    try:
-        return load_checkpoint_tokenizer(checkpoint, state)
-    except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"{e} (--tokenizer)") from None
+
+def _warn(message: str) -> None:
+    print(f"scratchlm: warning: {message}", file=sys.stderr)
 
 
 class Sample(Command):
@@ -55,14 +64,22 @@ class Sample(Command):
         flags.tokenizer(q)
         q.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
         q.add_argument("--escapes", action="store_true", help="interpret backslash escapes in --prompt (\\n)")
-        flags.max_new_tokens(q, 300)
-        flags.temperature(q, 0.8)
-        q.add_argument("--top-k", type=int)
-        q.add_argument("--top-p", type=float)
-        q.add_argument("--min-p", type=float)
-        q.add_argument("--repetition-penalty", type=float, default=1.0)
+        flags.max_new_tokens(q)
+        flags.temperature(q)
+        q.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+        q.add_argument(
+            "--top-p", type=float, help="nucleus: keep the most likely tokens whose probability reaches p"
+        )
+        q.add_argument(
+            "--min-p", type=float, help="keep tokens at least this fraction as likely as the top one"
+        )
+        q.add_argument(
+            "--repetition-penalty", type=float, default=1.0, help="make tokens already generated less likely"
+        )
         q.add_argument("--beam", type=int, help="beam search with this many beams (instead of sampling)")
-        q.add_argument("--length-penalty", type=float, default=1.0)
+        q.add_argument(
+            "--length-penalty", type=float, default=1.0, help="beam search: > 1 favours longer outputs"
+        )
         q.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
         flags.num_samples(q, 1)
         flags.seed(q)
@@ -82,19 +99,26 @@ class Sample(Command):
     def run(self, args):
         from scratchlm.device import pick_device
         from scratchlm.generate import GenerationStats, SamplingConfig, beam_search, generate_text
+        from scratchlm.generate.generate import prompt_ids
+        from scratchlm.generate.sampling import check_sampling
+        from scratchlm.generate.tokenizer import checkpoint_tokenizer
         from scratchlm.models.checkpoint import load_model_from_checkpoint
 
-        model, state = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
-        tokenizer = (
-            load_tokenizer(args.tokenizer)
-            if args.tokenizer
-            else _checkpoint_tokenizer(args.checkpoint, state)
-        )
+        values = {name: getattr(args, name if name != "beam_width" else "beam") for name in _FLAG_NAMES}
+        check_sampling({k: v for k, v in values.items() if v is not None}, _FLAG_NAMES)
         prompt = interpret_escapes(args.prompt) if args.escapes else args.prompt
+        model, state = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
+        tokenizer = checkpoint_tokenizer(args.checkpoint, state, args.tokenizer)
+        ids = prompt_ids(tokenizer, prompt)
+        context = model.config.block_size
+        if len(ids) > context:
+            _warn(
+                f"the prompt is {len(ids)} tokens and this model's context {context}: its first "
+                f"{len(ids) - context} tokens are dropped (the model sees the last {context})"
+            )
         results = []
         start = time.perf_counter()
-        if args.beam:
-            ids = tokenizer.encode(prompt, allowed_special="all") if prompt else [tokenizer.eot_token or 0]
+        if args.beam is not None:
             for out, score in beam_search(
                 model,
                 ids,
@@ -154,23 +178,35 @@ class Generate(Command):
         flags.prompts(q, '{"prompt": "...", "max_tokens": 64, ...}', old=("--input",))
         flags.out(q, "JSONL, one result per prompt line, in input order", old=("--output",))
         flags.tokenizer(q)
+        flags.max_new_tokens(
+            q, what='for a line without "max_tokens" (the model\'s context may stop it sooner)'
+        )
+        flags.temperature(q, what='for a line without "temperature"')
         flags.dtype(q)
         flags.add(
             q,
             "--kv-block-size",
             "--block-size",
-            type=int,
+            type=flags.positive_int,
             default=16,
             help="tokens per KV cache block (not model.block_size, the context)",
         )
         flags.add(
-            q, "--kv-blocks", "--num-blocks", type=int, help="KV cache blocks (default: from --kv-cache-gb)"
+            q,
+            "--kv-blocks",
+            "--num-blocks",
+            type=flags.positive_int,
+            help="KV cache blocks (default: from --kv-cache-gb)",
         )
-        q.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory cap for the KV cache")
-        q.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once at most")
+        q.add_argument(
+            "--kv-cache-gb", type=flags.positive_float, default=2.0, help="memory cap for the KV cache"
+        )
+        q.add_argument(
+            "--max-num-seqs", type=flags.positive_int, default=64, help="requests running at once at most"
+        )
         q.add_argument(
             "--max-num-batched-tokens",
-            type=int,
+            type=flags.positive_int,
             default=512,
             help="tokens per step (prefill chunks + decodes)",
         )
@@ -179,9 +215,14 @@ class Generate(Command):
         flags.output(q)
 
     def run(self, args):
+        from scratchlm.generate.sampling import check_sampling
         from scratchlm.serve import LLMEngine
         from scratchlm.serve.batch import run_batch
 
+        check_sampling({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}, _FLAG_NAMES)
+        if not Path(args.prompts).is_file():
+            raise FileNotFoundError(f"--prompts {args.prompts}: no such file (JSONL, one request per line)")
+        check_writable(args.out, "--out")
         engine = LLMEngine.from_checkpoint(
             args.checkpoint,
             tokenizer=args.tokenizer,
@@ -194,7 +235,13 @@ class Generate(Command):
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=not args.no_prefix_caching,
         )
-        summary = run_batch(engine, args.prompts, args.out, progress=flags.show_progress(args))
+        summary = run_batch(
+            engine,
+            args.prompts,
+            args.out,
+            defaults={"max_tokens": args.max_new_tokens, "temperature": args.temperature},
+            progress=flags.show_progress(args),
+        )
         emit(
             args,
             summary,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
-from pathlib import Path
 
 from scratchlm.cli import flags
-from scratchlm.cli.base import Command, emit, load_tokenizer
+from scratchlm.cli.base import Command, check_writable, emit, load_tokenizer
 
 
 def _kinds():
@@ -23,10 +23,11 @@ def _patterns():
 
 
 def _source(q, dataset: str, text_file: str) -> None:
-    """``--dataset`` or ``--text-file``, one of the two."""
+    """``--dataset`` or ``--text-file``, one of the two (and how to read invalid UTF-8 in the file)."""
     src = q.add_mutually_exclusive_group(required=True)
     flags.dataset(src, dataset, required=False)
     flags.text_file(src, text_file, old=("--input",))
+    flags.errors(q)
 
 
 def _pattern(q) -> None:
@@ -36,13 +37,17 @@ def _pattern(q) -> None:
     action.registry = flags.Registry(_patterns)
 
 
-def _texts(args, split: str) -> list[str]:
-    """Documents of a prepared dataset's split, or of a plain text file."""
-    from scratchlm.data import Dataset
+def _texts(args, split: str, purpose: str = "train a tokenizer on") -> list[str]:
+    """Documents of a prepared dataset's split, or of a plain text file; refused when empty."""
+    from scratchlm.data import Dataset, read_text_file
 
     if args.text_file:
-        return [Path(args.text_file).read_text(encoding="utf-8")]
-    return Dataset.load(args.dataset).documents(split)
+        texts, where = [read_text_file(args.text_file, args.errors)], args.text_file
+    else:
+        texts, where = Dataset.load(args.dataset).documents(split), f"the {split} split of {args.dataset}"
+    if not any(texts):
+        raise ValueError(f"{where} is empty: there is no text to {purpose}")
+    return texts
 
 
 class Train(Command):
@@ -58,7 +63,12 @@ class Train(Command):
             default="bpe",
             help="%(choices)s (default bpe)",
         )
-        q.add_argument("--vocab-size", type=int, help="BPE: total vocabulary size, special tokens included")
+        q.add_argument(
+            "--vocab-size",
+            type=flags.positive_int,
+            help="BPE: total vocabulary size, special tokens included (char and byte vocabularies are "
+            "fixed: the text's characters, the 256 bytes)",
+        )
         _pattern(q)
         specials = q.add_mutually_exclusive_group()
         specials.add_argument(
@@ -82,6 +92,13 @@ class Train(Command):
     def run(self, args):
         from scratchlm.tokenizers import train_tokenizer
 
+        if args.vocab_size is not None and args.kind != "bpe":
+            raise ValueError(
+                f"--vocab-size is for BPE: a {args.kind} vocabulary is "
+                + ("the set of characters of the text" if args.kind == "char" else "the 256 byte values")
+                + " plus the special tokens; leave --vocab-size out, or use --kind bpe"
+            )
+        check_writable(args.out, "--out")
         texts = _texts(args, "train")
         start = time.perf_counter()
         tokenizer = train_tokenizer(
@@ -94,6 +111,13 @@ class Train(Command):
             progress=flags.show_progress(args),
         )
         seconds = time.perf_counter() - start
+        if args.vocab_size is not None and tokenizer.vocab_size < args.vocab_size:
+            print(
+                f"scratchlm: warning: the vocabulary stopped at {tokenizer.vocab_size} of the "
+                f"{args.vocab_size:,} asked: the text has no more pairs to merge (every pre-tokenized "
+                "chunk is one token already)",
+                file=sys.stderr,
+            )
         tokenizer.save(args.out)
         payload = {
             "path": args.out,
@@ -120,17 +144,20 @@ class Encode(Command):
         flags.tokenizer(q, required=True)
         q.add_argument("--text", help="the text to encode (default: --text-file, else stdin)")
         flags.text_file(q, "encode it", old=("--file",))
+        flags.errors(q)
         q.add_argument(
             "--allow-special", action="store_true", help="encode special-token spellings as special ids"
         )
         flags.output(q, progress=False)
 
     def run(self, args):
+        from scratchlm.data import read_text_file
+
         tokenizer = load_tokenizer(args.tokenizer)
         if args.text is not None:
             text = args.text
         else:
-            text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else sys.stdin.read()
+            text = read_text_file(args.text_file, args.errors) if args.text_file else sys.stdin.read()
         ids = tokenizer.encode(text, allowed_special="all" if args.allow_special else frozenset())
         if args.json:
             emit(args, {"ids": ids, "tokens": len(ids), "bytes": len(text.encode("utf-8"))}, "")
@@ -178,10 +205,16 @@ class Compare(Command):
     def run(self, args):
         from scratchlm.tokenizers.compare import compare_tokenizers, format_table, plot_comparison
 
-        sizes = [int(v) for v in args.vocab_sizes.split(",")]
+        try:
+            sizes = [flags.positive_int(v) for v in args.vocab_sizes.split(",")]
+        except argparse.ArgumentTypeError:
+            raise ValueError(
+                f"--vocab-sizes {args.vocab_sizes!r}: expected integers >= 1 separated by commas"
+            ) from None
+        check_writable(args.plot, "--plot")
         rows = compare_tokenizers(
             _texts(args, "train"),
-            _texts(args, "val"),
+            _texts(args, "val", "measure the tokenizers on"),
             bpe_vocab_sizes=sizes,
             pattern=args.pattern,
             d_model=args.d_model,

@@ -9,6 +9,7 @@
 """
 
 from scratchlm.data.loader import BatchLoader
+from scratchlm.data.normalize import read_text_file
 from scratchlm.data.prepare import Dataset, LeakageError, check_leakage, prepare_dataset
 from scratchlm.data.shards import (
     ShardError,
@@ -30,6 +31,7 @@ __all__ = [
     "prepare_dataset",
     "read_shard_header",
     "read_source",
+    "read_text_file",
     "tokenize_dataset",
     "verify_shards",
     "write_shard",

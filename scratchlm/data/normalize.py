@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import regex
 
@@ -49,6 +50,12 @@ def decode_utf8(data: bytes, name: str, errors: str = "strict") -> tuple[str, in
     if text.startswith(BOM):
         text, bom = text[1:], 1
     return text, bom, replaced
+
+
+def read_text_file(path: str | Path, errors: str = "strict") -> str:
+    """A UTF-8 text file's text (a leading BOM dropped); invalid UTF-8 fails naming the file and the
+    byte offset of the first bad byte, or with ``errors="replace"`` becomes U+FFFD."""
+    return decode_utf8(Path(path).read_bytes(), str(path), errors)[0]
 
 
 @dataclass

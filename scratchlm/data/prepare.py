@@ -72,11 +72,12 @@ def split_documents(
     texts: list[str], fractions: tuple[float, float, float], seed: int
 ) -> dict[str, list[str]]:
     """Deal documents into train/val/test; copies of one document always share a split."""
-    if len(texts) == 1:
+    if len(texts) == 1:  # one document: cut by characters; a split given no characters has no document
         text = texts[0]
         n1 = int(len(text) * fractions[0])
         n2 = int(len(text) * (fractions[0] + fractions[1]))
-        return {"train": [text[:n1]], "val": [text[n1:n2]], "test": [text[n2:]]}
+        pieces = {"train": text[:n1], "val": text[n1:n2], "test": text[n2:]}
+        return {split: [piece] if piece else [] for split, piece in pieces.items()}
     groups: dict[str, list[str]] = {}
     for text in texts:
         groups.setdefault(doc_hash(text), []).append(text)

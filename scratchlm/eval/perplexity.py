@@ -24,8 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scratchlm.config import Rule
 from scratchlm.data.shards import open_shard, verify_shards
 from scratchlm.models.loss import token_nll
+from scratchlm.tokenizers.base import check_model_tokenizer
+
+BATCH_SIZE = Rule(type=int, min=1, why="windows per forward pass")
 
 
 def _token_classes(tokenizer) -> dict[str, np.ndarray]:
@@ -55,6 +59,7 @@ def _token_classes(tokenizer) -> dict[str, np.ndarray]:
 def evaluate_ids(model, ids: np.ndarray, tokenizer, *, batch_size: int = 32, progress: bool = False) -> dict:
     from tqdm.auto import tqdm
 
+    BATCH_SIZE.require(batch_size, "batch_size")
     device = next(model.parameters()).device
     T = model.config.block_size
     n_windows = (len(ids) - 1) // T
@@ -124,6 +129,7 @@ def evaluate_checkpoint(
     from scratchlm.models.checkpoint import load_model_from_checkpoint
     from scratchlm.tokenizers import load_tokenizer
 
+    BATCH_SIZE.require(batch_size, "batch_size")
     model, state = load_model_from_checkpoint(checkpoint, pick_device(device))
     if data is None and not state.get("train"):
         raise ValueError(
@@ -131,11 +137,14 @@ def evaluate_checkpoint(
         )
     data = Path(data or state["train"]["data"])
     tokenizer = load_tokenizer(data / "tokenizer.json")
-    if state["tokenizer_fingerprint"] and tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise ValueError(
-            f"{data} was tokenized with {tokenizer.fingerprint[:16]}, but {checkpoint} was trained "
-            f"with {state['tokenizer_fingerprint'][:16]}: evaluate on data made with the model's tokenizer"
-        )
+    check_model_tokenizer(
+        tokenizer,
+        rows=state["model"]["vocab_size"],
+        fingerprint=state["tokenizer_fingerprint"],
+        model=str(checkpoint),
+        source=f"the tokenizer of {data}",
+        fix="evaluate on shards made with the model's tokenizer (scratchlm data tokenize --tokenizer ...)",
+    )
     report = {"checkpoint": str(checkpoint), "data": str(data), "step": state["step"], "splits": {}}
     # A complete shards set (shards.json written last) whose files are as they were written.
     verify_shards(data, tokenizer, splits={part for split in splits for part in split.split("+")})

@@ -116,6 +116,12 @@ def generate(
     return torch.stack(steps, dim=1).tolist()
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A text prompt's ids (special-token spellings included); an empty prompt starts a document:
+    the end-of-text token (id 0 for a tokenizer without one)."""
+    return tokenizer.encode(prompt, allowed_special="all") if prompt else [tokenizer.eot_token or 0]
+
+
 def generate_text(
     model,
     tokenizer,
@@ -135,7 +141,7 @@ def generate_text(
     joined, is exactly the returned text (see :class:`TextStream`). ``stats`` records the time of
     each token (TTFT, ITL, TPOT: see :mod:`scratchlm.generate.stats`).
     """
-    ids = tokenizer.encode(prompt, allowed_special="all") if prompt else [tokenizer.eot_token or 0]
+    ids = prompt_ids(tokenizer, prompt)
     stop_ids = [tokenizer.eot_token] if tokenizer.eot_token is not None else []
     text = TextStream(tokenizer, stop)
     if stats is not None:

@@ -15,30 +15,54 @@ top-k, top-p, min-p.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from scratchlm.config import Rule
+
+# What each sampling value allows: the one check of `scratchlm sample`, `scratchlm generate` and the
+# engine's SamplingParams (each names the values its own way: --max-new-tokens, max_tokens).
+SAMPLING_RULES = {
+    "max_new_tokens": Rule(type=int, min=1),
+    "num_samples": Rule(type=int, min=1),
+    "beam_width": Rule(type=int, min=1),
+    "temperature": Rule(type=float, min=0, why="0 = greedy"),
+    "top_k": Rule(type=int, min=0, why="0 = off"),
+    "top_p": Rule(type=float, above=0, max=1),
+    "min_p": Rule(type=float, min=0, max=1),
+    "repetition_penalty": Rule(type=float, above=0, why="1 = off"),
+    "length_penalty": Rule(type=float, expected="a finite number"),
+}
+
+
+def check_sampling(values: Mapping[str, object], names: Mapping[str, str] | None = None) -> None:
+    """Raise ``ValueError("<name> must be ..., got ...")`` for the first value of ``values`` (keys of
+    :data:`SAMPLING_RULES`) that its rule refuses; a caller leaves out what is not set (top_k=None).
+    ``names`` spells a key the caller's way in the message (``{"max_new_tokens": "--max-new-tokens"}``)."""
+    for key, value in values.items():
+        SAMPLING_RULES[key].require(value, (names or {}).get(key, key))
 
 
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None
+    top_k: int | None = None  # None (or 0) = off
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        optional = {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}  # None = off
+        check_sampling(
+            {
+                "temperature": self.temperature,
+                "repetition_penalty": self.repetition_penalty,
+                **{k: v for k, v in optional.items() if v is not None},
+            }
+        )
+        self.top_k = self.top_k or None
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -3,10 +3,12 @@
 Each input line is one request: ``{"prompt": "...", "max_tokens": 64, "temperature": 0, ...}`` with
 the sampling fields named as in the OpenAI completions API (see
 :class:`~scratchlm.serve.params.SamplingParams`); ``"prompt"`` may also be a list of token ids, and
-an optional ``"id"`` is copied to the output. Each output line, in input order, carries ``text``,
-``finish_reason`` and token counts; a line that cannot be served (bad JSON, an unknown field, a
-prompt longer than the context...) gets an ``error`` field instead, and the others still run.
-The output file is written atomically once every request has finished.
+an optional ``"id"`` is copied to the output; fields a line leaves out take the batch's
+``defaults`` (the command line's --max-new-tokens and --temperature). Each input line gives one
+output line, in input order: line ``n`` of the input is ``"index": n - 1`` of the output. It carries
+``text``, ``finish_reason`` and token counts; a line that cannot be served (a blank line, bad JSON or
+UTF-8, an unknown field, a prompt that fills the model's context...) gets an ``error`` field instead,
+and the others still run. The output file is written atomically once every request has finished.
 """
 
 from __future__ import annotations
@@ -20,35 +22,47 @@ from scratchlm.serve.engine import LLMEngine
 from scratchlm.serve.params import SamplingParams
 
 
-def read_requests(path: str | Path) -> list[dict]:
-    """One dict per non-blank line: ``{"line", "id", "prompt", "params"}`` or ``{"line", "error"}``."""
+def read_requests(path: str | Path, defaults: dict | None = None) -> list[dict]:
+    """One dict per line: ``{"line", "id", "prompt", "params"}`` or ``{"line", "error"}``."""
     requests = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            item: dict = {"line": number}
+    with open(path, "rb") as f:
+        data = f.read()
+    offset = 0
+    for number, raw in enumerate(data.splitlines(keepends=True), 1):
+        item: dict = {"line": number}
+        try:
             try:
-                fields = json.loads(line)
-                if not isinstance(fields, dict) or "prompt" not in fields:
-                    raise ValueError('each line must be a JSON object with a "prompt"')
-                fields = dict(fields)
-                item["id"] = fields.pop("id", None)
-                item["prompt"] = fields.pop("prompt")
-                if not isinstance(item["prompt"], (str, list)):
-                    raise ValueError('"prompt" must be a string or a list of token ids')
-                item["params"] = SamplingParams.from_dict(fields)
-            except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                item["error"] = f"line {number}: {e}"
-            requests.append(item)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"invalid UTF-8 at byte offset {offset + e.start} of {path}") from None
+            if not line.strip():
+                raise ValueError('blank line: each line is one request, a JSON object with a "prompt"')
+            fields = json.loads(line)
+            if not isinstance(fields, dict) or "prompt" not in fields:
+                raise ValueError('each line must be a JSON object with a "prompt"')
+            fields = {**(defaults or {}), **fields}
+            item["id"] = fields.pop("id", None)
+            item["prompt"] = fields.pop("prompt")
+            if not isinstance(item["prompt"], (str, list)):
+                raise ValueError('"prompt" must be a string or a list of token ids')
+            item["params"] = SamplingParams.from_dict(fields)
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            item["error"] = f"line {number}: {e}"
+        requests.append(item)
+        offset += len(raw)
     return requests
 
 
 def run_batch(
-    engine: LLMEngine, input_path: str | Path, output_path: str | Path, *, progress: bool = True
+    engine: LLMEngine,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    defaults: dict | None = None,
+    progress: bool = True,
 ) -> dict:
     """Serve every request of ``input_path``; write ``output_path``; return a summary."""
-    requests = read_requests(input_path)
+    requests = read_requests(input_path, defaults)
     ids: dict[str, int] = {}
     for i, item in enumerate(requests):
         if "error" in item:

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import torch
 
+from scratchlm.config import Rule
 from scratchlm.generate.generate import TextStream
-from scratchlm.models.checkpoint import load_checkpoint_tokenizer
+from scratchlm.generate.tokenizer import checkpoint_tokenizer
 from scratchlm.serve.block_manager import BlockManager
 from scratchlm.serve.params import SamplingParams
 from scratchlm.serve.runner import ModelRunner
 from scratchlm.serve.scheduler import Scheduler
 from scratchlm.serve.sequence import Sequence, Status
+from scratchlm.tokenizers.base import check_model_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,6 +63,20 @@ class EngineConfig:
     weight_format: str = "auto"  # auto | dense | onednn (scratchlm.serve.weights)
     check_invariants: bool = False  # tests: check the block manager after every step
 
+    def __post_init__(self):
+        for name, rule in _CONFIG_RULES.items():
+            if not (name == "num_blocks" and self.num_blocks is None):
+                rule.require(getattr(self, name), name)
+
+
+_CONFIG_RULES = {
+    "block_size": Rule(type=int, min=1, why="tokens per KV block"),
+    "num_blocks": Rule(type=int, min=1, why="or None: from kv_cache_gb"),
+    "kv_cache_gb": Rule(type=float, above=0),
+    "max_num_seqs": Rule(type=int, min=1),
+    "max_num_batched_tokens": Rule(type=int, min=1),
+}
+
 
 class LLMEngine:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, **overrides):
@@ -73,10 +89,14 @@ class LLMEngine:
             running = min(config.max_num_seqs, config.max_num_batched_tokens)  # the scheduler's cap
             wanted = running * math.ceil(c.block_size / config.block_size)
             num_blocks = max(1, min(wanted, int(config.kv_cache_gb * 2**30 // per_block)))
-        if tokenizer is not None and tokenizer.vocab_size > c.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} ids but the model only {c.vocab_size}: "
-                "it is not this model's tokenizer"
+        if tokenizer is not None:
+            check_model_tokenizer(
+                tokenizer,
+                rows=c.vocab_size,
+                fingerprint=None,
+                model="the model",
+                source="the tokenizer",
+                fix="give the engine the model's own",
             )
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.context = c.block_size
@@ -113,24 +133,26 @@ class LLMEngine:
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        config = EngineConfig(**engine_options)  # bad options are refused before the weights load
         model, state = load_model_from_checkpoint(path, pick_device(device))
-        model = model.to(DTYPES[dtype])
-        if tokenizer is None or isinstance(tokenizer, (str, Path)):
-            tokenizer = load_checkpoint_tokenizer(path, state, tokenizer)
-        return cls(model, tokenizer, **engine_options)
+        tokenizer = checkpoint_tokenizer(path, state, tokenizer)
+        return cls(model.to(DTYPES[dtype]), tokenizer, config)
 
     # --- requests ---------------------------------------------------------------------------
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
-        """Queue one request; return its id. A bad request raises ``ValueError`` and changes nothing."""
+        """Queue one request; return its id. A bad request raises ``ValueError`` and changes nothing.
+
+        As in vLLM, the model's context bounds prompt and output together: a prompt that fills the
+        context is refused, and otherwise generation stops at the context with finish_reason
+        ``"length"`` (``max_tokens`` is a cap, not a promise)."""
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
-        if len(ids) + params.max_tokens > self.context:
+        if len(ids) >= self.context:
             raise ValueError(
-                f"this model's context is {self.context} tokens; the request asks for {len(ids)} prompt + "
-                f"{params.max_tokens} max_tokens = {len(ids) + params.max_tokens}: shorten the prompt or "
-                "lower max_tokens"
+                f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens (prompt and "
+                f"output together): shorten the prompt to at most {self.context - 1} tokens"
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: give the engine one, or use stop_token_ids")
@@ -141,7 +163,7 @@ class LLMEngine:
             )
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(ids, params, request_id)
+        seq = Sequence(ids, params, request_id, max_output=min(params.max_tokens, self.context - len(ids)))
         if self.tokenizer is not None:
             seq.text_stream = TextStream(self.tokenizer, params.stop)
         self.scheduler.add(seq)  # raises if it could never fit in the cache
@@ -242,8 +264,8 @@ class LLMEngine:
             delta = stream.push(token)
             if stream.stopped:
                 reason = "stop"
-        if reason is None and len(seq.output_ids) >= params.max_tokens:
-            reason = "length"
+        if reason is None and len(seq.output_ids) >= seq.max_output:
+            reason = "length"  # max_tokens, or the end of the model's context
         if reason and stream is not None:
             delta += stream.finish()
         return reason, delta

@@ -1,7 +1,10 @@
 """What a request asks for: :class:`SamplingParams`, named as in the OpenAI completions API.
 
 Every field is checked when the object is made, so a bad request fails alone, with a message that
-says what was expected, before it reaches the engine (the engine keeps serving everyone else).
+says what was expected, before it reaches the engine (the engine keeps serving everyone else). The
+sampling values go through :func:`~scratchlm.generate.sampling.check_sampling`, the one check that
+``scratchlm sample`` and ``scratchlm generate`` use too. The defaults are the OpenAI completions API's
+(16 tokens at temperature 1, as vLLM's); the command line's are ``scratchlm.cli.flags``'.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from scratchlm.config import Rule
-from scratchlm.generate.sampling import SamplingConfig
+from scratchlm.generate.sampling import SamplingConfig, check_sampling
 
 
 @dataclass
@@ -33,8 +36,17 @@ class SamplingParams:
         _RULES["stop_token_ids"].require(self.stop_token_ids, "stop_token_ids")
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            _RULES[name].require(getattr(self, name), name)
+        check_sampling(
+            {
+                "max_new_tokens": self.max_tokens,
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "top_k": self.top_k,
+                "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty,
+            },
+            names={"max_new_tokens": "max_tokens"},
+        )
         _RULES["stop strings"].require(self.stop, "stop")
         _RULES["stop ids"].require(self.stop_token_ids, "stop_token_ids")
         for name in ("seed", "logprobs"):
@@ -76,16 +88,10 @@ def _integer(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-# What each field allows (scratchlm.config.Rule: the one validation helper); checked in this order.
+# What the other fields allow (scratchlm.config.Rule: the one validation helper).
 _RULES = {
     "stop": Rule(type=(list, tuple), expected="a string or a list of strings"),
     "stop_token_ids": Rule(type=(list, tuple), expected="a list of token ids"),
-    "max_tokens": Rule(type=int, min=1),
-    "temperature": Rule(type=float, min=0, why="0 = greedy"),
-    "top_p": Rule(type=float, above=0, max=1),
-    "top_k": Rule(type=int, min=0, why="0 = off"),
-    "min_p": Rule(type=float, min=0, max=1),
-    "repetition_penalty": Rule(type=float, above=0, why="1 = off"),
     "stop strings": Rule(
         test=lambda v: all(isinstance(s, str) and s for s in v), expected="a list of non-empty strings"
     ),

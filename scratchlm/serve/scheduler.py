@@ -79,11 +79,11 @@ class Scheduler:
         )  # blocks admission leaves to running sequences
 
     def add(self, seq: Sequence) -> None:
-        need = self.blocks.blocks_for(seq.num_prompt + seq.params.max_tokens)
+        need = self.blocks.blocks_for(seq.num_prompt + seq.max_output)
         if need > self.blocks.num_blocks:
             raise ValueError(
                 f"this request needs up to {need} KV blocks ({seq.num_prompt} prompt + "
-                f"{seq.params.max_tokens} max_tokens) but the cache has {self.blocks.num_blocks}: "
+                f"{seq.max_output} output tokens) but the cache has {self.blocks.num_blocks}: "
                 "lower max_tokens or give the engine more KV cache memory"
             )
         self.waiting.append(seq)

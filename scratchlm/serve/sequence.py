@@ -58,13 +58,21 @@ _ids = itertools.count()
 
 
 class Sequence:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        max_output: int | None = None,
+    ):
         self.seq_id = next(_ids)
         # An id the caller did not choose is random, so it never equals one a caller did choose.
         self.request_id = request_id if request_id is not None else uuid.uuid4().hex
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
+        # Output tokens at most: max_tokens, or fewer where the model's context ends first.
+        self.max_output = params.max_tokens if max_output is None else max_output
         self.status = Status.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.block_table: list[int] = []

@@ -192,3 +192,29 @@ def _special_regex(tokens: tuple[str, ...]) -> regex.Pattern:
 
 def default_special_tokens(first_id: int, names: Iterable[str]) -> dict[str, int]:
     return {name: first_id + i for i, name in enumerate(dict.fromkeys(names))}
+
+
+def check_model_tokenizer(
+    tokenizer: Tokenizer, *, rows: int, fingerprint: str | None, model: str, source: str, fix: str
+) -> None:
+    """Refuse a tokenizer that is not the model's, before any work (sampling with another vocabulary
+    gives garbage, or an index error halfway through).
+
+    ``rows``: the model's embedding rows; ``fingerprint``: the tokenizer the model was trained with,
+    as its checkpoint records it (``None`` for an imported model); ``model`` and ``source`` name the
+    two in the message, and ``fix`` says what to do instead. A recorded fingerprint decides: equal
+    fingerprints mean identical ids. Without one, the tokenizer may not have more ids than the model
+    has rows; fewer is allowed only then (an imported table padded past its tokenizer, as GPT-2's
+    50,257 ids are often padded to 50,304 rows).
+    """
+    if fingerprint is not None and tokenizer.fingerprint != fingerprint:
+        raise ValueError(
+            f"{source} ({tokenizer.kind}, {tokenizer.vocab_size} ids, fingerprint {tokenizer.fingerprint[:12]}) "
+            f"is not the tokenizer {model} was trained with ({rows} embedding rows, fingerprint "
+            f"{fingerprint[:12]}): {fix}"
+        )
+    if tokenizer.vocab_size > rows:
+        raise ValueError(
+            f"{source} ({tokenizer.kind}) has {tokenizer.vocab_size} ids but {model} has only {rows} "
+            f"embedding rows: it is not this model's tokenizer; {fix}"
+        )

@@ -123,3 +123,31 @@ def test_old_spellings_still_work_and_warn(tmp_path, capsys):
         assert f"{old} is deprecated; use {new}" in err
     help_text = command_parsers()["generate"].format_help()
     assert "--block-size" not in help_text.replace("--kv-block-size", "") and "--output" not in help_text
+
+
+@pytest.mark.parametrize("name", sorted(command_parsers()))
+def test_help_shows_every_default_and_no_none(name):
+    """One formatter for every command: a flag with a default says it in --help; a flag without one
+    prints no "(default: None)" noise (its help may say in words what leaving it out means)."""
+    parser = command_parsers()[name]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        text = formatter._expand_help(action) if action.help else formatter._get_help_string(action)
+        if action.default not in (None, False, [], argparse.SUPPRESS) and not action.required:
+            assert "default" in text, (name, action.option_strings, text)
+    assert "None" not in parser.format_help(), name
+
+
+def test_sample_and_generate_share_their_defaults():
+    parsers = command_parsers()
+    for name in ("sample", "generate"):
+        args = parsers[name].parse_args(
+            ["--checkpoint", "c", "--prompts", "p", "--out", "o"][: 2 if name == "sample" else 6]
+        )
+        assert (
+            (args.max_new_tokens, args.temperature) == (flags.MAX_NEW_TOKENS, flags.TEMPERATURE) == (300, 0.8)
+        )
+        help_text = " ".join(parsers[name].format_help().split())
+        assert "(default 300)" in help_text and "(default 0.8)" in help_text

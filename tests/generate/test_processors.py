@@ -20,22 +20,30 @@ INF = float("inf")
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(temperature=0), dict(top_k=1), dict(top_p=1.0), dict(min_p=0.0), dict(min_p=1.0)]
+    "kw",
+    [dict(temperature=0), dict(top_k=0), dict(top_k=1), dict(top_p=1.0), dict(min_p=0.0), dict(min_p=1.0)],
 )
 def test_the_edges_of_each_range_are_accepted(kw):
     SamplingConfig(**kw)
 
 
+def test_top_k_of_0_is_off():
+    assert SamplingConfig(top_k=0).top_k is None
+
+
 @pytest.mark.parametrize(
     "kw,message",
     [
-        (dict(temperature=-0.1), "temperature must be >= 0, got -0.1"),
-        (dict(top_k=0), "top_k must be >= 1, got 0"),
-        (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
-        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
-        (dict(min_p=-0.1), r"min_p must be in \[0, 1\], got -0.1"),
-        (dict(min_p=1.5), r"min_p must be in \[0, 1\], got 1.5"),
-        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0, got 0.0"),
+        (dict(temperature=-0.1), r"temperature must be a number >= 0 \(0 = greedy\), got -0.1"),
+        (dict(temperature=float("nan")), r"temperature must be a number >= 0 \(0 = greedy\), got nan"),
+        (dict(temperature=float("inf")), r"temperature must be a number >= 0 \(0 = greedy\), got inf"),
+        (dict(top_k=-1), r"top_k must be an integer >= 0 \(0 = off\), got -1"),
+        (dict(top_k=2.5), r"top_k must be an integer >= 0 \(0 = off\), got 2.5"),
+        (dict(top_p=0.0), "top_p must be a number > 0 and <= 1, got 0.0"),
+        (dict(top_p=1.5), "top_p must be a number > 0 and <= 1, got 1.5"),
+        (dict(min_p=-0.1), "min_p must be a number >= 0 and <= 1, got -0.1"),
+        (dict(min_p=1.5), "min_p must be a number >= 0 and <= 1, got 1.5"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be a number > 0 \(1 = off\), got 0.0"),
     ],
 )
 def test_settings_outside_their_range_are_refused_by_name(kw, message):

@@ -283,6 +283,23 @@ def test_repetition_penalty_and_min_p_match_the_one_request_path():
     assert got == generate(model, p, 12, SamplingConfig(temperature=1.0, min_p=0.2), seed=7)[0]
 
 
+def test_generation_stops_at_the_context_with_length():
+    """As in vLLM: max_tokens is a cap; a request stops where prompt + output fill the context, with
+    the tokens the one-request path gives (which never needs its window to slide there)."""
+    model = tiny(block=24)
+    engine = LLMEngine(model, block_size=4, check_invariants=True)
+    p = prompts(1, 10, 11)[0]
+    engine.add_request(p, SamplingParams(max_tokens=500, temperature=0), "long")
+    engine.add_request(list(range(23)), SamplingParams(max_tokens=5, temperature=0), "one")
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["long"].finish_reason == "length" and len(p) + len(outs["long"].token_ids) == 24
+    assert outs["long"].token_ids == oracle(model, p, 24 - len(p))
+    assert outs["one"].finish_reason == "length" and len(outs["one"].token_ids) == 1
+    drained(engine)
+
+
 def test_stop_token_ids_and_max_tokens():
     model = tiny()
     p = prompts(1, 10, 11)[0]
@@ -367,8 +384,8 @@ def test_bfloat16_greedy_matches_float32_on_a_trained_model(char_model):
     "prompt,fields,message",
     [
         ([], {}, "prompt is empty"),
-        (list(range(90)), {"max_tokens": 10}, "context is 96 tokens"),
-        ([1, 2], {"max_tokens": 200}, "context is 96 tokens"),
+        (list(range(96)), {}, "the prompt is 96 tokens; this model's context is 96 tokens"),
+        (list(range(96)) + [1], {}, "shorten the prompt to at most 95 tokens"),
         ([1, 500], {}, "outside the vocabulary"),
         ([1, 2], {"temperature": -1}, "temperature must be"),
         ([1, 2], {"top_p": 0}, "top_p must be"),
@@ -507,8 +524,7 @@ def test_an_infinite_logit_fails_its_own_row_not_its_sampling_group():
 def test_only_the_tokenizers_ids_are_sampled_from_a_padded_vocabulary(char_model):
     """A model's vocabulary may be padded past its tokenizer's (GPT-2: 50257 -> 50304); those ids
     mean nothing and cannot be decoded, so they are never sampled."""
-    from scratchlm.models.checkpoint import load_model_from_checkpoint
-    from scratchlm.serve.engine import load_checkpoint_tokenizer
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
 
     model, state = load_model_from_checkpoint(char_model, "cpu")
     tok = load_checkpoint_tokenizer(char_model, state)
@@ -550,6 +566,21 @@ def test_a_request_larger_than_the_whole_cache_is_refused():
     while engine.has_unfinished():
         engine.step()
     drained(engine)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"block_size": 0}, r"block_size must be an integer >= 1 \(tokens per KV block\), got 0"),
+        ({"num_blocks": 0}, "num_blocks must be an integer >= 1"),
+        ({"kv_cache_gb": -1.0}, "kv_cache_gb must be a number > 0"),
+        ({"max_num_seqs": 0}, "max_num_seqs must be an integer >= 1"),
+        ({"max_num_batched_tokens": -3}, "max_num_batched_tokens must be an integer >= 1"),
+    ],
+)
+def test_engine_options_are_checked_when_made(options, message):
+    with pytest.raises(ValueError, match=message):
+        LLMEngine(tiny(), **options)
 
 
 # --- random workloads against the oracle -------------------------------------------------------------
@@ -815,7 +846,7 @@ def test_cli_generate_writes_outputs_in_order_with_errors_per_line_and_never_imp
     lines = [
         {"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0},
         {"prompt": "JULIET:", "max_tokens": 20, "temperature": 0.8, "seed": 3, "stop": ["\n\n"]},
-        {"prompt": "KING:", "max_tokens": 5000},  # beyond the context: an error for this line only
+        {"prompt": "KING:", "max_tokens": 5000},  # beyond the context: stops there, "length"
         {"prompt": "QUEEN:", "max_tokens": 8, "temperatur": 0.5},  # a typo is an error, not ignored
         {"prompt": "ROMEO:", "max_tokens": 20, "temperature": 0, "id": "again"},
     ]
@@ -831,10 +862,12 @@ def test_cli_generate_writes_outputs_in_order_with_errors_per_line_and_never_imp
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "3 of 6 requests failed" in done.stderr
+    assert "2 of 6 requests failed" in done.stderr
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in results] == list(range(6))
-    assert "context is 128 tokens" in results[2]["error"] and "unknown sampling field" in results[3]["error"]
+    assert results[2]["finish_reason"] == "length" and "error" not in results[2]
+    assert results[2]["prompt_tokens"] + results[2]["completion_tokens"] == 128  # the model's context
+    assert "unknown sampling field" in results[3]["error"]
     assert "line 6" in results[5]["error"]
     assert results[4]["id"] == "again" and results[4]["text"] == results[0]["text"]
     assert results[0]["completion_tokens"] == 20 and results[0]["finish_reason"] == "length"

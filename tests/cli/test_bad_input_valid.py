@@ -1,0 +1,344 @@
+"""Bad input to the inference, eval, data and tokenizer commands: each row of the issue's table runs
+the real command (``scratchlm.cli.main``, or a subprocess where it needs a read-only mount) and
+asserts the exit status and the message, and that no work was done before the refusal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scratchlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, char_shards):
+    """A checkpoint with a 64-token context and a character tokenizer it records by fingerprint, the
+    shards it was "trained" on, other tokenizers, and small input files."""
+    import torch
+
+    from scratchlm.models.checkpoint import save_model_only
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
+    from scratchlm.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
+
+    root = tmp_path_factory.mktemp("bad_input")
+    tokenizer = load_tokenizer(Path(char_shards) / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(
+            vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, d_model=32, block_size=64, position="rope"
+        )
+    )
+    save_model_only(root / "ckpt", model, tokenizer)
+    ByteTokenizer.train(["x"]).save(root / "byte.json")
+    CharTokenizer.train(["abc"], ["<|endoftext|>"]).save(root / "small.json")
+    (root / "prompts.jsonl").write_text(
+        '{"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0}\n'
+        "\n"
+        '{"prompt": "JULIET:", "max_tokens": 4, "temperature": 0}\n'
+    )
+    (root / "good.jsonl").write_text('{"prompt": "ROMEO:", "max_tokens": 4}\n')
+    (root / "long.jsonl").write_text(json.dumps({"prompt": "ROMEO: " * 20, "max_tokens": 4}) + "\n")
+    (root / "small.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
+    (root / "empty.txt").write_text("")
+    (root / "bad.txt").write_bytes(b"hello \xff world")
+    (root / "a_file").write_text("not a folder")
+    return root
+
+
+def _can_mount_read_only() -> bool:
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o ro tmpfs /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def read_only(folder: Path, *argv: str) -> list[str]:
+    """``scratchlm argv`` in a process that sees ``folder`` as an empty read-only tmpfs (root
+    ignores folder permissions, never a read-only mount)."""
+    folder.mkdir(exist_ok=True)
+    mount = 'mount -t tmpfs -o ro,size=1m tmpfs "$0" && exec "$@"'
+    unshare = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(folder)]
+    return [*unshare, sys.executable, "-m", "scratchlm", *argv]
+
+
+def sample(w, *extra):
+    return ["sample", "--checkpoint", str(w / "ckpt"), "--prompt", "ROMEO:", "--max-new-tokens", "5", *extra]
+
+
+def generate(w, *extra, prompts="good.jsonl", out="out.jsonl"):
+    return [
+        "generate",
+        "--checkpoint",
+        str(w / "ckpt"),
+        "--prompts",
+        str(w / prompts),
+        "--out",
+        str(w / out),
+        *extra,
+    ]
+
+
+def compare(w, plot):
+    return [
+        "tokenizer",
+        "compare",
+        "--text-file",
+        str(w / "small.txt"),
+        "--vocab-sizes",
+        "300",
+        "--plot",
+        plot,
+    ]
+
+
+# id -> (argv, exit status, a regex the output (stderr, then stdout) must contain)
+CASES = {
+    "eval --batch-size -3": (
+        lambda w: ["eval", "--checkpoint", str(w / "ckpt"), "--shards", "{shards}", "--batch-size", "-3"],
+        2,
+        r"argument --batch-size: must be an integer >= 1, got '-3'",
+    ),
+    "eval --batch-size 0": (
+        lambda w: ["eval", "--checkpoint", str(w / "ckpt"), "--shards", "{shards}", "--batch-size", "0"],
+        2,
+        r"argument --batch-size: must be an integer >= 1, got '0'",
+    ),
+    "sample --max-new-tokens 0": (
+        lambda w: sample(w, "--max-new-tokens", "0"),
+        2,
+        r"^scratchlm: error: --max-new-tokens must be an integer >= 1, got 0$",
+    ),
+    "sample --max-new-tokens -5": (
+        lambda w: sample(w, "--max-new-tokens", "-5"),
+        2,
+        r"^scratchlm: error: --max-new-tokens must be an integer >= 1, got -5$",
+    ),
+    "sample --num-samples 0": (
+        lambda w: sample(w, "--num-samples", "0"),
+        2,
+        r"^scratchlm: error: --num-samples must be an integer >= 1, got 0$",
+    ),
+    "sample --beam 0": (
+        lambda w: sample(w, "--beam", "0"),
+        2,
+        r"^scratchlm: error: --beam must be an integer >= 1, got 0$",
+    ),
+    "sample --beam -2": (
+        lambda w: sample(w, "--beam", "-2"),
+        2,
+        r"^scratchlm: error: --beam must be an integer >= 1, got -2$",
+    ),
+    "sample --temperature nan": (
+        lambda w: sample(w, "--temperature", "nan"),
+        2,
+        r"^scratchlm: error: --temperature must be a number >= 0 \(0 = greedy\), got nan$",
+    ),
+    "sample --temperature inf": (
+        lambda w: sample(w, "--temperature", "inf"),
+        2,
+        r"^scratchlm: error: --temperature must be a number >= 0 \(0 = greedy\), got inf$",
+    ),
+    "generate --block-size 0": (
+        lambda w: generate(w, "--block-size", "0"),
+        2,
+        r"argument --kv-block-size/--block-size: must be an integer >= 1, got '0'",
+    ),
+    "generate --kv-block-size 0": (
+        lambda w: generate(w, "--kv-block-size", "0"),
+        2,
+        r"argument --kv-block-size/--block-size: must be an integer >= 1, got '0'",
+    ),
+    "sample --tokenizer of another vocabulary: byte": (
+        lambda w: sample(w, "--tokenizer", str(w / "byte.json")),
+        2,
+        r"byte.json \(byte, 256 ids, fingerprint \w+\) is not the tokenizer .*ckpt was trained with "
+        r"\(65 embedding rows, fingerprint \w+\): leave the tokenizer out",
+    ),
+    "sample --tokenizer of another vocabulary: smaller char": (
+        lambda w: sample(w, "--tokenizer", str(w / "small.json")),
+        2,
+        r"small.json \(char, 4 ids, .*\) is not the tokenizer .*ckpt was trained with",
+    ),
+    "sample --tokenizer of another vocabulary: gpt2": (
+        lambda w: sample(w, "--tokenizer", "gpt2"),
+        2,
+        r"gpt2 \(bpe, 50257 ids, .*\) is not the tokenizer .*ckpt was trained with",
+    ),
+    "generate --tokenizer of another vocabulary: byte": (
+        lambda w: generate(w, "--tokenizer", str(w / "byte.json")),
+        2,
+        r"byte.json \(byte, 256 ids, .*\) is not the tokenizer .*ckpt was trained with",
+    ),
+    "generate --tokenizer of another vocabulary: smaller char": (
+        lambda w: generate(w, "--tokenizer", str(w / "small.json")),
+        2,
+        r"small.json \(char, 4 ids, .*\) is not the tokenizer .*ckpt was trained with",
+    ),
+    "generate --tokenizer of another vocabulary: gpt2": (
+        lambda w: generate(w, "--tokenizer", "gpt2"),
+        2,
+        r"gpt2 \(bpe, 50257 ids, .*\) is not the tokenizer .*ckpt was trained with",
+    ),
+    "generate into a read-only folder": (
+        lambda w: read_only(w / "ro", *generate(w, out="ro/out.jsonl")),
+        2,
+        r"^scratchlm: error: --out .*ro/out.jsonl: cannot write in .*ro \(Read-only file system\); "
+        r"choose another --out$",
+    ),
+    "generate into a file's path (no folder there)": (
+        lambda w: generate(w, out="a_file/out.jsonl"),
+        2,
+        r"^scratchlm: error: --out .*a_file/out.jsonl: .*a_file is a file, not a folder; choose another --out$",
+    ),
+    "tokenizer compare into a read-only folder": (
+        lambda w: read_only(w / "ro", *compare(w, str(w / "ro" / "compare.png"))),
+        2,
+        r"^scratchlm: error: --plot .*ro/compare.png: cannot write in .*ro \(Read-only file system\)",
+    ),
+    "tokenizer compare into a file's path": (
+        lambda w: compare(w, str(w / "a_file" / "compare.png")),
+        2,
+        r"^scratchlm: error: --plot .*a_file/compare.png: .*a_file is a file, not a folder",
+    ),
+    "generate input with a blank line": (
+        lambda w: generate(w, "--json", prompts="prompts.jsonl", out="blank.jsonl"),
+        2,
+        r"^scratchlm: error: 1 of 3 requests failed",
+    ),
+    "generate with a prompt that fills the context": (
+        lambda w: generate(w, "--json", prompts="long.jsonl", out="long_out.jsonl"),
+        2,
+        r"^scratchlm: error: 1 of 1 requests failed",
+    ),
+    "sample with a prompt longer than the context": (
+        lambda w: [
+            "sample",
+            "--checkpoint",
+            str(w / "ckpt"),
+            "--prompt",
+            "ROMEO: " * 20,
+            "--max-new-tokens",
+            "2",
+        ],
+        0,
+        r"^scratchlm: warning: the prompt is 140 tokens and this model's context 64: its first 76 tokens are "
+        r"dropped \(the model sees the last 64\)$",
+    ),
+    "tokenizer train --vocab-size 1e9": (
+        lambda w: [
+            "tokenizer",
+            "train",
+            "--text-file",
+            str(w / "small.txt"),
+            "--vocab-size",
+            "1e9",
+            "--out",
+            str(w / "big.json"),
+            "--quiet",
+        ],
+        0,
+        r"^scratchlm: warning: the vocabulary stopped at \d+ of the 1,000,000,000 asked: the text has no "
+        r"more pairs to merge",
+    ),
+    "tokenizer train char --vocab-size 5": (
+        lambda w: [
+            "tokenizer",
+            "train",
+            "--text-file",
+            str(w / "small.txt"),
+            "--kind",
+            "char",
+            "--vocab-size",
+            "5",
+            "--out",
+            str(w / "char5.json"),
+        ],
+        2,
+        r"^scratchlm: error: --vocab-size is for BPE: a char vocabulary is the set of characters of the "
+        r"text plus the special tokens; leave --vocab-size out, or use --kind bpe$",
+    ),
+    "tokenizer train on empty input": (
+        lambda w: [
+            "tokenizer",
+            "train",
+            "--text-file",
+            str(w / "empty.txt"),
+            "--kind",
+            "char",
+            "--out",
+            str(w / "empty.json"),
+        ],
+        2,
+        r"^scratchlm: error: .*empty.txt is empty: there is no text to train a tokenizer on$",
+    ),
+    "data prepare --fractions 1,0,0": (
+        lambda w: [
+            "data",
+            "prepare",
+            str(w / "small.txt"),
+            "--fractions",
+            "1,0,0",
+            "--out",
+            str(w / "all_train"),
+        ],
+        0,
+        r"^scratchlm: note: no val and no test split \(--fractions 1,0,0\)",
+    ),
+    "a non-UTF-8 text file": (
+        lambda w: [
+            "tokenizer",
+            "train",
+            "--text-file",
+            str(w / "bad.txt"),
+            "--kind",
+            "char",
+            "--out",
+            str(w / "bad.json"),
+        ],
+        2,
+        r"^scratchlm: error: .*bad.txt: invalid UTF-8 at byte offset 6 \(bytes b'\\xff wo'\); fix the "
+        r"file, or pass --errors replace",
+    ),
+}
+
+
+@pytest.mark.parametrize("row", list(CASES))
+def test_bad_input(row, world, char_shards, capsys):
+    import re
+
+    build, status, message = CASES[row]
+    argv = [a.replace("{shards}", str(char_shards)) for a in build(world)]
+    if argv[0] == "unshare":
+        if not _can_mount_read_only():
+            pytest.skip("no unprivileged user namespaces here to mount a read-only folder")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        code, out, err = done.returncode, done.stdout, done.stderr
+    else:
+        code = main(argv)
+        captured = capsys.readouterr()
+        out, err = captured.out, captured.err
+    assert code == status, (row, out[-2000:], err[-2000:])
+    assert re.search(message, err, re.MULTILINE), (row, err[-2000:])
+    assert "Traceback" not in err
+    if status == 2 and "requests failed" not in message:
+        assert out == "", row  # refused before any work: nothing generated, trained or reported
+    if row == "generate input with a blank line":
+        results = [json.loads(line) for line in (world / "blank.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in results] == [0, 1, 2]  # one output per input line, index = line - 1
+        assert results[1]["error"].startswith("line 2: blank line")
+        assert results[0]["text"] is not None and results[2]["completion_tokens"] == 4
+    if row == "generate with a prompt that fills the context":
+        [result] = [json.loads(line) for line in (world / "long_out.jsonl").read_text().splitlines()]
+        assert "the prompt is 140 tokens; this model's context is 64 tokens" in result["error"]
+    if row == "data prepare --fractions 1,0,0":
+        assert "data leakage" not in err
+        manifest = json.loads((world / "all_train" / "manifest.json").read_text())
+        assert [manifest["splits"][s]["documents"] for s in ("train", "val", "test")] == [1, 0, 0]
+    if row == "tokenizer train --vocab-size 1e9":
+        assert json.loads((world / "big.json").read_text())["type"] == "bpe"
