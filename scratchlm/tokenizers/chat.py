@@ -142,7 +142,7 @@ class ChatTemplate:
             learn = m["role"] == "assistant"
             put([self.start_id], False)
             put(self.tokenizer.encode_ordinary(m["role"] + "\n"), False)
-            put(self.tokenizer.encode_ordinary(content), learn)
+            put(self._encode_content(content), learn)
             put([self.end_id], learn and self.learn_end_of_turn)  # learned: it is how the model stops
             put(self._newline, False)
         if add_generation_prompt:
@@ -178,6 +178,17 @@ class ChatTemplate:
             if ids[i : i + len(self._newline)] == self._newline:
                 i += len(self._newline)
         return messages
+
+    def _encode_content(self, content: str) -> list[int]:
+        try:
+            return self.tokenizer.encode_ordinary(content)
+        except ValueError as e:  # a character vocabulary without a character of the data
+            if self.tokenizer.kind != "char":
+                raise
+            raise ValueError(
+                f"{e}. A byte tokenizer spells every character: train one with `scratchlm tokenizer "
+                "train --kind byte`, tokenize the data with it and pretrain the base again"
+            ) from None
 
     def _check_piecewise_encoding(self) -> None:
         """The pieces must meet where the tokenizer cuts anyway (true for the GPT-2, cl100k and o200k
