@@ -5,7 +5,10 @@ shards -> a pretrained base (``configs/tasks-base.toml``) -> SFT -> DPO and GRPO
 reply -> ``model export --arch llama``. Then ``transformers`` loads the export and, from the
 chat-templated prompt (its own ``apply_chat_template``), reproduces the greedy reply token for token.
 
-The same run is the docs test of that page: one path, executed once.
+The same run is the docs test of that page: one path, executed once. Marked slow: eleven commands,
+each a fresh process, take about 55 s of CPU (150 s of wall time on the shared 2 cores, with the
+transformers check 30 s more); ``tests/test_docs_commands.py`` parses every command of the page
+in the quick suite.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import pytest
 from test_docs_commands import DOCS, REPO, run_page
 
 PROMPT = "12+30="
+
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
