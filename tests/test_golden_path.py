@@ -6,9 +6,9 @@ reply -> ``model export --arch llama``. Then ``transformers`` loads the export a
 chat-templated prompt (its own ``apply_chat_template``), reproduces the greedy reply token for token.
 
 The same run is the docs test of that page: one path, executed once. Marked slow: eleven commands,
-each a fresh process, take about 55 s of CPU (150 s of wall time on the shared 2 cores, with the
-transformers check 30 s more); ``tests/test_docs_commands.py`` parses every command of the page
-in the quick suite.
+each a fresh process, and the transformers check took 53 s on 2 otherwise idle cores and 3 min
+while other jobs shared them; ``tests/test_docs_commands.py`` parses every command of the page in
+the quick suite.
 """
 
 from __future__ import annotations
