@@ -116,7 +116,15 @@ class CritiqueRevise(Command):
         from scratchlm.posttrain.critique.critics import RewardScorer, load_scorer
         from scratchlm.posttrain.critique.loop import critique_revise
 
-        method, train = sections(args, args.method, hint=f" (with --method {args.method})")
+        method, train = sections(
+            args,
+            args.method,
+            {
+                "train.device": ("--device", args.device),
+                f"{args.method}.lora_rank": ("--lora-rank", args.lora_rank),
+            },
+            hint=f" (with --method {args.method})",
+        )
         scorers = {}
         for item in args.scorer:
             name, sep, spec = item.partition("=")

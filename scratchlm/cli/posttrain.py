@@ -12,8 +12,15 @@ _POLICY = "the starting policy, also the frozen reference (an SFT model)"
 _PAIRS = '{"prompt", "chosen", "rejected"} pairs'
 
 
-def sections(args, method: str, hint: str = "") -> tuple[dict, dict]:
-    """The method's section ([sft], [dpo], ...) and [train], from the flags and --set overrides."""
+def sections(
+    args, method: str, flags_set: dict[str, tuple[str, object]], hint: str = ""
+) -> tuple[dict, dict]:
+    """The method's section ([sft], [dpo], ...) and [train], from ``--set`` overrides and the flags.
+
+    ``flags_set`` maps each ``section.key`` that a flag of the command sets to (the flag, its value;
+    None when not given). Such a key is the flag's alone: ``--set`` of it is refused, whether or not
+    the flag was given, so that no value is ever silently replaced by another (``--set
+    train.out_dir=X`` beside ``--out Y``, ``--set dpo.beta=0.7`` beside ``--beta 0.2``)."""
     from scratchlm.config import apply_overrides
 
     sections = apply_overrides({method: {}, "train": {}}, args.set)
@@ -22,10 +29,17 @@ def sections(args, method: str, hint: str = "") -> tuple[dict, dict]:
             f"--set takes {method}.key=value or train.key=value{hint}, got sections "
             f"{sorted(set(sections) - {method, 'train'})}"
         )
-    if args.device:
-        sections["train"]["device"] = args.device
-    if args.lora_rank is not None:
-        sections[method]["lora_rank"] = args.lora_rank
+    for dotted, (flag, _) in flags_set.items():
+        section, key = dotted.split(".")
+        if key in sections[section]:
+            raise ValueError(
+                f"--set {dotted} conflicts with {flag}, which sets {dotted}: use {flag} (and leave "
+                f"{dotted} out of --set)"
+            )
+    for dotted, (_, value) in flags_set.items():
+        section, key = dotted.split(".")
+        if value is not None:
+            sections[section][key] = value
     return sections[method], sections["train"]
 
 
@@ -50,29 +64,30 @@ class _Method(Command):
         flags.resume_or_overwrite(q)
         flags.output(q)
 
-    def sections(self, args) -> tuple[dict, dict]:
-        method, train = sections(args, self.method)
-        method.update(
-            {
-                "base": args.checkpoint,
-                "data": args.data,
-                "skip_invalid": args.skip_invalid,
-                **({"tokenizer": args.tokenizer} if args.tokenizer else {}),
-                **({"val_data": args.val_data} if args.val_data else {}),
-            }
-        )
-        train["out_dir"] = args.out
-        return method, train
+    def flags_set(self, args) -> dict[str, tuple[str, object]]:
+        """``section.key`` -> (the flag that sets it, its value or None): each a key ``--set`` refuses."""
+        m = self.method
+        return {
+            "train.out_dir": ("--out", args.out),
+            "train.device": ("--device", args.device),
+            f"{m}.base": ("--checkpoint", args.checkpoint),
+            f"{m}.data": ("--data", args.data),
+            f"{m}.val_data": ("--val-data", args.val_data),
+            f"{m}.tokenizer": ("--tokenizer", args.tokenizer),
+            f"{m}.skip_invalid": ("--skip-invalid", args.skip_invalid),
+            f"{m}.lora_rank": ("--lora-rank", args.lora_rank),
+            **self.method_flags(args),
+        }
+
+    def method_flags(self, args) -> dict[str, tuple[str, object]]:
+        """The method's own flags, as in :meth:`flags_set`."""
+        return {}
 
     def train(self, args, fit) -> dict:
-        method, train = self.sections(args)
-        self.configure(args, method)
+        method, train = sections(args, self.method, self.flags_set(args))
         return fit(
             method, train, resume=args.resume, progress=flags.show_progress(args), overwrite=args.overwrite
         )
-
-    def configure(self, args, method: dict) -> None:
-        """Method flags into the method's section."""
 
 
 class SFT(_Method):
@@ -116,9 +131,8 @@ class DPO(_Method):
         super().register(q)
         q.add_argument("--beta", type=float, help="strength of the pull towards the reference (default 0.1)")
 
-    def configure(self, args, method):
-        if args.beta is not None:
-            method["beta"] = args.beta
+    def method_flags(self, args):
+        return {"dpo.beta": ("--beta", args.beta)}
 
     def run(self, args):
         from scratchlm.posttrain.dpo import dpo
@@ -200,9 +214,8 @@ class PPO(_RL):
         super().register(q)
         flags.reward_model(q, "the reward (default: reward = exact answer)")
 
-    def configure(self, args, method):
-        if args.reward_model:
-            method["reward_model"] = args.reward_model
+    def method_flags(self, args):
+        return {"ppo.reward_model": ("--reward-model", args.reward_model)}
 
 
 class GRPO(_RL):

@@ -31,7 +31,6 @@ import torch
 
 from scratchlm.config import ConfigError, Rule, validate
 from scratchlm.models.checkpoint import (
-    load_checkpoint_tokenizer,
     load_model_from_checkpoint,
     load_tensors,
     read_state,
@@ -41,7 +40,7 @@ from scratchlm.models.gpt import GPT
 from scratchlm.posttrain.data import split_held_out
 from scratchlm.posttrain.lora import DEFAULT_TARGETS, adapter_bytes, apply_lora, lora_modules
 from scratchlm.serve import chat
-from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens
+from scratchlm.tokenizers.chat import ChatTemplate, missing_template_characters
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.trainer import Trainer
 
@@ -143,9 +142,14 @@ class ChatTrainer(Trainer):
         s = self.settings
         state = read_state(s.base)
         self.base_sha256 = (state.get("files") or {}).get("model.safetensors", {}).get("sha256")
-        base_tokenizer = load_checkpoint_tokenizer(s.base, state, s.tokenizer)
-        self.known_ids = base_tokenizer.vocab_size  # ids that meant something before the chat tokens
-        self.tokenizer = add_chat_tokens(base_tokenizer)
+        self.base_tokenizer, self.tokenizer = chat.chat_tokenizers(s.base, state, s.tokenizer)
+        missing = missing_template_characters(self.base_tokenizer)
+        if missing:
+            self.log(
+                f"the base's character vocabulary cannot spell the chat template's role names: added "
+                f"{''.join(missing)!r} as new characters (fresh rows; its special tokens move up "
+                f"{len(missing)} ids)"
+            )
         self.template = ChatTemplate(self.tokenizer, learn_end_of_turn=s.learn_end_of_turn)
         self.model_config = GPTConfig.from_dict(
             {**state["model"], "vocab_size": max(state["model"]["vocab_size"], self.tokenizer.vocab_size)}
@@ -176,12 +180,13 @@ class ChatTrainer(Trainer):
         s = self.settings
         model, _ = load_model_from_checkpoint(s.base)
         # New ids get fresh rows: appended, or re-initialised padding rows of a padded table.
-        model.grow_vocab(self.model_config.vocab_size, known=min(self.known_ids, model.config.vocab_size))
+        chat.grow_for_chat(model, self.base_tokenizer, self.tokenizer)
         model.train()
         if s.lora_rank:
             if self.cfg.optimizer != "adamw" or self.cfg.strategy == "fsdp" and self.world_size > 1:
                 raise ValueError("LoRA fine-tuning supports optimizer = 'adamw' and strategy = 'ddp'")
-            new_rows = self.known_ids if self.known_ids < self.tokenizer.vocab_size else None
+            first_new = chat.first_new_id(self.base_tokenizer, self.tokenizer)
+            new_rows = first_new if first_new < self.tokenizer.vocab_size else None
             if new_rows is not None and self.cfg.weight_decay:
                 raise ValueError(
                     "LoRA fine-tuning trains the new chat tokens' embedding rows, and weight decay would "

@@ -125,11 +125,14 @@ def load_records(path: str | Path, parse, skip_invalid: bool) -> Loaded:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (a JSONL file, one record per line)")
     loaded = Loaded([])
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    offset = 0  # of the line's first byte in the file
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
             try:
+                line = _utf8(raw, start)
+                if not line.strip():
+                    continue
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
@@ -151,6 +154,17 @@ def load_records(path: str | Path, parse, skip_invalid: bool) -> Loaded:
             f"{path}: no valid records" + (f" ({loaded.skipped} skipped)" if loaded.skipped else "")
         )
     return loaded
+
+
+def _utf8(raw: bytes, start: int) -> str:
+    """A line's text; bytes that are not UTF-8 raise a ValueError naming the file offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"byte offset {start + e.start}: {raw[e.start : e.start + 1]!r} is not UTF-8 ({e.reason}); "
+            "JSONL is UTF-8 text: convert the file (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
+        ) from None
 
 
 def load_sft(path: str | Path, skip_invalid: bool = False) -> Loaded:

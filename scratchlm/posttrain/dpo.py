@@ -34,6 +34,7 @@ from scratchlm.config import Rule
 from scratchlm.posttrain.base import CHAT_RULES, CHAT_TRAIN_DEFAULTS, ChatConfig, ChatTrainer, collate
 from scratchlm.posttrain.pairs import PairBatches, prepare_pairs
 from scratchlm.train.config import TrainConfig
+from scratchlm.train.metrics import Panel
 from scratchlm.train.trainer import run_trainer
 
 
@@ -80,6 +81,23 @@ class DPOTrainer(ChatTrainer):
     """Pairs against a frozen reference: the model as training starts."""
 
     method = "dpo"
+    plot_panels = (
+        Panel("DPO loss", (("loss", "train"), ("val_loss", "held out")), "loss"),
+        Panel(
+            "reward margin (β·log-ratio, chosen − rejected)",
+            (("rewards/margins", "train"), ("val_rewards/margins", "held out")),
+            "reward margin",
+        ),
+        Panel(
+            "fraction of pairs",
+            (
+                ("rewards/accuracies", "reward accuracy, train"),
+                ("val_rewards/accuracies", "reward accuracy, held out"),
+                ("val_preference_accuracy", "preference accuracy, held out"),
+            ),
+            "accuracy",
+        ),
+    )
 
     def _prepare_data(self, model_section: dict) -> None:
         self._prepare_tokenizer()

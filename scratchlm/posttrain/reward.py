@@ -42,6 +42,7 @@ from scratchlm.posttrain.base import CHAT_TRAIN_DEFAULTS, ChatConfig, ChatTraine
 from scratchlm.posttrain.pairs import PairBatches, prepare_pairs
 from scratchlm.tokenizers.chat import ChatTemplate
 from scratchlm.train.config import TrainConfig
+from scratchlm.train.metrics import Panel
 from scratchlm.train.trainer import run_trainer
 
 HEAD_FILE = "reward_head.safetensors"
@@ -119,6 +120,10 @@ class RewardTrainer(ChatTrainer):
     DPO's too (:mod:`scratchlm.posttrain.pairs`); the model gets a head and the loss is Bradley–Terry's."""
 
     method = "reward_model"
+    plot_panels = (
+        Panel("Bradley-Terry loss", (("loss", "train"), ("val_loss", "held out")), "loss"),
+        Panel("fraction of pairs", (("val_accuracy", "chosen scores higher, held out"),), "accuracy"),
+    )
 
     def _prepare_data(self, model_section: dict) -> None:
         self._prepare_tokenizer()

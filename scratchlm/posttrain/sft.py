@@ -30,6 +30,7 @@ from scratchlm.posttrain.base import CHAT_TRAIN_DEFAULTS, ChatConfig, ChatTraine
 from scratchlm.posttrain.data import load_sft
 from scratchlm.tokenizers.chat import ChatTemplate
 from scratchlm.train.config import TrainConfig
+from scratchlm.train.metrics import Panel
 from scratchlm.train.trainer import run_trainer
 
 
@@ -158,6 +159,9 @@ class SFTTrainer(ChatTrainer):
     """Masked next-token training on conversations."""
 
     method = "sft"
+    plot_panels = (
+        Panel("cross-entropy on the replies (nats/token)", (("loss", "train"), ("val_loss", "held out"))),
+    )
 
     def _prepare_data(self, model_section: dict) -> None:
         s, cfg = self.settings, self.cfg

@@ -12,24 +12,79 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scratchlm.tokenizers.chat import ChatTemplate
+from scratchlm.tokenizers.chat import ChatTemplate, add_chat_tokens, moved_ids
 
 
 def load_chat_model(path: str | Path, tokenizer_spec: str | None = None, device=None):
     """(model, chat tokenizer) of a checkpoint, in eval mode; a base checkpoint without the chat
     tokens gets them, with fresh embedding rows, as SFT would start it."""
     from scratchlm.device import pick_device
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
-    from scratchlm.tokenizers.chat import add_chat_tokens
+    from scratchlm.models.checkpoint import load_model_from_checkpoint
 
     model, state = load_model_from_checkpoint(path, pick_device(device))
-    plain = load_checkpoint_tokenizer(path, state, tokenizer_spec)
-    tokenizer = add_chat_tokens(plain)
-    model.grow_vocab(
-        max(model.config.vocab_size, tokenizer.vocab_size),
-        known=min(plain.vocab_size, model.config.vocab_size),
-    )
+    plain, tokenizer = chat_tokenizers(path, state, tokenizer_spec)
+    grow_for_chat(model, plain, tokenizer)
     return model.eval(), tokenizer
+
+
+def chat_tokenizers(checkpoint: str | Path, state: dict, tokenizer_spec: str | None = None):
+    """(the checkpoint's tokenizer, it with the chat tokens). A ``tokenizer_spec`` (``--tokenizer``)
+    must be the tokenizer the checkpoint was trained with — its fingerprint, recorded in the
+    checkpoint's state, tells — or that tokenizer less the chat tokens (a chat checkpoint's plain
+    tokenizer); anything else would give the model's rows other meanings, so it is refused."""
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer
+
+    plain = load_checkpoint_tokenizer(checkpoint, state, tokenizer_spec)
+    recorded = state.get("tokenizer_fingerprint")
+    grown = add_chat_tokens(plain)
+    if recorded and grown.fingerprint == recorded:
+        plain = grown  # the plain tokenizer of a chat checkpoint: it was trained with the grown one
+    elif tokenizer_spec is not None and recorded and plain.fingerprint != recorded:
+        raise ValueError(
+            f"--tokenizer {tokenizer_spec} is not the tokenizer {checkpoint} was trained with: its "
+            f"fingerprint is {plain.fingerprint[:16]}, the checkpoint's {recorded[:16]} (a {plain.kind} "
+            f"vocabulary of {plain.vocab_size} ids; the model has {state.get('vocab_size')}). Leave "
+            "--tokenizer out to use the checkpoint's own, or pass the one it was trained with"
+        )
+    return plain, add_chat_tokens(plain)
+
+
+def grow_for_chat(model, plain, tokenizer) -> None:
+    """Give ``model`` (trained with ``plain``) the rows of the chat tokenizer ``tokenizer =
+    add_chat_tokens(plain)``: fresh rows for its new ids (``GPT.grow_vocab``), and, where a
+    character vocabulary grew the template's characters, each special token's trained row moved
+    to its new id (:func:`~scratchlm.tokenizers.chat.moved_ids`) and the ids it left get fresh rows.
+    Before building an optimizer (the matrices are new parameters)."""
+    import torch
+
+    known = min(plain.vocab_size, model.config.vocab_size)
+    model.grow_vocab(max(model.config.vocab_size, tokenizer.vocab_size), known=known)
+    moves = moved_ids(plain, tokenizer)
+    if not moves:
+        return
+    index = list(range(model.config.vocab_size))
+    for old, new in moves.items():
+        index[new] = old
+    # The ids below `known` that no old token holds now are new (grown characters): they take the
+    # fresh rows that the moved tokens left unused above `known`.
+    kept = {i for i in range(known) if i not in moves} | set(moves.values())
+    fresh_below = [i for i in range(known) if i not in kept]
+    spare = [new for new in moves.values() if new >= known]
+    for i, row in zip(fresh_below, spare, strict=True):
+        index[i] = row
+    rows = torch.tensor(index, device=model.tok_emb.weight.device)
+    with torch.no_grad():
+        model.tok_emb.weight.data = model.tok_emb.weight.data[rows]
+        if model.lm_head.weight is not model.tok_emb.weight:
+            model.lm_head.weight.data = model.lm_head.weight.data[rows]
+
+
+def first_new_id(plain, tokenizer) -> int:
+    """The first id of ``tokenizer = add_chat_tokens(plain)`` that meant nothing to ``plain``'s model
+    (every id from there on is new or moved: what LoRA trains besides its adapters)."""
+    moves = moved_ids(plain, tokenizer)
+    kept = {i for i in range(plain.vocab_size) if i not in moves} | set(moves.values())
+    return min((i for i in range(tokenizer.vocab_size) if i not in kept), default=tokenizer.vocab_size)
 
 
 def generate_replies(

@@ -47,11 +47,46 @@ JINJA_TEMPLATE = (
 )
 
 
+# What the template writes besides the content: the role names and a newline.
+TEMPLATE_CHARACTERS = tuple(sorted(set("\n" + "".join(ROLES))))
+
+
 def add_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
     """``tokenizer`` with <|im_start|>, <|im_end|> (and <|endoftext|>, for padding) as special
-    tokens; ids it already has keep their meaning. Unchanged if it has them all."""
+    tokens; ids it already has keep their meaning. Unchanged if it has them all.
+
+    A character vocabulary that cannot spell the template's role names and newline (one trained
+    on ``12+30=42`` lines has 12 characters) also gets those characters
+    (:func:`missing_template_characters`), as new characters after its own. Its special tokens
+    then move up by as many ids, since a character vocabulary keeps them after its characters:
+    :func:`moved_ids` says where each went, and a model's rows move with them."""
+    missing = missing_template_characters(tokenizer)
+    if missing:
+        d = tokenizer._definition()
+        d["chars"] = [*d["chars"], *missing]
+        d["special_tokens"] = {name: i + len(missing) for name, i in tokenizer.special_tokens.items()}
+        tokenizer = type(tokenizer)._from_definition(d)
     wanted = [t for t in (ENDOFTEXT, *CHAT_TOKENS) if t not in tokenizer.special_tokens]
     return tokenizer.with_special_tokens(wanted) if wanted else tokenizer
+
+
+def missing_template_characters(tokenizer: Tokenizer) -> list[str]:
+    """The characters the template writes that a character vocabulary lacks (none for byte-level
+    vocabularies, which spell everything)."""
+    if tokenizer.kind != "char":
+        return []
+    return [c for c in TEMPLATE_CHARACTERS if c not in tokenizer.stoi]
+
+
+def moved_ids(plain: Tokenizer, chat: Tokenizer) -> dict[int, int]:
+    """{old id: new id} of the tokens of ``plain`` whose id differs in ``chat = add_chat_tokens(plain)``
+    (the special tokens of a character vocabulary grown with the template's characters); every
+    other id of ``plain`` keeps its number."""
+    return {
+        i: chat.special_tokens[name]
+        for name, i in plain.special_tokens.items()
+        if chat.special_tokens[name] != i
+    }
 
 
 @dataclass
@@ -107,7 +142,7 @@ class ChatTemplate:
             learn = m["role"] == "assistant"
             put([self.start_id], False)
             put(self.tokenizer.encode_ordinary(m["role"] + "\n"), False)
-            put(self.tokenizer.encode_ordinary(content), learn)
+            put(self._encode_content(content), learn)
             put([self.end_id], learn and self.learn_end_of_turn)  # learned: it is how the model stops
             put(self._newline, False)
         if add_generation_prompt:
@@ -143,6 +178,17 @@ class ChatTemplate:
             if ids[i : i + len(self._newline)] == self._newline:
                 i += len(self._newline)
         return messages
+
+    def _encode_content(self, content: str) -> list[int]:
+        try:
+            return self.tokenizer.encode_ordinary(content)
+        except ValueError as e:  # a character vocabulary without a character of the data
+            if self.tokenizer.kind != "char":
+                raise
+            raise ValueError(
+                f"{e}. A byte tokenizer spells every character: train one with `scratchlm tokenizer "
+                "train --kind byte`, tokenize the data with it and pretrain the base again"
+            ) from None
 
     def _check_piecewise_encoding(self) -> None:
         """The pieces must meet where the tokenizer cuts anyway (true for the GPT-2, cl100k and o200k

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -185,9 +186,32 @@ def truncate_metrics(metrics: Path, step: int, log) -> None:
         f.write("".join(line + "\n" for line in kept))
 
 
-def plot_losses(metrics: Path, path: Path) -> Path:
-    """Training loss per step (and its running mean) with the validation losses, saved as an image."""
-    from scratchlm.plots import pyplot, save_figure
+@dataclass(frozen=True)
+class Panel:
+    """One plot of ``loss.png``: a y-axis label and the metrics drawn on it, each a (key of
+    ``metrics.jsonl``, legend label). A per-step key is drawn faintly with its running mean; an
+    evaluation's key (``val_...``) as points joined by a line. A trainer names its panels
+    (``Trainer.plot_panels``): each method plots its own numbers under their own names."""
+
+    ylabel: str
+    curves: tuple[tuple[str, str], ...]
+    title: str = ""
+
+
+# Pretraining and SFT: the (masked) next-token loss.
+CROSS_ENTROPY = (Panel("cross-entropy (nats/token)", (("loss", "train"), ("val_loss", "validation"))),)
+
+
+def plot_losses(metrics: Path, path: Path, panels: tuple[Panel, ...] = CROSS_ENTROPY) -> Path:
+    """The run's curves, one plot per panel side by side, saved as an image (:func:`loss_figure`)."""
+    from scratchlm.plots import save_figure
+
+    return save_figure(loss_figure(metrics, panels), path)
+
+
+def loss_figure(metrics: Path, panels: tuple[Panel, ...] = CROSS_ENTROPY):
+    """The matplotlib figure of :func:`plot_losses` (its axes carry the panels' labels)."""
+    from scratchlm.plots import pyplot
 
     records = []
     for line in metrics.read_text(encoding="utf-8", errors="replace").split("\n"):
@@ -196,23 +220,30 @@ def plot_losses(metrics: Path, path: Path) -> Path:
                 records.append(json.loads(line))
             except json.JSONDecodeError:  # a line torn by a kill is left out of the picture
                 continue
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, lw=0.6, alpha=0.5, label="train (per step)")
-        k = max(1, len(losses) // 50)
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"train (mean of {k})")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save_figure(fig, path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels) ** 0.75, 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for key, label in panel.curves:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            if key.startswith("val_"):
+                ax.plot(steps, values, "o-", label=label)
+                continue
+            line = ax.plot(steps, values, lw=0.6, alpha=0.4, label=f"{label} (per step)")[0]
+            k = max(1, len(values) // 50)
+            smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1 :], smooth, lw=1.5, color=line.get_color(), label=f"{label} (mean of {k})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.ylabel)
+        if panel.title:
+            ax.set_title(panel.title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def read_evaluations(out_dir: str | Path, key: str) -> list[dict]:

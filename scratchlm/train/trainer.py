@@ -67,7 +67,14 @@ from scratchlm.train.distributed import (
     sample_in_lockstep,
     set_rng_state,
 )
-from scratchlm.train.metrics import MetricsLog, StepMetrics, peak_tflops, plot_losses, truncate_metrics
+from scratchlm.train.metrics import (
+    CROSS_ENTROPY,
+    MetricsLog,
+    StepMetrics,
+    peak_tflops,
+    plot_losses,
+    truncate_metrics,
+)
 from scratchlm.train.optim import build_optimizers
 from scratchlm.train.schedule import lr_at
 
@@ -120,6 +127,8 @@ class Trainer:
     ``_prepare_data``, ``_initial_model``, ``_load_resume_weights``, ``_begin_step``, ``_fsdp_units``,
     ``_loss``, ``evaluate``, ``sample``, ``_checkpoint_weights``, ``_checkpoint_extras``,
     ``_state_dict``, ``_check_resumable``, ``_resume``. :meth:`train` runs the loop."""
+
+    plot_panels = CROSS_ENTROPY  # what loss.png shows: a method plots its own metrics
 
     def __init__(
         self,
@@ -500,7 +509,11 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous_handler)
             self._bar.close()
             self._metrics.close()
-        plot = plot_losses(self.out / "metrics.jsonl", self.out / "loss.png") if self.is_main else None
+        plot = (
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", self.plot_panels)
+            if self.is_main
+            else None
+        )
         return {
             "out_dir": str(self.out),
             "steps": self.state.step,

@@ -46,6 +46,7 @@ from scratchlm.posttrain.rl.losses import (
     token_logps,
 )
 from scratchlm.posttrain.rl.trainer import RL_RULES, RLConfig, RLTrainer, rl_train_config
+from scratchlm.train.metrics import Panel
 from scratchlm.train.trainer import run_trainer
 
 
@@ -64,6 +65,11 @@ class GRPOConfig(RLConfig):
 
 class GRPOTrainer(RLTrainer):
     method = "grpo"
+    plot_panels = (
+        Panel("reward", (("reward", "rollouts (sampled)"), ("val_reward", "held out (greedy)")), "reward"),
+        Panel("KL to the reference (nats/token)", (("kl", "per token (k3)"),), "KL"),
+        Panel("GRPO loss", (("loss", "train"),), "loss"),
+    )
 
     def _advantages(self, rewards, mask, old_logps, ref_logps, values):
         advantages, stats = group_advantages(

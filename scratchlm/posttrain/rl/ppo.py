@@ -55,6 +55,7 @@ from scratchlm.posttrain.rl.losses import (
     whiten,
 )
 from scratchlm.posttrain.rl.trainer import RL_RULES, RLConfig, RLTrainer, rl_train_config
+from scratchlm.train.metrics import Panel
 from scratchlm.train.trainer import run_trainer
 
 
@@ -81,6 +82,15 @@ class PPOConfig(RLConfig):
 
 class PPOTrainer(RLTrainer):
     method = "ppo"
+    plot_panels = (
+        Panel(
+            "reward",
+            (("objective/scores", "rollouts (sampled)"), ("val_reward", "held out (greedy)")),
+            "reward",
+        ),
+        Panel("KL to the reference (nats/reply)", (("objective/kl", "per reply"),), "KL"),
+        Panel("PPO loss", (("loss", "train"),), "loss"),
+    )
     has_value_head = True
 
     def __init__(self, config: PPOConfig, train_config, *, reward_fn=None, **kwargs):
