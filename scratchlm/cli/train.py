@@ -37,8 +37,6 @@ class Train(Command):
         from scratchlm.config import load_config
         from scratchlm.models.blocks.attention import LEGACY_PATHS
         from scratchlm.train import train
-        from scratchlm.train.config import TrainConfig
-        from scratchlm.train.trainer import run_config
 
         if args.resume_from and not args.resume:
             raise ValueError("--resume-from needs --resume (it chooses the checkpoint a run continues from)")
@@ -46,13 +44,6 @@ class Train(Command):
         config = load_config(args.config, overrides, aliases=LEGACY_PATHS)
         if args.out:  # a folder name as typed (a --set value would be read as TOML: 2024-06-01 a date)
             config.setdefault("train", {})["out_dir"] = args.out
-        if args.resume and not args.config:  # the run's own model, with any --set model.* over it
-            config["model"] = _over(
-                run_config(
-                    config.get("train", {}).get("out_dir", TrainConfig.out_dir), args.resume_from or "last"
-                )["model"],
-                config.get("model", {}),
-            )
         try:
             summary = train(
                 config,
@@ -60,6 +51,7 @@ class Train(Command):
                 progress=flags.show_progress(args),
                 overwrite=args.overwrite,
                 resume_from=args.resume_from or "last",
+                from_run=args.resume and not args.config,  # the run's recorded config, with --set over it
             )
         except KeyboardInterrupt:
             print(
@@ -75,12 +67,3 @@ class Train(Command):
             f"checkpoints: {summary['out_dir']}/best, {summary['out_dir']}/last\n"
             f"loss plot: {summary['loss_plot']}",
         )
-
-
-def _over(base: dict, changes: dict) -> dict:
-    """``changes`` over ``base``, a table (``model.attn``) key by key."""
-    merged = dict(base)
-    for key, value in changes.items():
-        both = isinstance(value, dict) and isinstance(base.get(key), dict)
-        merged[key] = {**base[key], **value} if both else value
-    return merged

@@ -22,10 +22,10 @@ at the same step and none is left waiting in a collective (:mod:`scratchlm.train
 
 Resuming (``resume=True``) restores weights, optimizer state, step, every rank's RNG states and the
 loader's position, so the resumed run produces the same per-step losses as one never interrupted.
-The run's checkpoint records its whole resolved config: a resumed run starts from those settings
-(from ``last``, or ``best`` with ``resume_from``), and each value given now that differs is reported
-in one warning line and applied, or refused where it cannot be honoured (the model's shape, the
-optimizer). SIGTERM (a scheduler's "please stop") and Ctrl-C (SIGINT) finish the current step, save
+The run's checkpoint records its whole resolved config, so a run can be continued from its folder
+alone (``from_run``), from ``last`` or ``best`` (``resume_from``); each value given now that differs
+from the run's is reported in one warning line and applied, or refused where it cannot be honoured
+(the model's shape, the optimizer). SIGTERM (a scheduler's "please stop") and Ctrl-C (SIGINT) finish the current step, save
 ``last`` and return; a second Ctrl-C aborts at once.
 
 The log is :mod:`scratchlm.train.metrics`, the run's checkpoints :mod:`scratchlm.train.checkpoint`.
@@ -857,25 +857,28 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     resume_from: str = "last",
+    from_run: bool = False,
 ) -> dict:
     """Train from a config dict with ``model`` and ``train`` sections (see :mod:`scratchlm.config`).
 
     ``resume`` continues the run in ``train.out_dir`` from its ``resume_from`` checkpoint (``last``
-    or ``best``): the ``[train]`` values the run recorded are the defaults, ``config``'s replace
-    them (each change is reported), and a config without a ``model`` section keeps the run's model.
-    A fresh run refuses a folder that holds another run's checkpoints unless ``overwrite`` (which
-    deletes them first)."""
-    train_section, model_section = config.get("train", {}), config.get("model")
-    saved = None
-    if resume:
+    or ``best``); each ``[train]`` value that differs from the run's is reported. With ``from_run``
+    the config holds only changes: the run's recorded config is the rest (``scratchlm train
+    --resume --out DIR`` without ``--config``). A fresh run refuses a folder that holds another
+    run's checkpoints unless ``overwrite`` (which deletes them first)."""
+    train_section, model_section = config.get("train", {}), config.get("model", {})
+    defaults = None
+    if from_run:
+        if not resume:
+            raise ValueError("from_run continues a run: it needs resume")
         saved = run_config(train_section.get("out_dir", TrainConfig.out_dir), resume_from)
-        model_section = model_section or saved["model"]
-    cfg = TrainConfig.from_dict(train_section, defaults=saved and saved["train"])
+        model_section, defaults = _over(saved["model"], model_section), saved["train"]
+    cfg = TrainConfig.from_dict(train_section, defaults=defaults)
     if not cfg.data:
         raise ValueError("train.data is required: a shards folder from `scratchlm data tokenize`")
     return run_trainer(
         lambda: Trainer(
-            model_section or {},
+            model_section,
             cfg,
             resume=resume,
             progress=progress,
@@ -883,6 +886,15 @@ def train(
             resume_from=resume_from,
         )
     )
+
+
+def _over(base: dict, changes: dict) -> dict:
+    """``changes`` over ``base``, a table (``model.attn``) key by key."""
+    merged = dict(base)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = {**base[key], **value} if both else value
+    return merged
 
 
 def run_trainer(make_trainer) -> dict:
