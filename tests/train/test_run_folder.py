@@ -258,3 +258,36 @@ def test_fine_tuning_defaults_do_not_warn_about_warmup_but_a_users_warmup_does()
         "warning: train.warmup_steps = 20 is more than train.max_steps = 5: "
         "the learning rate never reaches train.lr = 0.001"
     )
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_previous_checkpoint(char_shards, tmp_path):
+    """Two real SIGINTs during a step (made slow on purpose): the first asks for a save after the
+    step, the second aborts before it, with one line and no traceback; ``last`` is the step-2 one."""
+    out = tmp_path / "run"
+    config = tiny_config(tmp_path, char_shards, out)
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "import scratchlm.data.loader as loader\n"
+        "real, n = loader.BatchLoader.get_batch, [0]\n"
+        "def get_batch(self):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 4:  # during step 4: Ctrl-C, then Ctrl-C again\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(5)\n"
+        "    return real(self)\n"
+        "loader.BatchLoader.get_batch = get_batch\n"
+        "from scratchlm.cli import main\n"
+        f"sys.exit(main(['train', '--config', {str(config)!r}, '--quiet']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == (
+        "scratchlm: interrupted by a second Ctrl-C: nothing saved since the last checkpoint"
+    )
+    assert read_state(out / "last")["step"] == 2
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
