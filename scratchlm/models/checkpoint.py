@@ -308,7 +308,7 @@ def _bytes_needed(weights, optimizer_state, state, tokenizer, extra_files) -> in
 def _disk_full(target: Path, needed: int, free: int) -> DiskFullError:
     return DiskFullError(
         f"{target.parent}: not enough free space to save the checkpoint {target.name}: it needs about "
-        f"{human_bytes(needed)} and {human_bytes(free)} is free. Nothing was changed (the previous "
+        f"{human_bytes(needed)} and {human_bytes(free)} is free. Nothing was changed (any previous "
         "checkpoint is intact): free some space or choose another folder, then try again (a training "
         "run continues with --resume)"
     )
