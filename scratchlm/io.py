@@ -12,6 +12,7 @@ Two promises hold for every file scratchlm writes:
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -24,6 +25,30 @@ from typing import Any
 
 class FormatError(ValueError):
     """A file is not what it claims to be (wrong format, version, or corrupt content)."""
+
+
+class DiskFullError(OSError):
+    """Not enough free space for what is being written; the message names the folder, the space
+    needed and the space free (``errno`` is ENOSPC, as for the operating system's own error)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """An ``OSError`` ENOSPC, or a library's wrapped form of it (safetensors' ``os error 28``)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return "os error 28" in text or "code: 28" in text or "No space left on device" in text
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def current_umask() -> int:
@@ -40,11 +65,22 @@ def current_umask() -> int:
     return mask
 
 
+def new_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file that a library created with its own mode (safetensors writes 0600) the mode a
+    plain ``open()`` would have given it, so a user's umask decides who can read what we write."""
+    os.chmod(path, new_file_mode())
+
+
 def _target_mode(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        return 0o666 & ~current_umask()
+        return new_file_mode()
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -136,6 +172,15 @@ def read_json(path: str | os.PathLike, fmt: str, versions: tuple[int, ...] = (1,
             f"(this scratchlm reads versions {list(versions)}); recreate the file with this version"
         )
     return obj
+
+
+def json_sha256(obj: dict) -> str:
+    """sha256 of ``obj``'s canonical JSON (sorted keys, no spaces, as it reads back from a file):
+    the same for the object before writing and after reading, however the file was indented."""
+    canonical = json.dumps(
+        json.loads(json.dumps(obj)), sort_keys=True, ensure_ascii=False, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

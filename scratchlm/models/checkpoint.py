@@ -7,9 +7,14 @@ A checkpoint is a folder:
   ``optimizer-index/parameter-name/field``; their scalars and parameter groups sit in state.json;
 * ``state.json``: format and version, model config, training config, tokenizer fingerprint, step,
   every rank's RNG states, the data loader's position, best validation loss, optimizer
-  hyperparameters, and the size and sha256 of the tensor files (checked on load, so a truncated
-  or bit-flipped file is refused by name instead of loading garbage);
-* optionally ``tokenizer.json`` (a chat model's own tokenizer) and extra files (LoRA adapters).
+  hyperparameters, the size and sha256 of every other file (checked on load, so a truncated or
+  bit-flipped file is refused by name instead of loading garbage), and ``state_sha256``, the sha256
+  of its own canonical JSON without that field (a flipped digit in the JSON is refused too);
+* ``tokenizer.json``: the tokenizer, so the folder is self-contained (a checkpoint written before
+  it travelled along finds its training data's copy by path) and extra files (LoRA adapters).
+
+Every file gets the mode a plain ``open()`` gives (0666 minus the umask). Before writing, the free
+space is checked against what the files need; a full disk is reported with both figures.
 
 A folder is written under a hidden temporary name and renamed when complete (:func:`publish_folder`),
 so a folder under its real name is always whole. Everything here checks what it reads and names the
@@ -21,6 +26,7 @@ store of checkpoints (step folders, ``last``/``best`` links, lock, recovery) is
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,11 +35,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scratchlm.io import FormatError, fsync_dir, read_json, sha256_file, write_json
+from scratchlm.io import (
+    DiskFullError,
+    FormatError,
+    follow_umask,
+    fsync_dir,
+    human_bytes,
+    is_disk_full,
+    json_sha256,
+    read_json,
+    sha256_file,
+    write_json,
+)
 
 CHECKPOINT_FORMAT = "scratchlm.checkpoint"
-CHECKPOINT_VERSION = 2  # 2: tensor-file checksums, per-rank RNG states
-READABLE_VERSIONS = (1, 2)
+# 2: tensor-file checksums, per-rank RNG states; 3: state_sha256 (a checksum of state.json itself)
+CHECKPOINT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+STATE_CHECKSUM = "state_sha256"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 # Keys every checkpoint's state.json has (a resumable one has more: see RESUME_KEYS).
 REQUIRED_KEYS = ("model", "step", "tokenizer_fingerprint", "train", "vocab_size")
@@ -77,7 +96,23 @@ def read_state(path: str | Path, *, resumable: bool = False) -> dict:
             f"{path / 'state.json'}: missing {missing}; the file is damaged or was not written by "
             "`scratchlm train`: use another checkpoint (e.g. best instead of last)"
         )
+    _check_state_checksum(path / "state.json", state)
     return state
+
+
+def _check_state_checksum(file: Path, state: dict) -> None:
+    """From version 3 on, state.json carries the sha256 of its own canonical JSON: a flipped digit
+    (rope_theta 10000 -> 90000) would otherwise load a different model without a word."""
+    if state["version"] < 3:
+        return  # written before the checksum existed: read as it always was
+    recorded = state.get(STATE_CHECKSUM)
+    actual = json_sha256({k: v for k, v in state.items() if k != STATE_CHECKSUM})
+    if recorded != actual:
+        why = "has no checksum" if recorded is None else "differs from the sha256 recorded at save time"
+        raise FormatError(
+            f"{file}: its content {why}; the file was edited or damaged (disk or copy error) after "
+            "it was saved: use another checkpoint (e.g. best instead of last)"
+        )
 
 
 def _verified(path: Path, name: str) -> Path:
@@ -85,7 +120,7 @@ def _verified(path: Path, name: str) -> Path:
     file = path / name
     if not file.exists():
         raise FormatError(f"{file}: missing; the checkpoint is incomplete: use another checkpoint")
-    info = read_json(path / "state.json", CHECKPOINT_FORMAT, READABLE_VERSIONS).get("files", {}).get(name)
+    info = read_state(path).get("files", {}).get(name)
     if info is not None:
         size = file.stat().st_size
         if size != info["bytes"]:
@@ -242,13 +277,41 @@ def publish_folder(
     store knows that temporary name, and removes one that a kill left behind.)"""
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    needed = _bytes_needed(weights, optimizer_state, state, tokenizer, extra_files)
+    free = shutil.disk_usage(target.parent).free
+    if needed > free:
+        raise _disk_full(target, needed, free)
     try:
         _write_folder(tmp, weights, optimizer_state, state, tokenizer, extra_files)
         os.rename(tmp, target)
         fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):  # filled up meanwhile, or the estimate was short
+            raise _disk_full(target, needed, shutil.disk_usage(target.parent).free) from None
         raise
+
+
+def _bytes_needed(weights, optimizer_state, state, tokenizer, extra_files) -> int:
+    """What the folder's files take, roughly from above: tensor bytes, a safetensors header entry per
+    tensor, the JSON files, a file-system block per file."""
+    tensors = [*weights.values()] + [
+        v for sd in optimizer_state for st in sd["state"].values() for v in st.values() if torch.is_tensor(v)
+    ]
+    data = sum(t.numel() * t.element_size() for t in tensors) + 200 * len(tensors)
+    data += 2 * len(json.dumps(state, default=str)) + sum(len(b) for b in (extra_files or {}).values())
+    if tokenizer is not None:
+        data += len(json.dumps(tokenizer.to_dict(), ensure_ascii=False).encode("utf-8"))
+    return data + 4096 * (4 + len(extra_files or {}))
+
+
+def _disk_full(target: Path, needed: int, free: int) -> DiskFullError:
+    return DiskFullError(
+        f"{target.parent}: not enough free space to save the checkpoint {target.name}: it needs about "
+        f"{human_bytes(needed)} and {human_bytes(free)} is free. Nothing was changed (any previous "
+        "checkpoint is intact): free some space or choose another folder, then try again (a training "
+        "run continues with --resume)"
+    )
 
 
 def _write_folder(
@@ -259,12 +322,14 @@ def _write_folder(
     tokenizer=None,
     extra_files: dict[str, bytes] | None = None,
 ) -> None:
-    """Fill a new folder with the three files (and the tokenizer, when it is not the training
-    data's: a chat model's, say), each fsynced, then the folder itself."""
+    """Fill a new folder with the tensor files, the tokenizer (when given) and any extra files, then
+    state.json, each fsynced, then the folder itself."""
     folder.mkdir(parents=True)
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    follow_umask(folder / "model.safetensors")  # safetensors creates its files 0600
     tensors, meta = _split_optimizer_states(optimizer_state)
     save_file(tensors, str(folder / "optimizer.safetensors"))
+    follow_umask(folder / "optimizer.safetensors")
     names = list(TENSOR_FILES)
     if tokenizer is not None:
         tokenizer.save(folder / "tokenizer.json")
@@ -282,16 +347,15 @@ def _write_folder(
         # Hashing reads the file back once: ~1-2 s for GPT-2 small's 0.5 GB of weights, a small price
         # next to loading garbage from a bit-flipped or truncated file without knowing it.
         files[name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-    write_json(
-        folder / "state.json",
-        {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            **state,
-            "optimizers": meta,
-            "files": files,
-        },
-    )
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        # a state read from an older checkpoint (a merge, a migration) is written in this version
+        **{k: v for k, v in state.items() if k not in ("format", "version", STATE_CHECKSUM)},
+        "optimizers": meta,
+        "files": files,
+    }
+    write_json(folder / "state.json", {**record, STATE_CHECKSUM: json_sha256(record)})
     fsync_dir(folder)
 
 

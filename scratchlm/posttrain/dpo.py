@@ -201,11 +201,7 @@ def dpo(
     dcfg = DPOConfig.from_dict(dpo_config)
     # TRL's default is 1e-6 for large models; these small ones move little below 1e-5.
     cfg = TrainConfig.from_dict(
-        {
-            **CHAT_TRAIN_DEFAULTS,
-            "lr": 1e-5 if not dcfg.lora_rank else 1e-4,
-            "warmup_steps": 10,
-            **train_config,
-        }
+        train_config,
+        defaults={**CHAT_TRAIN_DEFAULTS, "lr": 1e-5 if not dcfg.lora_rank else 1e-4, "warmup_steps": 10},
     )
     return run_trainer(lambda: DPOTrainer(dcfg, cfg, resume=resume, progress=progress, overwrite=overwrite))

@@ -346,7 +346,7 @@ def train_reward_model(
     """Train a reward model on ``rm_config["data"]`` (pairs) from ``rm_config["base"]`` (an SFT model)."""
     rcfg = RewardConfig.from_dict(rm_config)
     cfg = TrainConfig.from_dict(
-        {**CHAT_TRAIN_DEFAULTS, "lr": 1e-4, "warmup_steps": 10, "sample_tokens": 0, **train_config}
+        train_config, defaults={**CHAT_TRAIN_DEFAULTS, "lr": 1e-4, "warmup_steps": 10, "sample_tokens": 0}
     )
     return run_trainer(
         lambda: RewardTrainer(rcfg, cfg, resume=resume, progress=progress, overwrite=overwrite)

@@ -234,6 +234,6 @@ def sft(
     """Fine-tune ``sft_config["base"]`` on ``sft_config["data"]``; returns the trainer's summary."""
     scfg = SFTConfig.from_dict(sft_config)
     cfg = TrainConfig.from_dict(
-        {**CHAT_TRAIN_DEFAULTS, "lr": 3e-4 if not scfg.lora_rank else 2e-3, **train_config}
+        train_config, defaults={**CHAT_TRAIN_DEFAULTS, "lr": 3e-4 if not scfg.lora_rank else 2e-3}
     )
     return run_trainer(lambda: SFTTrainer(scfg, cfg, resume=resume, progress=progress, overwrite=overwrite))

@@ -1,13 +1,16 @@
 """The ``[train]`` section of a run config: every knob of the training loop, with its default.
 
 Values come from a TOML file in ``configs/`` and ``--set train.key=value`` overrides
-(see :mod:`scratchlm.config`).
+(see :mod:`scratchlm.config`). A config remembers which keys its user set (``given``), as opposed
+to the defaults (this class's, or a method's own table: fine-tuning's shorter warmup), so that a
+warning about a setting fires only for a setting the user chose.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from scratchlm.config import ConfigError, Rule, validate
 
@@ -72,6 +75,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     tensorboard: bool = False
     peak_tflops: float | None = None  # for the MFU estimate; detected for common GPUs
+    # The keys the user set (file, --set, API dict); None when unknown (built directly): all count.
+    given: ClassVar[frozenset[str] | None] = None
 
     def __post_init__(self):
         validate(self, "train", _TRAIN_RULES)
@@ -86,7 +91,36 @@ class TrainConfig:
             )
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
+    def from_dict(cls, d: dict, defaults: dict | None = None) -> TrainConfig:
+        """``d`` (the user's settings) over ``defaults`` (a method's own table) over the class's."""
         from scratchlm.config import dataclass_from_dict
 
-        return dataclass_from_dict(cls, d, "train")
+        cfg = dataclass_from_dict(cls, {**(defaults or {}), **d}, "train")
+        cfg.given = frozenset(d)
+        return cfg
+
+    def warmup_warning(self) -> str | None:
+        """A warmup the learning rate never finishes, when the user chose it: a smoke run's way, a
+        mistake otherwise. A default warmup (100 steps; fine-tuning's 20) under a short max_steps
+        is no mistake of the user's, and stays quiet."""
+        if self.warmup_steps <= self.max_steps:
+            return None
+        if self.given is not None and "warmup_steps" not in self.given:
+            return None
+        return (
+            f"warning: train.warmup_steps = {self.warmup_steps} is more than train.max_steps = "
+            f"{self.max_steps}: the learning rate never reaches train.lr = {self.lr:g}"
+        )
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` for every key whose value differs between ``old`` and
+    ``new`` (nested tables compared key by key; a missing key counts as None)."""
+    changed = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        value, before = new.get(key), old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            changed += changed_keys(before, value, f"{prefix}{key}.")
+        elif value != before:
+            changed.append((f"{prefix}{key}", before, value))
+    return changed

@@ -126,7 +126,9 @@ def block_units(model) -> list:
 
 
 @torch.no_grad()
-def sample_in_lockstep(model, tokenizer, block_size: int, max_tokens: int, device: torch.device) -> str:
+def sample_in_lockstep(
+    model, tokenizer, start: list[int], block_size: int, max_tokens: int, device: torch.device
+) -> str:
     """A short sample from an FSDP-sharded model, which every rank must run together (each forward
     gathers the shards). Rank 0's choice of token is broadcast, so all ranks take the same number
     of steps even if their logits ever differed (a rank that stopped early would leave the others
@@ -134,7 +136,7 @@ def sample_in_lockstep(model, tokenizer, block_size: int, max_tokens: int, devic
     from scratchlm.generate.sampling import SamplingConfig, choose
 
     tok = tokenizer
-    ids = tok.encode("\n") if tok.kind == "char" else [tok.eot_token or 0]
+    ids = list(start)
     generator = torch.Generator(device=device).manual_seed(0)
     config = SamplingConfig(temperature=0.8, top_k=50)
     T, out = block_size, []

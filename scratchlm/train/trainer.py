@@ -22,7 +22,11 @@ at the same step and none is left waiting in a collective (:mod:`scratchlm.train
 
 Resuming (``resume=True``) restores weights, optimizer state, step, every rank's RNG states and the
 loader's position, so the resumed run produces the same per-step losses as one never interrupted.
-SIGTERM (a scheduler's "please stop") finishes the current step, saves ``last`` and returns.
+The run's checkpoint records its whole resolved config, so a run can be continued from its folder
+alone (``from_run``), from ``last`` or ``best`` (``resume_from``); each value given now that differs
+from the run's is reported in one warning line and applied, or refused where it cannot be honoured
+(the model's shape, the optimizer). SIGTERM (a scheduler's "please stop") and Ctrl-C (SIGINT) finish the current step, save
+``last`` and return; a second Ctrl-C aborts at once.
 
 The log is :mod:`scratchlm.train.metrics`, the run's checkpoints :mod:`scratchlm.train.checkpoint`.
 This file stays over 400 lines on purpose: :class:`Trainer` is the one set of hooks that every
@@ -57,7 +61,7 @@ from scratchlm.models.loss import token_nll
 from scratchlm.models.presets import config_from_section
 from scratchlm.tokenizers import load_tokenizer
 from scratchlm.train.checkpoint import CheckpointStore, RunLock, load_optimizers, optimizer_states
-from scratchlm.train.config import TrainConfig
+from scratchlm.train.config import TrainConfig, changed_keys
 from scratchlm.train.distributed import (
     Ranks,
     block_units,
@@ -118,6 +122,59 @@ def build_model_config(model_section: dict, vocab_size: int) -> GPTConfig:
     return config_from_section({**section, "vocab_size": vocab_size})
 
 
+def sample_start(tokenizer) -> list[int] | None:
+    """Where an in-training sample starts: the end-of-text token (what a document follows), else a
+    newline, else nowhere (None): a character vocabulary may have neither."""
+    if tokenizer.eot_token is not None:
+        return [tokenizer.eot_token]
+    try:
+        return tokenizer.encode("\n") or None
+    except (ValueError, KeyError):
+        return None
+
+
+# Which checkpoint of a run a resume starts from. Only these two are kept: every other step
+# folder is deleted once no pointer names it.
+RESUME_FROM = ("last", "best")
+
+
+def check_resume_from(name: str) -> str:
+    if name not in RESUME_FROM:
+        raise ValueError(
+            f"resume_from must be one of {list(RESUME_FROM)} (a run keeps only those two checkpoints), got {name!r}"
+        )
+    return name
+
+
+def run_config(out_dir: str | Path, resume_from: str = "last") -> dict:
+    """The resolved config a run's checkpoint recorded: ``{"model": ..., "train": ...}``, what a
+    resumed run starts from (each value given again replaces the recorded one)."""
+    folder = Path(out_dir) / check_resume_from(resume_from)
+    if not folder.exists() and not folder.is_symlink():
+        raise FileNotFoundError(
+            f"{folder}: no checkpoint to resume from (is {out_dir} a training run's folder? "
+            "none was saved yet?); start without --resume"
+        )
+    try:
+        state = read_state(folder)
+    except (OSError, FormatError):
+        # A kill can leave the pointer dangling (start-up recovery repoints it) and a damaged one is
+        # reported when resuming; every checkpoint of a run records the same config.
+        complete = CheckpointStore(out_dir).complete_folders()
+        if not complete:
+            raise
+        state = read_state(complete[-1])
+    if not state.get("train"):
+        raise ValueError(f"{folder} was imported, not trained here: there is no run to resume")
+    # Where the run lives is where it was found; where it runs (device) is chosen afresh.
+    train = {k: v for k, v in state["train"].items() if k in TrainConfig.__dataclass_fields__}
+    train.pop("device", None)
+    return {
+        "model": GPTConfig.from_dict(state["model"]).to_dict(),
+        "train": {**train, "out_dir": str(out_dir)},
+    }
+
+
 # Why a run stopped early; the code travels between ranks in the per-step control message.
 STOP_REASONS = ("", "max_minutes", "signal", "early_stopping", "target_loss")
 
@@ -139,6 +196,7 @@ class Trainer:
         progress: bool = True,
         log=None,
         overwrite: bool = False,
+        resume_from: str = "last",
     ):
         cfg.data = str(Path(cfg.data).resolve())  # checkpoints then find their data from any directory
         self.cfg, self.progress_bar = cfg, progress
@@ -147,11 +205,10 @@ class Trainer:
         self.is_main = self.rank == 0
         self.ranks = Ranks(self.rank, self.world_size, self.device)
         self.out = Path(cfg.out_dir)
-        if cfg.warmup_steps > cfg.max_steps and self.is_main:  # fine for a smoke run, a mistake otherwise
-            self.log(
-                f"warning: train.warmup_steps = {cfg.warmup_steps} is more than train.max_steps = "
-                f"{cfg.max_steps}: the learning rate never reaches train.lr = {cfg.lr:g}"
-            )
+        self.resume_folder = self.out / check_resume_from(resume_from)
+        warning = cfg.warmup_warning()
+        if warning and self.is_main:
+            self.log(warning)
         self.store = CheckpointStore(self.out)
         self.lock = None
         self._prepare_data(model_section)
@@ -231,8 +288,9 @@ class Trainer:
         return model_state(self.model, self.sharded)
 
     def _checkpoint_extras(self) -> dict:
-        """Extra files for a checkpoint folder (name -> bytes) and its own tokenizer, if any."""
-        return {"tokenizer": None, "files": {}}
+        """Extra files for a checkpoint folder (name -> bytes) and the tokenizer it carries (so that
+        sampling from it never depends on where the training data lives)."""
+        return {"tokenizer": self.tokenizer, "files": {}}
 
     # --- several processes agree (see scratchlm.train.distributed) ------------------------------
     def _on_rank0_then_all(self, work, what: str) -> None:
@@ -326,11 +384,12 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token()["train"]
         self.peak = peak_tflops(self.device, cfg.peak_tflops)
         self._signalled = threading.Event()
+        self._signal_name: str | None = None  # "SIGTERM" or "Ctrl-C", once one arrived
 
     def _read_resume_checkpoint(self) -> dict:
-        """``last``'s state, checked against this run, and its weights loaded (on every rank)."""
+        """The resumed checkpoint's state, checked against this run, and its weights loaded (on every rank)."""
         state = self._check_resumable()
-        self._load_resume_weights(self.out / "last")
+        self._load_resume_weights(self.resume_folder)
         return state
 
     # --- state ------------------------------------------------------------------------------------
@@ -356,7 +415,7 @@ class Trainer:
         }
 
     def _check_resumable(self) -> dict:
-        last = self.out / "last"
+        last = self.resume_folder
         if not last.exists():
             raise FileNotFoundError(
                 f"{last}: no checkpoint to resume from (none was saved yet, or out_dir is wrong); "
@@ -379,12 +438,43 @@ class Trainer:
                 f"the data's is {self.tokenizer.fingerprint[:16]}"
             )
         # compared as configs, not as dicts: an older checkpoint may spell a setting the old way
-        if GPTConfig.from_dict(state["model"]).to_dict() != self.model_config.to_dict():
-            raise ValueError(f"{last}: the model config differs from this run's; resume with the same config")
+        changed = changed_keys(GPTConfig.from_dict(state["model"]).to_dict(), self.model_config.to_dict())
+        if changed:
+            raise ValueError(
+                f"cannot resume {last}: a resumed run keeps its model, and "
+                + "; ".join(f"model.{k} = {new!r} here, {old!r} in the run" for k, old, new in changed)
+                + ": drop the change, or start a new run (--overwrite, or another output folder)"
+            )
+        if self.is_main:
+            for line in self._changed_settings(last, state.get("train") or {}, state["step"]):
+                self.log(line)
         return state
 
+    def _changed_settings(self, folder: Path, saved: dict, step: int) -> list[str]:
+        """One warning line per ``[train]`` value that differs from the resumed run's (applied from
+        the resumed step on); a change that cannot be honoured is refused."""
+        now = asdict(self.cfg)
+        if saved.get("data"):
+            saved = {**saved, "data": str(Path(saved["data"]).resolve())}
+        lines = []
+        for key, old, new in changed_keys({k: saved[k] for k in now if k in saved}, now):
+            if key in ("out_dir", "device"):  # where the run lives and runs, not what it computes
+                continue
+            if key == "optimizer":
+                raise ValueError(
+                    f"cannot resume {folder}: train.optimizer = {new!r} here, {old!r} in the run; its saved "
+                    f"state is {old}'s: resume with {old}, or start a new run"
+                )
+            effect = (
+                "it has no effect on a resumed run (the run's random state is restored)"
+                if key == "seed"
+                else f"applied from step {step} on"
+            )
+            lines.append(f"warning: train.{key} = {new!r} (the run had {old!r}): {effect}")
+        return lines
+
     def _resume(self, state: dict) -> None:
-        last = self.out / "last"
+        last = self.resume_folder
         # Optimizer *state* comes from the checkpoint; its hyperparameters from this run's config.
         hyper = [
             [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
@@ -451,9 +541,17 @@ class Trainer:
         """A short sample, on rank 0 (other ranks return ""). Under FSDP every rank must take part
         in every forward (each gathers the shards), in lockstep: see
         :func:`~scratchlm.train.distributed.sample_in_lockstep`."""
+        start = sample_start(self.tokenizer)
+        if start is None:  # said once, in the header
+            return ""
         if self.sharded:
             return sample_in_lockstep(
-                self.model, self.tokenizer, self.model_config.block_size, self.cfg.sample_tokens, self.device
+                self.model,
+                self.tokenizer,
+                start,
+                self.model_config.block_size,
+                self.cfg.sample_tokens,
+                self.device,
             )
         if not self.is_main:
             return ""
@@ -462,7 +560,7 @@ class Trainer:
         return generate_text(
             self.model,
             self.tokenizer,
-            "\n" if self.tokenizer.kind == "char" else "",
+            self.tokenizer.decode(start),  # encodes back to ``start`` (special tokens allowed)
             self.cfg.sample_tokens,
             SamplingConfig(temperature=0.8, top_k=50),
             seed=0,
@@ -498,15 +596,19 @@ class Trainer:
         self._step_metrics = StepMetrics(
             self._metrics, self.device, tokens_per_step, self.flops_per_token, self.peak
         )
-        previous_handler = None
+        if self.is_main:
+            for line in self.header():
+                self._bar.write(line, file=sys.stderr) if self.progress_bar else self.log(line)
+        previous_handlers = {}
         if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self.model.train()
         try:
             stop_reason = self._run()
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             self._bar.close()
             self._metrics.close()
         plot = (
@@ -627,7 +729,8 @@ class Trainer:
         self.state.eval_pending = scheduled or self.state.step == self.cfg.max_steps
         self._save(["last"])
         self.log(
-            f"stopped by a signal at step {self.state.step}; saved {self.out / 'last'}: resume with --resume"
+            f"stopped by {self._signal_name or 'a signal'} at step {self.state.step}; saved "
+            f"{self.out / 'last'}: continue with `scratchlm train --resume --out {self.out}`"
         )
 
     def _flush(self) -> float | None:
@@ -659,7 +762,8 @@ class Trainer:
         train_part = f"train {loss_now:.4f}  " if loss_now is not None else ""
         message = f"step {st.step}: {train_part}val {val:.4f}{'  (best)' if improved else ''}"
         if cfg.sample_tokens:
-            message += "\n" + self.sample().strip()[:400]  # every rank samples: FSDP gathers shards
+            text = self.sample().strip()[:400]  # every rank samples: FSDP gathers shards
+            message += "\n" + text if text else ""
         if self.is_main:
             self._bar.write(message) if self.progress_bar else self.log(message)
         if scheduled and cfg.patience is not None and st.evals_without_improvement >= cfg.patience:
@@ -708,20 +812,102 @@ class Trainer:
         )
 
     def _on_signal(self, signum, frame) -> None:
+        """SIGTERM or Ctrl-C: stop after this step and save. A second Ctrl-C aborts at once (nothing
+        more is saved; a save it interrupts leaves the previous checkpoint whole)."""
+        if signum == signal.SIGINT and self._signal_name == "Ctrl-C":
+            raise KeyboardInterrupt
+        if self._signal_name is None:
+            self._signal_name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            if signum == signal.SIGINT and self.is_main:
+                self.log(
+                    "Ctrl-C: stopping after this step and saving last (press Ctrl-C again to abort without saving)"
+                )
         self._signalled.set()
 
+    def header(self) -> list[str]:
+        """What the run is about to do, printed before the first step."""
+        cfg, counts = self.cfg, self.model.parameter_counts()
+        context = self.model_config.block_size
+        tokens = cfg.batch_size * context * cfg.grad_accum * self.world_size
+        dtype = "bfloat16 autocast, float32 weights" if self.device.type == "cuda" else "float32"
+        start = f", from step {self.state.step} ({self.resume_folder})" if self.state.step else ""
+        lines = [
+            f"parameters: {counts['total']:,}",
+            f"device: {self.device}"
+            + (f" x {self.world_size} processes ({cfg.strategy})" if self.world_size > 1 else ""),
+            f"dtype: {dtype}",
+            f"data: {self._data_description()}",
+            f"tokens per step: {tokens:,} = {cfg.batch_size} windows x {context} context x "
+            f"{cfg.grad_accum} grad-accum x {self.world_size} process{'es' if self.world_size > 1 else ''}",
+            f"steps: {cfg.max_steps:,}{start}, evaluating and saving every {cfg.eval_interval:,}",
+            f"writes: {self.out}/ (checkpoints/step-N with model.safetensors, optimizer.safetensors, "
+            "tokenizer.json, state.json; last and best point at them; metrics.jsonl, loss.png)",
+        ]
+        # HOOK(exports-as): the lead adds the "exports as: ..." line here (its function comes from another helper).
+        if cfg.sample_tokens and sample_start(self.tokenizer) is None:
+            lines.append(
+                "note: no samples during training: the tokenizer has neither <|endoftext|> nor a newline "
+                "to start one from"
+            )
+        return lines
 
-def train(config: dict, *, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    def _data_description(self) -> str:
+        """The data line of the header: the folder and, for token shards, the tokens of each split."""
+        sizes = []
+        for split, ids in (
+            ("train", getattr(self.train_loader, "ids", None)),
+            ("val", getattr(self, "val_ids", None)),
+        ):
+            if ids is not None:
+                sizes.append(f"{split} {len(ids):,} tokens")
+        return f"{self.cfg.data}" + (f" ({', '.join(sizes)})" if sizes else "")
+
+
+def train(
+    config: dict,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    resume_from: str = "last",
+    from_run: bool = False,
+) -> dict:
     """Train from a config dict with ``model`` and ``train`` sections (see :mod:`scratchlm.config`).
 
-    ``resume`` continues the run in ``train.out_dir``; a fresh run refuses a folder that holds
-    another run's checkpoints unless ``overwrite`` (which deletes them first)."""
-    cfg = TrainConfig.from_dict(config.get("train", {}))
+    ``resume`` continues the run in ``train.out_dir`` from its ``resume_from`` checkpoint (``last``
+    or ``best``); each ``[train]`` value that differs from the run's is reported. With ``from_run``
+    the config holds only changes: the run's recorded config is the rest (``scratchlm train
+    --resume --out DIR`` without ``--config``). A fresh run refuses a folder that holds another
+    run's checkpoints unless ``overwrite`` (which deletes them first)."""
+    train_section, model_section = config.get("train", {}), config.get("model", {})
+    defaults = None
+    if from_run:
+        if not resume:
+            raise ValueError("from_run continues a run: it needs resume")
+        saved = run_config(train_section.get("out_dir", TrainConfig.out_dir), resume_from)
+        model_section, defaults = _over(saved["model"], model_section), saved["train"]
+    cfg = TrainConfig.from_dict(train_section, defaults=defaults)
     if not cfg.data:
         raise ValueError("train.data is required: a shards folder from `scratchlm data tokenize`")
     return run_trainer(
-        lambda: Trainer(config.get("model", {}), cfg, resume=resume, progress=progress, overwrite=overwrite)
+        lambda: Trainer(
+            model_section,
+            cfg,
+            resume=resume,
+            progress=progress,
+            overwrite=overwrite,
+            resume_from=resume_from,
+        )
     )
+
+
+def _over(base: dict, changes: dict) -> dict:
+    """``changes`` over ``base``, a table (``model.attn``) key by key."""
+    merged = dict(base)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = {**base[key], **value} if both else value
+    return merged
 
 
 def run_trainer(make_trainer) -> dict:

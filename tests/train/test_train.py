@@ -83,7 +83,7 @@ def test_training_learns_and_writes_everything(char_shards, tmp_path):
     assert len(curve) == 300 and curve[300] < curve[1] - 1.5  # from ~ln(65) = 4.17 to well below
     for name in ("best", "last"):
         files = sorted(p.name for p in (tmp_path / "run" / name).iterdir())
-        assert files == ["model.safetensors", "optimizer.safetensors", "state.json"]
+        assert files == ["model.safetensors", "optimizer.safetensors", "state.json", "tokenizer.json"]
     state = read_state(tmp_path / "run" / "last")
     assert state["format"] == "scratchlm.checkpoint" and state["step"] == 300
     assert state["model"]["vocab_size"] == 65 and len(state["tokenizer_fingerprint"]) == 64

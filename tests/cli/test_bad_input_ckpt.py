@@ -1,0 +1,248 @@
+"""Bad input around checkpoints and the training run, each through the real command line: a char
+vocabulary without a newline, a full disk (a real tmpfs), Ctrl-C (a real SIGINT), a flipped digit in
+state.json, the file modes a umask asks for, a value changed on resume.
+
+Each row runs ``python -m scratchlm`` in a child process and checks its exit status and message."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_TEXT = (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").resolve()
+TINY = """\
+[model]
+n_layer = 2
+n_head = 2
+d_model = 32
+block_size = 32
+position = "rope"
+
+[train]
+data = "{data}"
+out_dir = "{out}"
+batch_size = 4
+max_steps = {max_steps}
+eval_interval = 3
+eval_windows = 8
+warmup_steps = 2
+sample_tokens = 20
+log_interval = 1
+"""
+
+
+def scratchlm(*args, cwd, umask: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "scratchlm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
+    )
+
+
+def write_config(tmp_path: Path, data, out, max_steps: int = 6) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(data=data, out=out, max_steps=max_steps))
+    return path
+
+
+def no_newline_shards(tmp_path: Path) -> Path:
+    """Shakespeare with every newline replaced by a space, a char tokenizer trained on it (so "\\n"
+    is not in its vocabulary; <|endoftext|> is), token shards: all made by the command line."""
+    text = tmp_path / "one-line.txt"
+    text.write_text(SHARED_TEXT.read_text(encoding="utf-8")[:300_000].replace("\n", " "), encoding="utf-8")
+    for args in (
+        ("data", "prepare", text, "--out", tmp_path / "ds"),
+        ("tokenizer", "train", "--kind", "char", "--dataset", tmp_path / "ds", "--out", tmp_path / "char.json"),
+        ("data", "tokenize", "--dataset", tmp_path / "ds", "--tokenizer", tmp_path / "char.json",
+         "--out", tmp_path / "shards"),
+    ):  # fmt: skip
+        done = scratchlm(*args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert "\n" not in json.loads((tmp_path / "char.json").read_text())["chars"]
+    return tmp_path / "shards"
+
+
+# --- the rows ----------------------------------------------------------------------------------------
+def char_tokenizer_without_newline(tmp_path, char_shards):
+    out = tmp_path / "run"
+    done = scratchlm("train", "--config", write_config(tmp_path, no_newline_shards(tmp_path), out), "--quiet",
+                     cwd=tmp_path)  # fmt: skip
+    # The samples start from <|endoftext|>: each evaluation prints one under its loss line.
+    lines = done.stderr.splitlines()
+    samples = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("step ")]
+    return done, 0, r"step 6: train [\d.]+  val [\d.]+", lambda: len(samples) == 2 and all(samples)
+
+
+def full_disk(tmp_path, char_shards):
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed: a full disk needs an unprivileged tmpfs")
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unprivileged user namespaces are unavailable here: {probe.stderr.strip()}")
+    mount, copy = tmp_path / "disk", tmp_path / "copy"
+    mount.mkdir()
+    out = mount / "run"
+    config = write_config(tmp_path, char_shards, out)
+    # 600 kB: the step-3 checkpoint (about 375 kB) fits, the step-6 one beside it does not.
+    script = (
+        f"mount -t tmpfs -o size=600k tmpfs {mount} && "
+        f"{sys.executable} -m scratchlm train --config {config} --quiet; rc=$?; "
+        f"cp -a {out} {copy}; exit $rc"
+    )
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+    def previous_checkpoint_intact():
+        from scratchlm.models.checkpoint import load_model_from_checkpoint, read_state
+
+        load_model_from_checkpoint(copy / "last")  # every checksum verified
+        leftovers = [p.name for p in (copy / "checkpoints").iterdir() if p.name.startswith(".")]
+        return read_state(copy / "last")["step"] == 3 and not leftovers
+
+    message = (
+        rf"scratchlm: error: {out / 'checkpoints'}: not enough free space to save the checkpoint "
+        r"step-00000006: it needs about [\d.]+ kB and [\d.]+ kB is free"
+    )
+    return done, 2, message, previous_checkpoint_intact
+
+
+def ctrl_c(tmp_path, char_shards):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, char_shards, out, max_steps=100_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scratchlm", "train", "--config", config, "--set", "train.eval_interval=100000",
+         "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "metrics.jsonl"
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    def saved_and_resumes():
+        from scratchlm.models.checkpoint import read_state
+
+        summary = json.loads(stdout)
+        step = summary["steps"]
+        assert summary["stop_reason"] == "signal" and read_state(out / "last")["step"] == step
+        resumed = scratchlm("train", "--resume", "--out", out, "--set", f"train.max_steps={step + 2}",
+                            "--quiet", cwd=tmp_path)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"at step {step}" in resumed.stderr
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in records if "loss" in r] == list(range(1, step + 3))
+
+    return (
+        done,
+        0,
+        r"Ctrl-C: stopping after this step.*\n(.*\n)*stopped by Ctrl-C at step \d+; saved",
+        (saved_and_resumes),
+    )
+
+
+def flipped_digit_in_state_json(tmp_path, char_shards):
+    out = tmp_path / "run"
+    trained = scratchlm("train", "--config", write_config(tmp_path, char_shards, out, max_steps=3), "--quiet",
+                        cwd=tmp_path)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    state = (out / "last").resolve() / "state.json"
+    text = state.read_text()
+    assert '"rope_theta": 10000.0' in text
+    state.write_text(text.replace('"rope_theta": 10000.0', '"rope_theta": 90000.0'))
+    done = scratchlm("sample", "--checkpoint", out / "last", "--max-new-tokens", 5, cwd=tmp_path)
+    return done, 2, rf"scratchlm: error: {state}: its content differs from the sha256 recorded", lambda: True
+
+
+def permissions_0600(tmp_path, char_shards):
+    out = tmp_path / "run"
+    done = scratchlm("train", "--config", write_config(tmp_path, char_shards, out, max_steps=3), "--quiet",
+                     cwd=tmp_path, umask=0o022)  # fmt: skip
+
+    def modes_follow_the_umask():
+        folder = (out / "last").resolve()
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*folder.iterdir(), out / "metrics.jsonl"]}
+        assert set(modes) >= {"model.safetensors", "optimizer.safetensors", "state.json"}
+        assert set(modes.values()) == {0o644}, modes
+        return True
+
+    return done, 0, r"done: 3 steps", modes_follow_the_umask
+
+
+def changed_value_on_resume(tmp_path, char_shards):
+    out = tmp_path / "run"
+    trained = scratchlm("train", "--config", write_config(tmp_path, char_shards, out, max_steps=3), "--quiet",
+                        cwd=tmp_path)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    done = scratchlm("train", "--resume", "--out", out, "--set", "train.lr=5e-4", "--set", "train.max_steps=5",
+                     "--set", "train.min_lr=5e-4", "--quiet", cwd=tmp_path)  # fmt: skip
+
+    def one_line_per_change_and_applied():
+        warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+        assert warnings == [
+            "warning: train.max_steps = 5 (the run had 3): applied from step 3 on",
+            "warning: train.lr = 0.0005 (the run had 0.001): applied from step 3 on",
+            "warning: train.min_lr = 0.0005 (the run had 0.0001): applied from step 3 on",
+        ], warnings
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["lr"] for r in records if "lr" in r and r["step"] > 3] == [5e-4, 5e-4]
+
+    return (
+        done,
+        0,
+        r"warning: train\.lr = 0\.0005 \(the run had 0\.001\): applied from step 3 on",
+        (one_line_per_change_and_applied),
+    )
+
+
+ROWS = [
+    char_tokenizer_without_newline,
+    full_disk,
+    ctrl_c,
+    flipped_digit_in_state_json,
+    permissions_0600,
+    changed_value_on_resume,
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.__name__ for row in ROWS])
+def test_bad_input(row, tmp_path, char_shards):
+    import re
+
+    done, code, message, check = row(tmp_path, char_shards)
+    assert done.returncode == code, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert re.search(message, done.stderr + done.stdout), done.stderr[-3000:]
+    assert check()
