@@ -33,18 +33,21 @@ def chat_tokenizers(checkpoint: str | Path, state: dict, tokenizer_spec: str | N
     checkpoint's state, tells — or that tokenizer less the chat tokens (a chat checkpoint's plain
     tokenizer); anything else would give the model's rows other meanings, so it is refused."""
     from scratchlm.models.checkpoint import load_checkpoint_tokenizer
+    from scratchlm.tokenizers.base import check_model_tokenizer
 
     plain = load_checkpoint_tokenizer(checkpoint, state, tokenizer_spec)
     recorded = state.get("tokenizer_fingerprint")
     grown = add_chat_tokens(plain)
     if recorded and grown.fingerprint == recorded:
         plain = grown  # the plain tokenizer of a chat checkpoint: it was trained with the grown one
-    elif tokenizer_spec is not None and recorded and plain.fingerprint != recorded:
-        raise ValueError(
-            f"--tokenizer {tokenizer_spec} is not the tokenizer {checkpoint} was trained with: its "
-            f"fingerprint is {plain.fingerprint[:16]}, the checkpoint's {recorded[:16]} (a {plain.kind} "
-            f"vocabulary of {plain.vocab_size} ids; the model has {state.get('vocab_size')}). Leave "
-            "--tokenizer out to use the checkpoint's own, or pass the one it was trained with"
+    elif tokenizer_spec is not None:
+        check_model_tokenizer(
+            plain,
+            rows=state["model"]["vocab_size"],
+            fingerprint=recorded,
+            model=str(checkpoint),
+            source=f"--tokenizer {tokenizer_spec}",
+            fix="leave --tokenizer out to use the checkpoint's own, or pass the one it was trained with",
         )
     return plain, add_chat_tokens(plain)
 

@@ -57,6 +57,7 @@ from scratchlm.io import FormatError
 from scratchlm.models.checkpoint import load_weights, model_state, read_state
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
+from scratchlm.models.hf import export_note
 from scratchlm.models.loss import token_nll
 from scratchlm.models.presets import config_from_section
 from scratchlm.tokenizers import load_tokenizer
@@ -843,7 +844,7 @@ class Trainer:
             f"writes: {self.out}/ (checkpoints/step-N with model.safetensors, optimizer.safetensors, "
             "tokenizer.json, state.json; last and best point at them; metrics.jsonl, loss.png)",
         ]
-        # HOOK(exports-as): the lead adds the "exports as: ..." line here (its function comes from another helper).
+        lines.append(export_note(self.model_config))  # which Hugging Face formats hold it, or why none does
         if cfg.sample_tokens and sample_start(self.tokenizer) is None:
             lines.append(
                 "note: no samples during training: the tokenizer has neither <|endoftext|> nor a newline "

@@ -186,13 +186,14 @@ def test_resume_from_best_and_what_cannot_change(char_shards, tmp_path):
 
 def test_the_header_says_what_the_run_will_do(char_shards, tmp_path):
     from scratchlm.data.shards import open_shard
+    from scratchlm.models.hf import export_note
 
     out = tmp_path / "run"
     done = ok(scratchlm("train", "--config", tiny_config(tmp_path, char_shards, out), "--json", cwd=tmp_path))
     summary = json.loads(done.stdout)  # --json: stdout is one JSON object; the header is on stderr
     model, _ = load_model_from_checkpoint(out / "last")
     train_tokens, val_tokens = (len(open_shard(Path(char_shards) / f"{s}.bin")) for s in ("train", "val"))
-    header = done.stderr.splitlines()[:7]
+    header = done.stderr.splitlines()[:8]
     assert header == [
         f"parameters: {model.parameter_counts()['total']:,}",
         "device: cpu",
@@ -202,7 +203,9 @@ def test_the_header_says_what_the_run_will_do(char_shards, tmp_path):
         "steps: 6, evaluating and saving every 2",
         f"writes: {out}/ (checkpoints/step-N with model.safetensors, optimizer.safetensors, tokenizer.json, "
         "state.json; last and best point at them; metrics.jsonl, loss.png)",
+        export_note(model.config),
     ]
+    assert header[-1].startswith("export: `scratchlm model export` writes it as ")
     assert summary["parameters"] == model.parameter_counts()["total"]
 
 
