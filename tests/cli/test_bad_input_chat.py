@@ -75,7 +75,10 @@ ROWS = {
         [*SFT, "--tokenizer", "data/byte.json", *SHORT],
         {},
         2,
-        ["scratchlm: error: --tokenizer data/byte.json (byte, 257 ids", "is not the tokenizer runs/base/best"],
+        [
+            "scratchlm: error: --tokenizer data/byte.json (byte, 257 ids",
+            "is not the tokenizer runs/base/best",
+        ],
     ),
     "sft on a non-UTF-8 file": (
         ["sft", "--checkpoint", "runs/base/best", "--data", "latin1.jsonl", "--out", "runs/x", *SHORT],
