@@ -77,7 +77,8 @@ ROWS = {
         2,
         [
             "scratchlm: error: --tokenizer data/byte.json (byte, 257 ids",
-            "is not the tokenizer runs/base/best",
+            "is not the tokenizer",
+            "was trained with (13 embedding rows",
         ],
     ),
     "sft on a non-UTF-8 file": (
