@@ -107,7 +107,7 @@ def batch1(name, model, hf_dir, dtype, repeats, prompt_len=128, new=64) -> dict:
         hf_tokens = hf_generate(hf, [prompt], new)[0]
         tn = time.perf_counter() - start
         hf_tps.append((new - 1) / (tn - t1))
-    same = sum(a == b for a, b in zip(out.token_ids, hf_tokens))
+    same = sum(a == b for a, b in zip(out.outputs[0].token_ids, hf_tokens))
     row = {
         "model": name,
         "dtype": dtype,
@@ -141,7 +141,7 @@ def throughput(model, hf_dir, repeats, peer_repeats, n) -> dict:
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         engine_s.append(time.perf_counter() - start)
-    assert sum(len(o.token_ids) for o in outs) == total
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == total
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     seq_s, static_s = [], []
     for _ in range(peer_repeats):
@@ -223,7 +223,7 @@ def under_load(model, rates, n, seed=2) -> list[dict]:
                     p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True), str(index)
                 )
                 index += 1
-                engine.requests[rid].timing.arrival = start + arrival  # when the client sent it
+                engine.requests[rid].seqs[0].timing.arrival = start + arrival  # when the client sent it
             if not engine.has_unfinished():
                 time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))
                 continue

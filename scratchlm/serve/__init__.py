@@ -9,7 +9,20 @@ One job per file: :mod:`~scratchlm.serve.sequence` (a request's state),
 :mod:`~scratchlm.serve.async_engine` (streaming, for servers).
 """
 
-from scratchlm.serve.engine import LLM, EngineConfig, LLMEngine, RequestOutput
-from scratchlm.serve.params import SamplingParams
+from scratchlm.serve.engine import LLM, CompletionOutput, EngineConfig, LLMEngine, RequestOutput
+from scratchlm.serve.errors import EngineOverloaded, EngineUnhealthy, InvalidRequestError, RequestFailed
+from scratchlm.serve.params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "EngineOverloaded",
+    "EngineUnhealthy",
+    "InvalidRequestError",
+    "LLMEngine",
+    "RequestFailed",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SamplingParams",
+]

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from scratchlm.io import atomic_write
 from scratchlm.serve.engine import LLMEngine
-from scratchlm.serve.params import SamplingParams
+from scratchlm.serve.params import RequestOutputKind, SamplingParams
 
 
 def read_requests(path: str | Path, defaults: dict | None = None) -> list[dict]:
@@ -53,6 +54,30 @@ def read_requests(path: str | Path, defaults: dict | None = None) -> list[dict]:
     return requests
 
 
+def _result(out) -> dict:
+    """An output line's fields: one choice's flat (``n == 1``), or a list of ``choices``."""
+    m = out.metrics
+    choices = [
+        {
+            **({"index": c.index} if len(out.outputs) > 1 else {}),
+            "text": c.text,
+            "finish_reason": c.finish_reason,
+            **({"token_ids": c.token_ids} if c.text is None else {}),
+            **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
+        }
+        for c in out.outputs
+    ]
+    counts = {
+        "prompt_tokens": m["prompt_tokens"],
+        "completion_tokens": m["output_tokens"],
+        "cached_tokens": m["cached_tokens"],
+    }
+    if len(choices) == 1:
+        first = choices[0]
+        return {"text": first.pop("text"), "finish_reason": first.pop("finish_reason"), **counts, **first}
+    return {"choices": choices, **counts}
+
+
 def run_batch(
     engine: LLMEngine,
     input_path: str | Path,
@@ -68,7 +93,8 @@ def run_batch(
         if "error" in item:
             continue
         try:
-            ids[engine.add_request(item["prompt"], item["params"])] = i
+            params = replace(item["params"], output_kind=RequestOutputKind.FINAL_ONLY)
+            ids[engine.add_request(item["prompt"], params)] = i
         except ValueError as e:
             item["error"] = f"line {item['line']}: {e}"
     start = time.perf_counter()
@@ -82,21 +108,11 @@ def run_batch(
         for out in engine.step():
             if not out.finished:
                 continue
-            m = out.metrics
-            results[ids[out.request_id]] = {
-                "text": out.text,
-                "finish_reason": out.finish_reason,
-                "prompt_tokens": m["prompt_tokens"],
-                "completion_tokens": m["output_tokens"],
-                "cached_tokens": m["cached_tokens"],
-                **({"token_ids": out.token_ids} if out.text is None else {}),
-                **({"logprobs": out.logprobs} if out.logprobs is not None else {}),
-                **(
-                    {"error": f"line {requests[ids[out.request_id]]['line']}: {out.error}"}
-                    if out.error
-                    else {}
-                ),
-            }
+            line = requests[ids[out.request_id]]["line"]
+            if out.error is not None:
+                results[ids[out.request_id]] = {"error": f"line {line}: {out.error}", "completion_tokens": 0}
+            else:
+                results[ids[out.request_id]] = _result(out)
             if bar is not None:
                 bar.update(1)
     seconds = time.perf_counter() - start

@@ -16,6 +16,12 @@ its reference count goes up. A block whose count drops to 0 keeps its hash and c
 free list, so a later request can still hit it, until it is reused; reuse takes the least recently
 freed block first (LRU eviction). The last prompt token is always recomputed, so the model
 produces the logits the first output token is sampled from.
+
+**Forks.** The choices of one request (``n > 1``) share their prompt the same way: when choice 0
+has computed the prompt, every other choice takes its *full* blocks (:meth:`BlockManager.fork`,
+reference counts up, whether or not prefix caching is on) and computes only the tokens of the
+last, partly filled block itself (fewer than ``block_size``), into a block of its own. A block is
+therefore shared only once it is full, and is never written again while shared.
 """
 
 from __future__ import annotations
@@ -112,6 +118,17 @@ class BlockManager:
             )
         return digests[i]
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` (another choice of ``parent``'s prompt) shares ``parent``'s full computed blocks."""
+        assert not child.block_table, "fork is for a sequence that holds no blocks"
+        full = parent.num_computed // self.block_size
+        child.block_table = parent.block_table[:full]
+        child.block_hashes = parent.block_hashes[:full]
+        child.digests = parent.digests[:full]
+        for block_id in child.block_table:
+            self.blocks[block_id].ref_count += 1
+        child.num_computed = full * self.block_size
+
     # --- growth ---------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Give ``seq`` the blocks its first ``num_tokens`` tokens need (caller checked there are enough)."""
@@ -181,11 +198,13 @@ class BlockManager:
 
     def check(self, sequences: list[Sequence]) -> None:
         owners: dict[int, int] = {}
+        unfilled: set[int] = set()  # blocks that hold a sequence's next tokens: written, so not shared
         for seq in sequences:
             assert len(set(seq.block_table)) == len(seq.block_table), f"{seq} lists a block twice"
             assert len(seq.block_table) * self.block_size >= seq.num_computed, (
                 f"{seq} computed past its blocks"
             )
+            unfilled.update(seq.block_table[seq.num_computed // self.block_size :])
             for block_id in seq.block_table:
                 owners[block_id] = owners.get(block_id, 0) + 1
         for block in self.blocks:
@@ -193,8 +212,8 @@ class BlockManager:
             assert block.ref_count == n, f"block {block.block_id}: ref_count {block.ref_count}, in {n} tables"
             assert (n == 0) == (block.block_id in self.free), f"block {block.block_id}: free list disagrees"
             if n > 1:
-                assert block.hash is not None, (
-                    f"block {block.block_id} shared by {n} sequences but not a cached block"
+                assert block.block_id not in unfilled, (
+                    f"block {block.block_id} is shared by {n} sequences but not full in every one"
                 )
         for h, block_id in self.cached.items():
             assert self.blocks[block_id].hash == h, (

@@ -107,7 +107,7 @@ def generate_replies(
     ``<|im_end|>`` (``ended``) rather than running out of tokens, and the ids (``prompt_ids``,
     ``token_ids``). A reply the engine could not finish raises (a training loop must not learn
     from half an answer)."""
-    from scratchlm.serve import LLM, SamplingParams
+    from scratchlm.serve import LLM, RequestFailed, SamplingParams
 
     if not prompts:
         return []
@@ -136,17 +136,19 @@ def generate_replies(
         outs = LLM(model, tokenizer, weight_format="dense", **options).generate(
             ids, params, progress=progress
         )
+    except RequestFailed as e:
+        raise RuntimeError(f"the engine could not finish a reply: {e}") from e
     finally:
         model.train(was_training)
-    failed = [o for o in outs if o.finish_reason == "error"]
-    if failed:
-        raise RuntimeError(f"the engine could not finish a reply: {failed[0].error}")
-    return [
-        {
-            "text": o.text,
-            "ended": bool(o.token_ids) and o.token_ids[-1] == template.end_id,
-            "prompt_ids": o.prompt_token_ids,
-            "token_ids": o.token_ids,
-        }
-        for o in outs
-    ]
+    replies = []
+    for o in outs:
+        reply = o.outputs[0]
+        replies.append(
+            {
+                "text": reply.text,
+                "ended": reply.stop_reason == template.end_id,
+                "prompt_ids": o.prompt_token_ids,
+                "token_ids": reply.token_ids,
+            }
+        )
+    return replies

@@ -1,23 +1,28 @@
 """The engine: requests in, tokens out, many requests at once.
 
     engine = LLMEngine.from_checkpoint("runs/shakespeare/last")
-    engine.add_request("ROMEO:", SamplingParams(max_tokens=50), request_id="a")
+    engine.add_request("ROMEO:", SamplingParams(max_tokens=50, output_kind=RequestOutputKind.DELTA))
     while engine.has_unfinished():
         for out in engine.step():          # one forward pass for every running request
-            print(out.request_id, out.delta_text)
+            print(out.request_id, out.outputs[0].text)
 
 Each :meth:`LLMEngine.step` asks the :class:`~scratchlm.serve.scheduler.Scheduler` what to run,
-has the :class:`~scratchlm.serve.runner.ModelRunner` compute it, appends the sampled tokens, checks
-each request's stop conditions, and frees finished requests' blocks. :class:`LLM` is the offline
-batch interface on top (``LLM(ckpt).generate(prompts, params)``); the async streaming interface for
-servers is :class:`~scratchlm.serve.async_engine.AsyncLLMEngine`.
+has the :class:`~scratchlm.serve.runner.ModelRunner` compute it, samples the next tokens (a
+request with ``n > 1`` forks its choices the moment its prompt is computed), checks each choice's
+stop conditions, frees finished sequences' blocks, and reports each changed request as a
+:class:`RequestOutput` (vLLM's shape: ``outputs[i].text / token_ids / finish_reason``).
+:meth:`LLMEngine.add_request` is :meth:`~LLMEngine.make_request` (check and tokenize: any thread)
+then :meth:`~LLMEngine.enqueue` (the engine's thread). :class:`LLM` is the offline batch interface on
+top (``LLM(ckpt).generate(prompts, params)``); the async streaming interface for servers is
+:class:`~scratchlm.serve.async_engine.AsyncLLMEngine`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,30 +31,75 @@ from scratchlm.config import Rule
 from scratchlm.generate.generate import TextStream
 from scratchlm.generate.tokenizer import checkpoint_tokenizer
 from scratchlm.serve.block_manager import BlockManager
-from scratchlm.serve.params import SamplingParams
+from scratchlm.serve.errors import EngineOverloaded, InvalidRequestError, RequestFailed
+from scratchlm.serve.params import RequestOutputKind, SamplingParams
 from scratchlm.serve.runner import ModelRunner
+from scratchlm.serve.sampler import sample
 from scratchlm.serve.scheduler import Scheduler
-from scratchlm.serve.sequence import Sequence, Status
+from scratchlm.serve.sequence import Request, Sequence
 from scratchlm.tokenizers.base import check_model_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
+class CompletionOutput:
+    """One choice of a request, as vLLM's: its tokens and text (all so far, or only the new ones
+    for a ``DELTA`` request), and once it ends why: ``finish_reason`` is ``"stop"`` (an end-of-text
+    token, a stop token or a stop string: ``stop_reason`` says which token id or string, ``None``
+    for end-of-text), ``"length"`` (``max_tokens`` or the end of the context) or ``"abort"``."""
+
+    index: int
+    text: str | None  # None when the engine has no tokenizer
+    token_ids: list[int]
+    cumulative_logprob: float | None  # when logprobs were asked for
+    logprobs: list[dict] | None  # per token: {"token", "logprob", "top": [(id, logprob), ...]}
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
 class RequestOutput:
-    """A request's state after a step: everything so far, and what this step added (``delta_*``)."""
+    """A request after a step: its prompt and its choices (``outputs[i].index == i``, in DELTA mode
+    only those with something new). A request that could not finish has ``error`` set (a
+    :class:`~scratchlm.serve.errors.RequestFailed`, which every frontend raises) and no outputs."""
 
     request_id: str
+    prompt: str | None
     prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
+    outputs: list[CompletionOutput]
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    delta_token_ids: list[int] = field(default_factory=list)
-    delta_text: str = ""
-    logprobs: list[dict] | None = None
     metrics: dict | None = None  # when finished: TTFT, ITL, TPOT, E2E, cached and preempted counts
-    error: str | None = None  # why, when finish_reason is "error" (this request only; the engine goes on)
+    error: RequestFailed | None = None
+
+    def add(self, later: RequestOutput, aggregate: bool) -> None:
+        """Fold ``later`` (the same request's next output) into this one, so a stream whose consumer
+        is behind holds one output, not one per step. ``aggregate`` (DELTA outputs): append each
+        choice's new tokens, text and logprobs; otherwise ``later`` already holds everything."""
+        if not aggregate:
+            self.outputs = later.outputs
+        else:
+            mine = {c.index: c for c in self.outputs}
+            for c in later.outputs:
+                old = mine.get(c.index)
+                if old is None:
+                    self.outputs.append(c)
+                    continue
+                old.token_ids.extend(c.token_ids)
+                if old.text is not None:
+                    old.text += c.text
+                if old.logprobs is not None:
+                    old.logprobs.extend(c.logprobs)
+                old.cumulative_logprob, old.finish_reason, old.stop_reason = (
+                    c.cumulative_logprob,
+                    c.finish_reason,
+                    c.stop_reason,
+                )
+            self.outputs.sort(key=lambda c: c.index)
+        self.finished, self.metrics, self.error = later.finished, later.metrics, later.error
 
 
 @dataclass
@@ -59,13 +109,14 @@ class EngineConfig:
     kv_cache_gb: float = 2.0  # memory cap for the KV pool when num_blocks is None
     max_num_seqs: int = 64  # running sequences at most
     max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
+    max_waiting: int | None = None  # requests waiting for admission at most (None: no limit)
     enable_prefix_caching: bool = True
     weight_format: str = "auto"  # auto | dense | onednn (scratchlm.serve.weights)
     check_invariants: bool = False  # tests: check the block manager after every step
 
     def __post_init__(self):
         for name, rule in _CONFIG_RULES.items():
-            if not (name == "num_blocks" and self.num_blocks is None):
+            if not (name in ("num_blocks", "max_waiting") and getattr(self, name) is None):
                 rule.require(getattr(self, name), name)
 
 
@@ -75,6 +126,7 @@ _CONFIG_RULES = {
     "kv_cache_gb": Rule(type=float, above=0),
     "max_num_seqs": Rule(type=int, min=1),
     "max_num_batched_tokens": Rule(type=int, min=1),
+    "max_waiting": Rule(type=int, min=1, why="or None: no limit"),
 }
 
 
@@ -142,70 +194,119 @@ class LLMEngine:
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
-        """Queue one request; return its id. A bad request raises ``ValueError`` and changes nothing.
+        """Check, tokenize and queue one request; return its id (:meth:`make_request`, then
+        :meth:`enqueue`). A bad request raises ``InvalidRequestError`` (a ``ValueError``), a full
+        waiting queue ``EngineOverloaded``; either way nothing changes."""
+        return self.enqueue(self.make_request(prompt, params, request_id))
+
+    def make_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        """A checked, tokenized request, not yet queued. It reads only the engine's fixed settings,
+        so a frontend calls it in its own thread: a long prompt's tokenization never stalls a step.
 
         As in vLLM, the model's context bounds prompt and output together: a prompt that fills the
         context is refused, and otherwise generation stops at the context with finish_reason
         ``"length"`` (``max_tokens`` is a cap, not a promise)."""
         params = params or SamplingParams()
-        ids = self._prompt_ids(prompt)
+        text, ids = self._prompt_ids(prompt)
         if len(ids) >= self.context:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens (prompt and "
-                f"output together): shorten the prompt to at most {self.context - 1} tokens"
+                f"output together): shorten the prompt to at most {self.context - 1} tokens",
+                param="prompt",
             )
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer: give the engine one, or use stop_token_ids")
+            raise InvalidRequestError(
+                "stop strings need a tokenizer: give the engine one, or use stop_token_ids", param="stop"
+            )
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
-            raise ValueError(
-                f"stop_token_ids {bad[:5]} are not in the vocabulary (0 ... {self.vocab_size - 1})"
+            raise InvalidRequestError(
+                f"stop_token_ids {bad[:5]} are not in the vocabulary (0 ... {self.vocab_size - 1})",
+                param="stop_token_ids",
             )
-        if request_id is not None and request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(ids, params, request_id, max_output=min(params.max_tokens, self.context - len(ids)))
-        if self.tokenizer is not None:
-            seq.text_stream = TextStream(self.tokenizer, params.stop)
-        self.scheduler.add(seq)  # raises if it could never fit in the cache
-        self.requests[seq.request_id] = seq
-        return seq.request_id
+        if params.num_choices > self.scheduler.max_num_seqs:
+            name = "n" if params.best_of is None else "best_of"
+            raise InvalidRequestError(
+                f"{name} is {params.num_choices}, but this engine runs at most {self.scheduler.max_num_seqs} "
+                "sequences at once (max_num_seqs)",
+                param=name,
+            )
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        max_output = min(params.max_tokens, self.context - len(ids))
+        seqs = [Sequence(ids, params, request_id, max_output, index=i) for i in range(params.num_choices)]
+        for seq in seqs:
+            seq.prompt_ids = seqs[0].prompt_ids  # one list for all choices
+            if self.tokenizer is not None:
+                seq.text_stream = TextStream(self.tokenizer, params.stop)
+        try:
+            self.scheduler.check_fits(seqs[0])
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="max_tokens") from None
+        seqs[0].unforked = seqs[1:]  # they fork from choice 0 once it has computed the prompt
+        return Request(request_id, text, seqs)
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def enqueue(self, request: Request) -> str:
+        """Queue a request made by :meth:`make_request` (on the engine's own thread, between steps)."""
+        if request.request_id in self.requests:
+            raise InvalidRequestError(
+                f"request id {request.request_id!r} is already in use", param="request_id"
+            )
+        limit = self.config.max_waiting
+        if limit is not None and len(self.scheduler.waiting) >= limit:
+            raise EngineOverloaded(f"{limit} requests are already waiting (max_waiting): try again shortly")
+        self.scheduler.add(request.seqs[0])
+        self.requests[request.request_id] = request
+        return request.request_id
+
+    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(the prompt's text or None, its token ids)."""
+        text = None
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer: give the engine one, or pass token ids")
-            ids = self.tokenizer.encode(prompt, allowed_special="all")
+                raise InvalidRequestError(
+                    "a text prompt needs a tokenizer: give the engine one, or pass token ids", param="prompt"
+                )
+            text, ids = prompt, self.tokenizer.encode(prompt, allowed_special="all")
         elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError("a prompt is a string or a list of integer token ids")
+                raise InvalidRequestError(
+                    "a prompt is a string or a list of integer token ids", param="prompt"
+                )
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(
-                    f"prompt token ids {bad[:5]} are outside the vocabulary (0 ... {self.vocab_size - 1})"
+                raise InvalidRequestError(
+                    f"prompt token ids {bad[:5]} are outside the vocabulary (0 ... {self.vocab_size - 1})",
+                    param="prompt",
                 )
         else:
-            raise ValueError(
-                f"a prompt is a string or a list of integer token ids, got {type(prompt).__name__}"
+            raise InvalidRequestError(
+                f"a prompt is a string or a list of integer token ids, got {type(prompt).__name__}",
+                param="prompt",
             )
         if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        return ids
+            raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
+        return text, ids
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request wherever it is (waiting or running) and free its blocks."""
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
+        """Stop a request wherever it is (waiting or running) and free its blocks; its last output
+        (``finish_reason == "abort"`` for the choices still going)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
             return None
-        self.scheduler.finish(seq, "abort")
-        return self._output(seq, [], "")
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        return self._output(request)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # --- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, compute and sample once; return the outputs of the requests that got a token."""
+        """Schedule, compute and sample once; return the outputs of the requests that changed."""
         step = self.scheduler.schedule()
         if not step.chunks:
             return []
@@ -215,76 +316,149 @@ class LLMEngine:
         if self.config.check_invariants:
             self.blocks.check_writable(step.chunks)
         self.runner.scrub(self.blocks.take_fresh())  # no stale garbage in newly allocated blocks
-        sampled, tokens, logprobs, errors = self.runner.step(step.chunks)
+        ready, logits = self.runner.forward(step.chunks)
         self.num_steps += 1
         for seq, n in step.chunks:
             seq.num_computed += n
             self.blocks.register(seq)  # its newly full blocks join the prefix cache
-        outputs = []
+        # A prompt just computed: the request's other choices fork from it (sharing its full blocks)
+        # and draw their first tokens from the same logits row, each with its own generator.
+        rows, seqs = [], []
+        for row, seq in enumerate(ready):
+            for choice in [seq, *seq.unforked]:
+                if choice is not seq:
+                    self.scheduler.fork(seq, choice)
+                rows.append(row)
+                seqs.append(choice)
+            seq.unforked = []
+        if len(seqs) > len(ready):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        tokens, records, errors = sample(logits, seqs) if seqs else ([], [], [])
+        changed: dict[str, Request] = {}
         now = time.perf_counter()
-        for seq, token, logprob, error in zip(sampled, tokens, logprobs, errors):
+        for seq, token, record, error in zip(seqs, tokens, records, errors):
+            request = self.requests.get(seq.request_id)
+            if request is None or request.error is not None:  # another choice failed in this step
+                continue
+            changed[request.request_id] = request
             if error is not None:  # NaN or inf logits: this request fails, the others go on
-                outputs.append(self._fail(seq, error))
+                self._fail(request, error)
                 continue
             seq.output_ids.append(token)
             seq.timing.token_times.append(now)
             self.num_generated += 1
-            if logprob is not None:
-                seq.logprobs.append(logprob)
+            if record is not None:
+                seq.cumulative_logprob += record["logprob"]
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(record)
             try:
-                reason, delta = self._check_stop(seq, token)
+                reason = self._check_stop(seq, token)
             except Exception as e:  # e.g. a tokenizer that cannot decode the token: this request only
-                seq.output_ids.pop()  # token_ids stay the concatenation of the delta_token_ids streamed
-                outputs.append(self._fail(seq, f"could not decode token {token}: {e!r}"))
+                seq.output_ids.pop()
+                self._fail(request, f"could not decode token {token}: {e!r}")
                 continue
             if reason:
-                self._finish(seq, reason)
-            outputs.append(self._output(seq, [token], delta))
+                self.scheduler.finish(seq, reason)
+        outputs = []
+        for request in changed.values():
+            out = self._output(request)
+            if request.finished:
+                del self.requests[request.request_id]
+            if out is not None:
+                outputs.append(out)
         if self.config.check_invariants:
             self.blocks.check(self.scheduler.running)
         return outputs
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
-        del self.requests[seq.request_id]
+    def _fail(self, request: Request, error: str) -> None:
+        request.error = RequestFailed(error, request.request_id)
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, None)
 
-    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
-        self._finish(seq, "error")
-        out = self._output(seq, [], "")
-        out.error = error
-        return out
-
-    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, str]:
+    def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        """Why ``seq`` ends with ``token`` ("stop", "length") or None; its new text is kept for a
+        DELTA output."""
         params, stream = seq.params, seq.text_stream
         reason = None
-        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = "stop"  # the stop token is in token_ids, not in the text
+        if token in params.stop_token_ids:
+            reason, seq.stop_reason = "stop", token  # the stop token is in token_ids, not in the text
+        elif token in self.eos_ids and not params.ignore_eos:
+            reason = "stop"  # end of text: stop_reason None, as in vLLM
         delta = ""
         if stream is not None and reason is None:
             delta = stream.push(token)
             if stream.stopped:
-                reason = "stop"
+                reason, seq.stop_reason = "stop", self._stop_string(seq)
         if reason is None and len(seq.output_ids) >= seq.max_output:
             reason = "length"  # max_tokens, or the end of the model's context
         if reason and stream is not None:
             delta += stream.finish()
-        return reason, delta
+        if delta and params.output_kind is RequestOutputKind.DELTA:
+            seq.unsent_text.append(delta)
+        return reason
 
-    def _output(self, seq: Sequence, new_ids: list[int], delta: str) -> RequestOutput:
-        finished = seq.status is Status.FINISHED
+    def _stop_string(self, seq: Sequence) -> str | None:
+        """Which stop string ended ``seq``: the one that follows its text in the decoded tokens."""
+        decoded = self.tokenizer.decode_bytes(seq.output_ids).decode("utf-8", errors="replace")
+        cut = len(seq.text_stream.text)
+        return next((s for s in seq.params.stop if decoded.startswith(s, cut)), None)
+
+    def _output(self, request: Request) -> RequestOutput | None:
+        """The request's output now, by its ``output_kind``; None when it has nothing to say yet."""
+        params, finished = request.params, request.finished
+        if request.error is not None:
+            return RequestOutput(
+                request.request_id, request.prompt, request.prompt_ids, [], True, error=request.error
+            )
+        best_of = params.num_choices > params.n  # which choices to keep is known only at the end
+        if not finished and (best_of or params.output_kind is RequestOutputKind.FINAL_ONLY):
+            return None
+        seqs = request.seqs
+        if best_of:
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
+        delta = params.output_kind is RequestOutputKind.DELTA
+        choices = [
+            self._choice(seq, index, delta)
+            for index, seq in enumerate(seqs)
+            if not delta
+            or seq.sent_tokens < len(seq.output_ids)
+            or seq.unsent_text
+            or seq.is_finished
+            and not seq.finish_sent
+        ]
+        metrics = None
+        if finished:
+            first = request.seqs[0]
+            metrics = {
+                **first.timing.summary(first.num_prompt, first.num_cached),
+                "output_tokens": sum(len(s.output_ids) for s in request.seqs),
+                "preemptions": sum(s.num_preemptions for s in request.seqs),
+            }
         return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_ids,
-            token_ids=list(seq.output_ids),
-            text=seq.text_stream.text if seq.text_stream is not None else None,
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            delta_token_ids=new_ids,
-            delta_text=delta,
-            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            metrics={**seq.timing.summary(seq.num_prompt, seq.num_cached), "preemptions": seq.num_preemptions}
-            if finished
+            request.request_id, request.prompt, request.prompt_ids, choices, finished, metrics
+        )
+
+    def _choice(self, seq: Sequence, index: int, delta: bool) -> CompletionOutput:
+        """Choice ``seq`` as output ``index``: everything so far, or (``delta``) what is new since
+        its previous output."""
+        wants = seq.params.logprobs is not None
+        start = seq.sent_tokens if delta else 0
+        if delta:
+            text = "".join(seq.unsent_text) if seq.text_stream is not None else None
+            seq.sent_tokens, seq.unsent_text, seq.finish_sent = len(seq.output_ids), [], seq.is_finished
+        else:
+            text = seq.text_stream.text if seq.text_stream is not None else None
+        return CompletionOutput(
+            index=index,
+            text=text,
+            token_ids=seq.output_ids[start:],
+            cumulative_logprob=seq.cumulative_logprob
+            if wants or seq.params.num_choices > seq.params.n
             else None,
+            logprobs=seq.logprobs[start:] if wants else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
         )
 
     def stats(self) -> dict:
@@ -333,12 +507,16 @@ class LLM:
         *,
         progress: bool = False,
     ) -> list[RequestOutput]:
+        """Every prompt's finished output, in order. A bad prompt raises ``InvalidRequestError``
+        before anything runs; a request that fails while running raises ``RequestFailed``."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(params, list):
-            params = [params or SamplingParams()] * len(prompts)
+            params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        # One output per request, when it finishes (as vLLM's LLM): no copies of unfinished ones.
+        params = [replace(p or SamplingParams(), output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         engine = self.engine
         ids: list[str] = []
         results: dict[str, RequestOutput] = {}
@@ -347,14 +525,18 @@ class LLM:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 try:
                     ids.append(engine.add_request(prompt, p))
-                except ValueError as e:
-                    raise ValueError(f"prompt {i}: {e}") from None
+                except InvalidRequestError as e:
+                    raise InvalidRequestError(f"prompt {i}: {e}", param=e.param) from None
             if progress:
                 from tqdm import tqdm
 
                 bar = tqdm(total=len(ids), desc="generating", unit="req")
             while len(results) < len(ids):
                 for out in engine.step():
+                    if out.error is not None:  # the other requests are aborted below
+                        raise RequestFailed(
+                            f"prompt {ids.index(out.request_id)}: {out.error}", out.request_id
+                        )
                     if out.finished:
                         results[out.request_id] = out
                         if bar is not None:

@@ -4,15 +4,33 @@ Every field is checked when the object is made, so a bad request fails alone, wi
 says what was expected, before it reaches the engine (the engine keeps serving everyone else). The
 sampling values go through :func:`~scratchlm.generate.sampling.check_sampling`, the one check that
 ``scratchlm sample`` and ``scratchlm generate`` use too. The defaults are the OpenAI completions API's
-(16 tokens at temperature 1, as vLLM's); the command line's are ``scratchlm.cli.flags``'.
+(16 tokens at temperature 1, as vLLM's); the command line's are ``scratchlm.cli.flags``'. A refused
+value raises :class:`~scratchlm.serve.errors.InvalidRequestError` (a ``ValueError``) whose ``param``
+names the field.
+
+``n`` choices are sampled for one prompt (``best_of`` of them, keeping the ``n`` with the highest
+cumulative log-probability). Choice ``i`` of a seeded request draws with seed ``seed + i``, so it
+samples the same tokens as a request with ``n=1`` and that seed.
+
+``output_kind`` says what each of the request's outputs holds (vLLM's ``RequestOutputKind``):
+everything so far (``CUMULATIVE``), only what is new since the previous output (``DELTA``, what
+streaming sends), or one output when the request finishes (``FINAL_ONLY``).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass, field, fields
 
 from scratchlm.config import Rule
 from scratchlm.generate.sampling import SamplingConfig, check_sampling
+from scratchlm.serve.errors import InvalidRequestError
+
+
+class RequestOutputKind(enum.IntEnum):
+    CUMULATIVE = 0  # every output holds all tokens, text and logprobs so far
+    DELTA = 1  # every output holds only what is new since the previous one
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
@@ -28,31 +46,46 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going after the tokenizer's end-of-text token
     seed: int | None = None  # a seeded request samples the same tokens alone or in any batch
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely
+    n: int = 1  # choices returned
+    best_of: int | None = None  # choices sampled (None: n); the n most likely are returned
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _RULES["stop"].require(self.stop, "stop")
-        _RULES["stop_token_ids"].require(self.stop_token_ids, "stop_token_ids")
+        _require("stop", self.stop, "stop")
+        _require("stop_token_ids", self.stop_token_ids, "stop_token_ids")
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        check_sampling(
-            {
-                "max_new_tokens": self.max_tokens,
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "top_k": self.top_k,
-                "min_p": self.min_p,
-                "repetition_penalty": self.repetition_penalty,
-            },
-            names={"max_new_tokens": "max_tokens"},
-        )
-        _RULES["stop strings"].require(self.stop, "stop")
-        _RULES["stop ids"].require(self.stop_token_ids, "stop_token_ids")
-        for name in ("seed", "logprobs"):
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            try:
+                check_sampling(
+                    {"max_new_tokens" if name == "max_tokens" else name: getattr(self, name)},
+                    {"max_new_tokens": "max_tokens"},
+                )
+            except ValueError as e:
+                raise InvalidRequestError(str(e), param=name) from None
+        _require("stop strings", self.stop, "stop")
+        _require("stop ids", self.stop_token_ids, "stop_token_ids")
+        for name in ("seed", "logprobs", "best_of"):
             if getattr(self, name) is not None:
-                _RULES[name].require(getattr(self, name), name)
-        _RULES["ignore_eos"].require(self.ignore_eos, "ignore_eos")
+                _require(name, getattr(self, name), name)
+        _require("ignore_eos", self.ignore_eos, "ignore_eos")
+        _require("n", self.n, "n")
+        if self.best_of is not None and self.best_of < self.n:
+            raise InvalidRequestError(f"best_of must be >= n ({self.n}), got {self.best_of}", param="best_of")
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise InvalidRequestError(
+                f"output_kind must be one of {[k.name for k in RequestOutputKind]}, got {self.output_kind!r}",
+                param="output_kind",
+            ) from None
+
+    @property
+    def num_choices(self) -> int:
+        """Choices sampled: ``best_of``, or ``n``."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:
@@ -74,7 +107,9 @@ class SamplingParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown sampling field(s) {unknown}; known: {sorted(known)}")
+            raise InvalidRequestError(
+                f"unknown sampling field(s) {unknown}; known: {sorted(known)}", param=unknown[0]
+            )
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -86,6 +121,13 @@ GREEDY_BELOW = 1e-5  # temperatures below this are greedy (as in vLLM): logits /
 
 def _integer(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _require(rule: str, value, name: str) -> None:
+    try:
+        _RULES[rule].require(value, name)
+    except ValueError as e:
+        raise InvalidRequestError(str(e), param=name) from None
 
 
 # What the other fields allow (scratchlm.config.Rule: the one validation helper).
@@ -101,4 +143,6 @@ _RULES = {
     "seed": Rule(type=int, min=0, below=2**63, expected="an integer in [0, 2**63)"),
     "logprobs": Rule(type=int, min=0, max=20),
     "ignore_eos": Rule(type=bool),
+    "n": Rule(type=int, min=1),
+    "best_of": Rule(type=int, min=1),
 }

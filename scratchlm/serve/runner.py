@@ -1,9 +1,10 @@
-"""The model runner: one engine step's tokens through the model, next tokens out.
+"""The model runner: one engine step's tokens through the model, logits out.
 
-It owns the model and the KV pool. :meth:`ModelRunner.step` packs the scheduled chunks into one
+It owns the model and the KV pool. :meth:`ModelRunner.forward` packs the scheduled chunks into one
 row (no padding), runs the model with a :class:`~scratchlm.serve.paged_attention.PagedBatch`
-as its cache, takes logits only at the last token of each sequence whose chunk reaches the end of
-its tokens (a prefill chunk that is not the last one produces no token), and samples.
+as its cache, and takes logits only at the last token of each sequence whose chunk reaches the end
+of its tokens (a prefill chunk that is not the last one produces no token). The engine samples
+from them (:mod:`~scratchlm.serve.sampler`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from scratchlm.serve.paged_attention import KVPool, PagedBatch
-from scratchlm.serve.sampler import sample
 from scratchlm.serve.sequence import Sequence
 from scratchlm.serve.weights import for_inference, resolve
 
@@ -46,9 +46,9 @@ class ModelRunner:
         self.pool = KVPool(c.n_layer, num_blocks, block_size, c.kv_heads, c.head_dim, self.device, self.dtype)
 
     @torch.inference_mode()
-    def step(self, chunks: list[tuple[Sequence, int]]):
-        """Compute ``chunks``; return the sequences that got a next token, the tokens, their logprob
-        records and errors (:func:`~scratchlm.serve.sampler.sample`)."""
+    def forward(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Compute ``chunks``; return the sequences whose chunk reached their last token and their
+        next-token logits, one row each (only the tokenizer's ids)."""
         ids: list[int] = []
         for seq, n in chunks:
             ids.extend(seq.tokens(seq.num_computed, seq.num_computed + n))
@@ -56,23 +56,14 @@ class ModelRunner:
             self.pool, [(seq.block_table, seq.num_computed, n) for seq, n in chunks], self.device
         )
         done = [i for i, (seq, n) in enumerate(chunks) if seq.num_computed + n == seq.num_tokens]
-        sampled = [chunks[i][0] for i in done]
-        if not done:  # only middle chunks of long prompts: fill the cache, no logits needed
-            self.model(
-                torch.tensor([ids], device=self.device),
-                cache=batch,
-                positions=batch.positions,
-                logits_at=batch.last_rows[:0],
-            )
-            return [], [], [], []
+        # (No rows at all when every chunk is the middle of a long prompt: that only fills the cache.)
         logits, _ = self.model(
             torch.tensor([ids], device=self.device),
             cache=batch,
             positions=batch.positions,
-            logits_at=batch.last_rows[torch.tensor(done, device=self.device)],
+            logits_at=batch.last_rows[torch.tensor(done, dtype=torch.long, device=self.device)],
         )
-        tokens, logprobs, errors = sample(logits[0, :, : self.vocab_size], sampled)
-        return sampled, tokens, logprobs, errors
+        return [chunks[i][0] for i in done], logits[0, :, : self.vocab_size]
 
     def scrub(self, block_ids: list[int]) -> None:
         """Zero these blocks' keys and values (newly allocated: see BlockManager.take_fresh)."""

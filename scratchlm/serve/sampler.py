@@ -13,7 +13,8 @@ distribution, does not take the batch down: its sequence gets an error and every
 sampled as usual.
 
 Log-probabilities are those of the model's distribution (``log_softmax`` of the raw logits, before
-temperature and truncation), as the OpenAI API reports them.
+temperature and truncation), as the OpenAI API reports them; they are computed only for requests
+that ask for them or rank ``best_of`` choices by them.
 """
 
 from __future__ import annotations
@@ -90,11 +91,11 @@ def sample(
                 if tokens[i] is None and errors[i] is None:
                     errors[i] = f"sampling failed: {e}"
     records: list[dict | None] = [None] * M
-    wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] is not None]
+    wanted = [i for i, s in enumerate(seqs) if _wants_logprobs(s.params) and tokens[i] is not None]
     if wanted:
         logprobs = torch.log_softmax(logits[torch.tensor(wanted, device=logits.device)], dim=-1)
         for row, i in enumerate(wanted):
-            k = min(seqs[i].params.logprobs, logprobs.shape[-1])
+            k = min(seqs[i].params.logprobs or 0, logprobs.shape[-1])
             record = {"token": tokens[i], "logprob": float(logprobs[row, tokens[i]])}
             if k:
                 values, ids = logprobs[row].topk(k)
@@ -103,9 +104,14 @@ def sample(
     return tokens, records, errors
 
 
+def _wants_logprobs(params) -> bool:
+    """Logprobs asked for, or needed to rank ``best_of`` choices by cumulative log-probability."""
+    return params.logprobs is not None or params.num_choices > params.n
+
+
 def _generator(seq: Sequence, logits: torch.Tensor) -> torch.Generator | None:
     """A seeded sequence's generator, on the logits' device (made there on first use)."""
     generator = seq.generator
     if generator is not None and generator.device != logits.device:
-        seq.generator = generator = torch.Generator(device=logits.device).manual_seed(seq.params.seed)
+        seq.generator = generator = torch.Generator(device=logits.device).manual_seed(seq.seed)
     return generator

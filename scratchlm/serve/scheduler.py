@@ -15,6 +15,10 @@ Every step the scheduler fills a token budget (``max_num_batched_tokens``):
 
 A sequence leaves the batch the moment it finishes, and its blocks are free for the next step.
 
+**Choices.** A request with ``n > 1`` waits as one sequence (choice 0) and is admitted only if all
+its choices fit under ``max_num_seqs``; the others join the running list when choice 0's prompt is
+computed (:meth:`Scheduler.fork`) and from then on are ordinary running sequences.
+
 **Preemption.** When a running sequence needs a block and none is free, the most recently
 admitted running sequence is *preempted by recompute*: its blocks are freed and it goes back to
 the front of the waiting queue with its tokens so far; when readmitted it recomputes them (its
@@ -78,7 +82,8 @@ class Scheduler:
             1, block_manager.num_blocks // 100
         )  # blocks admission leaves to running sequences
 
-    def add(self, seq: Sequence) -> None:
+    def check_fits(self, seq: Sequence) -> None:
+        """Refuse a sequence that could not fit even alone in the whole pool (it would wait forever)."""
         need = self.blocks.blocks_for(seq.num_prompt + seq.max_output)
         if need > self.blocks.num_blocks:
             raise ValueError(
@@ -86,6 +91,9 @@ class Scheduler:
                 f"{seq.max_output} output tokens) but the cache has {self.blocks.num_blocks}: "
                 "lower max_tokens or give the engine more KV cache memory"
             )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -106,10 +114,10 @@ class Scheduler:
             self.blocks.allocate(seq, seq.num_computed + n)
             step.add(seq, n)
         # Admit new requests, unless this step had to preempt: memory is short already.
-        while (
-            self.waiting and step.budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted
-        ):
+        while self.waiting and step.budget > 0 and not step.preempted:
             seq = self.waiting[0]
+            if len(self.running) + 1 + len(seq.unforked) > self.max_num_seqs:  # its choices run too
+                break
             cached = self.blocks.match_prefix(seq)
             seq.num_computed = cached
             n = min(seq.num_tokens - seq.num_computed, step.budget)
@@ -142,6 +150,15 @@ class Scheduler:
                 return False
         return True
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child``, another choice of ``parent``'s request, starts running on ``parent``'s computed
+        prompt (sharing its full blocks); it computes the rest of its prompt in the next steps."""
+        self.blocks.fork(parent, child)
+        child.status = Status.RUNNING
+        child.timing.first_scheduled = parent.timing.first_scheduled
+        child.num_cached = parent.num_cached
+        self.running.append(child)
+
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
@@ -151,8 +168,9 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """``seq`` is done (or aborted): it leaves whichever queue holds it and frees its blocks."""
+    def finish(self, seq: Sequence, reason: str | None) -> None:
+        """``seq`` is done, aborted (``"abort"``) or failed (None): it leaves whichever queue holds it
+        and frees its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -5,6 +5,11 @@ in the KV cache (in the blocks listed by ``block_table``, ``block_size`` tokens 
 feeds the rest through the model, a chunk per step. When the chunk reaches the last token, its
 logits give the next token. Prefill and decode are the same operation at different chunk sizes:
 a prefill computes many tokens at once, a decode step computes one.
+
+A :class:`Request` is one prompt and its ``n`` (or ``best_of``) *choices*, each a sequence. Choice 0
+computes the prompt; the moment its prompt is computed, the other choices *fork* from it: they
+share its full blocks (the block manager counts references) and each samples its first token from
+the same logits (:meth:`~scratchlm.serve.engine.LLMEngine.step`).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class Sequence:
         params: SamplingParams,
         request_id: str | None = None,
         max_output: int | None = None,
+        index: int = 0,
     ):
         self.seq_id = next(_ids)
         # An id the caller did not choose is random, so it never equals one a caller did choose.
@@ -71,10 +77,12 @@ class Sequence:
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
+        self.index = index  # which choice of its request
         # Output tokens at most: max_tokens, or fewer where the model's context ends first.
         self.max_output = params.max_tokens if max_output is None else max_output
         self.status = Status.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chain hashes of the full, computed blocks (prefix caching)
         self.digests: list[bytes] = []  # memo: chain hash of each full block of its tokens, once computed
@@ -82,11 +90,19 @@ class Sequence:
         self.num_cached = 0  # of the prompt, found in the prefix cache at admission (reported)
         self.num_preemptions = 0
         self.logprobs: list[dict] = []
+        self.cumulative_logprob = 0.0  # of the chosen tokens (when logprobs or best_of ask for it)
         self.timing = Timing()
-        self.generator: torch.Generator | None = None  # a seeded request's own random stream
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        # Choice i of a seeded request draws from its own stream, seeded seed + i.
+        self.seed = None if params.seed is None else params.seed + index
+        self.generator: torch.Generator | None = None
+        if self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
         self.text_stream = None  # a TextStream when the engine has a tokenizer (stop strings, streaming)
+        self.unforked: list[Sequence] = []  # choice 0: the other choices, until its prompt is computed
+        # What the previous output of a DELTA request already carried.
+        self.sent_tokens = 0
+        self.unsent_text: list[str] = []
+        self.finish_sent = False
 
     @property
     def num_tokens(self) -> int:
@@ -119,3 +135,22 @@ class Sequence:
             f"Sequence({self.request_id}, {self.status.value}, prompt {self.num_prompt}, out {len(self.output_ids)}, "
             f"computed {self.num_computed}, blocks {self.block_table})"
         )
+
+
+class Request:
+    """One prompt and its choices: ``params.num_choices`` sequences, choice ``i`` at ``seqs[i]``."""
+
+    def __init__(self, request_id: str, prompt: str | None, seqs: list[Sequence]):
+        self.request_id = request_id
+        self.prompt = prompt  # the text, when the prompt was text
+        self.seqs = seqs
+        self.params = seqs[0].params
+        self.error = None  # a RequestFailed, if the request could not finish
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.seqs[0].prompt_ids
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)

@@ -253,7 +253,7 @@ def test_the_engine_serves_a_model_with_a_score_scale_and_refuses_soft_capping_w
     outs = LLM(model, block_size=4).generate(prompts, SamplingParams(max_tokens=8, temperature=0))
     for prompt, out in zip(prompts, outs):
         expected = generate(model, prompt, 8, SamplingConfig(temperature=0))[0]
-        assert out.token_ids == expected
+        assert out.outputs[0].token_ids == expected
     with pytest.raises(ValueError, match="cannot soft-cap"):
         LLM(gemma_model(layers=["attention"], attn={"window": None}), block_size=4)
 

@@ -17,7 +17,7 @@ from scratchlm.generate import generate
 from scratchlm.generate.sampling import SamplingConfig
 from scratchlm.models.config import GPTConfig
 from scratchlm.models.gpt import GPT
-from scratchlm.serve import LLM, LLMEngine, SamplingParams
+from scratchlm.serve import LLM, LLMEngine, RequestFailed, RequestOutputKind, SamplingParams
 from scratchlm.serve.async_engine import AsyncLLMEngine
 
 GREEDY = SamplingConfig(temperature=0)
@@ -72,8 +72,8 @@ def test_batched_paged_chunked_preempted_equals_one_at_a_time(position, n_kv_hea
     llm = LLM(model, block_size=4, num_blocks=16, max_num_batched_tokens=24, check_invariants=True)
     outs = llm.generate(ps, SamplingParams(max_tokens=20, temperature=0))
     for p, out in zip(ps, outs):
-        assert out.token_ids == oracle(model, p, 20)
-        assert out.finish_reason == "length"
+        assert out.outputs[0].token_ids == oracle(model, p, 20)
+        assert out.outputs[0].finish_reason == "length"
     stats = llm.engine.stats()
     assert stats["preemptions"] > 0, stats
     drained(llm.engine)
@@ -96,14 +96,17 @@ def test_weight_formats_agree_and_leave_the_model_unchanged(weight_format):
     ps = prompts(4)
     outs = llm.generate(ps, SamplingParams(max_tokens=10, temperature=0, logprobs=0))
     for p, out in zip(ps, outs):
-        assert out.token_ids == oracle(model, p, 10)
+        assert out.outputs[0].token_ids == oracle(model, p, 10)
         with torch.no_grad():
-            logits, _ = model(torch.tensor([p + out.token_ids]))
+            logits, _ = model(torch.tensor([p + out.outputs[0].token_ids]))
         expected = torch.log_softmax(logits[0, len(p) - 1 : -1], -1).gather(
-            1, torch.tensor(out.token_ids)[:, None]
+            1, torch.tensor(out.outputs[0].token_ids)[:, None]
         )
         torch.testing.assert_close(
-            torch.tensor([r["logprob"] for r in out.logprobs]), expected[:, 0], atol=1e-4, rtol=1e-4
+            torch.tensor([r["logprob"] for r in out.outputs[0].logprobs]),
+            expected[:, 0],
+            atol=1e-4,
+            rtol=1e-4,
         )
     from scratchlm.serve.weights import OneDNNLinear
 
@@ -129,7 +132,7 @@ def test_onednn_bfloat16_weights_agree_with_dense_bfloat16():
     dense = LLM(model, weight_format="dense").generate(ps, params)
     packed = LLM(model, weight_format="onednn").generate(ps, params)
     for d, p in zip(dense, packed):
-        top_d, top_p = dict(d.logprobs[0]["top"]), dict(p.logprobs[0]["top"])
+        top_d, top_p = dict(d.outputs[0].logprobs[0]["top"]), dict(p.outputs[0].logprobs[0]["top"])
         assert max(abs(top_d[t] - top_p[t]) for t in top_d if t in top_p) < 0.05
 
 
@@ -141,7 +144,7 @@ def test_batched_equals_one_request_at_a_time_through_the_engine():
     )
     one = LLM(model, block_size=8, max_num_seqs=1)
     alone = [one.generate([p], SamplingParams(max_tokens=12, temperature=0))[0] for p in ps]
-    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
 
 
 def test_logits_of_a_packed_step_equal_the_contiguous_model():
@@ -172,14 +175,14 @@ def test_logits_of_a_packed_step_equal_the_contiguous_model():
     assert kinds == {"decode", "first", "middle", "last"}
     for p, rid in zip(ps, ids):
         o = outs[rid]
-        tokens = p + o.token_ids
+        tokens = p + o.outputs[0].token_ids
         with torch.no_grad():
             logits, _ = model(torch.tensor([tokens]))
         reference = torch.log_softmax(logits[0, len(p) - 1 : -1].float(), dim=-1)
-        got = torch.tensor([r["logprob"] for r in o.logprobs])
-        expected = reference.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
+        got = torch.tensor([r["logprob"] for r in o.outputs[0].logprobs])
+        expected = reference.gather(1, torch.tensor(o.outputs[0].token_ids)[:, None])[:, 0]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        top_ids = [[t for t, _ in r["top"]] for r in o.logprobs]
+        top_ids = [[t for t, _ in r["top"]] for r in o.outputs[0].logprobs]
         assert top_ids == reference.topk(3).indices.tolist()
 
 
@@ -200,7 +203,11 @@ def test_prefix_cache_hits_give_the_same_tokens_as_no_cache():
     on.generate([shared], params)  # warm the cache
     for name, p in cases.items():
         got = on.generate([p], params)[0]
-        assert got.token_ids == off.generate([p], params)[0].token_ids == oracle(model, p, 8), name
+        assert (
+            got.outputs[0].token_ids
+            == off.generate([p], params)[0].outputs[0].token_ids
+            == oracle(model, p, 8)
+        ), name
         cached = got.metrics["cached_tokens"]
         expected = {"no hit": 0, "partial hit": 16, "block-aligned full hit": 16, "whole prompt cached": 32}[
             name
@@ -232,7 +239,7 @@ def test_two_requests_sharing_a_prefix_concurrently():
                 outs[o.request_id] = o
     assert len(shared_blocks) == 6  # the 48-token prefix: 6 blocks in every table at once
     for rid, p in zip(["first", "r0", "r1", "r2"], ps):
-        assert outs[rid].token_ids == oracle(model, p, 10)
+        assert outs[rid].outputs[0].token_ids == oracle(model, p, 10)
     assert [outs[f"r{i}"].metrics["cached_tokens"] for i in range(3)] == [48, 48, 48]
     drained(engine)
 
@@ -267,19 +274,19 @@ def test_seeded_sampling_is_the_same_alone_batched_and_on_the_one_request_path()
     for i in range(0, 6, 2):
         alone = LLM(model, block_size=4).generate([ps[i]], sampled)[0]
         reference = generate(model, ps[i], 15, SamplingConfig(0.9, 20, 0.9), seed=1234)[0]
-        assert batched[i].token_ids == alone.token_ids == reference
+        assert batched[i].outputs[0].token_ids == alone.outputs[0].token_ids == reference
     for i in range(1, 6, 2):
-        assert batched[i].token_ids == oracle(model, ps[i], 15)
+        assert batched[i].outputs[0].token_ids == oracle(model, ps[i], 15)
 
 
 def test_repetition_penalty_and_min_p_match_the_one_request_path():
     model = tiny()
     p = prompts(1, 10, 11)[0]
     params = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.8)
-    got = LLM(model).generate([p], params)[0].token_ids
+    got = LLM(model).generate([p], params)[0].outputs[0].token_ids
     assert got == generate(model, p, 12, SamplingConfig(temperature=0, repetition_penalty=1.8))[0]
     params = SamplingParams(max_tokens=12, temperature=1.0, min_p=0.2, seed=7)
-    got = LLM(model).generate([p], params)[0].token_ids
+    got = LLM(model).generate([p], params)[0].outputs[0].token_ids
     assert got == generate(model, p, 12, SamplingConfig(temperature=1.0, min_p=0.2), seed=7)[0]
 
 
@@ -294,9 +301,12 @@ def test_generation_stops_at_the_context_with_length():
     outs = {}
     while engine.has_unfinished():
         outs.update({o.request_id: o for o in engine.step() if o.finished})
-    assert outs["long"].finish_reason == "length" and len(p) + len(outs["long"].token_ids) == 24
-    assert outs["long"].token_ids == oracle(model, p, 24 - len(p))
-    assert outs["one"].finish_reason == "length" and len(outs["one"].token_ids) == 1
+    assert (
+        outs["long"].outputs[0].finish_reason == "length"
+        and len(p) + len(outs["long"].outputs[0].token_ids) == 24
+    )
+    assert outs["long"].outputs[0].token_ids == oracle(model, p, 24 - len(p))
+    assert outs["one"].outputs[0].finish_reason == "length" and len(outs["one"].outputs[0].token_ids) == 1
     drained(engine)
 
 
@@ -307,7 +317,7 @@ def test_stop_token_ids_and_max_tokens():
     stop_at = ref[5]
     first = ref.index(stop_at)
     out = LLM(model).generate([p], SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_at]))[0]
-    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
+    assert out.outputs[0].token_ids == ref[: first + 1] and out.outputs[0].finish_reason == "stop"
 
 
 # --- with a tokenizer: text, stop strings, EOS -----------------------------------------------------
@@ -357,9 +367,9 @@ def test_text_and_stop_strings_match_sample(char_model):
     for prompt, stop in [("ROMEO:\n", ["\n\n"]), ("First Citizen:", [":"]), ("KING", [])]:
         out = llm.generate([prompt], SamplingParams(max_tokens=80, temperature=0, stop=stop))[0]
         expected = generate_text(model, tok, prompt, 80, GREEDY, stop=stop)
-        assert out.text == expected
-        cut = any(s in tok.decode(out.token_ids) for s in stop)
-        assert out.finish_reason == ("stop" if cut else "length")
+        assert out.outputs[0].text == expected
+        cut = any(s in tok.decode(out.outputs[0].token_ids) for s in stop)
+        assert out.outputs[0].finish_reason == ("stop" if cut else "length")
 
 
 def test_bfloat16_greedy_matches_float32_on_a_trained_model(char_model):
@@ -369,11 +379,17 @@ def test_bfloat16_greedy_matches_float32_on_a_trained_model(char_model):
     prompts_ = ["ROMEO:\n", "First Citizen:\nWe are", "KING HENRY"]
     params = SamplingParams(max_tokens=24, temperature=0, logprobs=0)
     a, b = p32.generate(prompts_, params), p16.generate(prompts_, params)
-    agree = sum(x == y for o32, o16 in zip(a, b) for x, y in zip(o32.token_ids, o16.token_ids))
-    assert agree >= 0.9 * sum(len(o.token_ids) for o in a), (agree, [o.text for o in a], [o.text for o in b])
+    agree = sum(
+        x == y for o32, o16 in zip(a, b) for x, y in zip(o32.outputs[0].token_ids, o16.outputs[0].token_ids)
+    )
+    assert agree >= 0.9 * sum(len(o.outputs[0].token_ids) for o in a), (
+        agree,
+        [o.outputs[0].text for o in a],
+        [o.outputs[0].text for o in b],
+    )
     # Until the first disagreement the two follow the same text: their log-probabilities agree to bf16 precision.
     for o32, o16 in zip(a, b):
-        for x, y in zip(o32.logprobs, o16.logprobs):
+        for x, y in zip(o32.outputs[0].logprobs, o16.outputs[0].logprobs):
             if x["token"] != y["token"]:
                 break
             assert abs(x["logprob"] - y["logprob"]) < 0.1
@@ -408,8 +424,8 @@ def test_a_bad_request_fails_alone(prompt, fields, message):
     outs = {}
     while engine.has_unfinished():
         outs.update({o.request_id: o for o in engine.step() if o.finished})
-    assert outs["good0"].token_ids == oracle(model, good[0], 6)
-    assert outs["good1"].token_ids == oracle(model, good[1], 6)
+    assert outs["good0"].outputs[0].token_ids == oracle(model, good[0], 6)
+    assert outs["good1"].outputs[0].token_ids == oracle(model, good[1], 6)
     drained(engine)
 
 
@@ -434,8 +450,8 @@ def test_a_tiny_temperature_is_greedy_and_logprobs_beyond_the_vocabulary_are_cla
     model = tiny(vocab=12)
     p = prompts(1, 5, 6, vocab=12)[0]
     out = LLM(model).generate([p], SamplingParams(max_tokens=8, temperature=1e-30, logprobs=20))[0]
-    assert out.finish_reason == "length" and out.token_ids == oracle(model, p, 8)
-    assert all(len(r["top"]) == 12 for r in out.logprobs)
+    assert out.outputs[0].finish_reason == "length" and out.outputs[0].token_ids == oracle(model, p, 8)
+    assert all(len(r["top"]) == 12 for r in out.outputs[0].logprobs)
 
 
 def poisoned_model():
@@ -463,11 +479,14 @@ def test_nan_logits_fail_that_request_only_and_never_reach_other_requests():
         outs, steps = {}, 0
         while engine.has_unfinished():
             outs.update({o.request_id: o for o in engine.step() if o.finished})
+            assert all(o.error is None for rid, o in outs.items() if rid != bad)
             steps += 1
             if steps == abort_bad_after:
                 outs[bad] = engine.abort(bad)
         for rid, p in ids.items():
-            assert outs[rid].finish_reason == "length" and outs[rid].token_ids == oracle(model, p, n), rid
+            assert outs[rid].outputs[0].finish_reason == "length" and outs[rid].outputs[
+                0
+            ].token_ids == oracle(model, p, n), rid
         drained(engine)
         return outs[bad]
 
@@ -482,7 +501,7 @@ def test_nan_logits_fail_that_request_only_and_never_reach_other_requests():
             check_invariants=True,
         )
         out = run(engine, good[:3], good[3:20])
-        assert out.finish_reason == "error" and "NaN" in out.error and out.token_ids == []
+        assert isinstance(out.error, RequestFailed) and "NaN" in str(out.error) and out.outputs == []
         # aborted after 2 chunks of its prefill: its NaN blocks go back without ever being sampled
         engine = LLMEngine(
             model,
@@ -492,7 +511,7 @@ def test_nan_logits_fail_that_request_only_and_never_reach_other_requests():
             enable_prefix_caching=caching,
             check_invariants=True,
         )
-        assert run(engine, [], good[20:30], abort_bad_after=2).finish_reason == "abort"
+        assert run(engine, [], good[20:30], abort_bad_after=2).outputs[0].finish_reason == "abort"
     # preempted in the middle of its prefill (a small pool), its blocks reused by the others
     engine = LLMEngine(
         model,
@@ -536,7 +555,7 @@ def test_only_the_tokenizers_ids_are_sampled_from_a_padded_vocabulary(char_model
         ["ROMEO:"] * 3, [SamplingParams(max_tokens=10, temperature=t, seed=1) for t in (0, 1.0, 0.7)]
     )
     for out in outs:
-        assert out.finish_reason == "length" and max(out.token_ids) < tok.vocab_size
+        assert out.outputs[0].finish_reason == "length" and max(out.outputs[0].token_ids) < tok.vocab_size
     with pytest.raises(ValueError, match="not this model's tokenizer"):
         LLMEngine(tiny(vocab=10), tok)
 
@@ -636,10 +655,10 @@ def test_random_workloads_with_arrivals_and_aborts_match_the_oracle():
         for i, (p, n, _, _) in enumerate(requests):
             out = finished[str(i)]
             expected = oracle(model, p, n)
-            if out.finish_reason == "abort":
-                assert out.token_ids == expected[: len(out.token_ids)]
+            if out.outputs[0].finish_reason == "abort":
+                assert out.outputs[0].token_ids == expected[: len(out.outputs[0].token_ids)]
             else:
-                assert out.token_ids == expected
+                assert out.outputs[0].token_ids == expected
         drained(engine)
 
     run()
@@ -653,14 +672,14 @@ def test_async_streaming_cancel_and_bad_request():
 
     async def collect(p, n):
         tokens = []
-        async for out in engine.generate(p, SamplingParams(max_tokens=n, temperature=0)):
-            tokens += out.delta_token_ids
-            assert out.token_ids == tokens
-        return tokens, out.finish_reason
+        params = SamplingParams(max_tokens=n, temperature=0, output_kind=RequestOutputKind.DELTA)
+        async for out in engine.generate(p, params):
+            tokens += out.outputs[0].token_ids
+        return tokens, out.outputs[0].finish_reason
 
     async def cancelled(p):
         async for out in engine.generate(p, SamplingParams(max_tokens=60, temperature=0)):
-            if len(out.token_ids) == 3:
+            if len(out.outputs[0].token_ids) == 3:
                 break  # the client went away: the request must be aborted and its blocks freed
 
     async def bad():
@@ -694,10 +713,12 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
     async def consume(p, request_id=None, params=params, started=None):
         outs = []
         async for out in engine.generate(p, params, request_id):
+            assert (
+                not outs or len(out.outputs[0].token_ids) > len(outs[-1].outputs[0].token_ids) or out.finished
+            )
             outs.append(out)
             if started is not None:
                 started.set()
-        assert "".join(o.delta_text for o in outs) == (outs[-1].text or "")
         return outs[-1]
 
     async def main():
@@ -719,7 +740,7 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
         await asyncio.wait_for(started.wait(), 10)
         engine.abort("x")
         aborted = await asyncio.wait_for(task, 10)
-        assert aborted.finished and aborted.finish_reason == "abort"
+        assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
         # 2. a second request with an id in use is refused, and the first goes on untouched
         started = asyncio.Event()
         first = asyncio.ensure_future(consume(ps[1], "same", started=started))
@@ -727,7 +748,9 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
         with pytest.raises(ValueError, match="already in use"):
             await consume(ps[2], "same")
         done = await asyncio.wait_for(first, 30)
-        assert done.finish_reason == "length" and done.token_ids == oracle(model, ps[1], 40)
+        assert done.outputs[0].finish_reason == "length" and done.outputs[0].token_ids == oracle(
+            model, ps[1], 40
+        )
         # 3. cancelled while its admission is pending (the engine busy with a step): no crash, no leak
         started = asyncio.Event()
         busy = asyncio.ensure_future(consume(ps[0], started=started))
@@ -736,19 +759,19 @@ def test_async_abort_collisions_cancellation_failures_and_shutdown(monkeypatch):
             pending = asyncio.ensure_future(consume(ps[2]))
             await asyncio.sleep(0)
             pending.cancel()
-        assert (await asyncio.wait_for(busy, 30)).token_ids == oracle(model, ps[0], 40)
-        # 4. a non-ValueError while adding fails that request only
-        add = llm.add_request
+        assert (await asyncio.wait_for(busy, 30)).outputs[0].token_ids == oracle(model, ps[0], 40)
+        # 4. a non-ValueError while queueing fails that request only
+        enqueue = llm.enqueue
 
-        def broken_add(prompt, p=None, request_id=None):
-            if prompt == [13, 13]:
+        def broken_enqueue(request):
+            if request.prompt_ids == [13, 13]:
                 raise KeyError("a bug")
-            return add(prompt, p, request_id)
+            return enqueue(request)
 
-        monkeypatch.setattr(llm, "add_request", broken_add)
+        monkeypatch.setattr(llm, "enqueue", broken_enqueue)
         with pytest.raises(KeyError):
             await consume([13, 13])
-        assert (await consume(ps[2])).token_ids == oracle(model, ps[2], 40)
+        assert (await consume(ps[2])).outputs[0].token_ids == oracle(model, ps[2], 40)
         assert engine._thread.is_alive()
         # every cancelled or aborted request has left the engine (before shutdown, which clears it)
         for _ in range(200):
@@ -792,7 +815,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(monkeypatch):
             async for _ in engine.generate(p, SamplingParams(max_tokens=5, temperature=0)):
                 pass
         outs = [o async for o in engine.generate(p, SamplingParams(max_tokens=5, temperature=0))]
-        assert outs[-1].token_ids == oracle(model, p, 5)
+        assert outs[-1].outputs[0].token_ids == oracle(model, p, 5)
         await engine.shutdown_async()
         with pytest.raises(RuntimeError, match="the engine is shut down"):  # not "stopped after an error"
             async for _ in engine.generate(p, SamplingParams(max_tokens=5)):
@@ -873,7 +896,7 @@ def test_cli_generate_writes_outputs_in_order_with_errors_per_line_and_never_imp
     assert results[0]["completion_tokens"] == 20 and results[0]["finish_reason"] == "length"
     assert results[4]["cached_tokens"] == 0  # 6 prompt tokens: not one full block to share
     reference = LLM(char_model).generate(["ROMEO:"], SamplingParams(max_tokens=20, temperature=0))[0]
-    assert results[0]["text"] == reference.text
+    assert results[0]["text"] == reference.outputs[0].text
 
 
 @pytest.mark.parametrize("shape", ["gpt2", "llama"])
@@ -908,4 +931,4 @@ def test_greedy_equals_hugging_face_generate_on_exported_weights(shape, tmp_path
                 do_sample=False,
                 pad_token_id=0,
             )[0, len(p) :].tolist()
-        assert out.token_ids == ref == oracle(model, p, 12)
+        assert out.outputs[0].token_ids == ref == oracle(model, p, 12)

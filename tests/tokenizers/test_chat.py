@@ -245,8 +245,8 @@ def test_a_chat_checkpoint_carries_its_tokenizer_to_the_engine_and_the_export(ch
 
     greedy = generate(model.eval(), [prompt], 5, SamplingConfig(temperature=0))[0]
     n = greedy.index(t.end_id) + 1 if t.end_id in greedy else len(greedy)
-    assert out.token_ids == greedy[:n]  # the engine's greedy reply is the model's
-    assert out.finish_reason == ("stop" if t.end_id in greedy else "length")
+    assert out.outputs[0].token_ids == greedy[:n]  # the engine's greedy reply is the model's
+    assert out.outputs[0].finish_reason == ("stop" if t.end_id in greedy else "length")
     assert (
         main(
             [
