@@ -36,6 +36,9 @@ class OneDNNLinear(nn.Module):
             linear.weight.detach(), 1
         )  # tuned for decode (1 row)
         self.bias = linear.bias.detach() if linear.bias is not None else None
+        # The original matrix, shared (no copy): a layer that reads ``.weight`` itself (an MoE
+        # router computes its scores in float32 with F.linear) still finds it.
+        self.weight = linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
