@@ -6,7 +6,8 @@ the sampling fields named as in the OpenAI completions API (see
 an optional ``"id"`` is copied to the output; fields a line leaves out take the batch's
 ``defaults`` (the command line's --max-new-tokens and --temperature). Each input line gives one
 output line, in input order: line ``n`` of the input is ``"index": n - 1`` of the output. It carries
-``text``, ``finish_reason`` and token counts; a line that cannot be served (a blank line, bad JSON or
+``text``, ``finish_reason`` and token counts (a line asking for ``"n": k`` gets a list of ``k``
+``choices`` instead of ``text`` and ``finish_reason``); a line that cannot be served (a blank line, bad JSON or
 UTF-8, an unknown field, a prompt that fills the model's context...) gets an ``error`` field instead,
 and the others still run. The output file is written atomically once every request has finished.
 """
