@@ -5,10 +5,9 @@ shards -> a pretrained base (``configs/tasks-base.toml``) -> SFT -> DPO and GRPO
 reply -> ``model export --arch llama``. Then ``transformers`` loads the export and, from the
 chat-templated prompt (its own ``apply_chat_template``), reproduces the greedy reply token for token.
 
-The same run is the docs test of that page: one path, executed once. Marked slow: eleven commands,
-each a fresh process, and the transformers check took 53 s on 2 otherwise idle cores and 3 min
-while other jobs shared them; ``tests/test_docs_commands.py`` parses every command of the page in
-the quick suite.
+The same run is the docs test of that page: one path, executed once, in the quick suite (``make
+test``): eleven commands, each a fresh process, about 55 s on 2 otherwise idle cores;
+``tests/test_docs_commands.py`` also parses every command of the page against the real parser.
 """
 
 from __future__ import annotations
@@ -22,9 +21,6 @@ import pytest
 from test_docs_commands import DOCS, REPO, run_page
 
 PROMPT = "12+30="
-
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
