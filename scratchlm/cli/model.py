@@ -99,6 +99,30 @@ def _import_families():
     return ", ".join(FAMILIES)
 
 
+PASS_TOKENIZER = "pass --tokenizer to sample/generate (a scratchlm tokenizer JSON or gpt2)"
+NO_TOKENIZER = f"the checkpoint has no tokenizer: {PASS_TOKENIZER}"
+
+
+def _folder_tokenizer(folder, required: bool):
+    """The folder's tokenizer.json as ours, read before the weights load. One we cannot reproduce
+    exactly is left out with a warning (the weights are still worth having), or refused when
+    ``required``."""
+    import sys
+
+    from scratchlm.tokenizers.hf import UnreadableTokenizer, read_hf_tokenizer
+
+    try:
+        return read_hf_tokenizer(folder)
+    except UnreadableTokenizer as e:
+        if required:
+            raise ValueError(
+                f"{e.path} cannot be read exactly: {e.reason}; import without --tokenizer-required to keep "
+                f"the weights alone, then {PASS_TOKENIZER}"
+            ) from None
+        print(f"scratchlm: warning: {e.path} not imported: {e.reason}; {NO_TOKENIZER}", file=sys.stderr)
+        return None
+
+
 class Import(Command):
     path = ("model", "import")
     help = (
@@ -109,14 +133,22 @@ class Import(Command):
         q.description = (
             "Import a Hugging Face model folder (model_type one of: "
             f"{_import_families()}) and its tokenizer.json, if it has one, into a checkpoint that "
-            "`sample`, `chat` and `model export` use without --tokenizer."
+            "`sample`, `chat` and `model export` use without --tokenizer. A tokenizer.json scratchlm "
+            "cannot reproduce exactly is left out with a warning (--tokenizer-required refuses instead)."
         )
         q.add_argument("--hf", required=True, help="folder with config.json + model.safetensors")
         flags.out(q, "the checkpoint folder")
-        q.add_argument(
+        which = q.add_mutually_exclusive_group()
+        which.add_argument(
             "--no-tokenizer",
             action="store_true",
             help="import the weights only, leaving out the folder's tokenizer.json (default: import it)",
+        )
+        which.add_argument(
+            "--tokenizer-required",
+            action="store_true",
+            help="refuse the import when the folder's tokenizer.json cannot be read exactly "
+            "(default: import the weights and warn)",
         )
         flags.output(q, progress=False)
 
@@ -125,7 +157,6 @@ class Import(Command):
 
         from scratchlm.models.checkpoint import save_model_only
         from scratchlm.models.hf import import_hf
-        from scratchlm.tokenizers.hf import read_hf_tokenizer
 
         folder = Path(args.hf)
         if not folder.is_dir():
@@ -133,7 +164,7 @@ class Import(Command):
                 f"--hf {args.hf}: no such folder (expected config.json + model.safetensors)"
             )
         has_tokenizer = (folder / "tokenizer.json").exists() and not args.no_tokenizer
-        tokenizer = read_hf_tokenizer(folder) if has_tokenizer else None  # refused before the weights load
+        tokenizer = _folder_tokenizer(folder, args.tokenizer_required) if has_tokenizer else None
         model = import_hf(folder)
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -142,11 +173,7 @@ class Import(Command):
             )
         save_model_only(args.out, model, tokenizer=tokenizer, source=str(args.hf))
         counts = model.parameter_counts()
-        kept = (
-            f" with its {tokenizer.kind} tokenizer"
-            if tokenizer
-            else " (no tokenizer: pass --tokenizer to sample)"
-        )
+        kept = f" with its {tokenizer.kind} tokenizer" if tokenizer else ""
         emit(
             args,
             {
@@ -155,7 +182,8 @@ class Import(Command):
                 "parameters": counts,
                 "tokenizer": tokenizer.kind if tokenizer else None,
             },
-            f"imported {args.hf} ({counts['total']:,} parameters){kept} -> checkpoint {args.out}",
+            f"imported {args.hf} ({counts['total']:,} parameters){kept} -> checkpoint {args.out}"
+            + ("" if tokenizer else f"; {NO_TOKENIZER}"),
         )
 
 

@@ -24,6 +24,10 @@ Ids 0-255 follow GPT-2's byte order (printable bytes ``!`` .. ``~``, ``¡`` .. `
 first, then the rest), not raw byte values: it is the order of GPT-2's and tiktoken's vocabularies
 and of Hugging Face's byte-level alphabet, so our ids, merges and tie-breaks line up with theirs.
 The JSON file shows tokens in GPT-2's printable byte-to-character form (``Ġthe`` is `` the``).
+
+``normalizer="NFC"`` puts text in Unicode normal form C before step 1 (Qwen2's and Qwen3's
+tokenizers do): ``"e\u0301"`` and ``"é"`` then encode alike. Special tokens are cut out first and
+never normalized, as Hugging Face does with its non-normalized added tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -118,6 +123,9 @@ def bpe_chunk(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:
     return ids
 
 
+NORMALIZERS = (None, "NFC")
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE with regex pre-tokenization and tiktoken-compatible special tokens.
 
@@ -135,8 +143,12 @@ class BPETokenizer(Tokenizer):
         pattern: str = GPT2_PATTERN,
         special_tokens: dict[str, int] | None = None,
         backend: str = "tiktoken",
+        normalizer: str | None = None,
     ):
         super().__init__(special_tokens)
+        if normalizer not in NORMALIZERS:
+            raise FormatError(f"BPE normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+        self.normalizer = normalizer
         vocab = [bytes(t) for t in vocab]
         if sorted(vocab[:256]) != [bytes([b]) for b in range(256)]:
             raise FormatError("the first 256 BPE tokens must be the 256 single bytes")
@@ -174,11 +186,15 @@ class BPETokenizer(Tokenizer):
 
     def encode_ordinary(self, text: str) -> list[int]:
         if self._backend == "tiktoken":
+            if self.normalizer:
+                text = unicodedata.normalize(self.normalizer, text)
             return self.to_tiktoken().encode_ordinary(text)
         return self.encode_ordinary_reference(text)
 
     def encode_ordinary_reference(self, text: str) -> list[int]:
         """The pure-Python encoder: regex chunks, cached :func:`bpe_chunk` per distinct chunk."""
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
         cache, ranks, ids = self._cache, self.ranks, []
         for chunk in self._regex.findall(text):
             chunk_ids = cache.get(chunk)
@@ -216,7 +232,8 @@ class BPETokenizer(Tokenizer):
         )
 
     def to_tiktoken(self):
-        """A ``tiktoken.Encoding`` with exactly these ranks, pattern and special tokens."""
+        """A ``tiktoken.Encoding`` with exactly these ranks, pattern and special tokens (it does not
+        normalize: :meth:`encode_ordinary` does that before handing text to it)."""
         return self._tiktoken
 
     # --- files ------------------------------------------------------------------------
@@ -226,12 +243,14 @@ class BPETokenizer(Tokenizer):
             "pattern_name": pattern_name(self.pattern),
             "vocab": [token_to_str(t) for t in self.vocab],
             "merges": [list(m) for m in self.merges],
+            **({"normalizer": self.normalizer} if self.normalizer else {}),  # absent: fingerprints unchanged
         }
 
     @classmethod
     def _from_definition(cls, d: dict) -> BPETokenizer:
         vocab = [str_to_token(s) for s in d["vocab"]]
-        return cls(vocab, [tuple(m) for m in d["merges"]], d["pattern"], d["special_tokens"])
+        merges = [tuple(m) for m in d["merges"]]
+        return cls(vocab, merges, d["pattern"], d["special_tokens"], normalizer=d.get("normalizer"))
 
     @classmethod
     def from_gpt2_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> BPETokenizer:

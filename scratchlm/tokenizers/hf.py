@@ -21,17 +21,21 @@ How each kind maps:
 
 :func:`read_hf_tokenizer` reads the other way (``model import`` keeps a folder's tokenizer with
 the weights): the three kinds above as we write them, and GPT-2's own ``tokenizer.json`` (a
-byte-level BPE whose ``ByteLevel`` pre-tokenizer carries GPT-2's regex). A byte-level BPE reads only
-when merge ``i`` creates id ``256 + i`` with the 256 bytes first (true of GPT-2's and of ours): our
-encoder ranks tokens by id, Hugging Face merges by the merge list, and only then do they agree.
-Anything else (WordPiece, Unigram, a normalizer, a BPE with other ranks) is refused naming what
-it is: a model with a tokenizer we cannot reproduce exactly is better without one than with a
-tokenizer that gives other ids.
+byte-level BPE whose ``ByteLevel`` pre-tokenizer carries GPT-2's regex), and Qwen2's and Qwen3's form
+(an NFC normalizer, their own regex as a ``Split``, then ``ByteLevel``; added tokens, special or not,
+become our special tokens). A byte-level BPE reads only when merge ``i`` creates id ``256 + i`` with
+the 256 bytes first (true of GPT-2's, Qwen2's and ours): our encoder ranks tokens by id, Hugging Face
+merges by the merge list, and only then do they agree. Anything else (WordPiece, Unigram, another
+normalizer, SentencePiece's byte fallback, a post-processor that adds a BOS token as Llama 3's does,
+a BPE with other ranks) raises :class:`UnreadableTokenizer` naming what it is: a model with a
+tokenizer we cannot reproduce exactly is better without one than with a tokenizer that gives other
+ids (``model import`` then keeps the weights and warns).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from scratchlm.io import atomic_write
@@ -71,7 +75,7 @@ def oniguruma_pattern(pattern: str) -> str:
 def to_hf_tokenizer(tokenizer: Tokenizer):
     """A ``tokenizers.Tokenizer`` that encodes and decodes as ``tokenizer`` does."""
     try:
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError:
         raise RuntimeError(
@@ -101,6 +105,8 @@ def to_hf_tokenizer(tokenizer: Tokenizer):
             )
         else:
             hf.pre_tokenizer = byte_level
+        if getattr(tokenizer, "normalizer", None) == "NFC":
+            hf.normalizer = normalizers.NFC()
         hf.decoder = decoders.ByteLevel()
     elif kind == "char":
         # The special tokens sit in the vocabulary at their ids (<|unk|> must, to be the unknown token).
@@ -160,41 +166,74 @@ def save_hf_tokenizer(
 
 
 # --- reading a Hugging Face tokenizer.json ---------------------------------------------------------
+READABLE = (
+    "scratchlm reads byte-level BPE (GPT-2's kind, and Qwen2's with its NFC normalizer), "
+    "byte and character tokenizers"
+)
+
+
+class UnreadableTokenizer(ValueError):
+    """A ``tokenizer.json`` scratchlm cannot reproduce exactly; ``reason`` says what it is."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}; {READABLE}")
+        self.path, self.reason = path, reason
+
+
 def read_hf_tokenizer(path: str | Path) -> Tokenizer:
     """Our tokenizer for a Hugging Face ``tokenizer.json`` (``path``, or a folder holding one), ids
-    identical to it; a kind we cannot reproduce exactly is refused, naming it."""
+    identical to it; a kind we cannot reproduce exactly raises :class:`UnreadableTokenizer`, naming it."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+        raise UnreadableTokenizer(path, f"not a readable tokenizer.json ({e})") from None
+    try:
+        return _read(d, lambda what: UnreadableTokenizer(path, what))
+    except UnreadableTokenizer:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # FormatError included
+        raise UnreadableTokenizer(path, f"a malformed tokenizer.json ({type(e).__name__}: {e})") from None
+
+
+def _read(d: dict, refuse) -> Tokenizer:
+    """:func:`read_hf_tokenizer` on the parsed JSON; ``refuse(reason)`` makes the exception to raise."""
     model = d.get("model") or {}
     kind = model.get("type")
 
-    def refuse(what: str) -> ValueError:
-        return ValueError(
-            f"{path}: {what}; scratchlm reads byte-level BPE (GPT-2's kind), byte and character "
-            "tokenizers as it writes them. Import without it (--no-tokenizer) and pass --tokenizer later"
-        )
-
     if kind != "BPE":
         raise refuse(f"a {kind} tokenizer (model.type) cannot be read")
-    if d.get("normalizer"):
-        raise refuse(f"a {d['normalizer'].get('type')} normalizer cannot be read")
+    if model.get("byte_fallback"):
+        raise refuse("a BPE with byte_fallback (SentencePiece's kind) cannot be read")
+    normalizer = (d.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise refuse(f"a {normalizer} normalizer cannot be read (NFC can)")
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             raise refuse(f"a BPE with {key} = {model[key]!r} cannot be read")
-    if model.get("byte_fallback"):
-        raise refuse("a BPE with byte_fallback (SentencePiece's kind) cannot be read")
     post = d.get("post_processor") or {}
-    if post.get("type") == "TemplateProcessing" and post.get("special_tokens"):
-        added = sorted(post["special_tokens"])
-        raise refuse(f"a post-processor that adds {added} to every text cannot be read")
-    specials = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
-    if not all(t.get("special", True) for t in d.get("added_tokens", [])):
-        raise refuse("added tokens that are not special cannot be read")
+    for step in post.get("processors", []) if post.get("type") == "Sequence" else [post]:
+        # ByteLevel's post-processor only moves offsets; the others add tokens to every text.
+        if step.get("type") == "TemplateProcessing" and step.get("special_tokens"):
+            raise refuse(
+                f"a post-processor that adds {sorted(step['special_tokens'])} to every text cannot be read "
+                "(scratchlm's tokenizers add no tokens of their own)"
+            )
+        if step.get("type") not in (None, "ByteLevel", "TemplateProcessing"):
+            raise refuse(f"a {step.get('type')} post-processor cannot be read")
+    # Added tokens are cut out of the raw text before anything else runs, special or not; we keep
+    # them all as special tokens. One matched after normalizing, or with its own whitespace rules,
+    # would cut text otherwise than our special tokens do.
+    added = d.get("added_tokens", [])
+    for t in added:
+        rules = [key for key in ("lstrip", "rstrip", "single_word") if t.get(key)]
+        if normalizer and t.get("normalized", not t.get("special", False)):
+            rules.append("normalized")
+        if rules:
+            raise refuse(f"the added token {t.get('content')!r} with {', '.join(rules)} cannot be read")
+    specials = {t["content"]: t["id"] for t in added}
     vocab = {token: i for token, i in model.get("vocab", {}).items() if token not in specials}
     merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model.get("merges", [])]
     by_id = sorted((i, token) for token, i in vocab.items())
@@ -202,7 +241,7 @@ def read_hf_tokenizer(path: str | Path) -> Tokenizer:
         raise refuse("a vocabulary whose ids are not 0..n-1 before the special tokens cannot be read")
     tokens = [token for _, token in by_id]
     decoder = (d.get("decoder") or {}).get("type")
-    if decoder == "Fuse" and not merges and d.get("pre_tokenizer") is None:
+    if decoder == "Fuse" and not merges and d.get("pre_tokenizer") is None and not normalizer:
         from scratchlm.tokenizers.char import UNK, CharTokenizer
 
         if any(len(token) != 1 for token in tokens):
@@ -214,7 +253,7 @@ def read_hf_tokenizer(path: str | Path) -> Tokenizer:
     pattern = _byte_level_pattern(d.get("pre_tokenizer"), refuse)
     spelled = {token: i for i, token in enumerate(tokens)}
     table = bytes_to_unicode()
-    if pattern is None and not merges and spelled == {table[b]: b for b in range(256)}:
+    if pattern is None and not merges and not normalizer and spelled == {table[b]: b for b in range(256)}:
         from scratchlm.tokenizers.byte import ByteTokenizer
 
         return ByteTokenizer(specials)
@@ -230,7 +269,8 @@ def read_hf_tokenizer(path: str | Path) -> Tokenizer:
                 "otherwise than by id cannot be read"
             )
         ours.append((spelled[left], spelled[right]))
-    return BPETokenizer([str_to_token(token) for token in tokens], ours, pattern, specials)
+    vocab_bytes = [str_to_token(token) for token in tokens]
+    return BPETokenizer(vocab_bytes, ours, pattern, specials, normalizer=normalizer)
 
 
 def _byte_level_pattern(pre: dict | None, refuse) -> str | None:
@@ -259,6 +299,6 @@ def _byte_level_pattern(pre: dict | None, refuse) -> str | None:
     known = {oniguruma_pattern(p): p for p in PATTERNS.values()}
     if regex in known:
         return known[regex]
-    if "}+" in regex:  # {n,m}+ means different things in Oniguruma and Python's regex
+    if re.search(r"\{\d+(,\d*)?\}\+", regex):  # {n,m}+ means different things in Oniguruma and Python's regex
         raise refuse(f"the pre-tokenization regex {regex!r} cannot be read exactly")
     return regex

@@ -1,7 +1,8 @@
 """Bad input to ``model import`` / ``model export``: the real command exits 2 with one line
 ``scratchlm: error: ...`` that names what is wrong and what to do, writes nothing, and shows no
 traceback. One case per row: a config of 2 layers with weights for 4; a truncated safetensors file;
-a tokenizer.json of a kind scratchlm cannot read; the export of a model no format holds."""
+with --tokenizer-required, a tokenizer.json of a kind scratchlm cannot read; the export of a model no
+format holds."""
 
 from __future__ import annotations
 
@@ -54,9 +55,12 @@ def unreadable_tokenizer(tmp_path):
 
     folder = _llama_folder(tmp_path / "hf")
     Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
-    return ["model", "import", "--hf", str(folder), "--out", str(tmp_path / "out")], [
-        "a WordPiece tokenizer (model.type) cannot be read",
-        "--no-tokenizer",
+    # Without --tokenizer-required the weights import with a warning (test_hf_export_import.py).
+    argv = ["model", "import", "--hf", str(folder), "--out", str(tmp_path / "out"), "--tokenizer-required"]
+    return argv, [
+        f"{folder / 'tokenizer.json'} cannot be read exactly: a WordPiece tokenizer (model.type) cannot be read",
+        "import without --tokenizer-required to keep the weights alone, then pass --tokenizer to "
+        "sample/generate (a scratchlm tokenizer JSON or gpt2)",
     ]
 
 

@@ -264,3 +264,174 @@ def test_a_truncated_safetensors_file_is_named_not_a_traceback(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=f"{path} is truncated or corrupt"):
         import_hf(tmp_path)
+
+
+# --- the tokenizer.json of a real Hugging Face folder -------------------------------------------------
+# Qwen2's and Qwen3's pre-tokenization regex (one digit per chunk) and Llama 3's (digits by three),
+# as their tokenizer.json files spell them.
+QWEN2_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+LLAMA3_REGEX = QWEN2_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+VARIED = [
+    "cafe\u0301 and café, A\u030angstro\u0308m and Ångström",  # decomposed and composed: NFC joins them
+    "\u1100\u1161\u11a8 한국어 東京 naïve 🙂👍🏽 >\u0338",  # Hangul jamo compose; > + U+0338 is ≯
+    "12345678 3.14159 ٣٤٥ ①② 2024-01-01",
+    "   leading  and\t\ttabs   \n\n\n  trailing   ",
+    "\r\n\r\nwindows\r\n\x1c\x1f\u00a0\u3000\u2028x\u0085y",
+    "It's I'LL we'VE don't",
+    "<|im_start|>user\nhi<|im_end|>\u0338<|endoftext|><think>why</think> ok",
+    "a" * 60 + " " * 40 + "b",
+    "",
+]
+
+
+def _byte_level_bpe_folder(folder, regex, *, nfc=False, bos=None, added=()):
+    """A tokenizer.json in Qwen2's form (an NFC normalizer, the regex as a Split, ByteLevel; chat
+    tokens added special, ``added`` added not special, as Qwen3's <think>) or, with ``bos``, in Llama
+    3's (a ByteLevel + TemplateProcessing post-processor that puts ``bos`` before every text). Built
+    with the tokenizers library from a BPE trained here on the same regex, so merge i creates id
+    256 + i as in the real files. Returns the ``tokenizers.Tokenizer``."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import pre_tokenizers as pre
+
+    from scratchlm.tokenizers.hf import bytes_to_unicode
+
+    bpe = train_tokenizer(
+        "bpe", [TEXT + " ".join(VARIED)] * 20, vocab_size=400, pattern=regex, special_tokens=[]
+    )
+    table = bytes_to_unicode()
+    spell = lambda token: "".join(table[b] for b in token)  # noqa: E731
+    hf = Tokenizer(
+        models.BPE(
+            vocab={spell(t): i for i, t in enumerate(bpe.vocab)},
+            merges=[(spell(bpe.vocab[a]), spell(bpe.vocab[b])) for a, b in bpe.merges],
+            ignore_merges=bos is not None,  # Llama 3 sets it; Qwen2 does not
+        )
+    )
+    if nfc:
+        hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre.Sequence(
+        [pre.Split(Regex(regex), behavior="isolated"), pre.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    hf.decoder = decoders.ByteLevel()
+    specials = [bos] if bos else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
+    hf.add_tokens([AddedToken(name, special=False, normalized=False) for name in added])
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    if bos:
+        template = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, hf.token_to_id(bos))]
+        )
+        hf.post_processor = processors.Sequence([byte_level, template])
+    else:
+        hf.post_processor = byte_level
+    folder.mkdir(parents=True, exist_ok=True)
+    hf.save(str(folder / "tokenizer.json"))
+    return hf
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_qwen_tokenizer_json_imports_with_the_ids_of_the_tokenizers_library(tmp_path, family, capsys):
+    """Qwen2's form (NFC, its Split regex, ByteLevel) is read exactly: the checkpoint's tokenizer
+    gives the ids of the tokenizers library and of transformers on unicode (decomposed and composed),
+    digits, whitespace runs and special tokens; sample needs no --tokenizer, and export writes the
+    NFC normalizer back."""
+    from transformers import PreTrainedTokenizerFast
+
+    from scratchlm.models.checkpoint import load_checkpoint_tokenizer
+
+    folder = tmp_path / "hf"
+    added = ["<think>", "</think>"] if family == "qwen3" else []
+    theirs = _byte_level_bpe_folder(folder, QWEN2_REGEX, nfc=True, added=added)
+    # One row per token: a random model would sample the padding rows real Qwen files have.
+    hf = hf_models.MODELS[family](vocab_size=theirs.get_vocab_size())
+    hf.save_pretrained(folder, safe_serialization=True)
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    capsys.readouterr()  # transformers' own progress bars
+    assert main(["model", "import", "--hf", str(folder), "--out", str(tmp_path / "ck")]) == 0
+    out, err = capsys.readouterr()
+    assert "with its bpe tokenizer" in out and err == ""
+    ck = tmp_path / "ck"
+    ours = load_checkpoint_tokenizer(ck, load_model_from_checkpoint(ck)[1])
+    assert ours.normalizer == "NFC" and ours.pattern == QWEN2_REGEX
+    for backend in ("tiktoken", "python"):
+        ours.backend = backend
+        for text in VARIED:
+            ids = ours.encode(text, allowed_special="all")
+            assert ids == theirs.encode(text).ids == fast.encode(text), text
+            assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+    assert ours.encode("cafe\u0301") == ours.encode("café")
+    argv = ["sample", "--checkpoint", str(ck), "--prompt", "cafe\u0301", "--max-new-tokens", "3"]
+    assert main([*argv, "--temperature", "0"]) == 0
+    assert main(["model", "export", "--checkpoint", str(ck), "--out", str(tmp_path / "back")]) == 0
+    again = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "back" / "tokenizer.json"))
+    assert all(again.encode(text) == fast.encode(text) for text in VARIED)
+
+
+def _sentencepiece_bpe_folder(folder):
+    """Llama 2's and Mistral's kind: a BPE over "▁"-joined pieces with byte_fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "h", "e", "l", "o", "▁h", "▁he", "ll", "▁hell", "▁hello"]:
+        vocab[piece] = len(vocab)
+    merges = [("▁", "h"), ("▁h", "e"), ("l", "l"), ("▁he", "ll"), ("▁hell", "o")]
+    hf = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    folder.mkdir(parents=True, exist_ok=True)
+    hf.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize(
+    "kind,reason",
+    [
+        (
+            "llama3",
+            "a post-processor that adds ['<|begin_of_text|>'] to every text cannot be read "
+            "(scratchlm's tokenizers add no tokens of their own)",
+        ),
+        ("sentencepiece", "a BPE with byte_fallback (SentencePiece's kind) cannot be read"),
+    ],
+    ids=["llama3-bos", "llama2-sentencepiece"],
+)
+def test_a_tokenizer_json_we_cannot_read_exactly_is_left_out_with_a_warning(tmp_path, kind, reason, capsys):
+    """Llama 3's (a BOS added by its post-processor) and Llama 2's (SentencePiece's BPE): the weights
+    import, one warning names the reason, and its advice holds (a scratchlm tokenizer JSON passed to
+    sample); --tokenizer-required refuses instead, before anything is written."""
+    folder = tmp_path / "hf"
+    hf_models.llama(vocab_size=257).save_pretrained(folder, safe_serialization=True)  # a byte tokenizer's
+    if kind == "llama3":
+        _byte_level_bpe_folder(folder, LLAMA3_REGEX, bos="<|begin_of_text|>")
+    else:
+        _sentencepiece_bpe_folder(folder)
+    capsys.readouterr()  # transformers' own progress bars
+    ck = tmp_path / "ck"
+    assert main(["model", "import", "--hf", str(folder), "--out", str(ck)]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        f"scratchlm: warning: {folder / 'tokenizer.json'} not imported: {reason}; the checkpoint has no "
+        "tokenizer: pass --tokenizer to sample/generate (a scratchlm tokenizer JSON or gpt2)"
+    ]
+    assert "the checkpoint has no tokenizer" in out and not (ck / "tokenizer.json").exists()
+    assert load_model_from_checkpoint(ck)[0].config.vocab_size == 257
+    train_tokenizer("byte", [TEXT]).save(tmp_path / "byte.json")
+    argv = ["sample", "--checkpoint", str(ck), "--tokenizer", str(tmp_path / "byte.json"), "--prompt", "hi"]
+    assert main([*argv, "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    capsys.readouterr()
+    required = [
+        "model",
+        "import",
+        "--hf",
+        str(folder),
+        "--out",
+        str(tmp_path / "refused"),
+        "--tokenizer-required",
+    ]
+    assert main(required) == 2
+    assert f"{folder / 'tokenizer.json'} cannot be read exactly: {reason}" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
