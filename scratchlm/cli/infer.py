@@ -75,7 +75,11 @@ class Sample(Command):
     def register(self, q):
         flags.checkpoint(q)
         flags.tokenizer(q)
-        q.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+        q.add_argument(
+            "--prompt",
+            default="",
+            help="text to continue (default: where text starts: <|endoftext|>, else a newline)",
+        )
         q.add_argument("--escapes", action="store_true", help="interpret backslash escapes in --prompt (\\n)")
         flags.max_new_tokens(q)
         flags.temperature(q)
