@@ -34,7 +34,8 @@ def chat_tokenizers(checkpoint: str | Path, state: dict, tokenizer_spec: str | N
     :func:`~scratchlm.generate.tokenizer.checkpoint_tokenizer`."""
     from scratchlm.generate.tokenizer import checkpoint_tokenizer
 
-    trained_with = checkpoint_tokenizer(checkpoint, state, tokenizer_spec)
+    source = f"--tokenizer {tokenizer_spec}" if tokenizer_spec is not None else None
+    trained_with = checkpoint_tokenizer(checkpoint, state, tokenizer_spec, source=source)
     return trained_with, add_chat_tokens(trained_with)
 
 
