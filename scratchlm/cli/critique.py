@@ -23,9 +23,14 @@ class Tasks(Command):
     def register(self, q):
         tasks = q.add_argument("--tasks", default="addition", help="comma-separated, of: %(registry)s")
         tasks.registry = flags.Registry(_task_names)
-        q.add_argument("--train", type=int, default=2000, help="training problems per task")
-        q.add_argument("--test", type=int, default=200, help="held-out problems per task")
-        q.add_argument("--difficulty", type=int, default=2, help="digits / string length / keys grow with it")
+        q.add_argument("--train", type=flags.positive_int, default=2000, help="training problems per task")
+        q.add_argument("--test", type=flags.non_negative_int, default=200, help="held-out problems per task")
+        q.add_argument(
+            "--difficulty",
+            type=flags.positive_int,
+            default=2,
+            help="digits / string length / keys grow with it",
+        )
         flags.seed(q)
         flags.out(q, "the data folder")
         flags.output(q, progress=False)
@@ -64,13 +69,16 @@ class CritiqueRevise(Command):
             help="fraction of --prompts kept for measuring (default 0.2)",
         )
         q.add_argument(
-            "--rounds", type=int, default=1, help="rounds, each training from the previous round's model"
+            "--rounds",
+            type=flags.positive_int,
+            default=1,
+            help="rounds, each training from the previous round's model",
         )
         flags.add(
             q,
             "--candidates",
             "--num-samples",
-            type=int,
+            type=flags.positive_int,
             default=4,
             help="revision candidates per reply that breaks a principle (default 4)",
         )

@@ -40,7 +40,11 @@ class Prepare(Command):
         q.add_argument(
             "--clean-whitespace", action="store_true", help="strip trailing spaces, collapse blank-line runs"
         )
-        q.add_argument("--max-bytes", type=int, help="read at most about this many bytes (stdlib, folders)")
+        q.add_argument(
+            "--max-bytes",
+            type=flags.positive_int,
+            help="read at most about this many bytes (stdlib, folders)",
+        )
         q.add_argument(
             "--force", action="store_true", help="prepare again even if the manifest says it is up to date"
         )
@@ -109,7 +113,7 @@ class Tokenize(Command):
         flags.out(q, "the shards folder (default: <dataset>/<tokenizer name>)", required=False)
         q.add_argument(
             "--workers",
-            type=int,
+            type=flags.positive_int,
             help="parallel workers: threads for tiktoken-backed BPE, else processes (default: every core)",
         )
         flags.output(q)

@@ -44,9 +44,9 @@ flag                meaning                                                     
 sample, a 32-token reply); each command's ``--help`` shows its own (:class:`HelpFormatter` adds
 "(default X)" to every flag that has a default). ``sample`` and ``generate`` share theirs:
 :data:`MAX_NEW_TOKENS` and :data:`TEMPERATURE`. A flag that only sizes the work (a batch, a KV
-block) is checked while parsing (:data:`positive_int`); sampling values are checked by the one
-sampling check of :func:`scratchlm.generate.sampling.check_sampling`, which the engine's requests
-pass through too.
+block) is checked while parsing (:data:`positive_int`, :data:`non_negative_int`); sampling values are
+checked by the one sampling check of :func:`scratchlm.generate.sampling.check_sampling`, which the
+engine's requests pass through too. Every integer flag reads ``1e3`` as 1000, on every command.
 
 Old spellings still work for now; each prints one line on stderr naming the new flag:
 
@@ -147,11 +147,29 @@ class _Deprecated:
         super().__call__(parser, namespace, values, option_string)
 
 
+class _Noted:
+    """Mixed into every action :func:`add` makes: the flags a user typed are noted on the namespace
+    (:func:`given`), so a command can tell a value given from a default (``--beam`` refuses a typed
+    ``--temperature``, whatever its value)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        noted = set(getattr(namespace, "_given", ()))
+        namespace._given = noted | {self.option_strings[0]}
+        super().__call__(parser, namespace, values, option_string)
+
+
+def given(args) -> set[str]:
+    """The flags (their first spelling) typed on the command line, among those added by :func:`add`."""
+    return set(getattr(args, "_given", ()))
+
+
 def add(parser, name: str, *old: str, **kwargs) -> argparse.Action:
-    """``parser.add_argument(name, ...)`` that also accepts the ``old`` spellings, with a notice."""
+    """``parser.add_argument(name, ...)`` that also accepts the ``old`` spellings, with a notice; the
+    flag, when typed, is noted (:func:`given`)."""
     action = parser.add_argument(name, *old, **kwargs)
+    mixins = (_Deprecated, _Noted) if old else (_Noted,)
+    action.__class__ = type(f"Noted{type(action).__name__}", (*mixins, type(action)), {})
     if old:
-        action.__class__ = type(f"Deprecated{type(action).__name__}", (_Deprecated, type(action)), {})
         action.deprecated = frozenset(old)
     return action
 
@@ -252,7 +270,7 @@ def out(p, what: str, required: bool = True, old: tuple[str, ...] = ()):
 
 
 def seed(p):
-    return _seed(add(p, "--seed", type=int, default=SEED, help=HELP["--seed"]))
+    return _seed(add(p, "--seed", type=integer, default=SEED, help=HELP["--seed"]))
 
 
 def config(p, what: str | None = None):
@@ -349,18 +367,23 @@ def _number(kind: type, ok: Callable[[float], bool], what: str) -> Callable[[str
     return parse
 
 
-positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")  # 1e9 is read as 1000000000
+# Every integer flag reads its value with one of these (1e3 is read as 1000 by all of them).
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+# A sampling count (--max-new-tokens, --num-samples, --beam, --top-k): its range is the sampling rule's,
+# checked by check_sampling with the message the engine's requests get too.
+integer = _number(int, lambda v: True, "an integer")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 
 
 def max_new_tokens(p, default: int = MAX_NEW_TOKENS, what: str | None = None):
     return _max_new_tokens(
-        add(p, "--max-new-tokens", type=int, default=default, help=_help("--max-new-tokens", what))
+        add(p, "--max-new-tokens", type=integer, default=default, help=_help("--max-new-tokens", what))
     )
 
 
 def num_samples(p, default: int):
-    return _num_samples(add(p, "--num-samples", type=int, default=default, help=HELP["--num-samples"]))
+    return _num_samples(add(p, "--num-samples", type=integer, default=default, help=HELP["--num-samples"]))
 
 
 def temperature(p, default: float = TEMPERATURE, what: str | None = None):
@@ -390,7 +413,7 @@ def context(p, default: int | None, what: str | None = None, old: tuple[str, ...
 
 
 def lora_rank(p):
-    return _lora_rank(add(p, "--lora-rank", type=int, help=HELP["--lora-rank"]))
+    return _lora_rank(add(p, "--lora-rank", type=non_negative_int, help=HELP["--lora-rank"] + " (0 = off)"))
 
 
 def reward_model(p, what: str | None = None):

@@ -50,6 +50,19 @@ _FLAG_NAMES = {
 }
 
 
+# What beam search (one deterministic search, by total log-probability) cannot honour.
+_NOT_WITH_BEAM = (
+    "--temperature",
+    "--top-k",
+    "--top-p",
+    "--min-p",
+    "--repetition-penalty",
+    "--stop",
+    "--num-samples",
+    "--stats",
+)
+
+
 def _warn(message: str) -> None:
     print(f"scratchlm: warning: {message}", file=sys.stderr)
 
@@ -62,25 +75,38 @@ class Sample(Command):
     def register(self, q):
         flags.checkpoint(q)
         flags.tokenizer(q)
-        q.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+        q.add_argument(
+            "--prompt",
+            default="",
+            help="text to continue (default: where text starts: <|endoftext|>, else a newline)",
+        )
         q.add_argument("--escapes", action="store_true", help="interpret backslash escapes in --prompt (\\n)")
         flags.max_new_tokens(q)
         flags.temperature(q)
-        q.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
-        q.add_argument(
-            "--top-p", type=float, help="nucleus: keep the most likely tokens whose probability reaches p"
+        flags.add(q, "--top-k", type=flags.integer, help="keep the k most likely tokens (0 = off)")
+        flags.add(
+            q, "--top-p", type=float, help="nucleus: keep the most likely tokens whose probability reaches p"
         )
-        q.add_argument(
-            "--min-p", type=float, help="keep tokens at least this fraction as likely as the top one"
+        flags.add(
+            q, "--min-p", type=float, help="keep tokens at least this fraction as likely as the top one"
         )
-        q.add_argument(
-            "--repetition-penalty", type=float, default=1.0, help="make tokens already generated less likely"
+        flags.add(
+            q,
+            "--repetition-penalty",
+            type=float,
+            default=1.0,
+            help="make tokens already generated less likely (1 = off)",
         )
-        q.add_argument("--beam", type=int, help="beam search with this many beams (instead of sampling)")
-        q.add_argument(
-            "--length-penalty", type=float, default=1.0, help="beam search: > 1 favours longer outputs"
+        flags.add(
+            q,
+            "--beam",
+            type=flags.integer,
+            help="beam search with this many beams, instead of sampling (deterministic: takes no sampling flag)",
         )
-        q.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+        flags.add(
+            q, "--length-penalty", type=float, default=1.0, help="beam search: > 1 favours longer outputs"
+        )
+        flags.add(q, "--stop", action="append", default=[], help="stop at this string (repeatable)")
         flags.num_samples(q, 1)
         flags.seed(q)
         q.add_argument(
@@ -88,7 +114,8 @@ class Sample(Command):
             action="store_true",
             help="recompute the whole context each step (slow; for comparison)",
         )
-        q.add_argument(
+        flags.add(
+            q,
             "--stats",
             action="store_true",
             help="report TTFT, inter-token latency, TPOT, prefill and decode tokens/s",
@@ -106,6 +133,15 @@ class Sample(Command):
 
         values = {name: getattr(args, name if name != "beam_width" else "beam") for name in _FLAG_NAMES}
         check_sampling({k: v for k, v in values.items() if v is not None}, _FLAG_NAMES)
+        if args.beam is not None:
+            ignored = [f for f in _NOT_WITH_BEAM if f in flags.given(args)]
+            if ignored:
+                raise ValueError(
+                    f"--beam is beam search, which is deterministic: it cannot honour {', '.join(ignored)}; "
+                    "leave them out, or leave --beam out to sample"
+                )
+        elif "--length-penalty" in flags.given(args):
+            raise ValueError("--length-penalty is for beam search: add --beam N, or leave it out")
         prompt = interpret_escapes(args.prompt) if args.escapes else args.prompt
         model, state = load_model_from_checkpoint(args.checkpoint, pick_device(args.device))
         tokenizer = checkpoint_tokenizer(args.checkpoint, state, args.tokenizer)

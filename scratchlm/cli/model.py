@@ -246,7 +246,7 @@ class Bigram(Command):
         q.add_argument(
             "--fit-split", choices=["train", "all"], default="train", help="fit on train, or on all splits"
         )
-        q.add_argument("--steps", type=int, default=300, help="neural bigram optimizer steps")
+        q.add_argument("--steps", type=flags.positive_int, default=300, help="neural bigram optimizer steps")
         q.add_argument("--lr", type=float, default=0.3, help="neural bigram learning rate (Adam)")
         flags.num_samples(q, 10)
         flags.max_new_tokens(q, 60)
@@ -255,8 +255,13 @@ class Bigram(Command):
         flags.output(q)
 
     def run(self, args):
+        from scratchlm.generate.sampling import check_sampling
         from scratchlm.models.bigram import run_bigram
 
+        check_sampling(
+            {"max_new_tokens": args.max_new_tokens, "num_samples": args.num_samples},
+            {"max_new_tokens": "--max-new-tokens", "num_samples": "--num-samples"},
+        )
         report = run_bigram(
             args.dataset,
             load_tokenizer(args.tokenizer),

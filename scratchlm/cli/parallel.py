@@ -25,10 +25,16 @@ class Simulate(Command):
             help="%(choices)s",
         )
         q.add_argument(
-            "--stages", type=int, required=True, help="pipeline stages P, one per rank (dualpipe: even)"
+            "--stages",
+            type=flags.positive_int,
+            required=True,
+            help="pipeline stages P, one per rank (dualpipe: even)",
         )
         q.add_argument(
-            "--chunks", type=int, required=True, help="micro-batches (dualpipe: even, at least 2 x stages)"
+            "--chunks",
+            type=flags.positive_int,
+            required=True,
+            help="micro-batches (dualpipe: even, at least 2 x stages)",
         )
         q.add_argument("--forward", type=float, default=1.0, help="time F of one stage's forward (default 1)")
         q.add_argument(

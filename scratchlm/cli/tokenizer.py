@@ -198,7 +198,12 @@ class Compare(Command):
             "--vocab-sizes", default="512,1024,2048,4096", help="BPE vocabulary sizes, comma-separated"
         )
         _pattern(q)
-        q.add_argument("--d-model", type=int, default=384, help="model width for the embedding-cost column")
+        q.add_argument(
+            "--d-model",
+            type=flags.positive_int,
+            default=384,
+            help="model width for the embedding-cost column",
+        )
         flags.plot(q, default="tokenizer_compare.png")
         flags.output(q)
 

@@ -26,8 +26,9 @@ import torch
 
 from scratchlm.config import Rule
 from scratchlm.data.shards import open_shard, verify_shards
+from scratchlm.generate.tokenizer import checkpoint_tokenizer
 from scratchlm.models.loss import token_nll
-from scratchlm.tokenizers.base import check_model_tokenizer
+from scratchlm.tokenizers.chat import moved_ids
 
 BATCH_SIZE = Rule(type=int, min=1, why="windows per forward pass")
 
@@ -131,31 +132,49 @@ def evaluate_checkpoint(
 
     BATCH_SIZE.require(batch_size, "batch_size")
     model, state = load_model_from_checkpoint(checkpoint, pick_device(device))
-    if data is None and not state.get("train"):
-        raise ValueError(
-            f"{checkpoint} was imported, not trained here: pass the shards folder to evaluate on (--data)"
-        )
-    data = Path(data or state["train"]["data"])
-    tokenizer = load_tokenizer(data / "tokenizer.json")
-    check_model_tokenizer(
-        tokenizer,
-        rows=state["model"]["vocab_size"],
-        fingerprint=state["tokenizer_fingerprint"],
-        model=str(checkpoint),
+    data = Path(data) if data is not None else trained_shards(checkpoint, state)
+    shards_tokenizer = load_tokenizer(data / "tokenizer.json")
+    # The model's tokenizer: the shards', or a chat model's grown from its base's (the shards' ids
+    # then move where the chat tokens moved them).
+    tokenizer = checkpoint_tokenizer(
+        checkpoint,
+        state,
+        shards_tokenizer,
         source=f"the tokenizer of {data}",
         fix="evaluate on shards made with the model's tokenizer (scratchlm data tokenize --tokenizer ...)",
     )
+    moves = moved_ids(shards_tokenizer, tokenizer) if tokenizer is not shards_tokenizer else {}
     report = {"checkpoint": str(checkpoint), "data": str(data), "step": state["step"], "splits": {}}
     # A complete shards set (shards.json written last) whose files are as they were written.
-    verify_shards(data, tokenizer, splits={part for split in splits for part in split.split("+")})
+    verify_shards(data, shards_tokenizer, splits={part for split in splits for part in split.split("+")})
     for split in splits:
         ids = np.concatenate(
-            [np.asarray(open_shard(data / f"{part}.bin", tokenizer)) for part in split.split("+")]
+            [np.asarray(open_shard(data / f"{part}.bin", shards_tokenizer)) for part in split.split("+")]
         )
+        if moves:
+            index = np.arange(shards_tokenizer.vocab_size, dtype=np.int64)
+            index[list(moves)] = list(moves.values())
+            ids = index[ids]
         report["splits"][split] = evaluate_ids(
             model, ids, tokenizer, batch_size=batch_size, progress=progress
         )
     return report
+
+
+def trained_shards(checkpoint: str | Path, state: dict) -> Path:
+    """The token shards a checkpoint was trained on, where it was pretrained on shards; a post-trained
+    checkpoint (trained on conversations, a JSONL) or an imported one has none to default to."""
+    if not state.get("train"):
+        raise ValueError(
+            f"{checkpoint} was imported, not trained here: pass the shards folder to evaluate on (--shards DIR)"
+        )
+    if state.get("method"):
+        raise ValueError(
+            f"{checkpoint} was trained on conversations ({state['method']} on {state['train']['data']}), not "
+            "on token shards: pass --shards DIR (a folder from `scratchlm data tokenize`, e.g. its base's) "
+            "to evaluate it on"
+        )
+    return Path(state["train"]["data"])
 
 
 def format_report(report: dict) -> str:

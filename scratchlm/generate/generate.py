@@ -116,10 +116,28 @@ def generate(
     return torch.stack(steps, dim=1).tolist()
 
 
+def start_ids(tokenizer) -> list[int]:
+    """Where text starts, for a prompt of nothing: the end-of-text token (what a document follows),
+    else a newline (where a line starts); a tokenizer with neither is refused, naming it. The one
+    rule of ``sample`` and ``generate`` with an empty prompt, the engine, and the trainer's samples."""
+    if tokenizer.eot_token is not None:
+        return [tokenizer.eot_token]
+    try:
+        newline = tokenizer.encode_ordinary("\n")
+    except (ValueError, KeyError):  # a character vocabulary without "\n"
+        newline = []
+    if newline:
+        return newline
+    raise ValueError(
+        f"an empty prompt starts from <|endoftext|> or a newline, and this tokenizer ({tokenizer.kind}, "
+        f"{tokenizer.vocab_size} ids) has neither: give a prompt"
+    )
+
+
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """A text prompt's ids (special-token spellings included); an empty prompt starts a document:
-    the end-of-text token (id 0 for a tokenizer without one)."""
-    return tokenizer.encode(prompt, allowed_special="all") if prompt else [tokenizer.eot_token or 0]
+    """A text prompt's ids (special-token spellings included); an empty prompt starts where text
+    starts (:func:`start_ids`)."""
+    return tokenizer.encode(prompt, allowed_special="all") if prompt else start_ids(tokenizer)
 
 
 def generate_text(

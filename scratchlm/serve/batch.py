@@ -9,7 +9,11 @@ output line, in input order: line ``n`` of the input is ``"index": n - 1`` of th
 ``text``, ``finish_reason`` and token counts (a line asking for ``"n": k`` gets a list of ``k``
 ``choices`` instead of ``text`` and ``finish_reason``); a line that cannot be served (a blank line, bad JSON or
 UTF-8, an unknown field, a prompt that fills the model's context...) gets an ``error`` field instead,
-and the others still run. The output file is written atomically once every request has finished.
+and the others still run. Blank lines after the last request are not requests (hand-edited files end
+with them) and are ignored; a blank line before it is an error line, so that indexes stay line
+numbers. ``{"prompt": ""}`` is a request: it starts where text starts
+(:func:`~scratchlm.generate.generate.start_ids`), as ``scratchlm sample`` does. The output file is
+written atomically once every request has finished.
 """
 
 from __future__ import annotations
@@ -29,8 +33,13 @@ def read_requests(path: str | Path, defaults: dict | None = None) -> list[dict]:
     requests = []
     with open(path, "rb") as f:
         data = f.read()
+    lines = data.splitlines(keepends=True)
+    while (
+        lines and not lines[-1].strip()
+    ):  # blank lines after the last request (an editor's trailing newlines)
+        lines.pop()
     offset = 0
-    for number, raw in enumerate(data.splitlines(keepends=True), 1):
+    for number, raw in enumerate(lines, 1):
         item: dict = {"line": number}
         try:
             try:

@@ -28,28 +28,15 @@ def load_chat_model(path: str | Path, tokenizer_spec: str | None = None, device=
 
 
 def chat_tokenizers(checkpoint: str | Path, state: dict, tokenizer_spec: str | None = None):
-    """(the checkpoint's tokenizer, it with the chat tokens). A ``tokenizer_spec`` (``--tokenizer``)
-    must be the tokenizer the checkpoint was trained with — its fingerprint, recorded in the
-    checkpoint's state, tells — or that tokenizer less the chat tokens (a chat checkpoint's plain
-    tokenizer); anything else would give the model's rows other meanings, so it is refused."""
-    from scratchlm.models.checkpoint import load_checkpoint_tokenizer
-    from scratchlm.tokenizers.base import check_model_tokenizer
+    """(the tokenizer the checkpoint was trained with, it with the chat tokens). Which tokenizer that
+    is — the checkpoint's own, or a ``tokenizer_spec`` (``--tokenizer``) checked against it, a chat
+    model's plain tokenizer included — is decided once for every command, by
+    :func:`~scratchlm.generate.tokenizer.checkpoint_tokenizer`."""
+    from scratchlm.generate.tokenizer import checkpoint_tokenizer
 
-    plain = load_checkpoint_tokenizer(checkpoint, state, tokenizer_spec)
-    recorded = state.get("tokenizer_fingerprint")
-    grown = add_chat_tokens(plain)
-    if recorded and grown.fingerprint == recorded:
-        plain = grown  # the plain tokenizer of a chat checkpoint: it was trained with the grown one
-    elif tokenizer_spec is not None:
-        check_model_tokenizer(
-            plain,
-            rows=state["model"]["vocab_size"],
-            fingerprint=recorded,
-            model=str(checkpoint),
-            source=f"--tokenizer {tokenizer_spec}",
-            fix="leave --tokenizer out to use the checkpoint's own, or pass the one it was trained with",
-        )
-    return plain, add_chat_tokens(plain)
+    source = f"--tokenizer {tokenizer_spec}" if tokenizer_spec is not None else None
+    trained_with = checkpoint_tokenizer(checkpoint, state, tokenizer_spec, source=source)
+    return trained_with, add_chat_tokens(trained_with)
 
 
 def grow_for_chat(model, plain, tokenizer) -> None:

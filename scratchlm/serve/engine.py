@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from scratchlm.config import Rule
-from scratchlm.generate.generate import TextStream
+from scratchlm.generate.generate import TextStream, start_ids
 from scratchlm.generate.tokenizer import checkpoint_tokenizer
 from scratchlm.serve.block_manager import BlockManager
 from scratchlm.serve.errors import EngineOverloaded, InvalidRequestError, RequestFailed
@@ -286,8 +286,17 @@ class LLMEngine:
                 f"a prompt is a string or a list of integer token ids, got {type(prompt).__name__}",
                 param="prompt",
             )
-        if not ids:
-            raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
+        if not ids:  # a prompt of nothing starts where text starts, as `scratchlm sample` does
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    "the prompt is empty, and an engine without a tokenizer cannot tell where text starts: "
+                    "give at least one token",
+                    param="prompt",
+                )
+            try:
+                ids = start_ids(self.tokenizer)
+            except ValueError as e:
+                raise InvalidRequestError(str(e), param="prompt") from None
         return text, ids
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -53,6 +53,7 @@ import torch
 
 from scratchlm.data.loader import BatchLoader
 from scratchlm.data.shards import open_shard, verify_shards
+from scratchlm.generate.generate import start_ids
 from scratchlm.io import FormatError
 from scratchlm.models.checkpoint import load_weights, model_state, read_state
 from scratchlm.models.config import GPTConfig
@@ -121,17 +122,6 @@ def build_model_config(model_section: dict, vocab_size: int) -> GPTConfig:
             "remove model.vocab_size (it defaults to the tokenizer's) or tokenize the data with a matching tokenizer"
         )
     return config_from_section({**section, "vocab_size": vocab_size})
-
-
-def sample_start(tokenizer) -> list[int] | None:
-    """Where an in-training sample starts: the end-of-text token (what a document follows), else a
-    newline, else nowhere (None): a character vocabulary may have neither."""
-    if tokenizer.eot_token is not None:
-        return [tokenizer.eot_token]
-    try:
-        return tokenizer.encode("\n") or None
-    except (ValueError, KeyError):
-        return None
 
 
 # Which checkpoint of a run a resume starts from. Only these two are kept: every other step
@@ -542,8 +532,9 @@ class Trainer:
         """A short sample, on rank 0 (other ranks return ""). Under FSDP every rank must take part
         in every forward (each gathers the shards), in lockstep: see
         :func:`~scratchlm.train.distributed.sample_in_lockstep`."""
-        start = sample_start(self.tokenizer)
-        if start is None:  # said once, in the header
+        try:
+            start = start_ids(self.tokenizer)
+        except ValueError:  # said once, in the header
             return ""
         if self.sharded:
             return sample_in_lockstep(
@@ -845,11 +836,14 @@ class Trainer:
             "tokenizer.json, state.json; last and best point at them; metrics.jsonl, loss.png)",
         ]
         lines.append(export_note(self.model_config))  # which Hugging Face formats hold it, or why none does
-        if cfg.sample_tokens and sample_start(self.tokenizer) is None:
-            lines.append(
-                "note: no samples during training: the tokenizer has neither <|endoftext|> nor a newline "
-                "to start one from"
-            )
+        if cfg.sample_tokens:
+            try:
+                start_ids(self.tokenizer)
+            except ValueError:
+                lines.append(
+                    "note: no samples during training: the tokenizer has neither <|endoftext|> nor a "
+                    "newline to start one from"
+                )
         return lines
 
     def _data_description(self) -> str:

@@ -47,6 +47,27 @@ def world(tmp_path_factory, char_shards):
     (root / "empty.txt").write_text("")
     (root / "bad.txt").write_bytes(b"hello \xff world")
     (root / "a_file").write_text("not a folder")
+    (root / "trailing.jsonl").write_text(
+        '{"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0}\n'
+        '{"prompt": "JULIET:", "max_tokens": 4, "temperature": 0}\n'
+        "\n  \n\n"
+    )
+    (root / "arith.jsonl").write_text('{"prompt": "12+", "max_tokens": 3, "temperature": 0}\n')
+    (root / "empty_prompt.jsonl").write_text('{"prompt": "", "max_tokens": 4, "temperature": 0}\n')
+    # A chat model (SFT's checkpoint shape: it carries its chat tokenizer, trained on a JSONL) whose base
+    # was trained with a character vocabulary of arithmetic: the chat tokens grew the template's
+    # characters too, so the base's <|endoftext|> moved (add_chat_tokens, moved_ids).
+    from scratchlm.tokenizers.chat import add_chat_tokens, moved_ids
+
+    plain = CharTokenizer.train(["12+30=42\n"], ["<|endoftext|>"])
+    plain.save(root / "arith.json")
+    grown = add_chat_tokens(plain)
+    assert moved_ids(plain, grown)
+    chat = GPT(GPTConfig(vocab_size=grown.vocab_size, n_layer=1, n_head=2, d_model=32, block_size=64))
+    save_model_only(root / "chat", chat, grown, train={"data": str(root / "sft-train.jsonl")}, method="sft")
+    # A model whose tokenizer has neither <|endoftext|> nor a newline: nothing to start an empty prompt from.
+    letters = CharTokenizer.train(["abc"])
+    save_model_only(root / "nostart", GPT(GPTConfig(vocab_size=3, n_layer=1, n_head=2, d_model=32)), letters)
     return root
 
 
@@ -82,6 +103,10 @@ def generate(w, *extra, prompts="good.jsonl", out="out.jsonl"):
         str(w / out),
         *extra,
     ]
+
+
+def bigram(w, *extra):
+    return ["bigram", "--dataset", str(w / "no-dataset-read"), "--tokenizer", str(w / "small.json"), *extra]
 
 
 def compare(w, plot):
@@ -206,6 +231,117 @@ CASES = {
         2,
         r"^scratchlm: error: --plot .*a_file/compare.png: .*a_file is a file, not a folder",
     ),
+    "sample --tokenizer: the plain tokenizer of a chat model": (
+        lambda w: [
+            "sample",
+            "--checkpoint",
+            str(w / "chat"),
+            "--tokenizer",
+            str(w / "arith.json"),
+            "--prompt",
+            "12",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+        0,
+        r"",
+    ),
+    "generate --tokenizer: the plain tokenizer of a chat model": (
+        lambda w: [
+            "generate",
+            "--checkpoint",
+            str(w / "chat"),
+            "--tokenizer",
+            str(w / "arith.json"),
+            "--prompts",
+            str(w / "arith.jsonl"),
+            "--out",
+            str(w / "arith_out.jsonl"),
+            "--json",
+        ],
+        0,
+        r"",
+    ),
+    "sample --tokenizer of another vocabulary: a chat model": (
+        lambda w: ["sample", "--checkpoint", str(w / "chat"), "--tokenizer", str(w / "byte.json")],
+        2,
+        r"byte.json \(byte, 256 ids, .*\) is not the tokenizer .*chat was trained with \(\d+ embedding rows, "
+        r"fingerprint \w+\): leave the tokenizer out \(no --tokenizer\): .*chat carries the tokenizer it was "
+        r"trained with$",
+    ),
+    "eval of a post-trained checkpoint without --shards": (
+        lambda w: ["eval", "--checkpoint", str(w / "chat")],
+        2,
+        r"^scratchlm: error: .*chat was trained on conversations \(sft on .*sft-train.jsonl\), not on token "
+        r"shards: pass --shards DIR",
+    ),
+    "generate input with blank lines at the end": (
+        lambda w: generate(w, "--json", prompts="trailing.jsonl", out="trailing_out.jsonl"),
+        0,
+        r"",
+    ),
+    "generate with an empty prompt": (
+        lambda w: generate(w, "--json", prompts="empty_prompt.jsonl", out="empty_out.jsonl"),
+        0,
+        r"",
+    ),
+    "sample --prompt '' with a tokenizer that has no start": (
+        lambda w: ["sample", "--checkpoint", str(w / "nostart"), "--prompt", "", "--max-new-tokens", "2"],
+        2,
+        r"^scratchlm: error: an empty prompt starts from <\|endoftext\|> or a newline, and this tokenizer "
+        r"\(char, 3 ids\) has neither: give a prompt$",
+    ),
+    "generate with an empty prompt and a tokenizer that has no start": (
+        lambda w: [
+            "generate",
+            "--checkpoint",
+            str(w / "nostart"),
+            "--prompts",
+            str(w / "empty_prompt.jsonl"),
+            "--out",
+            str(w / "nostart_out.jsonl"),
+            "--json",
+        ],
+        2,
+        r"^scratchlm: error: 1 of 1 requests failed",
+    ),
+    "bigram --max-new-tokens -5": (
+        lambda w: bigram(w, "--max-new-tokens", "-5"),
+        2,
+        r"^scratchlm: error: --max-new-tokens must be an integer >= 1, got -5$",
+    ),
+    "bigram --num-samples 0": (
+        lambda w: bigram(w, "--num-samples", "0"),
+        2,
+        r"^scratchlm: error: --num-samples must be an integer >= 1, got 0$",
+    ),
+    "sample --max-new-tokens 1e1 (integers read as on every flag)": (
+        lambda w: sample(w, "--max-new-tokens", "1e1", "--json"),
+        0,
+        r"",
+    ),
+    "tasks --train 1e1 (integers read as on every flag)": (
+        lambda w: ["tasks", "--train", "1e1", "--test", "0", "--out", str(w / "tasks")],
+        0,
+        r"",
+    ),
+    "sample --beam with sampling flags": (
+        lambda w: sample(w, "--beam", "2", "--temperature", "0.8", "--num-samples", "2"),
+        2,
+        r"^scratchlm: error: --beam is beam search, which is deterministic: it cannot honour --temperature, "
+        r"--num-samples; leave them out, or leave --beam out to sample$",
+    ),
+    "sample --beam with --top-k, --top-p": (
+        lambda w: sample(w, "--top-p", "0.9", "--beam", "2", "--top-k", "5"),
+        2,
+        r"cannot honour --top-k, --top-p; leave them out",
+    ),
+    "sample --length-penalty without --beam": (
+        lambda w: sample(w, "--length-penalty", "1.5"),
+        2,
+        r"^scratchlm: error: --length-penalty is for beam search: add --beam N, or leave it out$",
+    ),
     "generate input with a blank line": (
         lambda w: generate(w, "--json", prompts="prompts.jsonl", out="blank.jsonl"),
         2,
@@ -328,6 +464,25 @@ def test_bad_input(row, world, char_shards, capsys):
     assert "Traceback" not in err
     if status == 2 and "requests failed" not in message:
         assert out == "", row  # refused before any work: nothing generated, trained or reported
+    if "plain tokenizer of a chat model" in row and row.startswith("sample"):
+        [reply] = json.loads(out)["samples"]
+        assert isinstance(reply["text"], str)
+    if "plain tokenizer of a chat model" in row and row.startswith("generate"):
+        [result] = [json.loads(line) for line in (world / "arith_out.jsonl").read_text().splitlines()]
+        assert result["completion_tokens"] == 3 and "error" not in result
+    if row == "generate input with blank lines at the end":
+        results = [json.loads(line) for line in (world / "trailing_out.jsonl").read_text().splitlines()]
+        assert [(r["index"], r["completion_tokens"]) for r in results] == [(0, 4), (1, 4)]
+    if row == "generate with an empty prompt":
+        [result] = [json.loads(line) for line in (world / "empty_out.jsonl").read_text().splitlines()]
+        assert (
+            result["prompt_tokens"] == 1 and result["completion_tokens"] == 4
+        )  # from "\n", as sample starts
+    if row == "generate with an empty prompt and a tokenizer that has no start":
+        [result] = [json.loads(line) for line in (world / "nostart_out.jsonl").read_text().splitlines()]
+        assert "this tokenizer (char, 3 ids) has neither: give a prompt" in result["error"]
+    if row == "sample --max-new-tokens 1e1 (integers read as on every flag)":
+        assert len(json.loads(out)["samples"]) == 1
     if row == "generate input with a blank line":
         results = [json.loads(line) for line in (world / "blank.jsonl").read_text().splitlines()]
         assert [r["index"] for r in results] == [0, 1, 2]  # one output per input line, index = line - 1
@@ -342,3 +497,31 @@ def test_bad_input(row, world, char_shards, capsys):
         assert [manifest["splits"][s]["documents"] for s in ("train", "val", "test")] == [1, 0, 0]
     if row == "tokenizer train --vocab-size 1e9":
         assert json.loads((world / "big.json").read_text())["type"] == "bpe"
+
+
+def test_eval_of_a_chat_model_on_its_base_shards_equals_eval_on_shards_of_its_own_tokenizer(world, capsys):
+    """``eval --shards`` of the base's shards: the chat model's tokenizer is the base's grown with the chat
+    tokens (found from the checkpoint, not from its JSONL), and the shards' ids follow the special tokens
+    that the growth moved — the same loss as on shards made with the chat tokenizer itself."""
+    import random
+
+    from scratchlm.data import prepare_dataset, tokenize_dataset
+    from scratchlm.tokenizers import load_tokenizer
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(300):
+        a, b = rng.randrange(10, 50), rng.randrange(10, 50)
+        lines.append(f"{a}+{b}={a + b}".translate(str.maketrans("56789", "12340")))
+    (world / "arith.txt").write_text("\n".join(lines) + "\n")
+    ds, _ = prepare_dataset(str(world / "arith.txt"), world / "arith_ds", documents="lines")
+    base = tokenize_dataset(ds, world / "arith.json", world / "arith_base")["path"]
+    load_tokenizer(world / "chat" / "tokenizer.json").save(world / "arith_chat.json")
+    own = tokenize_dataset(ds, world / "arith_chat.json", world / "arith_own")["path"]
+    losses = []
+    for shards in (base, own):
+        code = main(["eval", "--checkpoint", str(world / "chat"), "--shards", str(shards), "--json"])
+        assert code == 0, capsys.readouterr().err
+        report = json.loads(capsys.readouterr().out)
+        losses.append([report["splits"][s]["loss"] for s in ("val", "test")])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
