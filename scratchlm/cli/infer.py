@@ -163,6 +163,7 @@ class Sample(Command):
                 length_penalty=args.length_penalty,
                 eos_id=tokenizer.eot_token,
                 use_cache=not args.no_cache,
+                vocab_size=tokenizer.vocab_size,
             ):
                 results.append({"text": tokenizer.decode(out), "score": score})
         else:

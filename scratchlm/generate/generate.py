@@ -27,17 +27,26 @@ class _Window:
     The cache is sized for what this generation can still need (the visible prompt plus the new
     tokens, at most ``block_size``), not always ``block_size``: memory, and every reorder of
     beam search, then scale with the text actually generated.
+
+    ``vocab_size``: the ids a tokenizer can decode. An imported model's output matrix is often padded
+    past its tokenizer (Qwen2's 151,936 rows for 151,665 ids); the rows beyond are never chosen.
     """
 
-    def __init__(self, model, tokens: torch.Tensor, use_cache: bool, max_new_tokens: int):
+    def __init__(
+        self, model, tokens: torch.Tensor, use_cache: bool, max_new_tokens: int, vocab_size: int | None = None
+    ):
         self.model, self.tokens, self.use_cache = model, tokens, use_cache
+        self.vocab_size = vocab_size
         self.block = model.config.block_size
         self.start = max(0, tokens.shape[1] - self.block)  # first visible position
         self.final_length = tokens.shape[1] + max_new_tokens  # tokens held once generation ends
         self.cache: KVCache | None = None
 
     def logits(self) -> torch.Tensor:
-        """Next-token logits (B, V) given everything in ``tokens``."""
+        """Next-token logits (B, V) given everything in ``tokens``, V the decodable ids."""
+        return self._logits()[:, : self.vocab_size]
+
+    def _logits(self) -> torch.Tensor:
         if self.tokens.shape[1] - self.start > self.block:  # window full: keep the newest half
             self.start = self.tokens.shape[1] - self.block // 2
             self.cache = None
@@ -79,13 +88,15 @@ def stream(
     use_cache: bool = True,
     seed: int | None = None,
     stop_ids: Sequence[int] = (),
+    vocab_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (B,) one step at a time. Stops early when every row hit a stop id."""
+    """Yield the next token ids (B,) one step at a time. Stops early when every row hit a stop id.
+    ``vocab_size``: choose only ids below it (a tokenizer's, when the model's rows are padded)."""
     sampling = sampling or SamplingConfig()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    window = _Window(model, _as_batch(prompt, device), use_cache, max_new_tokens)
+    window = _Window(model, _as_batch(prompt, device), use_cache, max_new_tokens, vocab_size)
     prompt_len = window.tokens.shape[1]
     generator = None
     if seed is not None:
@@ -165,7 +176,14 @@ def generate_text(
     if stats is not None:
         stats.start(min(len(ids), model.config.block_size))  # what prefill processes: the visible window
     for next_ids in stream(
-        model, ids, max_new_tokens, sampling, use_cache=use_cache, seed=seed, stop_ids=stop_ids
+        model,
+        ids,
+        max_new_tokens,
+        sampling,
+        use_cache=use_cache,
+        seed=seed,
+        stop_ids=stop_ids,
+        vocab_size=tokenizer.vocab_size,
     ):
         token = int(next_ids[0])  # waits for the device: the token exists now
         if stats is not None:
@@ -272,6 +290,7 @@ def beam_search(
     length_penalty: float = 1.0,
     eos_id: int | None = None,
     use_cache: bool = True,
+    vocab_size: int | None = None,
 ) -> list[tuple[list[int], float]]:
     """Keep the ``beam_width`` most likely continuations; return them best first as (ids, score).
 
@@ -283,12 +302,12 @@ def beam_search(
     ``beam_width`` of them; the ``beam_width`` best finished hypotheses are kept, and the search
     stops once the worst of them beats the best score a live beam could still reach (its running
     log-probability at the current length: log-probabilities only fall). Live beams join the
-    result only when the search runs to ``max_new_tokens``.
+    result only when the search runs to ``max_new_tokens``. ``vocab_size``: as in :func:`stream`.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    window = _Window(model, _as_batch(prompt, device), use_cache, max_new_tokens)
+    window = _Window(model, _as_batch(prompt, device), use_cache, max_new_tokens, vocab_size)
     prompt_len = window.tokens.shape[1]
     scores = torch.zeros(1, device=device)  # running log-probability of each live beam
     finished: list[tuple[list[int], float]] = []  # the beam_width best, best first

@@ -82,3 +82,37 @@ def test_another_tokenizer_is_refused_with_a_fix_true_for_the_checkpoint(tmp_pat
         ValueError, match=r"has 9 ids but .* 8 embedding rows.*pass the tokenizer the model was imported with"
     ):
         checkpoint_tokenizer(imported, state, CharTokenizer.train(["abcdefghi"]))
+
+
+def test_a_model_padded_past_its_tokenizer_never_chooses_a_padded_id():
+    """Imported models often have more output rows than tokenizer ids (Qwen2: 151,936 rows for
+    151,665 ids). Rows past the tokenizer must never be chosen: made the most likely here, they
+    would be the greedy choice and decode to nothing (sampling stopped with an error)."""
+    import torch
+
+    from scratchlm.generate.generate import beam_search, generate_text
+    from scratchlm.generate.sampling import SamplingConfig
+    from scratchlm.models.config import GPTConfig
+    from scratchlm.models.gpt import GPT
+    from scratchlm.tokenizers.char import CharTokenizer
+
+    tokenizer = CharTokenizer.train("abcdefgh\n ", special_tokens=["<|endoftext|>"])
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=tokenizer.vocab_size + 5,
+        n_layer=1,
+        n_head=2,
+        d_model=16,
+        block_size=32,
+        tie_embeddings=False,
+    )
+    model = GPT(config).eval()
+    with torch.no_grad():  # the padded rows point where the last hidden state points: they dominate
+        hidden = model(torch.tensor([tokenizer.encode("abc")]), return_hidden=True)[2][0, -1]
+        model.lm_head.weight[tokenizer.vocab_size :] = 100 * hidden / hidden.norm() ** 2
+    padded_wins = model(torch.tensor([tokenizer.encode("abc")]))[0][0, -1].argmax() >= tokenizer.vocab_size
+    assert padded_wins  # without the limit, greedy decoding would choose a padded row
+    text = generate_text(model, tokenizer, "abc", max_new_tokens=12, sampling=SamplingConfig(temperature=0))
+    assert len(text) > 0 and set(text) <= set("abcdefgh\n ")
+    for ids, _ in beam_search(model, tokenizer.encode("abc"), 6, 2, vocab_size=tokenizer.vocab_size):
+        assert all(i < tokenizer.vocab_size for i in ids)
