@@ -176,6 +176,9 @@ def run_config(out_dir: str | Path, resume_from: str = "last") -> dict:
     }
 
 
+# What a second Ctrl-C says (the command line prints it as ``scratchlm: ...``, exit 130).
+SECOND_CTRL_C = "aborted by a second Ctrl-C: nothing saved since the last checkpoint, which is kept"
+
 # Why a run stopped early; the code travels between ranks in the per-step control message.
 STOP_REASONS = ("", "max_minutes", "signal", "early_stopping", "target_loss")
 
@@ -603,7 +606,10 @@ class Trainer:
         previous_handlers = {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                previous_handlers[signum] = signal.signal(signum, self._on_signal)
+                # A signal the process inherited as ignored (a background `&` job ignores Ctrl-C,
+                # `nohup`, a launcher's choice) stays ignored.
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self.model.train()
         try:
             stop_reason = self._run()
@@ -816,7 +822,7 @@ class Trainer:
         """SIGTERM or Ctrl-C: stop after this step and save. A second Ctrl-C aborts at once (nothing
         more is saved; a save it interrupts leaves the previous checkpoint whole)."""
         if signum == signal.SIGINT and self._signal_name == "Ctrl-C":
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(SECOND_CTRL_C)
         if self._signal_name is None:
             self._signal_name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             if signum == signal.SIGINT and self.is_main:

@@ -290,7 +290,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_previous_checkpoint(char_s
     )  # fmt: skip
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.splitlines()[-1] == (
-        "scratchlm: interrupted by a second Ctrl-C: nothing saved since the last checkpoint"
+        "scratchlm: aborted by a second Ctrl-C: nothing saved since the last checkpoint, which is kept"
     )
     assert read_state(out / "last")["step"] == 2
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
