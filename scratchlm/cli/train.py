@@ -38,6 +38,9 @@ class Train(Command):
 
         if args.resume_from and not args.resume:
             raise ValueError("--resume-from needs --resume (it chooses the checkpoint a run continues from)")
+        flags.refuse_set_beside_its_flag(
+            args.set, {"train.out_dir": ("--out", args.out), "train.device": ("--device", args.device)}
+        )
         overrides = [*args.set, *([f"train.device={args.device}"] if args.device else [])]
         config = load_config(args.config, overrides, aliases=LEGACY_PATHS)
         if args.out:  # a folder name as typed (a --set value would be read as TOML: 2024-06-01 a date)

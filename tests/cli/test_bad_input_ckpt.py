@@ -313,6 +313,29 @@ def ctrl_c_outside_a_training_loop(tmp_path, char_shards):
     return done, 130, r"\Ascratchlm: interrupted by Ctrl-C\n\Z", lambda: True
 
 
+def train_out_and_set_out_dir(tmp_path, char_shards):
+    """`train` refuses a `--set` of a value a flag given beside it sets, like every post-training
+    command: neither value silently wins, and nothing is written."""
+    config = write_config(tmp_path, char_shards, tmp_path / "C")
+    done = scratchlm("train", "--config", config, "--out", tmp_path / "A", "--set", f"train.out_dir={tmp_path / 'B'}",
+                     cwd=tmp_path)  # fmt: skip
+    message = (
+        r"scratchlm: error: --set train.out_dir conflicts with --out, which sets train.out_dir: use --out"
+    )
+    return done, 2, message, lambda: not any((tmp_path / name).exists() for name in "ABC")
+
+
+def train_device_and_set_device(tmp_path, char_shards):
+    config = write_config(tmp_path, char_shards, tmp_path / "run")
+    done = scratchlm(
+        "train", "--config", config, "--device", "cpu", "--set", "train.device=cuda", cwd=tmp_path
+    )
+    message = (
+        r"scratchlm: error: --set train.device conflicts with --device, which sets train.device: use --device"
+    )
+    return done, 2, message, lambda: not (tmp_path / "run").exists()
+
+
 def flipped_digit_in_state_json(tmp_path, char_shards):
     out = tmp_path / "run"
     trained = scratchlm("train", "--config", write_config(tmp_path, char_shards, out, max_steps=3), "--quiet",
@@ -374,6 +397,8 @@ ROWS = [
     second_ctrl_c_in_sft,
     ctrl_c_ignored_by_a_background_job,
     ctrl_c_outside_a_training_loop,
+    train_out_and_set_out_dir,
+    train_device_and_set_device,
     flipped_digit_in_state_json,
     permissions_0600,
     changed_value_on_resume,
