@@ -834,8 +834,6 @@ class Trainer:
     def header(self) -> list[str]:
         """What the run is about to do, printed before the first step."""
         cfg, counts = self.cfg, self.model.parameter_counts()
-        context = self.model_config.block_size
-        tokens = cfg.batch_size * context * cfg.grad_accum * self.world_size
         dtype = "bfloat16 autocast, float32 weights" if self.device.type == "cuda" else "float32"
         start = f", from step {self.state.step} ({self.resume_folder})" if self.state.step else ""
         lines = [
@@ -844,8 +842,7 @@ class Trainer:
             + (f" x {self.world_size} processes ({cfg.strategy})" if self.world_size > 1 else ""),
             f"dtype: {dtype}",
             f"data: {self._data_description()}",
-            f"tokens per step: {tokens:,} = {cfg.batch_size} windows x {context} context x "
-            f"{cfg.grad_accum} grad-accum x {self.world_size} process{'es' if self.world_size > 1 else ''}",
+            *self._step_lines(),
             f"steps: {cfg.max_steps:,}{start}, evaluating and saving every {cfg.eval_interval:,}",
             f"writes: {self.out}/ (checkpoints/step-N with model.safetensors, optimizer.safetensors, "
             "tokenizer.json, state.json; last and best point at them; metrics.jsonl, loss.png)",
@@ -857,6 +854,23 @@ class Trainer:
                 "to start one from"
             )
         return lines
+
+    def _step_lines(self) -> list[str]:
+        """The header's account of one optimizer step: what a batch holds and how many tokens. A
+        method whose batches are not context windows (conversations, pairs, rollouts) overrides it."""
+        B, T = self.cfg.batch_size, self.model_config.block_size
+        return [
+            f"tokens per step: {self._per_step(B * T):,} = {B} windows x {T} context{self._per_step_factors()}"
+        ]
+
+    def _per_step(self, tokens: int) -> int:
+        """A rank's batch of ``tokens`` tokens as the tokens of one optimizer step."""
+        return tokens * self.cfg.grad_accum * self.world_size
+
+    def _per_step_factors(self) -> str:
+        """What :meth:`_per_step` multiplies by, as the header writes it."""
+        n = self.world_size
+        return f" x {self.cfg.grad_accum} grad-accum x {n} process{'es' if n > 1 else ''}"
 
     def _data_description(self) -> str:
         """The data line of the header: the folder and, for token shards, the tokens of each split."""
