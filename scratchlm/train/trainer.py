@@ -76,6 +76,7 @@ from scratchlm.train.metrics import (
     CROSS_ENTROPY,
     MetricsLog,
     StepMetrics,
+    kept_metrics,
     peak_tflops,
     plot_losses,
     truncate_metrics,
@@ -372,6 +373,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["base_lr"] = group["lr"]
         self.state = _Progress()
+        self._held_metrics: list[str] | None = None  # see _resume
         if resume:
             self._resume(resume_state)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
@@ -511,7 +513,11 @@ class Trainer:
             )
         set_rng_state(ranks[self.rank % len(ranks)], self.device, self.train_loader.generator)
         if self.is_main:
-            truncate_metrics(self.out / "metrics.jsonl", self.state.step, self.log)
+            metrics = self.out / "metrics.jsonl"
+            if last.name == "last":
+                truncate_metrics(metrics, self.state.step, self.log)
+            else:  # `last` is another branch until this run saves: its rows stay until then
+                self._held_metrics = kept_metrics(metrics, self.state.step, self.log)
         self.log(f"resumed from {last} ({os.path.realpath(last)}) at step {self.state.step}")
 
     def _fixed_val_windows(self) -> torch.Tensor:
@@ -583,7 +589,11 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._metrics = MetricsLog(
-            self.out, fresh=self.state.step == 0, tensorboard=cfg.tensorboard, enabled=self.is_main
+            self.out,
+            fresh=self.state.step == 0,
+            tensorboard=cfg.tensorboard,
+            enabled=self.is_main,
+            held=self._held_metrics,
         )
         from tqdm.auto import tqdm
 
@@ -617,7 +627,13 @@ class Trainer:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
             self._bar.close()
-            self._metrics.close()
+            unwritten = self._metrics.close()
+            if unwritten:
+                self.log(
+                    f"{self.out / 'metrics.jsonl'}: {unwritten} records of this run not written: no "
+                    f"checkpoint was saved after resuming from {self.resume_folder}, and last still "
+                    "continues the run's previous branch"
+                )
         plot = (
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", self.plot_panels)
             if self.is_main
@@ -808,6 +824,7 @@ class Trainer:
             ),
             "the checkpoint could not be saved",
         )
+        self._metrics.publish()  # a log held since resuming from best now follows the new last
 
     def _diagnose(self, step: int, lr: float, loss: float, grad_norm: float) -> NonFiniteLoss:
         last = self.out / "last"
