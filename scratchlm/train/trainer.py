@@ -24,7 +24,7 @@ Resuming (``resume=True``) restores weights, optimizer state, step, every rank's
 loader's position, so the resumed run produces the same per-step losses as one never interrupted.
 The run's checkpoint records its whole resolved config, so a run can be continued from its folder
 alone (``from_run``), from ``last`` or ``best`` (``resume_from``); each value given now that differs
-from the run's is reported in one warning line and applied, or refused where it cannot be honoured
+from the run's is reported in one line (a note for ``max_steps`` and the like, a warning for ``lr``) and applied, or refused where it cannot be honoured
 (the model's shape, the optimizer). SIGTERM (a scheduler's "please stop") and Ctrl-C (SIGINT) finish the current step, save
 ``last`` and return; a second Ctrl-C aborts at once.
 
@@ -179,6 +179,13 @@ def run_config(out_dir: str | Path, resume_from: str = "last") -> dict:
 
 # What a second Ctrl-C says (the command line prints it as ``scratchlm: ...``, exit 130).
 SECOND_CTRL_C = "aborted by a second Ctrl-C: nothing saved since the last checkpoint, which is kept"
+
+# [train] values a resumed run is expected to change (how long it goes, what it reports): a changed
+# one is a note; any other (lr, batch size...) changes what the steps compute, and is a warning.
+EXPECTED_ON_RESUME = frozenset(
+    {"max_steps", "max_minutes", "target_loss", "patience", "eval_interval", "log_interval", "sample_tokens",
+     "tensorboard", "peak_tflops"}
+)  # fmt: skip
 
 # Why a run stopped early; the code travels between ranks in the per-step control message.
 STOP_REASONS = ("", "max_minutes", "signal", "early_stopping", "target_loss")
@@ -457,8 +464,10 @@ class Trainer:
         return state
 
     def _changed_settings(self, folder: Path, saved: dict, step: int) -> list[str]:
-        """One warning line per ``[train]`` value that differs from the resumed run's (applied from
-        the resumed step on); a change that cannot be honoured is refused."""
+        """One line per ``[train]`` value that differs from the resumed run's (applied from the
+        resumed step on): a note for how long the run goes and what it reports (``max_steps``...,
+        :data:`EXPECTED_ON_RESUME`), a warning for a value that changes what the steps compute
+        (``lr``...); a change that cannot be honoured is refused."""
         now = asdict(self.cfg)
         if saved.get("data"):
             saved = {**saved, "data": str(Path(saved["data"]).resolve())}
@@ -476,7 +485,8 @@ class Trainer:
                 if key == "seed"
                 else f"applied from step {step} on"
             )
-            lines.append(f"warning: train.{key} = {new!r} (the run had {old!r}): {effect}")
+            kind = "note" if key in EXPECTED_ON_RESUME else "warning"
+            lines.append(f"{kind}: train.{key} = {new!r} (the run had {old!r}): {effect}")
         return lines
 
     def _resume(self, state: dict) -> None:

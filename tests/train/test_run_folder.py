@@ -149,8 +149,8 @@ def test_resume_needs_only_the_out_dir_and_continues_exactly(char_shards, tmp_pa
     resumed = ok(
         scratchlm("train", "--resume", "--out", out, "--set", "train.max_steps=6", "--quiet", cwd=tmp_path)
     )
-    warnings = [line for line in resumed.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: train.max_steps = 6 (the run had 4): applied from step 4 on"]
+    changes = [line for line in resumed.stderr.splitlines() if line.startswith(("warning:", "note:"))]
+    assert changes == ["note: train.max_steps = 6 (the run had 4): applied from step 4 on"]
     assert losses(out) == losses(straight)  # every other setting came from the run (lr = min_lr: no decay)
 
 
@@ -174,8 +174,8 @@ def test_resume_from_best_and_what_cannot_change(char_shards, tmp_path):
                            "--set", "train.lr=1e-3", "--set", "train.min_lr=1e-3", "--quiet", cwd=tmp_path))  # fmt: skip
     assert f"resumed from {out / 'best'}" in resumed.stderr and "at step 6" in resumed.stderr
     # compared with what best (step 6, before the wrecking lr) recorded: lr and min_lr are unchanged
-    warnings = [line for line in resumed.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: train.max_steps = 8 (the run had 6): applied from step 6 on"]
+    changes = [line for line in resumed.stderr.splitlines() if line.startswith(("warning:", "note:"))]
+    assert changes == ["note: train.max_steps = 8 (the run had 6): applied from step 6 on"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if "loss" in r and r["step"] > 6] == [
         1e-3,
