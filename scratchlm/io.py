@@ -37,11 +37,12 @@ class DiskFullError(OSError):
 
 
 def is_disk_full(error: BaseException) -> bool:
-    """An ``OSError`` ENOSPC, or a library's wrapped form of it (safetensors' ``os error 28``)."""
+    """An ``OSError`` ENOSPC (or EDQUOT, a full quota), or a library's wrapped form of it: Rust's
+    ``(os error 28)``, as safetensors reports it. Nothing looser (an HTTP or exit "code: 28" is not
+    a full disk)."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    text = str(error)
-    return "os error 28" in text or "code: 28" in text or "No space left on device" in text
+    return f"(os error {errno.ENOSPC})" in str(error)
 
 
 def human_bytes(n: int) -> str:

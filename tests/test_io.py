@@ -24,3 +24,49 @@ def test_json_requires_and_checks_format_and_version(tmp_path):
     assert read_json(tmp_path / "x.json", "demo", (2,))["a"] == 1
     with pytest.raises(ValueError, match="version 2 is not supported"):
         read_json(tmp_path / "x.json", "demo", (1,))
+
+
+def test_is_disk_full_knows_enospc_and_safetensors_wrapping_and_nothing_looser(tmp_path):
+    """Real errors from a real full disk (an unprivileged 64 kB tmpfs): Python's OSError and
+    safetensors' SafetensorError ``… (os error 28)``; an error that merely mentions a code 28 is not
+    a full disk."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from scratchlm.io import is_disk_full
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed: a full disk needs an unprivileged tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (
+        "import json, sys, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from scratchlm.io import is_disk_full\n"
+        "errors = []\n"
+        f"for write in (lambda: open({str(disk / 'a')!r}, 'wb').write(bytes(1 << 20)),\n"
+        f"              lambda: save_file({{'w': torch.zeros(1 << 18)}}, {str(disk / 'b')!r})):\n"
+        "    try:\n"
+        "        write()\n"
+        "    except Exception as e:\n"
+        "        errors.append([type(e).__name__, isinstance(e, OSError), str(e), is_disk_full(e)])\n"
+        "print(json.dumps(errors))\n"
+    )
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+         f"mount -t tmpfs -o size=64k tmpfs {disk} && {sys.executable} -c \"$0\"", script],
+        capture_output=True, text=True, timeout=120, env=os.environ,
+    )  # fmt: skip
+    if done.returncode != 0 and "mount" in done.stderr:
+        pytest.skip(f"unprivileged tmpfs unavailable here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    (python_name, python_is_oserror, _, python_full), (st_name, st_is_oserror, st_text, st_full) = json.loads(
+        done.stdout
+    )
+    assert python_is_oserror and python_full
+    assert not st_is_oserror and "(os error 28)" in st_text and st_full  # wrapped: matched by its text
+    assert not is_disk_full(RuntimeError("the server answered with error code: 28 (rate limited)"))
+    assert not is_disk_full(ValueError("column 28: No space left on device expected here"))

@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{e.filename}: {message}"
         print(f"scratchlm: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        # Ctrl-C where nothing takes it over: one line, exit 130 (128 + SIGINT), no traceback. A
+        # trainer that had taken a first Ctrl-C (and was about to save) says so in the exception.
+        print(f"scratchlm: {str(e) or 'interrupted by Ctrl-C'}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -296,6 +296,20 @@ def output(p, progress: bool = True):
         _quiet(add(p, "--quiet", action="store_true", help=HELP["--quiet"]))
 
 
+def refuse_set_beside_its_flag(sets: list[str], flag_keys: dict[str, tuple[str, object]]) -> None:
+    """One rule for every command: a config key that a flag sets (``train.out_dir`` by ``--out``,
+    ``dpo.beta`` by ``--beta``) is refused in ``--set`` when that flag is given too, so that no value
+    silently replaces another. ``flag_keys`` maps each ``section.key`` a flag of the command sets to
+    (the flag, its value: None, or False for an on/off flag, when the flag is not given)."""
+    given = {item.split("=", 1)[0].strip() for item in sets if "=" in item}
+    for dotted, (flag, value) in flag_keys.items():
+        if dotted in given and value is not None and value is not False:
+            raise ValueError(
+                f"--set {dotted} conflicts with {flag}, which sets {dotted}: use {flag} (and leave "
+                f"{dotted} out of --set)"
+            )
+
+
 def show_progress(args) -> bool:
     return not (getattr(args, "json", False) or getattr(args, "quiet", False))
 

@@ -18,24 +18,17 @@ def sections(
     """The method's section ([sft], [dpo], ...) and [train], from ``--set`` overrides and the flags.
 
     ``flags_set`` maps each ``section.key`` that a flag of the command sets to (the flag, its value;
-    None when not given). Such a key is the flag's alone: ``--set`` of it is refused, whether or not
-    the flag was given, so that no value is ever silently replaced by another (``--set
-    train.out_dir=X`` beside ``--out Y``, ``--set dpo.beta=0.7`` beside ``--beta 0.2``)."""
+    None when not given): a given flag's value is used, and ``--set`` of the same key beside it is
+    refused (:func:`~scratchlm.cli.flags.refuse_set_beside_its_flag`, the rule of every command)."""
     from scratchlm.config import apply_overrides
 
+    flags.refuse_set_beside_its_flag(args.set, flags_set)
     sections = apply_overrides({method: {}, "train": {}}, args.set)
     if set(sections) - {method, "train"}:
         raise ValueError(
             f"--set takes {method}.key=value or train.key=value{hint}, got sections "
             f"{sorted(set(sections) - {method, 'train'})}"
         )
-    for dotted, (flag, _) in flags_set.items():
-        section, key = dotted.split(".")
-        if key in sections[section]:
-            raise ValueError(
-                f"--set {dotted} conflicts with {flag}, which sets {dotted}: use {flag} (and leave "
-                f"{dotted} out of --set)"
-            )
     for dotted, (_, value) in flags_set.items():
         section, key = dotted.split(".")
         if value is not None:
@@ -74,7 +67,7 @@ class _Method(Command):
             f"{m}.data": ("--data", args.data),
             f"{m}.val_data": ("--val-data", args.val_data),
             f"{m}.tokenizer": ("--tokenizer", args.tokenizer),
-            f"{m}.skip_invalid": ("--skip-invalid", args.skip_invalid),
+            f"{m}.skip_invalid": ("--skip-invalid", args.skip_invalid or None),
             f"{m}.lora_rank": ("--lora-rank", args.lora_rank),
             **self.method_flags(args),
         }

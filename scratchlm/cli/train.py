@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from scratchlm.cli import flags
 from scratchlm.cli.base import Command, emit
 
@@ -40,25 +38,21 @@ class Train(Command):
 
         if args.resume_from and not args.resume:
             raise ValueError("--resume-from needs --resume (it chooses the checkpoint a run continues from)")
+        flags.refuse_set_beside_its_flag(
+            args.set, {"train.out_dir": ("--out", args.out), "train.device": ("--device", args.device)}
+        )
         overrides = [*args.set, *([f"train.device={args.device}"] if args.device else [])]
         config = load_config(args.config, overrides, aliases=LEGACY_PATHS)
         if args.out:  # a folder name as typed (a --set value would be read as TOML: 2024-06-01 a date)
             config.setdefault("train", {})["out_dir"] = args.out
-        try:
-            summary = train(
-                config,
-                resume=args.resume,
-                progress=flags.show_progress(args),
-                overwrite=args.overwrite,
-                resume_from=args.resume_from or "last",
-                from_run=args.resume and not args.config,  # the run's recorded config, with --set over it
-            )
-        except KeyboardInterrupt:
-            print(
-                "scratchlm: interrupted by a second Ctrl-C: nothing saved since the last checkpoint",
-                file=sys.stderr,
-            )
-            raise SystemExit(130) from None
+        summary = train(
+            config,
+            resume=args.resume,
+            progress=flags.show_progress(args),
+            overwrite=args.overwrite,
+            resume_from=args.resume_from or "last",
+            from_run=args.resume and not args.config,  # the run's recorded config, with --set over it
+        )
         emit(
             args,
             summary,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from scratchlm.config import Rule
 from scratchlm.posttrain.base import CHAT_RULES, CHAT_TRAIN_DEFAULTS, ChatConfig, ChatTrainer, collate
-from scratchlm.posttrain.pairs import PairBatches, prepare_pairs
+from scratchlm.posttrain.pairs import PairBatches, pair_step_lines, prepare_pairs
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.metrics import Panel
 from scratchlm.train.trainer import run_trainer
@@ -121,6 +121,9 @@ class DPOTrainer(ChatTrainer):
             len(rows), self.cfg.batch_size, self.cfg.seed, batch, self.rank, self.world_size
         )
         return model
+
+    def _step_lines(self) -> list[str]:
+        return pair_step_lines(self)
 
     @torch.no_grad()
     def _logps_of(self, model, rows) -> torch.Tensor:

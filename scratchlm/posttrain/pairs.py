@@ -62,6 +62,15 @@ def prepare_pairs(trainer) -> tuple[list, list, list]:
     return train_rows, val_rows, [p.prompt + [{"role": "assistant", "content": p.chosen}] for p in val]
 
 
+def pair_step_lines(trainer) -> list[str]:
+    """The header's account of one optimizer step of a trainer on pairs (``batch_size`` counts pairs)."""
+    B, T = trainer.cfg.batch_size, trainer.model_config.block_size
+    return [
+        f"tokens per step: up to {trainer._per_step(2 * B * T):,} = {B} pairs ({2 * B} sequences) x up to "
+        f"{T} tokens (padded to the longest){trainer._per_step_factors()}"
+    ]
+
+
 class PairBatches:
     """Random batches of pairs, ``make_batch(indices)`` turning the drawn pairs' indices into the
     method's tensors. Sampling with replacement from a ``torch.Generator`` (the state a checkpoint

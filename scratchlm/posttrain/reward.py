@@ -39,7 +39,7 @@ from scratchlm.models.checkpoint import (
     read_state,
 )
 from scratchlm.posttrain.base import CHAT_TRAIN_DEFAULTS, ChatConfig, ChatTrainer
-from scratchlm.posttrain.pairs import PairBatches, prepare_pairs
+from scratchlm.posttrain.pairs import PairBatches, pair_step_lines, prepare_pairs
 from scratchlm.tokenizers.chat import ChatTemplate
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.metrics import Panel
@@ -158,6 +158,9 @@ class RewardTrainer(ChatTrainer):
         state = super()._check_resumable()
         self._require_same_base(state)
         return state
+
+    def _step_lines(self) -> list[str]:
+        return pair_step_lines(self)
 
     def _fsdp_units(self) -> list[nn.Module]:
         # The head runs after the model's forward (on the hidden states it returns): sharded as a

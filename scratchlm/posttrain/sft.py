@@ -196,6 +196,14 @@ class SFTTrainer(ChatTrainer):
     def _initial_model(self) -> GPT:
         return self._load_base_model()
 
+    def _step_lines(self) -> list[str]:
+        B, T = self.cfg.batch_size, self.model_config.block_size
+        rows = "rows of packed conversations" if self.settings.packing else "conversations"
+        return [
+            f"tokens per step: up to {self._per_step(B * T):,} = {B} {rows} x up to {T} tokens (padded to the "
+            f"longest){self._per_step_factors()}"
+        ]
+
     def _begin_step(self, batches: list) -> None:
         self._count_step_tokens(batches)  # (x, y, mask[, documents]): each assistant token weighs the same
 

@@ -7,8 +7,11 @@ The host never waits for the device inside a step: each step's loss and gradient
 device (:class:`StepMetrics`) and are read in one transfer every log interval, and before any
 evaluation or save. A non-finite value is found there, before any checkpoint is written.
 
-A resumed run first cuts the log back to its checkpoint's step (:func:`truncate_metrics`), then
-writes the later steps again, so the log of a resumed run equals an uninterrupted run's.
+A resumed run cuts the log back to its checkpoint's step (:func:`kept_metrics`), then writes the
+later steps again, so the log of a resumed run equals an uninterrupted run's. Resumed from a
+checkpoint older than ``last`` (``best``), the cut waits for the run's first checkpoint
+(:meth:`MetricsLog.publish`): until then ``last`` is still the other branch's, and a plain resume
+of it needs that branch's rows.
 """
 
 from __future__ import annotations
@@ -27,16 +30,25 @@ from scratchlm.io import FormatError, atomic_write
 
 class MetricsLog:
     """``out/metrics.jsonl`` and, with ``tensorboard``, ``out/tensorboard``: open on rank 0 only
-    (``enabled``); elsewhere :meth:`record` drops every record. ``fresh`` starts an empty log."""
+    (``enabled``); elsewhere :meth:`record` drops every record. ``fresh`` starts an empty log.
 
-    def __init__(self, out: Path, *, fresh: bool, tensorboard: bool, enabled: bool):
+    ``held``: the file stays as it is until :meth:`publish`, which replaces it with these lines
+    (a resumed run's kept rows) and the records made meanwhile, then appends as usual."""
+
+    def __init__(
+        self, out: Path, *, fresh: bool, tensorboard: bool, enabled: bool, held: list[str] | None = None
+    ):
         self.file = self.writer = None
+        self.path, self.held, self.waiting = out / "metrics.jsonl", None, []
         if not enabled:
             return
         if fresh:
-            with atomic_write(out / "metrics.jsonl", "w"):
+            with atomic_write(self.path, "w"):
                 pass
-        self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - the log's lifetime; close()
+        if held is not None:
+            self.held = held
+        else:
+            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - the log's lifetime; close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -48,20 +60,35 @@ class MetricsLog:
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def record(self, entry: dict) -> None:
-        if self.file is None:
+        if self.held is not None:
+            self.waiting.append(json.dumps(entry))
+        elif self.file is None:
             return
-        self.file.write(json.dumps(entry) + "\n")
-        self.file.flush()
+        else:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
         if self.writer:
             for k, v in entry.items():
                 if isinstance(v, (int, float)) and k != "step" and v is not None:
                     self.writer.add_scalar(k, v, entry["step"])
 
-    def close(self) -> None:
+    def publish(self) -> None:
+        """A checkpoint was just published: write the held lines and the records since, at once."""
+        if self.held is None:
+            return
+        with atomic_write(self.path, "w") as f:
+            f.write("".join(line + "\n" for line in [*self.held, *self.waiting]))
+        self.held, self.waiting = None, []
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - the log's lifetime; close()
+
+    def close(self) -> int:
+        """Close the log; the number of records never written (made before a :meth:`publish` that
+        did not come)."""
         if self.file:
             self.file.close()
         if self.writer:
             self.writer.close()
+        return len(self.waiting)
 
 
 class StepMetrics:
@@ -158,13 +185,21 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
 
 
 def truncate_metrics(metrics: Path, step: int, log) -> None:
-    """Keep the log lines up to ``step``: the resumed run writes the later ones again.
+    """Keep the log lines up to ``step`` (:func:`kept_metrics`): the resumed run writes the later ones again."""
+    if metrics.exists():
+        kept = kept_metrics(metrics, step, log)
+        with atomic_write(metrics, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+
+
+def kept_metrics(metrics: Path, step: int, log) -> list[str]:
+    """The log's lines up to ``step``.
 
     A kill (or a full disk) can tear the *last* line; it is dropped. A damaged line anywhere
     else is not a crash artefact but corruption, and is reported with its line number.
     """
     if not metrics.exists():
-        return
+        return []
     lines = metrics.read_text(encoding="utf-8", errors="replace").split("\n")
     kept = []
     for number, line in enumerate(lines, start=1):
@@ -182,8 +217,7 @@ def truncate_metrics(metrics: Path, step: int, log) -> None:
             ) from None
         if record.get("step", 0) <= step:
             kept.append(line)
-    with atomic_write(metrics, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
+    return kept
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ Resuming (``resume=True``) restores weights, optimizer state, step, every rank's
 loader's position, so the resumed run produces the same per-step losses as one never interrupted.
 The run's checkpoint records its whole resolved config, so a run can be continued from its folder
 alone (``from_run``), from ``last`` or ``best`` (``resume_from``); each value given now that differs
-from the run's is reported in one warning line and applied, or refused where it cannot be honoured
+from the run's is reported in one line (a note for ``max_steps`` and the like, a warning for ``lr``) and applied, or refused where it cannot be honoured
 (the model's shape, the optimizer). SIGTERM (a scheduler's "please stop") and Ctrl-C (SIGINT) finish the current step, save
 ``last`` and return; a second Ctrl-C aborts at once.
 
@@ -77,6 +77,7 @@ from scratchlm.train.metrics import (
     CROSS_ENTROPY,
     MetricsLog,
     StepMetrics,
+    kept_metrics,
     peak_tflops,
     plot_losses,
     truncate_metrics,
@@ -165,6 +166,16 @@ def run_config(out_dir: str | Path, resume_from: str = "last") -> dict:
         "train": {**train, "out_dir": str(out_dir)},
     }
 
+
+# What a second Ctrl-C says (the command line prints it as ``scratchlm: ...``, exit 130).
+SECOND_CTRL_C = "aborted by a second Ctrl-C: nothing saved since the last checkpoint, which is kept"
+
+# [train] values a resumed run is expected to change (how long it goes, what it reports): a changed
+# one is a note; any other (lr, batch size...) changes what the steps compute, and is a warning.
+EXPECTED_ON_RESUME = frozenset(
+    {"max_steps", "max_minutes", "target_loss", "patience", "eval_interval", "log_interval", "sample_tokens",
+     "tensorboard", "peak_tflops"}
+)  # fmt: skip
 
 # Why a run stopped early; the code travels between ranks in the per-step control message.
 STOP_REASONS = ("", "max_minutes", "signal", "early_stopping", "target_loss")
@@ -359,6 +370,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["base_lr"] = group["lr"]
         self.state = _Progress()
+        self._held_metrics: list[str] | None = None  # see _resume
         if resume:
             self._resume(resume_state)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
@@ -442,8 +454,10 @@ class Trainer:
         return state
 
     def _changed_settings(self, folder: Path, saved: dict, step: int) -> list[str]:
-        """One warning line per ``[train]`` value that differs from the resumed run's (applied from
-        the resumed step on); a change that cannot be honoured is refused."""
+        """One line per ``[train]`` value that differs from the resumed run's (applied from the
+        resumed step on): a note for how long the run goes and what it reports (``max_steps``...,
+        :data:`EXPECTED_ON_RESUME`), a warning for a value that changes what the steps compute
+        (``lr``...); a change that cannot be honoured is refused."""
         now = asdict(self.cfg)
         if saved.get("data"):
             saved = {**saved, "data": str(Path(saved["data"]).resolve())}
@@ -461,7 +475,8 @@ class Trainer:
                 if key == "seed"
                 else f"applied from step {step} on"
             )
-            lines.append(f"warning: train.{key} = {new!r} (the run had {old!r}): {effect}")
+            kind = "note" if key in EXPECTED_ON_RESUME else "warning"
+            lines.append(f"{kind}: train.{key} = {new!r} (the run had {old!r}): {effect}")
         return lines
 
     def _resume(self, state: dict) -> None:
@@ -498,7 +513,11 @@ class Trainer:
             )
         set_rng_state(ranks[self.rank % len(ranks)], self.device, self.train_loader.generator)
         if self.is_main:
-            truncate_metrics(self.out / "metrics.jsonl", self.state.step, self.log)
+            metrics = self.out / "metrics.jsonl"
+            if last.name == "last":
+                truncate_metrics(metrics, self.state.step, self.log)
+            else:  # `last` is another branch until this run saves: its rows stay until then
+                self._held_metrics = kept_metrics(metrics, self.state.step, self.log)
         self.log(f"resumed from {last} ({os.path.realpath(last)}) at step {self.state.step}")
 
     def _fixed_val_windows(self) -> torch.Tensor:
@@ -571,7 +590,11 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._metrics = MetricsLog(
-            self.out, fresh=self.state.step == 0, tensorboard=cfg.tensorboard, enabled=self.is_main
+            self.out,
+            fresh=self.state.step == 0,
+            tensorboard=cfg.tensorboard,
+            enabled=self.is_main,
+            held=self._held_metrics,
         )
         from tqdm.auto import tqdm
 
@@ -594,7 +617,10 @@ class Trainer:
         previous_handlers = {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                previous_handlers[signum] = signal.signal(signum, self._on_signal)
+                # A signal the process inherited as ignored (a background `&` job ignores Ctrl-C,
+                # `nohup`, a launcher's choice) stays ignored.
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self.model.train()
         try:
             stop_reason = self._run()
@@ -602,7 +628,13 @@ class Trainer:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
             self._bar.close()
-            self._metrics.close()
+            unwritten = self._metrics.close()
+            if unwritten:
+                self.log(
+                    f"{self.out / 'metrics.jsonl'}: {unwritten} records of this run not written: no "
+                    f"checkpoint was saved after resuming from {self.resume_folder}, and last still "
+                    "continues the run's previous branch"
+                )
         plot = (
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", self.plot_panels)
             if self.is_main
@@ -793,6 +825,7 @@ class Trainer:
             ),
             "the checkpoint could not be saved",
         )
+        self._metrics.publish()  # a log held since resuming from best now follows the new last
 
     def _diagnose(self, step: int, lr: float, loss: float, grad_norm: float) -> NonFiniteLoss:
         last = self.out / "last"
@@ -807,7 +840,7 @@ class Trainer:
         """SIGTERM or Ctrl-C: stop after this step and save. A second Ctrl-C aborts at once (nothing
         more is saved; a save it interrupts leaves the previous checkpoint whole)."""
         if signum == signal.SIGINT and self._signal_name == "Ctrl-C":
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(SECOND_CTRL_C)
         if self._signal_name is None:
             self._signal_name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             if signum == signal.SIGINT and self.is_main:
@@ -819,8 +852,6 @@ class Trainer:
     def header(self) -> list[str]:
         """What the run is about to do, printed before the first step."""
         cfg, counts = self.cfg, self.model.parameter_counts()
-        context = self.model_config.block_size
-        tokens = cfg.batch_size * context * cfg.grad_accum * self.world_size
         dtype = "bfloat16 autocast, float32 weights" if self.device.type == "cuda" else "float32"
         start = f", from step {self.state.step} ({self.resume_folder})" if self.state.step else ""
         lines = [
@@ -829,8 +860,7 @@ class Trainer:
             + (f" x {self.world_size} processes ({cfg.strategy})" if self.world_size > 1 else ""),
             f"dtype: {dtype}",
             f"data: {self._data_description()}",
-            f"tokens per step: {tokens:,} = {cfg.batch_size} windows x {context} context x "
-            f"{cfg.grad_accum} grad-accum x {self.world_size} process{'es' if self.world_size > 1 else ''}",
+            *self._step_lines(),
             f"steps: {cfg.max_steps:,}{start}, evaluating and saving every {cfg.eval_interval:,}",
             f"writes: {self.out}/ (checkpoints/step-N with model.safetensors, optimizer.safetensors, "
             "tokenizer.json, state.json; last and best point at them; metrics.jsonl, loss.png)",
@@ -845,6 +875,23 @@ class Trainer:
                     "newline to start one from"
                 )
         return lines
+
+    def _step_lines(self) -> list[str]:
+        """The header's account of one optimizer step: what a batch holds and how many tokens. A
+        method whose batches are not context windows (conversations, pairs, rollouts) overrides it."""
+        B, T = self.cfg.batch_size, self.model_config.block_size
+        return [
+            f"tokens per step: {self._per_step(B * T):,} = {B} windows x {T} context{self._per_step_factors()}"
+        ]
+
+    def _per_step(self, tokens: int) -> int:
+        """A rank's batch of ``tokens`` tokens as the tokens of one optimizer step."""
+        return tokens * self.cfg.grad_accum * self.world_size
+
+    def _per_step_factors(self) -> str:
+        """What :meth:`_per_step` multiplies by, as the header writes it."""
+        n = self.world_size
+        return f" x {self.cfg.grad_accum} grad-accum x {n} process{'es' if n > 1 else ''}"
 
     def _data_description(self) -> str:
         """The data line of the header: the folder and, for token shards, the tokens of each split."""

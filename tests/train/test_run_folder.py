@@ -149,8 +149,8 @@ def test_resume_needs_only_the_out_dir_and_continues_exactly(char_shards, tmp_pa
     resumed = ok(
         scratchlm("train", "--resume", "--out", out, "--set", "train.max_steps=6", "--quiet", cwd=tmp_path)
     )
-    warnings = [line for line in resumed.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: train.max_steps = 6 (the run had 4): applied from step 4 on"]
+    changes = [line for line in resumed.stderr.splitlines() if line.startswith(("warning:", "note:"))]
+    assert changes == ["note: train.max_steps = 6 (the run had 4): applied from step 4 on"]
     assert losses(out) == losses(straight)  # every other setting came from the run (lr = min_lr: no decay)
 
 
@@ -174,14 +174,59 @@ def test_resume_from_best_and_what_cannot_change(char_shards, tmp_path):
                            "--set", "train.lr=1e-3", "--set", "train.min_lr=1e-3", "--quiet", cwd=tmp_path))  # fmt: skip
     assert f"resumed from {out / 'best'}" in resumed.stderr and "at step 6" in resumed.stderr
     # compared with what best (step 6, before the wrecking lr) recorded: lr and min_lr are unchanged
-    warnings = [line for line in resumed.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: train.max_steps = 8 (the run had 6): applied from step 6 on"]
+    changes = [line for line in resumed.stderr.splitlines() if line.startswith(("warning:", "note:"))]
+    assert changes == ["note: train.max_steps = 8 (the run had 6): applied from step 6 on"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if "loss" in r and r["step"] > 6] == [
         1e-3,
         1e-3,
     ]  # not 5: the log was cut at 6
     assert read_state(out / "last")["step"] == 8
+
+
+def test_a_resume_from_best_killed_before_its_first_save_leaves_last_its_log(char_shards, tmp_path):
+    """Resuming from best (step 6) while last is step 8: the log keeps steps 7-8 of last's branch
+    until the resumed run saves. Killed (SIGKILL) before that, a plain --resume continues from step 8
+    with those rows intact, and the finished log holds each step once, last's branch's steps 7-8."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    ok(scratchlm("train", "--config", tiny_config(tmp_path, char_shards, out), cwd=tmp_path))
+    ok(scratchlm("train", "--resume", "--out", out, "--set", "train.max_steps=8", "--set", "train.lr=5",
+                 "--set", "train.min_lr=5", "--quiet", cwd=tmp_path))  # fmt: skip
+    assert read_state(out / "last")["step"] == 8 and read_state(out / "best")["step"] == 6
+    before = (out / "metrics.jsonl").read_bytes()
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scratchlm", "train", "--resume", "--resume-from", "best", "--out", str(out),
+             "--set", "train.max_steps=100000", "--set", "train.eval_interval=100000", "--set", "train.lr=1e-3",
+             "--set", "train.min_lr=1e-3", "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while "resumed from" not in stderr.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()
+                time.sleep(0.05)
+            time.sleep(2)  # steps 7, 8, ... of the new branch run (and are logged, log_interval = 1)
+            assert proc.poll() is None, stderr.read_text()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert (out / "metrics.jsonl").read_bytes() == before  # no checkpoint of the new branch: no change
+    assert read_state(out / "last")["step"] == 8
+    kept = losses(out)
+    ok(scratchlm("train", "--resume", "--out", out, "--set", "train.max_steps=10", "--quiet", cwd=tmp_path))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 11))
+    assert {k: v for k, v in losses(out).items() if k <= 8} == kept
+    assert [r["lr"] for r in records if "loss" in r and r["step"] in (7, 8)] == [5, 5]  # last's branch
 
 
 def test_the_header_says_what_the_run_will_do(char_shards, tmp_path):
@@ -290,7 +335,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_previous_checkpoint(char_s
     )  # fmt: skip
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.splitlines()[-1] == (
-        "scratchlm: interrupted by a second Ctrl-C: nothing saved since the last checkpoint"
+        "scratchlm: aborted by a second Ctrl-C: nothing saved since the last checkpoint, which is kept"
     )
     assert read_state(out / "last")["step"] == 2
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -173,6 +173,18 @@ class RLTrainer(ChatTrainer):
             return False
         return n + self.settings.max_new_tokens + self.reply_reserve <= self.model_config.block_size
 
+    def _step_lines(self) -> list[str]:
+        rl, B, T = self.settings, self.cfg.batch_size, self.model_config.block_size
+        steps = rl.rollout_size // (B * self.cfg.grad_accum) * rl.epochs
+        each = " per process" if self.world_size > 1 else ""
+        return [
+            f"tokens per step: up to {self._per_step(B * T):,} = {B} replies (prompt + reply) x up to {T} "
+            f"tokens{self._per_step_factors()}",
+            f"rollouts: {rl.prompts_per_rollout} prompts x {rl.samples_per_prompt} samples = {rl.rollout_size} "
+            f"replies of up to {rl.max_new_tokens} new tokens{each}, trained on for {steps} step{'s' if steps > 1 else ''} "
+            f"({rl.epochs} epoch{'s' if rl.epochs > 1 else ''})",
+        ]
+
     # --- model ------------------------------------------------------------------------------
     def _initial_model(self):
         from scratchlm.posttrain.reward import add_scalar_head
