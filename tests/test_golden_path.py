@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -100,3 +101,24 @@ def test_transformers_reproduces_the_greedy_chat_reply(path_run):
         out = out[:-1]
     assert out == ours.encode_ordinary(reply), (hf_tokenizer.decode(out), reply)
     assert hf_tokenizer.decode(out) == reply
+
+
+def test_the_pages_transformers_snippet_prints_the_same_reply(path_run):
+    """The page's own Python block (```python), run as a user would in the same folder, prints the
+    reply `scratchlm sample` gives: the snippet cannot go stale against `transformers` either."""
+    folder, _ = path_run
+    blocks = re.findall(r"^```python\n(.*?)^```", (DOCS / "first-chat-model.md").read_text(), re.M | re.S)
+    assert len(blocks) == 1
+    printed = subprocess.run(
+        [sys.executable, "-c", blocks[0]],
+        cwd=folder,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.strip()
+    chat = "<|im_start|>user\n" + PROMPT + "<|im_end|>\n<|im_start|>assistant\n"
+    sampled = scratchlm(folder, "sample", "--checkpoint", "runs/grpo/best", "--prompt", chat,
+                        "--temperature", "0", "--max-new-tokens", "8", "--stop", "<|im_end|>")  # fmt: skip
+    assert printed == sampled["samples"][0]["text"].strip()
