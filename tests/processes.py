@@ -5,6 +5,7 @@ when the test does not see them end, on a port the OS gave (imported as ``from p
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -15,6 +16,36 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A process that mounts its own tmpfs without privileges: a new user and mount namespace in which it is
+# root. The tests of a full disk and of a read-only folder run the real command inside one.
+UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
+
+
+@functools.cache
+def _private_tmpfs_missing() -> str | None:
+    """Why a private tmpfs cannot be mounted here, or None when it can (probed once per process)."""
+    import shutil
+    import tempfile
+
+    if shutil.which("unshare") is None:
+        return "the unshare command (util-linux) is not installed, so no private tmpfs can be mounted"
+    with tempfile.TemporaryDirectory() as folder:
+        probe = subprocess.run(
+            [*UNSHARE, "sh", "-c", f"mount -t tmpfs -o ro,size=64k tmpfs {folder}"],
+            capture_output=True,
+            text=True,
+        )
+    if probe.returncode != 0:
+        return f"unprivileged user namespaces cannot mount a tmpfs here: {probe.stderr.strip()}"
+    return None
+
+
+def require_private_tmpfs(purpose: str) -> None:
+    """Skip the calling test, saying why and what it needed, unless a private tmpfs can be mounted."""
+    missing = _private_tmpfs_missing()
+    if missing:
+        pytest.skip(reason=f"{purpose} needs a private tmpfs: {missing}")
 
 
 def free_port() -> int:

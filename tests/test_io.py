@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from processes import UNSHARE, require_private_tmpfs
 
 from scratchlm.io import atomic_write, read_json, write_json
 
@@ -32,14 +33,12 @@ def test_is_disk_full_knows_enospc_and_safetensors_wrapping_and_nothing_looser(t
     a full disk."""
     import json
     import os
-    import shutil
     import subprocess
     import sys
 
     from scratchlm.io import is_disk_full
 
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare is not installed: a full disk needs an unprivileged tmpfs")
+    require_private_tmpfs("a real full disk")
     disk = tmp_path / "disk"
     disk.mkdir()
     script = (
@@ -56,12 +55,10 @@ def test_is_disk_full_knows_enospc_and_safetensors_wrapping_and_nothing_looser(t
         "print(json.dumps(errors))\n"
     )
     done = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+        [*UNSHARE, "sh", "-c",
          f"mount -t tmpfs -o size=64k tmpfs {disk} && {sys.executable} -c \"$0\"", script],
         capture_output=True, text=True, timeout=120, env=os.environ,
     )  # fmt: skip
-    if done.returncode != 0 and "mount" in done.stderr:
-        pytest.skip(f"unprivileged tmpfs unavailable here: {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr
     (python_name, python_is_oserror, _, python_full), (st_name, st_is_oserror, st_text, st_full) = json.loads(
         done.stdout

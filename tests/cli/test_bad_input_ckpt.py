@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import UNSHARE, require_private_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_TEXT = (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").resolve()
@@ -89,13 +89,7 @@ def char_tokenizer_without_newline(tmp_path, char_shards):
 
 
 def full_disk(tmp_path, char_shards):
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare is not installed: a full disk needs an unprivileged tmpfs")
-    probe = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"unprivileged user namespaces are unavailable here: {probe.stderr.strip()}")
+    require_private_tmpfs("a real full disk")
     mount, copy = tmp_path / "disk", tmp_path / "copy"
     mount.mkdir()
     out = mount / "run"
@@ -107,7 +101,7 @@ def full_disk(tmp_path, char_shards):
         f"cp -a {out} {copy}; exit $rc"
     )
     done = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        [*UNSHARE, "sh", "-c", script],
         capture_output=True,
         text=True,
         timeout=300,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import UNSHARE, require_private_tmpfs
 
 from scratchlm.cli import main
 
@@ -71,20 +72,12 @@ def world(tmp_path_factory, char_shards):
     return root
 
 
-def _can_mount_read_only() -> bool:
-    probe = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o ro tmpfs /mnt"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
-
-
 def read_only(folder: Path, *argv: str) -> list[str]:
     """``scratchlm argv`` in a process that sees ``folder`` as an empty read-only tmpfs (root
     ignores folder permissions, never a read-only mount)."""
     folder.mkdir(exist_ok=True)
     mount = 'mount -t tmpfs -o ro,size=1m tmpfs "$0" && exec "$@"'
-    unshare = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(folder)]
+    unshare = [*UNSHARE, "sh", "-c", mount, str(folder)]
     return [*unshare, sys.executable, "-m", "scratchlm", *argv]
 
 
@@ -450,9 +443,8 @@ def test_bad_input(row, world, char_shards, capsys):
 
     build, status, message = CASES[row]
     argv = [a.replace("{shards}", str(char_shards)) for a in build(world)]
-    if argv[0] == "unshare":
-        if not _can_mount_read_only():
-            pytest.skip("no unprivileged user namespaces here to mount a read-only folder")
+    if argv[: len(UNSHARE)] == UNSHARE:
+        require_private_tmpfs("a real read-only folder (root ignores folder permissions)")
         done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         code, out, err = done.returncode, done.stdout, done.stderr
     else:

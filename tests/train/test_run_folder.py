@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import UNSHARE, require_private_tmpfs
 
 from scratchlm.models.checkpoint import load_model_from_checkpoint, read_state
 
@@ -102,10 +103,7 @@ def test_a_disk_that_fills_while_writing_is_reported_and_the_previous_checkpoint
 ):
     """The free-space check passes (its estimate is switched off here), then the writes themselves hit a
     real full tmpfs: the same message, no half folder."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare is not installed: a full disk needs an unprivileged tmpfs")
-    if subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"]).returncode != 0:
-        pytest.skip("unprivileged user namespaces are unavailable here")
+    require_private_tmpfs("a real full disk")
     mount, copy = tmp_path / "disk", tmp_path / "copy"
     mount.mkdir()
     config = tiny_config(tmp_path, char_shards, mount / "run")
@@ -122,7 +120,7 @@ def test_a_disk_that_fills_while_writing_is_reported_and_the_previous_checkpoint
         f"cp -a {mount / 'run'} {copy}; exit $rc"
     )
     done = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell],
+        [*UNSHARE, "sh", "-c", shell],
         capture_output=True,
         text=True,
         timeout=300,
